@@ -1,0 +1,251 @@
+"""plan.json (version 1): typed model and complete validation.
+
+A file holds one movie object or ``{"version": 1, "defaults": {...}, "movies": [...]}``. `load_plan` validates
+the whole file before anything else happens and raises one `PlanError` listing every problem with its JSON path
+and a fix. Render settings cascade: command-line overrides > movie ``render`` > file ``defaults`` > built-ins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PlanError
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "pndm", "default")
+SEED_MODES = ("per_frame", "shared")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _check_id(value: str) -> str:
+    if not SAFE_ID.match(value) or value in (".", ".."):
+        raise ValueError(
+            f"id {value!r} is not safe as a file name: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class Style(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    embedding: str | None = None
+    """Path to a textual-inversion file (diffusers safetensors or A1111 .pt/.safetensors); relative to the plan."""
+    token: str | None = None
+    """Token the embedding is bound to; default: the token stored in the file, else ``<style-name>``."""
+
+
+class Character(_Strict):
+    name: str = Field(min_length=1)
+    appearance: str = Field(min_length=1)
+
+
+class Frame(_Strict):
+    id: str
+    description: str = Field(min_length=1)
+    dialogue: str = ""
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class RenderSettings(_Strict):
+    """Per-frame rendering settings. Every field is optional here so that layers can cascade."""
+
+    width: int | None = Field(default=None, ge=64, le=4096)
+    height: int | None = Field(default=None, ge=64, le=4096)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            lo, hi = v - v % 8, v - v % 8 + 8
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8): use {lo} or {hi}")
+        return v
+
+
+BUILTIN_RENDER = RenderSettings(
+    width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
+    seed_mode="per_frame",
+)
+
+
+def merge_settings(*layers: RenderSettings | None) -> RenderSettings:
+    """First non-None value wins, layer by layer (highest priority first)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for key, value in layer.model_dump().items():
+            if merged.get(key) is None and value is not None:
+                merged[key] = value
+    return RenderSettings(**merged)
+
+
+class Movie(_Strict):
+    id: str
+    title: str = ""
+    theme: str = ""
+    overview: str = ""
+    style: Style
+    characters: list[Character] = Field(default_factory=list)
+    frames: list[Frame] = Field(min_length=1)
+    render: RenderSettings | None = None
+
+    _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class PlanFile(_Strict):
+    version: Literal[1] = 1
+    defaults: RenderSettings | None = None
+    movies: list[Movie] = Field(min_length=1)
+
+
+class LoadedMovie(BaseModel):
+    """A validated movie with its render settings resolved (without command-line overrides)."""
+
+    movie: Movie
+    settings: RenderSettings
+    plan_dir: Path
+
+    def resolved(self, overrides: RenderSettings | None = None) -> RenderSettings:
+        return merge_settings(overrides, self.settings)
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+_FIELDS_BY_MODEL = {m: list(m.model_fields) for m in (Style, Character, Frame, RenderSettings, Movie, PlanFile)}
+
+
+def _json_path(loc: tuple[Any, ...], prefix: str = "$") -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """Walk `loc` through pydantic field annotations to find which model the last key belongs to."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return model if fields is not None else None
+        ann = fields[part].annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        nested = [a for a in inner if issubclass(a, BaseModel)]
+        if not nested:
+            for a in getattr(ann, "__args__", ()):
+                nested += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        model = nested[0] if nested else None
+    return model
+
+
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        model = _model_at(loc[:-1], root)
+        valid = _FIELDS_BY_MODEL.get(model, [])
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"unknown key {key!r}: {hint}"
+    if kind == "missing":
+        return f"required field {loc[-1]!r} is missing: add it"
+    if kind == "too_short" and loc and loc[-1] in ("frames", "movies"):
+        return f"{loc[-1]!r} is empty: add at least one entry"
+    if kind == "literal_error" and loc and loc[-1] == "scheduler":
+        return f"unknown scheduler {err.get('input')!r}: choose one of {', '.join(SCHEDULERS)}"
+    if kind == "literal_error" and loc and loc[-1] == "seed_mode":
+        return f"unknown seed_mode {err.get('input')!r}: choose one of {', '.join(SEED_MODES)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{msg} (got {err.get('input')!r})" if kind.endswith("_type") or kind.startswith("int_") else msg
+
+
+def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    seen_movies: dict[str, str] = {}
+    for movie, mpath in zip(movies, paths):
+        if movie.id in seen_movies:
+            problems.append((f"{mpath}.id", f"duplicate movie id {movie.id!r} (also at {seen_movies[movie.id]}): "
+                                            "give every movie its own id"))
+        seen_movies.setdefault(movie.id, mpath)
+        names: dict[str, int] = {}
+        for i, ch in enumerate(movie.characters):
+            if ch.name in names:
+                problems.append((f"{mpath}.characters[{i}].name",
+                                 f"duplicate character name {ch.name!r}: names must be unique within a movie"))
+            names.setdefault(ch.name, i)
+        seen_frames: dict[str, int] = {}
+        for i, frame in enumerate(movie.frames):
+            if frame.id in seen_frames:
+                problems.append((f"{mpath}.frames[{i}].id",
+                                 f"duplicate frame id {frame.id!r} (also frames[{seen_frames[frame.id]}]): "
+                                 "frame ids name the image files and must be unique within a movie"))
+            seen_frames.setdefault(frame.id, i)
+        # A name in braces ("{Rosamund}") is an explicit character reference and must exist.
+        for i, frame in enumerate(movie.frames):
+            for ref in re.findall(r"\{([^{}]+)\}", frame.description):
+                if ref not in names:
+                    close = difflib.get_close_matches(ref, list(names), n=1)
+                    fix = f"did you mean {close[0]!r}?" if close else "add it to 'characters' or remove the braces"
+                    problems.append((f"{mpath}.frames[{i}].description", f"unknown character {{{ref}}}: {fix}"))
+    return problems
+
+
+def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) -> list[LoadedMovie]:
+    """Validate decoded JSON and return the movies with their render settings cascaded (file level)."""
+    if not isinstance(data, dict):
+        raise PlanError(source, [("$", f"expected a JSON object, got {type(data).__name__}")])
+    is_multi = "movies" in data
+    root: type[BaseModel] = PlanFile if is_multi else Movie
+    try:
+        parsed = root.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_json_path(e["loc"]), _describe(e, root)) for e in exc.errors()]
+        raise PlanError(source, problems) from None
+    if isinstance(parsed, PlanFile):
+        movies, defaults = parsed.movies, parsed.defaults
+        paths = [f"$.movies[{i}]" for i in range(len(movies))]
+    else:
+        movies, defaults, paths = [parsed], None, ["$"]
+    problems = _semantic_problems(movies, paths)
+    if problems:
+        raise PlanError(source, problems)
+    base = plan_dir or Path(".")
+    return [LoadedMovie(movie=m, settings=merge_settings(m.render, defaults, BUILTIN_RENDER), plan_dir=base)
+            for m in movies]
+
+
+def load_plan(path: str | Path) -> list[LoadedMovie]:
+    """Read and validate a plan file; every failure is a `PlanError` (a `UserError`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(str(path), [("$", "file not found: check the path")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(str(path), [("$", f"cannot read the file ({exc}): it must be UTF-8 JSON")]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(str(path), [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) \
+            from None
+    return parse_plan(data, str(path), path.parent)
