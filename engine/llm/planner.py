@@ -1,0 +1,235 @@
+"""Movie plans from themes: ask the LLM, check the answer with the same validation as `render`, write plan files.
+
+One request per (theme, version). A plan file is named after its theme and version
+(``<theme-slug>-<k>.json``), so a rerun skips what is already on disk; responses are cached as well, so an
+interrupted batch also replays finished-but-unwritten requests for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import PlanError, UserError
+from ..plan import SAFE_ID, parse_plan
+from .client import LLMClient, atomic_write_text, complete_json, prompt
+
+_TEXT = {"type": "string"}
+
+
+def _object(**properties: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+PLAN_SCHEMA = _object(
+    title=_TEXT,
+    overview=_TEXT,
+    style=_object(name=_TEXT, description=_TEXT),
+    characters={"type": "array", "items": _object(name=_TEXT, appearance=_TEXT)},
+    frames={"type": "array", "items": _object(description=_TEXT, dialogue=_TEXT)},
+)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    theme: str
+    genre: str | None = None
+    frames: int = 30
+    characters: int = 3
+    version: int = 1
+    count: int = 1
+
+    @property
+    def stem(self) -> str:
+        width = max(2, len(str(self.count)))
+        return f"{slugify(self.theme, 100)}-{self.version:0{width}d}"
+
+
+def slugify(text: str, max_len: int = 80) -> str:
+    """A SAFE_ID made from free text: ASCII letters, digits and dashes."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:max_len].strip("-")
+    if not slug:
+        slug = "movie-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    assert SAFE_ID.match(slug)
+    return slug
+
+
+def build_requests(themes: list[str], genre: str | None, frames: int, characters: int,
+                   count: int) -> list[PlanRequest]:
+    seen: set[str] = set()
+    requests = []
+    for theme in (t.strip() for t in themes):
+        # Two themes with the same slug would overwrite each other's files.
+        if not theme or slugify(theme, 100) in seen:
+            continue
+        seen.add(slugify(theme, 100))
+        requests += [PlanRequest(theme, genre, frames, characters, k, count) for k in range(1, count + 1)]
+    if not requests:
+        raise UserError("no themes given", "pass a theme, e.g. \"a love story\", or --themes-file with one per line")
+    return requests
+
+
+def read_themes_file(path: Path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read themes file {path}: {exc.strerror}", "check the path") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _variant_angle(version: int) -> str:
+    text = resources.files("engine").joinpath("prompts", "plan_variants.txt").read_text(encoding="utf-8")
+    angles = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return angles[(version - 1) % len(angles)]
+
+
+def plan_messages(req: PlanRequest) -> list[dict[str, str]]:
+    user = prompt("plan_user", theme=req.theme, genre=req.genre or "any genre that suits the theme",
+                  characters=req.characters, frames=req.frames, variant=req.version, count=req.count,
+                  angle=_variant_angle(req.version))
+    return [{"role": "system", "content": prompt("plan_system")}, {"role": "user", "content": user}]
+
+
+def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
+    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem."""
+    if not isinstance(data, dict):
+        raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
+    frames = data.get("frames")
+    movie = {
+        "id": slugify(str(data.get("title") or req.theme)),
+        "title": data.get("title", ""),
+        "theme": req.theme,
+        "overview": data.get("overview", ""),
+        "style": {**data["style"], "embedding": None} if isinstance(data.get("style"), dict) else data.get("style"),
+        "characters": data.get("characters"),
+        "frames": [_numbered_frame(f, i, len(frames)) for i, f in enumerate(frames)]
+        if isinstance(frames, list) else frames,
+    }
+    movie = {k: v for k, v in movie.items() if v is not None}
+    problems = _count_problems(data, req)
+    try:
+        parse_plan(movie, source="reply")
+    except PlanError as exc:
+        problems = [f"- {path}: {msg}" for path, msg in exc.problems] + problems
+    if problems:
+        raise ValueError("\n".join(problems))
+    return movie
+
+
+def _numbered_frame(frame: Any, index: int, total: int) -> Any:
+    if not isinstance(frame, dict):
+        return frame
+    return {**frame, "id": f"{index + 1:0{max(3, len(str(total)))}d}", "seed": None}
+
+
+def _count_problems(data: dict[str, Any], req: PlanRequest) -> list[str]:
+    problems = []
+    for key, wanted in (("frames", req.frames), ("characters", req.characters)):
+        got = data.get(key)
+        if not isinstance(got, list):
+            problems.append(f"- $.{key}: missing or not a list: give a list of exactly {wanted}")
+        elif len(got) != wanted:
+            problems.append(f"- $.{key}: has {len(got)} entries, exactly {wanted} are required")
+    if not str(data.get("title") or "").strip():
+        problems.append("- $.title: the title is empty: give the movie a title")
+    return problems
+
+
+# --- batch ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanOutcome:
+    request: PlanRequest
+    path: Path | None = None
+    error: str | None = None
+    skipped: bool = False
+
+
+@dataclass
+class PlanReport:
+    outcomes: list[PlanOutcome] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[PlanOutcome]:
+        return [o for o in self.outcomes if o.error]
+
+    @property
+    def written(self) -> list[PlanOutcome]:
+        return [o for o in self.outcomes if o.path and not o.skipped]
+
+
+class _IdRegistry:
+    """Movie ids must be unique across the output folder, since they name the render folders."""
+
+    def __init__(self, out_dir: Path):
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+        for path in out_dir.glob("*.json"):
+            try:
+                self._ids.add(json.loads(path.read_text(encoding="utf-8"))["id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def claim(self, wanted: str) -> str:
+        with self._lock:
+            candidate, n = wanted, 1
+            while candidate in self._ids:
+                n += 1
+                candidate = f"{wanted[:120]}-{n}"
+            self._ids.add(candidate)
+            return candidate
+
+
+def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path, max_tries: int = 3,
+                   on_done: Callable[[PlanOutcome], None] | None = None) -> PlanReport:
+    """Generate every request concurrently; a failure is recorded on its outcome and the others go on."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = _IdRegistry(out_dir)
+
+    def run(req: PlanRequest) -> PlanOutcome:
+        outcome = _generate_one(client, req, out_dir, ids, max_tries)
+        if on_done:
+            on_done(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, client.config.concurrency)) as pool:
+        return PlanReport(list(pool.map(run, requests)))
+
+
+def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRegistry,
+                  max_tries: int) -> PlanOutcome:
+    path = out_dir / f"{req.stem}.json"
+    if _valid_plan_file(path):
+        return PlanOutcome(req, path, skipped=True)
+    label = f"plan for {req.theme!r} (version {req.version})"
+    try:
+        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), PLAN_SCHEMA,
+                              out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan")
+    except UserError as exc:
+        return PlanOutcome(req, error=str(exc))
+    movie["id"] = ids.claim(movie["id"])
+    # Distinct movies get distinct noise even when nobody sets a seed.
+    movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
+    parse_plan(movie, source=str(path))
+    atomic_write_text(path, json.dumps(movie, indent=2, ensure_ascii=False) + "\n")
+    return PlanOutcome(req, path)
+
+
+def _valid_plan_file(path: Path) -> bool:
+    try:
+        parse_plan(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    except (OSError, ValueError, UserError):
+        return False
+    return True
