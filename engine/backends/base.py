@@ -1,0 +1,72 @@
+"""The Backend protocol: what differs between torch, ONNX Runtime and TensorRT -- and nothing else.
+
+The pipeline owns prompt handling, classifier-free-guidance batching and the scheduler, so no stage of it ever
+asks which backend it is talking to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+
+@dataclass
+class UNetCond:
+    """Conditioning for one denoise call, already batched (CFG: negatives first, then positives)."""
+
+    encoder_hidden_states: torch.Tensor  # (B, tokens, D)
+    text_embeds: torch.Tensor | None = None  # (B, P)  SDXL pooled text embedding
+    time_ids: torch.Tensor | None = None  # (B, 6)   SDXL size/crop conditioning
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_text(self, encoder_index: int, inputs_embeds: torch.Tensor, eos_index: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 77, D) token embeddings -> (last hidden, penultimate hidden, pooled) for text encoder i."""
+
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        """One UNet evaluation: (B, C, h, w) latents at timestep t -> noise (or v) prediction, same shape."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] on the CPU."""
+
+
+_REGISTRY: dict[str, Callable[..., Backend]] = {}
+
+
+def register(name: str):
+    def deco(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def backend_names() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_backend(name: str, model, config) -> Backend:
+    from ..errors import UserError
+
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](model, config)
+
+
+def _import_builtin() -> None:
+    # Importing a backend module registers it; optional ones register a factory that explains a missing install.
+    from . import torch_backend  # noqa: F401
+
+    try:
+        from . import onnx_backend  # noqa: F401
+    except ImportError:
+        pass

@@ -1,0 +1,52 @@
+"""The PyTorch backend: the reference implementation every other backend is compared with."""
+
+from __future__ import annotations
+
+import torch
+
+from ..text import EmbedsTextEncoder
+from .base import UNetCond, register
+
+
+@register("torch")
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, config):
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        self.unet = model.unet.to(self.device, self.dtype).eval()
+        # Some VAEs (SDXL's) overflow in fp16 and say so in their config: keep those in fp32.
+        self.vae_dtype = torch.float32 if (self.dtype == torch.float16 and
+                                           getattr(model.vae.config, "force_upcast", False)) else self.dtype
+        self.vae = model.vae.to(self.device, self.vae_dtype).eval()
+        self.encoders = [EmbedsTextEncoder(enc.to(self.device, self.dtype).eval()) for enc in model.text_encoders]
+        self.scaling_factor = model.vae.config.scaling_factor
+        self.shift_factor = getattr(model.vae.config, "shift_factor", None) or 0.0
+        if self.device.type == "cuda" and config.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if config.attention != "sdpa":
+            from kernels.attention import install_attention
+
+            install_attention(self.unet, config.attention)
+
+    @torch.inference_mode()
+    def encode_text(self, encoder_index, inputs_embeds, eos_index):
+        enc = self.encoders[encoder_index]
+        return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+
+    @torch.inference_mode()
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        added = None
+        if cond.text_embeds is not None:
+            added = {"text_embeds": cond.text_embeds.to(self.device, self.dtype),
+                     "time_ids": cond.time_ids.to(self.device, self.dtype)}
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.encoder_hidden_states.to(self.dtype),
+                         added_cond_kwargs=added, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.vae_dtype) / self.scaling_factor + self.shift_factor
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()

@@ -1,0 +1,143 @@
+"""The built-in demo model: tiny Stable-Diffusion-architecture components with RANDOM weights.
+
+Its images are not meaningful. It exists so that the whole pipeline (plan -> prompts -> text encoder -> UNet ->
+VAE -> files) runs offline in seconds on any machine. It is created deterministically from a fixed seed on first
+use and saved as an ordinary diffusers folder, so everything that loads a real model loads it the same way.
+Tests build the SDXL variant the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import UserError
+
+DEMO_VERSION = "demo-v1"
+_CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOVIELM_CACHE", Path.home() / ".cache" / "movielm-fast"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's byte-level BPE maps every byte to a printable unicode character so merges never see whitespace/control.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _clip_vocab_file() -> Path:
+    # The vocabulary ships inside the open-clip-torch wheel; find it without importing open_clip (which needs
+    # torchvision).
+    spec = importlib.util.find_spec("open_clip")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / _CLIP_VOCAB
+        if path.exists():
+            return path
+    raise UserError("CLIP's BPE vocabulary was not found (needed only by the built-in demo model)",
+                    "pip install --no-deps open-clip-torch  (or pass --model PATH to a real model folder)")
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The standard 49408-token CLIP vocabulary, built as CLIP builds it from the BPE merge list."""
+    lines = gzip.open(_clip_vocab_file(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    base = list(_bytes_to_unicode().values())
+    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _text_config(hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kwargs = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_size=hidden, intermediate_size=hidden * 2,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3, vocab_size=49408,
+        max_position_embeddings=77, hidden_act="gelu", **kwargs)
+
+
+def build_tiny_pipeline(kind: str = "sd", seed: int = 0, prediction_type: str = "epsilon"):
+    """Create a tiny SD 1.x-style ("sd") or SDXL-style ("sdxl") diffusers pipeline with random weights."""
+    import torch
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading")
+    # Four blocks, so latents are 1/8 of the image as in real SD VAEs (the engine and diffusers assume it).
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=256)
+    if kind == "sd":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+        text_encoder = CLIPTextModel(_text_config(32))
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind == "sdxl":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=16)
+        text_encoder = CLIPTextModel(_text_config(32))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection=32))
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def demo_model_path() -> Path:
+    """The demo model folder, created on first use (atomically, so a crash never leaves half a model)."""
+    target = cache_root() / DEMO_VERSION
+    if (target / "model_index.json").exists():
+        return target
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    try:
+        build_tiny_pipeline("sd").save_pretrained(tmp, safe_serialization=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,177 @@
+"""Loading a Stable Diffusion model (SD 1.x, SD 2.x, SDXL) from a local folder or single file -- never a hub.
+
+Components are loaded one by one (not through `DiffusionPipeline`) so that unused parts such as the safety checker
+are never read, and so a broken component is named in the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .demo import cache_root, demo_model_path
+from .errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
+
+
+@dataclass
+class ModelBundle:
+    """Everything the engine needs from a model, with no knowledge of which backend will run it."""
+
+    kind: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    model_id: str
+    path: Path
+    content_hash: str
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler_config: dict[str, Any]
+    force_zeros_for_empty_prompt: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
+    """sha256 over (relative name, content) of every weight file; memoised by (size, mtime) since real models
+    are gigabytes and re-hashing them on every run would cost seconds."""
+    memo_path = cache_root() / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for f in sorted(files):
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(key)
+        if digest is None:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                for block in iter(lambda: fp.read(1 << 22), b""):
+                    fh.update(block)
+            digest = memo[key] = fh.hexdigest()
+            changed = True
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        h.update(digest.encode())
+    if changed:
+        from .outputs import atomic_write_text
+
+        try:
+            atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        except OSError:
+            pass  # the memo is an optimisation only
+    return h.hexdigest()[:16]
+
+
+def content_hash(path: Path) -> str:
+    if path.is_file():
+        return _hash_files([path], path)
+    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))]
+    return _hash_files(files, path)
+
+
+def _load(cls, path: Path, subfolder: str, dtype):
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
+    except Exception as exc:  # diffusers/transformers raise many types for a broken folder
+        raise UserError(f"cannot load the model's {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
+                        "the folder is incomplete or corrupt: re-download or re-convert the model") from None
+
+
+def _load_tokenizer(path: Path, subfolder: str):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
+                        "the folder needs tokenizer/vocab.json and merges.txt as diffusers saves them") from None
+
+
+def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    index = json.loads((path / "model_index.json").read_text())
+    cls_name = index.get("_class_name", "")
+    if "XL" in cls_name:
+        kind = "sdxl"
+        if "Img2Img" in cls_name or not index.get("text_encoder", [None])[0]:
+            raise UserError(f"{path} is an SDXL refiner ({cls_name}); it cannot render from text alone",
+                            "use an SDXL base model")
+    elif cls_name.startswith("StableDiffusion"):
+        kind = "sd"
+    else:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline; movielm-fast renders Stable Diffusion "
+                        "1.x/2.x and SDXL text-to-image models", "pass a folder saved by StableDiffusion(XL)Pipeline")
+    encoders, tokenizers = [_load(CLIPTextModel, path, "text_encoder", dtype)], [_load_tokenizer(path, "tokenizer")]
+    if kind == "sdxl":
+        encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
+        tokenizers.append(_load_tokenizer(path, "tokenizer_2"))
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(sched_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {sched_file}: {exc}", "the model folder is incomplete") from None
+    return ModelBundle(
+        kind=kind, model_id=model_id, path=path, content_hash=content_hash(path),
+        unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=_load(AutoencoderKL, path, "vae", dtype),
+        text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler_config,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+
+
+def _from_single_file(path: Path, dtype) -> ModelBundle:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    errors = []
+    for cls in (StableDiffusionXLPipeline, StableDiffusionPipeline) if "xl" in path.name.lower() else \
+            (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        try:
+            pipe = cls.from_single_file(str(path), local_files_only=True, torch_dtype=dtype)
+            break
+        except Exception as exc:
+            errors.append(str(exc).splitlines()[0][:200])
+    else:
+        raise UserError(
+            f"cannot load the single-file checkpoint {path} offline ({errors[-1]})",
+            "convert it to a diffusers folder once, on a machine that has its config: "
+            "`StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)` (StableDiffusionXLPipeline for "
+            "SDXL), then pass --model DIR")
+    kind = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if kind == "sdxl" else [])
+    return ModelBundle(kind=kind, model_id=path.stem, path=path, content_hash=content_hash(path), unet=pipe.unet,
+                       vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+                       scheduler_config=dict(pipe.scheduler.config), force_zeros_for_empty_prompt=kind == "sdxl")
+
+
+def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
+    """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file."""
+    if str(spec) == "demo":
+        return _from_folder(demo_model_path(), "demo", dtype)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise UserError(f"{path} is not a model checkpoint", "pass a diffusers folder or a .safetensors file")
+        return _from_single_file(path, dtype)
+    if not (path / "model_index.json").exists():
+        raise UserError(f"{path} has no model_index.json, so it is not a diffusers model folder",
+                        "pass the folder that contains model_index.json (as saved by save_pretrained)")
+    return _from_folder(path, path.name, dtype)

@@ -1,0 +1,84 @@
+"""The hot path: one batch of frames -> images. Reads top to bottom like diffusers' `__call__`."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backends.base import Backend, UNetCond
+from .schedulers import make_scheduler
+from .seeds import initial_latents
+from .text import PromptEncoder
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What frames in one batch must share."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+
+
+@dataclass
+class FrameJob:
+    movie_id: str
+    frame_id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+def _stack_cond(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
+    pairs = [encoder.encode_pair(j.prompt, j.negative_prompt) for j in jobs]
+    conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
+    hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
+    if conds[0].pooled is None:
+        return UNetCond(hidden)
+    pooled = torch.cat([c.pooled for c in conds])  # (B or 2B, P)
+    time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=hidden.dtype)
+    return UNetCond(hidden, pooled, time_ids.repeat(len(conds), 1))  # (B or 2B, 6): original size, crop, target
+
+
+def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings
+                 ) -> list[np.ndarray]:
+    """Render frames that share `s`; returns one (H, W, 3) uint8 array per job, in order."""
+    device = backend.device
+    cfg = s.guidance > 1.0
+
+    # 1. Encode prompts (each unique prompt once per run: PromptEncoder caches).
+    cond = _stack_cond(encoder, jobs, s, cfg)
+    cond = UNetCond(*(None if x is None else x.to(device) for x in (cond.encoder_hidden_states, cond.text_embeds,
+                                                                      cond.time_ids)))
+
+    # 2. Prepare latents: each frame's own generator, exactly as diffusers draws at batch size 1.
+    scheduler = make_scheduler(s.scheduler, model.scheduler_config)
+    scheduler.set_timesteps(s.steps, device=device)
+    shape = (model.latent_channels, s.height // model.vae_scale_factor, s.width // model.vae_scale_factor)
+    latents, generators = initial_latents([j.seed for j in jobs], shape)
+    latents = latents.to(device) * scheduler.init_noise_sigma
+    step_params = inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generators} if "generator" in step_params else {}
+    if "eta" in step_params:
+        step_kwargs["eta"] = 0.0
+
+    # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]) if cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        noise = backend.denoise(x, t, cond).float()
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + s.guidance * (text - uncond)
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+
+    # 4. Decode to uint8 images.
+    images = backend.decode(latents)  # (B, 3, H, W) in [0, 1]
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("the decoded image contains NaN/inf (numeric overflow)")
+    return list((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))

@@ -1,0 +1,115 @@
+"""`movielm-fast`: parse flags -> one config object -> call engine/export. No logic worth testing on its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from engine.errors import UserError
+from engine.plan import SCHEDULERS, RenderSettings
+
+DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
+             "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
+             "images.")
+
+
+class CleanErrors(click.Group):
+    """User mistakes become one clear message and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished frames are saved; run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
+def cli(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter("must be a positive integer or 'auto'")
+    return int(value)
+
+
+@cli.command(help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
+@click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
+@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--backend", default="torch", show_default=True, help="torch | onnxruntime | tensorrt")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
+@click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16")
+@click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'.")
+@click.option("--attention", default="sdpa", show_default=True, help="sdpa | triton | xformers")
+@click.option("--steps", type=int)
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--guidance", type=float)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS))
+@click.option("--seed", type=int)
+@click.option("--negative-prompt")
+@click.option("--force", is_flag=True, help="Re-render frames even if they are already done.")
+@click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+def render(plans, model, out, backend, device, dtype, batch_size, attention, steps, width, height, guidance,
+           scheduler, seed, negative_prompt, force, quiet, as_json):
+    from pydantic import ValidationError
+
+    from engine.config import EngineConfig
+    from engine.runner import render as run_render
+
+    try:
+        overrides = RenderSettings(steps=steps, width=width, height=height, guidance=guidance, scheduler=scheduler,
+                                   seed=seed, negative_prompt=negative_prompt)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
+    config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
+                          batch_size=_batch_size(batch_size), attention=attention, overrides=overrides,
+                          skip_existing=not force, quiet=quiet or as_json)
+    summary = _with_progress(config, lambda cb: run_render(config, list(plans), progress=cb))
+    d = summary.as_dict()
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    click.echo(f"{d['rendered']} frame(s) rendered, {d['skipped']} already done, {d['movies']} movie(s) in "
+               f"{d['seconds']:.1f} s: {d['images_per_second']:.2f} images/s, {d['unet_steps_per_second']:.1f} "
+               f"UNet steps/s (batch {d['batch_size']})")
+    for sb in d["storyboards"]:
+        click.echo(f"storyboard: {sb}")
+
+
+def _with_progress(config, run):
+    if config.quiet:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        task = bar.add_task("frames", total=None)
+
+        def cb(done: int, total: int) -> None:
+            bar.update(task, total=total, advance=done)
+
+        return run(cb)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()
