@@ -15,6 +15,7 @@ def _flash_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     H, N_Q, N_K, HEAD_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head) against all keys, streamed BLOCK_N at a time with an
     # online softmax, so the (N_Q, N_K) score matrix never exists in memory.
@@ -46,7 +47,7 @@ def _flash_fwd_kernel(
         v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         # scores in log2 units: qk_scale already holds scale * log2(e), so exp2 below is the softmax's exp
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if not EVEN_N:
             # 77 text tokens leave a ragged last block: padded keys must get zero weight, not exp(0)
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -54,7 +55,7 @@ def _flash_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old row max
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -85,6 +86,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N_Q, N_K, D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_N=N_K % block_n == 0,
+        # fp32 inputs stay exact fp32 (tf32 would cost ~1e-3); the setting only matters for fp32 x fp32 dots
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=2,
     )
     return out
