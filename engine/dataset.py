@@ -197,6 +197,8 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     out_dir = Path(out_dir)
     rendered = find_rendered(out_dir)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
+    # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
+    dest.parent.mkdir(parents=True, exist_ok=True)
     base = dest.parent.resolve()
     qa_by_id = load_qa_file(options.qa_path) if options.qa_path else None
     report = DatasetReport(dest)

@@ -98,11 +98,12 @@ def _scene(text: str) -> str:
 
 def _spread(n: int, k: int) -> list[int]:
     """Up to k indices spread evenly over range(n), so questions cover the whole movie."""
-    if n <= 0 or k <= 0:
+    k = min(k, n)
+    if k <= 0:
         return []
-    if k == 1 or n == 1:
+    if k == 1:
         return [0]
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(min(k, n))})
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def _appears(name: str, text: str) -> bool:

@@ -1,0 +1,100 @@
+"""Questions derived from a plan without an LLM: every answer must follow from the plan's order and cast."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from engine.llm.qa import QA_KINDS, derived_qa, movie_record
+from engine.plan import parse_plan
+from movielm_cli.llm_cmds import qa_cmd
+
+SCENES = [
+    "Anna opens the bakery at dawn.",
+    "Ben delivers flour to the bakery.",
+    "Anna and Ben argue about the price.",
+    "A storm floods the street outside.",
+    "{Ben} carries Anna's cakes to safety.",
+    "Anna and Ben share a cake by candlelight.",
+]
+PLAN = {
+    "id": "bakery", "title": "The Bakery", "overview": "Two rivals fall in love in a flooded town.",
+    "style": {"name": "Pastel", "description": "((soft pastel)), morning light"},
+    "characters": [{"name": "Anna", "appearance": "a baker with red curls."},
+                   {"name": "Ben", "appearance": "a tall miller in a flour-dusted apron"},
+                   {"name": "Cora", "appearance": "an old neighbour"}],
+    "frames": [{"id": f"{i:03d}", "description": d} for i, d in enumerate(SCENES, 1)],
+}
+PLAIN = [s.replace("{Ben}", "Ben").rstrip(".") for s in SCENES]
+
+
+def movie():
+    return parse_plan(json.loads(json.dumps(PLAN)))[0].movie
+
+
+def answers(pairs, question_start):
+    return [p for p in pairs if p["question"].startswith(question_start)]
+
+
+def test_right_after_answers_are_the_next_scene():
+    pairs = answers(derived_qa(movie(), limit=10)["temporal_qa"], "What happens right after")
+    assert len(pairs) == len(SCENES) - 1
+    for p in pairs:
+        i = next(i for i, s in enumerate(PLAIN) if f'"{s}"' in p["question"])
+        assert p["answer"] == PLAIN[i + 1] + "."
+
+
+def test_which_comes_first_names_the_earlier_scene():
+    pairs = answers(derived_qa(movie(), limit=10)["temporal_qa"], "Which comes first")
+    assert pairs
+    offered_first = set()
+    for p in pairs:
+        a, b = p["question"].split('"')[1], p["question"].split('"')[3]
+        earlier = min(a, b, key=PLAIN.index)
+        assert p["answer"].startswith(f'"{earlier}" comes first')
+        offered_first.add(a == earlier)
+    assert offered_first == {True, False}, "the right answer must not always be the first option"
+
+
+def test_beginning_end_and_overview():
+    qa = derived_qa(movie())
+    by_q = {p["question"]: p["answer"] for p in qa["temporal_qa"]}
+    assert by_q["How does the movie begin?"] == SCENES[0]
+    assert by_q["How does the movie end?"] == SCENES[-1]
+    assert qa["overview_qa"] == [{"question": "What is this movie about?", "answer": PLAN["overview"]}]
+
+
+def test_character_questions():
+    by_q = {p["question"]: p["answer"] for p in derived_qa(movie())["character_qa"]}
+    assert by_q["Who are the main characters?"] == "The main characters are Anna, Ben and Cora."
+    assert by_q["What does Anna look like?"] == "Anna is a baker with red curls."
+    assert by_q["When does Ben first appear?"] == f"In scene 2 of 6: {PLAIN[1]}."
+    # "Anna's" counts as Anna appearing; "{Ben}" counts as Ben.
+    assert by_q["In how many scenes does Anna appear?"] == "Anna appears in 4 of the 6 scenes."
+    assert by_q["In how many scenes does Ben appear?"] == "Ben appears in 4 of the 6 scenes."
+    assert "When does Cora first appear?" not in by_q, "no question about a scene that does not exist"
+
+
+def test_limit_spreads_questions_over_the_whole_movie():
+    pairs = answers(derived_qa(movie(), limit=2)["temporal_qa"], "What happens right after")
+    assert [p["answer"] for p in pairs] == [PLAIN[1] + ".", PLAIN[-1] + "."]
+
+
+def test_deterministic_and_in_movielm_format():
+    first, second = movie_record(movie(), derived_qa(movie())), movie_record(movie(), derived_qa(movie()))
+    assert first == second
+    assert first["movie_title"] == "The Bakery" and first["movie_id"] == "bakery"
+    assert list(first["QA"]) == list(QA_KINDS)
+    assert all(set(p) == {"question", "answer"} for k in QA_KINDS for p in first["QA"][k])
+
+
+def test_qa_command_derived_needs_no_llm(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    plan, out = tmp_path / "plan.json", tmp_path / "qa.json"
+    plan.write_text(json.dumps(PLAN))
+    result = CliRunner().invoke(qa_cmd, [str(plan), "--source", "derived", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    [record] = json.loads(out.read_text())
+    assert record["QA"] == movie_record(movie(), derived_qa(movie()))["QA"]
