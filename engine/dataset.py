@@ -60,9 +60,9 @@ def _load_rendered(path: Path) -> RenderedMovie:
                         "render the movie again") from None
     files = [path.parent / entry["file"] for entry in manifest.get("frames", [])]
     missing = [str(f) for f in files if not f.is_file()]
-    if not files or missing:
-        raise UserError(f"movie {movie.id!r} is incompletely rendered: "
-                        f"{'no frames listed' if not files else 'missing ' + missing[0]}",
+    if len(files) < len(movie.frames) or missing:
+        why = f"missing {missing[0]}" if missing else f"{len(files)} of {len(movie.frames)} frames rendered"
+        raise UserError(f"movie {movie.id!r} is incompletely rendered: {why}",
                         "run `movielm-fast render` again; it resumes where it stopped")
     return RenderedMovie(movie, path.parent, files)
 

@@ -129,3 +129,12 @@ def test_validate_record_catches_format_mistakes():
     swapped = {**good, "conversations": good["conversations"][::-1]}
     assert len(validate_record(swapped)) >= 2
     assert validate_record(good, Path("/nonexistent")) == ["media file missing: a.png"]
+
+
+def test_render_still_in_progress_is_a_user_error(out):
+    manifest_path = out / "alpha" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["frames"] = manifest["frames"][:2]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="2 of 3 frames rendered"):
+        export_dataset(out, DatasetOptions("jsonl"))

@@ -339,3 +339,15 @@ def test_plan_command_without_endpoint(tmp_path, monkeypatch):
     result = CliRunner().invoke(plan_cmd, ["a love story", "--out", str(tmp_path)])
     assert isinstance(result.exception, UserError) and "no LLM endpoint" in result.exception.message
 
+
+
+def test_usage_summary_reports_tokens_and_cost():
+    from engine.llm.client import Usage
+
+    usage = Usage("gpt-4o")
+    usage.add({"prompt_tokens": 1_000_000, "completion_tokens": 100_000}, cached=False)
+    usage.add(None, cached=True)
+    assert "1 request(s), 1 from cache" in usage.summary() and "about $3.5000" in usage.summary()
+    unknown = Usage("my-local-model")
+    unknown.add({"prompt_tokens": 10, "completion_tokens": 5}, cached=False)
+    assert "10 prompt + 5 completion tokens" in unknown.summary() and "no price known" in unknown.summary()

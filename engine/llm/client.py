@@ -126,7 +126,8 @@ class Usage:
     def summary(self) -> str:
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = self.cost_usd()
-        money = f", about ${cost:.4f}" if cost is not None else " (no price known for this model)"
+        digits = 4 if cost is None or cost >= 0.01 else 6
+        money = f", about ${cost:.{digits}f}" if cost is not None else " (no price known for this model)"
         return f"LLM usage ({self.model}): {self.requests} request(s), {self.cached} from cache; {tokens}{money}"
 
 
@@ -227,7 +228,8 @@ class LLMClient:
             kwargs = self._base_kwargs(messages)
             if mode == "json_schema":
                 kwargs["response_format"] = {"type": "json_schema",
-                                             "json_schema": {"name": schema_name, "schema": schema}}
+                                             "json_schema": {"name": schema_name, "schema": schema,
+                                                             "strict": True}}
             elif mode == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
             try:
