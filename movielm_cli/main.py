@@ -62,10 +62,17 @@ def _batch_size(value: str) -> int | str:
 @click.option("--seed", type=int)
 @click.option("--negative-prompt")
 @click.option("--force", is_flag=True, help="Re-render frames even if they are already done.")
+@click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use the "
+              "style name and description as text instead.")
+@click.option("--cluster", type=click.Choice(["ray"]), help="Spread the work over a Ray cluster.")
+@click.option("--address", default="auto", show_default=True, help="Ray address: auto | ray://host:10001 | local")
+@click.option("--workers", type=int, help="Ray workers (default: one per GPU, or per CPU core group).")
+@click.option("--gpus-per-worker", type=float, default=1.0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 def render(plans, model, out, backend, device, dtype, batch_size, attention, steps, width, height, guidance,
-           scheduler, seed, negative_prompt, force, quiet, as_json):
+           scheduler, seed, negative_prompt, force, no_style_training, cluster, address, workers, gpus_per_worker,
+           quiet, as_json):
     from pydantic import ValidationError
 
     from engine.config import EngineConfig
@@ -79,8 +86,14 @@ def render(plans, model, out, backend, device, dtype, batch_size, attention, ste
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
     config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
                           batch_size=_batch_size(batch_size), attention=attention, overrides=overrides,
-                          skip_existing=not force, quiet=quiet or as_json)
-    summary = _with_progress(config, lambda cb: run_render(config, list(plans), progress=cb))
+                          skip_existing=not force, style_training=not no_style_training, quiet=quiet or as_json)
+    if cluster == "ray":
+        from engine.cluster import ClusterOptions, render_on_ray
+
+        opts = ClusterOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+        summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), opts, progress=cb))
+    else:
+        summary = _with_progress(config, lambda cb: run_render(config, list(plans), progress=cb))
     d = summary.as_dict()
     if as_json:
         click.echo(json.dumps(d))

@@ -31,3 +31,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """The demo model and hash memo go to a per-session folder, never the user's cache."""
+    os.environ["MOVIELM_CACHE"] = str(tmp_path_factory.mktemp("movielm-cache"))
+    yield
+
+
+def _save_tiny(tmp_path_factory, kind: str, **kwargs):
+    from engine.demo import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp(f"tiny-{kind}")
+    build_tiny_pipeline(kind, **kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny SD 1.x-architecture model folder (random weights)."""
+    return _save_tiny(tmp_path_factory, "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    """A tiny SD 2.x-style v-prediction model folder."""
+    return _save_tiny(tmp_path_factory, "sd", seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-architecture model folder (two text encoders, added conditions)."""
+    return _save_tiny(tmp_path_factory, "sdxl")

@@ -36,12 +36,12 @@ def plan_reply(title="The Duchess & the Commoner", frames=FRAMES, characters=CHA
     }
 
 
-def client_for(server, tmp_path, **overrides):
+def client_for(server, tmp_path, sleep=None, **overrides):
     config = LLMConfig(base_url=server.url, api_key="test", model="gpt-4o-mini", timeout=2.0, max_attempts=3,
                        backoff_base=0.01, backoff_max=0.05, concurrency=4, cache_dir=tmp_path / "cache")
     for key, value in overrides.items():
         setattr(config, key, value)
-    return LLMClient(config)
+    return LLMClient(config, sleep=sleep) if sleep else LLMClient(config)
 
 
 def one_request(theme="a love story"):
@@ -162,8 +162,7 @@ def test_versions_of_a_theme_ask_for_different_movies(tmp_path):
 def test_429_and_500_are_retried_with_growing_backoff(tmp_path):
     delays = []
     with FakeOpenAIServer(scripted(error(429, "slow down"), error(500), ok({"a": 1}))) as server:
-        client = client_for(server, tmp_path, backoff_base=0.01, backoff_max=1.0)
-        client._sleep = delays.append
+        client = client_for(server, tmp_path, sleep=delays.append, backoff_base=0.01, backoff_max=1.0)
         result = client.chat([{"role": "user", "content": "hi"}])
     assert json.loads(result.content) == {"a": 1} and len(server.requests) == 3
     assert len(delays) == 2 and delays[1] > delays[0] > 0
@@ -172,8 +171,7 @@ def test_429_and_500_are_retried_with_growing_backoff(tmp_path):
 def test_retry_after_header_is_honoured_within_the_cap(tmp_path):
     delays = []
     with FakeOpenAIServer(scripted(error(429, retry_after="0.2"), ok("{}"))) as server:
-        client = client_for(server, tmp_path, backoff_base=0.001, backoff_max=0.5)
-        client._sleep = delays.append
+        client = client_for(server, tmp_path, sleep=delays.append, backoff_base=0.001, backoff_max=0.5)
         client.chat([{"role": "user", "content": "hi"}])
     assert 0.15 <= delays[0] <= 0.2
 

@@ -293,9 +293,9 @@ class LLMClient:
 
 
 def _content_of(response: Any) -> str:
-    if isinstance(response, str) or not getattr(response, "choices", None):
-        return response if isinstance(response, str) else ""
-    return response.choices[0].message.content or ""
+    # Some servers answer an empty choices list instead of an error; treat it as an empty (invalid) reply.
+    choices = getattr(response, "choices", None)
+    return (choices[0].message.content or "") if choices else ""
 
 
 def _usage_of(response: Any) -> dict[str, int] | None:

@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- install into .venv (first time only), then render examples/plan.json with the demo model
+#   make test   -- install into .venv (first time only), then run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= onnx,llm,video,kernels,dev
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The pinned CPU build first: a bare torch requirement could otherwise pull a multi-GB CUDA build.
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# CLIP's BPE vocabulary for the demo model ships in this wheel; --no-deps keeps torchvision out.
+	$(BIN)/pip install -q --no-deps open-clip-torch
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/movielm-fast render examples/plan.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
