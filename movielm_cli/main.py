@@ -120,6 +120,16 @@ def _with_progress(config, run):
         return run(cb)
 
 
+def _register_commands() -> None:
+    from movielm_cli.llm_cmds import dataset_cmd, plan_cmd, qa_cmd
+
+    for cmd in (plan_cmd, qa_cmd, dataset_cmd):
+        cli.add_command(cmd)
+
+
+_register_commands()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     cli()
 
