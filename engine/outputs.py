@@ -27,8 +27,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except PermissionError:
-        raise UserError(f"cannot write to {path.parent}: permission denied",
+    except (PermissionError, NotADirectoryError, FileExistsError) as exc:
+        raise UserError(f"cannot write to {path.parent}: {exc.strerror or exc}",
                         "choose a writable folder with --out") from None
     try:
         with os.fdopen(fd, "wb") as fp:

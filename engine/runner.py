@@ -112,10 +112,12 @@ class Renderer:
             self.style_tokens[source] = token
         return self.style_tokens[source]
 
-    def tasks(self, movies: list[LoadedMovie]) -> list[FrameTask]:
+    def tasks(self, movies: list[LoadedMovie], overrides=None) -> list[FrameTask]:
+        """Every frame as a task; `overrides` are command-line settings (default: this renderer's config)."""
+        overrides = self.config.overrides if overrides is None else overrides
         tasks = []
         for lm in movies:
-            s = lm.resolved(self.config.overrides)
+            s = lm.resolved(overrides)
             token = self._style_token(lm)
             bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler)
             for frame in lm.movie.frames:
@@ -162,16 +164,16 @@ def _is_oom(exc: BaseException) -> bool:
 class MovieOutputs:
     """Output folder and manifest of one movie; the manifest is rewritten after every batch."""
 
-    def __init__(self, out: Path, lm: LoadedMovie, renderer: Renderer):
+    def __init__(self, config: EngineConfig, lm: LoadedMovie, renderer: Renderer):
         self.lm = lm
-        self.dir = out / lm.movie.id
+        self.dir = config.out / lm.movie.id
         self.manifest_path = self.dir / "manifest.json"
         old = read_manifest(self.manifest_path) or {}
         self.entries: dict[str, dict[str, Any]] = {e["id"]: e for e in old.get("frames", []) if "id" in e}
         model = renderer.model
         self.header = {"format": MANIFEST_FORMAT, "movie": lm.movie.model_dump(mode="json"),
                        "model": {"id": model.model_id, "hash": model.content_hash, "kind": model.kind},
-                       "settings": {**lm.resolved(renderer.config.overrides).model_dump(),
+                       "settings": {**lm.resolved(config.overrides).model_dump(),
                                     "dtype": renderer.config.dtype_name, "backend": renderer.config.backend}}
 
     def is_done(self, task: FrameTask) -> bool:
@@ -220,8 +222,8 @@ def render(config: EngineConfig, plan_paths: list[str | Path],
     t0 = time.perf_counter()
     movies = collect_plans(plan_paths)
     renderer = renderer or Renderer(config)
-    outputs = {lm.movie.id: MovieOutputs(config.out, lm, renderer) for lm in movies}
-    tasks = renderer.tasks(movies)
+    outputs = {lm.movie.id: MovieOutputs(config, lm, renderer) for lm in movies}
+    tasks = renderer.tasks(movies, config.overrides)
     todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
     summary = Summary(frames_total=len(tasks), frames_skipped=len(tasks) - len(todo), movies=len(movies))
     for mo in outputs.values():

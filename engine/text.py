@@ -158,7 +158,8 @@ class PromptEncoder:
 
     def _expand_tokens(self, prompt: str) -> str:
         for token, names in self.multi_vector.items():
-            prompt = re.sub(rf"(?<!\S){re.escape(token)}(?!\S)", " ".join(names), prompt)
+            # Plain substring replacement, as diffusers does: added tokens match wherever they appear.
+            prompt = re.sub(rf"{re.escape(token)}(?!_\d)", " ".join(names), prompt)
         return prompt
 
     # --- encoding ------------------------------------------------------------------------------------------

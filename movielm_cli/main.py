@@ -35,6 +35,22 @@ class CleanErrors(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
 def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print loading bars and advisory warnings that drown our own progress and summary."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:  # already imported (tests): set it on the live loggers too
+            lib_logging = __import__(f"{name}.utils.logging", fromlist=["x"])
+            lib_logging.set_verbosity_error()
+            lib_logging.disable_progress_bar()
 
 
 def _batch_size(value: str) -> int | str:

@@ -1,0 +1,261 @@
+"""End-to-end rendering: outputs, batch invariance, resume, OOM back-off and clean errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from engine import outputs as outputs_mod
+from engine.config import EngineConfig
+from engine.errors import UserError
+from engine.plan import RenderSettings
+from engine.runner import Renderer, render
+from movielm_cli.main import cli
+from tests.helpers import load_png, movie, write_plan
+
+SMALL = {"width": 64, "height": 64, "steps": 3, "guidance": 7.5, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def demo_renderer():
+    return Renderer(EngineConfig(model="demo"))
+
+
+def _config(out, **kw):
+    return EngineConfig(model="demo", out=out, **kw)
+
+
+def test_outputs_match_design(tmp_path, demo_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("duchess", 3)], SMALL)
+    summary = render(_config(tmp_path / "out", batch_size=2), [plan], renderer=demo_renderer)
+    assert summary.frames_rendered == 3 and summary.frames_skipped == 0
+    mdir = tmp_path / "out" / "duchess"
+    manifest = json.loads((mdir / "manifest.json").read_text())
+    assert manifest["model"]["id"] == "demo" and len(manifest["model"]["hash"]) == 16
+    assert [f["id"] for f in manifest["frames"]] == ["000", "001", "002"]
+    for entry in manifest["frames"]:
+        png = mdir / entry["file"]
+        assert outputs_mod.sha256_file(png) == entry["sha256"]
+        assert entry["prompt"].startswith("Gothic style, soft sepia, a woman in lavender in scene")
+        with Image.open(png) as im:
+            assert im.size == (64, 64)
+            assert im.text["prompt"] == entry["prompt"] and im.text["seed"] == str(entry["seed"])
+            assert im.text["model"] == "demo"
+    with Image.open(mdir / "storyboard.png") as sb:
+        assert sb.width >= 3 * 64
+    assert not list(mdir.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_batch_invariance(tmp_path, demo_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("m", 4)], SMALL)
+    render(_config(tmp_path / "b1", batch_size=1), [plan], renderer=demo_renderer)
+    render(_config(tmp_path / "b4", batch_size=4), [plan], renderer=demo_renderer)
+    for i in range(4):
+        a = load_png(tmp_path / "b1" / "m" / "frames" / f"{i:03d}.png")
+        b = load_png(tmp_path / "b4" / "m" / "frames" / f"{i:03d}.png")
+        assert np.abs(a - b).max() <= 2
+    # Different frames really differ (seeds are per frame).
+    f0 = load_png(tmp_path / "b1" / "m" / "frames" / "000.png")
+    f1 = load_png(tmp_path / "b1" / "m" / "frames" / "001.png")
+    assert np.abs(f0 - f1).mean() > 5
+
+
+def test_seed_modes_and_explicit_seed(tmp_path, demo_renderer):
+    m = movie("s", 2)
+    m["frames"][1]["seed"] = 77
+    m["render"] = {"seed_mode": "shared"}
+    plan = write_plan(tmp_path / "plan.json", [m], SMALL)
+    render(_config(tmp_path / "out"), [plan], renderer=demo_renderer)
+    frames = json.loads((tmp_path / "out" / "s" / "manifest.json").read_text())["frames"]
+    assert [f["seed"] for f in frames] == [11, 77]
+
+
+def test_resume_skips_done_and_rerenders_changed(tmp_path, demo_renderer):
+    m = movie("r", 3)
+    plan = write_plan(tmp_path / "plan.json", [m], SMALL)
+    out = tmp_path / "out"
+    assert render(_config(out), [plan], renderer=demo_renderer).frames_rendered == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "r" / "frames").iterdir()}
+    again = render(_config(out), [plan], renderer=demo_renderer)
+    assert again.frames_rendered == 0 and again.frames_skipped == 3
+    m["frames"][1]["description"] = "Rosa alone at night"
+    write_plan(plan, [m], SMALL)
+    changed = render(_config(out), [plan], renderer=demo_renderer)
+    assert changed.frames_rendered == 1
+    assert (out / "r" / "frames" / "000.png").stat().st_mtime_ns == mtimes["000.png"]
+    # A corrupted image is detected by its hash and rendered again.
+    (out / "r" / "frames" / "002.png").write_bytes(b"garbage")
+    assert render(_config(out), [plan], renderer=demo_renderer).frames_rendered == 1
+    # Command-line overrides are settings too: a new step count re-renders everything.
+    cfg = _config(out, overrides=RenderSettings(steps=2))
+    assert render(cfg, [plan], renderer=demo_renderer).frames_rendered == 3
+
+
+def test_interrupt_loses_at_most_the_batch_in_flight(tmp_path, demo_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("k", 5)], SMALL)
+    out = tmp_path / "out"
+    done = []
+
+    def progress(n, total):
+        done.append(n)
+        if sum(done) >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        render(_config(out, batch_size=2), [plan], progress=progress, renderer=demo_renderer)
+    manifest = json.loads((out / "k" / "manifest.json").read_text())
+    assert len(manifest["frames"]) == 2
+    resumed = render(_config(out, batch_size=2), [plan], renderer=demo_renderer)
+    assert resumed.frames_rendered == 3 and resumed.frames_skipped == 2
+
+
+def test_killed_process_resumes_without_duplicates(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", [movie("kill", 6)], {**SMALL, "steps": 6})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "movielm_cli.main", "render", str(plan), "--out", str(out), "--batch-size", "1",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = out / "kill" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        data = outputs_mod.read_manifest(manifest)
+        if data and len(data["frames"]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = outputs_mod.read_manifest(manifest)
+    assert before is not None and 2 <= len(before["frames"]) < 6
+    result = subprocess.run(cmd[:-1] + ["--json"], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rendered"] + summary["skipped"] == 6
+    assert summary["skipped"] >= len(before["frames"])
+    frames = sorted((out / "kill" / "frames").iterdir())
+    assert [f.name for f in frames] == [f"{i:03d}.png" for i in range(6)]
+    for f in frames:
+        with Image.open(f) as im:
+            im.load()  # complete and decodable
+
+
+class _OOMBackend:
+    """Wraps a real backend; fails like CUDA does when more than `limit` samples are denoised at once."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.sizes = inner, limit, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def denoise(self, latents, t, cond):
+        self.sizes.append(latents.shape[0])
+        if latents.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.denoise(latents, t, cond)
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, demo_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("oom", 4)], SMALL)
+    r = Renderer.__new__(Renderer)
+    r.__dict__.update(demo_renderer.__dict__)
+    r.backend = _OOMBackend(demo_renderer.backend, limit=2)  # CFG doubles: only batch 1 fits
+    summary = render(_config(tmp_path / "out", batch_size=4), [plan], renderer=r)
+    assert summary.frames_rendered == 4 and summary.batch_size == 1
+    reference = render(_config(tmp_path / "ref", batch_size=1), [plan], renderer=demo_renderer)
+    assert reference.frames_rendered == 4
+    for i in range(4):
+        a = load_png(tmp_path / "out" / "oom" / "frames" / f"{i:03d}.png")
+        b = load_png(tmp_path / "ref" / "oom" / "frames" / f"{i:03d}.png")
+        assert np.abs(a - b).max() <= 2
+    r.backend = _OOMBackend(demo_renderer.backend, limit=0)
+    with pytest.raises(UserError, match="out of memory even at batch size 1"):
+        render(_config(tmp_path / "out2", batch_size=2), [plan], renderer=r)
+
+
+def test_disk_full_is_a_clean_error_and_keeps_finished_frames(tmp_path, demo_renderer, monkeypatch):
+    plan = write_plan(tmp_path / "plan.json", [movie("full", 3)], SMALL)
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if str(dst).endswith("002.png"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs_mod.os, "replace", replace)
+    with pytest.raises(UserError, match="disk full"):
+        render(_config(out, batch_size=1), [plan], renderer=demo_renderer)
+    monkeypatch.undo()
+    kept = outputs_mod.read_manifest(out / "full" / "manifest.json")
+    assert [f["id"] for f in kept["frames"]] == ["000", "001"]
+    assert not list((out / "full" / "frames").glob("*.tmp"))
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+def _cli(*args):
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def test_cli_render_demo_json_summary(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", [movie("cli", 2)], SMALL)
+    res = _cli("render", plan, "--out", tmp_path / "out", "--json", "--steps", "2")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["rendered"] == 2 and summary["storyboards"] == [str(tmp_path / "out" / "cli" / "storyboard.png")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model not found"),
+    (["--device", "cuda"], "no usable CUDA device"),
+    (["--width", "100"], "multiple of 8"),
+    (["--backend", "nope"], "unknown backend"),
+    (["--dtype", "fp8"], "unknown dtype"),
+])
+def test_cli_user_errors_exit_2(tmp_path, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    plan = write_plan(tmp_path / "plan.json", [movie("e", 1)], SMALL)
+    res = _cli("render", plan, "--out", tmp_path / "out", *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_cli_plan_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    res = _cli("render", bad)
+    assert res.exit_code == 2 and "not valid JSON" in res.output
+    bad.write_text(json.dumps({"id": "x y", "style": {"name": "s"}, "frames": [], "stlye": 1}))
+    res = _cli("render", bad)
+    assert res.exit_code == 2
+    assert "$.stlye: unknown key 'stlye': did you mean 'style'?" in res.output
+    assert "$.id" in res.output and "$.frames" in res.output
+
+
+def test_cli_corrupt_model_and_unwritable_out(tmp_path, tiny_sd):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    plan = write_plan(tmp_path / "plan.json", [movie("c", 1)], SMALL)
+    res = _cli("render", plan, "--model", broken)
+    assert res.exit_code == 2 and "'unet'" in res.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _cli("render", plan, "--out", blocker / "sub")
+    assert res.exit_code == 2 and "cannot write" in res.output

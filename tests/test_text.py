@@ -1,0 +1,176 @@
+"""Prompt building, emphasis, long-prompt chunking and textual inversion (against diffusers' loader)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.config import EngineConfig
+from engine.errors import UserError
+from engine.plan import parse_plan
+from engine.prompts import frame_prompt, substitute_characters
+from engine.runner import Renderer
+from engine.text import CHUNK, parse_emphasis
+from engine.textual_inversion import load_embedding, vectors_for_model
+
+
+def test_parse_emphasis_a1111_rules():
+    assert parse_emphasis("a cat") == [("a cat", 1.0)]
+    frags = dict((t, round(w, 4)) for t, w in parse_emphasis("a (red) ((big)) [small] (cat:1.5) dog"))
+    assert frags["red"] == 1.1 and frags["big"] == 1.21 and frags["small"] == round(1 / 1.1, 4)
+    assert frags["cat"] == 1.5 and frags[" dog"] == 1.0
+    assert parse_emphasis(r"a \(literal\) x") == [("a (literal) x", 1.0)]
+    # Unbalanced brackets are closed at the end instead of failing.
+    assert [round(w, 2) for _, w in parse_emphasis("a (open")] == [1.0, 1.1]
+    # An explicit weight of 1.0 is the plain prompt.
+    assert parse_emphasis("a (cat:1.0)") == [("a cat", 1.0)]
+
+
+def test_character_substitution_whole_words_longest_first():
+    plan = parse_plan({"id": "m", "style": {"name": "Noir", "description": "rain"},
+                       "characters": [{"name": "Ann", "appearance": "a woman in red"},
+                                      {"name": "Anna Lee", "appearance": "a girl with a kite"}],
+                       "frames": [{"id": "1", "description": "Anna Lee waves at Ann; Annabel and ann watch. {Ann}."}]})
+    movie = plan[0].movie
+    text = substitute_characters(movie.frames[0].description, movie)
+    assert text == "a girl with a kite waves at a woman in red; Annabel and ann watch. a woman in red."
+    assert frame_prompt(movie, movie.frames[0]).startswith("Noir style, rain, a girl with a kite")
+    assert frame_prompt(movie, movie.frames[0], "<noir>").startswith("<noir>, a girl")
+
+
+@pytest.fixture(scope="module")
+def sd_renderer(tiny_sd):
+    return Renderer(EngineConfig(model=str(tiny_sd)))
+
+
+def test_plain_prompt_equals_diffusers_encode_prompt(tiny_sd, sd_renderer):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+    ref, _ = pipe.encode_prompt("a castle in the fog", "cpu", 1, False)
+    ours = sd_renderer.encoder.encode("a castle in the fog")
+    assert ours.hidden.shape == ref.shape == (1, 77, 32)
+    assert torch.allclose(ours.hidden, ref, atol=1e-5)
+
+
+def test_weighted_token_changes_only_relative_emphasis(sd_renderer):
+    enc = sd_renderer.encoder
+    plain = enc.encode("a castle in the fog").hidden
+    same = enc.encode("a castle in the (fog:1.0)").hidden
+    heavy = enc.encode("a castle in the (fog:1.5)").hidden
+    assert torch.equal(plain, same)
+    # "fog" is token 5 (BOS a castle in the fog): its state grows relative to the others.
+    ratio = heavy[0, 5].norm() / plain[0, 5].norm()
+    ratio_other = heavy[0, 2].norm() / plain[0, 2].norm()
+    assert ratio / ratio_other == pytest.approx(1.5, rel=1e-3)
+
+
+def test_long_prompt_is_chunked_not_truncated(sd_renderer):
+    enc = sd_renderer.encoder
+    words = " ".join(f"word{i}" for i in range(60))  # each "wordN" is 2+ tokens: > 75 tokens in all
+    cond = enc.encode(words)
+    assert cond.chunks >= 2 and cond.hidden.shape[1] == 77 * cond.chunks
+    # Negative and positive are padded to the same number of windows so they batch together.
+    neg, pos = enc.encode_pair(words, "ugly")
+    assert neg.hidden.shape == pos.hidden.shape
+    # The first window equals encoding exactly its first 75 tokens on their own.
+    ids = enc.tokenizers[0](words, add_special_tokens=False).input_ids[:CHUNK]
+    first = enc.tokenizers[0].decode(ids)
+    assert torch.allclose(cond.hidden[:, :77], enc.encode(first).hidden, atol=1e-5)
+
+
+def test_prompts_are_encoded_once(sd_renderer):
+    calls = []
+    backend = sd_renderer.backend
+    original = backend.encode_text
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def encode_text(self, *args):
+            calls.append(args[0])
+            return original(*args)
+
+    from engine.text import PromptEncoder
+
+    enc = PromptEncoder(sd_renderer.model, Counting())
+    for _ in range(5):
+        enc.encode_pair("one prompt", "neg")
+    assert len(calls) == 2  # one positive and one negative, whatever the number of frames
+
+
+# --- textual inversion -------------------------------------------------------------------------------------
+
+def _diffusers_sd(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111"])
+def test_sd1_textual_inversion_matches_diffusers(tiny_sd, tmp_path, fmt):
+    torch.manual_seed(0)
+    vectors = torch.randn(2, 32)
+    if fmt == "diffusers":
+        file = tmp_path / "learned_embeds.safetensors"
+        save_file({"<gothic>": vectors}, str(file))
+    else:
+        file = tmp_path / "gothic.pt"
+        torch.save({"string_to_param": {"*": vectors}, "name": "gothic"}, file)
+    pipe = _diffusers_sd(tiny_sd)
+    pipe.load_textual_inversion(str(file), token="<gothic>")
+    prompt = "a ballroom, <gothic>, candles"
+    ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+
+    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    emb = load_embedding(file)
+    r.encoder.add_token("<gothic>", vectors_for_model(emb, "sd"), str(file))
+    ours = r.encoder.encode(prompt).hidden
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # The encoder itself was not modified: its embedding table has no new rows.
+    assert r.model.text_encoders[0].get_input_embeddings().weight.shape[0] == 49408
+
+
+def test_sdxl_textual_inversion_matches_diffusers(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(1)
+    l, g = torch.randn(1, 32), torch.randn(1, 32)
+    file = tmp_path / "style.safetensors"
+    save_file({"clip_l": l, "clip_g": g}, str(file))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_textual_inversion(l, token="<sx>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(g, token="<sx>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    prompt = "<sx> a harbour at night"
+    ref, _, ref_pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r.encoder.add_token("<sx>", vectors_for_model(load_embedding(file), "sdxl"), str(file))
+    ours = r.encoder.encode(prompt)
+    assert torch.allclose(ours.hidden, ref, atol=1e-5)
+    assert torch.allclose(ours.pooled, ref_pooled, atol=1e-5)
+
+
+def test_textual_inversion_errors(tiny_sd, tmp_path, sd_renderer):
+    enc = sd_renderer.encoder
+    with pytest.raises(UserError, match="dimension 64"):
+        enc.add_token("<wide>", [torch.randn(1, 64)], "wide.safetensors")
+    with pytest.raises(UserError, match="already a word"):
+        enc.add_token("castle", [torch.randn(1, 32)], "castle.safetensors")
+    enc.add_token("<dup>", [torch.randn(1, 32)], "a.safetensors")
+    enc.add_token("<dup>", [torch.randn(1, 32)], "a.safetensors")  # same file again: fine
+    with pytest.raises(UserError, match="already bound"):
+        enc.add_token("<dup>", [torch.randn(1, 32)], "b.safetensors")
+    bad = tmp_path / "truncated.safetensors"
+    save_file({"<x>": torch.randn(1, 32)}, str(bad))
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(UserError, match="cannot read embedding"):
+        load_embedding(bad)
+    with pytest.raises(UserError, match="SDXL"):
+        vectors_for_model(load_embedding(_xl_file(tmp_path)), "sd")
+
+
+def _xl_file(tmp_path):
+    f = tmp_path / "xl.safetensors"
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(f))
+    return f
