@@ -33,6 +33,8 @@ class EngineConfig:
     """sdpa (PyTorch fused attention, lossless) | triton (our flash-attention kernel) | xformers."""
     channels_last: bool = True
     """NHWC memory format for UNet/VAE convolutions on CUDA: lossless, usually faster."""
+    fuse_qkv: bool = True
+    """Fuse each attention's Q/K/V projections into one matmul on CUDA (diffusers' fuse_qkv_projections): lossless."""
     cuda_graphs: bool = False
     """Replay the UNet step as a captured CUDA graph per (batch, size) bucket: lossless, removes launch overhead;
     costs one capture per bucket and memory for static buffers."""

@@ -70,6 +70,7 @@ def _batch_size(value: str) -> int | str:
 @click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16")
 @click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'.")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa | triton | xformers")
+@click.option("--cuda-graphs", is_flag=True, help="Replay the UNet step as a CUDA graph per (batch, size) bucket.")
 @click.option("--steps", type=int)
 @click.option("--width", type=int)
 @click.option("--height", type=int)
@@ -86,7 +87,7 @@ def _batch_size(value: str) -> int | str:
 @click.option("--gpus-per-worker", type=float, default=1.0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-def render(plans, model, out, backend, device, dtype, batch_size, attention, steps, width, height, guidance,
+def render(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, steps, width, height, guidance,
            scheduler, seed, negative_prompt, force, no_style_training, cluster, address, workers, gpus_per_worker,
            quiet, as_json):
     from pydantic import ValidationError
@@ -101,7 +102,8 @@ def render(plans, model, out, backend, device, dtype, batch_size, attention, ste
         err = exc.errors()[0]
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
     config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
-                          batch_size=_batch_size(batch_size), attention=attention, overrides=overrides,
+                          batch_size=_batch_size(batch_size), attention=attention, cuda_graphs=cuda_graphs,
+                          overrides=overrides,
                           skip_existing=not force, style_training=not no_style_training, quiet=quiet or as_json)
     if cluster == "ray":
         from engine.cluster import ClusterOptions, render_on_ray
