@@ -70,3 +70,4 @@ def _import_builtin() -> None:
         from . import onnx_backend  # noqa: F401
     except ImportError:
         pass
+    from . import tensorrt_backend  # noqa: F401  (imports tensorrt only when used: a missing install is a UserError)

@@ -1,0 +1,118 @@
+"""The ONNX Runtime backend: the exported graphs (export/) run on the CPU or CUDA execution provider.
+
+Artifacts come from the cache and are exported on first use. Each component's session is created once and reused
+for every call. Tensors are handed to ONNX Runtime by pointer through IO binding, on the CPU as on CUDA, so on a
+GPU the latents never leave the device between steps and on the CPU no copies are made; outputs are written
+straight into torch tensors whose shapes the component's ModelSpec gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .base import UNetCond, register
+
+log = logging.getLogger("movielm_fast")
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def cpu_threads() -> int:
+    """Intra-op threads on the CPU: physical cores (hyper-threads share the FMA units MLAS keeps busy)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class OrtGraph:
+    """One exported component: a session created once, called with torch tensors, returning torch tensors."""
+
+    def __init__(self, artifact, spec, model, providers: list[str], device: torch.device, float_dtype: torch.dtype):
+        import onnxruntime as ort
+
+        from export.onnx_export import META_MODEL_HASH
+
+        artifact.check_model(model)
+        self.spec, self.device, self.float_dtype = spec, device, float_dtype
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        provider_list: list = list(providers)
+        if device.type == "cpu":
+            so.intra_op_num_threads = cpu_threads()
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        else:
+            # Run on torch's stream so ORT sees the inputs torch just wrote and torch sees ORT's outputs in order.
+            opts = {"device_id": device.index or 0,
+                    "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream)}
+            provider_list = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(artifact.file()), sess_options=so, providers=provider_list)
+        theirs = self.session.get_modelmeta().custom_metadata_map.get(META_MODEL_HASH)
+        if theirs != model.content_hash:
+            raise UserError(f"{artifact.file()} was exported from another model (hash {theirs}; this model's is "
+                            f"{model.content_hash})", "clear the stale artifact with movielm-fast export --clear, "
+                                                      "then export again for this model")
+        self.device_type = "cuda" if device.type == "cuda" else "cpu"
+        self.device_id = device.index or 0 if device.type == "cuda" else 0
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        feeds = {t.name: inputs[t.name].to(self.device, spec.torch_dtype(t, self.float_dtype)).contiguous()
+                 for t in spec.inputs}
+        dims = spec.dims_of({n: tuple(v.shape) for n, v in feeds.items()})
+        out_shapes = spec.shapes(dims, "outputs")
+        outputs = {t.name: torch.empty(out_shapes[t.name], dtype=spec.torch_dtype(t, self.float_dtype),
+                                       device=self.device) for t in spec.outputs}
+        binding = self.session.io_binding()
+        for name, x in list(feeds.items()) + list(outputs.items()):
+            bind = binding.bind_input if name in feeds else binding.bind_output
+            bind(name, self.device_type, self.device_id, _NP[x.dtype], tuple(x.shape), x.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+@register("onnxruntime")
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model, config):
+        from export.artifacts import component_dtype, export_onnx_set, require_ort_provider
+        from export.specs import model_specs
+
+        # The provider check comes first: "no CUDA EP" is the more useful message on a CPU-only onnxruntime build.
+        providers = require_ort_provider(config.device)
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        if self.dtype not in (torch.float32, torch.float16):
+            raise UserError(f"the onnxruntime backend runs fp32 or fp16, not {config.dtype_name}",
+                            "use --dtype fp32 (CPU) or --dtype fp16 (CUDA)")
+        artifacts = export_onnx_set(model, config.device, config.dtype_name)
+        specs = model_specs(model)
+        self.graphs = {c: OrtGraph(a, specs[c], model, providers, self.device,
+                                   torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
+                                   else torch.float32)
+                       for c, a in artifacts.items()}
+        self.text_graphs = [self.graphs[c] for c in sorted(c for c in self.graphs if c.startswith("text_encoder"))]
+
+    def encode_text(self, encoder_index, inputs_embeds, eos_index):
+        out = self.text_graphs[encoder_index](inputs_embeds=inputs_embeds, eos_index=eos_index.long())
+        return out["last_hidden"], out["penultimate"], out["pooled"]
+
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        feeds = {"sample": latents, "timestep": torch.as_tensor(t).reshape(1).float(),
+                 "encoder_hidden_states": cond.encoder_hidden_states}
+        if cond.text_embeds is not None:
+            feeds.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids)
+        return self.graphs["unet"](**feeds)["noise"]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.graphs["vae_decoder"](latents=latents)["images"].float().cpu()
