@@ -30,8 +30,9 @@ class TorchBackend:
             from kernels.attention import install_attention
 
             install_attention(self.unet, config.attention)
-        if self.device.type == "cuda" and config.fuse_qkv:
-            # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches.
+        if self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
+            # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches. diffusers installs its
+            # own fused SDPA processor for this, so it only combines with --attention sdpa.
             self.unet.fuse_qkv_projections()
         self._unet_step = self._unet_call
         if self.device.type == "cuda" and config.cuda_graphs:
