@@ -154,6 +154,7 @@ def to_fp16(model_proto, spec: ModelSpec, upcast_attention: bool):
     fixed_io = [t.name for t in spec.inputs + spec.outputs if t.dtype != "float"]
     m.convert_float_to_float16(keep_io_types=fixed_io, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
                                node_block_list=fp32_nodes(m.model, upcast_attention))
+    m.topological_sort()  # the converter appends Casts for kept-fp32 inputs at the end of the node list
     return m.model
 
 
