@@ -1,0 +1,77 @@
+"""The benchmark protocol on a GPU machine, in one call:
+
+    python -m bench.gpu                  # sd15-arch, fp16, 512x512, batch 1,2,4,8, 20 steps, 5 repeats
+    python -m bench.gpu --sdxl           # and sdxl-arch at 1024x1024, batch 1,2,4
+    python -m bench.gpu --quick          # 3 steps, 2 repeats: a smoke run in about a minute
+
+Installs nothing: it needs only the project (torch with CUDA, diffusers, transformers) and builds the real
+architectures with random weights into the movielm cache on first use (no download). Writes the usual results into
+bench/results/, regenerates bench/RESULTS.md, and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # `python bench/gpu.py`: make the project importable as when run with -m
+    sys.path.insert(0, str(HERE.parent))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sdxl", action="store_true", help="also benchmark sdxl-arch (1024x1024, batch 1,2,4)")
+    ap.add_argument("--model", help="benchmark only this model (demo, sd15-arch, sdxl-arch or a local folder)")
+    ap.add_argument("--dtype", default="fp16", help="fp16 | bf16 | fp32 (default fp16)")
+    ap.add_argument("--backend", default=None, help="comma-separated backends (default: every registered one)")
+    ap.add_argument("--batch-sizes", type=_ints, help="e.g. 1,2,4,8 (default per model)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="3 steps, 2 repeats, batch 1,2: a smoke run")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"bench.gpu needs a CUDA GPU and a CUDA build of torch; this machine has none (torch "
+              f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}).\n"
+              f"  fix: run it on a GPU machine, or benchmark the CPU with `movielm-fast bench --device cpu`",
+              file=sys.stderr)
+        return 2
+
+    from bench.report import short_table, write_results_md
+    from bench.runner import BenchSettings, run_bench
+    from engine.errors import UserError
+
+    # (model, native size, batch sizes): the largest batches that usually fit 24-80 GB cards; a batch that does
+    # not fit is recorded as out of memory and stops the larger ones.
+    plan = [("sd15-arch", 512, [1, 2, 4, 8])] + ([("sdxl-arch", 1024, [1, 2, 4])] if args.sdxl else [])
+    if args.model:
+        plan = [(args.model, None, [1, 2, 4, 8])]
+    steps, repeats = (3, 2) if args.quick else (args.steps, args.repeats)
+    results = []
+    for model, size, batches in plan:
+        settings = BenchSettings(
+            model=model, backends=args.backend.split(",") if args.backend else None, device="cuda",
+            dtype=args.dtype, sizes=[(size, size)] if size else None,
+            batch_sizes=[1, 2] if args.quick else (args.batch_sizes or batches), steps=steps, repeats=repeats,
+            out=args.out)
+        try:
+            results.append(run_bench(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True)).result)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(f"report: {write_results_md(args.out, args.out.parent / 'RESULTS.md')}", file=sys.stderr)
+    print(short_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""What the numbers are measured against: timing with synchronization, FLOP counts, the matmul ceiling, memory,
+and a description of the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import statistics
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- timing ----------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a wall-clock interval covers the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stats(samples: list[float]) -> dict[str, Any]:
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, with queued device work finished on both sides of the interval."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def time_calls(fn: Callable[..., Any], repeats: int, device: torch.device,
+               setup: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """min/median/max seconds of `fn(setup())` (or `fn()`) over `repeats` calls; the caller warms up first.
+    `setup` runs outside the timed interval: it builds per-call state that must not be reused, such as a cold
+    prompt cache."""
+    samples = []
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        samples.append(timed((lambda: fn(arg)) if setup else fn, device)[0])
+    return stats(samples)
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------------------
+def count_flops(fn: Callable[[], Any], device: torch.device) -> int:
+    """FLOPs of one call of `fn`, as torch's FlopCounterMode counts them (matmuls, convolutions, attention: the
+    work MFU is defined over; normalisations and pointwise ops are not counted).
+
+    On CPU, PyTorch's fused attention (`_scaled_dot_product_flash_attention_for_cpu`) has no FLOP formula and would
+    count as zero, so counting runs attention through the math backend, whose matmuls are counted; the FLOPs of
+    attention are the same whichever kernel computes it. CUDA's fused kernels have formulas."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernel = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.inference_mode(), kernel, FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# --- matmul ceiling --------------------------------------------------------------------------------------------
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5
+                   ) -> dict[str, Any]:
+    """Achieved FLOP/s of a large square GEMM in `dtype` on `device`: the practical limit MFU is measured against.
+
+    Measured rather than taken from a data sheet: on a shared or throttled machine the data-sheet peak would
+    flatter nothing and explain nothing."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    # Enough back-to-back GEMMs per sample that launch overhead and timer resolution vanish on a fast GPU.
+    inner = 20 if device.type == "cuda" else 1
+    with torch.inference_mode():
+        a @ b  # warm-up: thread pools, allocator, cuBLAS heuristics
+        synchronize(device)
+        t = time_calls(lambda: [a @ b for _ in range(inner)], repeats, device)
+    flops = 2 * n ** 3 * inner
+    return {"dtype": str(dtype).removeprefix("torch."), "n": n, "flops_per_sample": flops, "seconds": t,
+            "flops_per_s": {"min": flops / t["max"], "median": flops / t["median"], "max": flops / t["min"]}}
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory while the block runs: resident set size of this process on CPU (sampled every 5 ms by a thread,
+    since the OS keeps only the lifetime peak), peak allocated by PyTorch's allocator on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+            self.peak_bytes = proc.memory_info().rss
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    @property
+    def kind(self) -> str:
+        return "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", ()))):
+        return True
+    # CPU allocations that fail surface as a plain RuntimeError from the allocator.
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# --- the machine -----------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "diffusers", "transformers", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                 "triton", "accelerate"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        # Only tracked changes count: results and images written by this very run must not mark it dirty.
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty if commit else None}
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: on a shared machine, how much else was running while we measured."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def source_state(cls: type) -> dict[str, Any]:
+    """Where a backend's code came from and whether git has it as committed, so a result measured on work in
+    progress says so."""
+    import inspect
+
+    try:
+        path = Path(inspect.getfile(cls)).resolve()
+        rel = path.relative_to(ROOT)
+    except (TypeError, ValueError):
+        return {"file": None, "git": "outside the repository"}
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--", str(rel)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"file": rel.as_posix(), "git": None}
+    state = "committed" if not status else ("untracked" if status.startswith("??") else "modified")
+    return {"file": rel.as_posix(), "git": state}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import psutil
+
+    info: dict[str, Any] = {
+        "device": device.type, "cpu_model": _cpu_model(), "cpu_cores_logical": os.cpu_count(),
+        "cpu_cores_physical": psutil.cpu_count(logical=False), "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
+        "gpu_model": None, "gpu_memory_gb": None, "cuda": None, "load_avg_start": load_average()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_model=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    gpu_count=torch.cuda.device_count())
+        info["slug"] = "cuda-" + _slug(props.name)
+    else:
+        info["slug"] = f"cpu-{_slug(info['cpu_model'])}-{info['cpu_cores_logical']}c"
+    return {**info, "versions": _versions(), "git": _git()}

@@ -1,0 +1,130 @@
+"""The benchmark keeps working: protocol on the demo model, result files, RESULTS.md, the GPU script's CPU exit,
+and the real architectures' sizes. Timings are never asserted (design principle: bench/ must not)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from bench.report import CSV_FIELDS, main as report_main
+from movielm_cli.bench_cmds import bench_cmd
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One tiny run: demo model, 64x64, 2 steps, batch 1 and 2, one repeat and no warm-up (timings are not
+    asserted, so their quality does not matter here); plus a backend that does not exist."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    res = CliRunner().invoke(bench_cmd, ["--model", "demo", "--backend", "torch,no-such-backend", "--sizes", "64x64",
+                                         "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                                         "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    [path] = out.glob("*.json")
+    return out, path, json.loads(path.read_text()), res.output
+
+
+def test_result_json_holds_the_protocol(bench_run):
+    out, path, result, _ = bench_run
+    assert result["format"] == "movielm-bench/1" and result["complete"] is True
+    assert path.name.endswith(f"-{result['machine']['slug']}.json")
+    m = result["machine"]
+    assert m["device"] == "cpu" and m["cpu_cores_logical"] >= 1 and m["versions"]["torch"] == torch.__version__
+    assert "commit" in m["git"]
+    st = result["settings"]
+    assert (st["model"], st["steps"], st["repeats"], st["sizes"], st["batch_sizes"]) == ("demo", 2, 1, ["64x64"],
+                                                                                          [1, 2])
+    assert result["skipped"][0]["backend"] == "no-such-backend"
+    assert result["ceiling"]["flops_per_s"]["median"] > 0
+
+    # FLOPs are counted once per configuration; convolutions and matmuls scale exactly with the batch.
+    f1, f2 = (c["flops"] for c in result["configs"])
+    assert f1["unet_step"] > 0 and f1["vae_decode"] > 0 and f1["text_encode"] > 0
+    assert f2["unet_step"] == 2 * f1["unet_step"] and f2["vae_decode"] == 2 * f1["vae_decode"]
+    assert f1["batch"] == f1["text_encode"] + 2 * f1["unet_step"] + f1["vae_decode"]
+
+    runs = {(r["backend"], r["batch"]): r for r in result["runs"]}
+    assert set(runs) == {("diffusers", 1), ("diffusers", 2), ("torch", 1), ("torch", 2)}
+    for (backend, batch), r in runs.items():
+        assert r["status"] == "ok"
+        for stage in ("batch", "frame") + (("text_encode", "unet_step", "vae_decode") if backend == "torch" else ()):
+            s = r["stages"][stage]
+            assert 0 < s["min"] <= s["median"] <= s["max"] and s["n"] == 1
+        assert r["stages"]["frame"]["median"] == pytest.approx(r["stages"]["batch"]["median"] / batch)
+        assert 0 < r["mfu"]["frame"] and r["memory"]["peak_mb"] > 0
+        image = out / r["image"]
+        with Image.open(image) as im:
+            assert im.size == (64, 64)
+    for batch in (1, 2):
+        torch_run = runs[("torch", batch)]
+        assert torch_run["speedup_vs_diffusers"] > 0
+        # Same components and seeds as diffusers: the speed-up compares the same work, pixel for pixel.
+        assert torch_run["max_abs_diff_vs_diffusers"] <= 2
+        assert torch_run["backend"] in result["backend_sources"]
+
+
+def test_csv_plot_and_images_beside_the_json(bench_run):
+    out, path, result, output = bench_run
+    rows = list(csv.DictReader(path.with_suffix(".csv").open()))
+    assert len(rows) == len(result["runs"]) == 4
+    assert list(rows[0]) == CSV_FIELDS
+    assert {r["backend"] for r in rows} == {"diffusers", "torch"}
+    assert all(float(r["frame_s_median"]) > 0 for r in rows)
+    plot = path.with_suffix(".png")
+    with Image.open(plot) as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    assert len(list(path.with_suffix("").glob("*.png"))) == 4  # one image per configuration and backend
+    assert str(path) in output
+
+
+def test_results_md_is_generated_from_the_json_files(bench_run, tmp_path):
+    out, path, result, _ = bench_run
+    md = out.parent / "RESULTS.md"  # the command regenerates it beside the results folder
+    text = md.read_text()
+    assert f"## {result['machine']['slug']} (CPU)" in text
+    assert "| torch | 64x64 | 2 |" in text and "| diffusers | 64x64 | 1 |" in text
+    assert "No GPU results yet" in text  # and no GPU section without a GPU measurement
+    assert "(GPU)" not in text
+    # Other JSON files in the folder (kernel timings) are not benchmark results and must be ignored.
+    (out / "kernels-x.json").write_text(json.dumps({"cases": []}))
+    regenerated = tmp_path / "RESULTS.md"
+    report_main(["--results", str(out), "--out", str(regenerated)])
+    assert regenerated.read_text().count("| torch | 64x64 |") == 2
+
+
+def test_bad_flags_are_user_errors():
+    res = CliRunner().invoke(bench_cmd, ["--sizes", "100x7"])
+    assert res.exit_code == 2 and "multiples of 8" in res.output
+    res = CliRunner().invoke(bench_cmd, ["--batch-sizes", "1,x"])
+    assert res.exit_code == 2 and "comma-separated integers" in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpu_script_says_it_needs_cuda(capsys):
+    from bench.gpu import main
+
+    assert main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_arch_models_have_the_published_sizes():
+    """sd15-arch / sdxl-arch are the real architectures: parameter counts equal SD 1.5's and SDXL base's
+    (checked on the meta device: no memory, no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from bench.models import SD15_UNET, SDXL_UNET, VAE_CONFIG, clip_text_config
+
+    def params(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        assert params(UNet2DConditionModel(**SD15_UNET)) == 859_520_964
+        assert params(UNet2DConditionModel(**SDXL_UNET)) == 2_567_463_684
+        assert params(AutoencoderKL(**VAE_CONFIG)) == 83_653_863
+        assert params(CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu"))) == 123_060_480
+        assert params(CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", 1280))) == 694_659_840
