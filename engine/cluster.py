@@ -168,15 +168,16 @@ class RenderWorker:
             self._style_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write_bytes(path, ray.get(blob.ref))
         style = lm.movie.style.model_copy(update={"embedding": path.name})
-        return lm.model_copy(update={"movie": lm.movie.model_copy(update={"style": style}), "plan_dir": self._style_dir})
+        movie = lm.movie.model_copy(update={"style": style})
+        return lm.model_copy(update={"movie": movie, "plan_dir": self._style_dir})
 
-    def plan(self, items: list[tuple[LoadedMovie, StyleBlob | None]]) -> list[tuple[str, Any]]:
+    def plan(self, items: list[tuple[LoadedMovie, StyleBlob | None]], overrides) -> list[tuple[str, Any]]:
         """Per movie: ("ok", [FrameTask]) or ("failed", reason). Binds each style token as a side effect."""
         out = []
         for lm, blob in items:
             try:
                 local = self._local_movie(lm, blob) if blob else lm
-                out.append(("ok", self.renderer.tasks([local])))
+                out.append(("ok", self.renderer.tasks([local], overrides)))
                 if blob:
                     self._bound.add(blob.sha256)
             except Exception as exc:
@@ -336,6 +337,12 @@ class _Pool:
             inf["load_seconds"], 3)], "restarts": 0, "frames": 0, "batches": 0, "busy_seconds": 0.0}
             for i, inf in enumerate(infos)]
 
+    def new_job(self) -> None:
+        """Per-job counters start at zero; what the workers are (pids, load times, restarts) carries over."""
+        self.resubmitted = 0
+        for s in self.stats:
+            s.update(frames=0, batches=0, busy_seconds=0.0)
+
     def _worker_failed(self, i: int, exc: BaseException) -> None:
         if self.state[i] == "ready":
             log.warning("worker %d failed (%s); its batches go to other workers while Ray restarts it", i,
@@ -373,8 +380,22 @@ class _Pool:
     def run(self, items: list, submit: Callable[[Any, Any], Any], done: Callable[[Any, Any, int], list],
             what: str = "item") -> None:
         """submit(handle, item) -> ref; done(item, result, worker) -> items to put back at the front."""
-        ray = self.ray
         queue = deque(items)
+        try:
+            self._run(queue, submit, done, what)
+        finally:
+            if self.inflight:  # interrupted: drop the work not started yet, so the workers are free for the next job
+                for ref in self.inflight:
+                    try:
+                        self.ray.cancel(ref)
+                    except Exception:  # finished or already gone meanwhile
+                        pass
+                self.inflight.clear()
+                self.busy = [0] * len(self.handles)
+
+    def _run(self, queue: deque, submit: Callable[[Any, Any], Any], done: Callable[[Any, Any, int], list],
+             what: str) -> None:
+        ray = self.ray
         limit = max(1, self.opts.in_flight_per_worker)
         while queue or self.inflight:
             now = time.monotonic()
@@ -478,31 +499,86 @@ def _immobilize_styles(ray, pool: _Pool, config: EngineConfig, movies: dict[str,
     pool.run(list(todo.values()), lambda h, group: h.immobilize.remote(movies[group[0]]), done, what="style")
 
 
+# Config fields a started worker's Renderer depends on; a pool renders any config that agrees on them.
+_WORKER_FIELDS = ("model", "backend", "device", "dtype", "attention", "channels_last", "cuda_graphs")
+
+
+class RayRenderPool:
+    """Started workers (model loaded, engine warm), reusable for several jobs; `render_on_ray` makes one per job.
+
+        with RayRenderPool(config, ClusterOptions(workers=4)) as pool:
+            pool.render(["plans/"])
+    """
+
+    def __init__(self, config: EngineConfig, opts: ClusterOptions | None = None):
+        t0 = time.perf_counter()
+        self.config = config
+        self.opts = opts or ClusterOptions()
+        self.ray, self._started_ray = _connect(self.opts)
+        self._handles: list = []
+        try:
+            n, resources, threads = _worker_shape(self.ray, config, self.opts)
+            # Ray shows a GPU worker only its own device(s), as cuda:0.
+            worker_config = dataclasses.replace(config, device="cuda") if config.device.startswith("cuda") else config
+            # Restarts bring a crashed worker back; task retries stay off so that the driver alone decides where a
+            # failed batch goes next (a batch is never in flight twice, so no frame is ever written twice).
+            actor = self.ray.remote(max_restarts=self.opts.max_restarts, max_task_retries=0,
+                                    runtime_env=self.opts.runtime_env, **resources)(RenderWorker)
+            self._handles = [actor.remote(worker_config, threads) for _ in range(n)]
+            self._pool = _start(self.ray, self._handles, self.opts)
+        except BaseException:
+            self.close()
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+
+    def render(self, plan_paths: list[str | Path], progress: Callable[[int, int], None] | None = None,
+               config: EngineConfig | None = None) -> ClusterSummary:
+        """Like `runner.render`. `config` may change out, render overrides, batch size, skip_existing; not the
+        model or anything else the workers were started with."""
+        config = config or self.config
+        differ = [f for f in _WORKER_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if differ:
+            raise UserError(f"this pool's workers were started with another {', '.join(differ)}",
+                            "start a new pool (or call render_on_ray) for a different model or device")
+        t0 = time.perf_counter()
+        movies = collect_plans(plan_paths)
+        summary = ClusterSummary(movies=len(movies))
+        _render(self.ray, self._pool, config, movies, summary, progress)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [s["pids"][-1] for s in self._pool.stats]
+
+    def close(self) -> None:
+        for h in self._handles:
+            try:
+                self.ray.kill(h, no_restart=True)  # also stops batches still in flight after an interrupt
+            except Exception:  # already gone
+                pass
+        self._handles = []
+        if self._started_ray:
+            self.ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> "RayRenderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def render_on_ray(config: EngineConfig, plan_paths: list[str | Path], opts: ClusterOptions | None = None,
                   progress: Callable[[int, int], None] | None = None) -> ClusterSummary:
     """Render every frame of every movie on a Ray cluster; same outputs and resume rules as `runner.render`."""
-    opts = opts or ClusterOptions()
     t0 = time.perf_counter()
-    movies = collect_plans(plan_paths)  # every plan valid before a worker starts
-    ray, started = _connect(opts)
-    handles: list = []
-    try:
-        n, resources, threads = _worker_shape(ray, config, opts)
-        worker_config = dataclasses.replace(config, device="cuda") if config.device.startswith("cuda") else config
-        actor = ray.remote(max_restarts=opts.max_restarts, max_task_retries=0, runtime_env=opts.runtime_env,
-                           **resources)(RenderWorker)
-        handles = [actor.remote(worker_config, threads) for _ in range(n)]
-        pool = _start(ray, handles, opts)
-        summary = ClusterSummary(movies=len(movies))
-        summary.startup_seconds = time.perf_counter() - t0
-        _render(ray, pool, config, movies, summary, progress)
-        summary.seconds = time.perf_counter() - t0
-        return summary
-    finally:
-        for h in handles:
-            ray.kill(h, no_restart=True)  # also stops batches still in flight after an interrupt
-        if started:
-            ray.shutdown()
+    collect_plans(plan_paths)  # every plan valid before a worker starts
+    with RayRenderPool(config, opts) as pool:
+        summary = pool.render(plan_paths, progress)
+    summary.startup_seconds = pool.startup_seconds
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
 
 def _start(ray, handles: list, opts: ClusterOptions) -> _Pool:
@@ -535,6 +611,7 @@ def _start(ray, handles: list, opts: ClusterOptions) -> _Pool:
     for i in sorted(set(range(len(handles))) - set(infos)):
         log.warning("worker %d did not start (%s); going on with %d worker(s)", i,
                     errors[0]["message"] if errors else "timed out", len(infos))
+        ray.kill(handles[i], no_restart=True)  # give its resources back
     hashes = {inf["model"]["content_hash"] for inf in infos.values()}
     if len(hashes) > 1:
         raise UserError(f"workers loaded different model files (content hashes {', '.join(sorted(hashes))})",
@@ -549,6 +626,7 @@ def _start(ray, handles: list, opts: ClusterOptions) -> _Pool:
 
 def _render(ray, pool: _Pool, config: EngineConfig, movies: list[LoadedMovie], summary: ClusterSummary,
             progress: Callable[[int, int], None] | None) -> None:
+    pool.new_job()
     failures: dict[str, str] = {}
     blobs = _style_blobs(ray, movies, failures)
     by_id = {lm.movie.id: lm for lm in movies}  # as the plans say: what manifests record
@@ -573,8 +651,10 @@ def _render(ray, pool: _Pool, config: EngineConfig, movies: list[LoadedMovie], s
                 failures[lm.movie.id] = value
         return []
 
-    pool.run(chunks, lambda h, chunk: h.plan.remote([(lm, blobs.get(lm.movie.id)) for lm in chunk]),
-             planned_chunk, what="plan chunk")
+    def plan(handle, chunk: list[LoadedMovie]):
+        return handle.plan.remote([(lm, blobs.get(lm.movie.id)) for lm in chunk], config.overrides)
+
+    pool.run(chunks, plan, planned_chunk, what="plan chunk")
 
     # What the manifests say about the model, as a local run on a worker would write it.
     stand_in = SimpleNamespace(model=SimpleNamespace(**pool.model),

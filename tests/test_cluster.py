@@ -1,6 +1,7 @@
 """Rendering on Ray: same outputs as a local run, fault tolerance, bad movies, resume, clear errors.
 
-One private Ray instance (loopback only, 2 CPUs) serves the whole module, since starting Ray costs seconds.
+One private Ray instance (loopback only, 2 CPUs) serves the whole module, and after the first tests one pool of two
+1-core workers: starting Ray and workers costs seconds each on a small machine. Tests run in file order.
 """
 
 import json
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from engine.cluster import ClusterOptions, render_on_ray
+from engine.cluster import ClusterOptions, RayRenderPool, render_on_ray
 from engine.config import EngineConfig
 from engine.errors import UserError
 from engine.runner import render
@@ -97,74 +98,8 @@ def _assert_same_as_reference(out, reference, movies=None):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_same_output_as_local_run(ray_local, plans, reference, tiny_sd, tmp_path):
-    ticks = []
-    summary = render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=2),
-                            progress=lambda done, total: ticks.append((done, total)))
-    _assert_same_as_reference(tmp_path, reference)
-    assert summary.frames_total == summary.frames_rendered == 27 and summary.failures == []
-    assert ticks[0] == (0, 27) and sum(d for d, _ in ticks) == 27 and {t for _, t in ticks} == {27}
-    d = summary.as_dict()
-    assert [w["frames"] for w in d["workers"]] and sum(w["frames"] for w in d["workers"]) == 27
-    assert all(w["frames"] > 0 and w["images_per_second"] > 0 for w in d["workers"])  # both workers were used
-    assert d["images_per_second"] > 0 and len(d["storyboards"]) == 10
-
-
-def test_killed_worker_frames_rendered_elsewhere_exactly_once(ray_local, plans, reference, tiny_sd, tmp_path):
-    pids = {}
-    killed = []
-
-    def kill_after_first_batch(done, total):
-        if done and not killed:
-            # Worker 0 still has batches queued or running: kill its process outright, as a crash would.
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append(pids[0])
-
-    opts = ClusterOptions(workers=2, on_worker_ready=lambda info: pids.setdefault(info["index"], info["pid"]))
-    summary = render_on_ray(_config(tiny_sd, tmp_path), [plans], opts, progress=kill_after_first_batch)
-    assert killed
-    # Every frame written once by the driver: no frame lost, none rendered twice into the results.
-    assert summary.frames_rendered == 27 and sum(w["frames"] for w in summary.workers) == 27
-    assert summary.resubmitted_batches >= 1 and summary.failures == []
-    _assert_same_as_reference(tmp_path, reference)  # complete, decodable, same pixels
-    with pytest.raises(ProcessLookupError):
-        for _ in range(50):  # the kill is asynchronous; the process disappears once reaped
-            os.kill(killed[0], 0)
-            time.sleep(0.1)
-
-
-def test_bad_movie_fails_alone(ray_local, plans, reference, tiny_sd, tmp_path):
-    bad_dir = tmp_path / "plans"
-    bad_dir.mkdir()
-    (bad_dir / "broken.safetensors").write_bytes(b"\x00garbage, not an embedding" * 10)
-    bad = movie("broken", 3)
-    bad["style"] = {"name": "Broken", "embedding": "broken.safetensors"}
-    write_plan(bad_dir / "c.json", [bad], SMALL)
-    out = tmp_path / "out"
-    summary = render_on_ray(_config(tiny_sd, out), [plans, bad_dir], ClusterOptions(workers=2))
-    assert [f["movie"] for f in summary.failures] == ["broken"]
-    assert "cannot read embedding" in summary.failures[0]["reason"]
-    assert summary.failures[0]["frames_missing"] == 3 and summary.frames_failed == 3
-    assert summary.frames_rendered == 27 and summary.frames_total == 30
-    assert not (out / "broken").exists()
-    _assert_same_as_reference(out, reference)  # every other movie complete
-
-
-def test_interrupted_driver_resumes_with_missing_frames_only(ray_local, plans, reference, tiny_sd, tmp_path):
-    def interrupt(done, total):
-        if done:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=2), progress=interrupt)
-    written = len(_frames(tmp_path))
-    assert 2 <= written < 27  # the first batch was saved before the interrupt
-    summary = render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=2))
-    assert summary.frames_skipped == written and summary.frames_rendered == 27 - written
-    _assert_same_as_reference(tmp_path, reference)
-
-
-def test_clear_errors(ray_local, plans, tiny_sd, tmp_path, monkeypatch):
+def test_clear_errors(ray_local, plans, tiny_sd, tmp_path):
+    # First in the module: the failed start below needs a free CPU, which the shared pool holds once it exists.
     with pytest.raises(UserError, match="more than the cluster can host") as exc:
         render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=3))
     assert "--workers 2" in exc.value.hint
@@ -186,3 +121,81 @@ def test_ray_not_installed(plans, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs Ray, which is not installed") as exc:
         cluster._import_ray(loopback=False)
     assert "movielm-fast[cluster]" in exc.value.hint
+
+
+@pytest.fixture(scope="module")
+def pool(ray_local, tiny_sd, tmp_path_factory):
+    """Two 1-core workers for the rest of the module: starting workers (process, imports, model) is the slow part."""
+    with RayRenderPool(_config(tiny_sd, tmp_path_factory.mktemp("unused")), ClusterOptions(workers=2)) as p:
+        yield p
+
+
+def test_render_on_ray_same_output_as_local_run(ray_local, plans, reference, tiny_sd, tmp_path):
+    """The CLI's entry point, end to end: start workers, render, stop them."""
+    ticks = []
+    summary = render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=2),
+                            progress=lambda done, total: ticks.append((done, total)))
+    _assert_same_as_reference(tmp_path, reference)
+    assert summary.frames_total == summary.frames_rendered == 27 and summary.failures == []
+    assert ticks[0] == (0, 27) and sum(d for d, _ in ticks) == 27 and {t for _, t in ticks} == {27}
+    d = summary.as_dict()
+    assert sum(w["frames"] for w in d["workers"]) == 27
+    assert all(w["frames"] > 0 and w["images_per_second"] > 0 for w in d["workers"])  # both workers were used
+    assert d["images_per_second"] > 0 and len(d["storyboards"]) == 10 and d["startup_seconds"] > 0
+    for _ in range(100):  # its workers are stopped (ray.kill returns before their cores are free again)
+        if ray_local.available_resources().get("CPU") == 2:
+            break
+        time.sleep(0.1)
+    assert ray_local.available_resources().get("CPU") == 2
+
+
+def test_bad_movie_fails_alone(pool, plans, reference, tiny_sd, tmp_path):
+    bad_dir = tmp_path / "plans"
+    bad_dir.mkdir()
+    (bad_dir / "broken.safetensors").write_bytes(b"\x00garbage, not an embedding" * 10)
+    bad = movie("broken", 3)
+    bad["style"] = {"name": "Broken", "embedding": "broken.safetensors"}
+    write_plan(bad_dir / "c.json", [bad], SMALL)
+    out = tmp_path / "out"
+    summary = pool.render([plans, bad_dir], config=_config(tiny_sd, out))
+    assert [f["movie"] for f in summary.failures] == ["broken"]
+    assert "cannot read embedding" in summary.failures[0]["reason"]
+    assert summary.failures[0]["frames_missing"] == 3 and summary.frames_failed == 3
+    assert summary.frames_rendered == 27 and summary.frames_total == 30
+    assert not (out / "broken").exists()
+    _assert_same_as_reference(out, reference)  # every other movie complete
+
+
+def test_interrupted_driver_resumes_with_missing_frames_only(pool, plans, reference, tiny_sd, tmp_path):
+    def interrupt(done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.render([plans], interrupt, config=_config(tiny_sd, tmp_path))
+    written = len(_frames(tmp_path))
+    assert 2 <= written < 27  # the first batch was saved before the interrupt
+    summary = pool.render([plans], config=_config(tiny_sd, tmp_path))  # the rerun
+    assert summary.frames_skipped == written and summary.frames_rendered == 27 - written
+    _assert_same_as_reference(tmp_path, reference)
+
+
+def test_killed_worker_frames_rendered_elsewhere_exactly_once(pool, plans, reference, tiny_sd, tmp_path):
+    killed = []
+
+    def kill_after_first_batch(done, total):
+        if done and not killed:
+            # Worker 0 still has batches queued or running: kill its process outright, as a crash would.
+            killed.append(pool.worker_pids[0])
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary = pool.render([plans], kill_after_first_batch, config=_config(tiny_sd, tmp_path))
+    assert killed
+    # Every frame written once by the driver: no frame lost, none rendered twice into the results.
+    assert summary.frames_rendered == 27 and sum(w["frames"] for w in summary.workers) == 27
+    assert summary.resubmitted_batches >= 1 and summary.failures == []
+    _assert_same_as_reference(tmp_path, reference)  # complete, decodable, same pixels
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # the kill is asynchronous; the process disappears once reaped
+            os.kill(killed[0], 0)
+            time.sleep(0.1)
