@@ -1,0 +1,237 @@
+"""Style immobilization on tiny random-weight models: learning, frozen weights, file format (our loader and
+diffusers'), the style library, bad inputs, reproducibility, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from engine.config import EngineConfig
+from engine.errors import UserError
+from engine.plan import Style
+from engine.runner import Renderer
+from engine.style import StyleSettings, immobilize, immobilize_style, list_styles
+from engine.textual_inversion import load_embedding, vectors_for_model
+
+STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
+FAST = StyleSettings(steps=3, batch_size=2, eval_samples=2)
+
+
+def _write_images(folder, sizes=((64, 64), (96, 64), (64, 80), (128, 128))):
+    """A fixed set of 'sepia stripes' images in mixed sizes (w, h): one shared look, different layouts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        stripes = 0.5 + 0.5 * np.sin((x * (i + 1) + y * (3 - i)) / 6.0)
+        base = np.stack([stripes * 200 + 40, stripes * 150 + 30, stripes * 90 + 20], -1)
+        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / (f"img{i}.png" if i % 2 == 0 else f"img{i}.jpg"))
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny model's tensors are too small for intra-op threads to help, and on a shared CPU OpenMP threads that
+    # spin-wait for each other make these runs 5-20x slower. Restored afterwards for the rest of the session.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd_renderer(tiny_sd):
+    return Renderer(EngineConfig(model=str(tiny_sd)))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _write_images(tmp_path_factory.mktemp("style-images"))
+
+
+@pytest.fixture(scope="module")
+def trained_sd(sd_renderer, images, tmp_path_factory):
+    """One real (short) training run on the fixed images, with snapshots of everything that must stay frozen."""
+    model = sd_renderer.model
+    before = [{k: v.clone() for k, v in enc.state_dict().items()} for enc in model.text_encoders]
+    unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    vocab_before = [len(t) for t in model.tokenizers]
+    out = tmp_path_factory.mktemp("library")
+    result = immobilize_style(sd_renderer, STYLE, StyleSettings(eval_samples=64), images=images, out=out)
+    return result, before, unet_before, vocab_before, out
+
+
+def test_loss_goes_down_and_only_the_new_token_changes(sd_renderer, trained_sd):
+    result, before, unet_before, vocab_before, _ = trained_sd
+    rep = result.report
+    assert not result.cache_hit and result.path.is_file() and result.token == "<gothic>"
+    # The loss on a fixed evaluation set (the same 64 draws of image, noise and timestep before and after) is the
+    # measure: the training loss mostly varies with the random timesteps. A random-weight model listens to its
+    # text only a little, so the gain is small (~0.3%), but it is a paired comparison on identical draws.
+    assert rep["eval_loss_after"] < rep["eval_loss_before"] * 0.999, rep
+    model = sd_renderer.model
+    for enc, snap in zip(model.text_encoders, before):
+        after = enc.state_dict()
+        assert after.keys() == snap.keys()
+        assert all(torch.equal(after[k], snap[k]) for k in snap)  # bit-identical, table included
+    assert all(torch.equal(v, unet_before[k]) for k, v in model.unet.state_dict().items())
+    assert [len(t) for t in model.tokenizers] == vocab_before  # the shared tokenizer gained no token
+    assert all(p.requires_grad for p in model.unet.parameters())  # flags restored after training
+    # The new row did move away from its initial word ("gothic").
+    vec = vectors_for_model(load_embedding(result.path), "sd")[0]
+    tok = model.tokenizers[0]
+    init = model.text_encoders[0].get_input_embeddings().weight[tok("gothic", add_special_tokens=False).input_ids[0]]
+    assert vec.shape == (1, 32) and not torch.allclose(vec[0], init.float(), atol=1e-4)
+    assert result.meta["init_word"] == "gothic"
+    assert rep["seconds_per_step"] > 0 and rep["images"] == 4
+
+
+def test_mixed_sizes_are_fitted_and_reported(trained_sd):
+    result = trained_sd[0]
+    notes = " ".join(result.report["notes"])
+    assert "4 size(s)" in notes and "centre-cropped to 64x64" in notes
+
+
+def test_diffusers_loads_the_file_and_encodes_like_us(tiny_sd, sd_renderer, trained_sd):
+    from diffusers import StableDiffusionPipeline
+
+    path, token = trained_sd[0].path, trained_sd[0].token
+    prompt = f"{token}, a castle on a hill at night"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+    pipe.load_textual_inversion(str(path))  # the token comes from the file, as for any diffusers embedding
+    ref = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    r = Renderer(EngineConfig(model=str(tiny_sd)))  # fresh tokenizers: binding a token changes them
+    r.encoder.add_token(token, vectors_for_model(load_embedding(path), "sd"), str(path))
+    ours = r.encoder.encode(prompt).hidden
+    assert ours.shape == ref.shape == (1, 77, 32)
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+    # The token matters: without it the prompt encodes differently.
+    plain = r.encoder.encode("gothic, a castle on a hill at night").hidden
+    assert (plain - ours).abs().max() > 1e-3
+
+
+def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    before = [{k: v.clone() for k, v in enc.state_dict().items()} for enc in r.model.text_encoders]
+    s = StyleSettings(steps=4, scenes=2, batch_size=2, scene_steps=2, eval_samples=2)
+    result = immobilize_style(r, STYLE, s, out=tmp_path)
+    assert result.report["images"] == 2 and result.meta["source"].startswith("generated")
+    for enc, snap in zip(r.model.text_encoders, before):
+        assert all(torch.equal(v, snap[k]) for k, v in enc.state_dict().items())
+    data = load_file(str(result.path))
+    assert set(data) == {"clip_l", "clip_g"} and data["clip_l"].shape == (1, 32) and data["clip_g"].shape == (1, 32)
+
+    token = result.token
+    prompt = f"{token}, a harbour with boats"
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_textual_inversion(data["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(data["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    ref_hidden, _, ref_pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+    fresh = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    fresh.encoder.add_token(token, vectors_for_model(load_embedding(result.path), "sdxl"), str(result.path))
+    ours = fresh.encoder.encode(prompt)
+    torch.testing.assert_close(ours.hidden, ref_hidden.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.pooled, ref_pooled.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_library_hit_and_miss(sd_renderer, images, trained_sd):
+    result, *_, out = trained_sd
+    again = immobilize_style(sd_renderer, STYLE, StyleSettings(), images=images, out=out)  # eval size: not in key
+    assert again.cache_hit and again.path == result.path and again.token == result.token
+    other = Style(name="Gothic", description="cold blue moonlight")
+    miss = immobilize_style(sd_renderer, other, FAST, images=images, out=out)
+    assert not miss.cache_hit and miss.path != result.path and miss.key != result.key
+    index = json.loads((out / "index.json").read_text())
+    assert {e["description"] for e in index["styles"]} == {STYLE.description, other.description}
+    assert len(list_styles(out)) == 2
+    # The runner's API: a hit returns the same (file, token).
+    assert immobilize(sd_renderer, STYLE, None, images=images, out=out) == (result.path, "<gothic>")
+
+
+def test_token_already_bound_elsewhere_gets_a_unique_token(tiny_sd, images, trained_sd, tmp_path):
+    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    first = trained_sd[0]
+    r.encoder.add_token(first.token, vectors_for_model(load_embedding(first.path), "sd"), str(first.path))
+    other = immobilize_style(r, Style(name="Gothic", description="cold blue moonlight"), FAST, images=images,
+                             out=tmp_path)
+    assert other.token.startswith("<gothic-") and other.token != first.token
+    r.encoder.add_token(other.token, vectors_for_model(load_embedding(other.path), "sd"), str(other.path))
+
+
+def test_reproducible_and_micro_batches_give_the_same_vector(sd_renderer, images, tmp_path):
+    s = StyleSettings(steps=3, batch_size=4, eval_samples=2)
+    a = immobilize_style(sd_renderer, STYLE, s, images=images, out=tmp_path / "a")
+    b = immobilize_style(sd_renderer, STYLE, s, images=images, out=tmp_path / "b")
+    # micro_batch is how an out-of-memory retry splits the batch; it must not change what is learned.
+    c = immobilize_style(sd_renderer, STYLE, StyleSettings(steps=3, batch_size=4, eval_samples=2, micro_batch=1), images=images,
+                         out=tmp_path / "c")
+    va, vb, vc = (load_embedding(x.path).vectors["single"] for x in (a, b, c))
+    assert torch.equal(va, vb)
+    assert a.key == c.key and c.report["micro_batch"] == 1
+    torch.testing.assert_close(va, vc, atol=1e-5, rtol=1e-4)
+
+
+def test_interrupted_training_leaves_nothing_in_the_library(sd_renderer, images, tmp_path):
+    def stop(step, loss):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        immobilize_style(sd_renderer, STYLE, FAST, images=images, out=tmp_path, on_step=stop)
+    assert list_styles(tmp_path) == []
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no embedding, no temp file, no meta
+    done = immobilize_style(sd_renderer, STYLE, FAST, images=images, out=tmp_path)  # a clean restart
+    assert not done.cache_hit and len(list_styles(tmp_path)) == 1
+
+
+def test_bad_inputs(sd_renderer, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="no images in") as exc:
+        immobilize_style(sd_renderer, STYLE, FAST, images=empty, out=tmp_path / "lib")
+    assert exc.value.hint
+    with pytest.raises(UserError, match="image folder not found"):
+        immobilize_style(sd_renderer, STYLE, FAST, images=tmp_path / "missing", out=tmp_path / "lib")
+    broken = _write_images(tmp_path / "broken", sizes=((64, 64),))
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UserError, match="cannot read image .*bad.png"):
+        immobilize_style(sd_renderer, STYLE, FAST, images=broken, out=tmp_path / "lib")
+    with pytest.raises(UserError, match="already a word"):
+        immobilize_style(sd_renderer, Style(name="Castle", token="castle"), FAST, images=broken, out=tmp_path)
+    with pytest.raises(UserError, match="no letters or digits"):
+        immobilize_style(sd_renderer, Style(name="???"), FAST, out=tmp_path)
+    with pytest.raises(UserError, match="multiple of 8"):
+        immobilize_style(sd_renderer, STYLE, StyleSettings(resolution=100), out=tmp_path)
+    assert not (tmp_path / "lib").exists()  # every check runs before anything is written
+
+
+def test_cli_train_and_list(tiny_sd, images, tmp_path):
+    from movielm_cli.style_cmds import style_group
+
+    runner = CliRunner()
+    args = ["train", "--model", str(tiny_sd), "--name", "Noir", "--description", "hard shadows",
+            "--images", str(images), "--steps", "2", "--batch-size", "2", "--out", str(tmp_path), "--json"]
+    res = runner.invoke(style_group, args)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["token"] == "<noir>" and not info["cache_hit"] and info["report"]["steps"] == 2
+    res = runner.invoke(style_group, args)
+    assert json.loads(res.stdout)["cache_hit"] is True
+    res = runner.invoke(style_group, ["list", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and "Noir" in res.output and "<noir>" in res.output
+    res = runner.invoke(style_group, ["train", "--model", str(tiny_sd), "--name", "Noir", "--images",
+                                      str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "image folder not found" in res.output
