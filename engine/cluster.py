@@ -144,7 +144,8 @@ class RenderWorker:
 
             self.renderer = Renderer(config)
         except Exception as exc:  # reported through info(); the driver decides what it means
-            self.error = {"kind": "oom" if _is_oom(exc) else "load", "message": _reason(exc),
+            oom = _is_oom(exc) or "out of memory" in str(exc).lower()  # loaders wrap OOM into a UserError
+            self.error = {"kind": "oom" if oom else "load", "message": _reason(exc),
                           "hint": getattr(exc, "hint", None) or ""}
         self.load_seconds = time.perf_counter() - t0
 
@@ -317,6 +318,9 @@ def _worker_shape(ray, config: EngineConfig, opts: ClusterOptions) -> tuple[int,
 
 # --- the scheduler -------------------------------------------------------------------------------------------
 
+MAX_CRASHES_PER_ITEM = 3
+"""Worker deaths one batch may cause before it is treated as the cause rather than resubmitted again."""
+
 class _Pool:
     """Hands work items to ready workers, keeps `in_flight` per worker, and moves the work of a dead worker back to
     the front of the queue. Each item is in the queue or in flight on exactly one worker, never both."""
@@ -331,6 +335,7 @@ class _Pool:
         self.pings: dict[Any, tuple[int, float]] = {}  # ref of info() on a restarting worker -> (worker, since)
         self.retry: dict[int, tuple[float, float]] = {}  # worker -> (when to ask again, since)
         self.resubmitted = 0
+        self.crashes: dict[int, int] = {}  # id(item) -> worker deaths while it was in flight
         self.model: dict[str, Any] = infos[0]["model"]
         self.dtype: str = infos[0]["dtype"]
         self.stats = [{"worker": i, "node": inf["node"], "pids": [inf["pid"]], "load_seconds": [round(
@@ -435,9 +440,16 @@ class _Pool:
                 result = {"error": "render", "message": _reason(exc)}
             except ray.exceptions.RayError as exc:  # the worker process or its node died
                 self._worker_failed(i, exc)
-                queue.appendleft(item)
-                self.resubmitted += 1
-                continue
+                crashes = self.crashes[id(item)] = self.crashes.get(id(item), 0) + 1
+                if crashes < MAX_CRASHES_PER_ITEM:
+                    queue.appendleft(item)
+                    self.resubmitted += 1
+                    continue
+                # The same work killed several workers: it is the cause (a poison pill), not bad luck. Report it
+                # like an error raised while rendering, so it is isolated to the movie(s) it belongs to.
+                result = {"error": "crash", "message": f"a worker process died {crashes} times on this {what} "
+                                                       f"(last: {str(exc).splitlines()[0][:200]})"}
+            self.crashes.pop(id(item), None)
             queue.extendleft(reversed(done(item, result, i)))
 
 
@@ -687,9 +699,12 @@ def _render(ray, pool: _Pool, config: EngineConfig, movies: list[LoadedMovie], s
             if len(batch) > 1:
                 # OOM: halve, as a local run does. Other errors: render frames alone, so one bad movie cannot
                 # take the other movies of its batch down with it.
-                half = len(batch) // 2 if result["error"] == "oom" else 1
-                return [batch[i:i + half] for i in range(0, len(batch), half)]
-            reason = result["message"] if result["error"] != "oom" else "out of memory even at batch size 1"
+                if result["error"] == "oom":
+                    log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), len(batch) // 2,
+                                len(batch) - len(batch) // 2)
+                    return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+                return [[t] for t in batch]
+            reason = "out of memory even at batch size 1" if result["error"] == "oom" else result["message"]
             failures.setdefault(batch[0].job.movie_id, reason)
             return []
         seconds = result["seconds"] / len(batch)
