@@ -386,12 +386,21 @@ class _Trainer:
         cfg = self.vae.config
         self.scale, self.shift = cfg.scaling_factor, getattr(cfg, "shift_factor", None) or 0.0
         means, stds = [], []
-        for k in range(0, len(images), chunk):
+        k = 0
+        while k < len(images):
             x = torch.from_numpy(np.stack([im.pixels for im in images[k:k + chunk]])).to(self.device)
             x = x.permute(0, 3, 1, 2).to(vdtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-            dist = self.vae.encode(x).latent_dist
+            try:
+                dist = self.vae.encode(x).latent_dist
+            except Exception as exc:
+                if not _is_oom(exc) or chunk == 1:
+                    raise
+                chunk //= 2  # a large VAE at 1024 px needs several GB per image
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                continue
             means.append(dist.mean.float())
             stds.append(dist.std.float())
+            k += len(x)
         self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, h, w)
         if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
             raise FloatingPointError("VAE encoding overflowed")
@@ -574,7 +583,7 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
     requested = token or getattr(style, "token", None)
     token = file_token = requested or f"<{slug(style.name)}>"
     check_token(model, token)
-    root = Path(out) if out else default_library()
+    root = (Path(out) if out else default_library()).resolve()  # the path is the token's source: keep it stable
 
     notes: list[str] = []
     fitted, digest = None, None
@@ -607,7 +616,7 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
     with torch.inference_mode(False), _Frozen(model):
         trainer = _Trainer(model, device, s, init)
         t1 = time.perf_counter()
-        trainer.encode_images(fitted, chunk=s.batch_size)
+        trainer.encode_images(fitted, chunk=min(s.batch_size, 4))
         encode_s = time.perf_counter() - t1
         captions = []
         for im in fitted:
