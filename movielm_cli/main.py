@@ -113,14 +113,23 @@ def render(plans, model, out, backend, device, dtype, batch_size, attention, cud
     else:
         summary = _with_progress(config, lambda cb: run_render(config, list(plans), progress=cb))
     d = summary.as_dict()
+    failures = d.get("failures", [])
     if as_json:
         click.echo(json.dumps(d))
-        return
-    click.echo(f"{d['rendered']} frame(s) rendered, {d['skipped']} already done, {d['movies']} movie(s) in "
-               f"{d['seconds']:.1f} s: {d['images_per_second']:.2f} images/s, {d['unet_steps_per_second']:.1f} "
-               f"UNet steps/s (batch {d['batch_size']})")
-    for sb in d["storyboards"]:
-        click.echo(f"storyboard: {sb}")
+    else:
+        click.echo(f"{d['rendered']} frame(s) rendered, {d['skipped']} already done, {d['movies']} movie(s) in "
+                   f"{d['seconds']:.1f} s: {d['images_per_second']:.2f} images/s, {d['unet_steps_per_second']:.1f} "
+                   f"UNet steps/s (batch {d['batch_size']})")
+        for worker in d.get("workers", []):
+            click.echo(f"  worker {worker['worker']} ({worker['node']}): {worker['frames']} frame(s), "
+                       f"{worker['images_per_second']:.2f} images/s")
+        for sb in d["storyboards"]:
+            click.echo(f"storyboard: {sb}")
+        for f in failures:
+            click.echo(f"failed: movie {f['movie']}: {f['reason']} ({f['frames_missing']} frame(s) missing)",
+                       err=True)
+    if failures:
+        sys.exit(1)  # other movies are complete; rerunning retries only what is missing
 
 
 def _with_progress(config, run):
