@@ -93,6 +93,37 @@ def test_loss_goes_down_and_only_the_new_token_changes(sd_renderer, trained_sd):
     assert rep["seconds_per_step"] > 0 and rep["images"] == 4
 
 
+def test_substituted_lookup_matches_a_resized_text_encoder(sd_renderer):
+    """The fast path (frozen table, the new row substituted into inputs_embeds) against the classic one (resize the
+    encoder's embedding table, write the row, run it on input ids): same hidden states, same gradient."""
+    import copy
+
+    from engine.style import _Frozen, _Trainer
+
+    model = sd_renderer.model
+    s = StyleSettings().resolve(model)
+    vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 0.02
+    with _Frozen(model):
+        trainer = _Trainer(model, torch.device("cpu"), s, [vec])
+        (ids, eos), = trainer.caption_ids("a castle in the style of {}, at night")
+        hidden, _ = trainer.encode_text([ids[None]], [torch.tensor([eos])])
+        hidden.square().mean().backward()
+    ours_grad = trainer.vectors[0].grad[0]
+
+    classic = copy.deepcopy(model.text_encoders[0])
+    v = classic.get_input_embeddings().weight.shape[0]
+    classic.resize_token_embeddings(v + 1)
+    table = classic.get_input_embeddings().weight
+    with torch.no_grad():
+        table[v] = vec[0]
+    ref = classic(input_ids=ids[None]).last_hidden_state
+    ref.square().mean().backward()
+    assert int((ids == v).sum()) == 1
+    torch.testing.assert_close(hidden, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours_grad, table.grad[v], atol=1e-9, rtol=1e-4)
+    assert ours_grad.abs().max() > 0
+
+
 def test_mixed_sizes_are_fitted_and_reported(trained_sd):
     result = trained_sd[0]
     notes = " ".join(result.report["notes"])
