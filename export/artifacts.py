@@ -52,7 +52,7 @@ def export_for_backend(model, backend: str, device: str, dtype: str, profile: Sh
         raise UserError(f"cannot export for backend {backend!r}", f"choose one of: {', '.join(BACKENDS)} "
                                                                   "(the torch backend needs no export)")
     if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
+        dtype = "fp16" if device.startswith("cuda") or backend == "tensorrt" else "fp32"
     profile = profile or default_profile(model)
     if backend == "onnxruntime":
         require_ort_provider(device)

@@ -253,10 +253,6 @@ def optimize(src: Path, dst: Path, spec: ModelSpec, target: str, fp16: bool, upc
     return fused
 
 
-def ort_providers(target: str) -> list[str]:
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if target == "ort-cuda" else ["CPUExecutionProvider"]
-
-
 def ort_session(path: Path, providers: list[str], threads: int | None = None):
     import onnxruntime as ort
 
@@ -316,34 +312,41 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
         upcast = bool(getattr(model.unet.config, "upcast_attention", False)) and component == "unet"
         fused: dict = {}
         final = tmp / ONNX_FILE
-        if optimize_graph and python_fusions_help(component, target):
+        plain_only = not (optimize_graph and python_fusions_help(component, target))
+        check: dict = {}
+        for attempt in ("optimized", "plain"):
+            if attempt == "optimized" and plain_only:
+                continue
+            for f in tmp.glob(ONNX_FILE + "*"):
+                f.unlink()
             try:
-                fused = optimize(raw, final, spec, target, dtype == "fp16", upcast, meta)
-                if target == "ort-cpu":
-                    ort_session(final, ort_providers(target))  # every fused op must have a CPU kernel
-            except Exception as exc:  # the optimizer is best-effort: an unfused graph is correct, only slower
+                if attempt == "optimized":
+                    fused = optimize(raw, final, spec, target, dtype == "fp16", upcast, meta)
+                else:
+                    fused = {}
+                    proto = onnx.load(str(raw), load_external_data=True)
+                    if dtype == "fp16":
+                        proto = to_fp16(proto, spec, upcast)
+                    stamp(proto, meta)
+                    save_onnx(proto, final)
+                    del proto
+                    check_onnx(final)
+                if target != "ort-cuda" and dtype == "fp32":
+                    # A cheap self-check at the small trace shape (it also proves every op has a CPU kernel):
+                    # a broken fusion must never reach the cache.
+                    check = parity(model, spec, final, trace_dims(spec, _up_blocks(model)), seed=1)
+                    if max(check.values()) > 1e-3:
+                        raise RuntimeError(f"exported {component} disagrees with torch (relative difference "
+                                           f"{max(check.values()):.2e})")
+                break
+            except Exception as exc:
+                if attempt == "plain":
+                    raise
+                # The optimizer is best-effort: the unfused graph is correct, only slower.
                 log.warning("graph optimization of %s failed (%s); using the unoptimized graph",
                             component, str(exc).splitlines()[0][:200])
-                for f in tmp.glob(ONNX_FILE + "*"):
-                    f.unlink()
-                fused = {}
-        if not final.exists():
-            proto = onnx.load(str(raw), load_external_data=True)
-            if dtype == "fp16":
-                proto = to_fp16(proto, spec, upcast)
-            stamp(proto, meta)
-            save_onnx(proto, final)
-            del proto
-            check_onnx(final)
         shutil.rmtree(raw.parent)
         total_s = time.perf_counter() - t0
-        check = {}
-        if target != "ort-cuda" and dtype == "fp32":
-            # A cheap self-check at the small trace shape: a broken fusion must never reach the cache.
-            check = parity(model, spec, final, trace_dims(spec, _up_blocks(model)), seed=1)
-            worst = max(check.values())
-            if worst > 1e-3:
-                raise RuntimeError(f"exported {component} disagrees with torch (relative difference {worst:.2e})")
         extra = {"spec": {"inputs": {t.name: [list(t.shape), t.dtype] for t in spec.inputs},
                           "outputs": {t.name: [list(t.shape), t.dtype] for t in spec.outputs},
                           "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in spec.dynamic_axes().items()},

@@ -62,7 +62,7 @@ class OrtGraph:
                             f"{model.content_hash})", "clear the stale artifact with movielm-fast export --clear, "
                                                       "then export again for this model")
         self.device_type = "cuda" if device.type == "cuda" else "cpu"
-        self.device_id = device.index or 0 if device.type == "cuda" else 0
+        self.device_id = (device.index or 0) if device.type == "cuda" else 0
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.spec

@@ -132,8 +132,9 @@ class TensorRTBackend:
             if runner.cfg.covers(shapes) is not None:
                 return runner(**inputs)
         dims = spec.dims_of(shapes)
-        if spec.batch_role == "chunks":
-            profile = self._default
+        if spec.batch_role == "chunks":  # one dynamic engine for 1..N prompt windows
+            d = self._default
+            profile = self._profile_cls(d.batch_sizes, d.sizes, max(d.max_chunks, dims["B"]), d.cfg, dynamic=True)
         else:
             # An engine for exactly this bucket. The UNet's batch already includes CFG's doubling: ask for it as is.
             frames = dims["B"]
