@@ -3,11 +3,13 @@
 Once per run: the matmul ceiling (a large GEMM in the run's dtype). Then for each size, for each batch size
 (ascending; a batch that does not fit stops the larger ones for that backend):
   1. count FLOPs once (text encoders, one UNet step on the CFG batch, one VAE decode) on the real torch modules,
-     and measure the matmul ceiling again, so MFU divides numbers measured under the same machine load;
+     and measure the matmul ceiling again (the machine's load can change during a run);
   2. warm up every entry -- diffusers' StableDiffusion(XL)Pipeline with the same components, scheduler, steps,
      size, batch and seeds, then each of our backends through `engine.pipeline.render_batch`;
   3. time whole batches end to end, `repeats` rounds, interleaved (round 1 of every entry, then round 2 ...);
-  4. time our stages through the backend: text encoding (cold prompt cache), one UNet step, one VAE decode.
+  4. time our stages through the backend, interleaved the same way: text encoding (cold prompt cache), one UNet
+     step, one VAE decode.
+MFU divides achieved FLOP/s by the highest ceiling measured in the run (`finalize_mfu`).
 Every figure is min/median/max over the repeats; device work is synchronized before the clock is read.
 
 Results: <out>/<timestamp>-<machine>.json (rewritten after every configuration, so an interrupted run keeps what it
@@ -25,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .hardware import PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, source_state, stats, time_calls, timed
+from .hardware import (PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, source_state, stats,
+                       time_calls, timed)
 
 FORMAT = "movielm-bench/1"
 BASELINE = "diffusers"
@@ -141,8 +144,8 @@ class Bench:
         self.model = load_model(self.model_path)
         native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
         self.s = settings.resolved(self.device, native)
-        self.engine_config = lambda backend: EngineConfig(model=self.model_path, backend=backend, device=settings.device,
-                                                          dtype=settings.dtype)
+        self.engine_config = lambda backend: EngineConfig(model=self.model_path, backend=backend,
+                                                          device=settings.device, dtype=settings.dtype)
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine
@@ -157,7 +160,8 @@ class Bench:
                          "steps": self.s.steps, "repeats": self.s.repeats, "warmup": self.s.warmup,
                          "guidance": self.s.guidance, "scheduler": self.s.scheduler,
                          "negative_prompt": "", "attention": "sdpa"},
-            "ceiling": None, "configs": [], "runs": [], "skipped": [], "notes": [], "backend_sources": {}}
+            "ceiling": None, "configs": [], "runs": [], "skipped": [], "notes": [], "backend_sources": {},
+            "bench_source": source_state(Bench)}
 
     # --- set-up ------------------------------------------------------------------------------------------------
     def _backends(self) -> list[_Backend]:
@@ -248,21 +252,19 @@ class Bench:
         return (lambda: PromptEncoder(self.model, e.impl)), \
             (lambda enc: _uint8(np.stack(render_batch(self.model, e.impl, enc, jobs, s))))
 
-    def _stages(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, Any]:
-        """Text encoding (cold cache), one UNet step on the CFG batch, one VAE decode -- each through the backend,
-        as the hot path calls it. Runs after the whole-batch warm-up, so every stage is warm."""
+    def _stage_calls(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, tuple]:
+        """(setup, call) per stage -- text encoding (cold cache), one UNet step on the CFG batch, one VAE decode --
+        each through the backend, as the hot path calls it. Timed after the whole-batch warm-up, so all are warm."""
         from engine.backends.base import UNetCond
         from engine.pipeline import BatchSettings, _stack_cond
         from engine.schedulers import make_scheduler
         from engine.text import PromptEncoder
 
-        m, be, dev, reps = self.model, e.impl, self.device, self.s.repeats
+        m, be, dev = self.model, e.impl, self.device
         s = BatchSettings(width, height, self.s.steps, self.s.guidance, self.s.scheduler)
         jobs = self._jobs(batch)
         cfg = s.guidance > 1.0
         fresh = lambda: PromptEncoder(m, be)  # noqa: E731
-        text = time_calls(lambda enc: [enc.encode_pair(j.prompt, j.negative_prompt) for j in jobs], reps, dev,
-                          setup=fresh)
         # The conditioning the hot path builds (its own helper, so shapes and order cannot drift), on the device.
         c = _stack_cond(fresh(), jobs, s, cfg)
         cond = UNetCond(*(None if x is None else x.to(dev) for x in (c.encoder_hidden_states, c.text_embeds,
@@ -273,10 +275,31 @@ class Bench:
         shape = (m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
         latents = torch.randn((2 * batch if cfg else batch, *shape), generator=torch.Generator().manual_seed(0))
         x = scheduler.scale_model_input(latents.to(dev), t)  # (2B, C, h, w): negatives and positives
-        unet = time_calls(lambda: be.denoise(x, t, cond), reps, dev)
         z = latents[:batch].to(dev)  # (B, C, h, w)
-        vae = time_calls(lambda: be.decode(z), reps, dev)
-        return {"text_encode": text, "unet_step": unet, "vae_decode": vae}
+        none = lambda: None  # noqa: E731
+        return {"text_encode": (fresh, lambda enc: [enc.encode_pair(j.prompt, j.negative_prompt) for j in jobs]),
+                "unet_step": (none, lambda _: be.denoise(x, t, cond)),
+                "vae_decode": (none, lambda _: be.decode(z))}
+
+    def _interleaved(self, tag: str, what: str, live: list[dict[str, Any]], calls: Callable[[dict], tuple],
+                     on_sample: Callable[[dict, float, Any], None], oom: Callable) -> None:
+        """`repeats` rounds; each round times one call of every live entry in turn, so a burst of load from
+        elsewhere on a shared machine hits all entries alike instead of skewing one of them."""
+        for r in range(self.s.repeats):
+            self.log(f"{tag} {what}, round {r + 1}/{self.s.repeats}: " + ", ".join(st["entry"].name for st in live))
+            for st in [st for st in live if not st.get("failed")]:
+                setup, call = calls(st)
+                arg = setup()
+                try:
+                    with PeakMemory(self.device) as mem:
+                        seconds, out = timed(lambda: call(arg), self.device)
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    oom(st, exc)
+                    continue
+                st["peak"] = max(st["peak"], mem.peak_bytes)
+                on_sample(st, seconds, out)
 
     # --- one configuration -------------------------------------------------------------------------------------
     def _record(self, e: _Backend, width: int, height: int, batch: int, flops: dict[str, int], ceiling: float,
@@ -314,10 +337,8 @@ class Bench:
         return run
 
     def _config(self, entries: list[_Backend], width: int, height: int, batch: int) -> None:
-        """The baseline (first entry, when enabled) and each backend at one size and batch.
-
-        Whole batches are timed interleaved -- repeat 1 of every entry, then repeat 2 of every entry, ... -- so
-        a burst of load from elsewhere on a shared machine hits all of them alike rather than skewing one ratio."""
+        """The baseline (first entry, when enabled) and each backend at one size and batch: warm-up, whole batches
+        and then each stage, all timed in interleaved rounds (see `_interleaved`)."""
         tag = f"[{width}x{height} batch {batch}]"
         self.log(f"{tag} counting FLOPs ...")
         try:
@@ -330,8 +351,8 @@ class Bench:
                 e.oom_at = e.oom_at or batch
             self.result["notes"].append(f"{width}x{height} batch {batch}: out of memory while counting FLOPs")
             return
-        # The ceiling again for every configuration: on a shared machine the load changes within a run, and MFU
-        # must divide numbers measured under the same load.
+        # The ceiling again for every configuration: on a shared machine the load changes within a run, and the
+        # highest value seen is the fairest denominator (see `finalize_mfu`).
         ceiling = matmul_ceiling(self.device, self.dtype)
         self.result["configs"].append({"size": f"{width}x{height}", "batch": batch, "flops": flops,
                                        "ceiling_flops_per_s": ceiling["flops_per_s"]})
@@ -342,8 +363,8 @@ class Bench:
         def oom(state_or_entry, exc) -> None:
             e = state_or_entry["entry"] if isinstance(state_or_entry, dict) else state_or_entry
             e.oom_at = batch
-            if state_or_entry in live:
-                live.remove(state_or_entry)
+            if isinstance(state_or_entry, dict):
+                state_or_entry["failed"] = True
             self._free()
             self.log(f"{tag} {e.name}: out of memory")
             self._record(e, width, height, batch, flops, ceil, status="oom", note=str(exc).splitlines()[0][:200])
@@ -366,41 +387,32 @@ class Bench:
                 if not is_oom(exc):
                     raise
                 oom(e, exc)
-        for r in range(self.s.repeats):
-            self.log(f"{tag} end to end, repeat {r + 1}/{self.s.repeats}: "
-                     + ", ".join(st["entry"].name for st in live))
-            for st in list(live):
-                arg = st["setup"]()
-                try:
-                    with PeakMemory(self.device) as mem:
-                        seconds, st["image"] = timed(lambda: st["call"](arg), self.device)
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    oom(st, exc)
-                    continue
-                st["samples"].append(seconds)
-                st["peak"] = max(st["peak"], mem.peak_bytes)
-        for st in list(live):
-            if st["entry"].baseline:
-                continue  # diffusers' stages are the same modules; only its end-to-end time is the baseline
-            self.log(f"{tag} {st['entry'].name}: stages ...")
-            try:
-                with PeakMemory(self.device) as mem:
-                    st["stages"] = self._stages(st["entry"], width, height, batch)
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                oom(st, exc)
-                continue
-            st["peak"] = max(st["peak"], mem.peak_bytes)
+
+        def whole(st, seconds, image):
+            st["samples"].append(seconds)
+            st["image"] = image
+
+        self._interleaved(tag, "end to end", live, lambda st: (st["setup"], st["call"]), whole, oom)
+        # diffusers' stages are the same modules as ours; only its end-to-end time is the baseline.
+        ours = [st for st in live if not st["entry"].baseline]
+        for st in ours:
+            st["stage_calls"] = self._stage_calls(st["entry"], width, height, batch)
+            st["stage_samples"] = {k: [] for k in st["stage_calls"]}
+        for stage in ("text_encode", "unet_step", "vae_decode"):
+            self._interleaved(tag, stage.replace("_", " "), ours, lambda st: st["stage_calls"][stage],
+                              lambda st, seconds, _: st["stage_samples"][stage].append(seconds), oom)
+        live = [st for st in live if not st.get("failed")]
+        for st in ours:
+            if not st.get("failed"):
+                st["stages"] = {k: stats(v) for k, v in st["stage_samples"].items()}
+                del st["stage_calls"]  # drops the stage inputs before the next configuration allocates its own
         base = next((st for st in live if st["entry"].baseline), None)
-        for st in live:
-            run = self._record(st["entry"], width, height, batch, flops, ceil, st,
-                               baseline=None if st is base else base)
-            self.log(_line(run))
+        recorded = [self._record(st["entry"], width, height, batch, flops, ceil, st,
+                                 baseline=None if st is base else base) for st in live]
         self._free()
-        self._write()
+        self._write()  # also sets every run's MFU (finalize_mfu) before the lines below print it
+        for run in recorded:
+            self.log(_line(run))
 
     def _free(self) -> None:
         gc.collect()
@@ -412,6 +424,7 @@ class Bench:
 
         from engine.outputs import atomic_write_text
 
+        finalize_mfu(self.result)
         atomic_write_text(self.base.with_suffix(".json"), json.dumps(self.result, indent=1, default=str))
 
     # --- the whole run -----------------------------------------------------------------------------------------
@@ -433,6 +446,7 @@ class Bench:
                 e.oom_at = None
             for batch in self.s.batch_sizes:
                 self._config(entries, width, height, batch)
+        self.result["ceiling_end"] = matmul_ceiling(self.device, self.dtype)
         self.result["complete"] = True
         self.result["machine"]["load_avg_end"] = load_average()
         self._write()
@@ -446,6 +460,22 @@ class Bench:
         else:
             files["png"] = plot
         return BenchRun(self.result, files["json"], files)
+
+
+def finalize_mfu(result: dict[str, Any]) -> None:
+    """Every run's MFU against the highest matmul ceiling measured in the run (start, each configuration, end).
+
+    One denominator for all rows keeps MFU proportional to throughput, and the highest ceiling is what the machine
+    showed it can do: on a loaded machine a ceiling measured during a burst would inflate MFU past what the code
+    achieves, so MFU here errs low, never high."""
+    ceilings = [result["ceiling"]] + [c["ceiling_flops_per_s"] for c in result["configs"]] \
+        + ([result["ceiling_end"]] if result.get("ceiling_end") else [])
+    best = max(c["flops_per_s"]["median"] if "flops_per_s" in c else c["median"] for c in ceilings)
+    result["mfu_ceiling_flops_per_s"] = best
+    for run in result["runs"]:
+        if run["status"] == "ok":
+            run["mfu"] = {k: v / best for k, v in run["achieved_flops_per_s"].items()}
+            run["ceiling_flops_per_s"] = best
 
 
 def _line(run: dict[str, Any]) -> str:

@@ -62,8 +62,16 @@ def _sizes(value: str | None) -> list[tuple[int, int]] | None:
 @click.option("--no-report", is_flag=True, help="Do not regenerate RESULTS.md (in the parent of --out).")
 def bench_cmd(model, backends, device, dtype, sizes, batch_sizes, steps, repeats, warmup, scheduler, guidance,
               no_baseline, out, machine, no_report):
-    from bench.report import write_results_md
-    from bench.runner import BenchSettings, run_bench
+    try:
+        from bench.report import write_results_md
+        from bench.runner import BenchSettings, run_bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "bench":
+            raise
+        click.echo("error: the bench package is not importable from this install\n  fix: add \"bench*\" to "
+                   "[tool.setuptools.packages.find] include in pyproject.toml and reinstall (pip install -e .), "
+                   "or run from the repository root: python -m movielm_cli.bench_cmds", err=True)
+        sys.exit(2)
     from engine.plan import SCHEDULERS
 
     if scheduler not in SCHEDULERS:
@@ -83,3 +91,7 @@ def bench_cmd(model, backends, device, dtype, sizes, batch_sizes, steps, repeats
         click.echo(f"{kind}: {path}")
     if not no_report:
         click.echo(f"report: {write_results_md(out, Path(out).parent / 'RESULTS.md')}")
+
+
+if __name__ == "__main__":  # `python -m movielm_cli.bench_cmds` from the repository root
+    bench_cmd()
