@@ -477,16 +477,12 @@ def _style_blobs(ray, movies: list[LoadedMovie], failures: dict[str, str]) -> di
     return blobs
 
 
-# Off until `runner.render` immobilizes styles too: a cluster run must produce what a local run produces.
-TRAIN_STYLES_ON_CLUSTER = False
-
-
 def _immobilize_styles(ray, pool: _Pool, config: EngineConfig, movies: dict[str, LoadedMovie],
                        blobs: dict[str, StyleBlob], failures: dict[str, str]) -> None:
     """THE call site for style training on a cluster: each style without an embedding is trained once, on one
     worker, before any of its frames is planned; the file reaches every worker as a StyleBlob and the movie (as
     the workers see it) gets the learned token. `engine.style.immobilize(renderer, style) -> (path, token)`."""
-    if not (TRAIN_STYLES_ON_CLUSTER and config.style_training):
+    if not config.style_training:
         return
     todo: dict[tuple, list[str]] = {}
     for movie_id, lm in movies.items():

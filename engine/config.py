@@ -41,7 +41,9 @@ class EngineConfig:
     overrides: RenderSettings = field(default_factory=RenderSettings)
     """Command-line render settings; they win over the plan's own."""
     skip_existing: bool = True
-    style_training: bool = True
+    style_training: bool = False
+    """Immobilize styles that have no embedding (train one textual-inversion token each, cached in the style
+    library) before rendering. The CLI turns it on unless --no-style-training."""
     quiet: bool = False
 
     @property

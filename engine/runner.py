@@ -102,12 +102,20 @@ class Renderer:
         from .textual_inversion import load_embedding, vectors_for_model
 
         style = lm.movie.style
-        if not style.embedding:
+        if style.embedding:
+            source = str((lm.plan_dir / style.embedding).resolve())
+            token = style.token
+        elif self.config.style_training:
+            from .style import immobilize
+
+            # MovieLLM's style immobilization: trained once per (model, style, settings), then a library hit.
+            path, token = immobilize(self, style)
+            source = str(path)  # immobilize checks encoder.token_sources against this exact string
+        else:
             return None
-        source = str((lm.plan_dir / style.embedding).resolve())
         if source not in self.style_tokens:
             emb = load_embedding(source)
-            token = style.token or emb.token or f"<{style.name.lower().replace(' ', '-')}>"
+            token = token or emb.token or f"<{style.name.lower().replace(' ', '-')}>"
             self.encoder.add_token(token, vectors_for_model(emb, self.model.kind), source)
             self.style_tokens[source] = token
         return self.style_tokens[source]

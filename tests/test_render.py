@@ -122,7 +122,7 @@ def test_killed_process_resumes_without_duplicates(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("kill", 6)], {**SMALL, "steps": 6})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "movielm_cli.main", "render", str(plan), "--out", str(out), "--batch-size", "1",
-           "--quiet"]
+           "--no-style-training", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = out / "kill" / "manifest.json"
     deadline = time.time() + 120
