@@ -10,25 +10,12 @@ from pathlib import Path
 import click
 
 from engine.errors import UserError
+from movielm_cli.clean_errors import CleanErrors
 from engine.plan import SCHEDULERS, RenderSettings
 
 DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
              "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
              "images.")
-
-
-class CleanErrors(click.Group):
-    """User mistakes become one clear message and exit code 2, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished frames are saved; run the same command again to resume", err=True)
-            sys.exit(130)
 
 
 @click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")

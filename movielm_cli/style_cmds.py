@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from engine.errors import UserError
+from movielm_cli.clean_errors import CleanErrors
 
 
-class _StyleGroup(click.Group):
-    """User mistakes become one clear message and exit code 2 (also when the group is used on its own)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-
-@click.group("style", cls=_StyleGroup, help="Style immobilization: learn one textual-inversion token per style.")
+@click.group("style", cls=CleanErrors, help="Style immobilization: learn one textual-inversion token per style.")
 def style_group() -> None:
     pass
 
