@@ -171,6 +171,14 @@ def _flops_rate(x: float) -> str:
     return f"{x / 1e12:.2f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
 
 
+def _libraries(ceil: dict[str, Any]) -> str:
+    libs = ceil.get("libraries")
+    if not libs:
+        return ""
+    return ", fastest of " + ", ".join(f"{k} {_flops_rate(v)}" for k, v in libs.items()) if len(libs) > 1 \
+        else f", {next(iter(libs))}"
+
+
 def _ceiling_range(res: dict[str, Any]) -> str:
     """The ceiling MFU is computed against, and the range of all measurements of it in the run."""
     seen = [res["ceiling"]["flops_per_s"]["median"]] + \
@@ -256,7 +264,7 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                 f"### {path.stem}: {st['model']}, {st['dtype']}, {st['steps']} steps, {st['scheduler']}, "
                 f"guidance {st['guidance']}", "",
                 f"Repeats: {st['repeats']} after {st['warmup']} warm-up; matmul ceiling ({ceil['dtype']}, "
-                f"{ceil['n']}² GEMM, median) {_ceiling_range(res)}; "
+                f"{ceil['n']}² GEMM, median{_libraries(ceil)}) {_ceiling_range(res)}; "
                 f"torch {v.get('torch')}, diffusers {v.get('diffusers')}"
                 + (f", onnxruntime {v['onnxruntime']}" if v.get("onnxruntime") else "")
                 + f"; commit {str(git.get('commit'))[:10]}{' (uncommitted changes)' if git.get('dirty') else ''}"
