@@ -27,6 +27,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def settle(device: torch.device, seconds: float = 0.1) -> None:
+    """Let the previous entry's thread pools go idle before the next one is timed. ONNX Runtime's CPU workers
+    spin for a while after each run: a torch call started right after one ran 1.9x slower on a 2-core machine
+    (measured: VAE decode of the demo model 0.071 s alone, 0.136 s right after an ORT call, 0.079 s after a 50 ms
+    pause), which would charge one backend for another's idle spinning."""
+    if device.type == "cpu":
+        time.sleep(seconds)
+
+
 def stats(samples: list[float]) -> dict[str, Any]:
     return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
 
@@ -118,8 +127,10 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int | None = Non
     flatter nothing and explain nothing. On CPU in fp32 the GEMM runs through every library at hand (torch, and
     ONNX Runtime when installed) and the fastest one sets the ceiling."""
     n = n or (8192 if device.type == "cuda" else 2048)
+    settle(device)
     libraries = {"torch": _torch_gemm(device, dtype, n, repeats)}
     if device.type == "cpu" and dtype == torch.float32:
+        settle(device)
         ort_gemm = _onnxruntime_gemm(n, repeats)
         if ort_gemm is not None:
             libraries["onnxruntime"] = ort_gemm

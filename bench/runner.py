@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .hardware import (PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, source_state, stats,
-                       time_calls, timed)
+from .hardware import (PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, settle, source_state,
+                       stats, timed)
 
 FORMAT = "movielm-bench/1"
 BASELINE = "diffusers"
@@ -290,6 +290,7 @@ class Bench:
             for st in [st for st in live if not st.get("failed")]:
                 setup, call = calls(st)
                 arg = setup()
+                settle(self.device)
                 try:
                     with PeakMemory(self.device) as mem:
                         seconds, out = timed(lambda: call(arg), self.device)
