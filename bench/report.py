@@ -228,7 +228,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
              "a data-sheet peak, and some convolution kernels (oneDNN's, ONNX Runtime's NCHWc) run closer to the "
              "hardware peak than a GEMM does. *frame* = end to end per frame "
              "(batch time / batch size), text encoding included. *Δ vs diffusers*: largest pixel difference (0–255) "
-             "between our image and diffusers' for the same seed — small means both did the same work. "
+             "between our image and diffusers' for the same seed — small means both did the same work. *peak mem*: "
+             "on CPU the whole process's resident set (every backend's copy of the model is loaded at once), on "
+             "CUDA torch's peak allocated memory. "
              "Models named `*-arch` have the real architecture "
              "with random weights: right for timing, their images are noise.", ""]
     if not results:
