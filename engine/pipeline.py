@@ -34,7 +34,7 @@ class FrameJob:
     seed: int
 
 
-def _stack_cond(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
+def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
     pairs = [encoder.encode_pair(j.prompt, j.negative_prompt) for j in jobs]
     conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
     hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
@@ -52,7 +52,7 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     cfg = s.guidance > 1.0
 
     # 1. Encode prompts (each unique prompt once per run: PromptEncoder caches).
-    cond = _stack_cond(encoder, jobs, s, cfg)
+    cond = stack_conditioning(encoder, jobs, s, cfg)
     cond = UNetCond(*(None if x is None else x.to(device) for x in (cond.encoder_hidden_states, cond.text_embeds,
                                                                       cond.time_ids)))
 

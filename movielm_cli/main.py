@@ -136,10 +136,11 @@ def _with_progress(config, run):
 
 def _register_commands() -> None:
     from movielm_cli.llm_cmds import dataset_cmd, plan_cmd, qa_cmd
+    from movielm_cli.bench_cmds import bench_cmd
     from movielm_cli.export_cmds import export_cmd
     from movielm_cli.style_cmds import style_group
 
-    for cmd in (plan_cmd, qa_cmd, dataset_cmd, style_group, export_cmd):
+    for cmd in (plan_cmd, qa_cmd, dataset_cmd, style_group, export_cmd, bench_cmd):
         cli.add_command(cmd)
 
 
