@@ -20,6 +20,12 @@ if __package__ in (None, ""):  # `python bench/gpu.py`: make the project importa
     sys.path.insert(0, str(HERE.parent))
 
 
+# The fast-path options of the torch backend, each timed on its own next to the default (fp16, SDPA, channels-last,
+# fused QKV) and the exported backends; a variant that is not faster stays off by default.
+FAST_PATH_VARIANTS = ("torch", "torch+cuda_graphs", "torch+attention=triton", "torch+no-fuse_qkv",
+                      "torch+no-channels_last", "onnxruntime", "tensorrt")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -29,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdxl", action="store_true", help="also benchmark sdxl-arch (1024x1024, batch 1,2,4)")
     ap.add_argument("--model", help="benchmark only this model (demo, sd15-arch, sdxl-arch or a local folder)")
     ap.add_argument("--dtype", default="fp16", help="fp16 | bf16 | fp32 (default fp16)")
-    ap.add_argument("--backend", default=None, help="comma-separated backends (default: every registered one)")
+    ap.add_argument("--backend", default=None, help="comma-separated backends or variants such as torch+cuda_graphs "
+                    "(default: FAST_PATH_VARIANTS)")
     ap.add_argument("--batch-sizes", type=_ints, help="e.g. 1,2,4,8 (default per model)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
@@ -56,21 +63,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         plan = [(args.model, None, [1, 2, 4, 8])]
     steps, repeats = (3, 2) if args.quick else (args.steps, args.repeats)
-    results = []
+    results, references = [], []
     for model, size, batches in plan:
         settings = BenchSettings(
-            model=model, backends=args.backend.split(",") if args.backend else None, device="cuda",
+            model=model, backends=(args.backend or ",".join(FAST_PATH_VARIANTS)).split(","), device="cuda",
             dtype=args.dtype, sizes=[(size, size)] if size else None,
             batch_sizes=[1, 2] if args.quick else (args.batch_sizes or batches), steps=steps, repeats=repeats,
             out=args.out)
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
         try:
-            results.append(run_bench(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True)).result)
+            results.append(run_bench(settings, log=log).result)
+            if args.dtype != "fp32":
+                # The quality bar of the fast path: the same frame in fp32 with the plain torch backend.
+                ref = BenchSettings(model=model, backends=["torch"], device="cuda", dtype="fp32",
+                                    sizes=settings.sizes, batch_sizes=[1], steps=steps, repeats=1, out=args.out)
+                references.append((results[-1], run_bench(ref, log=log).result))
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     print(f"report: {write_results_md(args.out, args.out.parent / 'RESULTS.md')}", file=sys.stderr)
     print(short_table(results))
+    for fast, ref in references:
+        print(quality_table(fast, ref, args.out))
     return 0
+
+
+def quality_table(fast: dict, ref: dict, results_dir: Path) -> str:
+    """PSNR and largest pixel difference of each fast-path image against the fp32 torch image of the same seed
+    (target: PSNR >= 35 dB)."""
+    import numpy as np
+    from PIL import Image
+
+    def pixels(run):
+        with Image.open(results_dir / run["image"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+    ref_runs = {r["size"]: r for r in ref["runs"] if r["backend"] == "torch" and r["status"] == "ok" and r.get("image")}
+    lines = [f"quality vs fp32 torch ({fast['settings']['model']}):"]
+    for r in fast["runs"]:
+        base = ref_runs.get(r["size"])
+        if r["status"] != "ok" or not r.get("image") or base is None:
+            continue
+        a, b = pixels(r), pixels(base)
+        mse = float(((a - b) ** 2).mean())
+        psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+        lines.append(f"  {r['backend']:<24} {r['size']:<9} b{r['batch']:<3} PSNR {psnr:6.2f} dB  "
+                     f"max diff {int(np.abs(a - b).max()):3d}/255  {'ok' if psnr >= 35 else 'BELOW 35 dB'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,24 @@ PROMPTS = [
 ]
 
 
+def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """"torch+cuda_graphs+attention=triton+no-fuse_qkv" -> ("torch", {cuda_graphs: True, attention: "triton",
+    fuse_qkv: False}); the options are EngineConfig fields."""
+    from engine.errors import UserError
+
+    base, *parts = spec.split("+")
+    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv"}
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        flag = not key.startswith("no-")
+        key = key.removeprefix("no-")
+        if key not in allowed:
+            raise UserError(f"unknown backend option {part!r} in {spec!r}", f"use one of: {', '.join(sorted(allowed))}")
+        opts[key] = value if value else flag
+    return base, opts
+
+
 @dataclass
 class BenchSettings:
     """One benchmark run. Defaults depend on the device where they are None (see `resolved`)."""
@@ -48,7 +66,9 @@ class BenchSettings:
     model: str = "demo"
     """demo | sd15-arch | sdxl-arch | a local diffusers folder or .safetensors file."""
     backends: list[str] | None = None
-    """Backends to time; None: every registered one. Unregistered or failing ones are skipped with a note."""
+    """Backends to time; None: every registered one. Unregistered or failing ones are skipped with a note.
+    A name may carry engine options after '+' to time a fast-path variant, e.g. ``torch+cuda_graphs``,
+    ``torch+attention=triton``, ``torch+no-channels_last`` (see `backend_variant`)."""
     device: str = "cpu"
     dtype: str = "auto"
     sizes: list[tuple[int, int]] | None = None
@@ -144,8 +164,8 @@ class Bench:
         self.model = load_model(self.model_path)
         native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
         self.s = settings.resolved(self.device, native)
-        self.engine_config = lambda backend: EngineConfig(model=self.model_path, backend=backend,
-                                                          device=settings.device, dtype=settings.dtype)
+        self.engine_config = lambda backend, **opts: EngineConfig(model=self.model_path, backend=backend,
+                                                                  device=settings.device, dtype=settings.dtype, **opts)
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine
@@ -168,14 +188,19 @@ class Bench:
         from engine.backends.base import backend_names, create_backend
         from engine.errors import UserError
 
+        from engine.models import load_model
+
         names = self.s.backends or backend_names()
         out = []
         for name in names:
-            if name not in backend_names():
+            base, opts = backend_variant(name)
+            if base not in backend_names():
                 self._skip(name, f"not registered in this checkout (registered: {', '.join(backend_names())})")
                 continue
             try:
-                impl = create_backend(name, self.model, self.engine_config(name))
+                # A variant changes modules in place (attention processors, fused QKV): give it its own copy.
+                model = load_model(self.model_path) if opts else self.model
+                impl = create_backend(base, model, self.engine_config(base, **opts))
             except Exception as exc:  # noqa: BLE001 - one backend failing to start must not lose the others' run
                 kind = "" if isinstance(exc, (UserError, ImportError)) else f"{type(exc).__name__}: "
                 self._skip(name, kind + str(exc).replace("\n", " ")[:300])

@@ -128,3 +128,29 @@ def test_arch_models_have_the_published_sizes():
         assert params(AutoencoderKL(**VAE_CONFIG)) == 83_653_863
         assert params(CLIPTextModel(clip_text_config(768, 12, 12, "quick_gelu"))) == 123_060_480
         assert params(CLIPTextModelWithProjection(clip_text_config(1280, 32, 20, "gelu", 1280))) == 694_659_840
+
+
+def test_gpu_quality_table_psnr_against_fp32(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from bench.gpu import quality_table
+    from bench.runner import backend_variant
+
+    rng = np.random.default_rng(0)
+    ref_img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    close = np.clip(ref_img.astype(int) + 1, 0, 255).astype(np.uint8)  # off by one everywhere: ~48 dB
+    far = 255 - ref_img
+    for name, img in (("ref.png", ref_img), ("close.png", close), ("far.png", far)):
+        Image.fromarray(img).save(tmp_path / name)
+
+    def run(backend, image):
+        return {"backend": backend, "status": "ok", "image": image, "size": "16x16", "batch": 1}
+
+    ref = {"settings": {"model": "m"}, "runs": [run("diffusers", "far.png"), run("torch", "ref.png")]}
+    fast = {"settings": {"model": "m"}, "runs": [run("torch+cuda_graphs", "close.png"), run("onnxruntime", "far.png")]}
+    table = quality_table(fast, ref, tmp_path).splitlines()
+    assert "torch+cuda_graphs" in table[1] and "max diff   1/255" in table[1] and table[1].endswith("ok")
+    assert "onnxruntime" in table[2] and table[2].endswith("BELOW 35 dB")
+    assert backend_variant("torch+cuda_graphs+attention=triton+no-fuse_qkv") == (
+        "torch", {"cuda_graphs": True, "attention": "triton", "fuse_qkv": False})
