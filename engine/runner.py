@@ -69,12 +69,11 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
     if not files:
         raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
     movies = [m for f in files for m in load_plan(f)]
-    seen: dict[str, str] = {}
-    for f, m in ((str(m.plan_dir), m) for m in movies):
-        if m.movie.id in seen:
-            raise UserError(f"movie id {m.movie.id!r} appears in more than one plan",
-                            "movie ids name output folders; make them unique across the files you render")
-        seen[m.movie.id] = f
+    ids = [m.movie.id for m in movies]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:  # within one file the plan validation already said so; this is across files
+        raise UserError(f"movie id(s) {', '.join(map(repr, duplicated))} appear in more than one plan",
+                        "movie ids name output folders; make them unique across the files you render")
     for m in movies:
         if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
             raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "

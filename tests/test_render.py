@@ -281,3 +281,10 @@ def test_bf16_render_is_close_to_fp32(tmp_path):
     psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-9))
     assert psnr > 20  # bf16 keeps 8 mantissa bits: close, not identical, on a random-weight model
     assert np.abs(a - b).max() > 0  # it really ran in bf16
+
+
+def test_duplicate_movie_ids_across_plan_files(tmp_path):
+    write_plan(tmp_path / "a.json", [movie("same", 1)], SMALL)
+    write_plan(tmp_path / "b.json", [movie("same", 1)], SMALL)
+    res = _cli("render", tmp_path)
+    assert res.exit_code == 2 and "'same' appear in more than one plan" in res.output
