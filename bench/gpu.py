@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # `python bench/gpu.py`: make the project importa
 
 # The fast-path options of the torch backend, each timed on its own next to the default (fp16, SDPA, channels-last,
 # fused QKV) and the exported backends; a variant that is not faster stays off by default.
-FAST_PATH_VARIANTS = ("torch", "torch+cuda_graphs", "torch+attention=triton", "torch+no-fuse_qkv",
-                      "torch+no-channels_last", "onnxruntime", "tensorrt")
+FAST_PATH_VARIANTS = ("torch", "torch+cuda_graphs", "torch+compile_unet", "torch+attention=triton",
+                      "torch+no-fuse_qkv", "torch+no-channels_last", "onnxruntime", "tensorrt")
 
 
 def _ints(text: str) -> list[int]:

@@ -47,7 +47,7 @@ def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     from engine.errors import UserError
 
     base, *parts = spec.split("+")
-    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv"}
+    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet"}
     opts: dict[str, Any] = {}
     for part in parts:
         key, _, value = part.partition("=")

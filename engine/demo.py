@@ -96,22 +96,20 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0, prediction_type: str = 
         block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
         sample_size=256)
+    unet_base = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=16)
     if kind == "sd":
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+        unet = UNet2DConditionModel(**unet_base, cross_attention_dim=32, attention_head_dim=8)
         text_encoder = CLIPTextModel(_text_config(32))
         return StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if kind == "sdxl":
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            **unet_base, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64, norm_num_groups=16)
+            cross_attention_dim=64)
         text_encoder = CLIPTextModel(_text_config(32))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection=32))
         return StableDiffusionXLPipeline(

@@ -102,7 +102,7 @@ def storyboard(frames: list[tuple[str, str, Path]], columns: int = 4, thumb: int
     for i, (frame_id, dialogue, im) in enumerate(thumbs):
         x, y = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
         sheet.paste(im, (x + (thumb - im.width) // 2, y))
-        lines = [f"#{frame_id}"] + textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [f"#{frame_id}"]
+        lines = [f"#{frame_id}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
         for k, line in enumerate(lines):
             draw.text((x, y + thumb + 4 + 18 * k), line, fill="black", font=font)
     buf = io.BytesIO()

@@ -57,7 +57,7 @@ class Summary:
         return {"movies": self.movies, "frames": self.frames_total, "rendered": self.frames_rendered,
                 "skipped": self.frames_skipped, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 4),
-                "unet_steps_per_second": round(self.unet_steps / self.render_seconds, 3) if self.render_seconds else 0.0,
+                "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
                 "batch_size": self.batch_size, "storyboards": self.storyboards}
 
 

@@ -58,6 +58,7 @@ def _batch_size(value: str) -> int | str:
 @click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'.")
 @click.option("--attention", default="sdpa", show_default=True, help="sdpa | triton | xformers")
 @click.option("--cuda-graphs", is_flag=True, help="Replay the UNet step as a CUDA graph per (batch, size) bucket.")
+@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet step (slow first call).")
 @click.option("--steps", type=int)
 @click.option("--width", type=int)
 @click.option("--height", type=int)
@@ -74,9 +75,9 @@ def _batch_size(value: str) -> int | str:
 @click.option("--gpus-per-worker", type=float, default=1.0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-def render(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, steps, width, height, guidance,
-           scheduler, seed, negative_prompt, force, no_style_training, cluster, address, workers, gpus_per_worker,
-           quiet, as_json):
+def render(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, compile_unet, steps, width,
+           height, guidance, scheduler, seed, negative_prompt, force, no_style_training, cluster, address, workers,
+           gpus_per_worker, quiet, as_json):
     from pydantic import ValidationError
 
     from engine.config import EngineConfig
@@ -90,7 +91,7 @@ def render(plans, model, out, backend, device, dtype, batch_size, attention, cud
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
     config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
                           batch_size=_batch_size(batch_size), attention=attention, cuda_graphs=cuda_graphs,
-                          overrides=overrides,
+                          compile_unet=compile_unet, overrides=overrides,
                           skip_existing=not force, style_training=not no_style_training, quiet=quiet or as_json)
     if cluster == "ray":
         from engine.cluster import ClusterOptions, render_on_ray

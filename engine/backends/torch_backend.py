@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from ..text import EmbedsTextEncoder
 from .base import UNetCond, register
 
@@ -35,7 +36,12 @@ class TorchBackend:
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             self.unet.fuse_qkv_projections()
         self._unet_step = self._unet_call
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if config.compile_unet:
+            if config.cuda_graphs:
+                raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._unet_step = torch.compile(self._unet_call, mode=mode, dynamic=False)
+        elif self.device.type == "cuda" and config.cuda_graphs:
             from .cuda_graph import GraphedCallable
 
             self._unet_step = GraphedCallable(self._unet_call)
