@@ -280,7 +280,6 @@ class Bench:
     def _stage_calls(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, tuple]:
         """(setup, call) per stage -- text encoding (cold cache), one UNet step on the CFG batch, one VAE decode --
         each through the backend, as the hot path calls it. Timed after the whole-batch warm-up, so all are warm."""
-        from engine.backends.base import UNetCond
         from engine.pipeline import BatchSettings, stack_conditioning
         from engine.schedulers import make_scheduler
         from engine.text import PromptEncoder
@@ -292,8 +291,7 @@ class Bench:
         fresh = lambda: PromptEncoder(m, be)  # noqa: E731
         # The conditioning the hot path builds (its own helper, so shapes and order cannot drift), on the device.
         c = stack_conditioning(fresh(), jobs, s, cfg)
-        cond = UNetCond(*(None if x is None else x.to(dev) for x in (c.encoder_hidden_states, c.text_embeds,
-                                                                       c.time_ids)))
+        cond = c.to(dev)
         scheduler = make_scheduler(s.scheduler, m.scheduler_config)
         scheduler.set_timesteps(s.steps, device=dev)
         t = scheduler.timesteps[0]

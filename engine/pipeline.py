@@ -45,16 +45,29 @@ def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSet
     return UNetCond(hidden, pooled, time_ids.repeat(len(conds), 1))  # (B or 2B, 6): original size, crop, target
 
 
+def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
+    """(batch, dim) sinusoidal embedding of (guidance - 1), the extra timestep input of guidance-distilled UNets
+    (LCM): same formula as diffusers' get_guidance_scale_embedding."""
+    w = torch.full((batch,), (guidance - 1.0) * 1000.0)
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]  # (batch, half)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings
                  ) -> list[np.ndarray]:
     """Render frames that share `s`; returns one (H, W, 3) uint8 array per job, in order."""
     device = backend.device
-    cfg = s.guidance > 1.0
+    guidance_dim = model.unet.config.time_cond_proj_dim  # set for guidance-distilled UNets: no CFG batch
+    cfg = s.guidance > 1.0 and guidance_dim is None
 
     # 1. Encode prompts (each unique prompt once per run: PromptEncoder caches).
     cond = stack_conditioning(encoder, jobs, s, cfg)
-    cond = UNetCond(*(None if x is None else x.to(device) for x in (cond.encoder_hidden_states, cond.text_embeds,
-                                                                      cond.time_ids)))
+    if guidance_dim is not None:
+        cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))
+    cond = cond.to(device)
 
     # 2. Prepare latents: each frame's own generator, exactly as diffusers draws at batch size 1.
     scheduler = make_scheduler(s.scheduler, model.scheduler_config)

@@ -73,3 +73,21 @@ def test_non_square_matches_diffusers(tiny_sd):
                generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
     assert ours.shape == (64, 96, 3)
     assert np.abs(ours - (ref * 255).round()).max() <= 2
+
+
+def test_guidance_distilled_lcm_unet_matches_diffusers(tmp_path):
+    """LCM-distilled UNets take the guidance as an embedding (timestep_cond) instead of a CFG batch."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from engine.demo import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd")
+    torch.manual_seed(3)
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "time_cond_proj_dim": 16})
+    pipe.register_to_config()  # keep model_index.json consistent with the swapped component
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    ours = _ours(tmp_path, "lcm", 4, 8.0, seed=9)
+    ref = _diffusers(StableDiffusionPipeline, tmp_path, "lcm", 4, 8.0, seed=9)
+    assert np.abs(ours - ref).max() <= 2
+    # The guidance really is an input: another value gives another image.
+    assert np.abs(_ours(tmp_path, "lcm", 4, 2.0, seed=9) - ours).max() > 2

@@ -19,6 +19,11 @@ class UNetCond:
     encoder_hidden_states: torch.Tensor  # (B, tokens, D)
     text_embeds: torch.Tensor | None = None  # (B, P)  SDXL pooled text embedding
     time_ids: torch.Tensor | None = None  # (B, 6)   SDXL size/crop conditioning
+    timestep_cond: torch.Tensor | None = None  # (B, P) guidance embedding of guidance-distilled (LCM) UNets
+
+    def to(self, device) -> "UNetCond":
+        return UNetCond(*(None if x is None else x.to(device) for x in (
+            self.encoder_hidden_states, self.text_embeds, self.time_ids, self.timestep_cond)))
 
 
 class Backend(Protocol):

@@ -111,6 +111,9 @@ class OnnxRuntimeBackend:
         return out["last_hidden"], out["penultimate"], out["pooled"]
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        if cond.timestep_cond is not None:
+            raise UserError("guidance-distilled (LCM) UNets are not exported: the UNet spec has no timestep_cond "
+                            "input", "render this model with --backend torch")
         feeds = {"sample": latents, "timestep": torch.as_tensor(t).reshape(1).float(),
                  "encoder_hidden_states": cond.encoder_hidden_states}
         if cond.text_embeds is not None:

@@ -51,9 +51,10 @@ class TorchBackend:
         enc = self.encoders[encoder_index]
         return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
 
-    def _unet_call(self, latents, t, hidden, text_embeds, time_ids):
+    def _unet_call(self, latents, t, hidden, text_embeds, time_ids, timestep_cond):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(latents, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+        return self.unet(latents, t, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+                         added_cond_kwargs=added, return_dict=False)[0]
 
     @torch.inference_mode()
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
@@ -62,7 +63,7 @@ class TorchBackend:
 
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
         return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
-                               cast(cond.time_ids))
+                               cast(cond.time_ids), cast(cond.timestep_cond))
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
