@@ -15,6 +15,7 @@ from typing import Any
 
 from .demo import cache_root, demo_model_path
 from .errors import UserError
+from .outputs import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 
@@ -68,8 +69,6 @@ def _hash_files(files: list[Path], root: Path) -> str:
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
         h.update(digest.encode())
     if changed:
-        from .outputs import atomic_write_text
-
         try:
             atomic_write_text(memo_path, json.dumps(memo, indent=0))
         except OSError:

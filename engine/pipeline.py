@@ -34,7 +34,8 @@ class FrameJob:
     seed: int
 
 
-def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
+def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool
+                       ) -> UNetCond:
     pairs = [encoder.encode_pair(j.prompt, j.negative_prompt) for j in jobs]
     conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
     hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)

@@ -134,7 +134,7 @@ class Renderer:
                 key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                        "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                        "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
-                chunks = max(self.encoder.chunk_count(prompt), self.encoder.chunk_count(s.negative_prompt))
+                chunks = self.encoder.pair_chunks(prompt, s.negative_prompt)
                 tasks.append(FrameTask(job, bs, chunks, key, frame.dialogue, lm))
         return tasks
 
@@ -236,9 +236,8 @@ def render(config: EngineConfig, plan_paths: list[str | Path],
     for mo in outputs.values():
         mo.save()  # drops entries of frames no longer in the plan
     size = config.batch_size
-    if todo and size == "auto":
-        size = renderer.auto_batch_size(todo[0].settings)
-    size = int(size) if todo else 1
+    if size == "auto":
+        size = renderer.auto_batch_size(todo[0].settings) if todo else 1
     summary.batch_size = size
     if progress:
         progress(0, len(todo))
@@ -258,11 +257,11 @@ def render(config: EngineConfig, plan_paths: list[str | Path],
             if len(batch) == 1:
                 raise UserError("out of memory even at batch size 1",
                                 "use a smaller --width/--height, --dtype fp16, or a larger device") from None
-            half = len(batch) // 2
-            log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            size = half
+            size = len(batch) // 2
+            log.warning("out of memory at batch %d; continuing with batches of %d", len(batch), size)
             summary.batch_size = size
-            queue[:0] = [batch[:half], batch[half:]]
+            # Re-cut everything still to do, so later batches do not each fail once before shrinking.
+            queue = _batches([t for b in [batch, *queue] for t in b], size)
             continue
         seconds = (time.perf_counter() - tb) / len(batch)
         touched = set()

@@ -47,9 +47,7 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
             close(1.1)
         elif tok == "]" and stack:
             close(1 / 1.1)
-        elif m.group(1) is not None:  # "(x:1.2)" without an open bracket: keep literally
-            out.append((tok, 1.0))
-        else:
+        else:  # plain text, or "x:1.2)" / ")" / "]" without an open bracket: kept literally
             out.append((tok, 1.0))
     while stack:
         close(stack[-1][1])
@@ -212,6 +210,10 @@ class PromptEncoder:
         ids, _ = self._token_ids(self.tokenizers[0], fragments)
         return max(1, (len(ids) + CHUNK - 1) // CHUNK)
 
+    def pair_chunks(self, prompt: str, negative: str) -> int:
+        """Windows a (prompt, negative) pair is encoded with; frames batch together only if theirs agree."""
+        return max(self.chunk_count(prompt), self.chunk_count(negative))
+
     def encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
         key = f"{min_chunks}\x00{prompt}"
         if key not in self._cache:
@@ -220,7 +222,7 @@ class PromptEncoder:
 
     def encode_pair(self, prompt: str, negative: str) -> tuple[Conditioning, Conditioning]:
         """(negative, positive), padded to the same number of windows so they batch together."""
-        chunks = max(self.chunk_count(prompt), self.chunk_count(negative))
+        chunks = self.pair_chunks(prompt, negative)
         pos = self.encode(prompt, chunks)
         if negative == "" and self.force_zeros_for_empty_prompt:
             # SDXL convention (as in diffusers): an empty negative prompt means zero conditioning.
