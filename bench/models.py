@@ -12,7 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.demo import cache_root, clip_tokenizer
+from engine.demo import clip_tokenizer
+from engine.paths import cache_root
 
 ARCH_VERSION = "v1"  # bump when a config below changes, so a stale cached folder is never timed by mistake
 ARCH_MODELS = ("sd15-arch", "sdxl-arch")

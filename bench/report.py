@@ -69,7 +69,7 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(result: dict[str, Any], path: Path) -> Path:
-    from engine.outputs import atomic_write_text
+    from engine.paths import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="raise")
@@ -336,7 +336,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
-    from engine.outputs import atomic_write_text
+    from engine.paths import atomic_write_text
 
     md_path = Path(md_path)
     atomic_write_text(md_path, render_results_md(load_results(results_dir), md_path.parent))

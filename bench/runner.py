@@ -121,7 +121,8 @@ def _uint8(images) -> np.ndarray:
 
 
 def _save_png(image: np.ndarray, path: Path, meta: dict[str, str]) -> None:
-    from engine.outputs import atomic_write_bytes, png_bytes
+    from engine.outputs import png_bytes
+    from engine.paths import atomic_write_bytes
 
     atomic_write_bytes(path, png_bytes(image, meta))
 
@@ -446,7 +447,7 @@ class Bench:
     def _write(self) -> None:
         import json
 
-        from engine.outputs import atomic_write_text
+        from engine.paths import atomic_write_text
 
         finalize_mfu(self.result)
         atomic_write_text(self.base.with_suffix(".json"), json.dumps(self.result, indent=1, default=str))

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from .config import EngineConfig
 from .errors import UserError
-from .outputs import atomic_write_bytes
+from .paths import atomic_write_bytes
 from .pipeline import BatchSettings, FrameJob
 from .plan import LoadedMovie
 from .runner import FrameTask, MovieOutputs, Summary, _batches, _is_oom, collect_plans

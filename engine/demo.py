@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError
+from .paths import atomic_dir, cache_root
 
 DEMO_VERSION = "demo-v1"
 _CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MOVIELM_CACHE", Path.home() / ".cache" / "movielm-fast"))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -122,20 +118,7 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0, prediction_type: str = 
 def demo_model_path() -> Path:
     """The demo model folder, created on first use (atomically, so a crash never leaves half a model)."""
     target = cache_root() / DEMO_VERSION
-    if (target / "model_index.json").exists():
-        return target
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        build_tiny_pipeline("sd").save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(target, "model_index.json") as tmp:
+        if tmp is not None:
+            build_tiny_pipeline("sd").save_pretrained(tmp, safe_serialization=True)
     return target

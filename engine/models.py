@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo import cache_root, demo_model_path
+from .demo import demo_model_path
+from .paths import cache_root
 from .errors import UserError
-from .outputs import atomic_write_text
+from .paths import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 

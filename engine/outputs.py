@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import json
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,45 +11,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from .errors import UserError
+from .paths import atomic_write_text
 
 MANIFEST_FORMAT = "movielm-fast/manifest@1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see the old or the new file,
-    never half of one."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except (PermissionError, NotADirectoryError, FileExistsError) as exc:
-        raise UserError(f"cannot write to {path.parent}: {exc.strerror or exc}",
-                        "choose a writable folder with --out") from None
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"disk full while writing {path}",
-                            "free some space and run the same command again; finished frames are kept") from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for block in iter(lambda: fp.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def png_bytes(image: np.ndarray, text: dict[str, str]) -> bytes:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from .config import EngineConfig
 from .errors import UserError
-from .outputs import (MANIFEST_FORMAT, atomic_write_bytes, png_bytes, read_manifest, sha256_file, storyboard,
+from .paths import atomic_write_bytes, sha256_file
+from .outputs import (MANIFEST_FORMAT, png_bytes, read_manifest, storyboard,
                       write_manifest)
 from .pipeline import BatchSettings, FrameJob, render_batch
 from .plan import LoadedMovie, load_plan

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .outputs import atomic_write_bytes, atomic_write_text
+from .paths import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("movielm_fast")
 
@@ -143,7 +143,7 @@ class StyleResult:
 
 # --- library --------------------------------------------------------------------------------------------------
 def default_library() -> Path:
-    from .demo import cache_root
+    from .paths import cache_root
 
     return cache_root() / "styles"
 

@@ -34,7 +34,7 @@ MANIFEST_FORMAT = "movielm-fast-artifact/1"
 
 
 def artifacts_root() -> Path:
-    from engine.demo import cache_root
+    from engine.paths import cache_root
 
     return cache_root() / "artifacts"
 

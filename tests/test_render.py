@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine import outputs as outputs_mod
+from engine import paths as paths_mod
 from engine.config import EngineConfig
 from engine.errors import UserError
 from engine.plan import RenderSettings
@@ -44,7 +45,7 @@ def test_outputs_match_design(tmp_path, demo_renderer):
     assert [f["id"] for f in manifest["frames"]] == ["000", "001", "002"]
     for entry in manifest["frames"]:
         png = mdir / entry["file"]
-        assert outputs_mod.sha256_file(png) == entry["sha256"]
+        assert paths_mod.sha256_file(png) == entry["sha256"]
         assert entry["prompt"].startswith("Gothic style, soft sepia, a woman in lavender in scene")
         with Image.open(png) as im:
             assert im.size == (64, 64)
@@ -194,7 +195,7 @@ def test_disk_full_is_a_clean_error_and_keeps_finished_frames(tmp_path, demo_ren
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(outputs_mod.os, "replace", replace)
+    monkeypatch.setattr(paths_mod.os, "replace", replace)
     with pytest.raises(UserError, match="disk full"):
         render(_config(out, batch_size=1), [plan], renderer=demo_renderer)
     monkeypatch.undo()
