@@ -1,25 +1,18 @@
-"""Rendering on a Ray cluster: the same files, manifests and pixels as `engine.runner.render`, spread over workers.
+"""Rendering on a Ray cluster: `RayExecutor`, the executor the one driver (engine.driver) uses for Ray runs.
 
 Ray is imported here and nowhere else; it is the optional extra ``movielm-fast[cluster]``.
 
-How a job runs (the driver is the process that called `render_on_ray`):
-
-1. The driver validates every plan (`collect_plans`) before anything starts, connects to Ray and starts long-lived
-   workers: one Ray actor per GPU (or per group of CPU cores), each loading the model once into a `Renderer`.
-2. Style embeddings are read by the driver and put into Ray's object store once; a worker writes the bytes to a
-   local, content-addressed file before binding the token, so workers need no access to the plan folders.
-   Styles that need immobilization are trained once for the whole cluster at one call site
-   (`_immobilize_styles`) before any frame is planned.
-3. Workers turn movies into frame tasks with `Renderer.tasks` (the prompts, seeds and manifest keys of a local
-   run); a movie whose input is bad (e.g. an unreadable embedding) is reported failed, the others go on.
-4. The driver applies the local resume rule (`MovieOutputs.is_done`), cuts the remaining frames into batches with
-   the local grouping rule (`runner._batches`) and keeps every worker busy with up to `in_flight_per_worker`
-   batches. Images come back through the object store as uint8 arrays and **the driver** writes every file and
-   manifest (atomically, after each batch), so no shared filesystem is needed and an interrupted job resumes.
-5. A batch whose worker died (process killed, node lost) goes back to the front of the queue and is rendered by
-   the next free worker; the dead actor is restarted by Ray (`max_restarts`) and rejoins once its model is
-   loaded. Ray's own task retries are off (`max_task_retries=0`) so a batch is never in two places at once: the
-   driver writes each frame exactly once.
+What Ray does, and what stays with the driver:
+- Placement: one long-lived actor (`RenderWorker`) per GPU, or per group of CPU cores, each loading the model once.
+- Restarts and retries: a worker process that dies is restarted by Ray (`max_restarts`) and the batches it had are
+  re-run on it by Ray's own actor-task retries (`max_task_retries`). Frames are deterministic, so a re-run batch
+  gives the same pixels, and since only the driver writes files, each frame is still written once.
+- The object store: batches go out as frame jobs and style vectors, frames come back already encoded (PNG/JPEG/
+  WebP bytes, encoded on the worker that rendered them); the driver only writes bytes and manifests, so no shared
+  filesystem is needed and the driver's CPU never becomes the bottleneck.
+- A batch whose worker died more often than its retries allow is the likely cause (a "poison pill"): it comes back
+  as a failure and the driver isolates its movie. A worker that is gone for good is dropped and its batch goes to
+  another worker.
 
 Outputs go to `config.out` on the driver's machine. Workers need the model at the same path (or "demo") and
 movielm-fast installed (or pass `ClusterOptions.runtime_env`).
@@ -27,25 +20,25 @@ movielm-fast installed (or pass `ClusterOptions.runtime_env`).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
+
+import torch
 
 from .config import EngineConfig
+from .driver import Progress, Summary, collect_plans, render
 from .errors import UserError
-from .paths import atomic_write_bytes
-from .pipeline import BatchSettings, FrameJob
-from .plan import LoadedMovie
-from .runner import FrameTask, MovieOutputs, Summary, _batches, _is_oom, collect_plans
+from .executors import Batch, Failed, PlanItem, Rendered, plan_movies, reason, run_batch
+from .oom import is_oom
+from .pipeline import BatchSettings
+from .plan import RenderSettings, Style
+from .renderer import FrameTask, ModelInfo, Renderer, StyleToken
 
 log = logging.getLogger("movielm_fast")
 
@@ -71,160 +64,63 @@ class ClusterOptions:
     """CPU workers only: cores and torch threads per worker; default: cores / workers, or CPU_CORES_PER_WORKER."""
     in_flight_per_worker: int = 2
     """Batches queued at each worker, so it starts the next while the driver writes the previous one's files."""
-    max_restarts: int = 3
-    """How often Ray restarts a worker whose process died (its batches go to other workers meanwhile)."""
+    max_restarts: int = 8
+    """How often Ray restarts a worker whose process died."""
+    max_task_retries: int = 2
+    """How often Ray re-runs a batch whose worker died while it was running (on the restarted worker); a batch
+    that outlives this is treated as the cause and its movie is reported failed."""
     start_timeout_s: float = 600.0
     """How long to wait for workers to be placed and load the model."""
     runtime_env: dict[str, Any] | None = None
     """Passed to the worker actors (e.g. {"pip": [...]} when the cluster lacks movielm-fast)."""
-    on_worker_ready: Callable[[dict[str, Any]], None] | None = None
-    """Called on the driver whenever a worker has loaded its model (again after a restart) with its
-    index, pid, node and load_seconds -- for logs and tests."""
 
 
 @dataclass
-class ClusterSummary(Summary):
-    """`runner.Summary` plus what only a cluster run has: failures, per-worker figures, scheduling cost."""
-
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    frames_failed: int = 0
-    workers: list[dict[str, Any]] = field(default_factory=list)
-    resubmitted_batches: int = 0
-    startup_seconds: float = 0.0
-
-    @property
-    def idle_seconds_per_frame(self) -> float:
-        """Worker time not spent rendering, per rendered frame: scheduling, transfers, file writing the workers
-        waited for, and the tail where some workers had nothing left to do."""
-        if not self.frames_rendered:
-            return 0.0
-        busy = sum(w["busy_seconds"] for w in self.workers)
-        return max(0.0, len(self.workers) * self.render_seconds - busy) / self.frames_rendered
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**super().as_dict(), "failed": self.frames_failed, "failures": self.failures,
-                "workers": self.workers, "resubmitted_batches": self.resubmitted_batches,
-                "startup_seconds": round(self.startup_seconds, 3),
-                "idle_seconds_per_frame": round(self.idle_seconds_per_frame, 4)}
-
-
-@dataclass(frozen=True)
-class StyleBlob:
-    """An embedding file's bytes in the object store; workers keep a local copy named by its hash."""
-
-    sha256: str
-    suffix: str
-    ref: Any  # ray.ObjectRef of the bytes
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
 # --- the worker ----------------------------------------------------------------------------------------------
 
 class RenderWorker:
-    """One long-lived Ray actor: loads the model once, then renders batch after batch.
-
-    Never raises from its methods for input problems: errors come back as data, so the driver can tell a bad
-    movie (report it, go on) from a dead worker (Ray raises RayActorError; resubmit elsewhere)."""
+    """One long-lived Ray actor around a `Renderer`. Its methods return errors as data, so the driver can tell a
+    bad movie (report it, go on) from a dead worker (Ray raises RayActorError)."""
 
     def __init__(self, config: EngineConfig, threads: int | None):
-        import torch
-
         t0 = time.perf_counter()
         self.error: dict[str, str] | None = None
-        self.renderer = None
+        self.renderer: Renderer | None = None
         if threads:
             torch.set_num_threads(threads)  # one worker per core group: its threads must not oversubscribe
-        self._style_dir = Path(tempfile.gettempdir()) / f"movielm-fast-styles-{os.getuid()}"
-        self._bound: set[str] = set()
         try:
-            from .runner import Renderer
-
             self.renderer = Renderer(config)
         except Exception as exc:  # reported through info(); the driver decides what it means
-            oom = _is_oom(exc) or "out of memory" in str(exc).lower()  # loaders wrap OOM into a UserError
-            self.error = {"kind": "oom" if oom else "load", "message": _reason(exc),
+            oom = is_oom(exc) or "out of memory" in str(exc).lower()  # loaders wrap OOM into a UserError
+            self.error = {"kind": "oom" if oom else "load", "message": reason(exc),
                           "hint": getattr(exc, "hint", None) or ""}
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
-        import ray
-        import torch
+        import ray  # an actor runs in a process of Ray's, where ray is importable by definition
 
-        r = self.renderer
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "load_seconds": self.load_seconds,
-                "error": self.error, "threads": torch.get_num_threads(),
-                "model": None if r is None else {"model_id": r.model.model_id, "content_hash": r.model.content_hash,
-                                                 "kind": r.model.kind},
-                "dtype": None if r is None else r.config.dtype_name}
+                "error": self.error, "model": self.renderer.info if self.renderer else None}
 
-    def _local_movie(self, lm: LoadedMovie, blob: StyleBlob) -> LoadedMovie:
-        """`lm` with its style embedding pointing at this machine's copy of the driver's file."""
-        import ray
+    def train_style(self, style: Style) -> StyleToken | str:
+        try:
+            return self.renderer.train_style(style)
+        except Exception as exc:
+            return reason(exc)
 
-        path = self._style_dir / f"{blob.sha256}{blob.suffix}"
-        if not path.is_file():
-            self._style_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            atomic_write_bytes(path, ray.get(blob.ref))
-        style = lm.movie.style.model_copy(update={"embedding": path.name})
-        movie = lm.movie.model_copy(update={"style": style})
-        return lm.model_copy(update={"movie": movie, "plan_dir": self._style_dir})
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+        return plan_movies(self.renderer, items, overrides)
 
-    def plan(self, items: list[tuple[LoadedMovie, StyleBlob | None]], overrides) -> list[tuple[str, Any]]:
-        """Per movie: ("ok", [FrameTask]) or ("failed", reason). Binds each style token as a side effect."""
-        out = []
-        for lm, blob in items:
-            try:
-                local = self._local_movie(lm, blob) if blob else lm
-                out.append(("ok", self.renderer.tasks([local], overrides)))
-                if blob:
-                    self._bound.add(blob.sha256)
-            except Exception as exc:
-                out.append(("failed", _reason(exc)))
-        return out
-
-    def auto_batch_size(self, settings: BatchSettings) -> int:
+    def batch_size(self, settings: BatchSettings) -> int:
         return self.renderer.auto_batch_size(settings)
 
-    def render(self, jobs: list[FrameJob], settings: BatchSettings,
-               styles: list[tuple[LoadedMovie, StyleBlob]]) -> dict[str, Any]:
-        import numpy as np
-
-        from .pipeline import render_batch
-
-        r = self.renderer
-        try:
-            for lm, blob in styles:
-                if blob.sha256 not in self._bound:  # a restarted worker binds again from the object store
-                    r._style_token(self._local_movie(lm, blob))
-                    self._bound.add(blob.sha256)
-        except Exception as exc:
-            return {"error": "input", "message": _reason(exc)}
-        t0 = time.perf_counter()
-        try:
-            images = render_batch(r.model, r.backend, r.encoder, jobs, settings)
-        except FloatingPointError as exc:
-            return {"error": "render", "message": f"{exc}; fix: use --dtype fp32 (or bf16)"}
-        except Exception as exc:
-            return {"error": "oom" if _is_oom(exc) else "render", "message": _reason(exc)}
-        # (B, H, W, 3) uint8: one contiguous array travels through the object store without copies.
-        return {"images": np.stack(images), "seconds": time.perf_counter() - t0, "pid": os.getpid()}
-
-    def immobilize(self, lm: LoadedMovie) -> dict[str, Any]:
-        """Train the movie's style once (engine.style) and return the embedding file's bytes and its token."""
-        try:
-            from .style import immobilize
-
-            path, token = immobilize(self.renderer, lm.movie.style)
-            path = Path(path)
-            return {"bytes": path.read_bytes(), "suffix": path.suffix, "token": token}
-        except Exception as exc:
-            return {"error": _reason(exc)}
+    def render(self, batch: Batch) -> tuple[Rendered | Failed, int]:
+        return run_batch(self.renderer, batch, encode=True), os.getpid()
 
 
-# --- connecting and starting workers ------------------------------------------------------------------------
+# --- connecting and placing workers ---------------------------------------------------------------------------
 
 def _cluster_recorded() -> bool:
     """Whether address "auto" would find a running cluster (Ray's own lookup: RAY_ADDRESS, then the record that
@@ -321,418 +217,229 @@ def _worker_shape(ray, config: EngineConfig, opts: ClusterOptions) -> tuple[int,
 MAX_CRASHES_PER_ITEM = 3
 """Worker deaths one batch may cause before it is treated as the cause rather than resubmitted again."""
 
-class _Pool:
-    """Hands work items to ready workers, keeps `in_flight` per worker, and moves the work of a dead worker back to
-    the front of the queue. Each item is in the queue or in flight on exactly one worker, never both."""
 
-    def __init__(self, ray, handles: list, infos: list[dict[str, Any]], opts: ClusterOptions):
-        self.ray = ray
-        self.handles = handles
-        self.opts = opts
-        self.state = ["ready"] * len(handles)
-        self.busy = [0] * len(handles)
-        self.inflight: dict[Any, tuple[int, Any]] = {}  # ref -> (worker, item)
-        self.pings: dict[Any, tuple[int, float]] = {}  # ref of info() on a restarting worker -> (worker, since)
-        self.retry: dict[int, tuple[float, float]] = {}  # worker -> (when to ask again, since)
-        self.resubmitted = 0
-        self.crashes: dict[int, int] = {}  # id(item) -> worker deaths while it was in flight
-        self.model: dict[str, Any] = infos[0]["model"]
-        self.dtype: str = infos[0]["dtype"]
-        self.stats = [{"worker": i, "node": inf["node"], "pids": [inf["pid"]], "load_seconds": [round(
-            inf["load_seconds"], 3)], "restarts": 0, "frames": 0, "batches": 0, "busy_seconds": 0.0}
-            for i, inf in enumerate(infos)]
+# --- the executor -----------------------------------------------------------------------------------------------
 
-    def new_job(self) -> None:
-        """Per-job counters start at zero; what the workers are (pids, load times, restarts) carries over."""
-        self.resubmitted = 0
-        for s in self.stats:
-            s.update(frames=0, batches=0, busy_seconds=0.0)
+class RayExecutor:
+    """Started workers (model loaded, engine warm) behind the driver's executor interface; reusable for several
+    jobs (`engine.driver.render(config, plans, executor=...)`), so workers start once.
 
-    def _worker_failed(self, i: int, exc: BaseException) -> None:
-        if self.state[i] == "ready":
-            log.warning("worker %d failed (%s); its batches go to other workers while Ray restarts it", i,
-                        str(exc).splitlines()[0][:200])
-            self.state[i] = "restarting"
-            self.pings[self.handles[i].info.remote()] = (i, time.monotonic())
-
-    def _ping_done(self, ref) -> None:
-        i, since = self.pings.pop(ref)
-        ray = self.ray
-        try:
-            info = ray.get(ref)
-        except ray.exceptions.ActorDiedError as exc:
-            log.warning("worker %d is gone for good: %s", i, str(exc).splitlines()[0][:200])
-            self.state[i] = "dead"
-            return
-        except ray.exceptions.RayError:  # not reachable yet (restarting): ask again soon while there is time
-            if time.monotonic() - since < self.opts.start_timeout_s:
-                self.retry[i] = (time.monotonic() + 1.0, since)
-            else:
-                self.state[i] = "dead"
-            return
-        if info["error"]:
-            log.warning("worker %d restarted but could not load the model: %s", i, info["error"]["message"])
-            self.state[i] = "dead"
-            return
-        self.state[i] = "ready"
-        s = self.stats[i]
-        s["restarts"] += 1
-        s["pids"].append(info["pid"])
-        s["load_seconds"].append(round(info["load_seconds"], 3))
-        if self.opts.on_worker_ready:
-            self.opts.on_worker_ready({"index": i, **info})
-
-    def run(self, items: list, submit: Callable[[Any, Any], Any], done: Callable[[Any, Any, int], list],
-            what: str = "item") -> None:
-        """submit(handle, item) -> ref; done(item, result, worker) -> items to put back at the front."""
-        queue = deque(items)
-        try:
-            self._run(queue, submit, done, what)
-        finally:
-            if self.inflight:  # interrupted: drop the work not started yet, so the workers are free for the next job
-                for ref in self.inflight:
-                    try:
-                        self.ray.cancel(ref)
-                    except Exception:  # finished or already gone meanwhile
-                        pass
-                self.inflight.clear()
-                self.busy = [0] * len(self.handles)
-
-    def _run(self, queue: deque, submit: Callable[[Any, Any], Any], done: Callable[[Any, Any, int], list],
-             what: str) -> None:
-        ray = self.ray
-        limit = max(1, self.opts.in_flight_per_worker)
-        while queue or self.inflight:
-            now = time.monotonic()
-            for i, (due, since) in list(self.retry.items()):
-                if due <= now:
-                    del self.retry[i]
-                    self.pings[self.handles[i].info.remote()] = (i, since)
-            while queue:
-                ready = [i for i, st in enumerate(self.state) if st == "ready" and self.busy[i] < limit]
-                if not ready:
-                    break
-                i = min(ready, key=lambda k: self.busy[k])
-                item = queue.popleft()
-                self.inflight[submit(self.handles[i], item)] = (i, item)
-                self.busy[i] += 1
-            if not self.inflight and not self.pings and not self.retry:
-                raise UserError(f"every worker died; {len(queue)} {what}(s) were not done",
-                                "see the Ray worker logs for the cause (host out of memory?); run the same "
-                                "command again: finished frames are kept")
-            timeout = max(0.0, min(d for d, _ in self.retry.values()) - now) if self.retry else None
-            refs = list(self.inflight) + list(self.pings)
-            if not refs:  # only workers waiting to be asked again
-                time.sleep(timeout)
-                continue
-            ready_refs, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-            if not ready_refs:
-                continue
-            ref = ready_refs[0]
-            if ref in self.pings:
-                self._ping_done(ref)
-                continue
-            i, item = self.inflight.pop(ref)
-            self.busy[i] -= 1
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:  # our method raised despite catching: a bug, not a crash
-                result = {"error": "render", "message": _reason(exc)}
-            except ray.exceptions.RayError as exc:  # the worker process or its node died
-                self._worker_failed(i, exc)
-                crashes = self.crashes[id(item)] = self.crashes.get(id(item), 0) + 1
-                if crashes < MAX_CRASHES_PER_ITEM:
-                    queue.appendleft(item)
-                    self.resubmitted += 1
-                    continue
-                # The same work killed several workers: it is the cause (a poison pill), not bad luck. Report it
-                # like an error raised while rendering, so it is isolated to the movie(s) it belongs to.
-                result = {"error": "crash", "message": f"a worker process died {crashes} times on this {what} "
-                                                       f"(last: {str(exc).splitlines()[0][:200]})"}
-            self.crashes.pop(id(item), None)
-            queue.extendleft(reversed(done(item, result, i)))
-
-
-# --- the driver ----------------------------------------------------------------------------------------------
-
-def _style_blobs(ray, movies: list[LoadedMovie], failures: dict[str, str]) -> dict[str, StyleBlob]:
-    """movie id -> its embedding's bytes in the object store (each file read and stored once)."""
-    by_path: dict[Path, StyleBlob | str] = {}
-    blobs: dict[str, StyleBlob] = {}
-    for lm in movies:
-        if not lm.movie.style.embedding:
-            continue
-        path = (lm.plan_dir / lm.movie.style.embedding).resolve()
-        if path not in by_path:
-            try:
-                data = path.read_bytes()
-                by_path[path] = StyleBlob(hashlib.sha256(data).hexdigest(), path.suffix, ray.put(data))
-            except OSError as exc:
-                by_path[path] = f"cannot read style embedding {path}: {exc.strerror or exc}"
-        blob = by_path[path]
-        if isinstance(blob, str):
-            failures[lm.movie.id] = blob
-        else:
-            blobs[lm.movie.id] = blob
-    return blobs
-
-
-def _immobilize_styles(ray, pool: _Pool, config: EngineConfig, movies: dict[str, LoadedMovie],
-                       blobs: dict[str, StyleBlob], failures: dict[str, str]) -> None:
-    """THE call site for style training on a cluster: each style without an embedding is trained once, on one
-    worker, before any of its frames is planned; the file reaches every worker as a StyleBlob and the movie (as
-    the workers see it) gets the learned token. `engine.style.immobilize(renderer, style) -> (path, token)`."""
-    if not config.style_training:
-        return
-    todo: dict[tuple, list[str]] = {}
-    for movie_id, lm in movies.items():
-        st = lm.movie.style
-        if not st.embedding and movie_id not in failures:
-            todo.setdefault((st.name, st.description, st.token), []).append(movie_id)
-
-    def done(group: list[str], result: dict[str, Any], worker: int) -> list:
-        if "error" in result:
-            for movie_id in group:
-                failures[movie_id] = f"style training failed: {result['error']}"
-            return []
-        data = result["bytes"]
-        blob = StyleBlob(hashlib.sha256(data).hexdigest(), result["suffix"], ray.put(data))
-        for movie_id in group:
-            lm = movies[movie_id]
-            style = lm.movie.style.model_copy(update={"token": result["token"]})
-            movies[movie_id] = lm.model_copy(update={"movie": lm.movie.model_copy(update={"style": style})})
-            blobs[movie_id] = blob
-        return []
-
-    pool.run(list(todo.values()), lambda h, group: h.immobilize.remote(movies[group[0]]), done, what="style")
-
-
-# Config fields a started worker's Renderer depends on; a pool renders any config that agrees on them.
-_WORKER_FIELDS = ("model", "backend", "device", "dtype", "attention", "channels_last", "cuda_graphs")
-
-
-class RayRenderPool:
-    """Started workers (model loaded, engine warm), reusable for several jobs; `render_on_ray` makes one per job.
-
-        with RayRenderPool(config, ClusterOptions(workers=4)) as pool:
-            pool.render(["plans/"])
+        with RayExecutor(config, ClusterOptions(workers=4)) as ex:
+            render(config, ["plans/"], executor=ex)
     """
 
     def __init__(self, config: EngineConfig, opts: ClusterOptions | None = None):
         t0 = time.perf_counter()
-        self.config = config
         self.opts = opts or ClusterOptions()
         self.ray, self._started_ray = _connect(self.opts)
-        self._handles: list = []
+        self.handles: list = []
+        self._inflight: dict[Any, tuple[int, Batch, int]] = {}  # ref -> (worker, batch, worker pid at submit)
         try:
             n, resources, threads = _worker_shape(self.ray, config, self.opts)
             # Ray shows a GPU worker only its own device(s), as cuda:0.
-            worker_config = dataclasses.replace(config, device="cuda") if config.device.startswith("cuda") else config
-            # Restarts bring a crashed worker back; task retries stay off so that the driver alone decides where a
-            # failed batch goes next (a batch is never in flight twice, so no frame is ever written twice).
-            actor = self.ray.remote(max_restarts=self.opts.max_restarts, max_task_retries=0,
+            worker_config = replace(config, device="cuda") if config.device.startswith("cuda") else config
+            actor = self.ray.remote(max_restarts=self.opts.max_restarts, max_task_retries=self.opts.max_task_retries,
                                     runtime_env=self.opts.runtime_env, **resources)(RenderWorker)
-            self._handles = [actor.remote(worker_config, threads) for _ in range(n)]
-            self._pool = _start(self.ray, self._handles, self.opts)
+            self._start([actor.remote(worker_config, threads) for _ in range(n)])
         except BaseException:
-            self.close()
+            self.shutdown()
             raise
         self.startup_seconds = time.perf_counter() - t0
 
-    def render(self, plan_paths: list[str | Path], progress: Callable[[int, int], None] | None = None,
-               config: EngineConfig | None = None) -> ClusterSummary:
-        """Like `runner.render`. `config` may change out, render overrides, batch size, skip_existing; not the
-        model or anything else the workers were started with."""
-        config = config or self.config
-        differ = [f for f in _WORKER_FIELDS if getattr(config, f) != getattr(self.config, f)]
-        if differ:
-            raise UserError(f"this pool's workers were started with another {', '.join(differ)}",
-                            "start a new pool (or call render_on_ray) for a different model or device")
-        t0 = time.perf_counter()
-        movies = collect_plans(plan_paths)
-        summary = ClusterSummary(movies=len(movies))
-        _render(self.ray, self._pool, config, movies, summary, progress)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+    def _start(self, handles: list) -> None:
+        """Wait for the workers to load the model; keep those that did, explain if none did."""
+        ray, opts = self.ray, self.opts
+        refs = [h.info.remote() for h in handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=opts.start_timeout_s)
+        infos: dict[int, dict[str, Any]] = {}
+        errors: list[dict[str, str]] = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                continue
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                errors.append({"kind": "start", "message": str(exc).splitlines()[0][:300], "hint": ""})
+                continue
+            if info["error"]:
+                errors.append(info["error"])
+            else:
+                infos[i] = info
+        self.handles = handles  # close() stops every one of them
+        if not infos:
+            if not ready:
+                raise UserError(f"no worker started within {opts.start_timeout_s:g} s",
+                                "the cluster has no free resources for them (other jobs?); check `ray status`")
+            err = errors[0]
+            if err["kind"] == "oom":
+                raise UserError(f"no worker can fit the model: {err['message']}",
+                                "use --dtype fp16, --gpus-per-worker with larger devices, or a smaller model")
+            raise UserError(f"the workers could not load the model: {err['message']}", err["hint"] or None)
+        for i in sorted(set(range(len(handles))) - set(infos)):
+            log.warning("worker %d did not start (%s); going on with %d worker(s)", i,
+                        errors[0]["message"] if errors else "timed out", len(infos))
+            ray.kill(handles[i], no_restart=True)  # give its resources back
+        hashes = {inf["model"].content_hash for inf in infos.values()}
+        if len(hashes) > 1:
+            raise UserError(f"workers loaded different model files (content hashes {', '.join(sorted(hashes))})",
+                            "give every node the same model folder at the same path")
+        keep = sorted(infos)
+        self.handles = [handles[i] for i in keep]
+        self.info: ModelInfo = infos[keep[0]]["model"]
+        self.alive = [True] * len(keep)
+        self.busy = [0] * len(keep)
+        self.stats = [{"worker": k, "node": infos[i]["node"], "pids": [infos[i]["pid"]],
+                       "load_seconds": [round(infos[i]["load_seconds"], 3)], "restarts": 0} for k, i in enumerate(keep)]
+        self._new_job()
+
+    def _new_job(self) -> None:
+        """Per-job counters start at zero; what the workers are (pids, load times, restarts) carries over."""
+        for s in self.stats:
+            s.update(frames=0, batches=0, busy_seconds=0.0, rerun_batches=0)
 
     @property
     def worker_pids(self) -> list[int]:
-        return [s["pids"][-1] for s in self._pool.stats]
+        return [s["pids"][-1] for s in self.stats]
 
-    def close(self) -> None:
-        for h in self._handles:
+    def _live(self) -> list[int]:
+        live = [i for i, ok in enumerate(self.alive) if ok]
+        if not live:
+            raise UserError("every worker died", "see the Ray worker logs for the cause (host out of memory?); run "
+                                                 "the same command again: finished frames are kept")
+        return live
+
+    def _call(self, method: str, *args) -> Any:
+        """One call on some live worker, moving on to the next one if a worker is gone for good."""
+        while True:
+            i = min(self._live(), key=lambda k: self.busy[k])
             try:
-                self.ray.kill(h, no_restart=True)  # also stops batches still in flight after an interrupt
+                return self.ray.get(getattr(self.handles[i], method).remote(*args))
+            except self.ray.exceptions.RayActorError:
+                self._check_worker(i)
+
+    def _check_worker(self, i: int) -> bool:
+        """After a RayActorError: is worker i coming back (Ray restarts it) or gone for good?"""
+        try:
+            info = self.ray.get(self.handles[i].info.remote(), timeout=self.opts.start_timeout_s)
+        except self.ray.exceptions.RayError as exc:
+            log.warning("worker %d is gone for good: %s", i, str(exc).splitlines()[0][:200])
+            self.alive[i] = False
+            return False
+        self._saw_pid(i, info["pid"], info["load_seconds"])
+        return True
+
+    def _saw_pid(self, i: int, pid: int, load_seconds: float | None = None) -> None:
+        s = self.stats[i]
+        if pid != s["pids"][-1]:  # Ray restarted the worker since we last heard from it
+            s["restarts"] += 1
+            s["pids"].append(pid)
+            if load_seconds is not None:
+                s["load_seconds"].append(round(load_seconds, 3))
+
+    # --- the executor interface --------------------------------------------------------------------------------
+    def train_style(self, style: Style) -> StyleToken:
+        result = self._call("train_style", style)
+        if isinstance(result, str):
+            raise UserError(result)
+        return result
+
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+        self._new_job()
+        # Chunks of movies spread over the workers (they hold the tokenizers and bind the tokens), in parallel.
+        live = self._live()
+        per = max(1, min(64, -(-len(items) // len(live))))
+        chunks = [items[k:k + per] for k in range(0, len(items), per)]
+        refs = [self.handles[live[j % len(live)]].plan.remote(c, overrides) for j, c in enumerate(chunks)]
+        out: list[list[FrameTask] | str] = []
+        for chunk, ref in zip(chunks, refs):
+            try:
+                out += self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:  # that worker is gone: ask another one
+                out += self._call("plan", chunk, overrides)
+        return out
+
+    def batch_size(self, settings: BatchSettings) -> int:
+        return min(self.ray.get([self.handles[i].batch_size.remote(settings) for i in self._live()]))
+
+    def has_room(self) -> bool:
+        return any(self.busy[i] < max(1, self.opts.in_flight_per_worker) for i in self._live())
+
+    def submit(self, batch: Batch) -> None:
+        i = min(self._live(), key=lambda k: self.busy[k])
+        self._inflight[self.handles[i].render.remote(batch)] = (i, batch, self.stats[i]["pids"][-1])
+        self.busy[i] += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def next_result(self) -> tuple[Batch, Rendered | Failed]:
+        ray = self.ray
+        while True:
+            (ref,), _ = ray.wait(list(self._inflight), num_returns=1)
+            i, batch, pid = self._inflight.pop(ref)
+            self.busy[i] -= 1
+            try:
+                result, now = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if self._check_worker(i):
+                    # The worker is back, yet this batch died with it more often than Ray retries: the cause.
+                    return batch, Failed(f"a worker process died {self.opts.max_task_retries + 1} times on this "
+                                         f"batch (last: {str(exc).splitlines()[0][:200]})")
+                self.submit(batch)  # its worker is gone for good: another one renders it
+                continue
+            except ray.exceptions.RayTaskError as exc:  # our method raised despite catching: a bug, not a crash
+                return batch, Failed(reason(exc))
+            self._saw_pid(i, now)
+            s = self.stats[i]
+            if now != pid:
+                s["rerun_batches"] += 1  # Ray re-ran it on the restarted worker
+            if isinstance(result, Rendered):
+                s["frames"] += len(batch.tasks)
+                s["batches"] += 1
+                s["busy_seconds"] += result.seconds
+            return batch, result
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return [{**s, "busy_seconds": round(s["busy_seconds"], 3), "images_per_second": round(
+            s["frames"] / s["busy_seconds"], 4) if s["busy_seconds"] else 0.0} for s in self.stats]
+
+    def cancel(self) -> None:
+        for ref in self._inflight:  # interrupted: drop work not started yet, so the workers are free again
+            try:
+                self.ray.cancel(ref)
+            except Exception:  # finished or already gone meanwhile
+                pass
+        self._inflight.clear()
+        self.busy = [0] * len(self.handles)
+
+    def shutdown(self) -> None:
+        """Stop the workers (and the Ray instance this executor started)."""
+        self.cancel()
+        for h in self.handles:
+            try:
+                self.ray.kill(h, no_restart=True)
             except Exception:  # already gone
                 pass
-        self._handles = []
+        self.handles = []
         if self._started_ray:
             self.ray.shutdown()
             self._started_ray = False
 
-    def __enter__(self) -> "RayRenderPool":
+    def __enter__(self) -> "RayExecutor":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.shutdown()
 
 
 def render_on_ray(config: EngineConfig, plan_paths: list[str | Path], opts: ClusterOptions | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> ClusterSummary:
-    """Render every frame of every movie on a Ray cluster; same outputs and resume rules as `runner.render`."""
+                  progress: Progress | None = None) -> Summary:
+    """Start workers, render every frame of every movie with the one driver, stop the workers."""
     t0 = time.perf_counter()
     collect_plans(plan_paths)  # every plan valid before a worker starts
-    with RayRenderPool(config, opts) as pool:
-        summary = pool.render(plan_paths, progress)
-    summary.startup_seconds = pool.startup_seconds
+    with RayExecutor(config, opts) as executor:
+        summary = render(config, plan_paths, progress, executor)
+    summary.startup_seconds = executor.startup_seconds
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _start(ray, handles: list, opts: ClusterOptions) -> _Pool:
-    """Wait for the workers to load the model; keep those that did, explain if none did."""
-    refs = [h.info.remote() for h in handles]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=opts.start_timeout_s)
-    infos: dict[int, dict[str, Any]] = {}
-    errors: list[dict[str, str]] = []
-    for i, ref in enumerate(refs):
-        if ref not in ready:
-            continue
-        try:
-            info = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            errors.append({"kind": "start", "message": str(exc).splitlines()[0][:300], "hint": ""})
-            continue
-        if info["error"]:
-            errors.append(info["error"])
-        else:
-            infos[i] = info
-    if not infos:
-        if not ready:
-            raise UserError(f"no worker started within {opts.start_timeout_s:g} s",
-                            "the cluster has no free resources for them (other jobs?); check `ray status`")
-        err = errors[0]
-        if err["kind"] == "oom":
-            raise UserError(f"no worker can fit the model: {err['message']}",
-                            "use --dtype fp16, --gpus-per-worker with larger devices, or a smaller model")
-        raise UserError(f"the workers could not load the model: {err['message']}", err["hint"] or None)
-    for i in sorted(set(range(len(handles))) - set(infos)):
-        log.warning("worker %d did not start (%s); going on with %d worker(s)", i,
-                    errors[0]["message"] if errors else "timed out", len(infos))
-        ray.kill(handles[i], no_restart=True)  # give its resources back
-    hashes = {inf["model"]["content_hash"] for inf in infos.values()}
-    if len(hashes) > 1:
-        raise UserError(f"workers loaded different model files (content hashes {', '.join(sorted(hashes))})",
-                        "give every node the same model folder at the same path")
-    keep = sorted(infos)
-    pool = _Pool(ray, [handles[i] for i in keep], [infos[i] for i in keep], opts)
-    if opts.on_worker_ready:
-        for k, i in enumerate(keep):
-            opts.on_worker_ready({"index": k, **infos[i]})
-    return pool
-
-
-def _render(ray, pool: _Pool, config: EngineConfig, movies: list[LoadedMovie], summary: ClusterSummary,
-            progress: Callable[[int, int], None] | None) -> None:
-    pool.new_job()
-    failures: dict[str, str] = {}
-    blobs = _style_blobs(ray, movies, failures)
-    by_id = {lm.movie.id: lm for lm in movies}  # as the plans say: what manifests record
-    work = dict(by_id)  # as workers see them: may carry a trained style's token
-    _immobilize_styles(ray, pool, config, work, blobs, failures)
-
-    # Plan on the workers (they hold the tokenizers and bound tokens), a chunk of movies per call.
-    todo_movies = [work[lm.movie.id] for lm in movies if lm.movie.id not in failures]
-    per = max(1, min(64, -(-len(todo_movies) // max(1, len(pool.handles)))))
-    chunks = [todo_movies[i:i + per] for i in range(0, len(todo_movies), per)]
-    planned: dict[str, list[FrameTask]] = {}
-
-    def planned_chunk(chunk: list[LoadedMovie], result, worker: int) -> list:
-        if isinstance(result, dict):  # the call itself failed
-            for lm in chunk:
-                failures[lm.movie.id] = result["message"]
-            return []
-        for lm, (status, value) in zip(chunk, result):
-            if status == "ok":  # tasks carry the worker's copy of the movie; manifests want the driver's
-                planned[lm.movie.id] = [dataclasses.replace(t, movie=by_id[lm.movie.id]) for t in value]
-            else:
-                failures[lm.movie.id] = value
-        return []
-
-    def plan(handle, chunk: list[LoadedMovie]):
-        return handle.plan.remote([(lm, blobs.get(lm.movie.id)) for lm in chunk], config.overrides)
-
-    pool.run(chunks, plan, planned_chunk, what="plan chunk")
-
-    # What the manifests say about the model, as a local run on a worker would write it.
-    stand_in = SimpleNamespace(model=SimpleNamespace(**pool.model),
-                               config=dataclasses.replace(config, dtype=pool.dtype, device="cpu"))
-    good = [lm for lm in movies if lm.movie.id in planned]
-    outputs = {lm.movie.id: MovieOutputs(config, lm, stand_in) for lm in good}
-    tasks = [t for lm in good for t in planned[lm.movie.id]]
-    todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
-    summary.frames_total = sum(len(lm.movie.frames) for lm in movies)
-    summary.frames_skipped = len(tasks) - len(todo)
-    for mo in outputs.values():
-        mo.save()  # drops entries of frames no longer in the plan, as a local run does
-
-    size = config.batch_size
-    if todo and size == "auto":
-        refs = [h.auto_batch_size.remote(todo[0].settings) for h, st in zip(pool.handles, pool.state) if st == "ready"]
-        size = min(ray.get(refs))
-    size = int(size) if todo else 1
-    summary.batch_size = size
-    if progress:
-        progress(0, len(todo))
-
-    def submit(handle, batch: list[FrameTask]):
-        styles = {blobs[t.job.movie_id].sha256: (work[t.job.movie_id], blobs[t.job.movie_id]) for t in batch
-                  if t.job.movie_id in blobs}
-        return handle.render.remote([t.job for t in batch], batch[0].settings, list(styles.values()))
-
-    def rendered(batch: list[FrameTask], result: dict[str, Any], worker: int) -> list:
-        if "error" in result:
-            if len(batch) > 1:
-                # OOM: halve, as a local run does. Other errors: render frames alone, so one bad movie cannot
-                # take the other movies of its batch down with it.
-                if result["error"] == "oom":
-                    log.warning("out of memory at batch %d; retrying as %d + %d", len(batch), len(batch) // 2,
-                                len(batch) - len(batch) // 2)
-                    return [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-                return [[t] for t in batch]
-            reason = "out of memory even at batch size 1" if result["error"] == "oom" else result["message"]
-            failures.setdefault(batch[0].job.movie_id, reason)
-            return []
-        seconds = result["seconds"] / len(batch)
-        for task, image in zip(batch, result["images"]):
-            outputs[task.job.movie_id].add(task, image, seconds)
-        for movie_id in {t.job.movie_id for t in batch}:
-            outputs[movie_id].save()
-        st = pool.stats[worker]
-        st["frames"] += len(batch)
-        st["batches"] += 1
-        st["busy_seconds"] += result["seconds"]
-        summary.frames_rendered += len(batch)
-        summary.unet_steps += batch[0].settings.steps
-        if progress:
-            progress(len(batch), len(todo))
-        return []
-
-    tr = time.perf_counter()
-    try:
-        pool.run(_batches(todo, size), submit, rendered, what="batch")
-    finally:
-        # Wall time of the whole render phase: images/s overall is frames over this, not over the sum of workers.
-        summary.render_seconds = time.perf_counter() - tr
-        summary.resubmitted_batches = pool.resubmitted
-        summary.workers = [{**s, "busy_seconds": round(s["busy_seconds"], 3), "images_per_second": round(
-            s["frames"] / s["busy_seconds"], 4) if s["busy_seconds"] else 0.0} for s in pool.stats]
-
-    for mo in outputs.values():
-        if mo.complete():
-            summary.storyboards.append(str(mo.write_storyboard()))
-    for movie_id, reason in failures.items():
-        mo = outputs.get(movie_id)
-        missing = len(by_id[movie_id].movie.frames) - (sum(f.id in mo.entries for f in mo.lm.movie.frames) if mo else 0)
-        summary.failures.append({"movie": movie_id, "reason": reason, "frames_missing": missing})
-        summary.frames_failed += missing

@@ -1,19 +1,39 @@
-"""Files a render produces: frames (PNG with text chunks), manifest.json, storyboard.png -- all written atomically."""
+"""Files a render produces: frames (PNG with text chunks, or JPEG/WebP with the same metadata as EXIF),
+manifest.json, storyboard.png -- all written atomically.
+
+A movie's manifest is kept as manifest.json plus, while a run is adding frames, an append-only journal beside it
+(manifest.journal.jsonl, one entry per written frame): appending is O(1) per frame where rewriting the whole
+manifest after every batch would make long movies quadratic. `read_manifest` merges the two; a run rewrites
+manifest.json and removes the journal when the movie completes and when the run ends. A frame is in the journal
+only after its file is on disk, so a killed run (kill -9 included) loses at most the frames still being written.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import textwrap
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from .paths import atomic_write_text
+from .errors import UserError
+from .paths import atomic_write_bytes, atomic_write_text, sha256_file
+
+if TYPE_CHECKING:
+    from .plan import LoadedMovie
+    from .renderer import FrameTask, ModelInfo
 
 MANIFEST_FORMAT = "movielm-fast/manifest@1"
+IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+DEFAULT_QUALITY = {"jpg": 95, "webp": 90}
+EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_SOFTWARE = 0x0131
 
 
 def png_bytes(image: np.ndarray, text: dict[str, str]) -> bytes:
@@ -25,12 +45,74 @@ def png_bytes(image: np.ndarray, text: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
+def resolve_quality(fmt: str, quality: int | None) -> int | None:
+    """The encoder quality a format uses (None for lossless PNG); checks the user's choice."""
+    if fmt not in IMAGE_FORMATS:
+        raise UserError(f"unknown image format {fmt!r}", f"use one of: {', '.join(IMAGE_FORMATS)}")
+    if fmt == "png":
+        return None
+    q = DEFAULT_QUALITY[fmt] if quality is None else quality
+    if not 1 <= q <= 100:
+        raise UserError(f"--quality {q} is out of range", "use 1-100 (95 is visually lossless for JPEG)")
+    return q
+
+
+def frame_metadata(task: FrameTask, info: ModelInfo) -> dict[str, str]:
+    """What a frame file carries so that it can be reproduced on its own: prompt, negative, seed, model, settings."""
+    settings = {k: task.key[k] for k in ("width", "height", "steps", "guidance", "scheduler", "dtype")}
+    return {"prompt": task.job.prompt, "negative_prompt": task.job.negative_prompt, "seed": str(task.job.seed),
+            "model": info.model_id, "model_hash": info.content_hash, "settings": json.dumps(settings)}
+
+
+def encode_image(image: np.ndarray, task: FrameTask, info: ModelInfo, fmt: str = "png",
+                 quality: int | None = None) -> bytes:
+    """One frame's file: PNG with iTXt chunks, or JPEG/WebP with the same metadata as JSON in EXIF
+    ImageDescription (readable with any EXIF tool)."""
+    meta = frame_metadata(task, info)
+    if fmt == "png":
+        return png_bytes(image, meta)
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(meta)  # ASCII: json escapes everything else
+    exif[EXIF_SOFTWARE] = "movielm-fast"
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG" if fmt == "jpg" else "WEBP", quality=resolve_quality(fmt, quality),
+                                exif=exif)
+    return buf.getvalue()
+
+
+def read_frame_metadata(path: Path) -> dict[str, str]:
+    """The metadata `encode_image` stored in a frame file, whatever its format."""
+    with Image.open(path) as im:
+        if im.format == "PNG":
+            return dict(im.text)
+        return json.loads(im.getexif()[EXIF_IMAGE_DESCRIPTION])
+
+
+def _journal(path: Path) -> Path:
+    return Path(path).with_name(Path(path).stem + ".journal.jsonl")
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """manifest.json with the entries of its journal (frames written since it was last rewritten) merged in."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None  # missing or unreadable: frames are checked against their files anyway
-    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        return None
+    try:
+        lines = _journal(path).read_text().splitlines()
+    except OSError:
+        return data
+    entries = {e["id"]: e for e in data.get("frames", []) if "id" in e}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash: that frame is simply not done
+        if isinstance(entry, dict) and "id" in entry:
+            entries[entry["id"]] = entry
+    return {**data, "frames": list(entries.values())}
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -44,16 +126,27 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def storyboard(frames: list[tuple[str, str, Path]], columns: int = 4, thumb: int = 256) -> bytes:
-    """A contact sheet: each frame's thumbnail with its id and dialogue underneath. frames: (id, dialogue, file)."""
+THUMB = 256
+
+
+def _thumbnail(im: Image.Image) -> Image.Image:
+    im = im.convert("RGB")
+    im.thumbnail((THUMB, THUMB))
+    return im
+
+
+def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int = 4, thumb: int = THUMB) -> bytes:
+    """A contact sheet: each frame's thumbnail with its id and dialogue underneath. frames: (id, dialogue, file or
+    a thumbnail made from the frame's pixels)."""
     font = _font(14)
     caption_h = 4 + 18 * 4
     thumbs = []
-    for frame_id, dialogue, file in frames:
-        with Image.open(file) as im:
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            thumbs.append((frame_id, dialogue, im.copy()))
+    for frame_id, dialogue, source in frames:
+        if isinstance(source, Image.Image):
+            thumbs.append((frame_id, dialogue, source))
+            continue
+        with Image.open(source) as im:
+            thumbs.append((frame_id, dialogue, _thumbnail(im).copy()))
     cols = max(1, min(columns, len(thumbs)))
     rows = (len(thumbs) + cols - 1) // cols
     cell_w, cell_h = thumb + 16, thumb + caption_h + 16
@@ -68,3 +161,68 @@ def storyboard(frames: list[tuple[str, str, Path]], columns: int = 4, thumb: int
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
+
+
+class MovieOutputs:
+    """Output folder and manifest of one movie. Thread-safe: writer threads record frames concurrently."""
+
+    def __init__(self, out: Path, lm: LoadedMovie, info: ModelInfo, settings: dict[str, Any]):
+        self.lm = lm
+        self.dir = Path(out) / lm.movie.id
+        self.manifest_path = self.dir / "manifest.json"
+        old = read_manifest(self.manifest_path) or {}
+        self.entries: dict[str, dict[str, Any]] = {e["id"]: e for e in old.get("frames", []) if "id" in e}
+        self.header = {"format": MANIFEST_FORMAT, "movie": lm.movie.model_dump(mode="json"),
+                       "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
+                       "settings": settings}
+        self.thumbs: dict[str, Image.Image] = {}  # storyboard thumbnails of frames rendered in this run
+        self._lock = threading.Lock()
+
+    def is_done(self, task: FrameTask) -> bool:
+        entry = self.entries.get(task.job.frame_id)
+        if not entry or any(entry.get(k) != v for k, v in task.key.items()):
+            return False
+        path = self.dir / entry["file"]
+        return path.is_file() and sha256_file(path) == entry.get("sha256")
+
+    def write_frame(self, task: FrameTask, data: bytes, suffix: str, seconds: float,
+                    image: np.ndarray | None = None) -> None:
+        """The frame's file on disk, then its manifest entry (journal line): never the other way round."""
+        rel = f"frames/{task.job.frame_id}{suffix}"
+        atomic_write_bytes(self.dir / rel, data)
+        entry = {"id": task.job.frame_id, "file": rel, "dialogue": task.dialogue, **task.key,
+                 "sha256": hashlib.sha256(data).hexdigest(), "seconds": round(seconds, 4)}
+        thumb = _thumbnail(Image.fromarray(image)) if image is not None else None
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                with open(_journal(self.manifest_path), "ab") as fp:
+                    fp.write(line)
+                    fp.flush()
+                    os.fsync(fp.fileno())
+            except OSError as exc:
+                raise UserError(f"cannot write {self.manifest_path}: {exc.strerror or exc}",
+                                "free some space (or fix permissions) and run the same command again; "
+                                "finished frames are kept") from None
+            self.entries[task.job.frame_id] = entry
+            if thumb is not None:
+                self.thumbs[task.job.frame_id] = thumb
+
+    def save(self) -> None:
+        """Rewrite manifest.json in plan order (dropping frames no longer in the plan), then drop the journal."""
+        with self._lock:
+            order = [f.id for f in self.lm.movie.frames]
+            frames = [self.entries[i] for i in order if i in self.entries]
+            write_manifest(self.manifest_path, {**self.header, "frames": frames})
+            _journal(self.manifest_path).unlink(missing_ok=True)
+
+    def complete(self) -> bool:
+        return all(f.id in self.entries for f in self.lm.movie.frames)
+
+    def write_storyboard(self) -> Path:
+        frames = [(f.id, f.dialogue, self.thumbs.get(f.id) or self.dir / self.entries[f.id]["file"])
+                  for f in self.lm.movie.frames]
+        path = self.dir / "storyboard.png"
+        atomic_write_bytes(path, storyboard(frames))
+        self.thumbs.clear()  # done with them: a long movie's thumbnails are not kept for the rest of the run
+        return path

@@ -20,7 +20,9 @@ top lists them all and is rebuilt from the meta files on every write (so concurr
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import logging
 import math
@@ -28,14 +30,25 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import save
 
 from .errors import UserError
-from .paths import atomic_write_bytes, atomic_write_text
+from .oom import is_oom, map_halving, smaller
+from .paths import atomic_write_bytes, atomic_write_text, cache_root
+from .pipeline import BatchSettings, FrameJob
+from .text import EmbedsTextEncoder, PromptEncoder, is_vocab_word, select_outputs
+from .textual_inversion import load_embedding, vectors_for_model
+
+if TYPE_CHECKING:  # the Renderer imports this module to train styles
+    from .renderer import Renderer
 
 log = logging.getLogger("movielm_fast")
 
@@ -134,6 +147,7 @@ class StyleResult:
     token: str
     cache_hit: bool
     key: str
+    vectors: list[torch.Tensor]  # one (n, D_i) per text encoder: bind them with PromptEncoder.add_token
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,8 +157,6 @@ class StyleResult:
 
 # --- library --------------------------------------------------------------------------------------------------
 def default_library() -> Path:
-    from .paths import cache_root
-
     return cache_root() / "styles"
 
 
@@ -191,19 +203,11 @@ def _lookup(entry_dir: Path) -> dict[str, Any] | None:
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------
-def _is_vocab_word(tok, name: str) -> bool:
-    """True if `name` is one of the tokenizer's own words (tokens added for earlier embeddings do not count)."""
-    if name in tok.get_vocab() and name not in tok.get_added_vocab():
-        return True
-    ids = tok(name, add_special_tokens=False).input_ids
-    return len(ids) == 1 and ids[0] != tok.unk_token_id and tok.convert_ids_to_tokens(ids[0]) == name + "</w>"
-
-
 def check_token(model, token: str) -> None:
     if not token or re.search(r"\s", token):
         raise UserError(f"style token {token!r} must be one word without spaces", "use e.g. <gothic-style>")
     for tok in model.tokenizers:
-        if _is_vocab_word(tok, token):
+        if is_vocab_word(tok, token):
             raise UserError(f"style token {token!r} is already a word in the tokenizer's vocabulary; learning it "
                             "would change that word's meaning", f"pick a token that is not a word, e.g. <{token}>")
 
@@ -213,7 +217,7 @@ def _init_vectors(model, style_name: str, init_word: str | None, n: int) -> tupl
     tok0 = model.tokenizers[0]
     word = init_word
     if word is None:
-        candidates = [w for w in re.findall(r"[a-z]+", style_name.lower()) if _is_vocab_word(tok0, w)]
+        candidates = [w for w in re.findall(r"[a-z]+", style_name.lower()) if is_vocab_word(tok0, w)]
         word = candidates[0] if candidates else "style"
     vectors = []
     for tok, enc in zip(model.tokenizers, model.text_encoders):
@@ -237,8 +241,6 @@ class _Image:
 
 def _fit(im, res: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """Resize the shorter side to `res`, then centre-crop to res x res."""
-    from PIL import Image
-
     w, h = im.size
     scale = res / min(w, h)
     nw, nh = max(res, round(w * scale)), max(res, round(h * scale))
@@ -250,8 +252,6 @@ def _fit(im, res: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
 
 def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], str]:
     """The folder's images fitted to res x res; returns (images, notes, digest of names + bytes)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}", "pass --images DIR, a folder of .png/.jpg files")
@@ -264,8 +264,6 @@ def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], 
     for f in files:
         data = f.read_bytes()
         try:
-            import io
-
             with Image.open(io.BytesIO(data)) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 sizes.add(im.size)
@@ -285,37 +283,18 @@ def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], 
     return images, notes, digest.hexdigest()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
-                                              or "can't allocate memory" in str(exc).lower())
-
-
 def scene_prompt(name: str, description: str, subject: str) -> str:
     return ", ".join(p for p in (f"an image in {name} style", description, subject) if p)
 
 
-def render_scenes(renderer, name: str, description: str, s: StyleSettings) -> list[_Image]:
-    """N scenes in the style, with our own render path; batches halve on out-of-memory."""
-    from .pipeline import BatchSettings, FrameJob, render_batch
-
+def render_scenes(renderer: Renderer, name: str, description: str, s: StyleSettings) -> list[_Image]:
+    """N scenes in the style, with our own render path (batches shrink on out-of-memory)."""
     subjects = [SUBJECTS[i % len(SUBJECTS)] for i in range(s.scenes)]
     jobs = [FrameJob("style", f"scene-{i}", scene_prompt(name, description, subj), "", s.seed + i)
             for i, subj in enumerate(subjects)]
     bs = BatchSettings(s.resolution, s.resolution, s.scene_steps, s.scene_guidance, s.scene_scheduler)
     size = len(jobs) if renderer.backend.device.type == "cuda" else 4
-    pixels: list[np.ndarray] = []
-    while len(pixels) < len(jobs):
-        batch = jobs[len(pixels):len(pixels) + size]
-        try:
-            pixels += render_batch(renderer.model, renderer.backend, renderer.encoder, batch, bs)
-        except Exception as exc:
-            if not _is_oom(exc) or size == 1:
-                raise
-            size //= 2
-            log.warning("out of memory rendering style scenes; batch %d", size)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    pixels = map_halving(lambda chunk: list(renderer.render(list(chunk), bs)), jobs, size, "rendering style scenes")
     res = s.resolution
     return [_Image(p, subj, (res, res), (0, 0)) for p, subj in zip(pixels, subjects)]
 
@@ -324,11 +303,8 @@ def render_scenes(renderer, name: str, description: str, s: StyleSettings) -> li
 class _Trainer:
     """The frozen model, the encoded training set, and the trainable vector(s)."""
 
-    def __init__(self, model, device: torch.device, s: StyleSettings, token_vectors: list[torch.Tensor]):
-        from diffusers import DDPMScheduler
-
-        from .text import EmbedsTextEncoder
-
+    def __init__(self, model, device: torch.device, s: StyleSettings, token_vectors: list[torch.Tensor],
+                 token: str = "<style-in-training>"):
         self.model, self.device, self.s = model, device, s
         self.kind = model.kind
         self.unet = model.unet.to(device)
@@ -347,20 +323,28 @@ class _Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
         self.unet_fwd = torch.compile(self.unet) if s.compile else self.unet
+        # Captions are tokenised and windowed exactly as frame prompts are, by an encoder of its own with copies of
+        # the tokenizers: the starting vectors never reach the renderer's encoder and the model's tokenizers gain no
+        # token (the learned one is bound by whoever uses it).
+        self.token = token
+        self.prompts = PromptEncoder(model, backend=None, tokenizers=[copy.deepcopy(t) for t in model.tokenizers])
+        self.prompts.add_token(token, [v.detach() for v in token_vectors], "style training")
+        names = self.prompts.multi_vector.get(token, [token])
+        self.token_ids = [tok.convert_tokens_to_ids(names) for tok in self.prompts.tokenizers]
 
     # Placeholder ids are vocab_size .. vocab_size + n - 1: they index self.vectors, never the frozen table.
     def caption_ids(self, template: str) -> list[tuple[torch.Tensor, int]]:
         """One (77,) id row and EOS position per tokenizer, for a caption with "{}" where the token goes."""
+        caption = template.format(self.token)
         out = []
-        before, after = template.split("{}")
-        for tok, table in zip(self.model.tokenizers, self.tables):
-            v = table.shape[0]
-            ids = (tok(before, add_special_tokens=False).input_ids if before.strip() else []) + \
-                list(range(v, v + self.s.num_vectors)) + \
-                (tok(after, add_special_tokens=False).input_ids if after.strip() else [])
-            ids = ids[:75]
-            row = [tok.bos_token_id] + ids + [tok.eos_token_id] + [tok.pad_token_id] * (75 - len(ids))
-            out.append((torch.tensor(row), len(ids) + 1))
+        for win, table, token_ids in zip(self.prompts.windows(caption), self.tables, self.token_ids):
+            if win.ids.shape[0] > 1:
+                raise UserError(f"style caption {caption!r} is longer than one text-encoder window (75 tokens)",
+                                "use a shorter style description")
+            ids = win.ids[0].clone()
+            for k, token_id in enumerate(token_ids):
+                ids[ids == token_id] = table.shape[0] + k
+            out.append((ids, int(win.eos[0])))
         return out
 
     def _embeds(self, i: int, ids: torch.Tensor) -> torch.Tensor:
@@ -374,10 +358,10 @@ class _Trainer:
     def encode_text(self, ids: list[torch.Tensor], eos: list[torch.Tensor]):
         hidden, pooled = [], None
         for i, enc in enumerate(self.encoders):
-            last, penultimate, pool = enc(self._embeds(i, ids[i]), eos[i])
-            hidden.append(penultimate if self.kind == "sdxl" else last)
-            pooled = pool
-        return torch.cat(hidden, dim=-1), (pooled if self.kind == "sdxl" else None)
+            h, pool = select_outputs(self.kind, i, len(self.encoders), enc(self._embeds(i, ids[i]), eos[i]))
+            hidden.append(h)
+            pooled = pool if pool is not None else pooled
+        return torch.cat(hidden, dim=-1), pooled
 
     @torch.no_grad()
     def encode_images(self, images: list[_Image], chunk: int) -> None:
@@ -385,23 +369,17 @@ class _Trainer:
         vdtype = next(self.vae.parameters()).dtype
         cfg = self.vae.config
         self.scale, self.shift = cfg.scaling_factor, getattr(cfg, "shift_factor", None) or 0.0
-        means, stds = [], []
-        k = 0
-        while k < len(images):
-            x = torch.from_numpy(np.stack([im.pixels for im in images[k:k + chunk]])).to(self.device)
+
+        def encode(chunk: list[_Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            x = torch.from_numpy(np.stack([im.pixels for im in chunk])).to(self.device)
             x = x.permute(0, 3, 1, 2).to(vdtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-            try:
-                dist = self.vae.encode(x).latent_dist
-            except Exception as exc:
-                if not _is_oom(exc) or chunk == 1:
-                    raise
-                chunk //= 2  # a large VAE at 1024 px needs several GB per image
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                continue
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-            k += len(x)
-        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, C, h, w)
+            dist = self.vae.encode(x).latent_dist
+            return list(zip(dist.mean.float(), dist.std.float()))
+
+        # A large VAE at 1024 px needs several GB per image: chunks shrink on out-of-memory.
+        moments = map_halving(encode, images, chunk, "encoding style images")
+        means, stds = [torch.stack(m) for m in zip(*moments)]
+        self.mean, self.std = means, stds  # (N, C, h, w)
         if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
             raise FloatingPointError("VAE encoding overflowed")
         self.time_ids = torch.tensor([[*im.original_size, *im.crop_top_left, self.s.resolution, self.s.resolution]
@@ -489,17 +467,15 @@ def train_token(trainer: _Trainer, captions: list[list[list[tuple[torch.Tensor, 
                     total += float(weighted.detach())
                 return total
             except Exception as exc:
-                if not _is_oom(exc) or micro == 1:
-                    if _is_oom(exc):
-                        raise UserError("out of memory while training the style token even one image at a time",
-                                        "use a smaller --resolution, or free the GPU") from None
+                if not is_oom(exc):
                     raise
+                if micro == 1:
+                    raise UserError("out of memory while training the style token even one image at a time",
+                                    "use a smaller --resolution, or free the GPU") from None
                 opt.zero_grad(set_to_none=True)
-                micro = max(1, micro // 2)
+                micro = smaller(micro)
                 log.warning("out of memory while training the style token; micro-batch %d (gradients accumulate, "
                             "so the result is unchanged)", micro)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
 
     # A fixed evaluation set (its own generator, caption 0): the same images, noise and timesteps before and after,
     # so the difference measures the token, not the luck of the draws (the training loss mostly varies with t).
@@ -546,8 +522,6 @@ class _Frozen:
         self.flags = [[p.requires_grad for p in m.parameters()] for m in self.modules]
         for m in self.modules:
             m.requires_grad_(False)
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         unet = self.modules[0]
         self.processors = dict(unet.attn_processors)
         self.swapped = any(not isinstance(p, AttnProcessor2_0) for p in self.processors.values())
@@ -573,15 +547,14 @@ def embedding_state_dict(kind: str, token: str, vectors: list[torch.Tensor]) -> 
     return {token: vectors[0]}
 
 
-def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, images: str | Path | None = None,
-                     out: str | Path | None = None, token: str | None = None,
+def immobilize_style(renderer: Renderer, style, settings: StyleSettings | None = None, *,
+                     images: str | Path | None = None, out: str | Path | None = None, token: str | None = None,
                      on_step: Callable[[int, float], None] | None = None) -> StyleResult:
     """Learn (or find in the library) the token of `style` (an engine.plan.Style) for renderer's model."""
     t_start = time.perf_counter()
     model = renderer.model
     s = (settings or StyleSettings()).resolve(model)
-    requested = token or getattr(style, "token", None)
-    token = file_token = requested or f"<{slug(style.name)}>"
+    token = token or style.token or f"<{slug(style.name)}>"
     check_token(model, token)
     root = (Path(out) if out else default_library()).resolve()  # the path is the token's source: keep it stable
 
@@ -594,16 +567,13 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     entry = root / f"{slug(style.name)}-{key}"
     meta = _lookup(entry)
-    # Another embedding already holds the default token in this renderer: give this one a key-suffixed token.
-    bound = getattr(getattr(renderer, "encoder", None), "token_sources", {})
-    path = entry / (meta["file"] if meta else "embedding.safetensors")
-    if token in bound and bound[token] != str(path) and not requested:
-        token = f"<{slug(style.name)}-{key[:6]}>"
     if meta:
+        path = entry / meta["file"]
         log.info("style %r: library hit %s", style.name, path)
-        return StyleResult(path, token, True, key, meta)
+        vectors = vectors_for_model(load_embedding(path), model.kind)
+        return StyleResult(path, token, True, key, vectors, meta)
 
-    device = renderer.backend.device if hasattr(renderer, "backend") else torch.device("cpu")
+    device = renderer.backend.device
     t0 = time.perf_counter()
     if fitted is None:
         fitted = render_scenes(renderer, style.name, style.description, s)
@@ -614,7 +584,7 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
 
     init_word, init = _init_vectors(model, style.name, s.init_word, s.num_vectors)
     with torch.inference_mode(False), _Frozen(model):
-        trainer = _Trainer(model, device, s, init)
+        trainer = _Trainer(model, device, s, init, token)
         t1 = time.perf_counter()
         trainer.encode_images(fitted, chunk=min(s.batch_size, 4))
         encode_s = time.perf_counter() - t1
@@ -623,20 +593,19 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
             templates = [f"{{}}, {im.caption_subject}"] if im.caption_subject else IMAGE_TEMPLATES
             captions.append([trainer.caption_ids(t) for t in templates])
         report = train_token(trainer, captions, on_step)
-    vectors = [v.detach() for v in trainer.vectors]
+    vectors = [v.detach().float().cpu() for v in trainer.vectors]
     if not all(torch.isfinite(v).all() for v in vectors):
         raise UserError("style training diverged (the learned vector is NaN/inf)",
                         "use a lower --lr, or --dtype fp32")
 
-    from safetensors.torch import save
-
     # The embedding first, meta.json last: meta is the entry's commit mark, so an interrupted write is a miss.
-    atomic_write_bytes(path, save(embedding_state_dict(model.kind, file_token, vectors)))
+    path = entry / "embedding.safetensors"
+    atomic_write_bytes(path, save(embedding_state_dict(model.kind, token, vectors)))
     report.update({"seconds_scenes": round(scenes_s, 3), "seconds_encode": round(encode_s, 3),
                    "seconds_total": round(time.perf_counter() - t_start, 3), "images": len(fitted),
                    "device": str(device), "notes": notes})
     meta = {"format": STYLE_FORMAT, "key": key, "name": style.name, "description": style.description,
-            "token": file_token, "file": path.name, "init_word": init_word,
+            "token": token, "file": path.name, "init_word": init_word,
             "model": {"id": model.model_id, "hash": model.content_hash, "kind": model.kind}, "source": source,
             "settings": s.key_dict(), "report": report, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "load": ("diffusers: pipe.load_textual_inversion(file)" if model.kind == "sd" else
@@ -648,11 +617,4 @@ def immobilize_style(renderer, style, settings: StyleSettings | None = None, *, 
     log.info("style %r: trained %s in %.1f s (%.3f s/step), eval loss %.4f -> %.4f", style.name, path,
              report["seconds_total"], report["seconds_per_step"], report["eval_loss_before"],
              report["eval_loss_after"])
-    return StyleResult(path, token, False, key, meta)
-
-
-def immobilize(renderer, style, settings: StyleSettings | None = None, **kwargs) -> tuple[Path, str]:
-    """(embedding file, token to bind it to) for `style`; trains once per (model, style, settings), then the
-    library answers. Bind the result with engine.textual_inversion.load_embedding + PromptEncoder.add_token."""
-    result = immobilize_style(renderer, style, settings, **kwargs)
-    return result.path, result.token
+    return StyleResult(path, token, False, key, vectors, meta)

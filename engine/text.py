@@ -90,6 +90,35 @@ class EmbedsTextEncoder(nn.Module):
         return last, penultimate, pooled
 
 
+def is_vocab_word(tok, name: str) -> bool:
+    """True if `name` is one of the tokenizer's own words (tokens added for embeddings do not count), so binding
+    a learned vector to it would change what the word means."""
+    if name in tok.get_vocab() and name not in tok.get_added_vocab():
+        return True
+    ids = tok(name, add_special_tokens=False).input_ids
+    return len(ids) == 1 and ids[0] != tok.unk_token_id and tok.convert_ids_to_tokens(ids[0]) == name + "</w>"
+
+
+def select_outputs(kind: str, enc_index: int, n_encoders: int, outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled or None) that a model of `kind` conditions on, from one text encoder's
+    (last, penultimate, pooled): SD 1.x/2.x use the last layer; SDXL the penultimate layer of both encoders and the
+    pooled output of the second."""
+    last, penultimate, pooled = outputs
+    if kind != "sdxl":
+        return last, None
+    return penultimate, (pooled if enc_index == n_encoders - 1 else None)
+
+
+@dataclass
+class Windows:
+    """A prompt tokenised for one encoder: ids (chunks, 77) with BOS/EOS/padding, eos (chunks,) positions of EOS,
+    weights (chunks, 77) emphasis weight per token."""
+
+    ids: torch.Tensor
+    eos: torch.Tensor
+    weights: torch.Tensor
+
+
 @dataclass
 class Conditioning:
     """One prompt's encoding. hidden: (1, 77 * chunks, D); pooled: (1, P) for SDXL, else None."""
@@ -103,10 +132,10 @@ class PromptEncoder:
     """Tokenises, looks up embeddings (with textual-inversion rows), calls `backend.encode_text`, applies
     emphasis weights. Each unique prompt is encoded once per run."""
 
-    def __init__(self, model, backend):
+    def __init__(self, model, backend, tokenizers=None):
         self.kind = model.kind
         self.backend = backend
-        self.tokenizers = model.tokenizers
+        self.tokenizers = tokenizers or model.tokenizers  # binding a token adds it to these
         # Host-side copies of the token-embedding tables; textual-inversion rows are appended here only.
         self.tables = [enc.get_input_embeddings().weight.detach().float().cpu() for enc in model.text_encoders]
         self.force_zeros_for_empty_prompt = model.force_zeros_for_empty_prompt
@@ -134,19 +163,16 @@ class PromptEncoder:
         names = [token] + [f"{token}_{i}" for i in range(1, n)]
         for tok in self.tokenizers:
             for name in names:
-                ids = tok(name, add_special_tokens=False).input_ids
-                if name in tok.get_vocab() or (len(ids) == 1 and ids[0] != tok.unk_token_id
-                                                and tok.convert_ids_to_tokens(ids[0]) == name + "</w>"):
+                if is_vocab_word(tok, name):
                     raise UserError(f"token {name!r} is already a word in the tokenizer's vocabulary",
                                     "pick a token that is not a real word, e.g. <gothic-style>")
         for i, (tok, vec) in enumerate(zip(self.tokenizers, vectors)):
             tok.add_tokens(names)
             ids = tok.convert_tokens_to_ids(names)
-            table = self.tables[i]
-            if max(ids) >= table.shape[0]:
-                grown = torch.zeros(max(ids) + 1, table.shape[1])
-                grown[: table.shape[0]] = table
-                table = grown
+            old = self.tables[i]
+            # Always a new table: the first one may share storage with the model's own embedding weights.
+            table = torch.zeros(max(max(ids) + 1, old.shape[0]), old.shape[1])
+            table[: old.shape[0]] = old
             table[ids] = vec.detach().float().cpu()
             self.tables[i] = table
         self.token_sources[token] = source
@@ -170,10 +196,11 @@ class PromptEncoder:
             weights += [w] * len(frag_ids)
         return ids, weights
 
-    def _encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
+    def windows(self, prompt: str, min_chunks: int = 1) -> list[Windows]:
+        """The prompt as encoder windows, one `Windows` per tokenizer (all with the same number of windows)."""
         fragments = parse_emphasis(self._expand_tokens(prompt))
-        hidden_parts, pooled, weights_all = [], None, None
-        for enc_index, tok in enumerate(self.tokenizers):
+        out = []
+        for tok in self.tokenizers:
             ids, weights = self._token_ids(tok, fragments)
             chunks = max(min_chunks, (len(ids) + CHUNK - 1) // CHUNK)
             rows_ids, rows_w, eos_at = [], [], []
@@ -183,14 +210,20 @@ class PromptEncoder:
                 rows_ids.append([tok.bos_token_id] + part + [tok.eos_token_id] + [tok.pad_token_id] * pad)
                 rows_w.append([1.0] + part_w + [1.0] * (pad + 1))
                 eos_at.append(len(part) + 1)
-            id_tensor = torch.tensor(rows_ids)  # (chunks, 77)
-            embeds = self.tables[enc_index][id_tensor]  # (chunks, 77, D)
-            last, penultimate, pool = self.backend.encode_text(enc_index, embeds, torch.tensor(eos_at))
-            hidden = penultimate if self.kind == "sdxl" else last
+            out.append(Windows(torch.tensor(rows_ids), torch.tensor(eos_at), torch.tensor(rows_w)))
+        return out
+
+    def _encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
+        hidden_parts, pooled = [], None
+        wins = self.windows(prompt, min_chunks)
+        for enc_index, win in enumerate(wins):
+            embeds = self.tables[enc_index][win.ids]  # (chunks, 77, D)
+            outputs = self.backend.encode_text(enc_index, embeds, win.eos)
+            hidden, pool = select_outputs(self.kind, enc_index, len(wins), outputs)
             hidden_parts.append(hidden.float().cpu())
-            if enc_index == len(self.tokenizers) - 1 and self.kind == "sdxl":
+            if pool is not None:
                 pooled = pool[:1].float().cpu()  # SDXL pools the first window only
-            weights_all = torch.tensor(rows_w)
+        weights_all = wins[-1].weights
         hidden = torch.cat(hidden_parts, dim=-1)  # (chunks, 77, D_total)
         if bool((weights_all != 1.0).any()):
             # Scale token states by their weight, then restore each window's mean so overall magnitude is kept.

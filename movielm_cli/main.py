@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from engine.errors import UserError
-from movielm_cli.clean_errors import CleanErrors
+from engine.outputs import IMAGE_FORMATS
 from engine.plan import SCHEDULERS, RenderSettings
+from movielm_cli.clean_errors import CleanErrors
 
 DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
              "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
@@ -48,11 +50,12 @@ def _batch_size(value: str) -> int | str:
     return int(value)
 
 
-@cli.command(help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
+@cli.command("render", help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
-@click.option("--backend", default="torch", show_default=True, help="torch | onnxruntime | tensorrt")
+@click.option("--backend", default="torch", show_default=True,
+              help="torch | onnxruntime | tensorrt | null (measures the engine's own work; no real images)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
 @click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16")
 @click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'.")
@@ -66,6 +69,9 @@ def _batch_size(value: str) -> int | str:
 @click.option("--scheduler", type=click.Choice(SCHEDULERS))
 @click.option("--seed", type=int)
 @click.option("--negative-prompt")
+@click.option("--image-format", type=click.Choice(sorted(IMAGE_FORMATS)), default="png", show_default=True,
+              help="Frame files: png (lossless) | jpg | webp (lossy, ~10x smaller, ~15x faster to encode).")
+@click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [95 jpg, 90 webp].")
 @click.option("--force", is_flag=True, help="Re-render frames even if they are already done.")
 @click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use the "
               "style name and description as text instead.")
@@ -75,13 +81,13 @@ def _batch_size(value: str) -> int | str:
 @click.option("--gpus-per-worker", type=float, default=1.0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-def render(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, compile_unet, steps, width,
-           height, guidance, scheduler, seed, negative_prompt, force, no_style_training, cluster, address, workers,
-           gpus_per_worker, quiet, as_json):
-    from pydantic import ValidationError
-
+def render_cmd(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, compile_unet, steps,
+               width, height, guidance, scheduler, seed, negative_prompt, image_format, quality, force,
+               no_style_training, cluster, address, workers, gpus_per_worker, quiet, as_json):
+    # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
+    from engine.cluster import ClusterOptions, render_on_ray
     from engine.config import EngineConfig
-    from engine.runner import render as run_render
+    from engine.driver import render
 
     try:
         overrides = RenderSettings(steps=steps, width=width, height=height, guidance=guidance, scheduler=scheduler,
@@ -91,15 +97,14 @@ def render(plans, model, out, backend, device, dtype, batch_size, attention, cud
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
     config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
                           batch_size=_batch_size(batch_size), attention=attention, cuda_graphs=cuda_graphs,
-                          compile_unet=compile_unet, overrides=overrides,
-                          skip_existing=not force, style_training=not no_style_training, quiet=quiet or as_json)
+                          compile_unet=compile_unet, overrides=overrides, skip_existing=not force,
+                          style_training=not no_style_training, image_format=image_format, image_quality=quality,
+                          quiet=quiet or as_json)
     if cluster == "ray":
-        from engine.cluster import ClusterOptions, render_on_ray
-
         opts = ClusterOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
         summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), opts, progress=cb))
     else:
-        summary = _with_progress(config, lambda cb: run_render(config, list(plans), progress=cb))
+        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb))
     d = summary.as_dict()
     failures = d.get("failures", [])
     if as_json:

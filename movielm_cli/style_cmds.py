@@ -42,7 +42,7 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
               init_word, out, device, dtype, amp, compile_, seed, as_json):
     from engine.config import EngineConfig
     from engine.plan import Style
-    from engine.runner import Renderer
+    from engine.renderer import Renderer
     from engine.style import StyleSettings, immobilize_style
 
     settings = StyleSettings(steps=steps, scenes=scenes, resolution=resolution, batch_size=batch_size, lr=lr,

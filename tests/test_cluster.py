@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from engine.cluster import ClusterOptions, RayRenderPool, render_on_ray
+from engine.cluster import ClusterOptions, RayExecutor, render_on_ray
 from engine.config import EngineConfig
 from engine.errors import UserError
-from engine.runner import render
+from engine.driver import render
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 5}
@@ -126,7 +126,7 @@ def test_ray_not_installed(plans, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def pool(ray_local, tiny_sd, tmp_path_factory):
     """Two 1-core workers for the rest of the module: starting workers (process, imports, model) is the slow part."""
-    with RayRenderPool(_config(tiny_sd, tmp_path_factory.mktemp("unused")), ClusterOptions(workers=2)) as p:
+    with RayExecutor(_config(tiny_sd, tmp_path_factory.mktemp("unused")), ClusterOptions(workers=2)) as p:
         yield p
 
 
@@ -157,7 +157,7 @@ def test_bad_movie_fails_alone(pool, plans, reference, tiny_sd, tmp_path):
     bad["style"] = {"name": "Broken", "embedding": "broken.safetensors"}
     write_plan(bad_dir / "c.json", [bad], SMALL)
     out = tmp_path / "out"
-    summary = pool.render([plans, bad_dir], config=_config(tiny_sd, out))
+    summary = render(_config(tiny_sd, out), [plans, bad_dir], executor=pool)
     assert [f["movie"] for f in summary.failures] == ["broken"]
     assert "cannot read embedding" in summary.failures[0]["reason"]
     assert summary.failures[0]["frames_missing"] == 3 and summary.frames_failed == 3
@@ -172,10 +172,10 @@ def test_interrupted_driver_resumes_with_missing_frames_only(pool, plans, refere
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pool.render([plans], interrupt, config=_config(tiny_sd, tmp_path))
+        render(_config(tiny_sd, tmp_path), [plans], interrupt, executor=pool)
     written = len(_frames(tmp_path))
     assert 2 <= written < 27  # the first batch was saved before the interrupt
-    summary = pool.render([plans], config=_config(tiny_sd, tmp_path))  # the rerun
+    summary = render(_config(tiny_sd, tmp_path), [plans], executor=pool)  # the rerun
     assert summary.frames_skipped == written and summary.frames_rendered == 27 - written
     _assert_same_as_reference(tmp_path, reference)
 
@@ -189,7 +189,7 @@ def test_killed_worker_frames_rendered_elsewhere_exactly_once(pool, plans, refer
             killed.append(pool.worker_pids[0])
             os.kill(killed[0], signal.SIGKILL)
 
-    summary = pool.render([plans], kill_after_first_batch, config=_config(tiny_sd, tmp_path))
+    summary = render(_config(tiny_sd, tmp_path), [plans], kill_after_first_batch, executor=pool)
     assert killed
     # Every frame written once by the driver: no frame lost, none rendered twice into the results.
     assert summary.frames_rendered == 27 and sum(w["frames"] for w in summary.workers) == 27

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.errors import UserError
 from engine.models import load_model
 from engine.pipeline import BatchSettings, FrameJob, render_batch
-from engine.runner import Renderer
+from engine.renderer import Renderer
 from export import cache
 from export.artifacts import export_onnx_set
 from export.onnx_export import parity

@@ -7,7 +7,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.pipeline import BatchSettings, FrameJob, render_batch
-from engine.runner import Renderer
+from engine.renderer import Renderer
 from engine.schedulers import make_scheduler
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

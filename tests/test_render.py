@@ -19,7 +19,9 @@ from engine import paths as paths_mod
 from engine.config import EngineConfig
 from engine.errors import UserError
 from engine.plan import RenderSettings
-from engine.runner import Renderer, render
+from engine.driver import render
+from engine.executors import LocalExecutor
+from engine.renderer import Renderer
 from movielm_cli.main import cli
 from tests.helpers import load_png, movie, write_plan
 
@@ -37,7 +39,7 @@ def _config(out, **kw):
 
 def test_outputs_match_design(tmp_path, demo_renderer):
     plan = write_plan(tmp_path / "plan.json", [movie("duchess", 3)], SMALL)
-    summary = render(_config(tmp_path / "out", batch_size=2), [plan], renderer=demo_renderer)
+    summary = render(_config(tmp_path / "out", batch_size=2), [plan], executor=LocalExecutor(renderer=demo_renderer))
     assert summary.frames_rendered == 3 and summary.frames_skipped == 0
     mdir = tmp_path / "out" / "duchess"
     manifest = json.loads((mdir / "manifest.json").read_text())
@@ -58,8 +60,8 @@ def test_outputs_match_design(tmp_path, demo_renderer):
 
 def test_batch_invariance(tmp_path, demo_renderer):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 4)], SMALL)
-    render(_config(tmp_path / "b1", batch_size=1), [plan], renderer=demo_renderer)
-    render(_config(tmp_path / "b4", batch_size=4), [plan], renderer=demo_renderer)
+    render(_config(tmp_path / "b1", batch_size=1), [plan], executor=LocalExecutor(renderer=demo_renderer))
+    render(_config(tmp_path / "b4", batch_size=4), [plan], executor=LocalExecutor(renderer=demo_renderer))
     for i in range(4):
         a = load_png(tmp_path / "b1" / "m" / "frames" / f"{i:03d}.png")
         b = load_png(tmp_path / "b4" / "m" / "frames" / f"{i:03d}.png")
@@ -75,7 +77,7 @@ def test_seed_modes_and_explicit_seed(tmp_path, demo_renderer):
     m["frames"][1]["seed"] = 77
     m["render"] = {"seed_mode": "shared"}
     plan = write_plan(tmp_path / "plan.json", [m], SMALL)
-    render(_config(tmp_path / "out"), [plan], renderer=demo_renderer)
+    render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer))
     frames = json.loads((tmp_path / "out" / "s" / "manifest.json").read_text())["frames"]
     assert [f["seed"] for f in frames] == [11, 77]
 
@@ -84,21 +86,21 @@ def test_resume_skips_done_and_rerenders_changed(tmp_path, demo_renderer):
     m = movie("r", 3)
     plan = write_plan(tmp_path / "plan.json", [m], SMALL)
     out = tmp_path / "out"
-    assert render(_config(out), [plan], renderer=demo_renderer).frames_rendered == 3
+    assert render(_config(out), [plan], executor=LocalExecutor(renderer=demo_renderer)).frames_rendered == 3
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "r" / "frames").iterdir()}
-    again = render(_config(out), [plan], renderer=demo_renderer)
+    again = render(_config(out), [plan], executor=LocalExecutor(renderer=demo_renderer))
     assert again.frames_rendered == 0 and again.frames_skipped == 3
     m["frames"][1]["description"] = "Rosa alone at night"
     write_plan(plan, [m], SMALL)
-    changed = render(_config(out), [plan], renderer=demo_renderer)
+    changed = render(_config(out), [plan], executor=LocalExecutor(renderer=demo_renderer))
     assert changed.frames_rendered == 1
     assert (out / "r" / "frames" / "000.png").stat().st_mtime_ns == mtimes["000.png"]
     # A corrupted image is detected by its hash and rendered again.
     (out / "r" / "frames" / "002.png").write_bytes(b"garbage")
-    assert render(_config(out), [plan], renderer=demo_renderer).frames_rendered == 1
+    assert render(_config(out), [plan], executor=LocalExecutor(renderer=demo_renderer)).frames_rendered == 1
     # Command-line overrides are settings too: a new step count re-renders everything.
     cfg = _config(out, overrides=RenderSettings(steps=2))
-    assert render(cfg, [plan], renderer=demo_renderer).frames_rendered == 3
+    assert render(cfg, [plan], executor=LocalExecutor(renderer=demo_renderer)).frames_rendered == 3
 
 
 def test_interrupt_loses_at_most_the_batch_in_flight(tmp_path, demo_renderer):
@@ -112,10 +114,10 @@ def test_interrupt_loses_at_most_the_batch_in_flight(tmp_path, demo_renderer):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        render(_config(out, batch_size=2), [plan], progress=progress, renderer=demo_renderer)
+        render(_config(out, batch_size=2), [plan], progress=progress, executor=LocalExecutor(renderer=demo_renderer))
     manifest = json.loads((out / "k" / "manifest.json").read_text())
     assert len(manifest["frames"]) == 2
-    resumed = render(_config(out, batch_size=2), [plan], renderer=demo_renderer)
+    resumed = render(_config(out, batch_size=2), [plan], executor=LocalExecutor(renderer=demo_renderer))
     assert resumed.frames_rendered == 3 and resumed.frames_skipped == 2
 
 
@@ -167,20 +169,19 @@ class _OOMBackend:
 
 def test_out_of_memory_halves_the_batch(tmp_path, demo_renderer):
     plan = write_plan(tmp_path / "plan.json", [movie("oom", 4)], SMALL)
-    r = Renderer.__new__(Renderer)
-    r.__dict__.update(demo_renderer.__dict__)
-    r.backend = _OOMBackend(demo_renderer.backend, limit=2)  # CFG doubles: only batch 1 fits
-    summary = render(_config(tmp_path / "out", batch_size=4), [plan], renderer=r)
+    oom = _OOMBackend(demo_renderer.backend, limit=2)  # CFG doubles: only batch 1 fits
+    r = Renderer(demo_renderer.config, model=demo_renderer.model, backend=oom)
+    summary = render(_config(tmp_path / "out", batch_size=4), [plan], executor=LocalExecutor(renderer=r))
     assert summary.frames_rendered == 4 and summary.batch_size == 1
-    reference = render(_config(tmp_path / "ref", batch_size=1), [plan], renderer=demo_renderer)
+    reference = render(_config(tmp_path / "ref", batch_size=1), [plan], executor=LocalExecutor(renderer=demo_renderer))
     assert reference.frames_rendered == 4
     for i in range(4):
         a = load_png(tmp_path / "out" / "oom" / "frames" / f"{i:03d}.png")
         b = load_png(tmp_path / "ref" / "oom" / "frames" / f"{i:03d}.png")
         assert np.abs(a - b).max() <= 2
-    r.backend = _OOMBackend(demo_renderer.backend, limit=0)
+    oom.limit = 0
     with pytest.raises(UserError, match="out of memory even at batch size 1"):
-        render(_config(tmp_path / "out2", batch_size=2), [plan], renderer=r)
+        render(_config(tmp_path / "out2", batch_size=2), [plan], executor=LocalExecutor(renderer=r))
 
 
 def test_disk_full_is_a_clean_error_and_keeps_finished_frames(tmp_path, demo_renderer, monkeypatch):
@@ -197,7 +198,7 @@ def test_disk_full_is_a_clean_error_and_keeps_finished_frames(tmp_path, demo_ren
 
     monkeypatch.setattr(paths_mod.os, "replace", replace)
     with pytest.raises(UserError, match="disk full"):
-        render(_config(out, batch_size=1), [plan], renderer=demo_renderer)
+        render(_config(out, batch_size=1), [plan], executor=LocalExecutor(renderer=demo_renderer))
     monkeypatch.undo()
     kept = outputs_mod.read_manifest(out / "full" / "manifest.json")
     assert [f["id"] for f in kept["frames"]] == ["000", "001"]

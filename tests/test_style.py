@@ -13,11 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.config import EngineConfig
+from engine.driver import render
 from engine.errors import UserError
 from engine.plan import Style
-from engine.runner import Renderer
-from engine.style import StyleSettings, immobilize, immobilize_style, list_styles
+from engine.renderer import Renderer
+from engine.style import StyleSettings, immobilize_style, list_styles
 from engine.textual_inversion import load_embedding, vectors_for_model
+from tests.helpers import movie, write_plan
 
 STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
 FAST = StyleSettings(steps=3, batch_size=2, eval_samples=2)
@@ -188,18 +190,24 @@ def test_library_hit_and_miss(sd_renderer, images, trained_sd):
     index = json.loads((out / "index.json").read_text())
     assert {e["description"] for e in index["styles"]} == {STYLE.description, other.description}
     assert len(list_styles(out)) == 2
-    # The runner's API: a hit returns the same (file, token).
-    assert immobilize(sd_renderer, STYLE, None, images=images, out=out) == (result.path, "<gothic>")
+    # A hit hands back the library file's vectors, ready to bind in memory.
+    stored = vectors_for_model(load_embedding(result.path), "sd")
+    assert again.token == "<gothic>" and torch.equal(again.vectors[0], stored[0])
 
 
-def test_token_already_bound_elsewhere_gets_a_unique_token(tiny_sd, images, trained_sd, tmp_path):
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
-    first = trained_sd[0]
-    r.encoder.add_token(first.token, vectors_for_model(load_embedding(first.path), "sd"), str(first.path))
-    other = immobilize_style(r, Style(name="Gothic", description="cold blue moonlight"), FAST, images=images,
-                             out=tmp_path)
-    assert other.token.startswith("<gothic-") and other.token != first.token
-    r.encoder.add_token(other.token, vectors_for_model(load_embedding(other.path), "sd"), str(other.path))
+def test_two_styles_with_one_token_name_both_render(tmp_path):
+    """Two different styles both named Gothic learn the same token name <gothic>: the driver binds the second
+    under a name derived from its library entry, so each movie renders with its own vector."""
+    plan = write_plan(tmp_path / "plan.json", [
+        movie("warm", 1, style={"name": "Gothic", "description": "soft sepia"}),
+        movie("cold", 1, style={"name": "Gothic", "description": "cold blue moonlight"})],
+        {"width": 64, "height": 64, "steps": 2, "seed": 3})
+    summary = render(EngineConfig(model="demo", out=tmp_path / "out", style_training=True), [plan])
+    assert summary.frames_rendered == 2 and summary.failures == []
+    prompts = {m: json.loads((tmp_path / "out" / m / "manifest.json").read_text())["frames"][0]["prompt"]
+               for m in ("warm", "cold")}
+    assert prompts["warm"].startswith("<gothic>, ")
+    assert prompts["cold"].startswith("<gothic-") and not prompts["cold"].startswith("<gothic>")
 
 
 def test_reproducible_and_micro_batches_give_the_same_vector(sd_renderer, images, tmp_path):

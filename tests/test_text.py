@@ -8,7 +8,7 @@ from engine.config import EngineConfig
 from engine.errors import UserError
 from engine.plan import parse_plan
 from engine.prompts import frame_prompt, substitute_characters
-from engine.runner import Renderer
+from engine.renderer import Renderer
 from engine.text import CHUNK, parse_emphasis
 from engine.textual_inversion import load_embedding, vectors_for_model
 

@@ -69,7 +69,7 @@ def create_backend(name: str, model, config) -> Backend:
 
 def _import_builtin() -> None:
     # Importing a backend module registers it; optional ones register a factory that explains a missing install.
-    from . import torch_backend  # noqa: F401
+    from . import null_backend, torch_backend  # noqa: F401
 
     try:
         from . import onnx_backend  # noqa: F401

@@ -1,0 +1,270 @@
+"""The one render driver, for every way of running: plans -> styles -> tasks -> batches -> results -> files.
+
+    1. plans     every plan file validated before any model loads (collect_plans)
+    2. styles    each style's token: an embedding file read here, or immobilized (trained) once by the executor
+    3. tasks     each movie's frames with prompts, seeds and resume keys (executor.plan); finished frames skipped
+    4. batches   frames that share settings and window count, cut to the batch size; out of memory re-cuts the queue
+    5. results   the executor (local process or Ray workers) renders batches and returns typed results
+    6. files     the writer stage encodes and writes frames, manifests and storyboards while rendering goes on
+
+Resume, grouping, the out-of-memory policy, progress, manifests and failure isolation live here and nowhere else:
+a movie whose input is bad, or whose frames fail to render, is reported in the summary and the others complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import EngineConfig
+from .errors import UserError
+from .executors import Batch, Executor, LocalExecutor, Rendered, reason
+from .oom import smaller
+from .outputs import MovieOutputs, resolve_quality
+from .paths import atomic_write_bytes
+from .plan import LoadedMovie, load_plan
+from .renderer import FrameTask, StyleToken
+from .textual_inversion import load_embedding, vectors_for_model
+from .writer import Writer
+
+log = logging.getLogger("movielm_fast")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Summary:
+    frames_total: int = 0
+    frames_rendered: int = 0
+    frames_skipped: int = 0
+    frames_failed: int = 0
+    seconds: float = 0.0
+    render_seconds: float = 0.0
+    unet_steps: int = 0
+    batch_size: int = 0
+    movies: int = 0
+    storyboards: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    resubmitted_batches: int = 0
+    startup_seconds: float = 0.0
+    write: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.frames_rendered / self.render_seconds if self.render_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"movies": self.movies, "frames": self.frames_total, "rendered": self.frames_rendered,
+             "skipped": self.frames_skipped, "failed": self.frames_failed, "seconds": round(self.seconds, 3),
+             "images_per_second": round(self.images_per_second, 4),
+             "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
+             "batch_size": self.batch_size, "storyboards": self.storyboards, "failures": self.failures,
+             "write": self.write}
+        if self.workers:
+            busy = sum(w["busy_seconds"] for w in self.workers)
+            idle = max(0.0, len(self.workers) * self.render_seconds - busy) / max(1, self.frames_rendered)
+            d.update(workers=self.workers, resubmitted_batches=self.resubmitted_batches,
+                     startup_seconds=round(self.startup_seconds, 3), idle_seconds_per_frame=round(idle, 4))
+        return d
+
+
+def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
+    """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    movies = [m for f in files for m in load_plan(f)]
+    ids = [m.movie.id for m in movies]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:  # within one file the plan validation already said so; this is across files
+        raise UserError(f"movie id(s) {', '.join(map(repr, duplicated))} appear in more than one plan",
+                        "movie ids name output folders; make them unique across the files you render")
+    for m in movies:
+        if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
+            raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
+                            f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
+    return movies
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail before any model work if the output folder cannot be created or written."""
+    try:
+        atomic_write_bytes(Path(out) / ".movielm-write-check", b"")
+        (Path(out) / ".movielm-write-check").unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {out}: {exc.strerror or exc}",
+                        "choose a writable folder with --out") from None
+
+
+def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progress | None = None,
+           executor: Executor | None = None) -> Summary:
+    """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
+    executor, renders in this process (LocalExecutor)."""
+    t0 = time.perf_counter()
+    movies = collect_plans(plan_paths)  # 1. plans
+    check_output_folder(config.out)
+    resolve_quality(config.image_format, config.image_quality)
+    executor = executor or LocalExecutor(config)
+    summary = Summary(movies=len(movies), frames_total=sum(len(lm.movie.frames) for lm in movies))
+    try:
+        _run(config, movies, executor, summary, progress)
+    finally:
+        executor.cancel()  # after an interrupt: nothing of this job keeps running
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def prepare_styles(config: EngineConfig, movies: list[LoadedMovie], executor: Executor,
+                   failures: dict[str, str]) -> dict[str, StyleToken | None]:
+    """2. styles: movie id -> its style token (None: the style is written out as text). Each embedding file is read
+    once; each style without one is immobilized once (MovieLLM), however many movies share it."""
+    by_source: dict[tuple, StyleToken | str] = {}
+    tokens: dict[str, StyleToken | None] = {}
+    for lm in movies:
+        st = lm.movie.style
+        if st.embedding:
+            key: tuple = ("file", str((lm.plan_dir / st.embedding).resolve()), st.token)
+        elif config.style_training:
+            key = ("train", st.name, st.description, st.token)
+        else:
+            tokens[lm.movie.id] = None
+            continue
+        if key not in by_source:
+            try:
+                if key[0] == "file":
+                    emb = load_embedding(key[1])
+                    name = st.token or emb.token or f"<{st.name.lower().replace(' ', '-')}>"
+                    by_source[key] = StyleToken(name, tuple(vectors_for_model(emb, executor.info.kind)), key[1])
+                else:
+                    by_source[key] = executor.train_style(st)
+            except Exception as exc:
+                by_source[key] = ("style training failed: " if key[0] == "train" else "") + reason(exc)
+        value = by_source[key]
+        if isinstance(value, str):
+            failures[lm.movie.id] = value
+        else:
+            tokens[lm.movie.id] = value
+    return _distinct_tokens(tokens)
+
+
+def _distinct_tokens(tokens: dict[str, StyleToken | None]) -> dict[str, StyleToken | None]:
+    """Two styles whose files carry the same token name (two libraries' <gothic>, say) cannot both be bound: the
+    later one gets a name suffixed with a digest of its source."""
+    owner: dict[str, str] = {}
+    renamed: dict[str, StyleToken] = {}
+    out: dict[str, StyleToken | None] = {}
+    for movie_id, t in tokens.items():
+        if t is not None and owner.setdefault(t.token, t.source) != t.source:
+            if t.source not in renamed:
+                digest = hashlib.sha256(t.source.encode()).hexdigest()[:6]
+                renamed[t.source] = StyleToken(f"{t.token.rstrip('>')}-{digest}>", t.vectors, t.source)
+            t = renamed[t.source]
+        out[movie_id] = t
+    return out
+
+
+def make_batches(tasks: list[FrameTask], size: int) -> list[list[FrameTask]]:
+    """4. Frames that share settings and window count, in plan order, cut into batches of `size`."""
+    groups: dict[tuple, list[FrameTask]] = {}
+    for t in tasks:
+        groups.setdefault((t.settings, t.chunks), []).append(t)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, summary: Summary,
+         progress: Progress | None) -> None:
+    failures: dict[str, str] = {}
+    tokens = prepare_styles(config, movies, executor, failures)  # 2. styles
+
+    # 3. tasks, and what is left to do
+    good = [lm for lm in movies if lm.movie.id not in failures]
+    planned: dict[str, list[FrameTask]] = {}
+    for lm, result in zip(good, executor.plan([(lm, tokens[lm.movie.id]) for lm in good], config.overrides)):
+        if isinstance(result, str):
+            failures[lm.movie.id] = result
+        else:
+            planned[lm.movie.id] = result
+    info = executor.info
+    quality = resolve_quality(config.image_format, config.image_quality)
+    outputs = {}
+    for lm in movies:
+        if lm.movie.id in planned:
+            settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
+                        "image_format": config.image_format, "quality": quality}
+            outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings)
+    tasks = [t for tasks in planned.values() for t in tasks]
+    todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
+    summary.frames_skipped = len(tasks) - len(todo)
+    for mo in outputs.values():
+        mo.save()  # drops entries of frames no longer in the plan
+
+    size = config.batch_size
+    if size == "auto":
+        size = executor.batch_size(todo[0].settings) if todo else 1
+    summary.batch_size = size
+    if progress:
+        progress(0, len(todo))
+
+    # 4.-6. batches -> results -> files
+    writer = Writer(outputs, info, config.image_format, quality, config.writer_threads)
+    queue = deque(make_batches(todo, size))
+    batch_tokens = {movie_id: [t] if t else [] for movie_id, t in tokens.items()}
+    t_render = time.perf_counter()
+    try:
+        while queue or executor.pending:
+            while queue and executor.has_room():
+                tasks_ = queue.popleft()
+                used = {t.source: t for task in tasks_ for t in batch_tokens[task.job.movie_id]}
+                executor.submit(Batch(tasks_, list(used.values()), (config.image_format, quality)))
+            batch, result = executor.next_result()
+            if isinstance(result, Rendered):
+                writer.put(batch, result)
+                summary.frames_rendered += len(batch.tasks)
+                summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
+                if progress:
+                    progress(len(batch.tasks), len(todo))
+            elif result.oom:
+                if len(batch.tasks) == 1:
+                    raise UserError("out of memory even at batch size 1",
+                                    "use a smaller --width/--height, --dtype fp16, or a larger device")
+                size = min(size, smaller(len(batch.tasks)))
+                log.warning("out of memory at batch %d; continuing with batches of %d", len(batch.tasks), size)
+                summary.batch_size = size
+                # Re-cut everything still to do, so later batches do not each fail once before shrinking.
+                queue = deque(make_batches([t for b in [batch.tasks, *queue] for t in b], size))
+            elif len(batch.tasks) > 1:
+                # Render its frames alone, so one bad movie cannot take the other movies of its batch with it.
+                queue.extendleft([t] for t in reversed(batch.tasks))
+            else:
+                failures.setdefault(batch.tasks[0].job.movie_id, result.reason)
+    finally:
+        summary.render_seconds = time.perf_counter() - t_render
+        summary.workers = executor.worker_stats()
+        summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
+        try:
+            writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
+        finally:
+            for mo in outputs.values():
+                mo.save()
+    written = set(writer.times.storyboards)
+    for mo in outputs.values():
+        if mo.complete():  # complete before this run too: its dialogue may have changed
+            path = str(mo.dir / "storyboard.png")
+            summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
+    t = writer.times
+    summary.write = {"frames": t.frames, "encode_seconds": round(t.encode, 3), "write_seconds": round(t.write, 3),
+                     "storyboard_seconds": round(t.storyboard, 3)}
+    for movie_id, why in failures.items():
+        mo = outputs.get(movie_id)
+        missing = len(mo.lm.movie.frames) - sum(f.id in mo.entries for f in mo.lm.movie.frames) if mo else \
+            next(len(lm.movie.frames) for lm in movies if lm.movie.id == movie_id)
+        summary.failures.append({"movie": movie_id, "reason": why, "frames_missing": missing})
+        summary.frames_failed += missing

@@ -1,0 +1,115 @@
+"""What a worker holds: the loaded model, its backend and the prompt encoder -- and what it does with them.
+
+One `Renderer` lives in the local process (local runs) or in each Ray worker. The driver (engine.driver) talks to it
+only through an executor; every method here does one thing: bind style tokens, plan frames, render a batch, train
+a style, measure a batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends.base import create_backend
+from .config import EngineConfig
+from .models import load_model
+from .pipeline import BatchSettings, FrameJob, render_batch
+from .plan import LoadedMovie, RenderSettings, Style
+from .prompts import frame_prompt
+from .seeds import frame_seed
+from .style import immobilize_style
+from .text import PromptEncoder
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What manifests and resume keys record about the loaded model."""
+
+    model_id: str
+    content_hash: str
+    kind: str
+    dtype: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class StyleToken:
+    """A style's learned token, in memory: one (n, D_i) tensor per text encoder. `source` names where the vectors
+    came from (an embedding file or a style-library entry); binding the same source twice is a no-op."""
+
+    token: str
+    vectors: tuple[torch.Tensor, ...]
+    source: str
+
+
+@dataclass
+class FrameTask:
+    job: FrameJob
+    settings: BatchSettings
+    chunks: int
+    key: dict[str, Any]  # everything that determines the pixels; a manifest entry must match it to be reused
+    dialogue: str
+
+
+class Renderer:
+    """Holds the loaded model, backend and prompt cache; renders any number of movies.
+
+    `model` and `backend` may be passed in (tests wrap a backend, benchmarks reuse a loaded model); by default
+    they are loaded from `config`."""
+
+    def __init__(self, config: EngineConfig, model=None, backend=None):
+        self.config = config
+        config.torch_device  # fail fast on a bad device before loading gigabytes
+        self.model = model or load_model(config.model)
+        self.backend = backend or create_backend(config.backend, self.model, config)
+        self.encoder = PromptEncoder(self.model, self.backend)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.model.model_id, self.model.content_hash, self.model.kind, self.config.dtype_name,
+                         self.config.backend)
+
+    def bind(self, tokens: list[StyleToken]) -> None:
+        """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""
+        for t in tokens:
+            self.encoder.add_token(t.token, list(t.vectors), t.source)
+
+    def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
+        """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
+        s = lm.resolved(overrides)
+        bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler)
+        tasks = []
+        for frame in lm.movie.frames:
+            prompt = frame_prompt(lm.movie, frame, token)
+            seed = frame_seed(s.seed, frame.id, frame.seed, s.seed_mode)
+            job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed)
+            key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
+                   "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
+                   "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
+            tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
+        return tasks
+
+    def render(self, jobs: list[FrameJob], settings: BatchSettings) -> np.ndarray:
+        """(B, H, W, 3) uint8."""
+        return render_batch(self.model, self.backend, self.encoder, jobs, settings)
+
+    def train_style(self, style: Style) -> StyleToken:
+        """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then
+        answered by the style library."""
+        result = immobilize_style(self, style)
+        return StyleToken(result.token, tuple(result.vectors), str(result.path))
+
+    def auto_batch_size(self, s: BatchSettings) -> int:
+        if self.backend.device.type != "cuda":
+            return 4  # CPU throughput barely grows with batch; keep the in-flight loss small
+        free, _ = torch.cuda.mem_get_info(self.backend.device)
+        # Peak activation memory of a UNet step grows ~linearly with batch; measure it once at batch 1.
+        torch.cuda.reset_peak_memory_stats(self.backend.device)
+        base = torch.cuda.memory_allocated(self.backend.device)
+        probe = FrameJob("probe", "probe", "probe", "", 0)
+        self.render([probe], BatchSettings(s.width, s.height, 1, s.guidance, s.scheduler))
+        per_sample = max(torch.cuda.max_memory_allocated(self.backend.device) - base, 1)
+        return int(max(1, min(64, 0.85 * free // per_sample)))

@@ -1,0 +1,120 @@
+"""The write stage: image encoding, hashing, atomic writes, manifest entries and storyboards, off the render thread.
+
+The driver hands each finished batch to `Writer.put` and goes straight back to rendering; a bounded pool of
+threads does the files. zlib (PNG), libjpeg/libwebp and sha256 release the GIL while they work, so the threads run
+in parallel with each other and with the render loop. Backpressure: at most `max_batches` batches wait or are
+being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
+
+`threads=0` writes inline on the caller's thread: the sequential reference the pipelined writer is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .executors import Batch, Rendered
+from .outputs import IMAGE_FORMATS, MovieOutputs, encode_image
+from .renderer import ModelInfo
+
+log = logging.getLogger("movielm_fast")
+
+
+@dataclass
+class WriteTimes:
+    """Seconds spent per part of the write stage, summed over frames (threads overlap, so this exceeds wall time)."""
+
+    encode: float = 0.0
+    write: float = 0.0  # hash + atomic file write + journal line
+    storyboard: float = 0.0
+    frames: int = 0
+    storyboards: list[str] = field(default_factory=list)
+
+
+class Writer:
+    def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, image_format: str, quality: int | None,
+                 threads: int, max_batches: int = 2):
+        self.outputs, self.info = outputs, info
+        self.image_format, self.quality = image_format, quality
+        self.suffix = IMAGE_FORMATS[image_format]
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer") if threads > 0 else None
+        self.slots = threading.BoundedSemaphore(max(1, max_batches))
+        self.times = WriteTimes()
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        self._storyboarded: set[str] = set()
+
+    def put(self, batch: Batch, result: Rendered) -> None:
+        """Write the batch's frames (in the background when there are threads). Raises the first error a writer
+        thread met (disk full, permissions), so the driver stops rendering frames it could not save."""
+        self.raise_errors()
+        if self.pool is None:
+            self._write_batch(batch, result)
+            return
+        self.slots.acquire()  # blocks while `max_batches` batches are still being written
+        try:
+            futures = [self.pool.submit(self._write_frame, batch, result, i) for i in range(len(batch.tasks))]
+        except BaseException:
+            self.slots.release()
+            raise
+        remaining = [len(futures)]
+
+        def done(_):
+            with self._lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self.slots.release()
+
+        for f in futures:
+            f.add_done_callback(done)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()] + futures
+
+    def _write_batch(self, batch: Batch, result: Rendered) -> None:
+        for i in range(len(batch.tasks)):
+            self._write_frame(batch, result, i)
+
+    def _write_frame(self, batch: Batch, result: Rendered, i: int) -> None:
+        task = batch.tasks[i]
+        mo = self.outputs[task.job.movie_id]
+        t0 = time.perf_counter()
+        image = result.images[i] if result.images is not None else None
+        data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
+                                                                                 self.image_format, self.quality)
+        t1 = time.perf_counter()
+        mo.write_frame(task, data, self.suffix, result.seconds / len(batch.tasks), image)
+        t2 = time.perf_counter()
+        with self._lock:
+            self.times.encode += t1 - t0
+            self.times.write += t2 - t1
+            self.times.frames += 1
+            finished = mo.complete() and task.job.movie_id not in self._storyboarded
+            if finished:
+                self._storyboarded.add(task.job.movie_id)
+        if finished:  # the movie's last frame: its manifest and storyboard now, not at the end of the run
+            self.finish_movie(mo)
+
+    def finish_movie(self, mo: MovieOutputs) -> None:
+        t0 = time.perf_counter()
+        mo.save()
+        path = mo.write_storyboard()
+        with self._lock:
+            self.times.storyboard += time.perf_counter() - t0
+            self.times.storyboards.append(str(path))
+
+    def raise_errors(self) -> None:
+        with self._lock:
+            failed = [f for f in self._futures if f.done() and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+
+    def close(self) -> None:
+        """Finish every queued write (after Ctrl-C too: frames already rendered are cheap to keep), then raise the
+        first error a writer thread met."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.raise_errors()
