@@ -199,8 +199,11 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
         if lm.movie.id in planned:
             settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
                         "image_format": config.image_format, "quality": quality}
-            outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings)
+            outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
     tasks = [t for tasks in planned.values() for t in tasks]
+    if config.image_format != "png":  # another file is another output; PNG keys stay as they were, so old runs resume
+        for t in tasks:
+            t.key.update(image_format=config.image_format, quality=quality)
     todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
     summary.frames_skipped = len(tasks) - len(todo)
     for mo in outputs.values():
@@ -259,9 +262,7 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
         if mo.complete():  # complete before this run too: its dialogue may have changed
             path = str(mo.dir / "storyboard.png")
             summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
-    t = writer.times
-    summary.write = {"frames": t.frames, "encode_seconds": round(t.encode, 3), "write_seconds": round(t.write, 3),
-                     "storyboard_seconds": round(t.storyboard, 3)}
+    summary.write = writer.times.as_dict()
     for movie_id, why in failures.items():
         mo = outputs.get(movie_id)
         missing = len(mo.lm.movie.frames) - sum(f.id in mo.entries for f in mo.lm.movie.frames) if mo else \

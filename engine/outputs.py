@@ -10,7 +10,6 @@ only after its file is on disk, so a killed run (kill -9 included) loses at most
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -129,7 +128,8 @@ def _font(size: int):
 THUMB = 256
 
 
-def _thumbnail(im: Image.Image) -> Image.Image:
+def thumbnail(im: Image.Image) -> Image.Image:
+    """A frame's storyboard thumbnail (the same from its pixels as from its lossless file)."""
     im = im.convert("RGB")
     im.thumbnail((THUMB, THUMB))
     return im
@@ -146,7 +146,7 @@ def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int =
             thumbs.append((frame_id, dialogue, source))
             continue
         with Image.open(source) as im:
-            thumbs.append((frame_id, dialogue, _thumbnail(im).copy()))
+            thumbs.append((frame_id, dialogue, thumbnail(im).copy()))
     cols = max(1, min(columns, len(thumbs)))
     rows = (len(thumbs) + cols - 1) // cols
     cell_w, cell_h = thumb + 16, thumb + caption_h + 16
@@ -166,8 +166,9 @@ def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int =
 class MovieOutputs:
     """Output folder and manifest of one movie. Thread-safe: writer threads record frames concurrently."""
 
-    def __init__(self, out: Path, lm: LoadedMovie, info: ModelInfo, settings: dict[str, Any]):
+    def __init__(self, out: Path, lm: LoadedMovie, info: ModelInfo, settings: dict[str, Any], image_format: str):
         self.lm = lm
+        self.suffix = IMAGE_FORMATS[image_format]
         self.dir = Path(out) / lm.movie.id
         self.manifest_path = self.dir / "manifest.json"
         old = read_manifest(self.manifest_path) or {}
@@ -183,16 +184,16 @@ class MovieOutputs:
         if not entry or any(entry.get(k) != v for k, v in task.key.items()):
             return False
         path = self.dir / entry["file"]
-        return path.is_file() and sha256_file(path) == entry.get("sha256")
+        return path.suffix == self.suffix and path.is_file() and sha256_file(path) == entry.get("sha256")
 
-    def write_frame(self, task: FrameTask, data: bytes, suffix: str, seconds: float,
-                    image: np.ndarray | None = None) -> None:
-        """The frame's file on disk, then its manifest entry (journal line): never the other way round."""
-        rel = f"frames/{task.job.frame_id}{suffix}"
-        atomic_write_bytes(self.dir / rel, data)
-        entry = {"id": task.job.frame_id, "file": rel, "dialogue": task.dialogue, **task.key,
-                 "sha256": hashlib.sha256(data).hexdigest(), "seconds": round(seconds, 4)}
-        thumb = _thumbnail(Image.fromarray(image)) if image is not None else None
+    def frame_file(self, task: FrameTask) -> str:
+        return f"frames/{task.job.frame_id}{self.suffix}"
+
+    def record(self, task: FrameTask, sha256: str, seconds: float) -> None:
+        """The manifest entry of a frame whose file is already on disk (a journal line; manifest.json is
+        rewritten by `save`)."""
+        entry = {"id": task.job.frame_id, "file": self.frame_file(task), "dialogue": task.dialogue, **task.key,
+                 "sha256": sha256, "seconds": round(seconds, 4)}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             try:
@@ -205,8 +206,6 @@ class MovieOutputs:
                                 "free some space (or fix permissions) and run the same command again; "
                                 "finished frames are kept") from None
             self.entries[task.job.frame_id] = entry
-            if thumb is not None:
-                self.thumbs[task.job.frame_id] = thumb
 
     def save(self) -> None:
         """Rewrite manifest.json in plan order (dropping frames no longer in the plan), then drop the journal."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +58,12 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
-def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings
-                 ) -> np.ndarray:
-    """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order."""
+def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings,
+                 times: dict[str, float] | None = None) -> np.ndarray:
+    """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order. `times`, if given,
+    accumulates host seconds per stage (prompt, latents, unet, scheduler, decode; device work is asynchronous, so
+    on a GPU these are launch times)."""
+    clock = _Clock(times)
     device = backend.device
     guidance_dim = model.unet.config.time_cond_proj_dim  # set for guidance-distilled UNets: no CFG batch
     cfg = s.guidance > 1.0 and guidance_dim is None
@@ -69,6 +73,7 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     if guidance_dim is not None:
         cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))
     cond = cond.to(device)
+    clock.lap("prompt")
 
     # 2. Prepare latents: each frame's own generator, exactly as diffusers draws at batch size 1.
     scheduler = make_scheduler(s.scheduler, model.scheduler_config)
@@ -80,20 +85,39 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     if "eta" in step_params:
         step_kwargs["eta"] = 0.0
+    clock.lap("latents")
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
     for t in scheduler.timesteps:
         x = torch.cat([latents, latents]) if cfg else latents
         x = scheduler.scale_model_input(x, t)
+        clock.lap("scheduler")
         noise = backend.denoise(x, t, cond).float()
+        clock.lap("unet")
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + s.guidance * (text - uncond)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    clock.lap("scheduler")
 
     # 4. Decode, and convert to uint8 where the pixels are: a quarter of the bytes cross to the host.
     images = backend.decode(latents)  # (B, 3, H, W) in [0, 1]
     if not torch.isfinite(images).all():
         raise FloatingPointError("the decoded image contains NaN/inf (numeric overflow)")
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, 3)
-    return pixels.cpu().numpy()
+    pixels = pixels.cpu().numpy()
+    clock.lap("decode")
+    return pixels
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to times[name]; does nothing without a dict."""
+
+    def __init__(self, times: dict[str, float] | None):
+        self.times, self.t = times, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.times is not None:
+            now = time.perf_counter()
+            self.times[name] = self.times.get(name, 0.0) + now - self.t
+            self.t = now

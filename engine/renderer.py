@@ -66,6 +66,7 @@ class Renderer:
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
+        self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
 
     @property
     def info(self) -> ModelInfo:
@@ -94,7 +95,7 @@ class Renderer:
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings) -> np.ndarray:
         """(B, H, W, 3) uint8."""
-        return render_batch(self.model, self.backend, self.encoder, jobs, settings)
+        return render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times)
 
     def train_style(self, style: Style) -> StyleToken:
         """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then

@@ -10,14 +10,18 @@ being written; `put` blocks beyond that, so memory stays bounded however fast th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from .executors import Batch, Rendered
-from .outputs import IMAGE_FORMATS, MovieOutputs, encode_image
+from .outputs import MovieOutputs, encode_image, thumbnail
+from .paths import atomic_write_bytes
 from .renderer import ModelInfo
 
 log = logging.getLogger("movielm_fast")
@@ -25,13 +29,21 @@ log = logging.getLogger("movielm_fast")
 
 @dataclass
 class WriteTimes:
-    """Seconds spent per part of the write stage, summed over frames (threads overlap, so this exceeds wall time)."""
+    """Seconds per part of the write stage, summed over frames (threads overlap, so the sum can exceed wall time),
+    and the render thread's waits for a free slot (backpressure)."""
 
     encode: float = 0.0
-    write: float = 0.0  # hash + atomic file write + journal line
+    hash: float = 0.0
+    write: float = 0.0  # the frame file, atomically
+    manifest: float = 0.0  # its journal line
     storyboard: float = 0.0
+    waited: float = 0.0
     frames: int = 0
     storyboards: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"frames": self.frames, **{f"{k}_seconds": round(getattr(self, k), 4) for k in (
+            "encode", "hash", "write", "manifest", "storyboard", "waited")}}
 
 
 class Writer:
@@ -39,7 +51,6 @@ class Writer:
                  threads: int, max_batches: int = 2):
         self.outputs, self.info = outputs, info
         self.image_format, self.quality = image_format, quality
-        self.suffix = IMAGE_FORMATS[image_format]
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer") if threads > 0 else None
         self.slots = threading.BoundedSemaphore(max(1, max_batches))
         self.times = WriteTimes()
@@ -54,7 +65,9 @@ class Writer:
         if self.pool is None:
             self._write_batch(batch, result)
             return
+        t0 = time.perf_counter()
         self.slots.acquire()  # blocks while `max_batches` batches are still being written
+        self.times.waited += time.perf_counter() - t0
         try:
             futures = [self.pool.submit(self._write_frame, batch, result, i) for i in range(len(batch.tasks))]
         except BaseException:
@@ -81,16 +94,30 @@ class Writer:
     def _write_frame(self, batch: Batch, result: Rendered, i: int) -> None:
         task = batch.tasks[i]
         mo = self.outputs[task.job.movie_id]
-        t0 = time.perf_counter()
         image = result.images[i] if result.images is not None else None
+        t0 = time.perf_counter()
+        # 1. Encode (Ray workers send frames already encoded).
         data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
                                                                                  self.image_format, self.quality)
         t1 = time.perf_counter()
-        mo.write_frame(task, data, self.suffix, result.seconds / len(batch.tasks), image)
+        # 2. Hash, 3. write the file atomically.
+        sha = hashlib.sha256(data).hexdigest()
         t2 = time.perf_counter()
+        atomic_write_bytes(mo.dir / mo.frame_file(task), data)
+        t3 = time.perf_counter()
+        # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files).
+        if image is not None:
+            mo.thumbs[task.job.frame_id] = thumbnail(Image.fromarray(image))
+        t4 = time.perf_counter()
+        # 5. Only now its manifest entry: a frame is in the manifest once its file is on disk.
+        mo.record(task, sha, result.seconds / len(batch.tasks))
+        t5 = time.perf_counter()
         with self._lock:
             self.times.encode += t1 - t0
-            self.times.write += t2 - t1
+            self.times.hash += t2 - t1
+            self.times.write += t3 - t2
+            self.times.storyboard += t4 - t3
+            self.times.manifest += t5 - t4
             self.times.frames += 1
             finished = mo.complete() and task.job.movie_id not in self._storyboarded
             if finished:

@@ -1,0 +1,113 @@
+"""The write stage: pipelined writes equal sequential ones, image formats and their metadata, the manifest journal,
+the null backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from engine.config import EngineConfig
+from engine.driver import render
+from engine.executors import LocalExecutor
+from engine.outputs import read_frame_metadata, read_manifest
+from engine.renderer import Renderer
+from movielm_cli.main import cli
+from tests.helpers import load_png, movie, write_plan
+
+SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
+
+
+@pytest.fixture(scope="module")
+def null_renderer():
+    return Renderer(EngineConfig(model="demo", backend="null"))
+
+
+def _files(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _without_seconds(manifest: bytes) -> dict:
+    data = json.loads(manifest)
+    for f in data["frames"]:
+        f.pop("seconds")
+    return data
+
+
+def test_pipelined_writer_gives_the_same_files_as_the_sequential_one(tmp_path):
+    renderer = Renderer(EngineConfig(model="demo"))  # real pixels: every frame differs
+    plan = write_plan(tmp_path / "plan.json", [movie("a", 7), movie("b", 3)], SMALL)
+    outs = {}
+    for threads in (0, 2):
+        out = tmp_path / f"t{threads}"
+        cfg = EngineConfig(model="demo", out=out, batch_size=3, writer_threads=threads)
+        summary = render(cfg, [plan], executor=LocalExecutor(renderer=renderer))
+        assert summary.frames_rendered == 10 and summary.write["frames"] == 10
+        outs[threads] = _files(out)
+    seq, pipe = outs[0], outs[2]
+    assert seq.keys() == pipe.keys()
+    assert not [k for k in seq if k.endswith(".tmp") or "journal" in k]  # journals are folded in at the end
+    for name in seq:
+        if name.endswith("manifest.json"):
+            assert _without_seconds(seq[name]) == _without_seconds(pipe[name])
+        else:  # frames and storyboards: the same bytes
+            assert seq[name] == pipe[name], name
+
+
+@pytest.mark.parametrize("fmt,quality", [("jpg", None), ("webp", 80)])
+def test_lossy_formats_keep_metadata_and_are_recorded(tmp_path, null_renderer, fmt, quality):
+    plan = write_plan(tmp_path / "plan.json", [movie("m", 2)], SMALL)
+    out = tmp_path / "out"
+    cfg = EngineConfig(model="demo", out=out, backend="null", image_format=fmt, image_quality=quality)
+    render(cfg, [plan], executor=LocalExecutor(renderer=null_renderer))
+    manifest = json.loads((out / "m" / "manifest.json").read_text())
+    assert manifest["settings"]["image_format"] == fmt
+    assert manifest["settings"]["quality"] == (quality or 95)
+    entry = manifest["frames"][0]
+    assert entry["file"] == f"frames/000.{fmt}" and entry["image_format"] == fmt
+    meta = read_frame_metadata(out / "m" / entry["file"])
+    assert meta["prompt"] == entry["prompt"] and int(meta["seed"]) == entry["seed"]
+    assert json.loads(meta["settings"])["steps"] == 2
+    with Image.open(out / "m" / entry["file"]) as im:
+        assert im.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt] and im.size == (64, 64)
+    # Another format is another output: the frames are made again, not taken for done.
+    again = render(EngineConfig(model="demo", out=out, backend="null"), [plan],
+                   executor=LocalExecutor(renderer=null_renderer))
+    assert again.frames_rendered == 2
+    assert json.loads((out / "m" / "manifest.json").read_text())["frames"][0]["file"] == "frames/000.png"
+
+
+def test_journal_entries_count_until_the_manifest_is_rewritten(tmp_path, null_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("j", 3)], SMALL)
+    out = tmp_path / "out"
+    render(EngineConfig(model="demo", out=out, backend="null"), [plan], executor=LocalExecutor(renderer=null_renderer))
+    manifest_path = out / "j" / "manifest.json"
+    full = json.loads(manifest_path.read_text())
+    # As a killed run leaves it: manifest.json with one frame, the other two in the journal, the last line cut.
+    journal = manifest_path.with_name("manifest.journal.jsonl")
+    first, *rest = full["frames"]
+    manifest_path.write_text(json.dumps({**full, "frames": [first]}))
+    journal.write_text("".join(json.dumps(e) + "\n" for e in rest) + '{"id": "00')
+    merged = read_manifest(manifest_path)
+    assert [f["id"] for f in merged["frames"]] == ["000", "001", "002"]
+    resumed = render(EngineConfig(model="demo", out=out, backend="null"), [plan],
+                     executor=LocalExecutor(renderer=null_renderer))
+    assert resumed.frames_rendered == 0 and resumed.frames_skipped == 3
+    assert not journal.exists() and len(json.loads(manifest_path.read_text())["frames"]) == 3
+
+
+def test_null_backend_runs_the_whole_engine_from_the_cli(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", [movie("n", 3)], {**SMALL, "width": 128, "height": 96})
+    res = CliRunner().invoke(cli, ["render", str(plan), "--backend", "null", "--out", str(tmp_path / "out"),
+                                   "--image-format", "jpg", "--quality", "90", "--json", "--no-style-training"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["rendered"] == 3 and summary["write"]["frames"] == 3
+    a = load_png(tmp_path / "out" / "n" / "frames" / "000.jpg")
+    b = load_png(tmp_path / "out" / "n" / "frames" / "001.jpg")
+    assert a.shape == (96, 128, 3) and a.std() > 40  # detailed, noise-like: encoders work as on a real frame
+    assert np.array_equal(a, b)  # one fixed image: the same for every frame
+    assert (tmp_path / "out" / "n" / "storyboard.png").is_file()
