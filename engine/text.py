@@ -247,6 +247,10 @@ class PromptEncoder:
         """Windows a (prompt, negative) pair is encoded with; frames batch together only if theirs agree."""
         return max(self.chunk_count(prompt), self.chunk_count(negative))
 
+    def clear_cache(self) -> None:
+        """Forget encoded prompts (benchmarks: every run pays its own encoding, as a fresh process does)."""
+        self._cache.clear()
+
     def encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
         key = f"{min_chunks}\x00{prompt}"
         if key not in self._cache:

@@ -1,0 +1,145 @@
+"""Host-side throughput: the real engine on the zero-cost `null` backend, so only the engine's own work is left.
+
+    python -m bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8]
+    movielm-fast bench --host ...
+
+For each size x format, and for the write stage pipelined (writer threads, the default) and sequential (threads=0,
+every file written on the render thread, as before the write stage existed), one movie of `--frames` frames with
+distinct prompts is rendered from scratch after a warm-up run. Reported per case:
+
+- render-thread host ms per frame: the render loop's time minus its waits for a free writer slot, per frame --
+  what a GPU would have to wait for between batches;
+- frames/s end to end: frames over the whole `render` call (planning, the write drain and the storyboard included);
+- the split in ms per frame: prompt, latents, scheduler, unet (~0 here), decode (uint8 conversion) on the render
+  thread; encode, hash, write, manifest, storyboard in the write stage (summed over threads);
+- whether the pipelined files equal the sequential ones (same bytes for frames and storyboard; manifests equal
+  except their timing field).
+
+Results go to bench/results/host-<stamp>.json; `python -m bench.report` puts them in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.driver import render
+from engine.executors import LocalExecutor
+from engine.paths import atomic_write_text
+from engine.plan import RenderSettings
+from engine.renderer import Renderer
+
+from .hardware import load_average, machine_info, source_state
+
+FORMAT = "movielm-bench-host/1"
+RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
+WRITE_STAGES = ("encode", "hash", "write", "manifest", "storyboard")
+
+
+def _plan(path: Path, frames: int) -> Path:
+    movie = {"id": "host", "title": "Host", "style": {"name": "Gothic", "description": "soft sepia, dimly lit rooms"},
+             "characters": [{"name": "Rosa", "appearance": "a young woman with auburn hair in lavender"}],
+             "frames": [{"id": f"{i:04d}", "description": f"Rosa crosses the ((ballroom)) in scene {i}, candles "
+                                                          f"flicker", "dialogue": f"Line {i} of the story."}
+                        for i in range(frames)]}
+    path.write_text(json.dumps({"version": 1, "movies": [movie]}))
+    return path
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _same_output(a: dict[str, bytes], b: dict[str, bytes]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        if name.endswith("manifest.json"):
+            ma, mb = json.loads(a[name]), json.loads(b[name])
+            for m in (ma, mb):
+                for f in m["frames"]:
+                    f.pop("seconds")
+            if ma != mb:
+                return False
+        elif a[name] != b[name]:
+            return False
+    return True
+
+
+def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, steps: int, batch: int,
+             threads: int) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    renderer.encoder.clear_cache()  # each run encodes its prompts, as a fresh process would
+    renderer.times.clear()
+    config = EngineConfig(model="demo", out=out, backend="null", batch_size=batch, image_format=fmt,
+                          writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
+    t0 = time.perf_counter()
+    s = render(config, [plan], executor=LocalExecutor(renderer=renderer))
+    wall = time.perf_counter() - t0
+    n = s.frames_rendered
+    busy = s.render_seconds - s.write["waited_seconds"]
+    return {"size": f"{size}x{size}", "format": fmt, "writer_threads": threads, "frames": n,
+            "render_thread_ms_per_frame": round(1000 * busy / n, 2), "frames_per_s": round(n / wall, 2),
+            "wall_seconds": round(wall, 3), "waited_ms_per_frame": round(1000 * s.write["waited_seconds"] / n, 2),
+            "split_ms_per_frame": {**{k: round(1000 * renderer.times.get(k, 0.0) / n, 2) for k in RENDER_STAGES},
+                                   **{k: round(1000 * s.write[f"{k}_seconds"] / n, 2) for k in WRITE_STAGES}}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--formats", default="png,jpg")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
+    ap.add_argument("--results", type=Path, default=here / "results")
+    args = ap.parse_args(argv)
+
+    renderer = Renderer(EngineConfig(model="demo", backend="null"))
+    work = Path(tempfile.mkdtemp(prefix="movielm-host-"))
+    load_start = load_average()
+    runs = []
+    try:
+        plan = _plan(work / "plan.json", args.frames)
+        warm = _plan(work / "warm.json", args.batch)
+        for size in map(int, args.sizes.split(",")):
+            for fmt in args.formats.split(","):
+                run_case(renderer, warm, work / "warm", size, fmt, args.steps, args.batch, args.threads)
+                pair = {}
+                for threads in (0, args.threads):  # side by side: sequential, then pipelined
+                    pair[threads] = run_case(renderer, plan, work / f"t{threads}", size, fmt, args.steps,
+                                             args.batch, threads)
+                    pair[threads]["files"] = _files(work / f"t{threads}")
+                same = _same_output(pair[0].pop("files"), pair[args.threads].pop("files"))
+                for threads, r in pair.items():
+                    r["same_files_as_sequential"] = same
+                    runs.append(r)
+                    print(f"{r['size']:>8} {fmt:>4} threads={threads}: render thread "
+                          f"{r['render_thread_ms_per_frame']:6.1f} ms/frame, {r['frames_per_s']:6.1f} frames/s end "
+                          f"to end, same files: {same}  split {r['split_ms_per_frame']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(torch.device("cpu")),
+              "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
+                           "backend": "null", "scheduler": "dpmpp"},
+              "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
+              "runs": runs}
+    path = args.results / f"host-{stamp}.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
