@@ -54,6 +54,12 @@ class EngineConfig:
     """JPEG/WebP quality 1-100; None: 95 for jpg, 90 for webp."""
     writer_threads: int = 2
     """Threads that encode and write frame files while the next batch renders; 0 writes on the render thread."""
+    consistency: str | None = None
+    """--consistency: none | anchor_attention for every movie (the rest of each movie's consistency settings
+    stays); None: as the plans say."""
+    anchor_cache_mb: int = 4096
+    """Character-anchor records (consistency mode) a renderer keeps in memory; beyond it the least recently used
+    are dropped and recomputed when needed again."""
     quiet: bool = False
 
     @property

@@ -200,6 +200,9 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
             settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
                         "image_format": config.image_format, "quality": quality}
             outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
+    for movie_id, mo in outputs.items():
+        anchors = {a.character: a for t in planned[movie_id] for a in t.job.anchors}
+        mo.set_anchors([anchors[c.name] for c in mo.lm.movie.characters if c.name in anchors])
     tasks = [t for tasks in planned.values() for t in tasks]
     if config.image_format != "png":  # another file is another output; PNG keys stay as they were, so old runs resume
         for t in tasks:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from .config import EngineConfig
+from .consistency import AnchorSpec
 from .errors import UserError
 from .oom import is_oom
 from .outputs import encode_image
@@ -57,6 +58,7 @@ class Rendered:
     images: np.ndarray | None
     encoded: list[bytes] | None
     seconds: float
+    anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
 
 
 @dataclass
@@ -113,7 +115,7 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
     t0 = time.perf_counter()
     try:
         renderer.bind(batch.tokens)
-        images = renderer.render([t.job for t in batch.tasks], batch.settings)
+        images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings)
         encoded = None
         if encode:
             encoded = [encode_image(image, t, renderer.info, *batch.encoding) for t, image in zip(batch.tasks, images)]
@@ -125,7 +127,7 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
             return Failed(reason(exc), oom=True)
         log.debug("batch failed", exc_info=True)
         return Failed(reason(exc))
-    return Rendered(images, encoded, time.perf_counter() - t0)
+    return Rendered(images, encoded, time.perf_counter() - t0, anchors)
 
 
 class LocalExecutor:

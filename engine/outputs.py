@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import textwrap
 import threading
 from pathlib import Path
@@ -25,12 +26,14 @@ from .errors import UserError
 from .paths import atomic_write_bytes, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
+    from .consistency import AnchorSpec
     from .plan import LoadedMovie
     from .renderer import FrameTask, ModelInfo
 
 MANIFEST_FORMAT = "movielm-fast/manifest@1"
 IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 DEFAULT_QUALITY = {"jpg": 95, "webp": 90}
+ENTRY_FIELDS = ("id", "file", "dialogue", "sha256", "seconds")  # a manifest entry = these + the frame's key
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_SOFTWARE = 0x0131
 
@@ -163,6 +166,16 @@ def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int =
     return buf.getvalue()
 
 
+def anchor_file(character: str, taken: set[str]) -> str:
+    """A safe file name for a character's anchor image (names are free text; distinct names stay distinct)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", character).strip("-.") or "character"
+    name, k = stem, 2
+    while name.lower() in taken:
+        name, k = f"{stem}-{k}", k + 1
+    taken.add(name.lower())
+    return f"anchors/{name}.png"
+
+
 class MovieOutputs:
     """Output folder and manifest of one movie. Thread-safe: writer threads record frames concurrently."""
 
@@ -177,11 +190,35 @@ class MovieOutputs:
                        "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
                        "settings": settings}
         self.thumbs: dict[str, Image.Image] = {}  # storyboard thumbnails of frames rendered in this run
+        self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
 
+    def set_anchors(self, specs: list[AnchorSpec]) -> None:
+        """The character anchors its frames use (consistency mode): listed in the manifest, files named here."""
+        taken: set[str] = set()
+        self.anchor_files = {a.character: anchor_file(a.character, taken) for a in specs}
+        self.header["anchors"] = [{"character": a.character, "file": self.anchor_files[a.character],
+                                   "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": a.seed,
+                                   "key": a.key} for a in specs]
+
+    def write_anchor(self, spec: AnchorSpec, image: np.ndarray) -> bool:
+        """Save an anchor's image unless the same anchor is on disk already; True if written."""
+        path = self.dir / self.anchor_files[spec.character]
+        try:
+            with Image.open(path) as im:
+                if im.text.get("anchor_key") == spec.key:
+                    return False
+        except (OSError, ValueError):
+            pass  # missing or unreadable: write it
+        atomic_write_bytes(path, png_bytes(image, {"anchor_key": spec.key, "character": spec.character,
+                                                   "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
+                                                   "seed": str(spec.seed)}))
+        return True
+
     def is_done(self, task: FrameTask) -> bool:
+        """Its entry was made with exactly this key (nothing missing, nothing extra) and its file is intact."""
         entry = self.entries.get(task.job.frame_id)
-        if not entry or any(entry.get(k) != v for k, v in task.key.items()):
+        if not entry or {k: v for k, v in entry.items() if k not in ENTRY_FIELDS} != task.key:
             return False
         path = self.dir / entry["file"]
         return path.suffix == self.suffix and path.is_file() and sha256_file(path) == entry.get("sha256")

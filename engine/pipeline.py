@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend, UNetCond
+from .consistency import Anchors, AnchorSpec
 from .schedulers import make_scheduler
 from .seeds import initial_latents
 from .text import PromptEncoder
@@ -33,6 +34,7 @@ class FrameJob:
     prompt: str
     negative_prompt: str
     seed: int
+    anchors: tuple[AnchorSpec, ...] = ()  # the characters whose anchors it attends to (consistency mode)
 
 
 def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool
@@ -59,10 +61,10 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
 
 
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings,
-                 times: dict[str, float] | None = None) -> np.ndarray:
+                 times: dict[str, float] | None = None, anchors: Anchors | None = None) -> np.ndarray:
     """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order. `times`, if given,
     accumulates host seconds per stage (prompt, latents, unet, scheduler, decode; device work is asynchronous, so
-    on a GPU these are launch times)."""
+    on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency)."""
     clock = _Clock(times)
     device = backend.device
     guidance_dim = model.unet.config.time_cond_proj_dim  # set for guidance-distilled UNets: no CFG batch
@@ -81,6 +83,8 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     shape = (model.latent_channels, s.height // model.vae_scale_factor, s.width // model.vae_scale_factor)
     latents, generators = initial_latents([j.seed for j in jobs], shape)
     latents = latents.to(device) * scheduler.init_noise_sigma
+    if anchors is not None:
+        cond.anchors = anchors.for_unet(scheduler.timesteps, cfg)
     step_params = inspect.signature(scheduler.step).parameters
     step_kwargs = {"generator": generators} if "generator" in step_params else {}
     if "eta" in step_params:

@@ -20,6 +20,7 @@ from .errors import PlanError
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "pndm", "default")
 SEED_MODES = ("per_frame", "shared")
+CONSISTENCY_MODES = ("none", "anchor_attention")
 
 
 class _Strict(BaseModel):
@@ -58,6 +59,26 @@ class Frame(_Strict):
     _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
 
 
+class ConsistencySettings(BaseModel):
+    """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
+    `--consistency MODE` on the command line sets the mode and keeps the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal[CONSISTENCY_MODES] = "none"  # type: ignore[valid-type]
+    token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
+    start_step: int = Field(default=1, ge=0)
+    """Steps before this one use plain attention (the layout forms first) and are not recorded."""
+    end_step: int | None = Field(default=None, ge=1)
+    """Steps from this one on use plain attention again; None: to the end."""
+    max_layer_tokens: int | None = Field(default=None, ge=1)
+    """Only layers with at most this many tokens take part (e.g. 1024 leaves out SD 1.5's 64x64 layers at 512 px,
+    which hold over half of the record); None: every up-block self-attention layer."""
+    offload: bool = False
+    """Keep records in host memory and move each to the device when used: less device memory, a copy per use."""
+
+
 class RenderSettings(_Strict):
     """Per-frame rendering settings. Every field is optional here so that layers can cascade."""
 
@@ -69,6 +90,7 @@ class RenderSettings(_Strict):
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
+    consistency: ConsistencySettings | None = None
 
     @field_validator("width", "height")
     @classmethod
@@ -81,7 +103,7 @@ class RenderSettings(_Strict):
 
 BUILTIN_RENDER = RenderSettings(
     width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
-    seed_mode="per_frame",
+    seed_mode="per_frame", consistency=ConsistencySettings(),
 )
 
 
@@ -106,6 +128,8 @@ class Movie(_Strict):
     characters: list[Character] = Field(default_factory=list)
     frames: list[Frame] = Field(min_length=1)
     render: RenderSettings | None = None
+    consistency: ConsistencySettings | None = None
+    """The movie's consistency mode; same as render.consistency (give one of them)."""
 
     _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
 
@@ -187,6 +211,8 @@ def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str,
             problems.append((f"{mpath}.id", f"duplicate movie id {movie.id!r} (also at {seen_movies[movie.id]}): "
                                             "give every movie its own id"))
         seen_movies.setdefault(movie.id, mpath)
+        if movie.consistency is not None and movie.render is not None and movie.render.consistency is not None:
+            problems.append((f"{mpath}.consistency", "given twice (also in render.consistency): keep one"))
         names: dict[str, int] = {}
         for i, ch in enumerate(movie.characters):
             if ch.name in names:
@@ -230,8 +256,8 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     if problems:
         raise PlanError(source, problems)
     base = plan_dir or Path(".")
-    return [LoadedMovie(movie=m, settings=merge_settings(m.render, defaults, BUILTIN_RENDER), plan_dir=base)
-            for m in movies]
+    return [LoadedMovie(movie=m, settings=merge_settings(RenderSettings(consistency=m.consistency), m.render,
+                                                        defaults, BUILTIN_RENDER), plan_dir=base) for m in movies]
 
 
 def load_plan(path: str | Path) -> list[LoadedMovie]:

@@ -14,16 +14,29 @@ def style_prefix(movie: Movie, style_token: str | None) -> str:
     return ", ".join(p for p in parts if p) + ", "
 
 
+def _names_pattern(movie: Movie) -> re.Pattern:
+    """Character names, whole-word and case-sensitive, longest first; ``{Name}`` is an explicit reference."""
+    names = sorted((c.name for c in movie.characters), key=len, reverse=True)
+    alt = "|".join(map(re.escape, names))
+    return re.compile(r"\{(" + alt + r")\}|(?<!\w)(" + alt + r")(?!\w)")
+
+
 def substitute_characters(text: str, movie: Movie) -> str:
-    """Whole-word, case-sensitive, longest name first, in one pass (so an appearance is never substituted into).
-    ``{Name}`` is an explicit reference and loses its braces."""
+    """Each character name replaced by the character's appearance, in one pass (so an appearance is never
+    substituted into); ``{Name}`` loses its braces."""
     if not movie.characters:
         return text
     appearance = {c.name: c.appearance for c in movie.characters}
-    names = sorted(appearance, key=len, reverse=True)
-    pattern = re.compile(r"\{(" + "|".join(map(re.escape, names)) + r")\}|(?<!\w)(" +
-                         "|".join(map(re.escape, names)) + r")(?!\w)")
-    return pattern.sub(lambda m: appearance[m.group(1) or m.group(2)], text)
+    return _names_pattern(movie).sub(lambda m: appearance[m.group(1) or m.group(2)], text)
+
+
+def frame_characters(movie: Movie, frame: Frame) -> list[str]:
+    """The characters a frame's description names, in order of first mention (the same matching as
+    substitute_characters)."""
+    if not movie.characters:
+        return []
+    found = (m.group(1) or m.group(2) for m in _names_pattern(movie).finditer(frame.description))
+    return list(dict.fromkeys(found))
 
 
 def frame_prompt(movie: Movie, frame: Frame, style_token: str | None = None) -> str:

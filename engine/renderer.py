@@ -7,7 +7,8 @@ a style, measure a batch size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,11 @@ import torch
 
 from .backends.base import create_backend
 from .config import EngineConfig
+from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .models import load_model
 from .pipeline import BatchSettings, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
-from .prompts import frame_prompt
+from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
 from .style import immobilize_style
 from .text import PromptEncoder
@@ -67,6 +69,7 @@ class Renderer:
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
+        self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
 
     @property
     def info(self) -> ModelInfo:
@@ -78,24 +81,70 @@ class Renderer:
         for t in tokens:
             self.encoder.add_token(t.token, list(t.vectors), t.source)
 
+    def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
+        """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
+        s = lm.resolved(overrides)
+        cons = s.consistency
+        if self.config.consistency is not None:
+            cons = cons.model_copy(update={"mode": self.config.consistency})
+        if cons.mode == "none":
+            return {}
+        bs = astuple(BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler))
+        return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
+                                   s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
+                for c in lm.movie.characters}
+
     def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
         s = lm.resolved(overrides)
         bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler)
+        anchors = self.anchor_specs(lm, token, overrides)
         tasks = []
         for frame in lm.movie.frames:
             prompt = frame_prompt(lm.movie, frame, token)
             seed = frame_seed(s.seed, frame.id, frame.seed, s.seed_mode)
-            job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed)
+            own = tuple(anchors[name] for name in frame_characters(lm.movie, frame)) if anchors else ()
+            job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, own)
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
+            if own:  # frames without characters render exactly as without the mode: their key stays the same
+                key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
         return tasks
 
-    def render(self, jobs: list[FrameJob], settings: BatchSettings) -> np.ndarray:
-        """(B, H, W, 3) uint8."""
-        return render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times)
+    def render(self, jobs: list[FrameJob], settings: BatchSettings) -> tuple[np.ndarray, list[tuple]]:
+        """(B, H, W, 3) uint8 images, and (spec, image) of each anchor that had to be rendered for them here."""
+        made = []
+        per_job = []
+        for job in jobs:
+            records = []
+            for spec in job.anchors:
+                record, image = self._anchor(spec)
+                records.append(record)
+                if image is not None:
+                    made.append((spec, image))
+            per_job.append(records)
+        specs = [spec for job in jobs for spec in job.anchors]
+        anchors = Anchors(specs[0].consistency, per_job=per_job) if specs else None
+        return render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors), made
+
+    def _anchor(self, spec: AnchorSpec) -> tuple[AnchorRecord, np.ndarray | None]:
+        """The anchor's record, rendering the anchor first if this renderer has not kept it (then also its image).
+        Records are kept most-recently-used first within `config.anchor_cache_mb`."""
+        key = spec.key
+        if key in self.anchor_records:
+            self.anchor_records.move_to_end(key)
+            return self.anchor_records[key], None
+        record = AnchorRecord(spec)
+        job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
+        image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
+                             self.times, Anchors(spec.consistency, record=record))[0]
+        self.anchor_records[key] = record
+        budget = self.config.anchor_cache_mb * 2**20
+        while len(self.anchor_records) > 1 and sum(r.nbytes for r in self.anchor_records.values()) > budget:
+            self.anchor_records.popitem(last=False)  # recomputed if needed again: anchors are deterministic
+        return record, image
 
     def train_style(self, style: Style) -> StyleToken:
         """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then

@@ -294,7 +294,8 @@ def render_scenes(renderer: Renderer, name: str, description: str, s: StyleSetti
             for i, subj in enumerate(subjects)]
     bs = BatchSettings(s.resolution, s.resolution, s.scene_steps, s.scene_guidance, s.scene_scheduler)
     size = len(jobs) if renderer.backend.device.type == "cuda" else 4
-    pixels = map_halving(lambda chunk: list(renderer.render(list(chunk), bs)), jobs, size, "rendering style scenes")
+    pixels = map_halving(lambda chunk: list(renderer.render(list(chunk), bs)[0]), jobs, size,
+                         "rendering style scenes")
     res = s.resolution
     return [_Image(p, subj, (res, res), (0, 0)) for p, subj in zip(pixels, subjects)]
 

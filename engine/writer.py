@@ -57,11 +57,16 @@ class Writer:
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._storyboarded: set[str] = set()
+        self._anchors_saved: set[str] = set()
 
     def put(self, batch: Batch, result: Rendered) -> None:
         """Write the batch's frames (in the background when there are threads). Raises the first error a writer
         thread met (disk full, permissions), so the driver stops rendering frames it could not save."""
         self.raise_errors()
+        for spec, image in result.anchors:  # consistency mode: each anchor's image is saved once
+            if spec.key not in self._anchors_saved:
+                self._anchors_saved.add(spec.key)
+                self.outputs[spec.movie_id].write_anchor(spec, image)
         if self.pool is None:
             self._write_batch(batch, result)
             return

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from engine.errors import UserError
 from engine.outputs import IMAGE_FORMATS
-from engine.plan import SCHEDULERS, RenderSettings
+from engine.plan import CONSISTENCY_MODES, SCHEDULERS, RenderSettings
 from movielm_cli.clean_errors import CleanErrors
 
 DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
@@ -72,6 +72,9 @@ def _batch_size(value: str) -> int | str:
 @click.option("--image-format", type=click.Choice(sorted(IMAGE_FORMATS)), default="png", show_default=True,
               help="Frame files: png (lossless) | jpg | webp (lossy, ~10x smaller, ~15x faster to encode).")
 @click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [95 jpg, 90 webp].")
+@click.option("--consistency", type=click.Choice(CONSISTENCY_MODES),
+              help="Consistent characters for every movie (anchor_attention: frames attend to their characters' "
+                   "anchor renders; torch backend). Default: as each plan says.")
 @click.option("--force", is_flag=True, help="Re-render frames even if they are already done.")
 @click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use the "
               "style name and description as text instead.")
@@ -82,7 +85,7 @@ def _batch_size(value: str) -> int | str:
 @click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
 def render_cmd(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, compile_unet, steps,
-               width, height, guidance, scheduler, seed, negative_prompt, image_format, quality, force,
+               width, height, guidance, scheduler, seed, negative_prompt, image_format, quality, consistency, force,
                no_style_training, cluster, address, workers, gpus_per_worker, quiet, as_json):
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
     from engine.cluster import ClusterOptions, render_on_ray
@@ -99,7 +102,7 @@ def render_cmd(plans, model, out, backend, device, dtype, batch_size, attention,
                           batch_size=_batch_size(batch_size), attention=attention, cuda_graphs=cuda_graphs,
                           compile_unet=compile_unet, overrides=overrides, skip_existing=not force,
                           style_training=not no_style_training, image_format=image_format, image_quality=quality,
-                          quiet=quiet or as_json)
+                          consistency=consistency, quiet=quiet or as_json)
     if cluster == "ray":
         opts = ClusterOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
         summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), opts, progress=cb))

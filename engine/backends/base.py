@@ -7,7 +7,7 @@ asks which backend it is talking to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -20,6 +20,7 @@ class UNetCond:
     text_embeds: torch.Tensor | None = None  # (B, P)  SDXL pooled text embedding
     time_ids: torch.Tensor | None = None  # (B, 6)   SDXL size/crop conditioning
     timestep_cond: torch.Tensor | None = None  # (B, P) guidance embedding of guidance-distilled (LCM) UNets
+    anchors: Any = None  # engine.consistency.AnchorBatch: character anchors (torch backend only)
 
     def to(self, device) -> "UNetCond":
         return UNetCond(*(None if x is None else x.to(device) for x in (

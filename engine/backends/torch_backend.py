@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..consistency import AnchorState
+from ..consistency import install as install_anchor_attention
 from ..errors import UserError
 from ..text import EmbedsTextEncoder
 from .base import UNetCond, register
@@ -36,6 +38,7 @@ class TorchBackend:
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             self.unet.fuse_qkv_projections()
         self._unet_step = self._unet_call
+        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         if config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
@@ -61,9 +64,28 @@ class TorchBackend:
         def cast(x):
             return None if x is None else x.to(self.device, self.dtype)
 
+        if cond.anchors is not None:
+            return self._denoise_anchored(cast(latents), t, cond, cast)
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
         return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
                                cast(cond.time_ids), cast(cond.timestep_cond))
+
+    def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
+        """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
+        eager only (the rows' key lengths change from call to call)."""
+        if self._unet_step != self._unet_call:
+            raise UserError("consistency mode (anchor attention) cannot run with --cuda-graphs or --compile",
+                            "drop --cuda-graphs/--compile for movies with consistency")
+        if self.anchor_state is None:
+            self.anchor_state = AnchorState()
+            install_anchor_attention(self.unet, self.anchor_state)
+        self.anchor_state.batch, self.anchor_state.t = cond.anchors, int(t)
+        try:
+            return self._unet_call(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
+                                   cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
+                                   cast(cond.timestep_cond))
+        finally:
+            self.anchor_state.batch = None
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
