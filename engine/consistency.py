@@ -76,6 +76,7 @@ class AnchorRecord:
     def __init__(self, spec: AnchorSpec):
         self.spec = spec
         self.tokens: dict[tuple[str, int], torch.Tensor] = {}
+        self.image = None  # (H, W, 3) uint8, once rendered
 
     @property
     def nbytes(self) -> int:

@@ -221,6 +221,8 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
 
     # 4.-6. batches -> results -> files
     writer = Writer(outputs, info, config.image_format, quality, config.writer_threads)
+    anchors = {a.key: (mo, a) for mo in outputs.values() for a in mo.anchor_specs}
+    writer.anchors_saved = {k for k, (mo, a) in anchors.items() if mo.anchor_saved(a)}
     queue = deque(make_batches(todo, size))
     batch_tokens = {movie_id: [t] if t else [] for movie_id, t in tokens.items()}
     t_render = time.perf_counter()
@@ -229,7 +231,8 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
             while queue and executor.has_room():
                 tasks_ = queue.popleft()
                 used = {t.source: t for task in tasks_ for t in batch_tokens[task.job.movie_id]}
-                executor.submit(Batch(tasks_, list(used.values()), (config.image_format, quality)))
+                want = frozenset(a.key for task in tasks_ for a in task.job.anchors) - writer.anchors_saved
+                executor.submit(Batch(tasks_, list(used.values()), (config.image_format, quality), want))
             batch, result = executor.next_result()
             if isinstance(result, Rendered):
                 writer.put(batch, result)

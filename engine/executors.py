@@ -45,6 +45,7 @@ class Batch:
     tasks: list[FrameTask]
     tokens: list[StyleToken]
     encoding: tuple[str, int | None] = ("png", None)  # (image format, quality) for workers that encode frames
+    want_anchors: frozenset[str] = frozenset()  # anchors whose images the driver has not saved yet
 
     @property
     def settings(self) -> BatchSettings:
@@ -115,7 +116,7 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
     t0 = time.perf_counter()
     try:
         renderer.bind(batch.tokens)
-        images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings)
+        images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings, batch.want_anchors)
         encoded = None
         if encode:
             encoded = [encode_image(image, t, renderer.info, *batch.encoding) for t, image in zip(batch.tasks, images)]

@@ -190,30 +190,31 @@ class MovieOutputs:
                        "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
                        "settings": settings}
         self.thumbs: dict[str, Image.Image] = {}  # storyboard thumbnails of frames rendered in this run
+        self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def set_anchors(self, specs: list[AnchorSpec]) -> None:
         """The character anchors its frames use (consistency mode): listed in the manifest, files named here."""
         taken: set[str] = set()
+        self.anchor_specs = specs
         self.anchor_files = {a.character: anchor_file(a.character, taken) for a in specs}
         self.header["anchors"] = [{"character": a.character, "file": self.anchor_files[a.character],
                                    "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": a.seed,
                                    "key": a.key} for a in specs]
 
-    def write_anchor(self, spec: AnchorSpec, image: np.ndarray) -> bool:
-        """Save an anchor's image unless the same anchor is on disk already; True if written."""
-        path = self.dir / self.anchor_files[spec.character]
+    def anchor_saved(self, spec: AnchorSpec) -> bool:
+        """Whether this exact anchor's image is on disk already (from this run or an earlier one)."""
         try:
-            with Image.open(path) as im:
-                if im.text.get("anchor_key") == spec.key:
-                    return False
+            with Image.open(self.dir / self.anchor_files[spec.character]) as im:
+                return im.text.get("anchor_key") == spec.key
         except (OSError, ValueError):
-            pass  # missing or unreadable: write it
-        atomic_write_bytes(path, png_bytes(image, {"anchor_key": spec.key, "character": spec.character,
-                                                   "prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
-                                                   "seed": str(spec.seed)}))
-        return True
+            return False  # missing or unreadable
+
+    def write_anchor(self, spec: AnchorSpec, image: np.ndarray) -> None:
+        atomic_write_bytes(self.dir / self.anchor_files[spec.character], png_bytes(image, {
+            "anchor_key": spec.key, "character": spec.character, "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt, "seed": str(spec.seed)}))
 
     def is_done(self, task: FrameTask) -> bool:
         """Its entry was made with exactly this key (nothing missing, nothing extra) and its file is intact."""

@@ -113,44 +113,34 @@ class Renderer:
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
         return tasks
 
-    def render(self, jobs: list[FrameJob], settings: BatchSettings) -> tuple[np.ndarray, list[tuple]]:
-        """(B, H, W, 3) uint8 images, and (spec, image) of each anchor that had to be rendered for them here."""
-        made = []
-        per_job = []
-        for job in jobs:
-            records = []
-            for spec in job.anchors:
-                record, image = self._anchor(spec)
-                records.append(record)
-                if image is not None:
-                    made.append((spec, image))
-            per_job.append(records)
-        specs = [spec for job in jobs for spec in job.anchors]
-        anchors = Anchors(specs[0].consistency, per_job=per_job) if specs else None
-        return render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors), made
+    def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
+               ) -> tuple[np.ndarray, list[tuple[AnchorSpec, np.ndarray]]]:
+        """(B, H, W, 3) uint8 images, and (spec, image) of the anchors named in `want_anchors` that these frames
+        use (the driver asks for those it has not saved yet)."""
+        per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
+        specs = {spec.key: spec for job in jobs for spec in job.anchors}
+        anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
+        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors)
+        records = {r.spec.key: r for recs in per_job for r in recs}
+        return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
-    def _anchor(self, spec: AnchorSpec) -> tuple[AnchorRecord, np.ndarray | None]:
-        """The anchor's record, rendering the anchor first if this renderer has not kept it (then also its image).
-        Records are kept most-recently-used first within `config.anchor_cache_mb`."""
+    def _anchor(self, spec: AnchorSpec) -> AnchorRecord:
+        """The anchor's record, rendering the anchor first if this renderer has not kept it. Records are kept
+        most-recently-used first within `config.anchor_cache_mb`; one dropped is recomputed when needed again
+        (anchors are deterministic)."""
         key = spec.key
         if key in self.anchor_records:
             self.anchor_records.move_to_end(key)
-            return self.anchor_records[key], None
+            return self.anchor_records[key]
         record = AnchorRecord(spec)
         job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
-        image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
-                             self.times, Anchors(spec.consistency, record=record))[0]
+        record.image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
+                                    self.times, Anchors(spec.consistency, record=record))[0]
         self.anchor_records[key] = record
         budget = self.config.anchor_cache_mb * 2**20
         while len(self.anchor_records) > 1 and sum(r.nbytes for r in self.anchor_records.values()) > budget:
-            self.anchor_records.popitem(last=False)  # recomputed if needed again: anchors are deterministic
-        return record, image
-
-    def train_style(self, style: Style) -> StyleToken:
-        """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then
-        answered by the style library."""
-        result = immobilize_style(self, style)
-        return StyleToken(result.token, tuple(result.vectors), str(result.path))
+            self.anchor_records.popitem(last=False)
+        return record
 
     def auto_batch_size(self, s: BatchSettings) -> int:
         if self.backend.device.type != "cuda":

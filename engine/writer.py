@@ -57,16 +57,16 @@ class Writer:
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._storyboarded: set[str] = set()
-        self._anchors_saved: set[str] = set()
+        self.anchors_saved: set[str] = set()  # anchor keys on disk (the driver fills in those found there)
 
     def put(self, batch: Batch, result: Rendered) -> None:
         """Write the batch's frames (in the background when there are threads). Raises the first error a writer
         thread met (disk full, permissions), so the driver stops rendering frames it could not save."""
         self.raise_errors()
         for spec, image in result.anchors:  # consistency mode: each anchor's image is saved once
-            if spec.key not in self._anchors_saved:
-                self._anchors_saved.add(spec.key)
+            if spec.key not in self.anchors_saved:
                 self.outputs[spec.movie_id].write_anchor(spec, image)
+                self.anchors_saved.add(spec.key)
         if self.pool is None:
             self._write_batch(batch, result)
             return

@@ -1,0 +1,114 @@
+"""Consistent characters (anchor-cached shared attention) on tiny random-weight models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.consistency import token_subset
+from engine.driver import render
+from engine.errors import UserError
+from engine.executors import LocalExecutor
+from engine.renderer import Renderer
+from tests.helpers import load_png, write_plan
+
+MODE = {"mode": "anchor_attention"}
+
+
+def _movie(movie_id="c", seed=3, guidance=7.5, **extra):
+    m = {"id": movie_id, "title": "C", "style": {"name": "Gothic", "description": "soft sepia"},
+         "characters": [{"name": "Rosa", "appearance": "a woman in lavender"},
+                        {"name": "Tom", "appearance": "a tall man in grey"}],
+         "frames": [{"id": "000", "description": "an empty ballroom at night", "seed": 10},
+                    {"id": "001", "description": "Rosa dances alone", "seed": 11},
+                    {"id": "002", "description": "Rosa and {Tom} talk by the window", "seed": 12},
+                    {"id": "003", "description": "Tom waits in the rain", "seed": 13}],
+         "render": {"width": 64, "height": 64, "steps": 4, "seed": seed, "guidance": guidance}}
+    m.update(extra)
+    return m
+
+
+def _frames(out, movie_id="c"):
+    return {f: load_png(out / movie_id / "frames" / f"{f}.png") for f in ("000", "001", "002", "003")}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def renderer(request, tiny_sd, tiny_sdxl):
+    return Renderer(EngineConfig(model=str(tiny_sd if request.param == "sd" else tiny_sdxl)))
+
+
+def _render(renderer, tmp_path, name, movies, batch_size=4, **cfg):
+    plan = write_plan(tmp_path / f"{name}.json", movies)
+    out = tmp_path / name
+    summary = render(EngineConfig(model="x", out=out, batch_size=batch_size, **cfg), [plan],
+                     executor=LocalExecutor(renderer=renderer))
+    return summary, out
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_characters_attend_to_their_anchors_only(renderer, tmp_path, guidance):
+    _, plain = _render(renderer, tmp_path, "plain", [_movie(guidance=guidance)])
+    s, anchored = _render(renderer, tmp_path, "anch", [_movie(guidance=guidance, consistency=MODE)])
+    assert s.frames_rendered == 4 and s.failures == []
+    p, a = _frames(plain), _frames(anchored)
+    assert np.array_equal(p["000"], a["000"])  # names no character: exactly as without the mode
+    for f in ("001", "002", "003"):
+        assert not np.array_equal(p[f], a[f]), f
+    manifest = json.loads((anchored / "c" / "manifest.json").read_text())
+    assert [x["character"] for x in manifest["anchors"]] == ["Rosa", "Tom"]
+    assert all((anchored / "c" / x["file"]).is_file() for x in manifest["anchors"])
+    frames = {e["id"]: e for e in manifest["frames"]}
+    assert "consistency" not in frames["000"] and len(frames["002"]["consistency"]["anchors"]) == 2
+    # Another movie seed changes the anchors (frame seeds are explicit): only frames with characters change.
+    _, moved = _render(renderer, tmp_path, "moved", [_movie(seed=4, guidance=guidance, consistency=MODE)])
+    m = _frames(moved)
+    assert np.array_equal(m["000"], a["000"])
+    for f in ("001", "002", "003"):
+        assert not np.array_equal(m[f], a[f]), f
+
+
+def test_batch_and_order_independent_and_reproducible(renderer, tmp_path):
+    movie = _movie(consistency=MODE)
+    _, b4 = _render(renderer, tmp_path, "b4", [movie], batch_size=4)
+    _, b1 = _render(renderer, tmp_path, "b1", [movie], batch_size=1)
+    reversed_movie = {**movie, "frames": movie["frames"][::-1]}
+    _, rev = _render(renderer, tmp_path, "rev", [reversed_movie], batch_size=3)
+    _, again = _render(renderer, tmp_path, "again", [movie], batch_size=4)
+    f4, f1, fr, fa = _frames(b4), _frames(b1), _frames(rev), _frames(again)
+    for f in f4:
+        assert np.abs(f4[f] - f1[f]).max() <= 2 and np.abs(f4[f] - fr[f]).max() <= 2
+        assert np.array_equal(f4[f], fa[f])  # two runs: bit-identical
+
+
+def test_resume_renders_only_missing_frames_and_saves_anchors_once(renderer, tmp_path):
+    movie = _movie(consistency=MODE)
+    partial = {**movie, "frames": movie["frames"][:2]}
+    _, out = _render(renderer, tmp_path, "out", [partial])
+    anchor = out / "c" / "anchors" / "Rosa.png"
+    first = anchor.stat().st_mtime_ns
+    reference = _frames(_render(renderer, tmp_path, "ref", [movie])[1])
+    renderer.anchor_records.clear()  # as a new process: anchors must be recomputed from scratch
+    s, out = _render(renderer, tmp_path, "out", [movie])
+    assert s.frames_skipped == 2 and s.frames_rendered == 2
+    assert anchor.stat().st_mtime_ns == first  # recomputed for the new frames, not saved again
+    assert (out / "c" / "anchors" / "Tom.png").is_file()
+    for f, img in _frames(out).items():
+        assert np.array_equal(img, reference[f]), f
+
+
+def test_settings_bound_the_record_and_are_checked(renderer, tmp_path):
+    _render(renderer, tmp_path, "full", [_movie(consistency=MODE)])
+    full = sum(r.nbytes for r in renderer.anchor_records.values())
+    renderer.anchor_records.clear()
+    small = {**MODE, "token_fraction": 0.25, "start_step": 2}
+    _render(renderer, tmp_path, "small", [_movie(consistency=small)])
+    assert 0 < sum(r.nbytes for r in renderer.anchor_records.values()) < full / 2
+    idx = token_subset(64, 0.5)
+    assert len(idx) == 32 and bool((idx[1:] > idx[:-1]).all()) and idx.equal(token_subset(64, 0.5))
+    with pytest.raises(UserError, match="token_fraction"):
+        write_plan(tmp_path / "bad.json", [_movie(consistency={**MODE, "token_fraction": 2})])
+        render(EngineConfig(model="x", out=tmp_path / "bad"), [tmp_path / "bad.json"],
+               executor=LocalExecutor(renderer=renderer))
