@@ -142,6 +142,12 @@ class Renderer:
             self.anchor_records.popitem(last=False)
         return record
 
+    def train_style(self, style: Style) -> StyleToken:
+        """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then
+        answered by the style library."""
+        result = immobilize_style(self, style)
+        return StyleToken(result.token, tuple(result.vectors), str(result.path))
+
     def auto_batch_size(self, s: BatchSettings) -> int:
         if self.backend.device.type != "cuda":
             return 4  # CPU throughput barely grows with batch; keep the in-flight loss small
