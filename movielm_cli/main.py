@@ -128,6 +128,30 @@ def render_cmd(plans, model, out, backend, device, dtype, batch_size, attention,
         sys.exit(1)  # other movies are complete; rerunning retries only what is missing
 
 
+@cli.command("eval", help="CLIP scores of rendered movies: frame vs prompt (clip_t), frames that share a character "
+                          "(clip_i_shared, MovieLLM's consistency measure) and frames vs their characters' anchors "
+                          "(clip_i_anchor). Writes OUT/eval.json. Give the folders of renders with and without "
+                          "--consistency to compare them.")
+@click.argument("outs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--clip", "clip_path", required=True, type=click.Path(path_type=Path),
+              help="A local CLIP model folder in transformers' format (nothing is downloaded).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(outs, clip_path, device, as_json):
+    from engine.evaluate import evaluate  # torch/transformers: seconds to import
+
+    reports = evaluate(list(outs), clip_path, device)
+    if as_json:
+        click.echo(json.dumps(reports))
+        return
+    for r in reports:
+        click.echo(f"{r['out']}: {len(r['movies'])} movie(s); overall {r['overall']}")
+        for m in r["movies"]:
+            click.echo(f"  {m['movie']} ({m['consistency']}): clip_t {m['clip_t']}, clip_i_shared "
+                       f"{m['clip_i_shared']} ({m['shared_pairs']} pairs), clip_i_anchor {m['clip_i_anchor']} "
+                       f"({m['anchor_pairs']} pairs)")
+
+
 def _with_progress(config, run):
     if config.quiet:
         return run(None)

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,24 @@ def test_killed_worker_frames_rendered_elsewhere_exactly_once(pool, plans, refer
         for _ in range(50):  # the kill is asynchronous; the process disappears once reaped
             os.kill(killed[0], 0)
             time.sleep(0.1)
+
+
+def test_consistency_mode_on_ray_equals_the_local_run(pool, tiny_sd, tmp_path):
+    """Anchors are recomputed on whichever worker needs them: the frames are those of a local run, and each anchor
+    image is saved once by the driver."""
+    m = movie("anchored", 4, consistency={"mode": "anchor_attention"},
+              characters=[{"name": "Rosa", "appearance": "a woman in lavender"},
+                          {"name": "Tom", "appearance": "a man in grey"}])
+    m["frames"][0]["description"] = "an empty room"
+    m["frames"][3]["description"] = "Rosa and Tom"
+    plan = write_plan(tmp_path / "plan.json", [m], SMALL)
+    local = render(_config(tiny_sd, tmp_path / "local"), [plan])
+    ray_run = render(_config(tiny_sd, tmp_path / "ray"), [plan], executor=pool)
+    assert local.frames_rendered == ray_run.frames_rendered == 4 and ray_run.failures == []
+    for name in ("Rosa", "Tom"):
+        a = load_png(tmp_path / "ray" / "anchored" / "anchors" / f"{name}.png")
+        assert np.array_equal(a, load_png(tmp_path / "local" / "anchored" / "anchors" / f"{name}.png"))
+    for i in range(4):
+        a = load_png(tmp_path / "ray" / "anchored" / "frames" / f"{i:03d}.png")
+        b = load_png(tmp_path / "local" / "anchored" / "frames" / f"{i:03d}.png")
+        assert np.abs(a - b).max() <= 2

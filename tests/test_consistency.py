@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.consistency import token_subset
@@ -112,3 +113,41 @@ def test_settings_bound_the_record_and_are_checked(renderer, tmp_path):
         write_plan(tmp_path / "bad.json", [_movie(consistency={**MODE, "token_fraction": 2})])
         render(EngineConfig(model="x", out=tmp_path / "bad"), [tmp_path / "bad.json"],
                executor=LocalExecutor(renderer=renderer))
+
+
+def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
+    """`movielm-fast eval` on a tiny random CLIP folder: the numbers mean nothing, the plumbing is what is tested."""
+    from click.testing import CliRunner
+    from transformers import CLIPConfig, CLIPModel
+
+    from engine.demo import clip_tokenizer
+    from movielm_cli.main import cli
+
+    clip_dir = tmp_path / "clip"
+    cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77},
+                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(clip_dir)
+    clip_tokenizer().save_pretrained(clip_dir)
+    plan = write_plan(tmp_path / "plan.json", [_movie()])
+    plan_a = write_plan(tmp_path / "plan_a.json", [_movie(consistency=MODE)])
+    runner = CliRunner()
+    for p, out in ((plan, "plain"), (plan_a, "anch")):
+        res = runner.invoke(cli, ["render", str(p), "--out", str(tmp_path / out), "--no-style-training", "--quiet"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), str(tmp_path / "anch"), "--clip", str(clip_dir),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    plain, anch = json.loads(res.output.strip().splitlines()[-1])
+    for report, mode in ((plain, "none"), (anch, "anchor_attention")):
+        (m,) = report["movies"]
+        assert m["consistency"] == mode and m["frames"] == 4
+        assert -1 <= m["clip_t"] <= 1 and -1 <= m["clip_i_shared"] <= 1
+        assert m["shared_pairs"] == 2  # 001-002 share Rosa, 002-003 share Tom
+        assert m["anchor_pairs"] == 4  # Rosa (001, 002) + Tom (002, 003); the plain render borrows the anchors
+        assert json.loads((tmp_path / ("plain" if mode == "none" else "anch") / "eval.json").read_text())
+    res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), "--clip", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "no CLIP model folder" in res.output
