@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(torch.device("cpu")),
+    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(torch.device("cpu")),
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
                            "backend": "null", "scheduler": "dpmpp"},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),

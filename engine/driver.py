@@ -181,58 +181,82 @@ def make_batches(tasks: list[FrameTask], size: int) -> list[list[FrameTask]]:
 
 def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, summary: Summary,
          progress: Progress | None) -> None:
-    failures: dict[str, str] = {}
+    failures: dict[str, str] = {}  # movie id -> why it is not complete
     tokens = prepare_styles(config, movies, executor, failures)  # 2. styles
-
-    # 3. tasks, and what is left to do
-    good = [lm for lm in movies if lm.movie.id not in failures]
-    planned: dict[str, list[FrameTask]] = {}
-    for lm, result in zip(good, executor.plan([(lm, tokens[lm.movie.id]) for lm in good], config.overrides)):
-        if isinstance(result, str):
-            failures[lm.movie.id] = result
-        else:
-            planned[lm.movie.id] = result
-    info = executor.info
-    quality = resolve_quality(config.image_format, config.image_quality)
-    outputs = {}
-    for lm in movies:
-        if lm.movie.id in planned:
-            settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
-                        "image_format": config.image_format, "quality": quality}
-            outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
-    for movie_id, mo in outputs.items():
-        anchors = {a.character: a for t in planned[movie_id] for a in t.job.anchors}
-        mo.set_anchors([anchors[c.name] for c in mo.lm.movie.characters if c.name in anchors])
-    tasks = [t for tasks in planned.values() for t in tasks]
-    if config.image_format != "png":  # another file is another output; PNG keys stay as they were, so old runs resume
-        for t in tasks:
-            t.key.update(image_format=config.image_format, quality=quality)
+    outputs, tasks = plan_tasks(config, movies, tokens, executor, failures)  # 3. tasks
     todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
     summary.frames_skipped = len(tasks) - len(todo)
     for mo in outputs.values():
         mo.save()  # drops entries of frames no longer in the plan
+    writer = Writer(outputs, executor.info, config.image_format, config.image_quality, config.writer_threads)
+    try:
+        _render(config, executor, writer, todo, tokens, summary, failures, progress)  # 4.-6.
+    finally:
+        summary.workers = executor.worker_stats()
+        summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
+        try:
+            writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
+        finally:
+            for mo in outputs.values():
+                mo.save()
+    written = set(writer.times.storyboards)
+    for mo in outputs.values():
+        if mo.complete():  # complete before this run too: its dialogue may have changed
+            path = str(mo.dir / "storyboard.png")
+            summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
+    summary.write = writer.times.as_dict()
+    for movie_id, why in failures.items():
+        frames = next(lm.movie.frames for lm in movies if lm.movie.id == movie_id)
+        done = outputs[movie_id].entries if movie_id in outputs else {}
+        missing = sum(f.id not in done for f in frames)
+        summary.failures.append({"movie": movie_id, "reason": why, "frames_missing": missing})
+        summary.frames_failed += missing
 
+
+def plan_tasks(config: EngineConfig, movies: list[LoadedMovie], tokens: dict[str, StyleToken | None],
+               executor: Executor, failures: dict[str, str]) -> tuple[dict[str, MovieOutputs], list[FrameTask]]:
+    """3. Every frame of every movie that can be planned, and each such movie's outputs (manifest, anchors)."""
+    good = [lm for lm in movies if lm.movie.id not in failures]
+    info = executor.info
+    quality = resolve_quality(config.image_format, config.image_quality)
+    outputs: dict[str, MovieOutputs] = {}
+    tasks: list[FrameTask] = []
+    for lm, planned in zip(good, executor.plan([(lm, tokens[lm.movie.id]) for lm in good], config.overrides)):
+        if isinstance(planned, str):
+            failures[lm.movie.id] = planned
+            continue
+        settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
+                    "image_format": config.image_format, "quality": quality}
+        mo = outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
+        anchors = {a.character: a for t in planned for a in t.job.anchors}
+        mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
+        if config.image_format != "png":  # another file is another output; PNG keys stay, so old runs resume
+            for t in planned:
+                t.key.update(image_format=config.image_format, quality=quality)
+        tasks += planned
+    return outputs, tasks
+
+
+def _render(config: EngineConfig, executor: Executor, writer: Writer, todo: list[FrameTask],
+            tokens: dict[str, StyleToken | None], summary: Summary, failures: dict[str, str],
+            progress: Progress | None) -> None:
+    """4.-6. Batches to the executor, results to the writer, until nothing is left or in flight."""
     size = config.batch_size
     if size == "auto":
         size = executor.batch_size(todo[0].settings) if todo else 1
     summary.batch_size = size
     if progress:
         progress(0, len(todo))
-
-    # 4.-6. batches -> results -> files
-    writer = Writer(outputs, info, config.image_format, quality, config.writer_threads)
-    anchors = {a.key: (mo, a) for mo in outputs.values() for a in mo.anchor_specs}
-    writer.anchors_saved = {k for k, (mo, a) in anchors.items() if mo.anchor_saved(a)}
+    encoding = (config.image_format, resolve_quality(config.image_format, config.image_quality))
     queue = deque(make_batches(todo, size))
-    batch_tokens = {movie_id: [t] if t else [] for movie_id, t in tokens.items()}
-    t_render = time.perf_counter()
+    t0 = time.perf_counter()
     try:
         while queue or executor.pending:
             while queue and executor.has_room():
-                tasks_ = queue.popleft()
-                used = {t.source: t for task in tasks_ for t in batch_tokens[task.job.movie_id]}
-                want = frozenset(a.key for task in tasks_ for a in task.job.anchors) - writer.anchors_saved
-                executor.submit(Batch(tasks_, list(used.values()), (config.image_format, quality), want))
+                frames = queue.popleft()
+                used = {tok.source: tok for t in frames if (tok := tokens[t.job.movie_id])}
+                want = frozenset(a.key for t in frames for a in t.job.anchors) - writer.anchors_saved
+                executor.submit(Batch(frames, list(used.values()), encoding, want))
             batch, result = executor.next_result()
             if isinstance(result, Rendered):
                 writer.put(batch, result)
@@ -255,23 +279,4 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
             else:
                 failures.setdefault(batch.tasks[0].job.movie_id, result.reason)
     finally:
-        summary.render_seconds = time.perf_counter() - t_render
-        summary.workers = executor.worker_stats()
-        summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
-        try:
-            writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
-        finally:
-            for mo in outputs.values():
-                mo.save()
-    written = set(writer.times.storyboards)
-    for mo in outputs.values():
-        if mo.complete():  # complete before this run too: its dialogue may have changed
-            path = str(mo.dir / "storyboard.png")
-            summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
-    summary.write = writer.times.as_dict()
-    for movie_id, why in failures.items():
-        mo = outputs.get(movie_id)
-        missing = len(mo.lm.movie.frames) - sum(f.id in mo.entries for f in mo.lm.movie.frames) if mo else \
-            next(len(lm.movie.frames) for lm in movies if lm.movie.id == movie_id)
-        summary.failures.append({"movie": movie_id, "reason": why, "frames_missing": missing})
-        summary.frames_failed += missing
+        summary.render_seconds = time.perf_counter() - t0

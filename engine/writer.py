@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .executors import Batch, Rendered
-from .outputs import MovieOutputs, encode_image, thumbnail
+from .outputs import MovieOutputs, encode_image, resolve_quality, thumbnail
 from .paths import atomic_write_bytes
 from .renderer import ModelInfo
 
@@ -50,14 +50,15 @@ class Writer:
     def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, image_format: str, quality: int | None,
                  threads: int, max_batches: int = 2):
         self.outputs, self.info = outputs, info
-        self.image_format, self.quality = image_format, quality
+        self.image_format, self.quality = image_format, resolve_quality(image_format, quality)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer") if threads > 0 else None
         self.slots = threading.BoundedSemaphore(max(1, max_batches))
         self.times = WriteTimes()
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._storyboarded: set[str] = set()
-        self.anchors_saved: set[str] = set()  # anchor keys on disk (the driver fills in those found there)
+        # Keys of the character anchors whose images are on disk: from earlier runs, then as they are saved.
+        self.anchors_saved = {a.key for mo in outputs.values() for a in mo.anchor_specs if mo.anchor_saved(a)}
 
     def put(self, batch: Batch, result: Rendered) -> None:
         """Write the batch's frames (in the background when there are threads). Raises the first error a writer

@@ -50,7 +50,8 @@ def _batch_size(value: str) -> int | str:
     return int(value)
 
 
-@cli.command("render", help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
+@cli.command("render",
+             help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
