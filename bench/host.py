@@ -102,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
     ap.add_argument("--results", type=Path, default=here / "results")
     args = ap.parse_args(argv)
 
+    # The render thread is one thread: on a GPU box the scheduler's tensors live on the GPU and torch's CPU thread
+    # pool idles. Here they live on the CPU, and a 2-thread pool for tiny elementwise ops would fight the writer
+    # threads for the two cores (measured: 5x slower scheduler steps under load).
+    torch.set_num_threads(args.torch_threads)
     renderer = Renderer(EngineConfig(model="demo", backend="null"))
     work = Path(tempfile.mkdtemp(prefix="movielm-host-"))
     load_start = load_average()
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
-                           "backend": "null", "scheduler": "dpmpp"},
+                           "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,
+                           "writer_threads": args.threads},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
               "runs": runs}
     path = args.results / f"host-{stamp}.json"
