@@ -21,6 +21,7 @@ Results: bench/results/cluster-<timestamp>.json, with one rendered storyboard be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -31,9 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 # Running `python bench/cluster_scaling.py` puts bench/ first on sys.path, where this file would shadow the package.
 sys.path.insert(0, str(ROOT))
+
+from engine.cluster import ClusterOptions, RayRenderPool  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.runner import Renderer, render  # noqa: E402
 
 
 def _plans(folder: Path, movies: int, frames: int, size: int, steps: int, prefix: str = "m") -> Path:
@@ -48,10 +55,6 @@ def _plans(folder: Path, movies: int, frames: int, size: int, steps: int, prefix
 
 
 def _local_reference(config, plans: Path) -> dict:
-    import torch
-
-    from engine.runner import Renderer, render
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one worker gets
     try:
@@ -66,10 +69,6 @@ def _local_reference(config, plans: Path) -> dict:
 
 
 def _case(config, workers: int, plans: Path, warm: Path, reps: int, scratch: Path) -> dict:
-    import dataclasses
-
-    from engine.cluster import ClusterOptions, RayRenderPool
-
     cpu = not config.device.startswith("cuda")
     opts = ClusterOptions(address="local", workers=workers, cpus_per_worker=1 if cpu else None)
     t0 = time.perf_counter()
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # A private Ray instance for the benchmark, reachable from this machine only (read when Ray is imported).
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    from engine.config import EngineConfig
+    import ray  # optional dependency (the cluster extra)
 
     logging.getLogger("movielm_fast").setLevel(logging.WARNING)
     workers = [int(w) for w in args.workers.split(",")]

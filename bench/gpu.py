@@ -15,9 +15,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):  # `python bench/gpu.py`: make the project importable as when run with -m
     sys.path.insert(0, str(HERE.parent))
+
+from bench.report import short_table, write_results_md  # noqa: E402
+from bench.runner import BenchSettings, run_bench  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 
 
 # The fast-path options of the torch backend, each timed on its own next to the default (fp16, SDPA, channels-last,
@@ -44,18 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
 
-    import torch
-
     if not torch.cuda.is_available():
         print(f"bench.gpu needs a CUDA GPU and a CUDA build of torch; this machine has none (torch "
               f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}).\n"
               f"  fix: run it on a GPU machine, or benchmark the CPU with `movielm-fast bench --device cpu`",
               file=sys.stderr)
         return 2
-
-    from bench.report import short_table, write_results_md
-    from bench.runner import BenchSettings, run_bench
-    from engine.errors import UserError
 
     # (model, native size, batch sizes): the largest batches that usually fit 24-80 GB cards; a batch that does
     # not fit is recorded as out of memory and stops the larger ones.
@@ -91,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 def quality_table(fast: dict, ref: dict, results_dir: Path) -> str:
     """PSNR and largest pixel difference of each fast-path image against the fp32 torch image of the same seed
     (target: PSNR >= 35 dB)."""
-    import numpy as np
-    from PIL import Image
-
     def pixels(run):
         with Image.open(results_dir / run["image"]) as im:
             return np.asarray(im.convert("RGB"), dtype=np.float64)

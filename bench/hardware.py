@@ -4,6 +4,7 @@ and a description of the machine."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import platform
 import re
@@ -15,7 +16,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import psutil
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +74,6 @@ def count_flops(fn: Callable[[], Any], device: torch.device) -> int:
     On CPU, PyTorch's fused attention (`_scaled_dot_product_flash_attention_for_cpu`) has no FLOP formula and would
     count as zero, so counting runs attention through the math backend, whose matmuls are counted; the FLOPs of
     attention are the same whichever kernel computes it. CUDA's fused kernels have formulas."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     kernel = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
     with torch.inference_mode(), kernel, FlopCounterMode(display=False) as counter:
         fn()
@@ -98,8 +100,7 @@ def _torch_gemm(device: torch.device, dtype: torch.dtype, n: int, repeats: int) 
 def _onnxruntime_gemm(n: int, repeats: int) -> dict[str, Any] | None:
     """The same GEMM through ONNX Runtime's CPU kernels (MLAS), which on some CPUs (AMD with MKL, for one) beat
     torch's: a ceiling that a backend exceeds is no ceiling. None where onnxruntime is not installed."""
-    try:
-        import numpy as np
+    try:  # optional dependencies (the onnx extra)
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
@@ -153,8 +154,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            import psutil
-
             proc = psutil.Process()
             self.peak_bytes = proc.memory_info().rss
 
@@ -237,8 +236,6 @@ def load_average() -> list[float] | None:
 def source_state(cls: type) -> dict[str, Any]:
     """Where a backend's code came from and whether git has it as committed, so a result measured on work in
     progress says so."""
-    import inspect
-
     try:
         path = Path(inspect.getfile(cls)).resolve()
         rel = path.relative_to(ROOT)
@@ -254,8 +251,6 @@ def source_state(cls: type) -> dict[str, Any]:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    import psutil
-
     info: dict[str, Any] = {
         "device": device.type, "cpu_model": _cpu_model(), "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": psutil.cpu_count(logical=False), "torch_threads": torch.get_num_threads(),

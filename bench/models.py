@@ -8,12 +8,15 @@ use them for timing only.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+import torch
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
 from engine.demo import clip_tokenizer
-from engine.paths import cache_root
+from engine.paths import atomic_dir, cache_root
 
 ARCH_VERSION = "v1"  # bump when a config below changes, so a stale cached folder is never timed by mistake
 ARCH_MODELS = ("sd15-arch", "sdxl-arch")
@@ -43,8 +46,6 @@ SDXL_UNET = dict(
 
 def clip_text_config(hidden: int, layers: int, heads: int, act: str, projection: int | None = None):
     """CLIP ViT-L/14 (768) and OpenCLIP ViT-bigG/14 (1280) text towers, as SD 1.5 / SDXL ship them."""
-    from transformers import CLIPTextConfig
-
     return CLIPTextConfig(
         vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5,
@@ -53,11 +54,6 @@ def clip_text_config(hidden: int, layers: int, heads: int, act: str, projection:
 
 def build_arch_pipeline(name: str, seed: int = 0):
     """The named architecture as an in-memory diffusers pipeline with random weights (fp32)."""
-    import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
     if name == "sd15-arch":
         return StableDiffusionPipeline(
@@ -82,21 +78,9 @@ def arch_model_path(name: str) -> Path:
 
     Written to a temporary folder and renamed into place, so an interrupted build never leaves half a model."""
     target = cache_root() / "arch" / f"{name}-{ARCH_VERSION}"
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        pipe = build_arch_pipeline(name)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        del pipe
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished the same build first
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(target, "model_index.json") as tmp:
+        if tmp is not None:
+            build_arch_pipeline(name).save_pretrained(tmp, safe_serialization=True)
     return target
 
 

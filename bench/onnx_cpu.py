@@ -20,17 +20,34 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
 HERE = Path(__file__).resolve().parent
+# Running `python bench/onnx_cpu.py` puts bench/ first on sys.path: make the project importable as with -m.
+sys.path.insert(0, str(HERE.parent))
+
+from bench.models import arch_model_path  # noqa: E402
+from engine.backends.base import UNetCond  # noqa: E402
+from engine.backends.onnx_backend import cpu_threads  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.outputs import png_bytes  # noqa: E402
+from engine.paths import cache_root  # noqa: E402
+from engine.pipeline import BatchSettings, FrameJob, render_batch  # noqa: E402
+from engine.runner import Renderer  # noqa: E402
+from engine.schedulers import make_scheduler  # noqa: E402
+from export.cache import list_entries  # noqa: E402
+
 UNET_TFLOP_32 = 0.36  # SD 1.5 UNet, 32x32 latent, batch 2
 FRAME_TFLOP_256_4 = 2.09  # 256 px frame, 4 steps (UNet x4 + VAE decode + text)
 
 
 def matmul_ceiling(threads: int) -> float:
-    import torch
-
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     for _ in range(2):
@@ -43,36 +60,6 @@ def matmul_ceiling(threads: int) -> float:
     return 2 * 2048 ** 3 / min(times) / 1e9
 
 
-def build_sd15_random(folder: Path) -> Path:
-    """SD 1.5's architecture from its published configs, random weights, saved as a diffusers folder."""
-    if (folder / "model_index.json").exists():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from engine.demo import clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                attention_head_dim=8, layers_per_block=2, sample_size=64)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512, scaling_factor=0.18215)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, max_position_embeddings=77, vocab_size=49408,
-                                        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-                                        pad_token_id=49407))
-    sched = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        num_train_timesteps=1000, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + ".tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(folder)
-    return folder
-
-
 def median(xs):
     return statistics.median(xs)
 
@@ -82,21 +69,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     # Models and artifacts are gigabytes: they live in the cache folder, not in the repository.
-    default_work = Path(os.environ.get("MOVIELM_CACHE", Path.home() / ".cache" / "movielm-fast")) / "bench-onnx-cpu"
-    ap.add_argument("--work", type=Path, default=default_work)
+    ap.add_argument("--work", type=Path, default=cache_root() / "bench-onnx-cpu")
     args = ap.parse_args()
+    # sd15-arch (SD 1.5's published configs, random weights) from the cache, built there once.
+    model_dir = arch_model_path("sd15-arch")
     # A fresh artifact cache, so the export is timed; the model folder is reused between runs.
     stamp = time.strftime("%Y%m%d-%H%M%S")
     os.environ["MOVIELM_CACHE"] = str(args.work / f"cache-{stamp}")
-    import numpy as np
-    import torch
-
-    from engine.backends.base import UNetCond
-    from engine.backends.onnx_backend import cpu_threads
-    from engine.config import EngineConfig
-    from engine.pipeline import BatchSettings, FrameJob, render_batch
-    from engine.runner import Renderer
-    from engine.schedulers import make_scheduler
 
     threads = cpu_threads()
     torch.set_num_threads(threads)
@@ -106,14 +85,10 @@ def main() -> None:
     res["matmul_ceiling_gflops"] = round(matmul_ceiling(threads), 1)
     print(f"fp32 matmul ceiling: {res['matmul_ceiling_gflops']} GFLOP/s ({threads} threads)", flush=True)
 
-    model_dir = build_sd15_random(args.work / "sd15-random")
-
     # --- export (timed, fresh cache) and the UNet micro-benchmark --------------------------------------------
     t0 = time.perf_counter()
     r = Renderer(EngineConfig(model=str(model_dir), backend="onnxruntime", device="cpu", dtype="fp32"))
     res["export_and_session_seconds"] = round(time.perf_counter() - t0, 1)
-    from export.cache import list_entries
-
     res["artifacts"] = {e.manifest["component"]: {"bytes": e.manifest["total_bytes"],
                                                   "export_seconds": e.manifest["export_seconds"],
                                                   "total_seconds": e.manifest["total_seconds"],
@@ -147,8 +122,6 @@ def main() -> None:
     gc.collect()
 
     # --- one 256 px frame: diffusers vs render_batch on onnxruntime --------------------------------------------
-    from diffusers import StableDiffusionPipeline
-
     prompt, negative, seed = "a lighthouse on a cliff at dusk, oil painting", "blurry", 42
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.scheduler = make_scheduler("dpmpp", dict(pipe.scheduler.config))
@@ -187,8 +160,6 @@ def main() -> None:
 
     out_dir = HERE / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    from engine.outputs import png_bytes
-
     (out_dir / f"onnx-cpu-{stamp}.png").write_bytes(png_bytes(img, {"bench": "onnx_cpu", "seed": str(seed)}))
     path = out_dir / f"onnx-cpu-{stamp}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.paths import atomic_write_text
+
 FORMAT = "movielm-bench/1"
 BASELINE = "diffusers"
 STAGES = ("text_encode", "unet_step", "vae_decode")
@@ -69,8 +71,6 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(result: dict[str, Any], path: Path) -> Path:
-    from engine.paths import atomic_write_text
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="raise")
     writer.writeheader()
@@ -82,7 +82,7 @@ def write_csv(result: dict[str, Any], path: Path) -> Path:
 def write_plot(result: dict[str, Any], path: Path) -> Path | None:
     """Throughput vs batch size per backend (left) and where one batch's time goes (right). None without
     matplotlib, which the project does not require."""
-    try:
+    try:  # optional dependency (the bench extra)
         import matplotlib
 
         matplotlib.use("Agg")  # files only: never open a window, work on headless machines
@@ -336,8 +336,6 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
-    from engine.paths import atomic_write_text
-
     md_path = Path(md_path)
     atomic_write_text(md_path, render_results_md(load_results(results_dir), md_path.parent))
     return md_path

@@ -19,6 +19,7 @@ measured), .csv, .png (plot), and a folder of the same name with one rendered im
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +27,23 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from engine.backends.base import backend_names, create_backend
+from engine.config import EngineConfig
+from engine.errors import UserError
+from engine.models import load_model
+from engine.outputs import png_bytes
+from engine.paths import atomic_write_bytes, atomic_write_text
+from engine.pipeline import BatchSettings, FrameJob, render_batch, stack_conditioning
+from engine.schedulers import make_scheduler
+from engine.text import PromptEncoder
+from export.specs import VAE_DECODER, component_dtype
 
 from .hardware import (PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, settle, source_state,
                        stats, timed)
-
-FORMAT = "movielm-bench/1"
-BASELINE = "diffusers"
+from .models import resolve_model
+from .report import BASELINE, FORMAT, write_csv, write_plot
 # Movie-like prompts of typical length; the negative prompt is empty, as in a plan's defaults.
 PROMPTS = [
     "Gothic style, soft sepia, a young woman with auburn hair in lavender stands at the ballroom entrance",
@@ -44,8 +56,6 @@ PROMPTS = [
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """"torch+cuda_graphs+attention=triton+no-fuse_qkv" -> ("torch", {cuda_graphs: True, attention: "triton",
     fuse_qkv: False}); the options are EngineConfig fields."""
-    from engine.errors import UserError
-
     base, *parts = spec.split("+")
     allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet"}
     opts: dict[str, Any] = {}
@@ -121,18 +131,11 @@ def _uint8(images) -> np.ndarray:
 
 
 def _save_png(image: np.ndarray, path: Path, meta: dict[str, str]) -> None:
-    from engine.outputs import png_bytes
-    from engine.paths import atomic_write_bytes
-
     atomic_write_bytes(path, png_bytes(image, meta))
 
 
 def diffusers_pipeline(model, scheduler: str, device: torch.device, dtype: torch.dtype):
     """diffusers' own text-to-image pipeline around the model's components, with our scheduler choice."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from engine.schedulers import make_scheduler
-
     def on(module):  # moving only when needed keeps diffusers from warning about casts that change nothing
         p = next(module.parameters())
         return module if (p.device, p.dtype) == (device, dtype) else module.to(device, dtype)
@@ -152,11 +155,6 @@ def diffusers_pipeline(model, scheduler: str, device: torch.device, dtype: torch
 
 class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print):
-        from engine.config import EngineConfig
-        from engine.models import load_model
-
-        from .models import resolve_model
-
         self.log = log
         probe = EngineConfig(device=settings.device, dtype=settings.dtype)
         self.device, self.dtype, self.dtype_name = probe.torch_device, probe.torch_dtype, probe.dtype_name
@@ -186,11 +184,6 @@ class Bench:
 
     # --- set-up ------------------------------------------------------------------------------------------------
     def _backends(self) -> list[_Backend]:
-        from engine.backends.base import backend_names, create_backend
-        from engine.errors import UserError
-
-        from engine.models import load_model
-
         names = self.s.backends or backend_names()
         out = []
         for name in names:
@@ -215,12 +208,10 @@ class Bench:
         self.result["skipped"].append({"backend": name, "reason": reason})
 
     def _baseline(self):
-        from engine.models import load_model
-
         # On CUDA our torch backend changes shared modules in place (channels_last; an fp32 VAE where fp16
         # overflows), which would tune the baseline too: diffusers gets its own copy there. On CPU it changes
         # nothing, and a second copy of an fp32 model would not fit many machines' memory.
-        upcast = self.dtype == torch.float16 and getattr(self.model.vae.config, "force_upcast", False)
+        upcast = component_dtype(self.model, VAE_DECODER, self.dtype_name) != self.dtype_name
         model = load_model(self.model_path) if self.device.type == "cuda" or upcast else self.model
         return diffusers_pipeline(model, self.s.scheduler, self.device, self.dtype)
 
@@ -253,15 +244,10 @@ class Bench:
 
     # --- measurements ------------------------------------------------------------------------------------------
     def _jobs(self, batch: int):
-        from engine.pipeline import FrameJob
-
         return [FrameJob("bench", f"{i:03d}", PROMPTS[i % len(PROMPTS)], "", 1000 + i) for i in range(batch)]
 
     def _whole_batch(self, e: _Backend, width: int, height: int, batch: int):
         """(setup, call) for one end-to-end batch: `setup()` runs untimed, `call(setup())` returns uint8 images."""
-        from engine.pipeline import BatchSettings, render_batch
-        from engine.text import PromptEncoder
-
         jobs = self._jobs(batch)
         if e.baseline:
             def call(generators):
@@ -281,10 +267,6 @@ class Bench:
     def _stage_calls(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, tuple]:
         """(setup, call) per stage -- text encoding (cold cache), one UNet step on the CFG batch, one VAE decode --
         each through the backend, as the hot path calls it. Timed after the whole-batch warm-up, so all are warm."""
-        from engine.pipeline import BatchSettings, stack_conditioning
-        from engine.schedulers import make_scheduler
-        from engine.text import PromptEncoder
-
         m, be, dev = self.model, e.impl, self.device
         s = BatchSettings(width, height, self.s.steps, self.s.guidance, self.s.scheduler)
         jobs = self._jobs(batch)
@@ -445,10 +427,6 @@ class Bench:
             torch.cuda.empty_cache()
 
     def _write(self) -> None:
-        import json
-
-        from engine.paths import atomic_write_text
-
         finalize_mfu(self.result)
         atomic_write_text(self.base.with_suffix(".json"), json.dumps(self.result, indent=1, default=str))
 
@@ -462,8 +440,6 @@ class Bench:
         if not self.s.baseline:
             self.result["notes"].append("diffusers baseline disabled (--no-baseline): no speed-up figures")
         if not backends and pipe is None:
-            from engine.errors import UserError
-
             raise UserError("no backend could be benchmarked", "see the skipped backends above")
         entries = ([_Backend(BASELINE, pipe, baseline=True)] if pipe is not None else []) + backends
         for width, height in self.s.sizes:
@@ -476,8 +452,6 @@ class Bench:
         self.result["machine"]["load_avg_end"] = load_average()
         self._write()
         files = {"json": self.base.with_suffix(".json")}
-        from .report import write_csv, write_plot
-
         files["csv"] = write_csv(self.result, self.base.with_suffix(".csv"))
         plot = write_plot(self.result, self.base.with_suffix(".png"))
         if plot is None:

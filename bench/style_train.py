@@ -27,14 +27,26 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):  # `python bench/style_train.py`: bench/ would shadow the project on sys.path
     sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
+from bench.hardware import load_average, machine_info, matmul_ceiling, stats  # noqa: E402
+from bench.models import resolve_model  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.outputs import png_bytes, storyboard  # noqa: E402
+from engine.pipeline import BatchSettings, FrameJob, render_batch  # noqa: E402
+from engine.plan import Style  # noqa: E402
+from engine.runner import Renderer  # noqa: E402
+from engine.style import StyleSettings, immobilize_style, render_scenes  # noqa: E402
+from engine.textual_inversion import load_embedding, vectors_for_model  # noqa: E402
 
 COMMON_RECIPE_S = (600, 1500)  # 10-25 min per style on a 24 GB GPU (DESIGN.md reference figures)
 STYLE = dict(name="Gothic", description="((Victorian elegance)), soft sepia, dimly lit rooms, lavish ballrooms")
@@ -42,13 +54,6 @@ STYLE = dict(name="Gothic", description="((Victorian elegance)), soft sepia, dim
 
 def _train_flops(renderer, style, settings, images: Path, device: torch.device) -> int:
     """FLOPs of one training step: a 2-step run minus a 1-step run on the same images (everything else cancels)."""
-    from dataclasses import replace
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from engine.style import immobilize_style
-
     totals = []
     for steps in (1, 2):
         out = Path(tempfile.mkdtemp(prefix="style-flops-"))
@@ -80,16 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (two extra short runs)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
-
-    from bench.hardware import load_average, machine_info, matmul_ceiling, stats
-    from bench.models import resolve_model
-    from engine.config import EngineConfig
-    from engine.outputs import png_bytes, storyboard
-    from engine.pipeline import BatchSettings, FrameJob, render_batch
-    from engine.plan import Style
-    from engine.runner import Renderer
-    from engine.style import StyleSettings, immobilize_style, render_scenes
-    from engine.textual_inversion import load_embedding, vectors_for_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,6 +13,10 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
 from .errors import UserError
 from .paths import atomic_dir, cache_root
 
@@ -58,8 +62,6 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
-    from transformers import CLIPTokenizer
-
     vocab, merges = clip_vocab_and_merges()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
     tok.model_max_length = max_length
@@ -67,8 +69,6 @@ def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
 
 
 def _text_config(hidden: int, projection: int | None = None):
-    from transformers import CLIPTextConfig
-
     kwargs = {"projection_dim": projection} if projection else {}
     return CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_size=hidden, intermediate_size=hidden * 2,
@@ -78,10 +78,9 @@ def _text_config(hidden: int, projection: int | None = None):
 
 def build_tiny_pipeline(kind: str = "sd", seed: int = 0, prediction_type: str = "epsilon"):
     """Create a tiny SD 1.x-style ("sd") or SDXL-style ("sdxl") diffusers pipeline with random weights."""
-    import torch
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    # The pipeline classes import transformers' image processors (seconds, and warnings without torchvision); the
+    # demo is built once, so every later run is spared that import.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     scheduler = DPMSolverMultistepScheduler(

@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
 from .demo import demo_model_path
-from .paths import cache_root
 from .errors import UserError
-from .paths import atomic_write_text
+from .paths import atomic_write_text, cache_root
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 
@@ -35,7 +37,6 @@ class ModelBundle:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     force_zeros_for_empty_prompt: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -94,8 +95,6 @@ def _load(cls, path: Path, subfolder: str, dtype):
 
 
 def _load_tokenizer(path: Path, subfolder: str):
-    from transformers import CLIPTokenizer
-
     try:
         return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
     except Exception as exc:
@@ -104,9 +103,6 @@ def _load_tokenizer(path: Path, subfolder: str):
 
 
 def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     index = json.loads((path / "model_index.json").read_text())
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
@@ -136,6 +132,8 @@ def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
 
 
 def _from_single_file(path: Path, dtype) -> ModelBundle:
+    # Only this path needs the pipeline classes, whose import pulls in transformers' image processors (seconds, and
+    # warnings without torchvision): imported here, not for every folder model.
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     errors = []

@@ -20,9 +20,11 @@ _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
+SCHEDULERS = (*_CLASSES, "default")  # "default": the model's own scheduler class
 
 
 def make_scheduler(name: str, model_config: dict[str, Any]):
+    # Imported here, not at the top: `import diffusers` takes seconds, and the CLI reads SCHEDULERS at start-up.
     import diffusers
 
     if name == "default":
@@ -30,7 +32,7 @@ def make_scheduler(name: str, model_config: dict[str, Any]):
     elif name in _CLASSES:
         cls_name, extra = _CLASSES[name]
     else:
-        raise UserError(f"unknown scheduler {name!r}", f"choose one of: {', '.join(list(_CLASSES) + ['default'])}")
+        raise UserError(f"unknown scheduler {name!r}", f"choose one of: {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise UserError(f"scheduler class {cls_name} is not available in this diffusers", "upgrade diffusers")

@@ -15,9 +15,13 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+
+from export.graphs import TextEncoderGraph
 
 from .errors import UserError
+
+# Temporary: engine/style.py still imports this name; remove once it imports export.graphs.TextEncoderGraph.
+EmbedsTextEncoder = TextEncoderGraph
 
 CHUNK = 75  # tokens per window, without BOS/EOS
 _EMPHASIS_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:")
@@ -59,35 +63,6 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         else:
             merged.append((frag, w))
     return [(t, w) for t, w in merged if t] or [("", 1.0)]
-
-
-class EmbedsTextEncoder(nn.Module):
-    """A CLIP text transformer that takes token embeddings instead of token ids.
-
-    Returns (last hidden state after the final LayerNorm, penultimate layer output, pooled output) -- SD 1.x/2.x
-    use the first, SDXL the second and the (projected) third. `eos_index` picks the pooled token.
-    """
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        core = clip.text_model if hasattr(clip, "text_model") else clip
-        self.embeddings = core.embeddings
-        self.layers = core.encoder.layers
-        self.final_layer_norm = core.final_layer_norm
-        self.text_projection = getattr(clip, "text_projection", None)
-
-    def forward(self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor):
-        h = self.embeddings(inputs_embeds=inputs_embeds)  # (B, tokens, D), position embeddings added
-        n = h.shape[1]
-        causal = torch.full((n, n), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype).triu(1)[None, None]
-        for layer in self.layers[:-1]:
-            h = layer(h, causal)
-        penultimate = h
-        last = self.final_layer_norm(self.layers[-1](h, causal))
-        pooled = last[torch.arange(last.shape[0], device=last.device), eos_index]
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        return last, penultimate, pooled
 
 
 def is_vocab_word(tok, name: str) -> bool:

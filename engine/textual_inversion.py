@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import UserError
 
@@ -30,8 +31,6 @@ def load_embedding(path: str | Path) -> Embedding:
         raise UserError(f"embedding file not found: {path}", "fix style.embedding (relative to the plan file)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             data = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)

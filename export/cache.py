@@ -22,33 +22,30 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
 
 from engine.errors import UserError
+from engine.paths import cache_root
 
 log = logging.getLogger("movielm_fast")
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "movielm-fast-artifact/1"
+EXPORTER_VERSION = "1"  # bump whenever the graphs export/graphs.py and export/onnx_export.py write change
 
 
 def artifacts_root() -> Path:
-    from engine.paths import cache_root
-
     return cache_root() / "artifacts"
 
 
 def tool_versions(target: str) -> dict[str, str]:
     """Versions of everything that shapes the artifact's bytes (part of the key)."""
-    import diffusers
-    import torch
-    import transformers
-
-    from .onnx_export import EXPORTER_VERSION
-
-    versions = {"exporter": EXPORTER_VERSION, "torch": torch.__version__.split("+")[0],
-                "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    # From package metadata, not imports: importing diffusers takes seconds, and `export --list` needs none of it.
+    versions = {"exporter": EXPORTER_VERSION, "torch": version("torch").split("+")[0],
+                "diffusers": version("diffusers"), "transformers": version("transformers")}
+    # onnx, onnxruntime and tensorrt are optional dependencies: imported only for the targets that need them.
     try:
         import onnx
 
@@ -60,9 +57,9 @@ def tool_versions(target: str) -> dict[str, str]:
 
         versions["onnxruntime"] = onnxruntime.__version__
     if target.startswith("trt"):
-        from .tensorrt import tensorrt_version
+        import tensorrt  # callers checked it is installed (export.tensorrt.require_tensorrt)
 
-        versions["tensorrt"] = tensorrt_version()
+        versions["tensorrt"] = tensorrt.__version__
     return versions
 
 

@@ -8,6 +8,9 @@ Targets:
   ort-cpu   fp32, ONNX Runtime transformer fusions that have CPU kernels (attention, LayerNorm, GELU)
   ort-cuda  fp32 or fp16, plus the CUDA-only fusions (GroupNorm, NhwcConv, BiasSplitGelu, BiasAdd, packed QKV)
   trt-onnx  fp32 plain ONNX for TensorRT's parser (TensorRT does its own fusions and cannot read contrib ops)
+
+onnx and onnxruntime are optional (the onnx extra), so they are imported inside the functions that use them: the
+backend registry imports this module whether or not they are installed.
 """
 
 from __future__ import annotations
@@ -22,14 +25,13 @@ import torch
 from torch import nn
 
 from engine.errors import UserError
-from engine.text import EmbedsTextEncoder
 
 from . import cache
-from .specs import ModelSpec, ShapeProfile, model_specs
+from .graphs import graph_modules
+from .specs import UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
 
 log = logging.getLogger("movielm_fast")
 
-EXPORTER_VERSION = "1"  # bump whenever the graphs written here change
 OPSET = 17
 # Protobuf cannot hold more than 2 GB; above this we write weights to one external file beside the graph.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -37,56 +39,10 @@ ONNX_FILE = "model.onnx"
 META_MODEL_HASH = "movielm.model_hash"
 
 
-# --- the graphs -------------------------------------------------------------------------------------------------
-class TextEncoderGraph(nn.Module):
-    """(inputs_embeds, eos_index) -> (last hidden, penultimate hidden, pooled): token lookup stays on the host."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.encoder = EmbedsTextEncoder(clip)
-
-    def forward(self, inputs_embeds, eos_index):
-        return self.encoder(inputs_embeds, eos_index)
-
-
-class UNetGraph(nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
-                         return_dict=False)[0]
-
-
-class VaeDecoderGraph(nn.Module):
-    """Scaled latents -> images in [0, 1]: the latent scaling and the [-1, 1] -> [0, 1] map are in the graph, so
-    the runtime only moves tensors."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-    def forward(self, latents):
-        images = self.vae.decode(latents / self.scaling_factor + self.shift_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1)
-
-
 def graph_module(model, component: str) -> nn.Module:
-    """The fp32 torch module whose graph is exported for `component` (also the parity reference)."""
-    if component.startswith("text_encoder"):
-        index = 0 if component == "text_encoder" else int(component.rsplit("_", 1)[1]) - 1
-        module = TextEncoderGraph(model.text_encoders[index])
-    elif component == "unet":
-        module = UNetGraph(model.unet)
-    elif component == "vae_decoder":
-        module = VaeDecoderGraph(model.vae)
-    else:
-        raise ValueError(f"unknown component {component!r}")
-    return module.float().eval()
+    """The fp32 torch module whose graph is exported for `component` (also the parity reference): the very module
+    the torch backend runs (export/graphs.py)."""
+    return graph_modules(model)[component].float().eval()
 
 
 def trace_dims(spec: ModelSpec, unet_up_blocks: int = 0) -> dict[str, int]:
@@ -94,7 +50,7 @@ def trace_dims(spec: ModelSpec, unet_up_blocks: int = 0) -> dict[str, int]:
     upsampling factor: diffusers then takes its general path (upsample to the skip connection's size), so the
     exported graph is right for every size, not only for multiples of 2**up_blocks."""
     factor = 2 ** unet_up_blocks
-    side = factor + 1 if spec.component == "unet" else 8
+    side = factor + 1 if spec.component == UNET else 8
     dims = spec.dims(frames=1, width=side * spec.scale, height=side * spec.scale, chunks=1, cfg=True)
     dims["B"] = 2  # batch 1 can be specialised away by the tracer (broadcasts); 2 keeps it symbolic
     return dims
@@ -172,10 +128,15 @@ def python_fusions_help(component: str, target: str) -> bool:
     return target == "ort-cpu" and component.startswith("text_encoder")
 
 
+def _ort_model_type(component: str) -> str:
+    """onnxruntime.transformers' name for the kind of graph (it picks the fusion patterns)."""
+    return {UNET: "unet", VAE_DECODER: "vae"}.get(component, "clip")
+
+
 def _fusion_options(component: str, target: str):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    opts = FusionOptions({"unet": "unet", "vae_decoder": "vae"}.get(component, "clip"))
+    opts = FusionOptions(_ort_model_type(component))
     if target != "ort-cuda":
         # These fusions emit contrib ops that only have CUDA/ROCm kernels (GroupNorm, SkipGroupNorm, NhwcConv,
         # BiasSplitGelu, BiasAdd) or whose packed layouts the CPU attention kernel does not take.
@@ -223,7 +184,7 @@ def optimize(src: Path, dst: Path, spec: ModelSpec, target: str, fp16: bool, upc
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = {"unet": "unet", "vae_decoder": "vae"}.get(spec.component, "clip")
+    model_type = _ort_model_type(spec.component)
     opts = _fusion_options(spec.component, target)
     notes = {}
     with warnings.catch_warnings():
@@ -309,7 +270,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
         export_s = time.perf_counter() - t0
         meta = {META_MODEL_HASH: model.content_hash, "movielm.component": component,
                 "movielm.model_id": model.model_id}
-        upcast = bool(getattr(model.unet.config, "upcast_attention", False)) and component == "unet"
+        upcast = bool(getattr(model.unet.config, "upcast_attention", False)) and component == UNET
         fused: dict = {}
         final = tmp / ONNX_FILE
         plain_only = not (optimize_graph and python_fusions_help(component, target))

@@ -19,7 +19,21 @@ import torch
 from engine.errors import UserError
 
 TOKENS = 77  # CLIP window: BOS + 75 tokens + EOS
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+UNET = "unet"
+VAE_DECODER = "vae_decoder"
+
+
+def text_encoder_component(index: int) -> str:
+    """The component name of text encoder `index`: "text_encoder", "text_encoder_2" (diffusers' folder names)."""
+    return "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+
+
+def component_dtype(model, component: str, dtype: str) -> str:
+    """The dtype a component runs in when `dtype` is asked for: some VAEs (SDXL's) overflow in fp16 and say so in
+    their config (`force_upcast`), so their decoder stays fp32. Every backend and the exporter ask here."""
+    if dtype == "fp16" and component == VAE_DECODER and getattr(model.vae.config, "force_upcast", False):
+        return "fp32"
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,7 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise UserError(f"bad batch sizes {text!r}", "write a comma-separated list such as 1,4,8") from None
+        raise UserError(f"bad batch sizes {text!r}", "write comma-separated integers such as 1,4,8") from None
     if not sizes or min(sizes) < 1:
         raise UserError(f"bad batch sizes {text!r}", "batch sizes are positive integers, e.g. 1,4,8")
     return sizes
@@ -88,15 +102,6 @@ class ShapeProfile:
         return [ShapeProfile((b,), (s,), self.max_chunks, self.cfg, dynamic=False)
                 for b in self.batch_sizes for s in self.sizes]
 
-    def covers(self, frames: int, width: int, height: int, chunks: int = 1) -> bool:
-        if chunks > self.max_chunks:
-            return False
-        if not self.dynamic:
-            return frames in self.batch_sizes and (width, height) in self.sizes
-        ws, hs = [s[0] for s in self.sizes], [s[1] for s in self.sizes]
-        return (min(self.batch_sizes) <= frames <= max(self.batch_sizes) and min(ws) <= width <= max(ws)
-                and min(hs) <= height <= max(hs))
-
     def describe(self) -> str:
         sizes = ", ".join(f"{w}x{h}" for w, h in self.sizes)
         batches = ", ".join(map(str, self.batch_sizes))
@@ -104,17 +109,6 @@ class ShapeProfile:
             return (f"any batch of {min(self.batch_sizes)}-{max(self.batch_sizes)} frames and any size within "
                     f"{sizes} (up to {self.max_chunks} prompt windows)")
         return f"batch sizes {batches} at sizes {sizes} exactly (up to {self.max_chunks} prompt windows)"
-
-    def require_covers(self, frames: int, width: int, height: int, chunks: int = 1, what: str = "artifact") -> None:
-        if self.covers(frames, width, height, chunks):
-            return
-        sizes = ",".join(f"{w}x{h}" for w, h in sorted(set(self.sizes) | {(width, height)}))
-        batches = ",".join(map(str, sorted(set(self.batch_sizes) | {frames})))
-        raise UserError(
-            f"the {what} does not cover batch {frames} at {width}x{height} with {chunks} prompt window(s); "
-            f"it covers {self.describe()}",
-            f"re-export with: movielm-fast export --batch-sizes {batches} --sizes {sizes} (plus your --model, "
-            f"--backend and --dtype)")
 
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "sizes": [f"{w}x{h}" for w, h in self.sizes],
@@ -236,6 +230,10 @@ def text_encoder_spec(encoder, name: str = "text_encoder") -> ModelSpec:
 
 def unet_spec(unet, scale: int) -> ModelSpec:
     cfg = unet.config
+    if getattr(cfg, "time_cond_proj_dim", None) is not None:
+        # Such a UNet traced without its guidance embedding would export, run, and render the wrong images.
+        raise UserError("guidance-distilled (LCM) UNets are not exported: the exported UNet has no timestep_cond "
+                        "input", "render this model with --backend torch")
     inputs = [TensorSpec("sample", ("B", int(cfg.in_channels), "h", "w")), TensorSpec("timestep", (1,), "float32"),
               TensorSpec("encoder_hidden_states", ("B", "S", int(cfg.cross_attention_dim)))]
     consts = {"in_channels": int(cfg.in_channels), "out_channels": int(cfg.out_channels),
@@ -245,13 +243,13 @@ def unet_spec(unet, scale: int) -> ModelSpec:
         pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
         inputs += [TensorSpec("text_embeds", ("B", pooled)), TensorSpec("time_ids", ("B", 6), "float32")]
         consts["pooled"] = pooled
-    return ModelSpec("unet", tuple(inputs), (TensorSpec("noise", ("B", int(cfg.out_channels), "h", "w")),),
+    return ModelSpec(UNET, tuple(inputs), (TensorSpec("noise", ("B", int(cfg.out_channels), "h", "w")),),
                      batch_role="cfg_frames", scale=scale, consts=consts)
 
 
 def vae_decoder_spec(vae, scale: int) -> ModelSpec:
     c = int(vae.config.latent_channels)
-    return ModelSpec("vae_decoder", (TensorSpec("latents", ("B", c, "h", "w")),),
+    return ModelSpec(VAE_DECODER, (TensorSpec("latents", ("B", c, "h", "w")),),
                      (TensorSpec("images", ("B", 3, "H", "W")),), batch_role="frames", scale=scale,
                      consts={"latent_channels": c})
 
@@ -261,10 +259,10 @@ def model_specs(model) -> dict[str, ModelSpec]:
     scale = model.vae_scale_factor
     specs = {}
     for i, enc in enumerate(model.text_encoders):
-        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        name = text_encoder_component(i)
         specs[name] = text_encoder_spec(enc, name)
-    specs["unet"] = unet_spec(model.unet, scale)
-    specs["vae_decoder"] = vae_decoder_spec(model.vae, scale)
+    specs[UNET] = unet_spec(model.unet, scale)
+    specs[VAE_DECODER] = vae_decoder_spec(model.vae, scale)
     return specs
 
 

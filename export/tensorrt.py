@@ -9,17 +9,19 @@ TensorRT.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from engine.errors import UserError
 
 from . import cache
-from .specs import ModelSpec, ShapeProfile, model_specs
+from .onnx_export import export_component
+from .specs import UNET, ModelSpec, ShapeProfile, component_dtype, model_specs
 
 log = logging.getLogger("movielm_fast")
 
@@ -30,20 +32,14 @@ INSTALL_HINT = ("pip install tensorrt (10.x, matching your CUDA) on a CUDA machi
 def require_tensorrt():
     """The tensorrt module, or the error a user can act on."""
     try:
-        import tensorrt
+        import tensorrt  # optional dependency (the tensorrt extra)
     except ImportError:
         raise UserError("TensorRT is not installed", INSTALL_HINT) from None
     return tensorrt
 
 
-def tensorrt_version() -> str:
-    return require_tensorrt().__version__
-
-
 def gpu_tag() -> str:
     """Engines only run on the GPU model (and compute capability) they were built for."""
-    import torch
-
     if not torch.cuda.is_available():
         raise UserError("TensorRT engines need a CUDA GPU, and torch sees none",
                         "run on a CUDA machine with a CUDA build of torch, or use --backend onnxruntime")
@@ -86,10 +82,8 @@ def timing_cache_path() -> Path:
 def build_config(model, spec: ModelSpec, profile: ShapeProfile, dtype: str, timing_cache: str | None = None
                  ) -> TrtBuildConfig:
     """The whole build recipe for one engine, from the ModelSpec and the requested profile."""
-    from .artifacts import component_dtype
-
     fp16 = component_dtype(model, spec.component, dtype) == "fp16"
-    upcast = spec.component == "unet" and bool(getattr(model.unet.config, "upcast_attention", False))
+    upcast = spec.component == UNET and bool(getattr(model.unet.config, "upcast_attention", False))
     if profile.dynamic or spec.batch_role == "chunks":
         # Text encoders are cheap and their batch is the prompt's window count: one dynamic profile serves all.
         profiles = (spec.input_profiles(ShapeProfile(profile.batch_sizes, profile.sizes, profile.max_chunks,
@@ -167,9 +161,6 @@ def _producer(network, tensor):
 
 def engine_artifact(model, component: str, dtype: str, profile: ShapeProfile) -> cache.Artifact:
     """One engine (for one bucket, or one dynamic profile) from the cache, built from the ONNX if missing."""
-    from .artifacts import component_dtype
-    from .onnx_export import export_component
-
     require_tensorrt()
     spec = model_specs(model)[component]
     cdtype = component_dtype(model, component, dtype)
@@ -203,12 +194,4 @@ def build_engines(model, dtype: str, profile: ShapeProfile) -> dict[str, cache.A
             out[component if len(profiles) == 1 else f"{component}@{p.id}"] = engine_artifact(model, component,
                                                                                              dtype, p)
     return out
-
-
-def engine_profile(artifact: cache.Artifact) -> ShapeProfile:
-    return ShapeProfile.from_dict(artifact.manifest["profile"])
-
-
-def describe_config(cfg: TrtBuildConfig) -> str:
-    return json.dumps(cfg.as_dict(), indent=2)
 

@@ -2,8 +2,6 @@
 
 Importing this package never imports Triton; the kernels import it on first use. Public entry points:
 
-- `group_norm_silu` / `group_norm_silu_ref`, `replace_group_norm_silu` (kernels.group_norm_silu)
-- `geglu` / `geglu_ref`, `replace_geglu` (kernels.geglu)
 - `flash_attention` / `flash_attention_ref` (kernels.flash_attention)
 - `attention_processor`, `install_attention` (kernels.attention)
 - `triton_available`, `KernelUnavailable` (kernels._runtime)

@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+from diffusers.utils import is_xformers_available
 from torch import nn
 
 from kernels._runtime import triton_available
 from kernels.flash_attention import flash_attention, flash_attention_supported
 
 ATTENTION_CHOICES = ("sdpa", "triton", "xformers")
+
+
+class AttentionChoiceError(ValueError):
+    """`--attention NAME` cannot run here (unknown name, or its library or GPU is missing). `hint` says what to use
+    instead; the engine shows both to the user (kernels know nothing of the engine's error types)."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(f"{message} ({hint})")
+        self.message = message
+        self.hint = hint
 
 
 class TritonFlashAttnProcessor:
@@ -78,29 +90,20 @@ class TritonFlashAttnProcessor:
 
 
 def attention_processor(name: str):
-    """A fresh processor for `--attention NAME`; UserError if NAME cannot run here."""
-    from engine.errors import UserError
-
+    """A fresh processor for `--attention NAME`; AttentionChoiceError if NAME cannot run here."""
     if name == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         return AttnProcessor2_0()
     if name == "triton":
         if not triton_available():
-            raise UserError(
-                "--attention triton needs Triton and a CUDA GPU",
-                "pip install triton on a CUDA machine, or use --attention sdpa",
-            )
+            raise AttentionChoiceError("--attention triton needs Triton and a CUDA GPU",
+                                       "pip install triton on a CUDA machine, or use --attention sdpa")
         return TritonFlashAttnProcessor()
     if name == "xformers":
-        from diffusers.utils import is_xformers_available
-
         if not is_xformers_available():
-            raise UserError("xformers is not installed", "pip install xformers, or use --attention sdpa")
-        from diffusers.models.attention_processor import XFormersAttnProcessor
-
+            raise AttentionChoiceError("xformers is not installed", "pip install xformers, or use --attention sdpa")
         return XFormersAttnProcessor()
-    raise UserError(f"unknown attention implementation {name!r}", f"use one of: {', '.join(ATTENTION_CHOICES)}")
+    raise AttentionChoiceError(f"unknown attention implementation {name!r}",
+                               f"use one of: {', '.join(ATTENTION_CHOICES)}")
 
 
 def install_attention(module: nn.Module, name: str) -> None:

@@ -46,7 +46,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
             f"d <= {MAX_HEAD_DIM} and M > 0; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
             f"v {tuple(v.shape)} {v.dtype}"
         )
-    from kernels import _flash_attention_triton as impl
+    from kernels import _flash_attention_triton as impl  # imports triton, an optional dependency: only when used
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return impl.launch(q, k, v, scale)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from engine.errors import UserError
+
 
 @click.command("export", help="Export a model for the onnxruntime or tensorrt backend (or find it in the cache) "
                               "and print the artifact folders and manifests. --list / --clear manage the cache.")
@@ -22,6 +24,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, list_, clear, as_json):
+    # Imported on use: every `movielm-fast` command (--help too) loads this module, and diffusers takes seconds to
+    # import; --list needs only the cache.
     from export import cache
 
     if list_:
@@ -35,34 +39,28 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
             click.echo(f"  {m['model_id']:<20} {m['component']:<15} {m['target']:<12} {m['dtype']:<5} "
                        f"{m['profile']:<28} {cache.human_bytes(m['total_bytes']):>9}  {e.path}")
         return
+    from engine.models import load_model
+    from export.artifacts import check_backend, export_for_backend
+    from export.specs import default_profile, parse_batch_sizes, parse_sizes
+    from export.tensorrt import require_tensorrt
+
     if clear:
         model_hash = None
         if ctx.get_parameter_source("model") == click.core.ParameterSource.COMMANDLINE:
-            from engine.models import load_model
-
             model_hash = load_model(model).content_hash
         n = cache.clear(model_hash=model_hash)
         click.echo(f"removed {n} artifact(s) from {cache.artifacts_root()}")
         return
 
-    from engine.errors import UserError
-    from engine.models import load_model
-    from export.artifacts import BACKENDS, export_for_backend
-    from export.specs import default_profile, parse_batch_sizes, parse_sizes
-
-    if backend not in BACKENDS:  # before loading gigabytes
-        raise UserError(f"cannot export for backend {backend!r}", f"choose one of: {', '.join(BACKENDS)} "
-                                                                  "(the torch backend needs no export)")
+    check_backend(backend)  # the checks a user can fail come before loading gigabytes
     if dtype not in ("auto", "fp32", "fp16"):
         raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32 or fp16")
     if backend == "tensorrt":
-        from export.tensorrt import require_tensorrt
-
         require_tensorrt()
+    batches = parse_batch_sizes(batch_sizes) if batch_sizes else None
+    shapes = parse_sizes(sizes) if sizes else None
     bundle = load_model(model)
-    profile = default_profile(bundle, parse_batch_sizes(batch_sizes) if batch_sizes else None,
-                              parse_sizes(sizes) if sizes else None,
-                              dynamic=bool(dynamic) if backend == "tensorrt" else True)
+    profile = default_profile(bundle, batches, shapes, dynamic=bool(dynamic) if backend == "tensorrt" else True)
     artifacts = export_for_backend(bundle, backend, device, dtype, profile)
     if as_json:
         click.echo(json.dumps({name: {"path": str(a.path), **a.manifest} for name, a in artifacts.items()}, indent=2))

@@ -181,9 +181,5 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    cli()
-
-
 if __name__ == "__main__":  # pragma: no cover
     cli()

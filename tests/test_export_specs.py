@@ -56,16 +56,24 @@ def test_profiles_from_spec(sd):
     assert spec.input_profiles(buckets[0])["sample"] == ((2, 4, 64, 64),) * 3
 
 
-def test_profile_coverage_error_says_what_is_covered():
+def test_profile_description_and_round_trip():
     prof = ShapeProfile((1, 4), ((512, 512),), dynamic=False)
-    assert prof.covers(4, 512, 512) and not prof.covers(2, 512, 512)
-    with pytest.raises(UserError) as e:
-        prof.require_covers(2, 768, 512, what="TensorRT engine")
-    assert "covers batch sizes 1, 4 at sizes 512x512" in e.value.message
-    assert "--batch-sizes 1,2,4 --sizes 512x512,768x512" in e.value.hint
+    assert prof.describe() == "batch sizes 1, 4 at sizes 512x512 exactly (up to 3 prompt windows)"
     dyn = ShapeProfile((1, 4), ((512, 512), (768, 768)))
-    assert dyn.covers(3, 640, 704) and not dyn.covers(5, 512, 512) and not dyn.covers(1, 512, 512, chunks=4)
+    assert dyn.describe().startswith("any batch of 1-4 frames and any size within 512x512, 768x768")
     assert ShapeProfile.from_dict(json.loads(json.dumps(dyn.as_dict()))) == dyn
+
+
+def test_guidance_distilled_unet_is_refused_by_its_spec(sd):
+    # Its exported graph would have no timestep_cond input: refused once, here, for every exported backend.
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+
+    lcm = replace(sd, unet=UNet2DConditionModel(**{**sd.unet.config, "time_cond_proj_dim": 16}))
+    with pytest.raises(UserError) as e:
+        model_specs(lcm)
+    assert "guidance-distilled (LCM)" in e.value.message and "--backend torch" in e.value.hint
 
 
 def test_parse_flags():
@@ -166,6 +174,18 @@ def test_tensorrt_runner_shape_check(sd):
     with pytest.raises(UserError) as e:
         check_within(cfg, {**ok, "sample": (2, 4, 48, 32)}, prof.describe())
     assert "256x256" in e.value.message and "--sizes" in e.value.hint
+
+
+def test_torch_backend_runs_the_exported_graph_modules(sdxl):
+    # Parity between an exported graph and the torch backend holds by construction: both run export/graphs.py.
+    from engine.backends.base import create_backend
+    from engine.config import EngineConfig
+    from export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
+
+    backend = create_backend("torch", sdxl, EngineConfig())
+    assert [type(e) for e in backend.encoders] == [TextEncoderGraph, TextEncoderGraph]
+    assert isinstance(backend.unet, UNetGraph) and backend._unet_step is backend.unet
+    assert isinstance(backend.vae, VaeDecoderGraph)
 
 
 def test_unknown_backend(sd):

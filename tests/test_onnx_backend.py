@@ -164,6 +164,23 @@ def test_missing_execution_provider_and_dtype(sd_artifacts):
         export_component(model, "unet", "ort-cpu", "fp16")
 
 
+def test_guidance_distilled_unet_is_refused_before_any_export(sd_artifacts, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+
+    from engine.backends.base import create_backend
+
+    model, _ = sd_artifacts
+    lcm = replace(model, unet=UNet2DConditionModel(**{**model.unet.config, "time_cond_proj_dim": 16}),
+                  content_hash="lcm-variant")
+    monkeypatch.setenv("MOVIELM_CACHE", str(tmp_path))
+    with pytest.raises(UserError) as e:
+        create_backend("onnxruntime", lcm, EngineConfig(backend="onnxruntime"))
+    assert "guidance-distilled (LCM)" in e.value.message and "--backend torch" in e.value.hint
+    assert not any(tmp_path.rglob("*.onnx"))  # refused up front, not after exporting the text encoder
+
+
 def test_fp16_conversion_keeps_sensitive_nodes_fp32(sd_artifacts, tmp_path):
     """The CUDA graph cannot run here; check its structure: fp16 weights, fp32 timestep IO and time embedding."""
     import onnx

@@ -11,6 +11,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..errors import UserError
+
 
 @dataclass
 class UNetCond:
@@ -60,8 +62,6 @@ def backend_names() -> list[str]:
 
 
 def create_backend(name: str, model, config) -> Backend:
-    from ..errors import UserError
-
     _import_builtin()
     if name not in _REGISTRY:
         raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}")
@@ -69,11 +69,6 @@ def create_backend(name: str, model, config) -> Backend:
 
 
 def _import_builtin() -> None:
-    # Importing a backend module registers it; optional ones register a factory that explains a missing install.
-    from . import null_backend, torch_backend  # noqa: F401
-
-    try:
-        from . import onnx_backend  # noqa: F401
-    except ImportError:
-        pass
-    from . import tensorrt_backend  # noqa: F401  (imports tensorrt only when used: a missing install is a UserError)
+    # Importing a backend module registers it. They import `register` from here, hence imports on first use, not at
+    # the top. None needs its optional runtime to import: a missing onnxruntime or tensorrt is a UserError on use.
+    from . import null_backend, onnx_backend, tensorrt_backend, torch_backend  # noqa: F401

@@ -8,37 +8,32 @@ straight into torch tensors whose shapes the component's ModelSpec gives.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
+import psutil
 import torch
+
+from export.artifacts import export_onnx_set, require_ort_provider
+from export.onnx_export import META_MODEL_HASH
+from export.specs import UNET, VAE_DECODER, component_dtype, model_specs, text_encoder_component
 
 from ..errors import UserError
 from .base import UNetCond, register
-
-log = logging.getLogger("movielm_fast")
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def cpu_threads() -> int:
     """Intra-op threads on the CPU: physical cores (hyper-threads share the FMA units MLAS keeps busy)."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class OrtGraph:
     """One exported component: a session created once, called with torch tensors, returning torch tensors."""
 
     def __init__(self, artifact, spec, model, providers: list[str], device: torch.device, float_dtype: torch.dtype):
-        import onnxruntime as ort
-
-        from export.onnx_export import META_MODEL_HASH
+        import onnxruntime as ort  # optional dependency (the onnx extra); require_ort_provider checked it
 
         artifact.check_model(model)
         self.spec, self.device, self.float_dtype = spec, device, float_dtype
@@ -88,9 +83,6 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, model, config):
-        from export.artifacts import component_dtype, export_onnx_set, require_ort_provider
-        from export.specs import model_specs
-
         # The provider check comes first: "no CUDA EP" is the more useful message on a CPU-only onnxruntime build.
         providers = require_ort_provider(config.device)
         self.device = config.torch_device
@@ -104,21 +96,19 @@ class OnnxRuntimeBackend:
                                    torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
                                    else torch.float32)
                        for c, a in artifacts.items()}
-        self.text_graphs = [self.graphs[c] for c in sorted(c for c in self.graphs if c.startswith("text_encoder"))]
+        self.text_graphs = [self.graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
 
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         out = self.text_graphs[encoder_index](inputs_embeds=inputs_embeds, eos_index=eos_index.long())
         return out["last_hidden"], out["penultimate"], out["pooled"]
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
-        if cond.timestep_cond is not None:
-            raise UserError("guidance-distilled (LCM) UNets are not exported: the UNet spec has no timestep_cond "
-                            "input", "render this model with --backend torch")
+        # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
         feeds = {"sample": latents, "timestep": torch.as_tensor(t).reshape(1).float(),
                  "encoder_hidden_states": cond.encoder_hidden_states}
         if cond.text_embeds is not None:
             feeds.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids)
-        return self.graphs["unet"](**feeds)["noise"]
+        return self.graphs[UNET](**feeds)["noise"]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.graphs["vae_decoder"](latents=latents)["images"].float().cpu()
+        return self.graphs[VAE_DECODER](latents=latents)["images"].float().cpu()

@@ -9,14 +9,13 @@ builds them ahead of time).
 
 from __future__ import annotations
 
-import logging
-
 import torch
+
+from export.specs import UNET, VAE_DECODER, ShapeProfile, default_profile, model_specs, text_encoder_component
+from export.tensorrt import TrtBuildConfig, engine_artifact, require_tensorrt
 
 from ..errors import UserError
 from .base import UNetCond, register
-
-log = logging.getLogger("movielm_fast")
 
 
 def check_within(cfg, shapes: dict[str, tuple[int, ...]], covers: str) -> int:
@@ -35,9 +34,7 @@ class TrtRunner:
     """One engine: context, preallocated buffers per shape signature, optional CUDA-graph replay."""
 
     def __init__(self, artifact, spec, model, device: torch.device, cuda_graphs: bool):
-        import tensorrt as trt
-
-        from export.tensorrt import TrtBuildConfig
+        import tensorrt as trt  # optional dependency (the tensorrt extra); checked when the backend was made
 
         artifact.check_model(model)
         self.spec, self.device, self.artifact = spec, device, artifact
@@ -99,8 +96,6 @@ def _torch_dtype(trt, dt) -> torch.dtype:
 
 @register("tensorrt")
 def make_tensorrt_backend(model, config):
-    from export.tensorrt import require_tensorrt
-
     require_tensorrt()  # before anything else: the clear "install tensorrt" message
     return TensorRTBackend(model, config)
 
@@ -109,8 +104,6 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, model, config):
-        from export.specs import ShapeProfile, default_profile, model_specs
-
         self.model, self.config = model, config
         self.device = config.torch_device
         if self.device.type != "cuda":
@@ -121,11 +114,9 @@ class TensorRTBackend:
             raise UserError(f"TensorRT engines are fp16 or fp32, not {config.dtype_name}", "use --dtype fp16")
         self.specs = model_specs(model)
         self.runners: dict[str, list[TrtRunner]] = {c: [] for c in self.specs}
-        self._profile_cls, self._default = ShapeProfile, default_profile(model)
+        self._default = default_profile(model)
 
     def _run(self, component: str, **inputs) -> dict[str, torch.Tensor]:
-        from export.tensorrt import engine_artifact
-
         spec = self.specs[component]
         shapes = {t.name: tuple(inputs[t.name].shape) for t in spec.inputs}
         for runner in self.runners[component]:
@@ -134,12 +125,12 @@ class TensorRTBackend:
         dims = spec.dims_of(shapes)
         if spec.batch_role == "chunks":  # one dynamic engine for 1..N prompt windows
             d = self._default
-            profile = self._profile_cls(d.batch_sizes, d.sizes, max(d.max_chunks, dims["B"]), d.cfg, dynamic=True)
+            profile = ShapeProfile(d.batch_sizes, d.sizes, max(d.max_chunks, dims["B"]), d.cfg, dynamic=True)
         else:
             # An engine for exactly this bucket. The UNet's batch already includes CFG's doubling: ask for it as is.
             frames = dims["B"]
-            profile = self._profile_cls((frames,), ((dims["W"], dims["H"]),), max(1, dims.get("S", 77) // 77),
-                                        cfg=False, dynamic=False)
+            profile = ShapeProfile((frames,), ((dims["W"], dims["H"]),), max(1, dims.get("S", 77) // 77),
+                                   cfg=False, dynamic=False)
         art = engine_artifact(self.model, component, self.config.dtype_name, profile)
         runner = TrtRunner(art, spec, self.model, self.device, self.config.cuda_graphs)
         check_within(runner.cfg, shapes, art.manifest.get("covers", ""))
@@ -148,21 +139,19 @@ class TensorRTBackend:
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
-        name = "text_encoder" if encoder_index == 0 else f"text_encoder_{encoder_index + 1}"
-        out = self._run(name, inputs_embeds=inputs_embeds.to(self.device), eos_index=eos_index.to(self.device).long())
+        out = self._run(text_encoder_component(encoder_index), inputs_embeds=inputs_embeds.to(self.device),
+                        eos_index=eos_index.to(self.device).long())
         return out["last_hidden"], out["penultimate"], out["pooled"]
 
     @torch.inference_mode()
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
-        if cond.timestep_cond is not None:
-            raise UserError("guidance-distilled (LCM) UNets are not exported: the UNet spec has no timestep_cond "
-                            "input", "render this model with --backend torch")
+        # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
         feeds = {"sample": latents, "timestep": torch.as_tensor(t, device=self.device).reshape(1).float(),
                  "encoder_hidden_states": cond.encoder_hidden_states}
         if cond.text_embeds is not None:
             feeds.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids.float())
-        return self._run("unet", **feeds)["noise"]
+        return self._run(UNET, **feeds)["noise"]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._run("vae_decoder", latents=latents)["images"].float().cpu()
+        return self._run(VAE_DECODER, latents=latents)["images"].float().cpu()

@@ -1,14 +1,24 @@
-"""The PyTorch backend: the reference implementation every other backend is compared with."""
+"""The PyTorch backend: the reference implementation every other backend is compared with.
+
+It runs the very modules the exporter traces (export/graphs.py), so an exported graph and this backend compute the
+same function by construction; what is added here is only placement (device, dtype, memory format) and the CUDA
+launch optimizations.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from export.graphs import graph_modules
+from export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
+from kernels.attention import AttentionChoiceError, install_attention
+
+from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
 from ..errors import UserError
-from ..text import EmbedsTextEncoder
 from .base import UNetCond, register
+from .cuda_graph import GraphedCallable
 
 
 @register("torch")
@@ -18,46 +28,39 @@ class TorchBackend:
     def __init__(self, model, config):
         self.device = config.torch_device
         self.dtype = config.torch_dtype
-        self.unet = model.unet.to(self.device, self.dtype).eval()
-        # Some VAEs (SDXL's) overflow in fp16 and say so in their config: keep those in fp32.
-        self.vae_dtype = torch.float32 if (self.dtype == torch.float16 and
-                                           getattr(model.vae.config, "force_upcast", False)) else self.dtype
-        self.vae = model.vae.to(self.device, self.vae_dtype).eval()
-        self.encoders = [EmbedsTextEncoder(enc.to(self.device, self.dtype).eval()) for enc in model.text_encoders]
-        self.scaling_factor = model.vae.config.scaling_factor
-        self.shift_factor = getattr(model.vae.config, "shift_factor", None) or 0.0
+        graphs = graph_modules(model)
+        for component, graph in graphs.items():
+            graph.to(self.device, DTYPES[component_dtype(model, component, config.dtype_name)]).eval()
+        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
+        self.unet, self.vae = graphs[UNET], graphs[VAE_DECODER]
+        self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
         if self.device.type == "cuda" and config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
+        unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
         if config.attention != "sdpa":
-            from kernels.attention import install_attention
-
-            install_attention(self.unet, config.attention)
+            try:
+                install_attention(unet, config.attention)
+            except AttentionChoiceError as exc:
+                raise UserError(exc.message, exc.hint) from None
         if self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
             # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches. diffusers installs its
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
-            self.unet.fuse_qkv_projections()
-        self._unet_step = self._unet_call
+            unet.fuse_qkv_projections()
+        self._unet_step = self.unet
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         if config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._unet_step = torch.compile(self._unet_call, mode=mode, dynamic=False)
+            self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
         elif self.device.type == "cuda" and config.cuda_graphs:
-            from .cuda_graph import GraphedCallable
-
-            self._unet_step = GraphedCallable(self._unet_call)
+            self._unet_step = GraphedCallable(self.unet)
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         enc = self.encoders[encoder_index]
         return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
-
-    def _unet_call(self, latents, t, hidden, text_embeds, time_ids, timestep_cond):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(latents, t, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
-                         added_cond_kwargs=added, return_dict=False)[0]
 
     @torch.inference_mode()
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
@@ -73,22 +76,20 @@ class TorchBackend:
     def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
         """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
         eager only (the rows' key lengths change from call to call)."""
-        if self._unet_step != self._unet_call:
+        if self._unet_step is not self.unet:
             raise UserError("consistency mode (anchor attention) cannot run with --cuda-graphs or --compile",
                             "drop --cuda-graphs/--compile for movies with consistency")
         if self.anchor_state is None:
             self.anchor_state = AnchorState()
-            install_anchor_attention(self.unet, self.anchor_state)
+            install_anchor_attention(self.unet.unet, self.anchor_state)
         self.anchor_state.batch, self.anchor_state.t = cond.anchors, int(t)
         try:
-            return self._unet_call(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
-                                   cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
-                                   cast(cond.timestep_cond))
+            return self.unet(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
+                             cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
+                             cast(cond.timestep_cond))
         finally:
             self.anchor_state.batch = None
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.vae_dtype) / self.scaling_factor + self.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return self.vae(latents.to(self.device, self.vae_dtype)).cpu()
