@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -- install into .venv (first time only), then render examples/plan.json with the demo model
-#   make test   -- install into .venv (first time only), then run the test suite
+#   make test   -- install into .venv (first time only), then check the import layers and run the test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +25,8 @@ demo: install
 	$(BIN)/movielm-fast render examples/plan.json
 
 test: install
+	# The layers of DESIGN.md first (contracts in pyproject.toml): a broken one fails the target.
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:
