@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Running `python bench/cluster_scaling.py` puts bench/ first on sys.path, where this file would shadow the package.
 sys.path.insert(0, str(ROOT))
 
-from engine.cluster import ClusterOptions, RayRenderPool  # noqa: E402
+from engine.cluster import ClusterOptions, RayExecutor  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
-from engine.runner import Renderer, render  # noqa: E402
+from engine.driver import render  # noqa: E402
+from engine.executors import LocalExecutor  # noqa: E402
 
 
 def _plans(folder: Path, movies: int, frames: int, size: int, steps: int, prefix: str = "m") -> Path:
@@ -58,10 +59,10 @@ def _local_reference(config, plans: Path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one worker gets
     try:
-        renderer = Renderer(config)
-        render(config, [plans], renderer=renderer)  # warm-up
+        executor = LocalExecutor(config)
+        render(config, [plans], executor=executor)  # warm-up
         shutil.rmtree(config.out)
-        s = render(config, [plans], renderer=renderer)
+        s = render(config, [plans], executor=executor)
     finally:
         torch.set_num_threads(threads)
     return {"images_per_second": round(s.images_per_second, 3), "frames": s.frames_rendered,
@@ -71,15 +72,15 @@ def _local_reference(config, plans: Path) -> dict:
 def _case(config, workers: int, plans: Path, warm: Path, reps: int, scratch: Path) -> dict:
     cpu = not config.device.startswith("cuda")
     opts = ClusterOptions(address="local", workers=workers, cpus_per_worker=1 if cpu else None)
-    t0 = time.perf_counter()
-    with RayRenderPool(config, opts) as pool:
-        startup = time.perf_counter() - t0
-        loads = [s["load_seconds"][0] for s in pool._pool.stats]
-        pool.render([warm], config=dataclasses.replace(config, out=scratch / "warm"))
+    with RayExecutor(config, opts) as executor:
+        startup = executor.startup_seconds
+        loads = [s["load_seconds"][0] for s in executor.worker_stats()]
+        warm_config = dataclasses.replace(config, out=scratch / "warm")
+        render(warm_config, [warm], executor=executor)
         runs = []
         for r in range(reps):
-            out = scratch / f"w{workers}-r{r}"
-            runs.append(pool.render([plans], config=dataclasses.replace(config, out=out)).as_dict())
+            run_config = dataclasses.replace(config, out=scratch / f"w{workers}-r{r}")
+            runs.append(render(run_config, [plans], executor=executor).as_dict())
     best = sorted(runs, key=lambda d: d["images_per_second"])[len(runs) // 2]  # the median run
     return {"workers": workers, "startup_seconds": round(startup, 3), "model_load_seconds": loads,
             "images_per_second": best["images_per_second"],

@@ -39,7 +39,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.outputs import png_bytes  # noqa: E402
 from engine.paths import cache_root  # noqa: E402
 from engine.pipeline import BatchSettings, FrameJob, render_batch  # noqa: E402
-from engine.runner import Renderer  # noqa: E402
+from engine.renderer import Renderer  # noqa: E402
 from engine.schedulers import make_scheduler  # noqa: E402
 from export.cache import list_entries  # noqa: E402
 

@@ -44,7 +44,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.outputs import png_bytes, storyboard  # noqa: E402
 from engine.pipeline import BatchSettings, FrameJob, render_batch  # noqa: E402
 from engine.plan import Style  # noqa: E402
-from engine.runner import Renderer  # noqa: E402
+from engine.renderer import Renderer  # noqa: E402
 from engine.style import StyleSettings, immobilize_style, render_scenes  # noqa: E402
 from engine.textual_inversion import load_embedding, vectors_for_model  # noqa: E402
 
