@@ -178,14 +178,6 @@ class PeakMemory:
         return "cuda_peak_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
 
 
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", ()))):
-        return True
-    # CPU allocations that fail surface as a plain RuntimeError from the allocator.
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 # --- the machine -----------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:

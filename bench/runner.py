@@ -37,11 +37,12 @@ from engine.outputs import png_bytes
 from engine.paths import atomic_write_bytes, atomic_write_text
 from engine.pipeline import BatchSettings, FrameJob, render_batch, stack_conditioning
 from engine.schedulers import make_scheduler
+from engine.oom import is_oom
 from engine.text import PromptEncoder
 from export.specs import VAE_DECODER, component_dtype
 
-from .hardware import (PeakMemory, count_flops, is_oom, load_average, machine_info, matmul_ceiling, settle, source_state,
-                       stats, timed)
+from .hardware import (PeakMemory, count_flops, load_average, machine_info, matmul_ceiling, settle, source_state, stats,
+                       timed)
 from .models import resolve_model
 from .report import BASELINE, FORMAT, write_csv, write_plot
 # Movie-like prompts of typical length; the negative prompt is empty, as in a plan's defaults.

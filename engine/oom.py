@@ -18,8 +18,9 @@ R = TypeVar("R")
 
 
 def is_oom(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the allocator failures torch raises as plain RuntimeErrors (CPU, MPS)."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the allocator failures torch raises as plain
+    RuntimeErrors (CPU, MPS)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -40,11 +40,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import save
 
+from export.graphs import TextEncoderGraph
+
 from .errors import UserError
 from .oom import is_oom, map_halving, smaller
 from .paths import atomic_write_bytes, atomic_write_text, cache_root
 from .pipeline import BatchSettings, FrameJob
-from .text import EmbedsTextEncoder, PromptEncoder, is_vocab_word, select_outputs
+from .text import PromptEncoder, is_vocab_word, select_outputs
 from .textual_inversion import load_embedding, vectors_for_model
 
 if TYPE_CHECKING:  # the Renderer imports this module to train styles
@@ -310,7 +312,7 @@ class _Trainer:
         self.kind = model.kind
         self.unet = model.unet.to(device)
         self.vae = model.vae.to(device)
-        self.encoders = [EmbedsTextEncoder(enc.to(device)) for enc in model.text_encoders]
+        self.encoders = [TextEncoderGraph(enc.to(device)) for enc in model.text_encoders]
         self.tables = [enc.get_input_embeddings().weight for enc in model.text_encoders]  # (V, D) frozen
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self.prediction_type = self.noise_scheduler.config.prediction_type

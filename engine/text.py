@@ -16,12 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from export.graphs import TextEncoderGraph
 
 from .errors import UserError
-
-# Temporary: engine/style.py still imports this name; remove once it imports export.graphs.TextEncoderGraph.
-EmbedsTextEncoder = TextEncoderGraph
 
 CHUNK = 75  # tokens per window, without BOS/EOS
 _EMPHASIS_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:")

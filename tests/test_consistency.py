@@ -151,3 +151,11 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
         assert json.loads((tmp_path / ("plain" if mode == "none" else "anch") / "eval.json").read_text())
     res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), "--clip", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no CLIP model folder" in res.output
+
+
+def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ort = Renderer(EngineConfig(model=str(tiny_sd), backend="onnxruntime"))
+    s, _ = _render(ort, tmp_path, "ort", [_movie(consistency=MODE)])
+    assert [f["movie"] for f in s.failures] == ["c"] and "needs --backend torch" in s.failures[0]["reason"]
+    assert s.frames_rendered == 1  # the frame without characters renders; the movie is reported incomplete

@@ -42,7 +42,15 @@ class Backend(Protocol):
         """One UNet evaluation: (B, C, h, w) latents at timestep t -> noise (or v) prediction, same shape."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] on the CPU."""
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] (clamped), on the backend's device
+        or the CPU: the pipeline converts them to uint8 where they are."""
+
+
+def refuse_anchors(cond: UNetCond, backend: str) -> None:
+    """Exported graphs have no anchor-attention variant (yet): say so instead of silently rendering without."""
+    if cond.anchors is not None:
+        raise UserError(f"consistency mode (anchor attention) needs --backend torch; {backend} has no such graph",
+                        "render movies with consistency on --backend torch, or set their consistency mode to none")
 
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}

@@ -19,7 +19,7 @@ from export.onnx_export import META_MODEL_HASH
 from export.specs import UNET, VAE_DECODER, component_dtype, model_specs, text_encoder_component
 
 from ..errors import UserError
-from .base import UNetCond, register
+from .base import UNetCond, refuse_anchors, register
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -104,6 +104,7 @@ class OnnxRuntimeBackend:
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
         # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
+        refuse_anchors(cond, self.name)
         feeds = {"sample": latents, "timestep": torch.as_tensor(t).reshape(1).float(),
                  "encoder_hidden_states": cond.encoder_hidden_states}
         if cond.text_embeds is not None:

@@ -15,7 +15,7 @@ from export.specs import UNET, VAE_DECODER, ShapeProfile, default_profile, model
 from export.tensorrt import TrtBuildConfig, engine_artifact, require_tensorrt
 
 from ..errors import UserError
-from .base import UNetCond, register
+from .base import UNetCond, refuse_anchors, register
 
 
 def check_within(cfg, shapes: dict[str, tuple[int, ...]], covers: str) -> int:
@@ -146,6 +146,7 @@ class TensorRTBackend:
     @torch.inference_mode()
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
         # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
+        refuse_anchors(cond, self.name)
         feeds = {"sample": latents, "timestep": torch.as_tensor(t, device=self.device).reshape(1).float(),
                  "encoder_hidden_states": cond.encoder_hidden_states}
         if cond.text_embeds is not None:

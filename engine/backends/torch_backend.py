@@ -92,4 +92,4 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae(latents.to(self.device, self.vae_dtype)).cpu()
+        return self.vae(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host
