@@ -25,6 +25,7 @@ from engine.renderer import Renderer
 
 from .hardware import load_average, machine_info
 from .models import resolve_model
+from .report import CONSISTENCY_FORMAT
 
 NAMES = ("Rosa", "Tom", "Ada")
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = statistics.median(times["plain"])
     rows = [{"case": name, "characters": cases[name][0], "seconds_per_frame": round(statistics.median(v), 3),
              "vs_plain": round(statistics.median(v) / plain, 3), "samples": len(v)} for name, v in times.items()]
-    result = {"format": "movielm-bench-consistency/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    result = {"format": CONSISTENCY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"model": args.model, "size": args.size, "steps": args.steps, "frames": args.frames,
                            "repeats": args.repeats, "batch": 1, "scheduler": "dpmpp", "guidance": 7.5},

@@ -38,8 +38,8 @@ from engine.plan import RenderSettings
 from engine.renderer import Renderer
 
 from .hardware import load_average, machine_info, source_state
+from .report import HOST_FORMAT
 
-FORMAT = "movielm-bench-host/1"
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
 WRITE_STAGES = ("encode", "hash", "write", "manifest", "storyboard")
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    result = {"format": HOST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
                            "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,

@@ -335,9 +335,77 @@ def short_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+HOST_FORMAT = "movielm-bench-host/1"
+CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
+
+
+def load_other(results_dir: Path, fmt: str) -> list[dict[str, Any]]:
+    """Results of the smaller benchmarks (bench/host.py, bench/consistency.py), oldest first."""
+    out = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("format") == fmt:
+            out.append(data)
+    return sorted(out, key=lambda d: d["created"])
+
+
+def _load(res: dict[str, Any]) -> str:
+    la = res.get("load_average") or {}
+    start, end = la.get("start"), la.get("end")
+    return f"load average {start[0]:.2f} at the start, {end[0]:.2f} at the end" if start and end else ""
+
+
+def host_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Host-side throughput (`python -m bench.host`)", "",
+             f"The real engine on the zero-cost `null` backend: {st['frames']} frames per case, {st['steps']} "
+             f"{st['scheduler']} steps, batch {st['batch']}, torch threads {st.get('torch_threads')}; {m['cpu_model']}, "
+             f"{m['cpu_cores_logical']} logical cores; {_load(res)}; {res['created']}. *render thread*: the render "
+             "loop's time minus its waits for a free writer slot, per frame (what a GPU would wait for); *end to "
+             "end*: frames over the whole run (planning, the write drain and the storyboard included). Sequential = "
+             "every file written on the render thread (writer threads 0), pipelined = the write stage on its "
+             "threads; *same files*: frames and storyboard byte-identical, manifests equal but for timings.", "",
+             "| size | format | writer threads | render thread ms/frame | end to end frames/s | same files | "
+             "split ms/frame (prompt, latents, scheduler, decode · encode, hash, write, manifest, storyboard) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        sp = r["split_ms_per_frame"]
+        split = ", ".join(f"{sp[k]:g}" for k in ("prompt", "latents", "scheduler", "decode")) + " · " + \
+            ", ".join(f"{sp[k]:g}" for k in ("encode", "hash", "write", "manifest", "storyboard"))
+        lines.append(f"| {r['size']} | {r['format']} | {r['writer_threads']} | {r['render_thread_ms_per_frame']:.1f} "
+                     f"| {r['frames_per_s']:.1f} | {'yes' if r['same_files_as_sequential'] else 'NO'} | {split} |")
+    return lines + [""]
+
+
+def consistency_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Consistent characters: cost (`python -m bench.consistency`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch {st['batch']}, guidance {st['guidance']}, "
+             f"fp32 on {m['cpu_model']} ({m['cpu_cores_logical']} cores); medians over {st['repeats']} interleaved "
+             f"repeats of {st['frames']} frames; {_load(res)}; {res['created']}. Anchors were rendered beforehand "
+             f"(each {res['anchor_seconds']:.2f} s, once per character and worker); the record takes "
+             f"{res['record_mb_per_character']} MB per character.", "",
+             "| case | s/frame | vs plain |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['case']} | {r['seconds_per_frame']:.3f} | {r['vs_plain']:.2f}× |")
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
-    atomic_write_text(md_path, render_results_md(load_results(results_dir), md_path.parent))
+    text = render_results_md(load_results(results_dir), md_path.parent)
+    extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
+        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT))
+    atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 
 
