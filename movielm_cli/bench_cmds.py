@@ -35,13 +35,26 @@ from engine.schedulers import SCHEDULERS
 @click.option("--out", default=Path("bench/results"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--machine", help="Name for file names and the RESULTS.md section (default: from the CPU/GPU model).")
 @click.option("--no-report", is_flag=True, help="Do not regenerate RESULTS.md (in the parent of --out).")
+@click.option("--host", is_flag=True, help="Instead: the engine's own host-side throughput on the zero-cost null "
+                                           "backend (bench/host.py; 64 frames, 256 and 512 px, PNG and JPEG, "
+                                           "pipelined vs sequential writes; --sizes/--steps/--batch-sizes apply).")
 def bench_cmd(model, backends, device, dtype, sizes, batch_sizes, steps, repeats, warmup, scheduler, guidance,
-              no_baseline, out, machine, no_report):
+              no_baseline, out, machine, no_report, host):
     # Imported on use: torch and diffusers take seconds to import, and every `movielm-fast` command (--help too)
     # loads this module.
+    from bench import host as host_bench
     from bench.report import write_results_md
     from bench.runner import BenchSettings, run_bench
     from export.specs import parse_batch_sizes, parse_sizes
+
+    if host:
+        argv = ["--results", str(out)] + (["--steps", str(steps)] if steps else [])
+        argv += ["--sizes", ",".join(str(w) for w, _ in parse_sizes(sizes))] if sizes else []
+        argv += ["--batch", str(parse_batch_sizes(batch_sizes)[0])] if batch_sizes else []
+        host_bench.main(argv)
+        if not no_report:
+            click.echo(f"report: {write_results_md(out, Path(out).parent / 'RESULTS.md')}")
+        return
 
     names = None if backends.strip() == "all" else [b.strip() for b in backends.split(",") if b.strip()]
     try:
