@@ -11,7 +11,6 @@ cases are interleaved over the repeats and the median taken. Results go to bench
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.paths import atomic_write_text
 from engine.plan import parse_plan
 from engine.renderer import Renderer
 
 from .hardware import load_average, machine_info
 from .models import resolve_model
-from .report import CONSISTENCY_FORMAT
+from .report import CONSISTENCY_FORMAT, save_result
 
 NAMES = ("Rosa", "Tom", "Ada")
 
@@ -83,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['case']:>16}: {row['seconds_per_frame']:.3f} s/frame ({row['vs_plain']:.2f}x plain)")
     print(f"anchor: {result['anchor_seconds']:.3f} s each; record {result['record_mb_per_character']} MB/character")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.results / f"consistency-{stamp}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(path)
+    save_result(args.results, "consistency", result)
     return 0
 
 

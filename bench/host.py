@@ -33,12 +33,11 @@ import torch
 from engine.config import EngineConfig
 from engine.driver import render
 from engine.executors import LocalExecutor
-from engine.paths import atomic_write_text
 from engine.plan import RenderSettings
 from engine.renderer import Renderer
 
 from .hardware import load_average, machine_info, source_state
-from .report import HOST_FORMAT
+from .report import HOST_FORMAT, save_result
 
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
 WRITE_STAGES = ("encode", "hash", "write", "manifest", "storyboard")
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"to end, same files: {same}  split {r['split_ms_per_frame']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     result = {"format": HOST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
@@ -142,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                            "writer_threads": args.threads},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
               "runs": runs}
-    path = args.results / f"host-{stamp}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(path)
+    save_result(args.results, "host", result)
     return 0
 
 

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,14 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 HOST_FORMAT = "movielm-bench-host/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
+
+
+def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
+    """A small benchmark's result as results_dir/<prefix>-<stamp>.json (atomically); prints and returns the path."""
+    path = Path(results_dir) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(path)
+    return path
 
 
 def load_other(results_dir: Path, fmt: str) -> list[dict[str, Any]]:
