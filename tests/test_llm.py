@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,14 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_openai_server import FakeOpenAIServer, error, ok, scripted, slow  # noqa: E402
+from fake_openai_server import FakeOpenAIServer, cut, error, ok, scripted, slow  # noqa: E402
 
 from engine.errors import UserError  # noqa: E402
-from engine.llm.client import LLMClient, LLMConfig, complete_json, extract_json, price_for, resolve_config  # noqa: E402
-from engine.llm.planner import PlanRequest, build_requests, generate_plans, slugify  # noqa: E402
-from engine.llm.qa import QAJob, generate_qa  # noqa: E402
+from engine.llm.client import (LLMClient, LLMConfig, Usage, complete_json, default_cache_dir, extract_json,  # noqa: E402
+                               resolve_config)
+from engine.llm.planner import PLAN_SCHEMA, PlanRequest, build_requests, generate_plans, slugify  # noqa: E402
+from engine.llm.qa import QAJob, check_llm_qa, generate_qa  # noqa: E402
+from engine.plan import SHOTS  # noqa: E402
 from engine.plan import SAFE_ID, load_plan  # noqa: E402
 from movielm_cli.llm_cmds import plan_cmd, qa_cmd  # noqa: E402
 
@@ -36,16 +39,16 @@ def plan_reply(title="The Duchess & the Commoner", frames=FRAMES, characters=CHA
     }
 
 
-def client_for(server, tmp_path, sleep=None, **overrides):
-    config = LLMConfig(base_url=server.url, api_key="test", model="gpt-4o-mini", timeout=2.0, max_attempts=3,
-                       backoff_base=0.01, backoff_max=0.05, concurrency=4, cache_dir=tmp_path / "cache")
+def client_for(server, tmp_path, **overrides):
+    config = LLMConfig(base_url=server.url, api_key="test", model="gpt-4o-mini", timeout=2.0, max_retries=2,
+                       concurrency=4, cache_dir=tmp_path / "cache")
     for key, value in overrides.items():
         setattr(config, key, value)
-    return LLMClient(config, sleep=sleep) if sleep else LLMClient(config)
+    return LLMClient(config)
 
 
-def one_request(theme="a love story"):
-    return [PlanRequest(theme, "romance", FRAMES, CHARACTERS)]
+def one_request(theme="a love story", strict=False):
+    return [PlanRequest(theme, "romance", FRAMES, CHARACTERS, strict_counts=strict)]
 
 
 def user_text(body):
@@ -77,7 +80,7 @@ def test_invalid_then_valid_is_repaired_with_the_errors_fed_back(tmp_path):
     bad = plan_reply(frames=2)
     bad["style"]["colour"] = "red"
     with FakeOpenAIServer(scripted(ok(bad), ok(plan_reply()))) as server:
-        report = generate_plans(client_for(server, tmp_path), one_request(), tmp_path / "plans")
+        report = generate_plans(client_for(server, tmp_path), one_request(strict=True), tmp_path / "plans")
     assert not report.failures and report.outcomes[0].path.is_file()
     assert len(server.requests) == 2
     repair = server.requests[1]["messages"]
@@ -95,7 +98,8 @@ def test_malformed_json_is_repaired(tmp_path):
 
 
 def test_failure_after_tries_saves_raw_replies_and_forgets_them(tmp_path):
-    with FakeOpenAIServer(scripted(ok("no json here"))) as server:
+    # Different invalid replies each time: identical ones end the tries early (tested below).
+    with FakeOpenAIServer(lambda body, n: ok(f"no json here ({n})")) as server:
         client = client_for(server, tmp_path)
         report = generate_plans(client, one_request(), tmp_path / "plans", max_tries=3)
         assert len(server.requests) == 3
@@ -159,21 +163,19 @@ def test_versions_of_a_theme_ask_for_different_movies(tmp_path):
 # --- transport --------------------------------------------------------------------------------------------------
 
 
-def test_429_and_500_are_retried_with_growing_backoff(tmp_path):
-    delays = []
+def test_429_and_500_are_retried_by_the_openai_client(tmp_path):
     with FakeOpenAIServer(scripted(error(429, "slow down"), error(500), ok({"a": 1}))) as server:
-        client = client_for(server, tmp_path, sleep=delays.append, backoff_base=0.01, backoff_max=1.0)
-        result = client.chat([{"role": "user", "content": "hi"}])
+        result = client_for(server, tmp_path).chat([{"role": "user", "content": "hi"}])
     assert json.loads(result.content) == {"a": 1} and len(server.requests) == 3
-    assert len(delays) == 2 and delays[1] > delays[0] > 0
 
 
-def test_retry_after_header_is_honoured_within_the_cap(tmp_path):
-    delays = []
-    with FakeOpenAIServer(scripted(error(429, retry_after="0.2"), ok("{}"))) as server:
-        client = client_for(server, tmp_path, sleep=delays.append, backoff_base=0.001, backoff_max=0.5)
+def test_retry_after_header_is_honoured(tmp_path):
+    with FakeOpenAIServer(scripted(error(429, retry_after="0.4"), ok("{}"))) as server:
+        client = client_for(server, tmp_path)
+        start = time.perf_counter()
         client.chat([{"role": "user", "content": "hi"}])
-    assert 0.15 <= delays[0] <= 0.2
+        waited = time.perf_counter() - start
+    assert len(server.requests) == 2 and waited >= 0.38
 
 
 def test_timeout_is_retried(tmp_path):
@@ -201,8 +203,7 @@ def test_bad_key_fails_at_once(tmp_path):
 def test_unreachable_server(tmp_path):
     with FakeOpenAIServer(scripted(ok("{}"))) as server:
         url = server.url
-    client = LLMClient(LLMConfig(base_url=url, api_key="t", timeout=0.5, max_attempts=2, backoff_base=0.01,
-                                 cache_dir=None))
+    client = LLMClient(LLMConfig(base_url=url, api_key="t", timeout=0.5, max_retries=1, cache_dir=None))
     with pytest.raises(UserError, match="connection error"):
         client.chat([{"role": "user", "content": "hi"}])
 
@@ -236,12 +237,6 @@ def test_local_server_needs_no_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     config = resolve_config(base_url="http://127.0.0.1:9/v1", model="llama3")
     assert config.api_key and config.model == "llama3"
-
-
-def test_usage_cost_estimate():
-    assert price_for("gpt-4o-mini-2024-07-18") == (0.15, 0.60)
-    assert price_for("gpt-4o-2024-08-06") == (2.50, 10.00)
-    assert price_for("llama3:8b") is None
 
 
 def test_extract_json_and_slugify():
@@ -301,14 +296,14 @@ def test_plan_and_qa_commands(tmp_path):
     themes = tmp_path / "themes.txt"
     themes.write_text("a love story\n# skipped\n\na heist\n")
     with FakeOpenAIServer(handler) as server:
-        common = ["--base-url", server.url, "--api-key", "t", "--cache-dir", str(tmp_path / "cache"),
-                  "--backoff", "0.01"]
+        common = ["--base-url", server.url, "--api-key", "t", "--cache-dir", str(tmp_path / "cache")]
         result = runner.invoke(plan_cmd, ["--themes-file", str(themes), "--frames", "4", "--characters", "2",
                                           "--out", str(tmp_path / "plans"), *common])
         assert result.exit_code == 0, result.output
         plans = sorted((tmp_path / "plans").glob("*.json"))
         assert [p.name for p in plans] == ["a-heist-01.json", "a-love-story-01.json"]
-        assert "2 request(s)" in result.stderr and "about $" in result.stderr
+        assert "2 request(s)" in result.stderr and "200 prompt + 100 completion tokens" in result.stderr
+        assert "$" not in result.stderr, "no prices: they differ per provider and change"
         out = tmp_path / "qa.json"
         result = runner.invoke(qa_cmd, [*map(str, plans), "--out", str(out), *common])
         assert result.exit_code == 0, result.output
@@ -339,13 +334,12 @@ def test_plan_command_without_endpoint(tmp_path, monkeypatch):
 
 
 
-def test_usage_summary_reports_tokens_and_cost():
-    from engine.llm.client import Usage
-
+def test_usage_summary_reports_tokens_not_money():
     usage = Usage("gpt-4o")
     usage.add({"prompt_tokens": 1_000_000, "completion_tokens": 100_000}, cached=False)
     usage.add(None, cached=True)
-    assert "1 request(s), 1 from cache" in usage.summary() and "about $3.5000" in usage.summary()
-    unknown = Usage("my-local-model")
-    unknown.add({"prompt_tokens": 10, "completion_tokens": 5}, cached=False)
-    assert "10 prompt + 5 completion tokens" in unknown.summary() and "no price known" in unknown.summary()
+    assert "1 request(s), 1 from cache" in usage.summary()
+    assert "1,000,000 prompt + 100,000 completion tokens" in usage.summary() and "$" not in usage.summary()
+    local = Usage("my-local-model")
+    local.add({"prompt_tokens": 10, "completion_tokens": 5}, cached=False)
+    assert "10 prompt + 5 completion tokens" in local.summary()
