@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -138,8 +139,6 @@ def serve(ctx: int = 8192, threads: int = 2, log: Path | None = None, startup_s:
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, startup_s: float) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -169,18 +168,22 @@ def measure_plans(themes: tuple[str, ...], frames: int, characters: int, out: Pa
             plans = out / "plans" / theme.replace(" ", "-")
             cmd = [sys.executable, "-m", "movielm_cli.main", "plan", theme, "--frames", str(frames),
                    "--characters", str(characters), "--out", str(plans), "--base-url", base_url,
-                   "--model", "gemma-3-270m", "--no-cache", "--json-report", *extra]
+                   "--model", "gemma-3-270m", "--no-cache", "--json", *extra]
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
             seconds = time.perf_counter() - start
             report = _last_json(proc.stdout)
             results.append({"theme": theme, "exit_code": proc.returncode, "seconds": round(seconds, 1),
                             "report": report, "stderr_tail": proc.stderr[-2000:]})
-            print(f"{theme!r}: exit {proc.returncode}, {seconds:.1f} s, "
-                  f"{(report or {}).get('written', '?')} written, requests {(report or {}).get('requests', '?')}",
-                  flush=True)
+            r = report or {}
+            print(f"{theme!r}: exit {proc.returncode}, {seconds:.1f} s, {r.get('written', '?')} written, "
+                  f"{r.get('requests', '?')} request(s), {r.get('repairs', '?')} repair(s), "
+                  f"{r.get('completion_tokens', '?')} completion tokens; notes: {r.get('notes')}", flush=True)
+    valid = sum(1 for r in results if (r["report"] or {}).get("written"))
     return {"model": MODEL_FILE, "server": LLAMA_CPP_PACKAGE, "frames": frames, "characters": characters,
-            "results": results}
+            "valid_plans": valid, "of": len(results),
+            "repairs": sum((r["report"] or {}).get("repairs", 0) for r in results),
+            "seconds_total": round(sum(r["seconds"] for r in results), 1), "results": results}
 
 
 def _last_json(text: str) -> dict | None:
