@@ -104,6 +104,7 @@ def assemble_model() -> Path:
             "m.assemble(sys.argv[2], overwrite=True)")
     _run([sys.executable, "-c", code, str(packages), str(partial)])
     os.replace(partial, dest)
+    shutil.rmtree(packages, ignore_errors=True)  # 240 MB of chunks, no longer needed
     return dest
 
 
@@ -117,10 +118,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(ctx: int = 8192, threads: int = 2, log: Path | None = None, startup_s: float = 180.0) -> Iterator[str]:
+def serve(ctx: int = 8192, threads: int = 2, log: Path | None = None, startup_s: float = 180.0,
+          binary: Path | None = None, model: Path | None = None) -> Iterator[str]:
     """Run llama-server on 127.0.0.1 (never beyond) and yield its /v1 base URL; stopped on exit."""
     port = free_port()
-    cmd = [str(server_binary()), "-m", str(model_path()), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(binary or server_binary()), "-m", str(model or model_path()), "--host", "127.0.0.1", "--port", str(port),
            "-c", str(ctx), "-t", str(threads), "--parallel", "1", "--no-webui"]
     out = open(log, "wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -19,21 +19,24 @@ import pytest
 from click.testing import CliRunner
 
 from bench.llama_cpp import model_path, serve, server_binary
+from engine.errors import UserError
 from engine.llm.client import LLMClient, LLMConfig, complete_json, extract_json
 from engine.llm.planner import PLAN_SCHEMA
 from engine.plan import load_plan
 from movielm_cli.llm_cmds import plan_cmd, qa_cmd
 
 pytestmark = pytest.mark.llama_cpp
+# Resolved at collection, from the user's $MOVIELM_CACHE: conftest points it at a per-session folder later.
+SERVER, MODEL = server_binary(), model_path()
 
 
 @pytest.fixture(scope="module")
 def base_url(request, tmp_path_factory):
     if "llama_cpp" not in (request.config.getoption("-m") or ""):
         pytest.skip("opt-in: pytest -m llama_cpp tests/test_llama_cpp.py (after python -m bench.llama_cpp setup)")
-    if not (server_binary().is_file() and model_path().is_file()):
-        pytest.skip(f"run `python -m bench.llama_cpp setup` first ({server_binary()}, {model_path()})")
-    with serve(log=tmp_path_factory.mktemp("llama") / "server.log") as url:
+    if not (SERVER.is_file() and MODEL.is_file()):
+        pytest.skip(f"run `python -m bench.llama_cpp setup` first ({SERVER}, {MODEL})")
+    with serve(log=tmp_path_factory.mktemp("llama") / "server.log", binary=SERVER, model=MODEL) as url:
         yield url
 
 
@@ -83,7 +86,7 @@ def test_plan_command_end_to_end(base_url, tmp_path):
         assert 2 <= len(loaded.movie.frames) <= 6 and loaded.movie.characters
     else:
         # A weak model may fail; the command must still end cleanly, with the raw replies kept.
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert isinstance(result.exception, UserError) and "Traceback" not in result.output, result.output
         assert list((out / "failed").glob("*.raw.txt"))
 
 
@@ -106,4 +109,5 @@ def test_qa_command_end_to_end(base_url, tmp_path):
         assert record["QA"]["plot_qa"] and record["QA"]["overview_qa"] and record["QA"]["temporal_qa"]
         assert any(p["question"] == 'Who says "Easy."?' for p in record["QA"]["character_qa"])
     else:
-        assert result.exit_code == 2 and records == [] and "FAILED heist" in result.stderr, result.output
+        assert isinstance(result.exception, UserError), result.output
+        assert records == [] and "FAILED heist" in result.stderr, result.output

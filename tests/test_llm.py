@@ -220,8 +220,11 @@ def test_rejected_response_format_falls_back_to_plain_json(tmp_path):
         generate_plans(client, one_request("second"), tmp_path / "plans")
     assert not report.failures
     kinds = [b.get("response_format", {}).get("type") for b in server.requests]
-    # Each mode is given up once per client; the second plan goes straight to plain JSON.
-    assert kinds == ["json_schema", "json_object", None, None]
+    # Each mode is given up once per client (the JSON schema with array bounds, then without them); the second
+    # plan goes straight to plain JSON.
+    assert kinds == ["json_schema", "json_schema", "json_object", None, None]
+    bounded, loose = (json.dumps(b["response_format"]) for b in server.requests[:2])
+    assert "minItems" in bounded and "minItems" not in loose
 
 
 def test_missing_endpoint_is_a_one_line_error(monkeypatch):
@@ -585,3 +588,59 @@ def test_response_cache_honours_movielm_cache(tmp_path, monkeypatch):
     with FakeOpenAIServer(scripted(ok({"a": 1}))) as server:
         LLMClient(LLMConfig(base_url=server.url, api_key="t")).chat([{"role": "user", "content": "hi"}])
     assert list((tmp_path / "mc" / "llm").rglob("*.json"))
+
+
+def test_unwritable_out_folders_are_clean_errors(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with FakeOpenAIServer(scripted(ok(plan_reply()))) as server:
+        result = CliRunner().invoke(plan_cmd, ["a heist", "--out", str(blocker / "plans"), "--base-url", server.url,
+                                               "--no-cache"])
+        assert isinstance(result.exception, UserError) and "cannot create" in result.exception.message
+        assert not server.requests, "checked before any request is made"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"id": "m", "style": {"name": "s"}, "frames": [{"id": "1", "description": "a"}]}))
+    result = CliRunner().invoke(qa_cmd, [str(plan), "--source", "derived", "--out", str(blocker / "qa.json")])
+    assert isinstance(result.exception, UserError) and "cannot write" in result.exception.message
+
+
+def test_plan_schema_bounds_the_counts_and_a_server_refusing_bounds_gets_the_schema_without(tmp_path):
+    def handler(body, n):
+        if "minItems" in json.dumps(body.get("response_format", {})):
+            return error(400, "'minItems' is not permitted")
+        return ok(plan_reply())
+
+    with FakeOpenAIServer(handler) as server:
+        client = client_for(server, tmp_path)
+        report = generate_plans(client, one_request(), tmp_path / "plans")
+        generate_plans(client, one_request("second"), tmp_path / "plans")
+    assert not report.failures
+    sent = [b["response_format"]["json_schema"]["schema"]["properties"] for b in server.requests]
+    assert (sent[0]["frames"]["minItems"], sent[0]["frames"]["maxItems"]) == (1, 5)
+    assert (sent[0]["characters"]["minItems"], sent[0]["characters"]["maxItems"]) == (1, 4)
+    assert all("minItems" not in json.dumps(s) for s in sent[1:]) and len(sent) == 3
+    assert [b["response_format"]["type"] for b in server.requests] == ["json_schema"] * 3
+    assert any("json_schema was refused" in n and "json_schema_loose" in n for n in client.usage.notes)
+
+
+def test_strict_counts_bound_the_schema_exactly():
+    from engine.llm.planner import plan_schema
+
+    frames = plan_schema(PlanRequest("x", frames=4, characters=1, strict_counts=True))["properties"]["frames"]
+    assert (frames["minItems"], frames["maxItems"]) == (4, 4)
+    assert "minItems" not in PLAN_SCHEMA["properties"]["frames"], "the shared schema is not modified"
+
+
+def test_a_copy_of_the_prompt_example_is_sent_back(tmp_path):
+    from engine.llm.planner import EXAMPLE_FRAME, EXAMPLE_TITLE, plan_messages
+
+    system = plan_messages(one_request()[0])[0]["content"]
+    assert EXAMPLE_TITLE in system and EXAMPLE_FRAME in system, "the check must match the prompt's example"
+    copied = plan_reply(title=EXAMPLE_TITLE)
+    copied["frames"][0]["description"] = EXAMPLE_FRAME
+    with FakeOpenAIServer(scripted(ok(copied), ok(plan_reply()))) as server:
+        report = generate_plans(client_for(server, tmp_path), one_request(), tmp_path / "plans")
+    assert not report.failures and len(server.requests) == 2
+    problems = server.requests[1]["messages"][-1]["content"]
+    assert "is the example from the instructions: write a new movie on the theme 'a love story'" in problems
+    assert "$.frames[0].description: copied from the example" in problems

@@ -172,7 +172,9 @@ class LLMClient:
     """Chat completions with structured-output fallback and a response cache; the openai client retries."""
 
     # Tried in order; a server that rejects one (400/422) or times out under one is not asked with it again.
-    _FORMAT_MODES = ("json_schema", "json_object", "plain")
+    # "json_schema_loose" is the schema without array-length bounds (minItems/maxItems), which grammar-based servers
+    # such as llama.cpp enforce and some strict-mode implementations refuse.
+    _FORMAT_MODES = ("json_schema", "json_schema_loose", "json_object", "plain")
 
     def __init__(self, config: LLMConfig):
         # Imported here, not at module top: openai is the optional [llm] extra, and plan files, derived QA and
@@ -226,10 +228,10 @@ class LLMClient:
         while True:
             mode = self._FORMAT_MODES[self._format_mode] if schema is not None else "plain"
             kwargs = self._base_kwargs(messages, max_tokens)
-            if mode == "json_schema":
+            if mode in ("json_schema", "json_schema_loose"):
+                sent = schema if mode == "json_schema" else without_array_bounds(schema)
                 kwargs["response_format"] = {"type": "json_schema",
-                                             "json_schema": {"name": schema_name, "schema": schema,
-                                                             "strict": True}}
+                                             "json_schema": {"name": schema_name, "schema": sent, "strict": True}}
             elif mode == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
             try:
@@ -238,17 +240,21 @@ class LLMClient:
                 if mode == "plain":
                     raise UserError(f"the LLM server refused the request: {_server_message(exc)}",
                                     "check --model and the server's limits (context length, parameters)") from None
-                self._give_up(mode, f"was refused ({_server_message(exc)})")
+                # Without bounds in the schema, the loose mode would send the same refused schema again.
+                bounded = mode == "json_schema" and without_array_bounds(schema) != schema
+                self._give_up(mode, f"was refused ({_server_message(exc)})", "json_schema_loose" if bounded else
+                              "json_object")
             except oa.APITimeoutError:
                 if mode == "plain":
                     raise self._transport_failure("timed out", self.config.max_retries + 1) from None
-                self._give_up(mode, f"timed out after {self.config.timeout:g} s")
+                # A model rambling under one JSON schema grammar rambles under the other as well.
+                self._give_up(mode, f"timed out after {self.config.timeout:g} s", "json_object")
 
-    def _give_up(self, mode: str, why: str) -> None:
+    def _give_up(self, mode: str, why: str, following: str) -> None:
         with self._lock:
             if self._FORMAT_MODES[self._format_mode] != mode:
                 return  # another thread already moved on from this mode
-            self._format_mode += 1
+            self._format_mode = max(self._format_mode + 1, self._FORMAT_MODES.index(following))
             following = self._FORMAT_MODES[self._format_mode]
         self.usage.note(f"structured output {mode} {why}; using {following} from now on")
 
@@ -296,6 +302,15 @@ class LLMClient:
             return UserError(f"model {self.config.model!r} or the endpoint was not found at {where}",
                              "check --model, and that --base-url ends in /v1")
         return UserError(f"the LLM server refused the request: {_server_message(exc)}")
+
+
+def without_array_bounds(schema: Any) -> Any:
+    """The schema with every minItems / maxItems removed."""
+    if isinstance(schema, dict):
+        return {k: without_array_bounds(v) for k, v in schema.items() if k not in ("minItems", "maxItems")}
+    if isinstance(schema, list):
+        return [without_array_bounds(v) for v in schema]
+    return schema
 
 
 def _content_of(response: Any) -> str:

@@ -7,6 +7,7 @@ interrupted batch also replays finished-but-unwritten requests for free.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -47,6 +48,22 @@ PLAN_SCHEMA = _object(
                                                                                         "enum": list(SHOTS)},
                                               camera=_TEXT, speaker=_TEXT)},
 )
+
+
+# The example in plan_system.txt. Small models copy it word for word; such a copy is no plan for the theme.
+EXAMPLE_TITLE = "The Duchess and the Commoner"
+EXAMPLE_FRAME = "In the ballroom, Rosamund stands at the entrance with a confident smile."
+
+
+def plan_schema(req: "PlanRequest") -> dict[str, Any]:
+    """PLAN_SCHEMA with the accepted frame and character counts as array bounds: servers that compile the schema to
+    a grammar (llama.cpp, vLLM) then cannot stop after one frame. Servers that refuse the bounds are asked without
+    them (the client's "json_schema_loose" mode)."""
+    schema = copy.deepcopy(PLAN_SCHEMA)
+    for key, wanted in (("frames", req.frames), ("characters", req.characters)):
+        lo, hi = count_range(wanted, req.strict_counts)
+        schema["properties"][key].update(minItems=lo, maxItems=hi)
+    return schema
 
 
 @dataclass(frozen=True)
@@ -185,6 +202,13 @@ def _count_problems(data: dict[str, Any], req: PlanRequest) -> list[str]:
                             f"({lo} to {hi} are accepted)")
     if not str(data.get("title") or "").strip():
         problems.append("- $.title: the title is empty: give the movie a title")
+    elif str(data["title"]).strip().casefold() == EXAMPLE_TITLE.casefold():
+        problems.append(f"- $.title: {EXAMPLE_TITLE!r} is the example from the instructions: write a new movie on "
+                        f"the theme {req.theme!r}")
+    for i, frame in enumerate(data.get("frames") if isinstance(data.get("frames"), list) else []):
+        if isinstance(frame, dict) and str(frame.get("description") or "").strip() == EXAMPLE_FRAME:
+            problems.append(f"- $.frames[{i}].description: copied from the example in the instructions: describe "
+                            "a scene of this movie")
     return problems
 
 
@@ -274,7 +298,7 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
         return PlanOutcome(req, path, skipped=True)
     label = f"plan for {req.theme!r} (version {req.version})"
     try:
-        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), PLAN_SCHEMA,
+        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), plan_schema(req),
                               out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan",
                               req.max_tokens)
     except UserError as exc:
