@@ -616,18 +616,19 @@ def test_plan_schema_bounds_the_counts_and_a_server_refusing_bounds_gets_the_sch
         generate_plans(client, one_request("second"), tmp_path / "plans")
     assert not report.failures
     sent = [b["response_format"]["json_schema"]["schema"]["properties"] for b in server.requests]
-    assert (sent[0]["frames"]["minItems"], sent[0]["frames"]["maxItems"]) == (1, 5)
-    assert (sent[0]["characters"]["minItems"], sent[0]["characters"]["maxItems"]) == (1, 4)
+    assert (sent[0]["frames"]["minItems"], sent[0]["frames"]["maxItems"]) == (FRAMES, FRAMES)
+    assert (sent[0]["characters"]["minItems"], sent[0]["characters"]["maxItems"]) == (CHARACTERS, CHARACTERS)
     assert all("minItems" not in json.dumps(s) for s in sent[1:]) and len(sent) == 3
     assert [b["response_format"]["type"] for b in server.requests] == ["json_schema"] * 3
     assert any("json_schema was refused" in n and "json_schema_loose" in n for n in client.usage.notes)
 
 
-def test_strict_counts_bound_the_schema_exactly():
+def test_the_schema_asks_for_the_exact_counts():
     from engine.llm.planner import plan_schema
 
-    frames = plan_schema(PlanRequest("x", frames=4, characters=1, strict_counts=True))["properties"]["frames"]
-    assert (frames["minItems"], frames["maxItems"]) == (4, 4)
+    schema = plan_schema(PlanRequest("x", frames=4, characters=1))["properties"]
+    assert (schema["frames"]["minItems"], schema["frames"]["maxItems"]) == (4, 4)
+    assert (schema["characters"]["minItems"], schema["characters"]["maxItems"]) == (1, 1)
     assert "minItems" not in PLAN_SCHEMA["properties"]["frames"], "the shared schema is not modified"
 
 

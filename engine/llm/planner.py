@@ -56,13 +56,13 @@ EXAMPLE_FRAME = "In the ballroom, Rosamund stands at the entrance with a confide
 
 
 def plan_schema(req: "PlanRequest") -> dict[str, Any]:
-    """PLAN_SCHEMA with the accepted frame and character counts as array bounds: servers that compile the schema to
-    a grammar (llama.cpp, vLLM) then cannot stop after one frame. Servers that refuse the bounds are asked without
-    them (the client's "json_schema_loose" mode)."""
+    """PLAN_SCHEMA with the frame and character counts asked for as array bounds. Servers that compile the schema to
+    a grammar (llama.cpp, vLLM) then cannot stop after one frame or pad the cast; the tolerance of `count_range` is
+    for answers that were not held to the schema. Servers that refuse the bounds are asked without them (the
+    client's "json_schema_loose" mode)."""
     schema = copy.deepcopy(PLAN_SCHEMA)
     for key, wanted in (("frames", req.frames), ("characters", req.characters)):
-        lo, hi = count_range(wanted, req.strict_counts)
-        schema["properties"][key].update(minItems=lo, maxItems=hi)
+        schema["properties"][key].update(minItems=wanted, maxItems=wanted)
     return schema
 
 
