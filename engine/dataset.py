@@ -6,7 +6,9 @@ Reads the render output (``OUT/<movie id>/manifest.json`` and its frames) and QA
     {"id": "<movie>-<kind>-<n>", "video": "<movie>/movie.mp4"  |  "frames": ["<movie>/frames/001.png", ...],
      "conversations": [{"from": "human", "value": "<video>\\n<question>"}, {"from": "gpt", "value": "<answer>"}]}
 
-Media paths are relative to the folder of the dataset file, the way LLaVA's loaders expect them.
+Media paths are relative to the folder of the dataset file, the way LLaVA's loaders expect them. Movies with
+dialogue also carry it, with who says each line: ``"dialogue": [{"frame": "002", "speaker": "Thomas", "text":
+"..."}]`` (``speaker`` is "" where the plan names none); LLaVA's loaders ignore keys they do not know.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
+
 from .errors import PlanError, UserError
-from .llm.client import atomic_write_text
 from .llm.qa import QA_KINDS, derived_qa, movie_record
+from .optional import require
+from .outputs import MANIFEST_FORMAT
+from .paths import atomic_write_text
 from .plan import Movie, parse_plan
 
-MANIFEST_FORMAT = "movielm-fast/manifest@1"
 MEDIA_TOKEN = "<video>"
 Format = Literal["llava", "jsonl"]
 
@@ -93,39 +98,48 @@ def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, 
     With `fps` each keyframe is repeated round(seconds_per_frame * fps) times, for tools that expect a
     conventional frame rate.
     """
-    import av
-    from PIL import Image
-
     if seconds_per_frame <= 0:
         raise UserError("--seconds-per-frame must be positive")
+    # Imported here, not at module top: PyAV is the optional [video] extra, needed only for --video.
+    av = require("av", "video", "dataset --video (mp4 encoding)")
     repeat = max(1, round(seconds_per_frame * fps)) if fps else 1
     rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(1 / seconds_per_frame).limit_denominator(1000)
     images = [Image.open(f).convert("RGB") for f in frames]
     # yuv420p halves chroma resolution, so both sides must be even.
     width, height = images[0].width // 2 * 2, images[0].height // 2 * 2
+    # The encoder writes the file itself, so it gets a temporary name that is renamed into place when complete.
     tmp = dest.with_name(f".{dest.name}.tmp")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for image in images:
-            if image.size != (width, height):
-                image = image.resize((width, height))
-            for _ in range(repeat):
-                frame = av.VideoFrame.from_image(image)
-                frame.pts, frame.time_base = count, 1 / rate
-                container.mux(stream.encode(frame))
-                count += 1
-        container.mux(stream.encode())
-    os.replace(tmp, dest)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for image in images:
+                if image.size != (width, height):
+                    image = image.resize((width, height))
+                for _ in range(repeat):
+                    frame = av.VideoFrame.from_image(image)
+                    frame.pts, frame.time_base = count, 1 / rate
+                    container.mux(stream.encode(frame))
+                    count += 1
+            container.mux(stream.encode())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return count
 
 
 # --- records ----------------------------------------------------------------------------------------------------
 
 
+def dialogue_lines(movie: Movie) -> list[dict[str, str]]:
+    """Each frame's line with who says it, in story order."""
+    return [{"frame": f.id, "speaker": f.speaker, "text": f.dialogue} for f in movie.frames if f.dialogue]
+
+
 def conversation_records(movie_id: str, qa: dict[str, Any], media: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per question; `media` (the video or frames, and the dialogue if any) goes into each."""
     records = []
     for kind in QA_KINDS:
         for n, p in enumerate(qa.get(kind, []), 1):
@@ -198,14 +212,19 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     rendered = find_rendered(out_dir)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
     # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {dest.parent}: {exc.strerror or exc}", "choose a writable --dest") from None
     base = dest.parent.resolve()
     qa_by_id = load_qa_file(options.qa_path) if options.qa_path else None
     report = DatasetReport(dest)
     records: list[dict[str, Any]] = []
     for item in rendered:
         qa = _qa_for(item.movie, qa_by_id, report)
-        records += conversation_records(item.movie.id, qa, _media(item, options, base, report))
+        media = _media(item, options, base, report)
+        lines = dialogue_lines(item.movie)
+        records += conversation_records(item.movie.id, qa, {**media, "dialogue": lines} if lines else media)
         report.movies += 1
     problems = [(r["id"], p) for r in records for p in validate_record(r, base)]
     if problems:

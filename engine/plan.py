@@ -22,6 +22,29 @@ SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", 
 SEED_MODES = ("per_frame", "shared")
 CONSISTENCY_MODES = ("none", "anchor_attention")
 
+# Shot sizes a frame may name (film-crew vocabulary, as LLM keyframe planners use it). Case, '_' / '-' / spaces and
+# a trailing " shot" are normalised ("Close_Up shot" -> "close-up"); anything else is a plan error listing these.
+SHOTS = ("extreme wide", "wide", "medium", "close-up", "extreme close-up", "over-the-shoulder", "point of view",
+         "insert")
+
+
+def _shot_key(text: str) -> str:
+    key = re.sub(r"[\s_-]+", " ", text.strip().lower())
+    return key.removesuffix(" shot") if key != "shot" else key
+
+
+_SHOT_BY_KEY = {_shot_key(s): s for s in SHOTS}
+
+
+def normalise_shot(value: str | None) -> str | None:
+    """The canonical shot name, None for an empty one; ValueError (listing the vocabulary) for anything else."""
+    if value is None or not value.strip():
+        return None
+    shot = _SHOT_BY_KEY.get(_shot_key(value))
+    if shot is None:
+        raise ValueError(f"unknown shot {value!r}: use one of {', '.join(SHOTS)} (or leave it out)")
+    return shot
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -54,9 +77,16 @@ class Frame(_Strict):
     id: str
     description: str = Field(min_length=1)
     dialogue: str = ""
+    shot: str | None = None
+    """Shot size, one of SHOTS; goes into the prompt before the description."""
+    camera: str = ""
+    """Free text: angle, lens or movement ("low angle", "35mm"); goes into the prompt after the shot."""
+    speaker: str = ""
+    """Name of the character who says `dialogue`; empty when nobody speaks."""
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
     _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
+    _shot = field_validator("shot")(classmethod(lambda cls, v: normalise_shot(v)))
 
 
 class ConsistencySettings(BaseModel):
@@ -226,14 +256,26 @@ def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str,
                                  f"duplicate frame id {frame.id!r} (also frames[{seen_frames[frame.id]}]): "
                                  "frame ids name the image files and must be unique within a movie"))
             seen_frames.setdefault(frame.id, i)
-        # A name in braces ("{Rosamund}") is an explicit character reference and must exist.
         for i, frame in enumerate(movie.frames):
-            for ref in re.findall(r"\{([^{}]+)\}", frame.description):
-                if ref not in names:
-                    close = difflib.get_close_matches(ref, list(names), n=1)
-                    fix = f"did you mean {close[0]!r}?" if close else "add it to 'characters' or remove the braces"
-                    problems.append((f"{mpath}.frames[{i}].description", f"unknown character {{{ref}}}: {fix}"))
+            fpath = f"{mpath}.frames[{i}]"
+            # A name in braces ("{Rosamund}") is an explicit character reference and must exist.
+            for key in ("description", "camera"):
+                for ref in re.findall(r"\{([^{}]+)\}", getattr(frame, key)):
+                    if ref not in names:
+                        problems.append((f"{fpath}.{key}", f"unknown character {{{ref}}}: "
+                                                           f"{_name_fix(ref, names, 'or remove the braces')}"))
+            if frame.speaker and not frame.dialogue:
+                problems.append((f"{fpath}.speaker", f"speaker {frame.speaker!r} is set but 'dialogue' is empty: "
+                                                     "add the line to 'dialogue', or remove 'speaker'"))
+            elif frame.speaker and frame.speaker not in names:
+                problems.append((f"{fpath}.speaker", f"unknown character {frame.speaker!r} as speaker: "
+                                                     f"{_name_fix(frame.speaker, names, 'or leave speaker empty')}"))
     return problems
+
+
+def _name_fix(name: str, names: dict[str, int], otherwise: str) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"add it to 'characters' {otherwise}"
 
 
 def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) -> list[LoadedMovie]:

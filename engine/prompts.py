@@ -1,4 +1,11 @@
-"""Frame prompt = style prefix + frame description with character names replaced by their appearance."""
+"""Frame prompt = style prefix + framing (shot, camera) + frame description with character names replaced by their
+appearance.
+
+The order is fixed: ``"<style prefix>, <shot> shot, <camera>, <description>"``. The style comes first so that a
+learned style token keeps its place; the framing words come before the scene because they say how the whole image
+is composed. A frame without shot and camera gets exactly the prompt it had before those fields existed, so
+resume keys of rendered movies stay valid.
+"""
 
 from __future__ import annotations
 
@@ -39,5 +46,11 @@ def frame_characters(movie: Movie, frame: Frame) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def framing(movie: Movie, frame: Frame) -> str:
+    """``"close-up shot, low angle, "`` -- empty when the frame names neither."""
+    parts = [f"{frame.shot} shot" if frame.shot else "", substitute_characters(frame.camera, movie)]
+    return "".join(f"{p}, " for p in parts if p)
+
+
 def frame_prompt(movie: Movie, frame: Frame, style_token: str | None = None) -> str:
-    return style_prefix(movie, style_token) + substitute_characters(frame.description, movie)
+    return style_prefix(movie, style_token) + framing(movie, frame) + substitute_characters(frame.description, movie)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
+import time
 from pathlib import Path
 
 import click
 
+from engine.dataset import DatasetOptions, export_dataset
 from engine.errors import UserError
+from engine.llm import planner, qa
+from engine.llm.client import LLMClient, default_cache_dir, resolve_config
+from engine.plan import load_plan
 
 
 def llm_options(func):
@@ -20,38 +26,42 @@ def llm_options(func):
         click.option("--model", envvar="OPENAI_MODEL", help="model name [env OPENAI_MODEL; default gpt-4o-mini]"),
         click.option("--temperature", type=float, help="sampling temperature (server default if unset)"),
         click.option("--seed", type=int, help="sampling seed, for servers that honour it"),
-        click.option("--max-tokens", type=int, help="cap on tokens per reply"),
+        click.option("--max-tokens", type=click.IntRange(16), help="cap on tokens per reply [default: sized from "
+                     "the request, e.g. 400 + 150 per frame + 80 per character for a plan]"),
         click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
                      help="requests in flight at once"),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-                     help="seconds per request before it is retried"),
-        click.option("--max-attempts", type=click.IntRange(1, 20), default=5, show_default=True,
-                     help="attempts per request on timeouts, 429 and 5xx (exponential back-off)"),
-        click.option("--backoff", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
-                     help="first back-off delay in seconds; doubles per attempt"),
+                     help="seconds per request before it is retried (in a structured-output mode: before the "
+                     "next mode is tried)"),
+        click.option("--max-retries", type=click.IntRange(0, 20), default=4, show_default=True,
+                     help="retries per request on timeouts, 429 and 5xx, with the openai client's back-off"),
         click.option("--max-tries", type=click.IntRange(1, 10), default=3, show_default=True,
                      help="answers asked per item when the model's output is invalid (errors are fed back)"),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="response cache [default ~/.cache/movielm-fast/llm]"),
+                     help="response cache [default $MOVIELM_CACHE/llm, else ~/.cache/movielm-fast/llm]"),
         click.option("--no-cache", is_flag=True, help="neither read nor write the response cache"),
     ]
     return functools.reduce(lambda f, opt: opt(f), reversed(options), func)
 
 
-def _client(kw: dict):
-    from engine.llm.client import DEFAULT_CACHE_DIR, LLMClient, resolve_config
-
+def _client(kw: dict) -> LLMClient:
     no_cache, cache_dir = kw.pop("no_cache"), kw.pop("cache_dir")
     config = resolve_config(kw.pop("base_url"), kw.pop("api_key"), kw.pop("model"),
                             temperature=kw.pop("temperature"), seed=kw.pop("seed"), max_tokens=kw.pop("max_tokens"),
                             concurrency=kw.pop("concurrency"), timeout=kw.pop("timeout"),
-                            max_attempts=kw.pop("max_attempts"), backoff_base=kw.pop("backoff"),
-                            cache_dir=None if no_cache else cache_dir or DEFAULT_CACHE_DIR)
+                            max_retries=kw.pop("max_retries"),
+                            cache_dir=None if no_cache else cache_dir or default_cache_dir())
     return LLMClient(config)
 
 
 def _say(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _say_usage(client: LLMClient) -> None:
+    _say(client.usage.summary())
+    for note in client.usage.notes:
+        _say(f"note: {note}")
 
 
 @click.command("plan")
@@ -65,23 +75,36 @@ def _say(message: str) -> None:
               help="distinct movies per theme")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("plans"), show_default=True,
               help="folder for the plan files (<theme>-<k>.json)")
+@click.option("--strict-counts", is_flag=True, help="require exactly --frames and --characters (default: within "
+              "25%, at least 2, is accepted with a warning)")
+@click.option("--json", "as_json", is_flag=True, help="also print the summary as one JSON line on stdout")
 @llm_options
-def plan_cmd(themes, themes_file, genre, frames, characters, count, out, max_tries, **kw):
+def plan_cmd(themes, themes_file, genre, frames, characters, count, out, strict_counts, as_json, max_tries, **kw):
     """Write movie plans for THEMES with an LLM; existing plan files are kept (rerun to resume)."""
-    from engine.llm import planner
-
+    start = time.perf_counter()
     all_themes = list(themes) + (planner.read_themes_file(themes_file) if themes_file else [])
-    requests = planner.build_requests(all_themes, genre, frames, characters, count)
+    requests = planner.build_requests(all_themes, genre, frames, characters, count, strict_counts)
     client = _client(kw)
 
     def progress(outcome):
         mark = "kept" if outcome.skipped else ("FAILED" if outcome.error else "wrote")
         _say(f"{mark} {outcome.path or outcome.request.stem}" + (f": {outcome.error}" if outcome.error else ""))
+        for warning in outcome.warnings:
+            _say(f"  warning: {warning}")
 
     report = planner.generate_plans(client, requests, out, max_tries, progress)
-    _say(client.usage.summary())
-    _say(f"{len(report.written)} plan(s) written, {len(report.outcomes) - len(report.written) - len(report.failures)}"
-         f" already present, {len(report.failures)} failed, in {out}")
+    _say_usage(client)
+    kept = len(report.outcomes) - len(report.written) - len(report.failures)
+    warned = [o for o in report.outcomes if o.warnings]
+    _say(f"{len(report.written)} plan(s) written, {kept} already present, {len(report.failures)} failed, in {out}"
+         + (f"; {len(warned)} with counts other than asked (see warnings)" if warned else ""))
+    if as_json:
+        click.echo(json.dumps({
+            "written": len(report.written), "kept": kept, "failed": len(report.failures),
+            "seconds": round(time.perf_counter() - start, 2), **client.usage.as_dict(),
+            "plans": [{"theme": o.request.theme, "version": o.request.version,
+                       "path": str(o.path) if o.path else None, "skipped": o.skipped, "error": o.error,
+                       "warnings": o.warnings} for o in report.outcomes]}))
     if report.failures:
         raise UserError(f"{len(report.failures)} of {len(report.outcomes)} plan(s) failed; the others were written",
                         "rerun the same command to retry only the failed ones")
@@ -99,16 +122,13 @@ def plan_cmd(themes, themes_file, genre, frames, characters, count, out, max_tri
 @llm_options
 def qa_cmd(plans, out, source, plot_questions, derived_limit, max_tries, **kw):
     """Write MovieLLM question-answer pairs for the movies in PLANS to one JSON file."""
-    from engine.llm import qa
-    from engine.plan import load_plan
-
     movies = [loaded.movie for path in plans for loaded in load_plan(path)]
     client = _client(kw) if source != "derived" else None
     job = qa.QAJob(source, plot_questions, derived_limit, max_tries, out.with_name(out.stem + ".failed"))
     records, failures = qa.generate_qa(movies, job, client)
     qa.write_qa(out, records)
     if client:
-        _say(client.usage.summary())
+        _say_usage(client)
     _say(f"QA for {len(records)} movie(s) written to {out}")
     for movie_id, error in failures:
         _say(f"FAILED {movie_id}: {error}")
@@ -132,8 +152,6 @@ def qa_cmd(plans, out, source, plot_questions, derived_limit, max_tries, **kw):
               help="dataset file [default OUT/dataset.json or OUT/dataset.jsonl]")
 def dataset_cmd(out_dir, fmt, qa_path, video, seconds_per_frame, fps, dest):
     """Assemble rendered movies in OUT_DIR and their QA into an instruction-tuning dataset."""
-    from engine.dataset import DatasetOptions, export_dataset
-
     options = DatasetOptions(fmt, video, seconds_per_frame, fps, qa_path, dest)
     report = export_dataset(out_dir, options)
     for movie_id in report.derived_for:

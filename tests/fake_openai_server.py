@@ -1,7 +1,10 @@
 """A small real OpenAI-compatible chat-completions server on 127.0.0.1 for tests, with scripted replies.
 
 A handler decides each reply from the request body and the request's number, so a test can script
-sequences (invalid, then valid), failures (429, 500, slow) or route by prompt content (one theme fails).
+sequences (invalid, then valid), failures (429, 500, slow), replies cut at max_tokens (``finish_reason:
+"length"``), the same reply again and again, or route by prompt content (one theme fails). Error replies ask the
+client to retry after 10 ms (``retry-after-ms``, which the openai client honours) unless a test sets its own
+retry headers, so retries do not make the tests slow.
 """
 
 from __future__ import annotations
@@ -22,18 +25,31 @@ class Reply:
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     usage: tuple[int, int] = (100, 50)
+    finish_reason: str = "stop"
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else json.dumps(content)
 
 
 def ok(content: Any, usage: tuple[int, int] = (100, 50)) -> Reply:
-    return Reply(content=content if isinstance(content, str) else json.dumps(content), usage=usage)
+    return Reply(content=_text(content), usage=usage)
+
+
+def cut(content: Any, keep: int | None = None) -> Reply:
+    """A reply that hit max_tokens: finish_reason "length", the text cut after `keep` characters (default: half)."""
+    text = _text(content)
+    return Reply(content=text[:len(text) // 2 if keep is None else keep], finish_reason="length")
 
 
 def error(status: int, message: str = "scripted failure", **headers: str) -> Reply:
+    if not any(k.startswith("retry") for k in headers):
+        headers["retry_after_ms"] = "10"
     return Reply(status=status, error=message, headers=headers)
 
 
-def slow(seconds: float) -> Reply:
-    return Reply(content="{}", delay=seconds)
+def slow(seconds: float, content: Any = "{}") -> Reply:
+    return Reply(content=_text(content), delay=seconds)
 
 
 Handler = Callable[[dict[str, Any], int], Reply]
@@ -90,7 +106,7 @@ class FakeOpenAIServer:
                 prompt_tokens, completion_tokens = reply.usage
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
+                    "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                  "message": {"role": "assistant", "content": reply.content}}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens},

@@ -138,3 +138,34 @@ def test_render_still_in_progress_is_a_user_error(out):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="2 of 3 frames rendered"):
         export_dataset(out, DatasetOptions("jsonl"))
+
+
+def test_records_keep_each_line_with_its_speaker(tmp_path):
+    out = tmp_path / "out"
+    movie = render_movie(out, "gamma", 3)
+    movie["characters"].append({"name": "Bo", "appearance": "a boy with a kite"})
+    movie["frames"][0].update(dialogue="Look up!", speaker="Ada", shot="wide")
+    movie["frames"][2].update(dialogue="It flies.")  # a line nobody is credited with
+    manifest_path = out / "gamma" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["movie"] = movie
+    manifest_path.write_text(json.dumps(manifest))
+    export_dataset(out, DatasetOptions("jsonl"))
+    records = [json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines()]
+    assert records and all(r["dialogue"] == [{"frame": "001", "speaker": "Ada", "text": "Look up!"},
+                                             {"frame": "003", "speaker": "", "text": "It flies."}] for r in records)
+    asked = {r["conversations"][0]["value"]: r["conversations"][1]["value"] for r in records}
+    assert asked['<video>\nWho says "Look up!"?'] == "Ada."
+    assert asked["<video>\nHow is the opening scene framed?"] == "As a wide shot."
+    assert all(validate_record(r, out) == [] for r in records)
+
+
+def test_movies_without_dialogue_carry_no_dialogue_key(out):
+    export_dataset(out, DatasetOptions("llava"))
+    assert not [r for r in json.loads((out / "dataset.json").read_text()) if "dialogue" in r]
+
+
+def test_unwritable_dest_is_a_user_error(out, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create"):
+        export_dataset(out, DatasetOptions("llava", dest=tmp_path / "file" / "sub" / "d.json"))

@@ -98,3 +98,50 @@ def test_qa_command_derived_needs_no_llm(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     [record] = json.loads(out.read_text())
     assert record["QA"] == movie_record(movie(), derived_qa(movie()))["QA"]
+
+
+# --- speakers and shots (optional plan fields) ------------------------------------------------------------------
+
+SHOTS_PLAN = {
+    **PLAN,
+    "frames": [
+        {"id": "001", "description": SCENES[0], "shot": "wide", "dialogue": "Fresh bread!", "speaker": "Anna"},
+        {"id": "002", "description": SCENES[1], "shot": "medium", "dialogue": "Flour, as promised.",
+         "speaker": "Ben"},
+        {"id": "003", "description": SCENES[2], "shot": "close-up", "dialogue": "Too expensive!", "speaker": "Anna"},
+        {"id": "004", "description": SCENES[3], "dialogue": "Too expensive!", "speaker": "Ben"},
+        {"id": "005", "description": SCENES[4], "shot": "over-the-shoulder", "dialogue": "Nobody speaks here?"},
+        {"id": "006", "description": SCENES[5], "shot": "extreme close-up"},
+    ],
+}
+
+
+def shots_movie():
+    return parse_plan(json.loads(json.dumps(SHOTS_PLAN)))[0].movie
+
+
+def test_who_says_questions_name_the_speaker():
+    by_q = {p["question"]: p["answer"] for p in derived_qa(shots_movie(), limit=10)["character_qa"]}
+    assert by_q['Who says "Fresh bread!"?'] == "Anna."
+    assert by_q['Who says "Flour, as promised."?'] == "Ben."
+    # Said by both Anna and Ben: no single right answer, so no question; a line without a speaker neither.
+    assert not [q for q in by_q if "Too expensive" in q or "Nobody speaks" in q]
+
+
+def test_shot_order_questions_follow_the_plan():
+    temporal = derived_qa(shots_movie(), limit=10)["temporal_qa"]
+    by_q = {p["question"]: p["answer"] for p in temporal}
+    assert by_q["How is the opening scene framed?"] == "As a wide shot."
+    assert by_q["In what order are the first 3 scenes framed?"] == \
+        "A wide shot, then a medium shot, then a close-up shot."
+    after = [p for p in temporal if "How is the scene right after it framed?" in p["question"]]
+    # Only consecutive frames that both have a shot: 001->002, 002->003, 005->006.
+    assert [p["answer"].split(":")[0] for p in after] == ["As a medium shot", "As a close-up shot",
+                                                          "As an extreme close-up shot"]
+    assert after[-1]["question"].startswith(f'The scene "{PLAIN[4]}" is an over-the-shoulder shot.')
+    assert after[-1]["answer"] == f"As an extreme close-up shot: {PLAIN[5]}."
+
+
+def test_plans_without_shots_or_speakers_get_no_such_questions():
+    qa = derived_qa(movie(), limit=10)
+    assert not [p for k in qa for p in qa[k] if "framed" in p["question"] or p["question"].startswith("Who says")]

@@ -174,3 +174,29 @@ def _xl_file(tmp_path):
     f = tmp_path / "xl.safetensors"
     save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(f))
     return f
+
+
+def _framed_movie(**frame):
+    return parse_plan({"id": "m", "style": {"name": "Noir", "description": "rain"},
+                       "characters": [{"name": "Ann", "appearance": "a woman in red"}],
+                       "frames": [{"id": "1", "description": "Ann waits at the station.", **frame}]})[0].movie
+
+
+def test_frame_prompt_order_style_shot_camera_description():
+    movie = _framed_movie(shot="close-up", camera="low angle, 35mm")
+    assert frame_prompt(movie, movie.frames[0]) == \
+        "Noir style, rain, close-up shot, low angle, 35mm, a woman in red waits at the station."
+    assert frame_prompt(movie, movie.frames[0], "<noir>") == \
+        "<noir>, close-up shot, low angle, 35mm, a woman in red waits at the station."
+    only_camera = _framed_movie(camera="over {Ann}'s shoulder")
+    assert frame_prompt(only_camera, only_camera.frames[0]) == \
+        "Noir style, rain, over a woman in red's shoulder, a woman in red waits at the station."
+    only_shot = _framed_movie(shot="Extreme_Wide")
+    assert frame_prompt(only_shot, only_shot.frames[0]).startswith("Noir style, rain, extreme wide shot, a woman")
+
+
+def test_frame_prompt_without_framing_is_unchanged():
+    # The exact prompt from before shot/camera existed: resume keys of rendered movies depend on it.
+    plain = _framed_movie(dialogue="Late again.", speaker="Ann")
+    assert frame_prompt(plain, plain.frames[0]) == "Noir style, rain, a woman in red waits at the station."
+    assert frame_prompt(plain, plain.frames[0], "<noir>") == "<noir>, a woman in red waits at the station."

@@ -1,8 +1,10 @@
-"""One door to the LLM: configuration, retries with back-off, a disk cache, token accounting, JSON repair.
+"""One door to the LLM: configuration, structured-output fallback, a disk cache, token accounting, JSON repair.
 
-The `openai` client is created with ``max_retries=0`` so that the retry policy lives here, is bounded, and is
-the same for every server (OpenAI, vLLM, llama.cpp, Ollama). Every response is cached on disk under the
-sha256 of (model, messages, parameters): a rerun costs no tokens and an interrupted batch resumes where it
+Transport retries (timeouts, 429, 5xx, refused connections) are the `openai` client's own: ``max_retries`` with
+its exponential back-off and the server's Retry-After. What lives here is what the client does not know: which
+structured-output mode (JSON schema, JSON object, plain) a server supports, sizing replies, and turning a reply
+into valid data with repair round trips. Every response is cached on disk under the sha256 of (model, messages,
+parameters), below ``$MOVIELM_CACHE/llm``: a rerun costs no tokens and an interrupted batch resumes where it
 stopped.
 """
 
@@ -11,41 +13,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import string
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..optional import require
+from ..paths import atomic_write_text, cache_root
 
 DEFAULT_MODEL = "gpt-4o-mini"
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "movielm-fast" / "llm"
-
-# USD per million tokens (input, output). Public list prices at the time of writing: an estimate, not a bill.
-# Looked up by the longest matching prefix so dated snapshots ("gpt-4o-2024-08-06") find their family.
-PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4-turbo": (10.00, 30.00),
-    "gpt-4": (30.00, 60.00),
-    "gpt-3.5-turbo": (0.50, 1.50),
-    "o3-mini": (1.10, 4.40),
-    "o4-mini": (1.10, 4.40),
-}
 
 
-def price_for(model: str) -> tuple[float, float] | None:
-    matches = [p for p in PRICES_PER_MTOK if model.startswith(p)]
-    return PRICES_PER_MTOK[max(matches, key=len)] if matches else None
+def default_cache_dir() -> Path:
+    """Read at call time, so $MOVIELM_CACHE set after import still counts."""
+    return cache_root() / "llm"
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -59,14 +44,12 @@ class LLMConfig:
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int | None = None
+    """Cap on tokens per reply for every request; None: each request is sized from what it asks for."""
     timeout: float = 120.0
-    max_attempts: int = 5
-    """Transport attempts per request (timeouts, 429, 5xx, refused connections)."""
-    backoff_base: float = 1.0
-    """First back-off delay in seconds; doubles per attempt up to `backoff_max`."""
-    backoff_max: float = 60.0
+    max_retries: int = 4
+    """Retries by the openai client (timeouts, 429, 5xx, refused connections), with its own back-off."""
     concurrency: int = 4
-    cache_dir: Path | None = DEFAULT_CACHE_DIR
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
     """None disables the cache."""
 
 
@@ -99,13 +82,20 @@ def prompt(name: str, **values: Any) -> str:
 
 @dataclass
 class Usage:
-    """Token counts over many threads; cached responses are counted apart because they cost nothing now."""
+    """Token counts over many threads; cached responses are counted apart because they cost nothing now.
+    No money: prices differ per provider and change, and local servers have none."""
 
     model: str
     requests: int = 0
     cached: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    repairs: int = 0
+    """Round trips that sent an answer back to be fixed."""
+    cut: int = 0
+    """Replies that stopped at the max_tokens limit."""
+    notes: list[str] = field(default_factory=list)
+    """What changed for the rest of the run, e.g. a structured-output mode given up."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, usage: dict[str, int] | None, cached: bool) -> None:
@@ -117,34 +107,27 @@ class Usage:
             self.prompt_tokens += int((usage or {}).get("prompt_tokens") or 0)
             self.completion_tokens += int((usage or {}).get("completion_tokens") or 0)
 
-    def cost_usd(self) -> float | None:
-        price = price_for(self.model)
-        if price is None:
-            return None
-        return (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1e6
+    def count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            self.notes.append(text)
 
     def summary(self) -> str:
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
-        cost = self.cost_usd()
-        digits = 4 if cost is None or cost >= 0.01 else 6
-        money = f", about ${cost:.{digits}f}" if cost is not None else " (no price known for this model)"
-        return f"LLM usage ({self.model}): {self.requests} request(s), {self.cached} from cache; {tokens}{money}"
+        extra = f"; {self.repairs} repair round trip(s)" if self.repairs else ""
+        extra += f"; {self.cut} reply(ies) cut at max_tokens" if self.cut else ""
+        return f"LLM usage ({self.model}): {self.requests} request(s), {self.cached} from cache; {tokens}{extra}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "requests": self.requests, "cached": self.cached,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "repairs": self.repairs, "cut": self.cut, "notes": list(self.notes)}
 
 
 # --- cache ------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write beside the target and rename, so a crash never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ResponseCache:
@@ -179,107 +162,136 @@ class ChatResult:
     content: str
     cache_key: str
     cached: bool
+    finish_reason: str | None = None
+    """"length" when the reply stopped at `max_tokens` (it is cut, not merely malformed)."""
+    max_tokens: int | None = None
+    """The limit the reply was asked under."""
 
 
 class LLMClient:
-    """Chat completions with bounded back-off, structured-output fallback and a response cache."""
+    """Chat completions with structured-output fallback and a response cache; the openai client retries."""
 
-    # Tried in order; a server that rejects one (400/422) is not asked with it again.
-    _FORMAT_MODES = ("json_schema", "json_object", "plain")
+    # Tried in order; a server that rejects one (400/422) or times out under one is not asked with it again.
+    # "json_schema_loose" is the schema without array-length bounds (minItems/maxItems), which grammar-based servers
+    # such as llama.cpp enforce and some strict-mode implementations refuse.
+    _FORMAT_MODES = ("json_schema", "json_schema_loose", "json_object", "plain")
 
-    def __init__(self, config: LLMConfig, sleep: Callable[[float], None] = time.sleep):
-        import openai
-
+    def __init__(self, config: LLMConfig):
+        # Imported here, not at module top: openai is the optional [llm] extra, and plan files, derived QA and
+        # the dataset export import this module without it.
+        openai = require("openai", "llm", "talking to an LLM (plan, qa)")
         self.config = config
         self.usage = Usage(config.model)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self._openai = openai
-        self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key,
-                                     timeout=config.timeout, max_retries=0)
+        self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key, timeout=config.timeout,
+                                     max_retries=config.max_retries)
+        # A structured mode's first attempt goes out without retries: a timeout there usually means the model
+        # rambles under the grammar, and repeating it would cost minutes before the fallback. Other transport
+        # errors then get the remaining retries.
+        self._client_once = self._client.with_options(max_retries=0)
+        self._client_rest = self._client.with_options(max_retries=max(0, config.max_retries - 1))
         self._format_mode = 0
-        self._sleep = sleep
         self._lock = threading.Lock()
 
+    def max_tokens_for(self, requested: int | None) -> int | None:
+        """The user's --max-tokens wins over what a request sized for itself."""
+        return self.config.max_tokens if self.config.max_tokens is not None else requested
+
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any] | None = None,
-             schema_name: str = "response") -> ChatResult:
-        params = {"temperature": self.config.temperature, "seed": self.config.seed,
-                  "max_tokens": self.config.max_tokens, "schema": schema}
+             schema_name: str = "response", max_tokens: int | None = None) -> ChatResult:
+        limit = self.max_tokens_for(max_tokens)
+        params = {"temperature": self.config.temperature, "seed": self.config.seed, "max_tokens": limit,
+                  "schema": schema}
         # The cache key holds what was asked for, not how the server was asked, so a rerun hits the cache
         # even when this run had to fall back from JSON-schema mode.
         key = ResponseCache.key({"model": self.config.model, "messages": messages, "params": params})
         hit = self.cache.get(key) if self.cache else None
         if hit is not None:
             self.usage.add(hit.get("usage"), cached=True)
-            return ChatResult(hit["content"], key, cached=True)
-        content, usage = self._request_with_format_fallback(messages, schema, schema_name)
+            return ChatResult(hit["content"], key, True, hit.get("finish_reason"), limit)
+        content, usage, finish = self._request_with_format_fallback(messages, schema, schema_name, limit)
         self.usage.add(usage, cached=False)
+        if finish == "length":
+            self.usage.count("cut")
         if self.cache:
             self.cache.put(key, {"model": self.config.model, "messages": messages, "params": params,
-                                 "content": content, "usage": usage})
-        return ChatResult(content, key, cached=False)
+                                 "content": content, "usage": usage, "finish_reason": finish})
+        return ChatResult(content, key, False, finish, limit)
 
     def forget(self, key: str) -> None:
         if self.cache:
             self.cache.drop(key)
 
-    def _request_with_format_fallback(self, messages, schema, schema_name) -> tuple[str, dict[str, int] | None]:
+    def _request_with_format_fallback(self, messages, schema, schema_name, max_tokens):
+        oa = self._openai
         while True:
             mode = self._FORMAT_MODES[self._format_mode] if schema is not None else "plain"
-            kwargs = self._base_kwargs(messages)
-            if mode == "json_schema":
+            kwargs = self._base_kwargs(messages, max_tokens)
+            if mode in ("json_schema", "json_schema_loose"):
+                sent = schema if mode == "json_schema" else without_array_bounds(schema)
                 kwargs["response_format"] = {"type": "json_schema",
-                                             "json_schema": {"name": schema_name, "schema": schema,
-                                                             "strict": True}}
+                                             "json_schema": {"name": schema_name, "schema": sent, "strict": True}}
             elif mode == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
             try:
-                return self._request_with_backoff(kwargs)
-            except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as exc:
+                return self._send(kwargs, structured=mode != "plain")
+            except (oa.BadRequestError, oa.UnprocessableEntityError) as exc:
                 if mode == "plain":
                     raise UserError(f"the LLM server refused the request: {_server_message(exc)}",
                                     "check --model and the server's limits (context length, parameters)") from None
-                with self._lock:
-                    if self._FORMAT_MODES[self._format_mode] == mode:
-                        self._format_mode += 1
+                # Without bounds in the schema, the loose mode would send the same refused schema again.
+                bounded = mode == "json_schema" and without_array_bounds(schema) != schema
+                self._give_up(mode, f"was refused ({_server_message(exc)})", "json_schema_loose" if bounded else
+                              "json_object")
+            except oa.APITimeoutError:
+                if mode == "plain":
+                    raise self._transport_failure("timed out", self.config.max_retries + 1) from None
+                # A model rambling under one JSON schema grammar rambles under the other as well.
+                self._give_up(mode, f"timed out after {self.config.timeout:g} s", "json_object")
 
-    def _base_kwargs(self, messages) -> dict[str, Any]:
+    def _give_up(self, mode: str, why: str, following: str) -> None:
+        with self._lock:
+            if self._FORMAT_MODES[self._format_mode] != mode:
+                return  # another thread already moved on from this mode
+            self._format_mode = max(self._format_mode + 1, self._FORMAT_MODES.index(following))
+            following = self._FORMAT_MODES[self._format_mode]
+        self.usage.note(f"structured output {mode} {why}; using {following} from now on")
+
+    def _base_kwargs(self, messages, max_tokens: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"model": self.config.model, "messages": messages}
-        for name in ("temperature", "seed", "max_tokens"):
+        for name in ("temperature", "seed"):
             if getattr(self.config, name) is not None:
                 kwargs[name] = getattr(self.config, name)
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
         return kwargs
 
-    def _request_with_backoff(self, kwargs: dict[str, Any]) -> tuple[str, dict[str, int] | None]:
+    def _send(self, kwargs: dict[str, Any], structured: bool) -> tuple[str, dict[str, int] | None, str | None]:
         oa = self._openai
-        retryable = (oa.APITimeoutError, oa.APIConnectionError, oa.RateLimitError, oa.InternalServerError)
-        last: Exception | None = None
-        for attempt in range(self.config.max_attempts):
-            if attempt:
-                self._sleep(self._delay(attempt, last))
-            try:
-                response = self._client.chat.completions.create(**kwargs)
-            except retryable as exc:
-                last = exc
-                continue
-            except (oa.BadRequestError, oa.UnprocessableEntityError):
-                raise  # the caller may retry without response_format
-            except oa.APIStatusError as exc:
-                if exc.status_code >= 500:
-                    last = exc
-                    continue
-                raise self._fatal(exc) from None
-            return _content_of(response), _usage_of(response)
-        raise UserError(f"LLM request failed after {self.config.max_attempts} attempt(s): {_describe_failure(last)}",
-                        f"check that the server at {self.config.base_url or 'api.openai.com'} is up; "
-                        "raise --timeout or lower --concurrency if it is overloaded")
+        client, attempts = self._client, self.config.max_retries + 1
+        try:
+            if structured:
+                try:
+                    response = self._client_once.chat.completions.create(**kwargs)
+                    return _content_of(response), _usage_of(response), _finish_of(response)
+                except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
+                    if isinstance(exc, oa.APITimeoutError) or self.config.max_retries == 0:
+                        raise
+                client = self._client_rest
+            response = client.chat.completions.create(**kwargs)
+        except (oa.BadRequestError, oa.UnprocessableEntityError, oa.APITimeoutError):
+            raise  # the caller falls back to another mode, or reports it
+        except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
+            raise self._transport_failure(_describe_failure(exc), attempts) from None
+        except oa.APIStatusError as exc:
+            raise self._fatal(exc) from None
+        return _content_of(response), _usage_of(response), _finish_of(response)
 
-    def _delay(self, attempt: int, error: Exception | None) -> float:
-        delay = self.config.backoff_base * 2 ** (attempt - 1)
-        retry_after = _retry_after(error)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        # Jitter keeps concurrent workers that failed together from retrying together.
-        return min(self.config.backoff_max, delay) * random.uniform(0.75, 1.0)
+    def _transport_failure(self, what: str, attempts: int) -> UserError:
+        return UserError(f"LLM request failed after {attempts} attempt(s): {what}",
+                         f"check that the server at {self.config.base_url or 'api.openai.com'} is up; "
+                         "raise --timeout or lower --concurrency if it is overloaded")
 
     def _fatal(self, exc: Exception) -> UserError:
         oa = self._openai
@@ -292,10 +304,24 @@ class LLMClient:
         return UserError(f"the LLM server refused the request: {_server_message(exc)}")
 
 
+def without_array_bounds(schema: Any) -> Any:
+    """The schema with every minItems / maxItems removed."""
+    if isinstance(schema, dict):
+        return {k: without_array_bounds(v) for k, v in schema.items() if k not in ("minItems", "maxItems")}
+    if isinstance(schema, list):
+        return [without_array_bounds(v) for v in schema]
+    return schema
+
+
 def _content_of(response: Any) -> str:
     # Some servers answer an empty choices list instead of an error; treat it as an empty (invalid) reply.
     choices = getattr(response, "choices", None)
     return (choices[0].message.content or "") if choices else ""
+
+
+def _finish_of(response: Any) -> str | None:
+    choices = getattr(response, "choices", None)
+    return getattr(choices[0], "finish_reason", None) if choices else None
 
 
 def _usage_of(response: Any) -> dict[str, int] | None:
@@ -303,15 +329,6 @@ def _usage_of(response: Any) -> dict[str, int] | None:
     if usage is None:
         return None
     return {"prompt_tokens": usage.prompt_tokens or 0, "completion_tokens": usage.completion_tokens or 0}
-
-
-def _retry_after(error: Exception | None) -> float | None:
-    response = getattr(error, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _server_message(exc: Exception) -> str:
@@ -323,14 +340,13 @@ def _server_message(exc: Exception) -> str:
     return str(exc)
 
 
-def _describe_failure(exc: Exception | None) -> str:
-    if exc is None:
-        return "no attempt made"
+def _describe_failure(exc: Exception) -> str:
     status = getattr(exc, "status_code", None)
-    kind = {429: "rate limited (429)"}.get(status) if status else None
-    if kind is None and status:
-        kind = f"server error {status}"
-    return kind or type(exc).__name__.replace("API", "").replace("Error", " error").strip().lower()
+    if status == 429:
+        return "rate limited (429)"
+    if status:
+        return f"server error {status}"
+    return type(exc).__name__.replace("API", "").replace("Error", " error").strip().lower()
 
 
 # --- structured output ------------------------------------------------------------------------------------------
@@ -359,32 +375,72 @@ def extract_json(text: str) -> Any:
             from None
 
 
+def _fingerprint(text: str) -> str:
+    """Replies that differ only in whitespace or key order are the same answer."""
+    try:
+        return json.dumps(extract_json(text), sort_keys=True)
+    except ValueError:
+        return " ".join(text.split())
+
+
 def complete_json(client: LLMClient, messages: list[dict[str, str]], check: Callable[[Any], Any],
                   schema: dict[str, Any] | None, raw_path: Path, label: str, max_tries: int = 3,
-                  schema_name: str = "response") -> Any:
+                  schema_name: str = "response", max_tokens: int | None = None) -> Any:
     """Ask, validate with `check` (raises ValueError listing problems), and feed problems back to repair.
 
-    On final failure every raw reply is written to `raw_path` and the conversation is dropped from the cache,
-    so a rerun asks afresh instead of replaying the same bad answers.
+    A reply cut at `max_tokens` is not fed back (it would fill the context); the question is asked again with a
+    request for a shorter answer. The same invalid answer twice ends the tries early: a repair that did not
+    change the answer once will not change it the next time. On final failure every raw reply is written to
+    `raw_path` and the conversation is dropped from the cache, so a rerun asks afresh instead of replaying the
+    same bad answers.
     """
     conversation = list(messages)
     replies: list[tuple[str, str]] = []
     keys: list[str] = []
-    for _ in range(max_tries):
-        result = client.chat(conversation, schema=schema, schema_name=schema_name)
+    seen: set[str] = set()
+    repeated = False
+    for attempt in range(max_tries):
+        if attempt:
+            client.usage.count("repairs")
+        result = client.chat(conversation, schema=schema, schema_name=schema_name, max_tokens=max_tokens)
         keys.append(result.cache_key)
-        try:
-            return check(extract_json(result.content))
-        except ValueError as exc:
-            replies.append((result.content, str(exc)))
+        fingerprint = _fingerprint(result.content)
+        if result.finish_reason == "length":
+            limit = f"max_tokens={result.max_tokens}" if result.max_tokens else "the server's length limit"
+            problem = f"- the reply was cut off at {limit} before the JSON object was complete"
+            conversation = _ask_shorter(messages, result.max_tokens)
+        else:
+            try:
+                return check(extract_json(result.content))
+            except ValueError as exc:
+                problem = str(exc)
             conversation += [{"role": "assistant", "content": result.content},
-                             {"role": "user", "content": prompt("repair", problems=str(exc))}]
+                             {"role": "user", "content": prompt("repair", problems=problem)}]
+        replies.append((result.content, problem))
+        if fingerprint in seen:
+            repeated = True
+            break
+        seen.add(fingerprint)
     for key in keys:
         client.forget(key)
     _save_raw(raw_path, label, replies)
-    raise StructuredOutputError(
-        f"{label}: no valid answer after {max_tries} tries; last problem: {replies[-1][1].splitlines()[0]}",
-        f"raw replies saved to {raw_path}; try again, use a stronger --model, or raise --max-tries")
+    last = replies[-1][1].splitlines()[0].removeprefix("- ")
+    cut = replies[-1][1].startswith("- the reply was cut off")
+    hint = f"raw replies saved to {raw_path}; " + ("raise --max-tokens, or " if cut else "") + \
+        "try again, use a stronger --model"
+    if repeated:
+        raise StructuredOutputError(
+            f"{label}: the model gave the same invalid answer twice, so more repairs would not change it; "
+            f"last problem: {last}", hint + ", or set --temperature above 0 so that a new answer can differ")
+    raise StructuredOutputError(f"{label}: no valid answer after {len(replies)} tries; last problem: {last}",
+                                hint + ", or raise --max-tries")
+
+
+def _ask_shorter(messages: list[dict[str, str]], limit: int | None) -> list[dict[str, str]]:
+    """The first question again, with a request to stay under the limit. Appended to the last user message
+    rather than as a new turn: chat templates such as Gemma's insist that user and assistant turns alternate."""
+    note = prompt("shorter", limit=f"{limit} tokens" if limit else "the server's length limit")
+    return [*messages[:-1], {**messages[-1], "content": f"{messages[-1]['content']}\n\n{note}"}]
 
 
 def _save_raw(path: Path, label: str, replies: list[tuple[str, str]]) -> None:

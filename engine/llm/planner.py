@@ -7,6 +7,7 @@ interrupted batch also replays finished-but-unwritten requests for free.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -19,10 +20,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PlanError, UserError
-from ..plan import SAFE_ID, parse_plan
-from .client import LLMClient, atomic_write_text, complete_json, prompt
+from ..paths import atomic_write_text
+from ..plan import SAFE_ID, SHOTS, parse_plan
+from .client import LLMClient, complete_json, prompt
 
 _TEXT = {"type": "string"}
+
+# Reply budget in tokens, sized from the request so that a model rambling under a grammar stops instead of
+# generating until its context is full. About twice what a good answer needs: a frame (description, dialogue,
+# shot, camera, speaker and their JSON keys) is 60-100 tokens, a character 30-50, title + overview + style 200-300.
+TOKENS_PER_FRAME = 150
+TOKENS_PER_CHARACTER = 80
+TOKENS_OVERHEAD = 400
 
 
 def _object(**properties: Any) -> dict[str, Any]:
@@ -35,8 +44,26 @@ PLAN_SCHEMA = _object(
     overview=_TEXT,
     style=_object(name=_TEXT, description=_TEXT),
     characters={"type": "array", "items": _object(name=_TEXT, appearance=_TEXT)},
-    frames={"type": "array", "items": _object(description=_TEXT, dialogue=_TEXT)},
+    frames={"type": "array", "items": _object(description=_TEXT, dialogue=_TEXT, shot={"type": "string",
+                                                                                        "enum": list(SHOTS)},
+                                              camera=_TEXT, speaker=_TEXT)},
 )
+
+
+# The example in plan_system.txt. Small models copy it word for word; such a copy is no plan for the theme.
+EXAMPLE_TITLE = "The Duchess and the Commoner"
+EXAMPLE_FRAME = "In the ballroom, Rosamund stands at the entrance with a confident smile."
+
+
+def plan_schema(req: "PlanRequest") -> dict[str, Any]:
+    """PLAN_SCHEMA with the frame and character counts asked for as array bounds. Servers that compile the schema to
+    a grammar (llama.cpp, vLLM) then cannot stop after one frame or pad the cast; the tolerance of `count_range` is
+    for answers that were not held to the schema. Servers that refuse the bounds are asked without them (the
+    client's "json_schema_loose" mode)."""
+    schema = copy.deepcopy(PLAN_SCHEMA)
+    for key, wanted in (("frames", req.frames), ("characters", req.characters)):
+        schema["properties"][key].update(minItems=wanted, maxItems=wanted)
+    return schema
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,12 @@ class PlanRequest:
     characters: int = 3
     version: int = 1
     count: int = 1
+    strict_counts: bool = False
+    """Exact frame and character counts; otherwise `count_range` is accepted, with a warning."""
+
+    @property
+    def max_tokens(self) -> int:
+        return TOKENS_OVERHEAD + self.frames * TOKENS_PER_FRAME + self.characters * TOKENS_PER_CHARACTER
 
     @property
     def stem(self) -> str:
@@ -65,7 +98,7 @@ def slugify(text: str, max_len: int = 80) -> str:
 
 
 def build_requests(themes: list[str], genre: str | None, frames: int, characters: int,
-                   count: int) -> list[PlanRequest]:
+                   count: int, strict_counts: bool = False) -> list[PlanRequest]:
     seen: set[str] = set()
     requests = []
     for theme in (t.strip() for t in themes):
@@ -73,7 +106,8 @@ def build_requests(themes: list[str], genre: str | None, frames: int, characters
         if not theme or slugify(theme, 100) in seen:
             continue
         seen.add(slugify(theme, 100))
-        requests += [PlanRequest(theme, genre, frames, characters, k, count) for k in range(1, count + 1)]
+        requests += [PlanRequest(theme, genre, frames, characters, k, count, strict_counts)
+                     for k in range(1, count + 1)]
     if not requests:
         raise UserError("no themes given", "pass a theme, e.g. \"a love story\", or --themes-file with one per line")
     return requests
@@ -105,6 +139,8 @@ def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
     frames = data.get("frames")
+    if isinstance(frames, list):
+        frames = [_without_silent_speaker(f) for f in frames]
     movie = {
         "id": slugify(str(data.get("title") or req.theme)),
         "title": data.get("title", ""),
@@ -118,11 +154,15 @@ def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
     movie = {k: v for k, v in movie.items() if v is not None}
     problems = _count_problems(data, req)
     try:
-        parse_plan(movie, source="reply")
+        [loaded] = parse_plan(movie, source="reply")
     except PlanError as exc:
         problems = [f"- {path}: {msg}" for path, msg in exc.problems] + problems
     if problems:
         raise ValueError("\n".join(problems))
+    # The file gets the canonical shot names ("Close_up" -> "close-up"), as render will read them.
+    for frame, parsed in zip(movie["frames"], loaded.movie.frames):
+        if parsed.shot is not None:
+            frame["shot"] = parsed.shot
     return movie
 
 
@@ -132,17 +172,55 @@ def _numbered_frame(frame: Any, index: int, total: int) -> Any:
     return {**frame, "id": f"{index + 1:0{max(3, len(str(total)))}d}", "seed": None}
 
 
+def _without_silent_speaker(frame: Any) -> Any:
+    """A schema that requires every key makes models name a speaker for frames without a line; dropping it loses
+    nothing, while sending it back would cost a repair round trip."""
+    if isinstance(frame, dict) and not str(frame.get("dialogue") or "").strip() and "speaker" in frame:
+        return {k: v for k, v in frame.items() if k != "speaker"}
+    return frame
+
+
+def count_range(wanted: int, strict: bool) -> tuple[int, int]:
+    """Accepted counts: exactly `wanted` when strict, else within 25% of it and at least 2 either way (never 0)."""
+    if strict:
+        return wanted, wanted
+    slack = max(2, int(0.25 * wanted))
+    return max(1, wanted - slack), wanted + slack
+
+
 def _count_problems(data: dict[str, Any], req: PlanRequest) -> list[str]:
     problems = []
     for key, wanted in (("frames", req.frames), ("characters", req.characters)):
         got = data.get(key)
+        lo, hi = count_range(wanted, req.strict_counts)
         if not isinstance(got, list):
             problems.append(f"- $.{key}: missing or not a list: give a list of exactly {wanted}")
-        elif len(got) != wanted:
+        elif req.strict_counts and len(got) != wanted:
             problems.append(f"- $.{key}: has {len(got)} entries, exactly {wanted} are required")
+        elif not lo <= len(got) <= hi:
+            problems.append(f"- $.{key}: has {len(got)} entries, {wanted} were asked for: give exactly {wanted} "
+                            f"({lo} to {hi} are accepted)")
     if not str(data.get("title") or "").strip():
         problems.append("- $.title: the title is empty: give the movie a title")
+    elif str(data["title"]).strip().casefold() == EXAMPLE_TITLE.casefold():
+        problems.append(f"- $.title: {EXAMPLE_TITLE!r} is the example from the instructions: write a new movie on "
+                        f"the theme {req.theme!r}")
+    for i, frame in enumerate(data.get("frames") if isinstance(data.get("frames"), list) else []):
+        if isinstance(frame, dict) and str(frame.get("description") or "").strip() == EXAMPLE_FRAME:
+            problems.append(f"- $.frames[{i}].description: copied from the example in the instructions: describe "
+                            "a scene of this movie")
     return problems
+
+
+def count_warnings(movie: dict[str, Any], req: PlanRequest) -> list[str]:
+    """Accepted counts that differ from the request, for the run summary."""
+    out = []
+    for key, wanted in (("frames", req.frames), ("characters", req.characters)):
+        got = len(movie.get(key) or [])
+        if got != wanted:
+            out.append(f"{got} {key} instead of {wanted} (accepted within 25%, at least 2; --strict-counts asks for "
+                       "exact counts)")
+    return out
 
 
 # --- batch ------------------------------------------------------------------------------------------------------
@@ -154,6 +232,7 @@ class PlanOutcome:
     path: Path | None = None
     error: str | None = None
     skipped: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -195,7 +274,11 @@ def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path
                    on_done: Callable[[PlanOutcome], None] | None = None) -> PlanReport:
     """Generate every request concurrently; a failure is recorded on its outcome and the others go on."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable folder with --out") \
+            from None
     ids = _IdRegistry(out_dir)
 
     def run(req: PlanRequest) -> PlanOutcome:
@@ -215,8 +298,9 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
         return PlanOutcome(req, path, skipped=True)
     label = f"plan for {req.theme!r} (version {req.version})"
     try:
-        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), PLAN_SCHEMA,
-                              out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan")
+        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), plan_schema(req),
+                              out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan",
+                              req.max_tokens)
     except UserError as exc:
         return PlanOutcome(req, error=str(exc))
     movie["id"] = ids.claim(movie["id"])
@@ -224,7 +308,7 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
     movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
     parse_plan(movie, source=str(path))
     atomic_write_text(path, json.dumps(movie, indent=2, ensure_ascii=False) + "\n")
-    return PlanOutcome(req, path)
+    return PlanOutcome(req, path, warnings=count_warnings(movie, req))
 
 
 def _valid_plan_file(path: Path) -> bool:

@@ -6,7 +6,13 @@ Output per movie (MovieLLM's format plus our movie id)::
                                         "character_qa": [...]}}
 
 with every pair ``{"question": str, "answer": str}``. The LLM answers the first three; derived pairs need no
-LLM and are deterministic: temporal order and characters, each answer copied from the plan.
+LLM and are deterministic: temporal order and shot order, characters and who says which line, each answer copied
+from the plan.
+
+Real models answer in many near-miss shapes, so an LLM answer is normalised before it is checked: keys in any
+case ("Question", "Plot_QA"), MovieLLM's own ``{"movie_title": ..., "QA": {...}}`` wrapper, one pair where a
+one-element list was asked for. Extra pairs are kept, up to twice the number asked for; a missing group is still
+sent back for repair.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..paths import atomic_write_text
 from ..plan import Movie
-from .client import LLMClient, atomic_write_text, complete_json, prompt
+from .client import LLMClient, complete_json, prompt
 
 Source = Literal["llm", "derived", "both"]
 LLM_KINDS = ("overview_qa", "plot_qa", "temporal_qa")
@@ -30,6 +37,11 @@ _PAIR = {"type": "object", "properties": {"question": {"type": "string"}, "answe
          "required": ["question", "answer"], "additionalProperties": False}
 QA_SCHEMA = {"type": "object", "properties": {k: {"type": "array", "items": _PAIR} for k in LLM_KINDS},
              "required": list(LLM_KINDS), "additionalProperties": False}
+# Reply budget: about twice what a pair of one-sentence question and answer needs, plus the JSON around them.
+TOKENS_PER_PAIR = 120
+TOKENS_OVERHEAD = 200
+EXTRA_PAIRS_FACTOR = 2
+"""Pairs kept per group: up to this many times the number asked for."""
 
 
 def pair(question: str, answer: str) -> dict[str, str]:
@@ -41,16 +53,51 @@ def pair(question: str, answer: str) -> dict[str, str]:
 
 def qa_messages(movie: Movie, plot_count: int) -> list[dict[str, str]]:
     characters = "\n".join(f"- {c.name}: {c.appearance}" for c in movie.characters) or "- (none listed)"
-    frames = "\n".join(f"{i}. {_plain(f.description)}" + (f' Dialogue: "{f.dialogue}"' if f.dialogue else "")
-                       for i, f in enumerate(movie.frames, 1))
+    frames = "\n".join(f"{i}. {_plain(f.description)}" + _dialogue_note(f) for i, f in enumerate(movie.frames, 1))
     user = prompt("qa_user", title=movie.title or movie.id, overview=movie.overview or "(none)",
                   characters=characters, frames=frames)
     return [{"role": "system", "content": prompt("qa_system", plot_count=plot_count)},
             {"role": "user", "content": user}]
 
 
+def _dialogue_note(frame) -> str:
+    if not frame.dialogue:
+        return ""
+    return f' Dialogue ({frame.speaker}): "{frame.dialogue}"' if frame.speaker else f' Dialogue: "{frame.dialogue}"'
+
+
+def qa_max_tokens(plot_count: int) -> int:
+    return TOKENS_OVERHEAD + (plot_count + 2) * TOKENS_PER_PAIR
+
+
+_KNOWN_KEYS = {k.replace("_", ""): k for k in (*LLM_KINDS, "question", "answer", "qa")}
+
+
+def _key(key: Any) -> str:
+    """"Overview_QA", "overview-qa", "overviewQA" -> "overview_qa"; unknown keys stay as they are."""
+    return _KNOWN_KEYS.get(re.sub(r"[\s_-]+", "", str(key).strip().lower()), str(key))
+
+
+def normalise_qa(data: Any) -> Any:
+    """Undo the near-miss shapes real models answer in (see the module docstring); anything else is left as it
+    is, for `check_llm_qa` to report."""
+    if not isinstance(data, dict):
+        return data
+    data = {_key(k): v for k, v in data.items()}
+    if isinstance(data.get("qa"), dict) and not any(kind in data for kind in LLM_KINDS):
+        data = {_key(k): v for k, v in data["qa"].items()}
+    for kind in LLM_KINDS:
+        pairs = data.get(kind)
+        if isinstance(pairs, dict):
+            pairs = [pairs]
+        if isinstance(pairs, list):
+            data[kind] = [{_key(k): v for k, v in p.items()} if isinstance(p, dict) else p for p in pairs]
+    return data
+
+
 def check_llm_qa(data: Any, plot_count: int) -> dict[str, list[dict[str, str]]]:
     """Keep the three MovieLLM lists; raise ValueError listing every problem so the model can fix them."""
+    data = normalise_qa(data)
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
     wanted = {"overview_qa": 1, "plot_qa": plot_count, "temporal_qa": 1}
@@ -66,7 +113,7 @@ def check_llm_qa(data: Any, plot_count: int) -> dict[str, list[dict[str, str]]]:
                             "both non-empty")
         elif len(good) < count:
             problems.append(f"- $.{kind}: has {len(good)} pair(s), exactly {count} are required")
-        result[kind] = good[:count]
+        result[kind] = good[:EXTRA_PAIRS_FACTOR * count]
     if problems:
         raise ValueError("\n".join(problems))
     return result
@@ -81,7 +128,7 @@ def llm_qa(client: LLMClient, movie: Movie, plot_count: int, raw_dir: Path,
            max_tries: int = 3) -> dict[str, list[dict[str, str]]]:
     return complete_json(client, qa_messages(movie, plot_count), lambda d: check_llm_qa(d, plot_count),
                          QA_SCHEMA, Path(raw_dir) / f"{movie.id}.raw.txt", f"QA for movie {movie.id!r}",
-                         max_tries, "movie_qa")
+                         max_tries, "movie_qa", qa_max_tokens(plot_count))
 
 
 # --- derived from the plan --------------------------------------------------------------------------------------
@@ -128,6 +175,49 @@ def derived_temporal(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
     return out
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def derived_shots(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
+    """The order of shot sizes, where the plan has them (frames without a shot are left out)."""
+    frames = movie.frames
+    out = []
+    if frames[0].shot:
+        out.append(pair("How is the opening scene framed?", f"As {_article(frames[0].shot)} {frames[0].shot} shot."))
+    # Pairs of consecutive frames that both name a shot.
+    steps = [i for i in range(len(frames) - 1) if frames[i].shot and frames[i + 1].shot]
+    for k in _spread(len(steps), limit):
+        i = steps[k]
+        shot, after = frames[i].shot, frames[i + 1].shot
+        out.append(pair(f'The scene "{_scene(frames[i].description)}" is {_article(shot)} {shot} shot. '
+                        "How is the scene right after it framed?",
+                        f"As {_article(after)} {after} shot: {_scene(frames[i + 1].description)}."))
+    run = 0
+    while run < min(len(frames), limit) and frames[run].shot:
+        run += 1
+    if run >= 3:
+        sequence = ", then ".join(f"{_article(f.shot)} {f.shot} shot" for f in frames[:run])
+        out.append(pair(f"In what order are the first {run} scenes framed?", sequence[0].upper() + sequence[1:] + "."))
+    return out
+
+
+def derived_speakers(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
+    """Who says which line; a line that several characters say is skipped (it has no single answer)."""
+    said: dict[str, set[str]] = {}
+    for f in movie.frames:
+        if f.dialogue and f.speaker:
+            said.setdefault(_line(f.dialogue), set()).add(f.speaker)
+    lines = [(_line(f.dialogue), f.speaker) for f in movie.frames
+             if f.dialogue and f.speaker and len(said[_line(f.dialogue)]) == 1]
+    lines = list(dict.fromkeys(lines))  # a line repeated by the same speaker is asked once
+    return [pair(f'Who says "{lines[i][0]}"?', f"{lines[i][1]}.") for i in _spread(len(lines), limit)]
+
+
+def _line(dialogue: str) -> str:
+    return dialogue.strip().strip('"\u201c\u201d').strip()
+
+
 def derived_characters(movie: Movie) -> list[dict[str, str]]:
     if not movie.characters:
         return []
@@ -151,8 +241,9 @@ def derived_characters(movie: Movie) -> list[dict[str, str]]:
 
 def derived_qa(movie: Movie, limit: int = 5) -> dict[str, list[dict[str, str]]]:
     overview = [pair("What is this movie about?", movie.overview)] if movie.overview else []
-    return {"overview_qa": overview, "plot_qa": [], "temporal_qa": derived_temporal(movie, limit),
-            "character_qa": derived_characters(movie)}
+    return {"overview_qa": overview, "plot_qa": [],
+            "temporal_qa": derived_temporal(movie, limit) + derived_shots(movie, limit),
+            "character_qa": derived_characters(movie) + derived_speakers(movie, limit)}
 
 
 # --- per movie and in batch -------------------------------------------------------------------------------------
