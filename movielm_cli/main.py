@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from engine.errors import UserError
 from engine.outputs import IMAGE_FORMATS
-from engine.plan import CONSISTENCY_MODES, SCHEDULERS, RenderSettings
+from engine.plan import CONSISTENCY_MODES, RenderSettings
+from engine.schedulers import SCHEDULERS
 from movielm_cli.clean_errors import CleanErrors
 
 DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
