@@ -456,7 +456,7 @@ class Bench:
         files["csv"] = write_csv(self.result, self.base.with_suffix(".csv"))
         plot = write_plot(self.result, self.base.with_suffix(".png"))
         if plot is None:
-            self.log("matplotlib is not installed: no plot (pip install matplotlib)")
+            self.log("matplotlib is not installed: no plot (pip install 'movielm-fast[bench]')")
         else:
             files["png"] = plot
         return BenchRun(self.result, files["json"], files)

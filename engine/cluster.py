@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .config import EngineConfig
-from .driver import Progress, Summary, collect_plans, render
+from .driver import Progress, Summary, check_output_folder, collect_plans, render
 from .errors import UserError
 from .executors import Batch, Failed, PlanItem, Rendered, plan_movies, reason, run_batch
 from .oom import is_oom
@@ -437,7 +437,8 @@ def render_on_ray(config: EngineConfig, plan_paths: list[str | Path], opts: Clus
                   progress: Progress | None = None) -> Summary:
     """Start workers, render every frame of every movie with the one driver, stop the workers."""
     t0 = time.perf_counter()
-    collect_plans(plan_paths)  # every plan valid before a worker starts
+    collect_plans(plan_paths)  # every plan valid, and the output folder writable, before a worker starts
+    check_output_folder(config.out)
     with RayExecutor(config, opts) as executor:
         summary = render(config, plan_paths, progress, executor)
     summary.startup_seconds = executor.startup_seconds

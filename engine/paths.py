@@ -31,7 +31,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except (PermissionError, NotADirectoryError, FileExistsError) as exc:
+    except OSError as exc:  # permissions, a file in the way, a read-only filesystem, a name too long, ...
         raise UserError(f"cannot write to {path.parent}: {exc.strerror or exc}",
                         "choose a writable folder with --out") from None
     try:

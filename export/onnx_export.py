@@ -76,9 +76,19 @@ def _weights_bytes(model_proto) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in model_proto.graph.initializer)
 
 
+def require_onnx():
+    """The onnx package (an optional dependency), or a one-line error naming the extra that brings it."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("exporting to ONNX needs the onnx package, which is not installed",
+                        "pip install 'movielm-fast[onnx]'") from None
+    return onnx
+
+
 def save_onnx(model_proto, path: Path) -> None:
     """Save with the weights inline, or in one `<name>.data` file when the graph would pass protobuf's 2 GB."""
-    import onnx
+    onnx = require_onnx()
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if _weights_bytes(model_proto) > EXTERNAL_DATA_BYTES:
@@ -89,7 +99,7 @@ def save_onnx(model_proto, path: Path) -> None:
 
 
 def check_onnx(path: Path) -> None:
-    import onnx
+    onnx = require_onnx()
 
     # The path form checks models with external data too (the proto form refuses > 2 GB).
     onnx.checker.check_model(str(path))
@@ -181,7 +191,7 @@ def fp32_nodes(model_proto, upcast_attention: bool) -> list[str]:
 def optimize(src: Path, dst: Path, spec: ModelSpec, target: str, fp16: bool, upcast_attention: bool = False,
              meta: dict[str, str] | None = None) -> dict:
     """Graph fusions for the target (and fp16 conversion); returns a summary of what was fused."""
-    import onnx
+    onnx = require_onnx()
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = _ort_model_type(spec.component)
@@ -257,7 +267,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
     if hit is not None:
         hit.check_model(model)
         return hit
-    import onnx
+    onnx = require_onnx()
 
     log.info("exporting %s of %s for %s (%s)...", component, model.model_id, target, dtype)
     t0 = time.perf_counter()

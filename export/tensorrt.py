@@ -26,7 +26,8 @@ from .specs import UNET, ModelSpec, ShapeProfile, component_dtype, model_specs
 log = logging.getLogger("movielm_fast")
 
 ENGINE_FILE = "engine.plan"
-INSTALL_HINT = ("pip install tensorrt (10.x, matching your CUDA) on a CUDA machine, or use --backend onnxruntime")
+INSTALL_HINT = ("pip install 'movielm-fast[tensorrt]' (TensorRT 10.x, matching your CUDA) on a CUDA machine, or use "
+                "--backend onnxruntime")
 
 
 def require_tensorrt():

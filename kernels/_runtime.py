@@ -40,7 +40,7 @@ def require_triton(*tensors: torch.Tensor, kernel: str) -> None:
     """Raise `KernelUnavailable` unless every tensor sits where Triton can run `kernel`."""
     if importlib.util.find_spec("triton") is None:
         raise KernelUnavailable(
-            f"{kernel}: Triton is not installed; install the 'kernels' extra (pip install triton) "
+            f"{kernel}: Triton is not installed; pip install 'movielm-fast[kernels]' "
             f"or use the PyTorch path ({kernel}_ref / --attention sdpa)"
         )
     for t in tensors:

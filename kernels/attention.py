@@ -96,7 +96,7 @@ def attention_processor(name: str):
     if name == "triton":
         if not triton_available():
             raise AttentionChoiceError("--attention triton needs Triton and a CUDA GPU",
-                                       "pip install triton on a CUDA machine, or use --attention sdpa")
+                                       "pip install 'movielm-fast[kernels]' on a CUDA machine, or use --attention sdpa")
         return TritonFlashAttnProcessor()
     if name == "xformers":
         if not is_xformers_available():

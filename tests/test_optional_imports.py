@@ -109,24 +109,15 @@ def test_dataset_video_without_av(rendered, tmp_path):
     assert not (rendered / "m" / "movie.mp4").exists() and not (tmp_path / "d.json").exists()
 
 
-def _owned_elsewhere(reason):
-    """A message in a file owned elsewhere (export/, engine/backends, kernels/) that does not follow the rule yet;
-    strict, so the day it is fixed this fails and the mark is removed."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden, extra, args", [
     pytest.param(["onnxruntime"], "onnx", ["render", EXAMPLE, "--backend", "onnxruntime"], id="render-onnxruntime"),
     pytest.param(["ray"], "cluster", ["render", EXAMPLE, "--cluster", "ray", "--address", "local"], id="render-ray"),
     pytest.param(["onnxruntime"], "onnx", ["export", "--backend", "onnxruntime"], id="export-onnxruntime"),
-    pytest.param(["onnx"], "onnx", ["render", EXAMPLE, "--backend", "onnxruntime"], id="render-onnx",
-                 marks=_owned_elsewhere("export/onnx_export.py imports onnx without a clean message (traceback)")),
+    pytest.param(["onnx"], "onnx", ["render", EXAMPLE, "--backend", "onnxruntime"], id="render-onnx"),
     pytest.param(["tensorrt", "polygraphy"], "tensorrt", ["render", EXAMPLE, "--backend", "tensorrt"],
-                 id="render-tensorrt",
-                 marks=_owned_elsewhere("export/tensorrt.py's hint is 'pip install tensorrt ...', not the extra")),
-    pytest.param(["triton"], "kernels", ["render", EXAMPLE, "--attention", "triton"], id="render-triton",
-                 marks=_owned_elsewhere("kernels/attention.py's hint is 'pip install triton ...', not the extra")),
+                 id="render-tensorrt"),
+    pytest.param(["triton"], "kernels", ["render", EXAMPLE, "--attention", "triton"], id="render-triton"),
 ])
 def test_render_and_export_without_their_extra(hidden, extra, args, tmp_path):
     more = ["--steps", "1", "--out", tmp_path / "out"] if args[0] == "render" else []
