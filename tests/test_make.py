@@ -262,7 +262,12 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
             runs.append({"n": len(server.requests), "answered": set(llm.answered), "frames": recorded_frames(out)})
             return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
-        def kill(proc) -> None:
+        def kill(proc, settle: bool = True) -> None:
+            if settle:
+                # Hold every request from now on, and give answers already sent a moment to reach the client's
+                # cache: an answer the server sent but the killed client never read is no answer it "has".
+                llm.hold = lambda b: True
+                time.sleep(0.3)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             llm.release.set()  # held requests answer a dead client
@@ -297,7 +302,7 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
         # 4. during the export: its QA file is written, the run report is not
         proc = start()
         _wait_for(lambda: (out / "dataset" / "qa.json").exists(), proc, "the export")
-        kill(proc)
+        kill(proc, settle=False)  # no LLM request is left to settle, and the export is short
         assert not (out / "make.json").exists(), "the kill came after the export"
         check_resumed(runs[-1])
         # 5. to the end
