@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -13,12 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_openai_server import FakeOpenAIServer, Reply, error, ok  # noqa: E402
+from helpers import load_png  # noqa: E402
 
 from movielm_cli.main import cli  # noqa: E402
 
@@ -314,12 +317,19 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
 
 
 def test_ray_cluster_gives_the_same_files(made, tmp_path):
-    pytest.importorskip("ray")
+    if importlib.util.find_spec("ray") is None:  # not importorskip: importing Ray here would fix its bind address
+        pytest.skip("ray is not installed (the [cluster] extra)")
     with FakeOpenAIServer(ScriptedLLM()) as server:
         result = CliRunner().invoke(cli, make_args(tmp_path / "out", server.url, tmp_path / "cache", "--quiet",
                                                    "--cluster", "ray", "--address", "local", "--workers", "2"))
     assert result.exit_code == 1, result.output
-    assert dataset_of(tmp_path / "out") == dataset_of(made["out"])
+    ray_data, local_data = dataset_of(tmp_path / "out"), dataset_of(made["out"])
+    assert ray_data[:2] == local_data[:2], "the same dataset and QA"
+    assert frame_mtimes(tmp_path / "out").keys() == frame_mtimes(made["out"]).keys()
+    # Pixels within 2/255, not bit-identical: a Ray worker runs torch on 1 thread, this process on 2, and float
+    # sums in another order round differently (as in tests/test_cluster.py).
+    for name in frame_mtimes(made["out"]):
+        assert np.abs(load_png(tmp_path / "out" / name) - load_png(made["out"] / name)).max() <= 2, name
     assert (tmp_path / "out" / "index.html").read_text() == (made["out"] / "index.html").read_text() \
         .replace(str(made["out"]), str(tmp_path / "out"))
 
