@@ -3,8 +3,8 @@
     plan (LLM pool) -> style + keyframes (the one driver, engine.driver.render, on one long-lived executor)
                     -> QA (LLM pool) -> dataset export over every finished movie; OUT/index.html and OUT/make.json
 
-The caller's thread renders: each time, every plan that is ready, in one `render()` call (so batches span movies),
-on the one executor (the model loads once). Meanwhile a bounded pool of LLM threads writes later plans and the QA
+The caller's thread renders ready plans, one movie per `render()` call, on the one executor (the model loads
+once). Meanwhile a bounded pool of LLM threads writes later plans and the QA
 of rendered movies, so rendering waits for the LLM only when no plan is ready.
 
 Resume: each stage's product is a file, trusted only when it was made from the current inputs:
@@ -35,7 +35,7 @@ from .config import EngineConfig
 from .dataset import DatasetOptions, export_dataset
 from .driver import check_output_folder, render
 from .errors import UserError
-from .executors import Executor, LocalExecutor
+from .executors import Executor, LocalExecutor, reason
 from .llm import planner, qa
 from .llm.client import LLMClient
 from .make_gallery import write_gallery
@@ -332,8 +332,8 @@ class _Make:
     def _qa_done(self, movie: Movie, future: Future) -> None:
         try:
             record, kept = future.result()
-        except UserError as exc:
-            self._fail("qa", str(exc), movie=movie.id)
+        except Exception as exc:  # an invalid answer (UserError), or an OS error writing qa.json: this movie only
+            self._fail("qa", reason(exc), movie=movie.id)
             return
         self.progress.count("qa", done=1, kept=int(kept))
         self.qa_records[movie.id] = record
@@ -384,8 +384,9 @@ class _Make:
             except queue.Empty:
                 pass
             if self.ready:
-                group, self.ready = self.ready, []
-                self._render(group)
+                # One movie per driver call: its QA can start as soon as its frames are done, while the next movie
+                # renders (a movie's frames still share batches; the model and style tokens stay loaded).
+                self._render([self.ready.pop(0)])
 
     def _handle(self, kind: str, item: Any, future: Future) -> None:
         self.pending[kind] -= 1
@@ -394,8 +395,8 @@ class _Make:
             return
         try:
             outcome = future.result()
-        except Exception as exc:  # a bug or an OS error in one request must not stop the others
-            outcome = planner.PlanOutcome(item, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # an OS error (or a bug) in one request must not stop the others
+            outcome = planner.PlanOutcome(item, error=reason(exc))
         self._plan_done(item, outcome)
 
     def _fail(self, stage: str, reason: str, **where: Any) -> None:
