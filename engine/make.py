@@ -150,6 +150,12 @@ class MakeReport:
     llm: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
 
+    def ordered_failures(self) -> list[dict[str, Any]]:
+        """In stage order, then by theme, version and movie: concurrent LLM requests fail in any order, and the
+        report and the gallery must not depend on it."""
+        return sorted(self.failures, key=lambda f: (STAGES.index(f["stage"]), f.get("theme", ""),
+                                                    f.get("version", 0), f.get("movie", "")))
+
     @property
     def exit_code(self) -> int:
         return 1 if self.failures else 0
@@ -159,7 +165,7 @@ class MakeReport:
                 "movies": {"requested": self.requested, "finished": len(self.finished),
                            "failed": len(self.failures)},
                 "stages": {k: v.as_dict() for k, v in self.stages.items()}, "llm": self.llm,
-                "dataset": self.dataset, "finished": self.finished, "failures": self.failures}
+                "dataset": self.dataset, "finished": self.finished, "failures": self.ordered_failures()}
 
 
 # --- stamps: which inputs a file was made from ----------------------------------------------------------------
@@ -408,4 +414,4 @@ class _Make:
 
     def _write_gallery(self) -> None:
         finished = [m for req in self.job.requests if (m := self.movie_of.get(req)) and m.id in self.qa_records]
-        write_gallery(self.out, [(m, self.qa_records[m.id]) for m in finished], self.report.failures)
+        write_gallery(self.out, [(m, self.qa_records[m.id]) for m in finished], self.report.ordered_failures())
