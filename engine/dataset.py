@@ -40,11 +40,13 @@ class RenderedMovie:
     frame_files: list[Path]
 
 
-def find_rendered(out_dir: Path) -> list[RenderedMovie]:
+def find_rendered(out_dir: Path, only: list[str] | None = None) -> list[RenderedMovie]:
+    """Every rendered movie in `out_dir`, or only the movies `only` names (in that order)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UserError(f"render output folder {out_dir} does not exist", "pass the OUT folder given to `render`")
-    manifests = sorted(out_dir.glob("*/manifest.json"))
+    manifests = sorted(out_dir.glob("*/manifest.json")) if only is None else [out_dir / m / "manifest.json"
+                                                                             for m in only]
     if not manifests:
         raise UserError(f"no rendered movies in {out_dir} (no */manifest.json)", "run `movielm-fast render` first")
     return [_load_rendered(path) for path in manifests]
@@ -195,6 +197,8 @@ class DatasetOptions:
     qa_path: Path | None = None
     dest: Path | None = None
     """Dataset file; default OUT/dataset.json (llava) or OUT/dataset.jsonl."""
+    movies: list[str] | None = None
+    """Only these movie ids, in this order (`make` exports its finished movies); None: every movie in OUT."""
 
 
 @dataclass
@@ -209,7 +213,7 @@ class DatasetReport:
 
 def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     out_dir = Path(out_dir)
-    rendered = find_rendered(out_dir)
+    rendered = find_rendered(out_dir, options.movies)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
     # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
     try:

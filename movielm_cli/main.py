@@ -8,13 +8,8 @@ import sys
 from pathlib import Path
 
 import click
-from pydantic import ValidationError
-
-from engine.errors import UserError
-from engine.outputs import IMAGE_FORMATS
-from engine.plan import CONSISTENCY_MODES, RenderSettings
-from engine.schedulers import SCHEDULERS
 from movielm_cli.clean_errors import CleanErrors
+from movielm_cli.options import engine_config, render_options
 
 DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
              "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
@@ -43,71 +38,19 @@ def _quiet_libraries() -> None:
             lib_logging.disable_progress_bar()
 
 
-def _batch_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise click.BadParameter("must be a positive integer or 'auto'")
-    return int(value)
-
-
 @cli.command("render",
              help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
-@click.option("--backend", default="torch", show_default=True,
-              help="torch | onnxruntime | tensorrt | null (measures the engine's own work; no real images)")
-@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
-@click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16")
-@click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'.")
-@click.option("--attention", default="sdpa", show_default=True, help="sdpa | triton | xformers")
-@click.option("--cuda-graphs", is_flag=True, help="Replay the UNet step as a CUDA graph per (batch, size) bucket.")
-@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet step (slow first call).")
-@click.option("--steps", type=int)
-@click.option("--width", type=int)
-@click.option("--height", type=int)
-@click.option("--guidance", type=float)
-@click.option("--scheduler", type=click.Choice(SCHEDULERS))
-@click.option("--seed", type=int)
-@click.option("--negative-prompt")
-@click.option("--image-format", type=click.Choice(sorted(IMAGE_FORMATS)), default="png", show_default=True,
-              help="Frame files: png (lossless) | jpg | webp (lossy, ~10x smaller, ~15x faster to encode).")
-@click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [95 jpg, 90 webp].")
-@click.option("--consistency", type=click.Choice(CONSISTENCY_MODES),
-              help="Consistent characters for every movie (anchor_attention: frames attend to their characters' "
-                   "anchor renders; torch backend). Default: as each plan says.")
-@click.option("--force", is_flag=True, help="Re-render frames even if they are already done.")
-@click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use the "
-              "style name and description as text instead.")
-@click.option("--cluster", type=click.Choice(["ray"]), help="Spread the work over a Ray cluster.")
-@click.option("--address", default="auto", show_default=True, help="Ray address: auto | ray://host:10001 | local")
-@click.option("--workers", type=int, help="Ray workers (default: one per GPU, or per CPU core group).")
-@click.option("--gpus-per-worker", type=float, default=1.0, show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar; only errors and the summary line.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
-def render_cmd(plans, model, out, backend, device, dtype, batch_size, attention, cuda_graphs, compile_unet, steps,
-               width, height, guidance, scheduler, seed, negative_prompt, image_format, quality, consistency, force,
-               no_style_training, cluster, address, workers, gpus_per_worker, quiet, as_json):
+@render_options
+def render_cmd(plans, out, **kw):
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from engine.cluster import ClusterOptions, render_on_ray
-    from engine.config import EngineConfig
+    from engine.cluster import render_on_ray
     from engine.driver import render
 
-    try:
-        overrides = RenderSettings(steps=steps, width=width, height=height, guidance=guidance, scheduler=scheduler,
-                                   seed=seed, negative_prompt=negative_prompt)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
-    config = EngineConfig(model=model, out=out, backend=backend, device=device, dtype=dtype,
-                          batch_size=_batch_size(batch_size), attention=attention, cuda_graphs=cuda_graphs,
-                          compile_unet=compile_unet, overrides=overrides, skip_existing=not force,
-                          style_training=not no_style_training, image_format=image_format, image_quality=quality,
-                          consistency=consistency, quiet=quiet or as_json)
-    if cluster == "ray":
-        opts = ClusterOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
-        summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), opts, progress=cb))
+    config, cluster, as_json = engine_config(out, kw)
+    if cluster is not None:
+        summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
     else:
         summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb))
     d = summary.as_dict()
@@ -171,11 +114,12 @@ def _with_progress(config, run):
 
 def _register_commands() -> None:
     from movielm_cli.llm_cmds import dataset_cmd, plan_cmd, qa_cmd
+    from movielm_cli.make_cmds import make_cmd
     from movielm_cli.bench_cmds import bench_cmd
     from movielm_cli.export_cmds import export_cmd
     from movielm_cli.style_cmds import style_group
 
-    for cmd in (plan_cmd, qa_cmd, dataset_cmd, style_group, export_cmd, bench_cmd):
+    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd):
         cli.add_command(cmd)
 
 

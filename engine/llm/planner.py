@@ -270,9 +270,9 @@ class _IdRegistry:
             return candidate
 
 
-def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path, max_tries: int = 3,
-                   on_done: Callable[[PlanOutcome], None] | None = None) -> PlanReport:
-    """Generate every request concurrently; a failure is recorded on its outcome and the others go on."""
+def plan_writer(client: LLMClient, out_dir: Path, max_tries: int = 3) -> Callable[[PlanRequest], PlanOutcome]:
+    """A function that answers one request into `out_dir` (thread-safe: movie ids stay unique across the folder),
+    for callers that schedule requests themselves (`generate_plans`, `make`)."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,9 +280,16 @@ def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path
         raise UserError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable folder with --out") \
             from None
     ids = _IdRegistry(out_dir)
+    return lambda req: _generate_one(client, req, out_dir, ids, max_tries)
+
+
+def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path, max_tries: int = 3,
+                   on_done: Callable[[PlanOutcome], None] | None = None) -> PlanReport:
+    """Generate every request concurrently; a failure is recorded on its outcome and the others go on."""
+    write = plan_writer(client, out_dir, max_tries)
 
     def run(req: PlanRequest) -> PlanOutcome:
-        outcome = _generate_one(client, req, out_dir, ids, max_tries)
+        outcome = write(req)
         if on_done:
             on_done(outcome)
         return outcome
