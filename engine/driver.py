@@ -247,7 +247,7 @@ def _render(config: EngineConfig, executor: Executor, writer: Writer, todo: list
     summary.batch_size = size
     if progress:
         progress(0, len(todo))
-    encoding = (config.image_format, resolve_quality(config.image_format, config.image_quality))
+    encoding = (writer.image_format, writer.quality)  # resolved once, by the writer
     queue = deque(make_batches(todo, size))
     t0 = time.perf_counter()
     try:

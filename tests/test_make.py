@@ -204,7 +204,7 @@ def test_make_end_to_end_with_failures_isolated(made):
 
 
 def test_rerun_makes_no_llm_request_and_renders_nothing(made):
-    out, server, llm = made["out"], made["server"], made["llm"]
+    out, server = made["out"], made["server"]
     before, mtimes = len(server.requests), frame_mtimes(out)
     dataset = dataset_of(out)
     result = CliRunner().invoke(cli, make_args(out, server.url, made["root"] / "llm-cache", "--json"))
