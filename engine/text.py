@@ -113,6 +113,9 @@ class PromptEncoder:
         self.token_sources: dict[str, str] = {}
         self.multi_vector: dict[str, list[str]] = {}
         self._cache: dict[str, Conditioning] = {}
+        # Token ids per (tokenizer, prompt): batching asks for a prompt's window count before it is encoded, and
+        # the slow tokenizers cost ~0.1 ms per fragment on the render thread.
+        self._ids: dict[tuple[int, str], tuple[list[int], list[float]]] = {}
 
     # --- textual inversion ---------------------------------------------------------------------------------
     def add_token(self, token: str, vectors: list[torch.Tensor], source: str) -> None:
@@ -149,7 +152,7 @@ class PromptEncoder:
         self.token_sources[token] = source
         if n > 1:
             self.multi_vector[token] = names
-        self._cache.clear()
+        self.clear_cache()
 
     def _expand_tokens(self, prompt: str) -> str:
         for token, names in self.multi_vector.items():
@@ -158,21 +161,24 @@ class PromptEncoder:
         return prompt
 
     # --- encoding ------------------------------------------------------------------------------------------
-    def _token_ids(self, tok, fragments: list[tuple[str, float]]) -> tuple[list[int], list[float]]:
-        ids: list[int] = []
-        weights: list[float] = []
-        for text, w in fragments:
-            frag_ids = tok(text, add_special_tokens=False).input_ids if text.strip() else []
-            ids += frag_ids
-            weights += [w] * len(frag_ids)
-        return ids, weights
+    def _token_ids(self, index: int, prompt: str) -> tuple[list[int], list[float]]:
+        """Prompt -> (token ids, emphasis weight per id) for tokenizer `index`, without BOS/EOS/padding."""
+        key = (index, prompt)
+        if key not in self._ids:
+            ids: list[int] = []
+            weights: list[float] = []
+            for text, w in parse_emphasis(self._expand_tokens(prompt)):
+                frag_ids = self.tokenizers[index](text, add_special_tokens=False).input_ids if text.strip() else []
+                ids += frag_ids
+                weights += [w] * len(frag_ids)
+            self._ids[key] = ids, weights
+        return self._ids[key]
 
     def windows(self, prompt: str, min_chunks: int = 1) -> list[Windows]:
         """The prompt as encoder windows, one `Windows` per tokenizer (all with the same number of windows)."""
-        fragments = parse_emphasis(self._expand_tokens(prompt))
         out = []
-        for tok in self.tokenizers:
-            ids, weights = self._token_ids(tok, fragments)
+        for index, tok in enumerate(self.tokenizers):
+            ids, weights = self._token_ids(index, prompt)
             chunks = max(min_chunks, (len(ids) + CHUNK - 1) // CHUNK)
             rows_ids, rows_w, eos_at = [], [], []
             for c in range(chunks):
@@ -210,8 +216,7 @@ class PromptEncoder:
         return Conditioning(hidden.reshape(1, -1, hidden.shape[-1]), pooled, chunks)
 
     def chunk_count(self, prompt: str) -> int:
-        fragments = parse_emphasis(self._expand_tokens(prompt))
-        ids, _ = self._token_ids(self.tokenizers[0], fragments)
+        ids, _ = self._token_ids(0, prompt)
         return max(1, (len(ids) + CHUNK - 1) // CHUNK)
 
     def pair_chunks(self, prompt: str, negative: str) -> int:
@@ -219,8 +224,10 @@ class PromptEncoder:
         return max(self.chunk_count(prompt), self.chunk_count(negative))
 
     def clear_cache(self) -> None:
-        """Forget encoded prompts (benchmarks: every run pays its own encoding, as a fresh process does)."""
+        """Forget encoded prompts and their token ids (binding a token changes both; benchmarks: every run pays
+        its own encoding, as a fresh process does)."""
         self._cache.clear()
+        self._ids.clear()
 
     def encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
         key = f"{min_chunks}\x00{prompt}"
