@@ -338,6 +338,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 HOST_FORMAT = "movielm-bench-host/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
+REGRESSION_FORMAT = "movielm-bench-regression/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -409,11 +410,29 @@ def consistency_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def regression_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m, med = res["settings"], res["machine"], res["median_seconds_per_frame"]
+    lines = ["## A real CPU render against an earlier revision (`python -m bench.regression`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch 1, fp32 on {m['cpu_model']} "
+             f"({m['cpu_cores_logical']} cores); revision {st['base']} and this tree in alternating order, each run a "
+             f"fresh process rendering {st['frames']} frames; medians over {st['rounds']} rounds; {_load(res)}; "
+             f"{res['created']}.", "",
+             "| code | render s/frame (median) | runs (s/frame) |", "|---|---|---|"]
+    for side in ("base", "head"):
+        runs = ", ".join(f"{r['render_seconds_per_frame']:.3f}" for r in res["runs"][side])
+        lines.append(f"| {st['base'] if side == 'base' else 'this tree'} | {med[side]:.3f} | {runs} |")
+    return lines + ["", f"This tree / base: **{res['head_over_base']:.3f}**.", ""]
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
     text = render_results_md(load_results(results_dir), md_path.parent)
     extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
-        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT))
+        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT)) + \
+        regression_section(load_other(results_dir, REGRESSION_FORMAT))
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 
