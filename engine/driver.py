@@ -24,6 +24,7 @@ from typing import Any, Callable
 from .config import EngineConfig
 from .errors import UserError
 from .executors import Batch, Executor, LocalExecutor, Rendered, reason
+from .lora import check_lora_file, set_key
 from .oom import smaller
 from .outputs import MovieOutputs, resolve_quality
 from .paths import atomic_write_bytes
@@ -91,6 +92,8 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
         if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
             raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
                             f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
+        for where, path, _ in m.lora_files():
+            check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA")
     return movies
 
 
@@ -110,6 +113,8 @@ def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progres
     executor, renders in this process (LocalExecutor)."""
     t0 = time.perf_counter()
     movies = collect_plans(plan_paths)  # 1. plans
+    for path, _ in config.loras:
+        check_lora_file(Path(path), "--lora")
     check_output_folder(config.out)
     resolve_quality(config.image_format, config.image_quality)
     executor = executor or LocalExecutor(config)
@@ -227,6 +232,8 @@ def plan_tasks(config: EngineConfig, movies: list[LoadedMovie], tokens: dict[str
             continue
         settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
                     "image_format": config.image_format, "quality": quality}
+        if planned and planned[0].settings.loras:
+            settings["loras"] = set_key(planned[0].settings.loras)
         mo = outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
         anchors = {a.character: a for t in planned for a in t.job.anchors}
         mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
