@@ -137,7 +137,8 @@ class Renderer:
         per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
         specs = {spec.key: spec for job in jobs for spec in job.anchors}
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
-        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors, self.loras)
+        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors,
+                              self.loras)
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
