@@ -236,3 +236,67 @@ def test_plan_lora_is_validated_before_the_model_loads(tmp_path):
     with pytest.raises(UserError, match="unknown key 'strength'"):
         render(EngineConfig(out=tmp_path / "out"), [bad])
     json.loads(plan.read_text())  # the helper wrote plain JSON
+
+
+# --- ONNX Runtime: no re-export -------------------------------------------------------------------------------------
+
+def _cache_state():
+    from export import cache
+
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in cache.artifacts_root().rglob("*") if p.is_file()}
+
+
+def test_onnx_with_lora_matches_torch_without_reexport(tmp_path, pipes, demo_renderer):
+    pytest.importorskip("onnxruntime")
+    from export.weight_map import WEIGHT_MAP_FILE, build_weight_map, load_weight_map
+    from export.onnx_export import graph_module
+
+    o = Renderer(EngineConfig(model="demo", backend="onnxruntime"), model=demo_renderer.model)
+    plain = _ours(o)
+    before = _cache_state()
+    # kohya with conv layers (3x3 and 1x1) and text-encoder layers; two files with their own scales
+    loras = lora.combine([(make_lora(tmp_path / "a.safetensors", pipes["sd"], seed=5), 0.8),
+                          (make_lora(tmp_path / "b.safetensors", pipes["sd"], "diffusers", seed=6, std=0.2), 0.5)])
+    ours = _ours(o, loras)
+    ref = _ours(demo_renderer, loras)
+    _ours(demo_renderer)  # the torch backend merges into the shared model: plain again before matching weights
+    assert np.abs(ours - ref).max() <= 2
+    assert np.abs(ours - plain).max() > 10
+    assert np.array_equal(_ours(o), plain)  # back to the exported weights
+    assert _cache_state() == before  # nothing exported, nothing written
+    assert o.backend.lora_seconds > 0
+
+    # An artifact exported before maps existed gets the same map rebuilt from the torch model.
+    art = o.backend.artifacts["unet"]
+    saved = json.loads((art.path / WEIGHT_MAP_FILE).read_text())
+    assert saved == build_weight_map(graph_module(demo_renderer.model, "unet"), art.file())
+    assert sum(e["transpose"] for e in saved.values()) > 0  # MatMul weights are stored transposed
+    old = type(art)(tmp_path / "no-map", art.manifest)
+    old.path.mkdir()
+    (old.path / art.file().name).write_bytes(art.file().read_bytes())
+    assert load_weight_map(old, graph_module(demo_renderer.model, "unet")) == saved
+
+
+def test_weight_map_finds_transposed_and_packed_weights(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.weight_map import build_weight_map, initializer_values
+
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"q": torch.nn.Linear(4, 3, bias=False), "k": torch.nn.Linear(4, 3, bias=False),
+                             "c": torch.nn.Conv2d(2, 3, 3)})
+    wq, wk, wc = (m[n].weight.detach().numpy() for n in "qkc")
+    packed = np.concatenate([wq.T, wk.T], axis=1)  # (in, 2*out), as a fused QKV projection stores it
+    g = helper.make_graph([], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(packed, "qk"), numpy_helper.from_array(wc, "conv_w")])
+    onnx.save(helper.make_model(g), str(tmp_path / "m.onnx"))
+    wm = build_weight_map(m, tmp_path / "m.onnx")
+    assert wm["q.weight"] == {"initializer": "qk", "transpose": True, "dtype": "float32", "slice": [1, 0, 3]}
+    assert wm["k.weight"]["slice"] == [1, 3, 6]
+    assert wm["c.weight"] == {"initializer": "conv_w", "transpose": False, "dtype": "float32", "slice": None}
+    dk = torch.randn(3, 4)
+    values = initializer_values(wm, {"k.weight": dk}, tmp_path / "m.onnx", "test")
+    assert set(values) == {"qk"}
+    np.testing.assert_allclose(values["qk"][:, :3], wq.T)  # the untouched block stays as exported
+    np.testing.assert_allclose(values["qk"][:, 3:], (torch.from_numpy(wk) + dk).numpy().T, rtol=1e-6)
