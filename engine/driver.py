@@ -55,6 +55,7 @@ class Summary:
     resubmitted_batches: int = 0
     startup_seconds: float = 0.0
     write: dict[str, float] = field(default_factory=dict)
+    lora_seconds: float = 0.0  # merging LoRA sets into the weights (ONNX Runtime: recreating sessions)
 
     @property
     def images_per_second(self) -> float:
@@ -67,6 +68,8 @@ class Summary:
              "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
              "batch_size": self.batch_size, "storyboards": self.storyboards, "failures": self.failures,
              "write": self.write}
+        if self.lora_seconds:
+            d["lora_apply_seconds"] = round(self.lora_seconds, 3)
         if self.workers:
             busy = sum(w["busy_seconds"] for w in self.workers)
             idle = max(0.0, len(self.workers) * self.render_seconds - busy) / max(1, self.frames_rendered)
@@ -268,6 +271,7 @@ def _render(config: EngineConfig, executor: Executor, writer: Writer, todo: list
             if isinstance(result, Rendered):
                 writer.put(batch, result)
                 summary.frames_rendered += len(batch.tasks)
+                summary.lora_seconds += result.lora_seconds
                 summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
                 if progress:
                     progress(len(batch.tasks), len(todo))

@@ -300,3 +300,44 @@ def test_weight_map_finds_transposed_and_packed_weights(tmp_path):
     assert set(values) == {"qk"}
     np.testing.assert_allclose(values["qk"][:, :3], wq.T)  # the untouched block stays as exported
     np.testing.assert_allclose(values["qk"][:, 3:], (torch.from_numpy(wk) + dk).numpy().T, rtol=1e-6)
+
+
+# --- TensorRT: refittable engines, refit plan (TensorRT itself is not needed for these) ------------------------------
+
+def test_tensorrt_engines_are_built_refittable(tiny_sd):
+    from export.specs import UNET, default_profile, model_specs
+    from export.tensorrt import build_config
+
+    model = load_model(tiny_sd)
+    cfg = build_config(model, model_specs(model)[UNET], default_profile(model), "fp16")
+    assert cfg.refit and cfg.as_dict()["refit"] is True
+
+
+def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path, pipes, demo_renderer):
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_component, graph_module
+    from export.tensorrt import refit_plan
+    from export.weight_map import _initializers, load_weight_map
+
+    _ours(demo_renderer)  # plain weights in the shared model
+    model = demo_renderer.model
+    art = export_component(model, "unet", "ort-cpu", "fp32")  # the same map for the trt-onnx graph engines are built from
+    wm = load_weight_map(art, graph_module(model, "unet"))
+    exported = {n: a for n, (a, _) in _initializers(art.file()).items()}
+    lib = lora.LoraLibrary(model)
+    a = lora.combine([(make_lora(tmp_path / "a.safetensors", pipes["sd"], seed=1), 0.8)])
+    b = lora.combine([(make_lora(tmp_path / "b.safetensors", pipes["sd"], te=False, seed=2), 1.0)])
+    deltas = {p: d for (c, p), d in lib.deltas(a).items() if c == "unet"}
+    originals: dict = {}
+    plan = refit_plan(wm, deltas, art.file(), "unet", originals, set())
+    assert set(plan) == {wm[p]["initializer"] for p in deltas}  # exactly the weights the LoRA changes
+    for p, d in deltas.items():
+        e = wm[p]
+        want = d.numpy().T if e["transpose"] else d.numpy()
+        np.testing.assert_allclose(plan[e["initializer"]] - exported[e["initializer"]], want, atol=1e-5)
+    # Switching to a set that changes fewer weights writes the others back exactly as exported.
+    only_attn = {p: d for (c, p), d in lib.deltas(b).items() if c == "unet" and "attn1" in p}
+    plan2 = refit_plan(wm, only_attn, art.file(), "unet", originals, set(plan))
+    assert set(plan2) == set(plan)
+    for n in set(plan) - {wm[p]["initializer"] for p in only_attn}:
+        assert np.array_equal(plan2[n], exported[n])
