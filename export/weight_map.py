@@ -12,7 +12,7 @@ recorded with its slice. One entry per parameter::
 Written beside the graph at export (weights.json). For artifacts exported before the map existed it is rebuilt from
 the torch model when a LoRA is first applied (the same matching, in memory; the cache entry is not touched).
 
-ONNX Runtime takes the values through `SessionOptions.add_initializer` and TensorRT through `Refitter
+ONNX Runtime takes the values as external initializers of its session (`session_source`) and TensorRT through `Refitter
 .set_named_weights`, both by initializer name: `initializer_values` gives the arrays for either.
 """
 
@@ -170,3 +170,43 @@ def initializer_values(weight_map: dict[str, dict[str, Any]], deltas: dict[str, 
         else:
             full[entry["slice"][1]:entry["slice"][2]] += d
     return {n: np.ascontiguousarray(a.astype(originals[n].dtype)) for n, a in out.items()}
+
+
+def session_source(onnx_path: Path, names: set[str]) -> tuple[str | bytes, set[str]]:
+    """(model to create the session from, the override names to hand over as external initializers).
+
+    `SessionOptions.add_initializer` values are ignored by ONNX Runtime's CPU NCHWc pass, which reorders Conv
+    weights from the file's own bytes (onnxruntime 1.32: the session silently computes with the exported weights);
+    initializers given with `add_external_initializers` are in place before any optimization. So the overridden
+    initializers must be external-data references: in a graph saved with external data they already are; in an
+    inline graph (< 1 GB by construction, see onnx_export.EXTERNAL_DATA_BYTES) they are turned into references in
+    an in-memory copy of the graph -- the artifact on disk is never touched."""
+    onnx = _require_onnx()
+    from onnx import TensorProto
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    inline = {t.name for t in proto.graph.initializer} & names - external
+    if not inline:
+        return str(onnx_path), names & external
+    if external:
+        # A mixed graph (small tensors inline, large ones external): ours keep tensors under 1 KB inline, which no
+        # LoRA changes; anything else would need the external files' folder passed along. Not a case we make.
+        raise UserError(f"{onnx_path} keeps {sorted(inline)[0]} inline beside external data; cannot override it",
+                        "re-export the model: movielm-fast export --clear")
+    for t in proto.graph.initializer:
+        if t.name in inline:
+            nbytes = len(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", "movielm-override"), ("offset", "0"), ("length", str(nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    return proto.SerializeToString(), names
+
+
+def _require_onnx():
+    from .onnx_export import require_onnx
+
+    return require_onnx()

@@ -6,7 +6,8 @@ GPU the latents never leave the device between steps and on the CPU no copies ar
 straight into torch tensors whose shapes the component's ModelSpec gives.
 
 LoRAs are merged without re-export: the merged weights replace the initializers that hold them (export/weight_map.py)
-through `SessionOptions.add_initializer` when the component's session is created again; other components keep theirs.
+as initializers handed to the session (`add_external_initializers`, see `session_source`) when the component's
+session is created again; other components keep theirs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from export.artifacts import export_onnx_set, require_ort_provider
 from export.onnx_export import META_MODEL_HASH, graph_module
-from export.weight_map import initializer_values, load_weight_map
+from export.weight_map import initializer_values, load_weight_map, session_source
 from export.specs import UNET, VAE_DECODER, component_dtype, model_specs, text_encoder_component
 
 from ..errors import UserError
@@ -64,15 +65,13 @@ class OrtGraph:
             provider_list = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         # ONNX Runtime reads these when the session is created; they must stay alive as long as the session.
         self.overrides = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (overrides or {}).items()}
-        for name, value in self.overrides.items():
-            so.add_initializer(name, value)
-        # ONNX Runtime's CPU NCHWc layout pass reorders Conv weights from the file's values and ignores overrides
-        # (onnxruntime 1.32: the session silently computes with the exported weights); so a conv LoRA turns it off
-        # for that session, at some conv speed (bench/lora.py measures it).
-        disabled = ["NchwcTransformer"] if device.type == "cpu" and any(
-            v.ndim == 4 for v in (overrides or {}).values()) else None
-        self.session = ort.InferenceSession(str(artifact.file()), sess_options=so, providers=provider_list,
-                                            disabled_optimizers=disabled)
+        source, external = session_source(artifact.file(), set(self.overrides)) if overrides else \
+            (str(artifact.file()), set())
+        if external:
+            so.add_external_initializers(sorted(external), [self.overrides[n] for n in sorted(external)])
+        for name in set(self.overrides) - external:
+            so.add_initializer(name, self.overrides[name])
+        self.session = ort.InferenceSession(source, sess_options=so, providers=provider_list)
         theirs = self.session.get_modelmeta().custom_metadata_map.get(META_MODEL_HASH)
         if theirs != model.content_hash:
             raise UserError(f"{artifact.file()} was exported from another model (hash {theirs}; this model's is "
