@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from engine import lora
 from engine.config import EngineConfig
 from engine.demo import build_tiny_pipeline
-from engine.driver import make_batches, render
+from engine.driver import collect_plans, make_batches, render
 from engine.errors import UserError
 from engine.executors import LocalExecutor
 from engine.models import load_model
@@ -153,8 +153,7 @@ def test_two_movies_with_different_loras_in_one_run(tmp_path, pipes, demo_render
     assert summary.frames_rendered == 6 and not summary.failures
 
     # Frames of different sets never share a batch, even when everything else agrees and the batch would fit.
-    tasks = [t for lm in __import__("engine.driver", fromlist=["x"]).collect_plans([plan])
-             for t in demo_renderer.tasks(lm, None, EngineConfig().overrides)]
+    tasks = [t for lm in collect_plans([plan]) for t in demo_renderer.tasks(lm, None, EngineConfig().overrides)]
     batches = make_batches(tasks, 8)
     assert len(batches) == 3 and all(len({t.settings.loras for t in b}) == 1 for b in batches)
 
@@ -235,7 +234,6 @@ def test_plan_lora_is_validated_before_the_model_loads(tmp_path):
     bad = write_plan(tmp_path / "bad.json", [movie("m", 1, loras=[{"file": "x.safetensors", "strength": 1}])])
     with pytest.raises(UserError, match="unknown key 'strength'"):
         render(EngineConfig(out=tmp_path / "out"), [bad])
-    json.loads(plan.read_text())  # the helper wrote plain JSON
 
 
 # --- ONNX Runtime: no re-export -------------------------------------------------------------------------------------
@@ -341,3 +339,28 @@ def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path,
     assert set(plan2) == set(plan)
     for n in set(plan) - {wm[p]["initializer"] for p in only_attn}:
         assert np.array_equal(plan2[n], exported[n])
+
+
+def test_merge_reaches_fused_qkv_projections(tmp_path, pipes, tiny_sd):
+    """On CUDA the torch backend fuses Q/K/V into one projection (copies of the weights): merging and restoring must
+    rewrite those copies too. Checked on the CPU with diffusers' own fuse_qkv_projections."""
+    from export.graphs import graph_modules
+
+    model = load_model(tiny_sd)
+    graphs = graph_modules(model)
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor(500.0), torch.randn(1, 77, 32)
+    loras = lora.combine([(make_lora(tmp_path / "a.safetensors", pipes["sd"], te=False), 1.0)])
+    merger = lora.TorchMerger(lora.LoraLibrary(model), graphs)
+    with torch.no_grad():
+        plain = graphs["unet"](x, t, h)
+        merger.apply(loras)
+        unfused = graphs["unet"](x, t, h)
+        merger.apply(())
+        model.unet.fuse_qkv_projections()
+        assert torch.allclose(graphs["unet"](x, t, h), plain, atol=1e-5)
+        merger.apply(loras)
+        fused = graphs["unet"](x, t, h)
+        merger.apply(())
+        back = graphs["unet"](x, t, h)
+    assert (unfused - plain).abs().max() > 1e-2
+    assert torch.allclose(fused, unfused, atol=1e-5) and torch.allclose(back, plain, atol=1e-5)
