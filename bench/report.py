@@ -339,6 +339,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 HOST_FORMAT = "movielm-bench-host/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 REGRESSION_FORMAT = "movielm-bench-regression/1"
+LORA_FORMAT = "movielm-bench-lora/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -427,12 +428,36 @@ def regression_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + ["", f"This tree / base: **{res['head_over_base']:.3f}**.", ""]
 
 
+def lora_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## LoRA: per-frame cost, switching sets, ONNX Runtime without re-export (`python -m bench.lora`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch {st['batch']}, guidance {st['guidance']}, "
+             f"fp32 on {m['cpu_model']} ({m['cpu_cores_logical']} cores); LoRA: {st['lora']} at scale 0.8; medians "
+             f"over {st['repeats']} interleaved repeats of {st['frames']} frames; {_load(res)}; {res['created']}. "
+             "*switch*: the backend's `set_loras` alone (torch: merge in place / restore from the kept copies; "
+             "ONNX Runtime: new sessions of the affected components with overridden initializers). ONNX Runtime: "
+             f"exporting every component took **{res['onnx_export_seconds']:.1f} s**, creating the sessions from "
+             f"the cached artifacts {res['onnx_sessions_seconds']:.2f} s.", "",
+             "| backend | plain s/frame | with LoRA s/frame | ratio | switch plain → A | A → B | B → plain |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        sw = r["switch_seconds"]
+        lines.append(f"| {r['backend']} | {r['plain_seconds_per_frame']:.3f} | {r['lora_seconds_per_frame']:.3f} | "
+                     f"{r['lora_vs_plain']:.2f}× | {sw['plain -> A']:.3f} s | {sw['A -> B']:.3f} s | "
+                     f"{sw['B -> plain']:.3f} s |")
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
     text = render_results_md(load_results(results_dir), md_path.parent)
     extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
         consistency_section(load_other(results_dir, CONSISTENCY_FORMAT)) + \
-        regression_section(load_other(results_dir, REGRESSION_FORMAT))
+        regression_section(load_other(results_dir, REGRESSION_FORMAT)) + \
+        lora_section(load_other(results_dir, LORA_FORMAT))
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 

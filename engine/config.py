@@ -60,6 +60,8 @@ class EngineConfig:
     anchor_cache_mb: int = 4096
     """Character-anchor records (consistency mode) a renderer keeps in memory; beyond it the least recently used
     are dropped and recomputed when needed again."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """--lora FILE[:SCALE]: (file, scale) merged into every movie, before its style's and its own LoRAs."""
     quiet: bool = False
 
     @property

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from .config import EngineConfig
 from .errors import UserError
 from .executors import Batch, Executor, LocalExecutor, Rendered, reason
+from .lora import check_lora_file, set_key
 from .oom import smaller
 from .outputs import MovieOutputs, resolve_quality
 from .paths import atomic_write_bytes
@@ -54,6 +55,7 @@ class Summary:
     resubmitted_batches: int = 0
     startup_seconds: float = 0.0
     write: dict[str, float] = field(default_factory=dict)
+    lora_seconds: float = 0.0  # merging LoRA sets into the weights (ONNX Runtime: recreating sessions)
 
     @property
     def images_per_second(self) -> float:
@@ -66,6 +68,8 @@ class Summary:
              "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
              "batch_size": self.batch_size, "storyboards": self.storyboards, "failures": self.failures,
              "write": self.write}
+        if self.lora_seconds:
+            d["lora_apply_seconds"] = round(self.lora_seconds, 3)
         if self.workers:
             busy = sum(w["busy_seconds"] for w in self.workers)
             idle = max(0.0, len(self.workers) * self.render_seconds - busy) / max(1, self.frames_rendered)
@@ -91,6 +95,8 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
         if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
             raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
                             f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
+        for where, path, _ in m.lora_files():
+            check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA")
     return movies
 
 
@@ -110,6 +116,8 @@ def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progres
     executor, renders in this process (LocalExecutor)."""
     t0 = time.perf_counter()
     movies = collect_plans(plan_paths)  # 1. plans
+    for path, _ in config.loras:
+        check_lora_file(Path(path), "--lora")
     check_output_folder(config.out)
     resolve_quality(config.image_format, config.image_quality)
     executor = executor or LocalExecutor(config)
@@ -227,6 +235,8 @@ def plan_tasks(config: EngineConfig, movies: list[LoadedMovie], tokens: dict[str
             continue
         settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
                     "image_format": config.image_format, "quality": quality}
+        if planned and planned[0].settings.loras:
+            settings["loras"] = set_key(planned[0].settings.loras)
         mo = outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, config.image_format)
         anchors = {a.character: a for t in planned for a in t.job.anchors}
         mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
@@ -261,6 +271,7 @@ def _render(config: EngineConfig, executor: Executor, writer: Writer, todo: list
             if isinstance(result, Rendered):
                 writer.put(batch, result)
                 summary.frames_rendered += len(batch.tasks)
+                summary.lora_seconds += result.lora_seconds
                 summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
                 if progress:
                     progress(len(batch.tasks), len(todo))

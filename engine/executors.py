@@ -60,6 +60,7 @@ class Rendered:
     encoded: list[bytes] | None
     seconds: float
     anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
+    lora_seconds: float = 0.0  # of `seconds`: merging its LoRA set into the weights (0 when the set was in place)
 
 
 @dataclass
@@ -114,6 +115,7 @@ def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSett
 def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Failed:
     """Render one batch on `renderer` (binding its tokens first: a restarted worker has none) -> a typed result."""
     t0 = time.perf_counter()
+    lora0 = renderer.times.get("lora", 0.0)
     try:
         renderer.bind(batch.tokens)
         images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings, batch.want_anchors)
@@ -128,7 +130,7 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
             return Failed(reason(exc), oom=True)
         log.debug("batch failed", exc_info=True)
         return Failed(reason(exc))
-    return Rendered(images, encoded, time.perf_counter() - t0, anchors)
+    return Rendered(images, encoded, time.perf_counter() - t0, anchors, renderer.times.get("lora", 0.0) - lora0)
 
 
 class LocalExecutor:

@@ -11,6 +11,7 @@ import torch
 
 from .backends.base import Backend, UNetCond
 from .consistency import Anchors, AnchorSpec
+from .lora import LoraLibrary, LoraSet
 from .schedulers import make_scheduler
 from .seeds import initial_latents
 from .text import PromptEncoder
@@ -25,6 +26,7 @@ class BatchSettings:
     steps: int
     guidance: float
     scheduler: str
+    loras: LoraSet = ()  # the LoRA set merged into the weights (engine.lora): one set per batch
 
 
 @dataclass
@@ -39,7 +41,7 @@ class FrameJob:
 
 def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool
                        ) -> UNetCond:
-    pairs = [encoder.encode_pair(j.prompt, j.negative_prompt) for j in jobs]
+    pairs = [encoder.encode_pair(j.prompt, j.negative_prompt, s.loras) for j in jobs]
     conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
     hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
     if conds[0].pooled is None:
@@ -61,16 +63,22 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
 
 
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings,
-                 times: dict[str, float] | None = None, anchors: Anchors | None = None) -> np.ndarray:
+                 times: dict[str, float] | None = None, anchors: Anchors | None = None,
+                 library: LoraLibrary | None = None) -> np.ndarray:
     """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order. `times`, if given,
-    accumulates host seconds per stage (prompt, latents, unet, scheduler, decode; device work is asynchronous, so
-    on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency)."""
+    accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device work is asynchronous,
+    so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency).
+    `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is read once per run)."""
     clock = _Clock(times)
+
+    # 0. LoRA set: the backend merges it into its weights when it differs from the set it holds (else: nothing).
+    backend.set_loras(s.loras, library or LoraLibrary(model))
+    clock.lap("lora")
     device = backend.device
     guidance_dim = model.unet.config.time_cond_proj_dim  # set for guidance-distilled UNets: no CFG batch
     cfg = s.guidance > 1.0 and guidance_dim is None
 
-    # 1. Encode prompts (each unique prompt once per run: PromptEncoder caches).
+    # 1. Encode prompts (each unique prompt once per LoRA set and run: PromptEncoder caches).
     cond = stack_conditioning(encoder, jobs, s, cfg)
     if guidance_dim is not None:
         cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))

@@ -59,6 +59,13 @@ def _check_id(value: str) -> str:
     return value
 
 
+class LoraEntry(_Strict):
+    """A LoRA to merge: `file` (.safetensors, relative to the plan file) at strength `scale`."""
+
+    file: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-100.0, le=100.0)
+
+
 class Style(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
@@ -66,6 +73,8 @@ class Style(_Strict):
     """Path to a textual-inversion file (diffusers safetensors or A1111 .pt/.safetensors); relative to the plan."""
     token: str | None = None
     """Token the embedding is bound to; default: the token stored in the file, else ``<style-name>``."""
+    loras: list[LoraEntry] = Field(default_factory=list)
+    """LoRAs every movie of this style renders with (after --lora ones, before the movie's own)."""
 
 
 class Character(_Strict):
@@ -160,6 +169,8 @@ class Movie(_Strict):
     render: RenderSettings | None = None
     consistency: ConsistencySettings | None = None
     """The movie's consistency mode; same as render.consistency (give one of them)."""
+    loras: list[LoraEntry] = Field(default_factory=list)
+    """The movie's own LoRAs, merged after --lora and the style's (engine.lora.combine says how they add up)."""
 
     _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
 
@@ -180,10 +191,17 @@ class LoadedMovie(BaseModel):
     def resolved(self, overrides: RenderSettings | None = None) -> RenderSettings:
         return merge_settings(overrides, self.settings)
 
+    def lora_files(self) -> list[tuple[str, Path, float]]:
+        """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan."""
+        st = [(f"style.loras[{i}]", e) for i, e in enumerate(self.movie.style.loras)]
+        own = [(f"loras[{i}]", e) for i, e in enumerate(self.movie.loras)]
+        return [(where, self.plan_dir / e.file, e.scale) for where, e in st + own]
+
 
 # --- validation -----------------------------------------------------------------------------------------------
 
-_FIELDS_BY_MODEL = {m: list(m.model_fields) for m in (Style, Character, Frame, RenderSettings, Movie, PlanFile)}
+_FIELDS_BY_MODEL = {m: list(m.model_fields) for m in (Style, Character, Frame, RenderSettings, Movie, PlanFile,
+                                                       LoraEntry)}
 
 
 def _json_path(loc: tuple[Any, ...], prefix: str = "$") -> str:

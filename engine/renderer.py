@@ -17,6 +17,7 @@ import torch
 from .backends.base import create_backend
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
+from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
 from .models import load_model
 from .pipeline import BatchSettings, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
@@ -68,6 +69,7 @@ class Renderer:
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
+        self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
 
@@ -89,15 +91,28 @@ class Renderer:
             cons = cons.model_copy(update={"mode": self.config.consistency})
         if cons.mode == "none":
             return {}
-        bs = astuple(BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler))
+        loras = self.lora_set(lm)
+        # Without LoRAs the tuple (so the anchor key) stays what it was before LoRAs existed.
+        bs = astuple(BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler))[:5] + \
+            ((loras,) if loras else ())
         return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
                                    s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
                 for c in lm.movie.characters}
 
+    def lora_set(self, lm: LoadedMovie) -> LoraSet:
+        """The movie's LoRA set: --lora ones, then its style's, then its own (engine.lora.combine), each checked
+        against the model (a LoRA for another model is a UserError naming it)."""
+        named = [("--lora", p, s) for p, s in self.config.loras] + \
+                [(f"movie {lm.movie.id!r} {where}", p, s) for where, p, s in lm.lora_files()]
+        for what, path, scale in named:
+            self.loras.layers(lora_ref(path, scale), f"{what} LoRA")
+        return combine([(path, scale) for _, path, scale in named])
+
     def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
         s = lm.resolved(overrides)
-        bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler)
+        loras = self.lora_set(lm)
+        bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler, loras)
         anchors = self.anchor_specs(lm, token, overrides)
         tasks = []
         for frame in lm.movie.frames:
@@ -108,6 +123,8 @@ class Renderer:
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
+            if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
+                key["loras"] = set_key(loras)
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
@@ -120,7 +137,8 @@ class Renderer:
         per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
         specs = {spec.key: spec for job in jobs for spec in job.anchors}
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
-        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors)
+        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors,
+                              self.loras)
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
@@ -135,7 +153,7 @@ class Renderer:
         record = AnchorRecord(spec)
         job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
         record.image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
-                                    self.times, Anchors(spec.consistency, record=record))[0]
+                                    self.times, Anchors(spec.consistency, record=record), self.loras)[0]
         self.anchor_records[key] = record
         budget = self.config.anchor_cache_mb * 2**20
         while len(self.anchor_records) > 1 and sum(r.nbytes for r in self.anchor_records.values()) > budget:

@@ -229,20 +229,21 @@ class PromptEncoder:
         self._cache.clear()
         self._ids.clear()
 
-    def encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
-        key = f"{min_chunks}\x00{prompt}"
+    def encode(self, prompt: str, min_chunks: int = 1, loras: tuple = ()) -> Conditioning:
+        """`loras`: the LoRA set merged into the text encoders now (a LoRA may change them: its own cache entry)."""
+        key = f"{min_chunks}\x00{prompt}\x00" + "".join(f"{r.sha256}:{r.scale!r};" for r in loras)
         if key not in self._cache:
             self._cache[key] = self._encode(prompt, min_chunks)
         return self._cache[key]
 
-    def encode_pair(self, prompt: str, negative: str) -> tuple[Conditioning, Conditioning]:
+    def encode_pair(self, prompt: str, negative: str, loras: tuple = ()) -> tuple[Conditioning, Conditioning]:
         """(negative, positive), padded to the same number of windows so they batch together."""
         chunks = self.pair_chunks(prompt, negative)
-        pos = self.encode(prompt, chunks)
+        pos = self.encode(prompt, chunks, loras)
         if negative == "" and self.force_zeros_for_empty_prompt:
             # SDXL convention (as in diffusers): an empty negative prompt means zero conditioning.
             neg = Conditioning(torch.zeros_like(pos.hidden), torch.zeros_like(pos.pooled)
                                if pos.pooled is not None else None, pos.chunks)
         else:
-            neg = self.encode(negative, chunks)
+            neg = self.encode(negative, chunks, loras)
         return neg, pos

@@ -29,6 +29,7 @@ from engine.errors import UserError
 from . import cache
 from .graphs import graph_modules
 from .specs import UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
+from .weight_map import build_weight_map, save_weight_map
 
 log = logging.getLogger("movielm_fast")
 
@@ -317,6 +318,9 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
                 log.warning("graph optimization of %s failed (%s); using the unoptimized graph",
                             component, str(exc).splitlines()[0][:200])
         shutil.rmtree(raw.parent)
+        # Which initializer holds each weight: LoRAs are merged into these at session creation, never re-exported.
+        weight_map = build_weight_map(graph_module(model, component), final)
+        save_weight_map(tmp, weight_map)
         total_s = time.perf_counter() - t0
         extra = {"spec": {"inputs": {t.name: [list(t.shape), t.dtype] for t in spec.inputs},
                           "outputs": {t.name: [list(t.shape), t.dtype] for t in spec.outputs},
@@ -325,6 +329,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
                  "covers": "any batch and any size (multiple of 8 pixels): all axes are dynamic",
                  "requested_profile": (profile.as_dict() if profile else None),
                  "opset": OPSET, "fused_ops": fused, "self_check_relative_diff": check,
+                 "weight_map": {"file": "weights.json", "weights": len(weight_map)},
                  "export_seconds": round(export_s, 2), "total_seconds": round(total_s, 2)}
         manifest = cache.commit(tmp, key, ONNX_FILE, extra)
     log.info("exported %s in %.1f s (%s)", component, total_s, cache.human_bytes(manifest["total_bytes"]))

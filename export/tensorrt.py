@@ -22,6 +22,7 @@ from engine.errors import UserError
 from . import cache
 from .onnx_export import export_component
 from .specs import UNET, ModelSpec, ShapeProfile, component_dtype, model_specs
+from .weight_map import _initializers, initializer_values
 
 log = logging.getLogger("movielm_fast")
 
@@ -61,6 +62,9 @@ class TrtBuildConfig:
     builder_optimization_level: int = 3
     workspace_bytes: int | None = None
     timing_cache: str | None = None
+    refit: bool = True
+    """Refittable engine: LoRA sets are merged by replacing weights (`refit_plan`, trt.Refitter) instead of a
+    rebuild. Costs TensorRT a few weight-constant fusions (bench on your GPU if that matters)."""
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -120,6 +124,8 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: TrtBuildConfig) -> Non
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_bytes)
     if cfg.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if cfg.refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if cfg.keep_fp32_attention:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         for i in range(network.num_layers):
@@ -150,6 +156,34 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: TrtBuildConfig) -> Non
         tmp = Path(cfg.timing_cache + ".tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         tmp.replace(cfg.timing_cache)
+
+
+def refit_plan(weight_map: dict, deltas: dict, onnx_path: Path, component: str, originals: dict,
+               previous: set[str]) -> dict:
+    """Weight name -> new value for `Refitter.set_named_weights`: TensorRT names the weights it parsed from ONNX by
+    their initializer names, so this is the ONNX Runtime override (export/weight_map.py) plus, for weights the
+    previous set changed and this one does not, their exported values back. Plain Python: tested without TensorRT."""
+    values = initializer_values(weight_map, deltas, onnx_path, component, originals)
+    back = previous - set(values)
+    if back - set(originals):
+        originals.update({n: a for n, (a, _) in _initializers(onnx_path).items() if n in back})
+    return {**values, **{n: originals[n] for n in sorted(back)}}
+
+
+def refit_engine(engine, values: dict, component: str) -> None:
+    """Replace weights of a deserialized engine in place (needs TensorRT and an engine built with REFIT)."""
+    trt = require_tensorrt()
+    if not engine.refittable:
+        raise UserError(f"the cached TensorRT engine for {component} was built without REFIT, so LoRAs cannot be "
+                        "merged into it", "rebuild it: movielm-fast export --clear, then render again (engines are "
+                        "now built refittable)")
+    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+    for name, value in values.items():  # the arrays must outlive refit_cuda_engine: `values` holds them
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise RuntimeError(f"TensorRT refused new weights for {name} of {component}")
+    if not refitter.refit_cuda_engine():
+        raise RuntimeError(f"TensorRT could not refit the {component} engine (missing: "
+                           f"{', '.join(refitter.get_missing_weights()[:5])})")
 
 
 def _producer(network, tensor):

@@ -52,6 +52,9 @@ render_options = _group([
     click.option("--consistency", type=click.Choice(CONSISTENCY_MODES),
                  help="Consistent characters for every movie (anchor_attention: frames attend to their characters' "
                       "anchor renders; torch backend). Default: as each plan says."),
+    click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                 help="Merge a LoRA (.safetensors; kohya/A1111 or diffusers/PEFT) into every movie at SCALE "
+                      "[1.0]; repeatable. Plans add their own in style.loras / loras."),
     click.option("--force", is_flag=True, help="Re-render frames even if they are already done."),
     click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use "
                  "the style name and description as text instead."),
@@ -65,7 +68,7 @@ render_options = _group([
 
 RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "cuda_graphs", "compile_unet",
                "steps", "width", "height", "guidance", "scheduler", "seed", "negative_prompt", "image_format",
-               "quality", "consistency", "force", "no_style_training", "cluster", "address", "workers",
+               "quality", "consistency", "loras", "force", "no_style_training", "cluster", "address", "workers",
                "gpus_per_worker", "quiet", "as_json")
 
 
@@ -75,6 +78,18 @@ def _batch_size(value: str) -> int | str:
     if not value.isdigit() or int(value) < 1:
         raise click.BadParameter("must be a positive integer or 'auto'", param_hint="--batch-size")
     return int(value)
+
+
+def parse_lora(value: str) -> tuple[str, float]:
+    """FILE[:SCALE] -> (FILE, SCALE). Only a number after the last ':' is a scale, so C:\\x.safetensors or a
+    path with colons in it stays whole."""
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
 
 
 def engine_config(out: Path, kw: dict[str, Any]):
@@ -95,7 +110,7 @@ def engine_config(out: Path, kw: dict[str, Any]):
                           cuda_graphs=f["cuda_graphs"], compile_unet=f["compile_unet"], overrides=overrides,
                           skip_existing=not f["force"], style_training=not f["no_style_training"],
                           image_format=f["image_format"], image_quality=f["quality"], consistency=f["consistency"],
-                          quiet=f["quiet"] or f["as_json"])
+                          loras=tuple(parse_lora(v) for v in f["loras"]), quiet=f["quiet"] or f["as_json"])
     cluster = None
     if f["cluster"] == "ray":
         cluster = ClusterOptions(address=f["address"], workers=f["workers"], gpus_per_worker=f["gpus_per_worker"])

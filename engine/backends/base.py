@@ -45,6 +45,11 @@ class Backend(Protocol):
         """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] (clamped), on the backend's device
         or the CPU: the pipeline converts them to uint8 where they are."""
 
+    def set_loras(self, loras: tuple, library: Any) -> None:
+        """Make the weights those of the base model plus the LoRA set `loras` (engine.lora.LoraSet; () = the plain
+        model), merged, so they cost nothing per step; `library` (engine.lora.LoraLibrary) reads the files. A no-op
+        when the set is the one already merged."""
+
 
 def refuse_anchors(cond: UNetCond, backend: str) -> None:
     """Exported graphs have no anchor-attention variant (yet): say so instead of silently rendering without."""

@@ -35,6 +35,9 @@ class NullBackend:
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
         return torch.zeros_like(latents)
 
+    def set_loras(self, loras, library) -> None:
+        pass  # no weights to change
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         h, w = latents.shape[2] * self.vae_scale_factor, latents.shape[3] * self.vae_scale_factor
         if (h, w) not in self._images:  # made once per size, from a fixed seed: every run sees the same pixels

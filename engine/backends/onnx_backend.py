@@ -4,24 +4,32 @@ Artifacts come from the cache and are exported on first use. Each component's se
 for every call. Tensors are handed to ONNX Runtime by pointer through IO binding, on the CPU as on CUDA, so on a
 GPU the latents never leave the device between steps and on the CPU no copies are made; outputs are written
 straight into torch tensors whose shapes the component's ModelSpec gives.
+
+LoRAs are merged without re-export: the merged weights replace the initializers that hold them (export/weight_map.py)
+as initializers handed to the session (`add_external_initializers`, see `session_source`) when the component's
+session is created again; other components keep theirs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import numpy as np
 import psutil
 import torch
 
 from export.artifacts import export_onnx_set, require_ort_provider
-from export.onnx_export import META_MODEL_HASH
+from export.onnx_export import META_MODEL_HASH, graph_module
+from export.weight_map import initializer_values, load_weight_map, session_source
 from export.specs import UNET, VAE_DECODER, component_dtype, model_specs, text_encoder_component
 
 from ..errors import UserError
 from .base import UNetCond, refuse_anchors, register
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+log = logging.getLogger("movielm_fast")
 
 
 def cpu_threads() -> int:
@@ -32,7 +40,9 @@ def cpu_threads() -> int:
 class OrtGraph:
     """One exported component: a session created once, called with torch tensors, returning torch tensors."""
 
-    def __init__(self, artifact, spec, model, providers: list[str], device: torch.device, float_dtype: torch.dtype):
+    def __init__(self, artifact, spec, model, providers: list[str], device: torch.device, float_dtype: torch.dtype,
+                 overrides: dict[str, np.ndarray] | None = None):
+        """`overrides`: initializer name -> value replacing the exported one (merged LoRA weights)."""
         import onnxruntime as ort  # optional dependency (the onnx extra); require_ort_provider checked it
 
         artifact.check_model(model)
@@ -53,7 +63,15 @@ class OrtGraph:
             opts = {"device_id": device.index or 0,
                     "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream)}
             provider_list = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(artifact.file()), sess_options=so, providers=provider_list)
+        # ONNX Runtime reads these when the session is created; they must stay alive as long as the session.
+        self.overrides = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (overrides or {}).items()}
+        source, external = session_source(artifact.file(), set(self.overrides)) if overrides else \
+            (str(artifact.file()), set())
+        if external:
+            so.add_external_initializers(sorted(external), [self.overrides[n] for n in sorted(external)])
+        for name in set(self.overrides) - external:
+            so.add_initializer(name, self.overrides[name])
+        self.session = ort.InferenceSession(source, sess_options=so, providers=provider_list)
         theirs = self.session.get_modelmeta().custom_metadata_map.get(META_MODEL_HASH)
         if theirs != model.content_hash:
             raise UserError(f"{artifact.file()} was exported from another model (hash {theirs}; this model's is "
@@ -92,11 +110,44 @@ class OnnxRuntimeBackend:
                             "use --dtype fp32 (CPU) or --dtype fp16 (CUDA)")
         artifacts = export_onnx_set(model, config.device, config.dtype_name)
         specs = model_specs(model)
-        self.graphs = {c: OrtGraph(a, specs[c], model, providers, self.device,
-                                   torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
-                                   else torch.float32)
-                       for c, a in artifacts.items()}
-        self.text_graphs = [self.graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
+        self.model, self.artifacts, self.specs, self.providers = model, artifacts, specs, providers
+        self.float_dtypes = {c: torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
+                             else torch.float32 for c in artifacts}
+        self.graphs = {c: self._session(c) for c in artifacts}
+        self.loras: tuple = ()
+        self.lora_touched: set[str] = set()  # components whose sessions hold merged weights
+        self.weight_maps: dict[str, dict] = {}
+        self.originals: dict[str, dict[str, np.ndarray]] = {}  # exported values of the initializers LoRAs change
+        self.lora_seconds = 0.0  # time spent applying LoRA sets (recreating the affected sessions)
+
+    def _session(self, component: str, overrides: dict[str, np.ndarray] | None = None) -> OrtGraph:
+        return OrtGraph(self.artifacts[component], self.specs[component], self.model, self.providers, self.device,
+                        self.float_dtypes[component], overrides)
+
+    @property
+    def text_graphs(self):
+        return [self.graphs[text_encoder_component(i)] for i in range(len(self.model.text_encoders))]
+
+    def set_loras(self, loras, library) -> None:
+        if loras == self.loras:
+            return
+        t0 = time.perf_counter()
+        deltas: dict[str, dict[str, torch.Tensor]] = {}
+        for (component, param), delta in library.deltas(loras).items():
+            deltas.setdefault(component, {})[param] = delta
+        for component in sorted(self.lora_touched | set(deltas)):
+            art = self.artifacts[component]
+            if component not in self.weight_maps:
+                self.weight_maps[component] = load_weight_map(art, graph_module(self.model, component))
+            values = initializer_values(self.weight_maps[component], deltas.get(component, {}), art.file(),
+                                        component, self.originals.setdefault(component, {}))
+            self.graphs[component] = self._session(component, values)
+        self.lora_touched = set(deltas)
+        self.loras = loras
+        seconds = time.perf_counter() - t0
+        self.lora_seconds += seconds
+        log.info("LoRA set of %d file(s) applied to %s in %.2f s (no re-export)", len(loras),
+                 ", ".join(sorted(deltas)) or "nothing (plain weights back)", seconds)
 
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         out = self.text_graphs[encoder_index](inputs_embeds=inputs_embeds, eos_index=eos_index.long())

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from export.specs import UNET, VAE_DECODER, ShapeProfile, default_profile, model_specs, text_encoder_component
-from export.tensorrt import TrtBuildConfig, engine_artifact, require_tensorrt
+from export.onnx_export import export_component, graph_module
+from export.tensorrt import TrtBuildConfig, engine_artifact, refit_engine, refit_plan, require_tensorrt
+from export.weight_map import load_weight_map
 
 from ..errors import UserError
 from .base import UNetCond, refuse_anchors, register
@@ -40,7 +42,8 @@ class TrtRunner:
         self.spec, self.device, self.artifact = spec, device, artifact
         bc = artifact.manifest["build_config"]
         self.cfg = TrtBuildConfig(bc["component"], bc["fp16"], tuple(
-            {k: tuple(tuple(s) for s in v) for k, v in p.items()} for p in bc["profiles"]), bc["static"])
+            {k: tuple(tuple(s) for s in v) for k, v in p.items()} for p in bc["profiles"]), bc["static"],
+            refit=bc.get("refit", False))
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(artifact.file().read_bytes())
         self.context = self.engine.create_execution_context()
@@ -115,6 +118,34 @@ class TensorRTBackend:
         self.specs = model_specs(model)
         self.runners: dict[str, list[TrtRunner]] = {c: [] for c in self.specs}
         self._default = default_profile(model)
+        self.loras: tuple = ()
+        self.lora_values: dict[str, dict] = {}  # component -> weight name -> value every engine of it must hold
+        self._lora_maps: dict[str, tuple] = {}  # component -> (weight map, exported values read so far, onnx)
+
+    def set_loras(self, loras, library) -> None:
+        """Refit every engine built so far; engines built later are refit when they are made (`_run`)."""
+        if loras == self.loras:
+            return
+        deltas: dict[str, dict] = {}
+        for (component, param), delta in library.deltas(loras).items():
+            deltas.setdefault(component, {})[param] = delta
+        for component in sorted(set(self.lora_values) | set(deltas)):
+            wm, originals, onnx_path = self._lora_map(component)
+            plan = refit_plan(wm, deltas.get(component, {}), onnx_path, component, originals,
+                              set(self.lora_values.get(component, {})))
+            for runner in self.runners[component]:
+                refit_engine(runner.engine, plan, component)
+            changed = {wm[p]["initializer"] for p in deltas.get(component, {})}
+            self.lora_values[component] = {n: plan[n] for n in changed}
+        self.lora_values = {c: v for c, v in self.lora_values.items() if v}
+        self.loras = loras
+
+    def _lora_map(self, component: str):
+        if component not in self._lora_maps:
+            # The engines are built from the plain "trt-onnx" export, whose weight map names their weights.
+            art = export_component(self.model, component, "trt-onnx", "fp32", optimize_graph=False)
+            self._lora_maps[component] = (load_weight_map(art, graph_module(self.model, component)), {}, art.file())
+        return self._lora_maps[component]
 
     def _run(self, component: str, **inputs) -> dict[str, torch.Tensor]:
         spec = self.specs[component]
@@ -134,6 +165,8 @@ class TensorRTBackend:
         art = engine_artifact(self.model, component, self.config.dtype_name, profile)
         runner = TrtRunner(art, spec, self.model, self.device, self.config.cuda_graphs)
         check_within(runner.cfg, shapes, art.manifest.get("covers", ""))
+        if self.lora_values.get(component):  # a bucket built after the LoRA set was merged into the others
+            refit_engine(runner.engine, self.lora_values[component], component)
         self.runners[component].append(runner)
         return runner(**inputs)
 

@@ -17,6 +17,7 @@ from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
 from ..errors import UserError
+from ..lora import TorchMerger
 from .base import UNetCond, register
 from .cuda_graph import GraphedCallable
 
@@ -33,6 +34,8 @@ class TorchBackend:
             graph.to(self.device, DTYPES[component_dtype(model, component, config.dtype_name)]).eval()
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         self.unet, self.vae = graphs[UNET], graphs[VAE_DECODER]
+        self.graphs = graphs
+        self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
         if self.device.type == "cuda" and config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -56,6 +59,13 @@ class TorchBackend:
             self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
         elif self.device.type == "cuda" and config.cuda_graphs:
             self._unet_step = GraphedCallable(self.unet)
+
+    def set_loras(self, loras, library) -> None:
+        if self.lora_merger is None:
+            if not loras:
+                return
+            self.lora_merger = TorchMerger(library, self.graphs)
+        self.lora_merger.apply(loras, library)
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
