@@ -8,7 +8,8 @@ a style, measure a batch size.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ import torch
 
 from .backends.base import create_backend
 from .config import EngineConfig
+from .errors import UserError
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
-from .models import load_model
-from .pipeline import BatchSettings, FrameJob, render_batch
+from .models import ModelBundle, content_hash, load_model, load_refiner, load_vae
+from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
@@ -70,6 +72,15 @@ class Renderer:
         self.encoder = PromptEncoder(self.model, self.backend)
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
+        self.tokens: dict[str, StyleToken] = {}  # bound so far: a refiner loaded later binds them too
+        self.refiners: dict[str, Expert] = {}  # by resolved folder, loaded on first use
+        self.decoders: dict[str, Any] = {}  # swapped VAEs' backends, by resolved folder
+        self.hashes: dict[str, str] = {}
+        # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
+        if config.overrides.refiner:
+            self._refiner(config.overrides.refiner)
+        if config.overrides.vae:
+            self._decoder(config.overrides.vae)
 
     @property
     def info(self) -> ModelInfo:
@@ -80,6 +91,47 @@ class Renderer:
         """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""
         for t in tokens:
             self.encoder.add_token(t.token, list(t.vectors), t.source)
+            self.tokens[t.token] = t
+            for r in self.refiners.values():
+                r.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)  # its one encoder is SDXL's second
+
+    def _refiner(self, path: str) -> Expert:
+        """The SDXL refiner in `path`, loaded, checked against the base model and given a backend, once."""
+        if path not in self.refiners:
+            if self.model.kind != "sdxl":
+                raise UserError(f"the refiner {path} is for SDXL; the model {self.model.model_id} is "
+                                f"{'SD 1.x/2.x' if self.model.kind == 'sd' else self.model.kind}",
+                                "use an SDXL base model with --refiner, or render without the refiner")
+            bundle = load_refiner(path)
+            if bundle.latent_channels != self.model.latent_channels or \
+                    bundle.vae_scale_factor != self.model.vae_scale_factor:
+                raise UserError(f"the refiner {path} works on {bundle.latent_channels}-channel latents at 1/"
+                                f"{bundle.vae_scale_factor} scale; the model's are {self.model.latent_channels}-"
+                                f"channel at 1/{self.model.vae_scale_factor}", "use the refiner of this base model")
+            backend = create_backend(self.config.backend, bundle, self.config)
+            expert = Expert(bundle, backend, PromptEncoder(bundle, backend))
+            for t in self.tokens.values():
+                expert.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)
+            self.refiners[path] = expert
+        return self.refiners[path]
+
+    def _decoder(self, path: str):
+        """A backend that decodes with the VAE in `path` (checked against the model's latents), made once."""
+        if path not in self.decoders:
+            bundle: ModelBundle = load_vae(path)
+            if bundle.latent_channels != self.model.latent_channels or \
+                    bundle.vae_scale_factor != self.model.vae_scale_factor:
+                raise UserError(f"the VAE {path} decodes {bundle.latent_channels}-channel latents at 1/"
+                                f"{bundle.vae_scale_factor} scale; the model {self.model.model_id} makes "
+                                f"{self.model.latent_channels}-channel latents at 1/{self.model.vae_scale_factor}",
+                                "use a VAE of this model family (SD 1.x/2.x and SDXL: 4 channels, 1/8)")
+            self.decoders[path] = create_backend(self.config.backend, bundle, self.config)
+        return self.decoders[path]
+
+    def _hash(self, path: str) -> str:
+        if path not in self.hashes:
+            self.hashes[path] = content_hash(Path(path))
+        return self.hashes[path]
 
     def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
@@ -89,7 +141,7 @@ class Renderer:
             cons = cons.model_copy(update={"mode": self.config.consistency})
         if cons.mode == "none":
             return {}
-        bs = astuple(BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler))
+        bs = astuple(batch_settings(s))
         return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
                                    s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
                 for c in lm.movie.characters}
@@ -97,7 +149,12 @@ class Renderer:
     def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
         s = lm.resolved(overrides)
-        bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler)
+        bs = batch_settings(s)
+        if bs.refiner:
+            self._refiner(bs.refiner)  # a bad refiner fails the movie here, before any of its frames
+        if bs.vae:
+            self._decoder(bs.vae)
+        extra = self._expert_key(bs)
         anchors = self.anchor_specs(lm, token, overrides)
         tasks = []
         for frame in lm.movie.frames:
@@ -107,11 +164,24 @@ class Renderer:
             job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, own)
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
-                   "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
+                   "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
         return tasks
+
+    def _expert_key(self, bs: BatchSettings) -> dict[str, Any]:
+        """What the few-step, refiner and VAE settings add to a frame's key (nothing when unused, so the keys of
+        earlier renders stay the same and they resume)."""
+        extra: dict[str, Any] = {}
+        if bs.timestep_spacing:
+            extra["timestep_spacing"] = bs.timestep_spacing
+        if bs.refiner:
+            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._hash(bs.refiner),
+                                "switch": bs.refiner_switch}
+        if bs.vae:
+            extra["vae"] = {"id": Path(bs.vae).name, "hash": self._hash(bs.vae)}
+        return extra
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
                ) -> tuple[np.ndarray, list[tuple[AnchorSpec, np.ndarray]]]:
@@ -120,7 +190,8 @@ class Renderer:
         per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
         specs = {spec.key: spec for job in jobs for spec in job.anchors}
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
-        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors)
+        images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors,
+                              *self._experts(settings))
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
@@ -134,13 +205,18 @@ class Renderer:
             return self.anchor_records[key]
         record = AnchorRecord(spec)
         job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
-        record.image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
-                                    self.times, Anchors(spec.consistency, record=record))[0]
+        settings = BatchSettings(*spec.settings)
+        record.image = render_batch(self.model, self.backend, self.encoder, [job], settings, self.times,
+                                    Anchors(spec.consistency, record=record), *self._experts(settings))[0]
         self.anchor_records[key] = record
         budget = self.config.anchor_cache_mb * 2**20
         while len(self.anchor_records) > 1 and sum(r.nbytes for r in self.anchor_records.values()) > budget:
             self.anchor_records.popitem(last=False)
         return record
+
+    def _experts(self, s: BatchSettings) -> tuple[Expert | None, Any]:
+        """(refiner, decoder) for a batch with settings `s`."""
+        return (self._refiner(s.refiner) if s.refiner else None), (self._decoder(s.vae) if s.vae else None)
 
     def train_style(self, style: Style) -> StyleToken:
         """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then
@@ -156,6 +232,12 @@ class Renderer:
         torch.cuda.reset_peak_memory_stats(self.backend.device)
         base = torch.cuda.memory_allocated(self.backend.device)
         probe = FrameJob("probe", "probe", "probe", "", 0)
-        self.render([probe], BatchSettings(s.width, s.height, 1, s.guidance, s.scheduler))
+        self.render([probe], replace(s, steps=1, refiner=None))
         per_sample = max(torch.cuda.max_memory_allocated(self.backend.device) - base, 1)
         return int(max(1, min(64, 0.85 * free // per_sample)))
+
+
+def batch_settings(s: RenderSettings) -> BatchSettings:
+    """What frames rendered together must share, from resolved render settings."""
+    return BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler, s.timestep_spacing, s.refiner,
+                         s.refiner_switch if s.refiner_switch is not None else 0.8, s.vae)
