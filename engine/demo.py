@@ -134,9 +134,15 @@ def build_tiny_autoencoder_tiny(seed: int = 0, latent_channels: int = 4, channel
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    return AutoencoderTiny(encoder_block_out_channels=(channels,) * 4, decoder_block_out_channels=(channels,) * 4,
-                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
-                           latent_channels=latent_channels)
+    vae = AutoencoderTiny(encoder_block_out_channels=(channels,) * 4, decoder_block_out_channels=(channels,) * 4,
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                          latent_channels=latent_channels)
+    # Freshly initialised, its [0, 1] output sits near 0 with little spread, so every image would clamp to black
+    # and parity tests could not tell decoders apart; re-centre and widen the RGB layer.
+    with torch.no_grad():
+        vae.decoder.layers[-1].bias.fill_(0.5)
+        vae.decoder.layers[-1].weight.mul_(8)
+    return vae
 
 
 def demo_model_path() -> Path:
