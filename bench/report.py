@@ -338,6 +338,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 HOST_FORMAT = "movielm-bench-host/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
+VAE_FORMAT = "movielm-bench-vae-decode/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -409,11 +410,27 @@ def consistency_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def vae_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## VAE swap: decode cost (`python -m bench.vae_decode`)", "",
+             f"Decode of one {st['size']}² frame (batch {st['batch']}, {st['dtype']}, {st['device']}, "
+             f"{st['threads']} threads) through the `--vae` path, real architectures with random weights; medians of "
+             f"{st['repeats']} interleaved repeats on {m['cpu_model']} ({m['cpu_cores_logical']} cores); {_load(res)}; "
+             f"{res['created']}.", "", "| decoder | s/frame | vs AutoencoderKL |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['decoder']} | {r['seconds_per_frame']:.4f} | {r['vs_autoencoder_kl']:.3f}× |")
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
     text = render_results_md(load_results(results_dir), md_path.parent)
     extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
-        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT))
+        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT)) + \
+        vae_section(load_other(results_dir, VAE_FORMAT))
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 
