@@ -340,6 +340,7 @@ HOST_FORMAT = "movielm-bench-host/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 REGRESSION_FORMAT = "movielm-bench-regression/1"
 LORA_FORMAT = "movielm-bench-lora/1"
+VAE_FORMAT = "movielm-bench-vae-decode/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -429,6 +430,9 @@ def regression_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 def lora_section(results: list[dict[str, Any]]) -> list[str]:
+
+
+def vae_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
     res = results[-1]
@@ -448,6 +452,13 @@ def lora_section(results: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['backend']} | {r['plain_seconds_per_frame']:.3f} | {r['lora_seconds_per_frame']:.3f} | "
                      f"{r['lora_vs_plain']:.2f}× | {sw['plain -> A']:.3f} s | {sw['A -> B']:.3f} s | "
                      f"{sw['B -> plain']:.3f} s |")
+    lines = ["## VAE swap: decode cost (`python -m bench.vae_decode`)", "",
+             f"Decode of one {st['size']}² frame (batch {st['batch']}, {st['dtype']}, {st['device']}, "
+             f"{st['threads']} threads) through the `--vae` path, real architectures with random weights; medians of "
+             f"{st['repeats']} interleaved repeats on {m['cpu_model']} ({m['cpu_cores_logical']} cores); {_load(res)}; "
+             f"{res['created']}.", "", "| decoder | s/frame | vs AutoencoderKL |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['decoder']} | {r['seconds_per_frame']:.4f} | {r['vs_autoencoder_kl']:.3f}× |")
     return lines + [""]
 
 
@@ -457,7 +468,8 @@ def write_results_md(results_dir: Path, md_path: Path) -> Path:
     extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
         consistency_section(load_other(results_dir, CONSISTENCY_FORMAT)) + \
         regression_section(load_other(results_dir, REGRESSION_FORMAT)) + \
-        lora_section(load_other(results_dir, LORA_FORMAT))
+        lora_section(load_other(results_dir, LORA_FORMAT)) + \
+        vae_section(load_other(results_dir, VAE_FORMAT))
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 

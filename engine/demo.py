@@ -111,7 +111,38 @@ def build_tiny_pipeline(kind: str = "sd", seed: int = 0, prediction_type: str = 
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
             tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
             force_zeros_for_empty_prompt=True)
+    if kind == "sdxl_refiner":
+        # SDXL refiner layout: only text_encoder_2, a UNet conditioned on 5 time ids (original size, crop, aesthetic
+        # score) + the pooled text, cross-attending to text_encoder_2 alone. Same seed, so the same VAE as "sdxl".
+        unet = UNet2DConditionModel(
+            **unet_base, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+            cross_attention_dim=32)
+        torch.manual_seed(seed + 1000)  # its own text encoder weights, unlike the base's second encoder
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, projection=32))
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+            tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def build_tiny_autoencoder_tiny(seed: int = 0, latent_channels: int = 4, channels: int = 16):
+    """A tiny AutoencoderTiny (TAESD layout: 3 upsamplings, 1/8 latents, scaling_factor 1.0), random weights."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(channels,) * 4, decoder_block_out_channels=(channels,) * 4,
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                          latent_channels=latent_channels)
+    # Freshly initialised, its [0, 1] output sits near 0 with little spread, so every image would clamp to black
+    # and parity tests could not tell decoders apart; re-centre and widen the RGB layer.
+    with torch.no_grad():
+        vae.decoder.layers[-1].bias.fill_(0.5)
+        vae.decoder.layers[-1].weight.mul_(8)
+    return vae
 
 
 def demo_model_path() -> Path:

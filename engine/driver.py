@@ -97,7 +97,22 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
                             f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
         for where, path, _ in m.lora_files():
             check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA")
+        check_plan_folders(m)
     return movies
+
+
+def check_plan_folders(lm: LoadedMovie) -> None:
+    """A movie's render.refiner / render.vae folders must be what they claim, before any model loads."""
+    from .models import check_refiner, vae_folder  # diffusers: imported only when a plan names such a folder
+
+    for key, check in (("refiner", check_refiner), ("vae", vae_folder)):
+        path = getattr(lm.settings, key)
+        if path:
+            try:
+                check(path)
+            except UserError as exc:
+                raise UserError(f"movie {lm.movie.id!r}: render.{key}: {exc.message}",
+                                f"{exc.hint}; paths in a plan are relative to the plan file") from None
 
 
 def check_output_folder(out: Path) -> None:

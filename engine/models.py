@@ -25,7 +25,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 
 @dataclass
 class ModelBundle:
-    """Everything the engine needs from a model, with no knowledge of which backend will run it."""
+    """Everything the engine needs from a model, with no knowledge of which backend will run it.
+
+    A bundle may be partial: an SDXL refiner has no VAE (the base model's decodes), a swapped VAE is a bundle with
+    only a VAE. Each has its own id and content hash, so its exported artifacts are cached under its own name."""
 
     kind: str  # "sd" (SD 1.x/2.x) or "sdxl"
     model_id: str
@@ -37,14 +40,22 @@ class ModelBundle:
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
+    latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else self.latent_scale
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.unet.config.in_channels if self.unet is not None else self.vae.config.latent_channels)
+
+    @property
+    def time_ids(self) -> int:
+        """SDXL size/crop conditioning numbers: 6 (original size, crop, target size), or 5 for a refiner
+        (original size, crop, aesthetic score)."""
+        return 5 if self.requires_aesthetics_score else 6
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
@@ -107,9 +118,9 @@ def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
         kind = "sdxl"
-        if "Img2Img" in cls_name or not index.get("text_encoder", [None])[0]:
+        if _is_refiner(index):
             raise UserError(f"{path} is an SDXL refiner ({cls_name}); it cannot render from text alone",
-                            "use an SDXL base model")
+                            f"use an SDXL base model as --model, and this folder as --refiner {path}")
     elif cls_name.startswith("StableDiffusion"):
         kind = "sd"
     else:
@@ -119,16 +130,103 @@ def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
     if kind == "sdxl":
         encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
         tokenizers.append(_load_tokenizer(path, "tokenizer_2"))
-    sched_file = path / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(sched_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {sched_file}: {exc}", "the model folder is incomplete") from None
+    scheduler_config = _read_scheduler_config(path)
     return ModelBundle(
         kind=kind, model_id=model_id, path=path, content_hash=content_hash(path),
         unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=_load(AutoencoderKL, path, "vae", dtype),
         text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler_config,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+
+
+def _is_refiner(index: dict[str, Any]) -> bool:
+    return "Img2Img" in index.get("_class_name", "") or not (index.get("text_encoder") or [None])[0]
+
+
+def _read_scheduler_config(path: Path) -> dict[str, Any]:
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(sched_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {sched_file}: {exc}", "the model folder is incomplete") from None
+
+
+def check_refiner(path: str | os.PathLike) -> dict[str, Any]:
+    """The model_index.json of an SDXL refiner folder; a UserError saying what the folder is otherwise. Reads one
+    small file, so plans are checked before any model loads."""
+    path = Path(path).expanduser()
+    hint = "pass a diffusers SDXL refiner folder (StableDiffusionXLImg2ImgPipeline, e.g. stable-diffusion-xl-" \
+           "refiner-1.0) as --refiner / render.refiner"
+    if not path.is_dir():
+        raise UserError(f"refiner not found: {path} is not a folder", hint)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} has no readable model_index.json, so it is not a diffusers model folder",
+                        hint) from None
+    cls_name = index.get("_class_name", "")
+    if "XL" not in cls_name:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline, not an SDXL refiner", hint)
+    if not _is_refiner(index):
+        raise UserError(f"{path} is an SDXL base model ({cls_name}), not a refiner",
+                        f"pass it as --model; {hint}")
+    if not (index.get("text_encoder_2") or [None])[0]:
+        raise UserError(f"{path} has no text_encoder_2", hint)
+    return index
+
+
+def load_refiner(path: str | os.PathLike, dtype=None) -> ModelBundle:
+    """An SDXL refiner folder as a partial bundle: its UNet and its one text encoder (text_encoder_2), no VAE."""
+    path = Path(path).expanduser()
+    index = check_refiner(path)
+    vae_config = path / "vae" / "config.json"
+    try:  # the refiner's latent grid, read from its own VAE's config without loading the VAE
+        scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        scale = 8
+    return ModelBundle(
+        kind="sdxl", model_id=path.name, path=path, content_hash=content_hash(path),
+        unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=None,
+        text_encoders=[_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype)],
+        tokenizers=[_load_tokenizer(path, "tokenizer_2")], scheduler_config=_read_scheduler_config(path),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)), latent_scale=scale)
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def vae_folder(path: str | os.PathLike) -> tuple[Path, str]:
+    """(the folder holding the VAE's config.json, its class name); a model folder's vae/ subfolder is accepted.
+    Reads one small file, so plans are checked before any model loads."""
+    path = Path(path).expanduser()
+    hint = "pass a diffusers AutoencoderKL or AutoencoderTiny folder (config.json + weights) as --vae / render.vae"
+    if not path.is_dir():
+        raise UserError(f"VAE not found: {path} is not a folder", hint)
+    folder = path if (path / "config.json").is_file() else path / "vae"
+    try:
+        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        raise UserError(f"{path} has no readable config.json, so it is not a diffusers VAE folder", hint) from None
+    if cls_name not in VAE_CLASSES:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} model, not a VAE", hint)
+    return folder, cls_name
+
+
+def load_vae(path: str | os.PathLike, dtype=None) -> ModelBundle:
+    """A VAE folder as a partial bundle (only a VAE). AutoencoderTiny (TAESD) decodes the UNet's scaled latents
+    directly: its config's scaling_factor is 1.0, so the decoder graph's division is a no-op for it."""
+    from diffusers import AutoencoderTiny
+
+    folder, cls_name = vae_folder(path)
+    cls = AutoencoderTiny if cls_name == "AutoencoderTiny" else AutoencoderKL
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        vae = cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise UserError(f"cannot load the VAE from {folder}: {str(exc).splitlines()[0][:300]}",
+                        "the folder is incomplete or corrupt: re-download or re-convert it") from None
+    return ModelBundle(kind="vae", model_id=Path(path).name, path=folder, content_hash=content_hash(folder),
+                       unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
 
 
 def _from_single_file(path: Path, dtype) -> ModelBundle:

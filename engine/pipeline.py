@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,33 @@ class BatchSettings:
     steps: int
     guidance: float
     scheduler: str
+    timestep_spacing: str | None = None  # None: as the model's scheduler config says
+    refiner: str | None = None  # SDXL refiner folder (resolved path); None: the base model denoises to the end
+    refiner_switch: float = 0.8  # fraction of the schedule the base denoises (diffusers' denoising_end)
+    vae: str | None = None  # VAE folder that decodes instead of the model's own (resolved path)
     loras: LoraSet = ()  # the LoRA set merged into the weights (engine.lora): one set per batch
+
+
+def settings_key(s: BatchSettings) -> tuple:
+    """`s` as a tuple that rebuilds it (`BatchSettings(*key)`), trailing defaults left out: an anchor keyed before
+    a field existed keeps its key, so its earlier renders still resume."""
+    values = list(astuple(s))
+    defaults = [f.default for f in fields(BatchSettings)]
+    while values and values[-1] == defaults[len(values) - 1]:
+        values.pop()
+    return tuple(values)
+
+
+@dataclass
+class Expert:
+    """A second model a batch is handed to part-way (the SDXL refiner): its bundle, backend and prompt cache."""
+
+    model: Any
+    backend: Backend
+    encoder: PromptEncoder
+
+
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning: diffusers' defaults
 
 
 @dataclass
@@ -39,16 +66,35 @@ class FrameJob:
     anchors: tuple[AnchorSpec, ...] = ()  # the characters whose anchors it attends to (consistency mode)
 
 
-def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool
-                       ) -> UNetCond:
+def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool,
+                       aesthetic: bool = False) -> UNetCond:
+    """`aesthetic`: the SDXL refiner's time ids, an aesthetic score in place of the target size."""
     pairs = [encoder.encode_pair(j.prompt, j.negative_prompt, s.loras) for j in jobs]
     conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
     hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
     if conds[0].pooled is None:
         return UNetCond(hidden)
     pooled = torch.cat([c.pooled for c in conds])  # (B or 2B, P)
-    time_ids = torch.tensor([[s.height, s.width, 0, 0, s.height, s.width]], dtype=hidden.dtype)
-    return UNetCond(hidden, pooled, time_ids.repeat(len(conds), 1))  # (B or 2B, 6): original size, crop, target
+    size = [s.height, s.width, 0, 0]  # original size, crop top-left
+    if aesthetic:
+        rows = [size + [NEGATIVE_AESTHETIC_SCORE]] * (len(conds) - len(jobs)) + [size + [AESTHETIC_SCORE]] * len(jobs)
+    else:
+        rows = [size + [s.height, s.width]] * len(conds)  # and the target size
+    return UNetCond(hidden, pooled, torch.tensor(rows, dtype=hidden.dtype))  # time ids: (B or 2B, 6 or 5)
+
+
+def switch_index(scheduler, switch: float, base: bool) -> int:
+    """Where the base model hands over to the refiner in `scheduler.timesteps`, exactly as diffusers splits them:
+    the base runs the timesteps >= the cutoff (StableDiffusionXLPipeline's denoising_end), the refiner the rest
+    (StableDiffusionXLImg2ImgPipeline's denoising_start, which for 2nd-order schedulers keeps step pairs whole)."""
+    timesteps = scheduler.timesteps
+    cutoff = int(round(scheduler.config.num_train_timesteps * (1 - switch)))
+    if base:
+        return int((timesteps >= cutoff).sum())
+    n = int((timesteps < cutoff).sum())
+    if scheduler.order == 2 and n % 2 == 0:
+        n += 1
+    return len(timesteps) - n
 
 
 def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
@@ -64,56 +110,58 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
 
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings,
                  times: dict[str, float] | None = None, anchors: Anchors | None = None,
-                 library: LoraLibrary | None = None) -> np.ndarray:
+                 library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None
+                 ) -> np.ndarray:
     """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order. `times`, if given,
     accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device work is asynchronous,
     so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency).
-    `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is read once per run)."""
+    `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is read once per run).
+    `refiner`: denoises the last (1 - s.refiner_switch) of the schedule; `decoder`: decodes instead of `backend`
+    (a swapped VAE)."""
     clock = _Clock(times)
 
     # 0. LoRA set: the backend merges it into its weights when it differs from the set it holds (else: nothing).
     backend.set_loras(s.loras, library or LoraLibrary(model))
     clock.lap("lora")
     device = backend.device
-    guidance_dim = model.unet.config.time_cond_proj_dim  # set for guidance-distilled UNets: no CFG batch
-    cfg = s.guidance > 1.0 and guidance_dim is None
+    cfg = _uses_cfg(model, s)
 
     # 1. Encode prompts (each unique prompt once per LoRA set and run: PromptEncoder caches).
-    cond = stack_conditioning(encoder, jobs, s, cfg)
-    if guidance_dim is not None:
-        cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))
-    cond = cond.to(device)
+    cond = _conditioning(model, encoder, jobs, s, cfg).to(device)
     clock.lap("prompt")
 
     # 2. Prepare latents: each frame's own generator, exactly as diffusers draws at batch size 1.
-    scheduler = make_scheduler(s.scheduler, model.scheduler_config)
+    scheduler = make_scheduler(s.scheduler, model.scheduler_config, s.timestep_spacing)
     scheduler.set_timesteps(s.steps, device=device)
+    timesteps = scheduler.timesteps
+    if refiner is not None:
+        timesteps = timesteps[:switch_index(scheduler, s.refiner_switch, base=True)]
     shape = (model.latent_channels, s.height // model.vae_scale_factor, s.width // model.vae_scale_factor)
     latents, generators = initial_latents([j.seed for j in jobs], shape)
     latents = latents.to(device) * scheduler.init_noise_sigma
     if anchors is not None:
-        cond.anchors = anchors.for_unet(scheduler.timesteps, cfg)
-    step_params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {"generator": generators} if "generator" in step_params else {}
-    if "eta" in step_params:
-        step_kwargs["eta"] = 0.0
+        cond.anchors = anchors.for_unet(timesteps, cfg)
     clock.lap("latents")
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
-    for t in scheduler.timesteps:
-        x = torch.cat([latents, latents]) if cfg else latents
-        x = scheduler.scale_model_input(x, t)
-        clock.lap("scheduler")
-        noise = backend.denoise(x, t, cond).float()
-        clock.lap("unet")
-        if cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + s.guidance * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-    clock.lap("scheduler")
+    latents = _denoise(backend, scheduler, timesteps, latents, cond, s.guidance if cfg else None, generators, clock)
+
+    # 3b. Refine: the refiner's own scheduler, on the same timesteps, continues where the base stopped (diffusers'
+    # ensemble of experts: the base's latents go to the refiner as they are, no noise added).
+    if refiner is not None:
+        r_cfg = _uses_cfg(refiner.model, s)
+        r_cond = _conditioning(refiner.model, refiner.encoder, jobs, s, r_cfg).to(device)
+        r_scheduler = make_scheduler(s.scheduler, refiner.model.scheduler_config, s.timestep_spacing)
+        r_scheduler.set_timesteps(s.steps, device=device)
+        start = switch_index(r_scheduler, s.refiner_switch, base=False)
+        if hasattr(r_scheduler, "set_begin_index"):
+            r_scheduler.set_begin_index(start)
+        clock.lap("prompt")
+        latents = _denoise(refiner.backend, r_scheduler, r_scheduler.timesteps[start:], latents, r_cond,
+                           s.guidance if r_cfg else None, generators, clock)
 
     # 4. Decode, and convert to uint8 where the pixels are: a quarter of the bytes cross to the host.
-    images = backend.decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain of an overflow
+    images = (decoder or backend).decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain
     if torch.isnan(images.sum()):  # one reduction instead of a boolean image
         raise FloatingPointError("the decoded image contains NaN/inf (numeric overflow)")
     # One pass into a contiguous (B, H, W, 3) buffer: a strided view would be copied again, twice per frame,
@@ -123,6 +171,41 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     pixels = pixels.cpu().numpy()
     clock.lap("decode")
     return pixels
+
+
+def _uses_cfg(model, s: BatchSettings) -> bool:
+    """Classifier-free guidance, as diffusers decides it: guidance > 1 and a UNet without a guidance embedding.
+    Guidance <= 1 (few-step LoRAs run at 0 or 1) has no negative batch at all: half the UNet work."""
+    return s.guidance > 1.0 and model.unet.config.time_cond_proj_dim is None
+
+
+def _conditioning(model, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
+    cond = stack_conditioning(encoder, jobs, s, cfg, aesthetic=getattr(model, "requires_aesthetics_score", False))
+    guidance_dim = model.unet.config.time_cond_proj_dim  # guidance-distilled UNets (LCM) embed the guidance
+    if guidance_dim is not None:
+        cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))
+    return cond
+
+
+def _denoise(backend: Backend, scheduler, timesteps, latents: torch.Tensor, cond: UNetCond, guidance: float | None,
+             generators, clock: _Clock) -> torch.Tensor:
+    """The denoise loop over `timesteps`; `guidance` None: no CFG batch."""
+    step_params = inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generators} if "generator" in step_params else {}
+    if "eta" in step_params:
+        step_kwargs["eta"] = 0.0  # diffusers' pipeline default
+    for t in timesteps:
+        x = torch.cat([latents, latents]) if guidance is not None else latents
+        x = scheduler.scale_model_input(x, t)
+        clock.lap("scheduler")
+        noise = backend.denoise(x, t, cond).float()
+        clock.lap("unet")
+        if guidance is not None:
+            uncond, text = noise.chunk(2)
+            noise = uncond + guidance * (text - uncond)
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    clock.lap("scheduler")
+    return latents
 
 
 class _Clock:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PlanError
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEED_MODES = ("per_frame", "shared")
@@ -130,6 +130,16 @@ class RenderSettings(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
     consistency: ConsistencySettings | None = None
+    timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = None  # type: ignore[valid-type]
+    """How the steps are spread over the training timesteps; None: as the model's scheduler config says. Few-step
+    models (SDXL-Lightning, Hyper-SD) need "trailing"."""
+    refiner: str | None = None
+    """A diffusers SDXL refiner folder (relative to the plan file) that takes over the last part of the schedule."""
+    refiner_switch: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Fraction of the schedule the base model denoises before the refiner takes over (diffusers' denoising_end)."""
+    vae: str | None = None
+    """A diffusers AutoencoderKL or AutoencoderTiny folder (relative to the plan file) that decodes instead of the
+    model's own VAE."""
 
     @field_validator("width", "height")
     @classmethod
@@ -142,8 +152,14 @@ class RenderSettings(_Strict):
 
 BUILTIN_RENDER = RenderSettings(
     width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
-    seed_mode="per_frame", consistency=ConsistencySettings(),
+    seed_mode="per_frame", consistency=ConsistencySettings(), refiner_switch=0.8,
 )
+PATH_SETTINGS = ("refiner", "vae")  # folders named in a plan: relative to the plan file
+
+
+def _paths_from(settings: RenderSettings, base: Path) -> RenderSettings:
+    update = {k: str(base / v) for k in PATH_SETTINGS if (v := getattr(settings, k)) and not Path(v).is_absolute()}
+    return settings.model_copy(update=update) if update else settings
 
 
 def merge_settings(*layers: RenderSettings | None) -> RenderSettings:
@@ -316,8 +332,9 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     if problems:
         raise PlanError(source, problems)
     base = plan_dir or Path(".")
-    return [LoadedMovie(movie=m, settings=merge_settings(RenderSettings(consistency=m.consistency), m.render,
-                                                        defaults, BUILTIN_RENDER), plan_dir=base) for m in movies]
+    return [LoadedMovie(movie=m, settings=_paths_from(merge_settings(RenderSettings(consistency=m.consistency),
+                                                                     m.render, defaults, BUILTIN_RENDER), base),
+                        plan_dir=base) for m in movies]
 
 
 def load_plan(path: str | Path) -> list[LoadedMovie]:

@@ -8,7 +8,8 @@ a style, measure a batch size.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,11 @@ import torch
 
 from .backends.base import create_backend
 from .config import EngineConfig
+from .errors import UserError
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
-from .models import load_model
-from .pipeline import BatchSettings, FrameJob, render_batch
+from .models import ModelBundle, content_hash, load_model, load_refiner, load_vae
+from .pipeline import BatchSettings, Expert, FrameJob, render_batch, settings_key
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
@@ -72,6 +74,15 @@ class Renderer:
         self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
+        self.tokens: dict[str, StyleToken] = {}  # bound so far: a refiner loaded later binds them too
+        self.refiners: dict[str, Expert] = {}  # by resolved folder, loaded on first use
+        self.decoders: dict[str, Any] = {}  # swapped VAEs' backends, by resolved folder
+        self.hashes: dict[str, str] = {}
+        # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
+        if config.overrides.refiner:
+            self._refiner(config.overrides.refiner)
+        if config.overrides.vae:
+            self._decoder(config.overrides.vae)
 
     @property
     def info(self) -> ModelInfo:
@@ -82,6 +93,47 @@ class Renderer:
         """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""
         for t in tokens:
             self.encoder.add_token(t.token, list(t.vectors), t.source)
+            self.tokens[t.token] = t
+            for r in self.refiners.values():
+                r.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)  # its one encoder is SDXL's second
+
+    def _refiner(self, path: str) -> Expert:
+        """The SDXL refiner in `path`, loaded, checked against the base model and given a backend, once."""
+        if path not in self.refiners:
+            if self.model.kind != "sdxl":
+                raise UserError(f"the refiner {path} is for SDXL; the model {self.model.model_id} is "
+                                f"{'SD 1.x/2.x' if self.model.kind == 'sd' else self.model.kind}",
+                                "use an SDXL base model with --refiner, or render without the refiner")
+            bundle = load_refiner(path)
+            if bundle.latent_channels != self.model.latent_channels or \
+                    bundle.vae_scale_factor != self.model.vae_scale_factor:
+                raise UserError(f"the refiner {path} works on {bundle.latent_channels}-channel latents at 1/"
+                                f"{bundle.vae_scale_factor} scale; the model's are {self.model.latent_channels}-"
+                                f"channel at 1/{self.model.vae_scale_factor}", "use the refiner of this base model")
+            backend = create_backend(self.config.backend, bundle, self.config)
+            expert = Expert(bundle, backend, PromptEncoder(bundle, backend))
+            for t in self.tokens.values():
+                expert.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)
+            self.refiners[path] = expert
+        return self.refiners[path]
+
+    def _decoder(self, path: str):
+        """A backend that decodes with the VAE in `path` (checked against the model's latents), made once."""
+        if path not in self.decoders:
+            bundle: ModelBundle = load_vae(path)
+            if bundle.latent_channels != self.model.latent_channels or \
+                    bundle.vae_scale_factor != self.model.vae_scale_factor:
+                raise UserError(f"the VAE {path} decodes {bundle.latent_channels}-channel latents at 1/"
+                                f"{bundle.vae_scale_factor} scale; the model {self.model.model_id} makes "
+                                f"{self.model.latent_channels}-channel latents at 1/{self.model.vae_scale_factor}",
+                                "use a VAE of this model family (SD 1.x/2.x and SDXL: 4 channels, 1/8)")
+            self.decoders[path] = create_backend(self.config.backend, bundle, self.config)
+        return self.decoders[path]
+
+    def _hash(self, path: str) -> str:
+        if path not in self.hashes:
+            self.hashes[path] = content_hash(Path(path))
+        return self.hashes[path]
 
     def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
@@ -91,10 +143,7 @@ class Renderer:
             cons = cons.model_copy(update={"mode": self.config.consistency})
         if cons.mode == "none":
             return {}
-        loras = self.lora_set(lm)
-        # Without LoRAs the tuple (so the anchor key) stays what it was before LoRAs existed.
-        bs = astuple(BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler))[:5] + \
-            ((loras,) if loras else ())
+        bs = settings_key(batch_settings(s, self.lora_set(lm)))
         return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
                                    s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
                 for c in lm.movie.characters}
@@ -112,7 +161,12 @@ class Renderer:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
         s = lm.resolved(overrides)
         loras = self.lora_set(lm)
-        bs = BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler, loras)
+        bs = batch_settings(s, loras)
+        if bs.refiner:
+            self._refiner(bs.refiner)  # a bad refiner fails the movie here, before any of its frames
+        if bs.vae:
+            self._decoder(bs.vae)
+        extra = self._expert_key(bs)
         anchors = self.anchor_specs(lm, token, overrides)
         tasks = []
         for frame in lm.movie.frames:
@@ -122,13 +176,26 @@ class Renderer:
             job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, own)
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
-                   "dtype": self.config.dtype_name, "model_hash": self.model.content_hash}
+                   "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
             if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
                 key["loras"] = set_key(loras)
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
         return tasks
+
+    def _expert_key(self, bs: BatchSettings) -> dict[str, Any]:
+        """What the few-step, refiner and VAE settings add to a frame's key (nothing when unused, so the keys of
+        earlier renders stay the same and they resume)."""
+        extra: dict[str, Any] = {}
+        if bs.timestep_spacing:
+            extra["timestep_spacing"] = bs.timestep_spacing
+        if bs.refiner:
+            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._hash(bs.refiner),
+                                "switch": bs.refiner_switch}
+        if bs.vae:
+            extra["vae"] = {"id": Path(bs.vae).name, "hash": self._hash(bs.vae)}
+        return extra
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
                ) -> tuple[np.ndarray, list[tuple[AnchorSpec, np.ndarray]]]:
@@ -138,7 +205,7 @@ class Renderer:
         specs = {spec.key: spec for job in jobs for spec in job.anchors}
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
         images = render_batch(self.model, self.backend, self.encoder, jobs, settings, self.times, anchors,
-                              self.loras)
+                              self.loras, *self._experts(settings))
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
@@ -152,13 +219,18 @@ class Renderer:
             return self.anchor_records[key]
         record = AnchorRecord(spec)
         job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
-        record.image = render_batch(self.model, self.backend, self.encoder, [job], BatchSettings(*spec.settings),
-                                    self.times, Anchors(spec.consistency, record=record), self.loras)[0]
+        settings = BatchSettings(*spec.settings)
+        record.image = render_batch(self.model, self.backend, self.encoder, [job], settings, self.times,
+                                    Anchors(spec.consistency, record=record), self.loras, *self._experts(settings))[0]
         self.anchor_records[key] = record
         budget = self.config.anchor_cache_mb * 2**20
         while len(self.anchor_records) > 1 and sum(r.nbytes for r in self.anchor_records.values()) > budget:
             self.anchor_records.popitem(last=False)
         return record
+
+    def _experts(self, s: BatchSettings) -> tuple[Expert | None, Any]:
+        """(refiner, decoder) for a batch with settings `s`."""
+        return (self._refiner(s.refiner) if s.refiner else None), (self._decoder(s.vae) if s.vae else None)
 
     def train_style(self, style: Style) -> StyleToken:
         """MovieLLM's style immobilization: the style's token, trained once per (model, style, settings) and then
@@ -174,6 +246,12 @@ class Renderer:
         torch.cuda.reset_peak_memory_stats(self.backend.device)
         base = torch.cuda.memory_allocated(self.backend.device)
         probe = FrameJob("probe", "probe", "probe", "", 0)
-        self.render([probe], BatchSettings(s.width, s.height, 1, s.guidance, s.scheduler))
+        self.render([probe], replace(s, steps=1, refiner=None))
         per_sample = max(torch.cuda.max_memory_allocated(self.backend.device) - base, 1)
         return int(max(1, min(64, 0.85 * free // per_sample)))
+
+
+def batch_settings(s: RenderSettings, loras: LoraSet = ()) -> BatchSettings:
+    """What frames rendered together must share, from resolved render settings and the movie's LoRA set."""
+    return BatchSettings(s.width, s.height, s.steps, s.guidance, s.scheduler, s.timestep_spacing, s.refiner,
+                         s.refiner_switch if s.refiner_switch is not None else 0.8, s.vae, loras)

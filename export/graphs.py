@@ -59,7 +59,8 @@ class UNetGraph(nn.Module):
 
 
 class VaeDecoderGraph(nn.Module):
-    """Scaled latents -> images in [0, 1]."""
+    """Scaled latents -> images in [0, 1]. Serves AutoencoderKL and AutoencoderTiny (TAESD) alike: TAESD decodes
+    the scaled latents as they are, and its config says so with scaling_factor 1.0, as diffusers' pipelines read it."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -81,6 +82,8 @@ def graph_modules(model) -> dict[str, nn.Module]:
     model's own modules (no copies): moving or casting one moves or casts the model's module."""
     graphs: dict[str, nn.Module] = {text_encoder_component(i): TextEncoderGraph(enc)
                                     for i, enc in enumerate(model.text_encoders)}
-    graphs[UNET] = UNetGraph(model.unet)
-    graphs[VAE_DECODER] = VaeDecoderGraph(model.vae)
+    if model.unet is not None:  # partial bundles (engine.models): a refiner has no VAE, a swapped VAE only that
+        graphs[UNET] = UNetGraph(model.unet)
+    if model.vae is not None:
+        graphs[VAE_DECODER] = VaeDecoderGraph(model.vae)
     return graphs

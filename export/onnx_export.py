@@ -58,7 +58,7 @@ def trace_dims(spec: ModelSpec, unet_up_blocks: int = 0) -> dict[str, int]:
 
 
 def _up_blocks(model) -> int:
-    return len(model.unet.config.block_out_channels) - 1
+    return len(model.unet.config.block_out_channels) - 1 if model.unet is not None else 0
 
 
 # --- export / optimize / convert --------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
         export_s = time.perf_counter() - t0
         meta = {META_MODEL_HASH: model.content_hash, "movielm.component": component,
                 "movielm.model_id": model.model_id}
-        upcast = bool(getattr(model.unet.config, "upcast_attention", False)) and component == UNET
+        upcast = component == UNET and bool(getattr(model.unet.config, "upcast_attention", False))
         fused: dict = {}
         final = tmp / ONNX_FILE
         plain_only = not (optimize_graph and python_fusions_help(component, target))

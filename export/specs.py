@@ -198,8 +198,10 @@ class ModelSpec:
                 value = torch.randint(1, TOKENS, shape, generator=g)
             elif t.name == "timestep":
                 value = torch.full(shape, 999.0)
-            elif t.name == "time_ids":  # original size, crop top-left, target size
-                value = torch.tensor([[dims["H"], dims["W"], 0, 0, dims["H"], dims["W"]]] * shape[0], dtype=torch.float32)
+            elif t.name == "time_ids":  # original size, crop top-left, target size (refiner: aesthetic score)
+                row = [dims["H"], dims["W"], 0, 0, dims["H"], dims["W"]] if shape[1] == 6 else \
+                    [dims["H"], dims["W"], 0, 0, 6.0]
+                value = torch.tensor([row] * shape[0], dtype=torch.float32)
             elif t.name == "inputs_embeds":  # CLIP token embeddings are small (std ~0.02)
                 value = torch.randn(shape, generator=g) * 0.02
             else:
@@ -228,7 +230,9 @@ def text_encoder_spec(encoder, name: str = "text_encoder") -> ModelSpec:
         batch_role="chunks", consts={"hidden": d, "pooled": p})
 
 
-def unet_spec(unet, scale: int) -> ModelSpec:
+def unet_spec(unet, scale: int, time_ids: int = 6) -> ModelSpec:
+    """`time_ids`: SDXL's size conditioning numbers, 6 for a base model, 5 for the refiner (original size, crop,
+    aesthetic score), whose UNet is therefore a graph of its own."""
     cfg = unet.config
     if getattr(cfg, "time_cond_proj_dim", None) is not None:
         # Such a UNet traced without its guidance embedding would export, run, and render the wrong images.
@@ -239,10 +243,10 @@ def unet_spec(unet, scale: int) -> ModelSpec:
     consts = {"in_channels": int(cfg.in_channels), "out_channels": int(cfg.out_channels),
               "cross_attention_dim": int(cfg.cross_attention_dim)}
     if cfg.addition_embed_type == "text_time":
-        # SDXL: pooled text embedding + 6 size/crop numbers, each number embedded with addition_time_embed_dim.
-        pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
-        inputs += [TensorSpec("text_embeds", ("B", pooled)), TensorSpec("time_ids", ("B", 6), "float32")]
-        consts["pooled"] = pooled
+        # SDXL: pooled text embedding + 6 (refiner: 5) size/crop numbers, each embedded with addition_time_embed_dim.
+        pooled = int(cfg.projection_class_embeddings_input_dim) - time_ids * int(cfg.addition_time_embed_dim)
+        inputs += [TensorSpec("text_embeds", ("B", pooled)), TensorSpec("time_ids", ("B", time_ids), "float32")]
+        consts.update(pooled=pooled, time_ids=time_ids)
     return ModelSpec(UNET, tuple(inputs), (TensorSpec("noise", ("B", int(cfg.out_channels), "h", "w")),),
                      batch_role="cfg_frames", scale=scale, consts=consts)
 
@@ -255,18 +259,22 @@ def vae_decoder_spec(vae, scale: int) -> ModelSpec:
 
 
 def model_specs(model) -> dict[str, ModelSpec]:
-    """Every exported component of a ModelBundle, by name (SD: 3 components, SDXL: 4)."""
+    """Every exported component of a ModelBundle, by name (SD: 3 components, SDXL: 4; a refiner bundle has no VAE
+    decoder, a swapped VAE only that)."""
     scale = model.vae_scale_factor
     specs = {}
     for i, enc in enumerate(model.text_encoders):
         name = text_encoder_component(i)
         specs[name] = text_encoder_spec(enc, name)
-    specs[UNET] = unet_spec(model.unet, scale)
-    specs[VAE_DECODER] = vae_decoder_spec(model.vae, scale)
+    if model.unet is not None:
+        specs[UNET] = unet_spec(model.unet, scale, getattr(model, "time_ids", 6))
+    if model.vae is not None:
+        specs[VAE_DECODER] = vae_decoder_spec(model.vae, scale)
     return specs
 
 
 def default_profile(model, batch_sizes=None, sizes=None, dynamic: bool = True) -> ShapeProfile:
     """The model's native size (UNet sample_size x VAE scale) and batch 1-4 unless told otherwise."""
-    native = int(model.unet.config.sample_size) * model.vae_scale_factor
+    unet = model.unet if model.unet is not None else model.vae  # a VAE-only bundle: the VAE's own sample size
+    native = int(getattr(unet.config, "sample_size", 512)) * (model.vae_scale_factor if unet is model.unet else 1)
     return ShapeProfile(tuple(batch_sizes or (1, 4)), tuple(sizes or ((native, native),)), dynamic=dynamic)

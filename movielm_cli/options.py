@@ -18,7 +18,7 @@ from engine.errors import UserError
 from engine.llm.client import LLMClient, default_cache_dir, resolve_config
 from engine.outputs import IMAGE_FORMATS
 from engine.plan import CONSISTENCY_MODES, RenderSettings
-from engine.schedulers import SCHEDULERS
+from engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 
 
 def _group(options: list[Callable]) -> Callable:
@@ -44,6 +44,16 @@ render_options = _group([
     click.option("--height", type=int),
     click.option("--guidance", type=float),
     click.option("--scheduler", type=click.Choice(SCHEDULERS)),
+    click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS),
+                 help="Spread of the steps over the training timesteps (few-step LoRAs: trailing). Default: the "
+                      "model's scheduler config."),
+    click.option("--refiner", type=click.Path(path_type=Path),
+                 help="SDXL refiner folder: it denoises the end of the schedule (base + refiner, as MovieLLM)."),
+    click.option("--refiner-switch", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+                 help="Fraction of the schedule the base model denoises before the refiner [0.8]."),
+    click.option("--vae", type=click.Path(path_type=Path),
+                 help="Decode with this VAE folder (AutoencoderKL, e.g. the fp16-fix SDXL VAE, or AutoencoderTiny "
+                      "for fast drafts) instead of the model's own."),
     click.option("--seed", type=int, help="Image seed of every movie (default: each plan's own)."),
     click.option("--negative-prompt"),
     click.option("--image-format", type=click.Choice(sorted(IMAGE_FORMATS)), default="png", show_default=True,
@@ -67,8 +77,9 @@ render_options = _group([
 ])
 
 RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "cuda_graphs", "compile_unet",
-               "steps", "width", "height", "guidance", "scheduler", "seed", "negative_prompt", "image_format",
-               "quality", "consistency", "loras", "force", "no_style_training", "cluster", "address", "workers",
+               "steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner", "refiner_switch",
+               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "loras", "force",
+               "no_style_training", "cluster", "address", "workers",
                "gpus_per_worker", "quiet", "as_json")
 
 
@@ -98,10 +109,20 @@ def engine_config(out: Path, kw: dict[str, Any]):
     from engine.cluster import ClusterOptions
     from engine.config import EngineConfig
 
+    from engine.models import check_refiner, vae_folder
+
     f = {k: kw.pop(k) for k in RENDER_KEYS}
+    # Folders from flags are relative to the working directory (a plan's own are relative to the plan file).
+    folders = {k: str(f[k].resolve()) for k in ("refiner", "vae") if f[k] is not None}
+    if "refiner" in folders:
+        check_refiner(folders["refiner"])
+    if "vae" in folders:
+        vae_folder(folders["vae"])
     try:
         overrides = RenderSettings(steps=f["steps"], width=f["width"], height=f["height"], guidance=f["guidance"],
-                                   scheduler=f["scheduler"], seed=f["seed"], negative_prompt=f["negative_prompt"])
+                                   scheduler=f["scheduler"], seed=f["seed"], negative_prompt=f["negative_prompt"],
+                                   timestep_spacing=f["timestep_spacing"], refiner_switch=f["refiner_switch"],
+                                   **folders)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None

@@ -33,13 +33,21 @@ class TorchBackend:
         for component, graph in graphs.items():
             graph.to(self.device, DTYPES[component_dtype(model, component, config.dtype_name)]).eval()
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
-        self.unet, self.vae = graphs[UNET], graphs[VAE_DECODER]
+        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
+        self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
         self.graphs = graphs
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
-        self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
+        if self.vae is not None:
+            self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
+            if self.device.type == "cuda" and config.channels_last:
+                self.vae.to(memory_format=torch.channels_last)
+        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
+        if self.unet is not None:
+            self._setup_unet(config)
+
+    def _setup_unet(self, config) -> None:
         if self.device.type == "cuda" and config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
         unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
         if config.attention != "sdpa":
             try:
@@ -51,7 +59,6 @@ class TorchBackend:
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             unet.fuse_qkv_projections()
         self._unet_step = self.unet
-        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         if config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")

@@ -1,0 +1,169 @@
+"""The SDXL refiner (ensemble of experts): the base denoises the first `refiner_switch` of the schedule, the refiner
+the rest. The oracle is diffusers' StableDiffusionXLPipeline(denoising_end=F, output_type="latent") followed by
+StableDiffusionXLImg2ImgPipeline(denoising_start=F, image=latents), with the same components and seed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engine.config import EngineConfig
+from engine.errors import UserError
+from engine.pipeline import BatchSettings, FrameJob, switch_index
+from engine.plan import RenderSettings
+from engine.renderer import Renderer
+from engine.schedulers import make_scheduler
+from movielm_cli.main import cli
+from tests.helpers import movie, write_plan
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+NEGATIVE = "blurry, low quality"
+
+
+@pytest.fixture(scope="module")
+def tiny_refiner(tmp_path_factory):
+    from engine.demo import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-refiner")
+    build_tiny_pipeline("sdxl_refiner").save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _diffusers(base_path, refiner_path, scheduler, steps, guidance, switch, seed, negative=NEGATIVE):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(base_path, local_files_only=True)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_path, local_files_only=True)
+    for pipe in (base, refiner):
+        pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator("cpu").manual_seed(seed)
+    latents = base(PROMPT, negative_prompt=negative or None, guidance_scale=guidance, num_inference_steps=steps,
+                   height=64, width=64, denoising_end=switch, output_type="latent", generator=g).images
+    out = refiner(PROMPT, negative_prompt=negative or None, guidance_scale=guidance, num_inference_steps=steps,
+                  denoising_start=switch, image=latents, generator=g, output_type="np").images[0]
+    return (out * 255).round().astype(np.int16)
+
+
+def _settings(refiner, scheduler="euler", steps=6, guidance=5.0, switch=0.8):
+    return BatchSettings(64, 64, steps, guidance, scheduler, refiner=str(refiner), refiner_switch=switch)
+
+
+@pytest.mark.parametrize("scheduler,guidance,switch", [("euler", 5.0, 0.8), ("dpmpp", 1.0, 0.5)])
+def test_refiner_matches_diffusers(tiny_sdxl, tiny_refiner, scheduler, guidance, switch):
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    ours = r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 11)],
+                    _settings(tiny_refiner, scheduler, 6, guidance, switch))[0][0].astype(np.int16)
+    ref = _diffusers(tiny_sdxl, tiny_refiner, scheduler, 6, guidance, switch, seed=11)
+    assert np.abs(ours - ref).max() <= 2
+    plain = r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 11)],
+                     BatchSettings(64, 64, 6, guidance, scheduler))[0][0].astype(np.int16)
+    assert np.abs(ours - plain).max() > 2  # the refiner did change the image
+
+
+def test_switch_splits_the_schedule_like_diffusers():
+    """Base and refiner steps partition the schedule: every timestep is denoised exactly once."""
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading"}
+    for name in ("euler", "dpmpp", "ddim"):
+        for switch in (0.5, 0.8, 0.9):
+            s = make_scheduler(name, config)
+            s.set_timesteps(40)
+            n_base, start = switch_index(s, switch, base=True), switch_index(s, switch, base=False)
+            assert n_base == start and 0 < n_base < 40
+            assert all(t >= round(1000 * (1 - switch)) for t in s.timesteps[:n_base])
+    s = make_scheduler("euler", config)
+    s.set_timesteps(40)
+    assert switch_index(s, 0.8, base=True) == 32  # "about 40 steps, the last quarter... fifth on the refiner"
+
+
+def test_refiner_batches_like_the_base(tiny_sdxl, tiny_refiner):
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    jobs = [FrameJob("m", "a", PROMPT, NEGATIVE, 1), FrameJob("m", "b", "a red door", "", 2)]
+    s = _settings(tiny_refiner, steps=4)
+    together = r.render(jobs, s)[0].astype(np.int16)
+    alone = np.stack([r.render([j], s)[0][0] for j in jobs]).astype(np.int16)
+    assert np.abs(together - alone).max() <= 1
+
+
+def test_onnxruntime_refiner_matches_torch(tiny_sdxl, tiny_refiner):
+    pytest.importorskip("onnxruntime")
+    job = FrameJob("m", "f", PROMPT, NEGATIVE, 5)
+    s = _settings(tiny_refiner, steps=4)
+    torch_img = Renderer(EngineConfig(model=str(tiny_sdxl))).render([job], s)[0][0].astype(np.int16)
+    ort = Renderer(EngineConfig(model=str(tiny_sdxl), backend="onnxruntime"))
+    ort_img = ort.render([job], s)[0][0].astype(np.int16)
+    assert np.abs(torch_img - ort_img).max() <= 2
+    from export.onnx_export import META_MODEL_HASH
+
+    expert = ort.refiners[str(tiny_refiner)]
+    unet = expert.backend.graphs["unet"]
+    assert unet.session.get_modelmeta().custom_metadata_map[META_MODEL_HASH] == expert.model.content_hash
+    assert [i.shape[1] for i in unet.session.get_inputs() if i.name == "time_ids"] == [5]  # its own spec
+
+
+def test_manifest_records_the_refiner_and_resume_key(tmp_path, tiny_sdxl, tiny_refiner):
+    plan = write_plan(tmp_path / "plan.json", [movie("m", 2)],
+                      defaults={"width": 64, "height": 64, "steps": 3, "scheduler": "euler"})
+    out = tmp_path / "out"
+    args = ["render", str(plan), "--model", str(tiny_sdxl), "--out", str(out), "--no-style-training", "--quiet",
+            "--refiner", str(tiny_refiner), "--refiner-switch", "0.6"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "m" / "manifest.json").read_text())
+    entry = manifest["frames"][0]
+    assert entry["refiner"]["id"] == tiny_refiner.name and entry["refiner"]["switch"] == 0.6
+    assert len(entry["refiner"]["hash"]) == 16
+    assert manifest["settings"]["refiner"] == str(tiny_refiner.resolve())
+    again = CliRunner().invoke(cli, args + ["--json"])
+    assert json.loads(again.output.strip().splitlines()[-1])["skipped"] == 2
+    other = CliRunner().invoke(cli, args[:-1] + ["0.7", "--json"])  # another switch: another image
+    assert json.loads(other.output.strip().splitlines()[-1])["rendered"] == 2
+
+
+def test_plan_refiner_relative_to_plan(tmp_path, tiny_sdxl, tiny_refiner):
+    import shutil
+
+    shutil.copytree(tiny_refiner, tmp_path / "models" / "ref")
+    plan = write_plan(tmp_path / "plan.json", [movie("m", 1, render={"refiner": "models/ref",
+                                                                      "refiner_switch": 0.7})],
+                      defaults={"width": 64, "height": 64, "steps": 2, "scheduler": "euler"})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["render", str(plan), "--model", str(tiny_sdxl), "--out", str(out),
+                                   "--no-style-training", "--quiet"])
+    assert res.exit_code == 0, res.output
+    entry = json.loads((out / "m" / "manifest.json").read_text())["frames"][0]
+    assert entry["refiner"]["switch"] == 0.7
+
+
+def _render_cli(tmp_path, model, *extra, plan_movie=None):
+    plan = write_plan(tmp_path / "plan.json", [plan_movie or movie("m", 1)],
+                      defaults={"width": 64, "height": 64, "steps": 2})
+    return CliRunner().invoke(cli, ["render", str(plan), "--model", str(model), "--out", str(tmp_path / "out"),
+                                    "--no-style-training", "--quiet", *extra])
+
+
+def test_bad_refiners_are_user_errors(tmp_path, tiny_sd, tiny_sdxl, tiny_refiner):
+    cases = [
+        (_render_cli(tmp_path, tiny_sdxl, "--refiner", str(tmp_path / "nope")), "not a folder"),
+        (_render_cli(tmp_path, tiny_sdxl, "--refiner", str(tiny_sdxl)), "SDXL base model"),
+        (_render_cli(tmp_path, tiny_sd, "--refiner", str(tiny_refiner)), "is for SDXL"),
+        (_render_cli(tmp_path, tiny_refiner), "--refiner"),  # a refiner as --model
+        (_render_cli(tmp_path, tiny_sdxl, plan_movie=movie("m", 1, render={"refiner": "missing"})),
+         "render.refiner"),
+    ]
+    for res, words in cases:
+        assert res.exit_code != 0
+        assert words in res.output, res.output
+        assert "Traceback" not in res.output and not isinstance(res.exception, (TypeError, AttributeError))
+
+
+def test_refiner_setting_is_validated():
+    with pytest.raises(ValueError):
+        RenderSettings(refiner_switch=1.0)
+    with pytest.raises(UserError, match="not a refiner|no readable"):
+        from engine.models import check_refiner
+
+        check_refiner(".")
