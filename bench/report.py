@@ -430,9 +430,6 @@ def regression_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 def lora_section(results: list[dict[str, Any]]) -> list[str]:
-
-
-def vae_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
     res = results[-1]
@@ -452,6 +449,14 @@ def vae_section(results: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['backend']} | {r['plain_seconds_per_frame']:.3f} | {r['lora_seconds_per_frame']:.3f} | "
                      f"{r['lora_vs_plain']:.2f}× | {sw['plain -> A']:.3f} s | {sw['A -> B']:.3f} s | "
                      f"{sw['B -> plain']:.3f} s |")
+    return lines + [""]
+
+
+def vae_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
     lines = ["## VAE swap: decode cost (`python -m bench.vae_decode`)", "",
              f"Decode of one {st['size']}² frame (batch {st['batch']}, {st['dtype']}, {st['device']}, "
              f"{st['threads']} threads) through the `--vae` path, real architectures with random weights; medians of "
