@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.frames)]
 
     def frame_seconds(r, loras) -> list[float]:
-        s = BatchSettings(args.size, args.size, args.steps, 7.5, "dpmpp", loras)
+        s = BatchSettings(args.size, args.size, args.steps, 7.5, "dpmpp", loras=loras)
         r.render(jobs[:1], s)  # the set merged (and prompts encoded) before timing: steady state
         out = []
         for job in jobs:

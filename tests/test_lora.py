@@ -40,7 +40,7 @@ def demo_renderer():
 
 
 def _ours(renderer, loras=(), seed=42, steps=4, guidance=7.5, scheduler="dpmpp", prompt=PROMPT):
-    s = BatchSettings(64, 64, steps, guidance, scheduler, loras)
+    s = BatchSettings(64, 64, steps, guidance, scheduler, loras=loras)
     return render_batch(renderer.model, renderer.backend, renderer.encoder, [FrameJob("m", "f", prompt, NEGATIVE,
                                                                                       seed)], s,
                         library=renderer.loras)[0].astype(np.int16)
