@@ -249,6 +249,8 @@ def test_onnx_with_lora_matches_torch_without_reexport(tmp_path, pipes, demo_ren
     from export.weight_map import WEIGHT_MAP_FILE, build_weight_map, load_weight_map
     from export.onnx_export import graph_module
 
+    # The torch backend merges into the model it shares with this one: plain weights before anything is exported.
+    demo_renderer.backend.set_loras((), demo_renderer.loras)
     o = Renderer(EngineConfig(model="demo", backend="onnxruntime"), model=demo_renderer.model)
     plain = _ours(o)
     before = _cache_state()
@@ -317,7 +319,7 @@ def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path,
     from export.tensorrt import refit_plan
     from export.weight_map import _initializers, load_weight_map
 
-    _ours(demo_renderer)  # plain weights in the shared model
+    demo_renderer.backend.set_loras((), demo_renderer.loras)  # plain weights in the shared model
     model = demo_renderer.model
     art = export_component(model, "unet", "ort-cpu", "fp32")  # the same map for the trt-onnx graph engines are built from
     wm = load_weight_map(art, graph_module(model, "unet"))
