@@ -13,6 +13,7 @@ from export.graphs import graph_modules
 from export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
 from kernels.attention import AttentionChoiceError, install_attention
 
+from .. import cpu
 from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
@@ -34,7 +35,10 @@ class TorchBackend:
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         self.unet, self.vae = graphs[UNET], graphs[VAE_DECODER]
         self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
-        if self.device.type == "cuda" and config.channels_last:
+        # bf16 on the CPU: the path measured fastest for this CPU's bf16 ability (engine/cpu.py); eager elsewhere.
+        fast = cpu.cpu_fast_path(self.device, self.dtype)
+        cpu.print_auto_dtype_hint(config.dtype, self.device)
+        if config.channels_last and (self.device.type == "cuda" or fast.channels_last):
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
@@ -48,14 +52,22 @@ class TorchBackend:
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             unet.fuse_qkv_projections()
         self._unet_step = self.unet
+        self._decode = self.vae
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
-        if config.compile_unet:
+        if self.device.type == "cpu" and (config.compile_unet or fast.compile):
+            self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
+            if fast.compile:
+                self._decode = cpu.CompiledCpu(self.vae, "VAE decoder")
+        elif config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
         elif self.device.type == "cuda" and config.cuda_graphs:
             self._unet_step = GraphedCallable(self.unet)
+        self._explicit_capture = config.compile_unet or config.cuda_graphs  # the bf16 CPU path steps aside instead
+        if self.vae_dtype == torch.bfloat16:
+            self._decode = cpu.Fp32FallbackDecoder(self.vae, self._decode)
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
@@ -76,7 +88,7 @@ class TorchBackend:
     def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
         """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
         eager only (the rows' key lengths change from call to call)."""
-        if self._unet_step is not self.unet:
+        if self._unet_step is not self.unet and self._explicit_capture:
             raise UserError("consistency mode (anchor attention) cannot run with --cuda-graphs or --compile",
                             "drop --cuda-graphs/--compile for movies with consistency")
         if self.anchor_state is None:
@@ -92,4 +104,4 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host
+        return self._decode(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host
