@@ -256,3 +256,29 @@ def test_second_process_hits_the_compile_cache(tmp_path):
     assert (tmp_path / "cache" / "inductor").is_dir()
     assert not first["cache_hit"] and second["cache_hit"]
     assert first["err"] < 1e-4 and second["err"] < 1e-4
+
+
+# --- bench: bf16 rows beside fp32 ----------------------------------------------------------------------------------
+
+def test_bench_bf16_rows_carry_psnr_against_fp32(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.runner import backend_variant
+    from movielm_cli.bench_cmds import bench_cmd
+
+    assert backend_variant("torch+dtype=bf16") == ("torch", {"dtype": "bf16"})
+    out = tmp_path / "results"
+    res = CliRunner().invoke(bench_cmd, ["--model", "demo", "--backend", "torch,torch+dtype=bf16", "--sizes", "64x64",
+                                         "--batch-sizes", "1", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                         "--no-baseline", "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    [path] = out.glob("*.json")
+    runs = {r["backend"]: r for r in json.loads(path.read_text())["runs"]}
+    fp32, bf16 = runs["torch"], runs["torch+dtype=bf16"]
+    assert "psnr_vs_fp32" not in fp32
+    assert bf16["dtype"] == "bfloat16" and BF16_PSNR_DB <= bf16["psnr_vs_fp32"] < float("inf")
+    assert 0 < bf16["max_abs_diff_vs_fp32"] <= 255 and bf16["speedup_vs_fp32"] > 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert f"bfloat16 vs fp32: {bf16['psnr_vs_fp32']:.1f} dB" in md
+    csv_text = next(out.glob("*.csv")).read_text()
+    assert "psnr_vs_fp32" in csv_text.splitlines()[0] and "bfloat16" in csv_text
