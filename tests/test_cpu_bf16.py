@@ -282,3 +282,26 @@ def test_bench_bf16_rows_carry_psnr_against_fp32(tmp_path):
     assert f"bfloat16 vs fp32: {bf16['psnr_vs_fp32']:.1f} dB" in md
     csv_text = next(out.glob("*.csv")).read_text()
     assert "psnr_vs_fp32" in csv_text.splitlines()[0] and "bfloat16" in csv_text
+
+
+def test_backend_wiring_on_a_fake_amx_cpu(tiny_sd, monkeypatch, caplog, tmp_path):
+    """What the torch backend does on an AMX CPU, short of compiling (compiles are lazy: nothing runs here)."""
+    from engine.backends.base import create_backend
+    from engine.models import load_model
+
+    amx = cpu.detect(text=XEON_AMX, torch_capability=None)
+    monkeypatch.setattr(cpu, "host_cpu", lambda: amx)  # the test seam: this machine's own cpuinfo is replaced
+    monkeypatch.setenv("MOVIELM_CACHE", str(tmp_path))
+    cpu._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="movielm_fast"):
+        be = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="bf16"))
+        auto = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="auto"))
+    assert isinstance(be._unet_step, cpu.CompiledCpu) and isinstance(be._decode, cpu.Fp32FallbackDecoder)
+    assert isinstance(be._decode.fast, cpu.CompiledCpu)
+    conv = be.unet.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # --dtype auto: fp32 and eager, plus the one hint line (nothing measured in this fresh cache).
+    assert auto.dtype == torch.float32 and auto._unet_step is auto.unet
+    hints = [r.message for r in caplog.records if "has AMX" in r.message]
+    assert len(hints) == 1 and cpu.BENCH_COMMAND in hints[0]
+    assert not any("no native bf16" in r.message for r in caplog.records)
