@@ -35,7 +35,7 @@ class TorchBackend:
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         self.unet, self.vae = graphs[UNET], graphs[VAE_DECODER]
         self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
-        # bf16 on the CPU: the path measured fastest for this CPU's bf16 ability (engine/cpu.py); eager elsewhere.
+        # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
         fast = cpu.cpu_fast_path(self.device, self.dtype)
         cpu.print_auto_dtype_hint(config.dtype, self.device)
         if config.channels_last and (self.device.type == "cuda" or fast.channels_last):
