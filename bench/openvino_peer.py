@@ -88,7 +88,11 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, log) -> dict[
         for name, fn in calls.items():
             if out[name]["status"] == "ok":
                 t = time.perf_counter()
-                out[name]["output"] = fn()
+                try:
+                    out[name]["output"] = fn()
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: keep the other rows
+                    out[name] = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    continue
                 out[name]["samples"].append(time.perf_counter() - t)
         log(f"  round {r + 1}/{repeats} done")
     for row in out.values():
