@@ -305,3 +305,28 @@ def test_backend_wiring_on_a_fake_amx_cpu(tiny_sd, monkeypatch, caplog, tmp_path
     hints = [r.message for r in caplog.records if "has AMX" in r.message]
     assert len(hints) == 1 and cpu.BENCH_COMMAND in hints[0]
     assert not any("no native bf16" in r.message for r in caplog.records)
+
+
+def test_cpu_peer_section_names_the_cpu_and_every_row():
+    from bench.report import cpu_peer_section
+
+    def sec(median):
+        return {"min": median, "median": median, "max": median, "n": 1}
+
+    res = {"format": "movielm-bench-cpu-peer/1", "created": "2026-12-02T00:00:00+0000",
+           "machine": {"cpu_model": "Intel(R) Xeon(R) Platinum 8480+", "tier": "amx", "amx": True,
+                       "avx512_bf16": True, "threads": 2, "load_avg_start": [0.5, 0.5, 0.5],
+                       "load_avg_end": [0.7, 0.6, 0.5]},
+           "settings": {"model": "sd15-arch", "steps": 4}, "chosen_bf16_path": {"why": "AMX bf16"},
+           "gemm": {"fp32": {"n": 2048, "flops_per_s": 241e9}, "bf16": {"n": 2048, "flops_per_s": 766e9}},
+           "unet_step": {"torch fp32 eager": {"status": "ok", "seconds": sec(2.7), "first_call_s": 3.0},
+                         "torch bf16 compiled": {"status": "ok", "seconds": sec(0.9), "first_call_s": 60.0,
+                                                 "max_rel_diff_vs_torch_fp32": 0.01},
+                         "openvino (CPU defaults)": {"status": "not run", "note": "OpenVINO is not installed"}},
+           "frame": {"torch bf16": {"status": "ok", "seconds": sec(4.0), "speedup_vs_fp32": 3.0,
+                                    "psnr_vs_fp32": 47.9, "max_abs_diff_vs_fp32": 5}}}
+    text = "\n".join(cpu_peer_section([res]))
+    assert "Intel(R) Xeon(R) Platinum 8480+ (AMX)" in text and "bf16 766.00 GFLOP/s" in text
+    assert "| torch bf16 compiled | 0.900 (0.900–0.900) | 3.00× | 60.0 |" in text
+    assert "| openvino (CPU defaults) | not run |" in text and "OpenVINO is not installed" in text
+    assert "| torch bf16 | 4.000 (4.000–4.000) | 3.00× | 47.9 dB | 5 |" in text
