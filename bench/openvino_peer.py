@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from engine.backends.base import UNetCond, create_backend
 from engine.backends.onnx_backend import cpu_threads
 from engine.config import EngineConfig
 from engine.errors import UserError
+from engine.paths import atomic_write_text
 from engine.models import load_model
 from engine.pipeline import BatchSettings, FrameJob, render_batch
 from engine.text import PromptEncoder
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["unet_step"] = unet_rows(model, path, features, bf16, args.repeats, log)
     del model
     gc.collect()
+    res["machine"]["load_avg_end"] = load_average()
+    out = save_result(args.results, "cpu-peer", res)  # kept if the frames below are interrupted; rewritten after
     if not args.no_frames:
         res["frame"] = frame_rows(path, bf16, args.repeats, args.steps, log)
         mine = res["frame"].get("torch bf16", {})
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         f"{args.model} 256² {args.steps}-step frame", "python -m bench.openvino_peer")
             log(f"stored for --dtype auto's hint: {cpu.measurements_file()}")
     res["machine"]["load_avg_end"] = load_average()
-    out = save_result(args.results, "cpu-peer", res)
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     log(f"results: {out}")
     if not args.no_report:
         log(f"report: {write_results_md(args.results, args.results.parent / 'RESULTS.md')}")
