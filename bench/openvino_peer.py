@@ -97,9 +97,10 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, log) -> dict[
                     continue
                 out[name]["samples"].append(time.perf_counter() - t)
         log(f"  round {r + 1}/{repeats} done")
-    for row in out.values():
+    for name, row in out.items():
         if row["status"] == "ok":
             row["seconds"] = stats(row.pop("samples"))
+            log(f"  {name:<28} {row['seconds']['median']:.3f} s (median of {row['seconds']['n']})")
     return out
 
 def unet_rows(model, path: Path, features: cpu.CpuFeatures, bf16: bool, repeats: int, log) -> dict[str, Any]:
