@@ -417,15 +417,17 @@ def consistency_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 def cpu_peer_section(results: list[dict[str, Any]]) -> list[str]:
-    """bench/openvino_peer.py: the CPU bf16 path beside OpenVINO and ONNX Runtime, latest run per CPU model."""
+    """bench/openvino_peer.py: the CPU bf16 path beside OpenVINO and ONNX Runtime, latest run per CPU and model."""
     if not results:
         return []
-    latest = {res["machine"]["cpu_model"]: res for res in results}
+    latest = {(res["machine"]["cpu_model"], res["settings"]["model"]): res for res in results}
     lines = ["## CPU bf16 against its peers (`python -m bench.openvino_peer`)", "",
              "One process per CPU, rows interleaved; medians (min–max) over the repeats. UNet step: CFG batch 2, "
              "256² (32×32 latent), the same inputs for every row; *first call* includes any compile. The bf16 fast "
-             "path's AMX entries are **to be confirmed on AMX** until a run below names an AMX CPU.", ""]
-    for model, res in latest.items():
+             "path's AMX entries are **to be confirmed on AMX** until a run below names an AMX CPU. On a loaded machine "
+             "(see each run's load average) torch's OpenMP threads lose most to oversubscription: compare rows "
+             "within one run, never across runs.", ""]
+    for (model, _), res in latest.items():
         m, st = res["machine"], res["settings"]
         la0, la1 = m.get("load_avg_start"), m.get("load_avg_end")
         ability = "AMX" if m["amx"] else ("AVX-512-BF16" if m["avx512_bf16"] else f"{m['tier']}, no AMX, no native bf16")
