@@ -31,7 +31,7 @@ CSV_FIELDS = [
     "vae_decode_s_max", "text_encode_s_min", "text_encode_s_median", "text_encode_s_max", "speedup_vs_diffusers",
     "flops_frame", "flops_unet_step", "flops_vae_decode", "ceiling_flops_per_s", "achieved_flops_per_s_frame",
     "mfu_frame", "mfu_unet_step", "mfu_vae_decode", "peak_memory_mb", "memory_kind", "max_abs_diff_vs_diffusers",
-    "image", "note"]
+    "psnr_vs_fp32", "max_abs_diff_vs_fp32", "image", "note"]
 
 
 def _flops_of(result: dict[str, Any], run: dict[str, Any]) -> dict[str, int]:
@@ -66,7 +66,10 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                        mfu_frame=run["mfu"]["frame"], mfu_unet_step=run["mfu"].get("unet_step"),
                        mfu_vae_decode=run["mfu"].get("vae_decode"), peak_memory_mb=run["memory"]["peak_mb"],
                        memory_kind=run["memory"]["kind"],
-                       max_abs_diff_vs_diffusers=run.get("max_abs_diff_vs_diffusers"), image=run.get("image"))
+                       max_abs_diff_vs_diffusers=run.get("max_abs_diff_vs_diffusers"), image=run.get("image"),
+                       psnr_vs_fp32=run.get("psnr_vs_fp32"), max_abs_diff_vs_fp32=run.get("max_abs_diff_vs_fp32"))
+            if "dtype" in run:  # an entry run in another dtype than the run's (torch+dtype=bf16)
+                row["dtype"] = run["dtype"]
         rows.append(row)
     return rows
 
@@ -297,6 +300,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                 s, mfu = r["stages"], r["mfu"]
                 sp = r.get("speedup_vs_diffusers")
                 diff = r.get("max_abs_diff_vs_diffusers")
+                if "psnr_vs_fp32" in r:  # a bf16/fp16 row: its precision's cost against our fp32 row, same seeds
+                    diff = f"{'–' if diff is None else diff}; {r['dtype']} vs fp32: {r['psnr_vs_fp32']:.1f} dB, " \
+                           f"max {r['max_abs_diff_vs_fp32']}"
                 steps_per_s = f"{r['unet_steps_per_s']:.2f}" if "unet_steps_per_s" in r else "–"
                 mem = f"{r['memory']['peak_mb']:.0f} ({'RSS' if r['memory']['kind'] == 'cpu_peak_rss' else 'alloc'})"
                 image = f"[png]({rel(path.parent / r['image'])})" if r.get("image") else ""
@@ -337,6 +343,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 
 HOST_FORMAT = "movielm-bench-host/1"
+CPU_PEER_FORMAT = "movielm-bench-cpu-peer/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 REGRESSION_FORMAT = "movielm-bench-regression/1"
 LORA_FORMAT = "movielm-bench-lora/1"
@@ -467,14 +474,62 @@ def vae_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def cpu_peer_section(results: list[dict[str, Any]]) -> list[str]:
+    """bench/openvino_peer.py: the CPU bf16 path beside OpenVINO and ONNX Runtime, latest run per CPU and model."""
+    if not results:
+        return []
+    latest = {(res["machine"]["cpu_model"], res["settings"]["model"]): res for res in results}
+    lines = ["## CPU bf16 against its peers (`python -m bench.openvino_peer`)", "",
+             "One process per CPU, rows interleaved; medians (min–max) over the repeats. UNet step: CFG batch 2, "
+             "256² (32×32 latent), the same inputs for every row; *first call* includes any compile. The bf16 fast "
+             "path's AMX entries are **to be confirmed on AMX** until a run below names an AMX CPU. On a loaded machine "
+             "(see each run's load average) torch's OpenMP threads lose most to oversubscription: compare rows "
+             "within one run, never across runs.", ""]
+    for (model, _), res in latest.items():
+        m, st = res["machine"], res["settings"]
+        la0, la1 = m.get("load_avg_start"), m.get("load_avg_end")
+        ability = "AMX" if m["amx"] else ("AVX-512-BF16" if m["avx512_bf16"] else f"{m['tier']}, no AMX, no native bf16")
+        gemm = res["gemm"]
+        lines += [f"### {model} ({ability}), {m['threads']} threads, {st['model']}, {res['created']}", "",
+                  f"Load average {la0[0] if la0 else '?'} at the start, {la1[0] if la1 else '?'} at the end. "
+                  f"GEMM ceilings (torch.matmul): fp32 {gemm['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                  f"({gemm['fp32']['n']}²), bf16 {gemm['bf16']['flops_per_s'] / 1e9:.2f} GFLOP/s "
+                  f"({gemm['bf16']['n']}²). Chosen `--dtype bf16` path here: {res['chosen_bf16_path']['why']}.", ""]
+        lines += [f"- {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
+        fp32 = res["unet_step"].get("torch fp32 eager", {}).get("seconds", {}).get("median")
+        lines += ["| UNet step | s | vs torch fp32 | first call s | max rel diff vs fp32 | note |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in res["unet_step"].items():
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']} | | | | {r.get('note', '')} |")
+                continue
+            sec = r["seconds"]
+            lines.append(f"| {name} | {_t(sec, True)} | {fp32 / sec['median']:.2f}× | {r['first_call_s']:.1f} | "
+                         f"{r.get('max_rel_diff_vs_torch_fp32', 0):.1e} | {r.get('note', '')} |")
+        if res.get("frame"):
+            lines += ["", f"| {st['steps']}-step frame, batch 1 | s/frame | vs fp32 twin | PSNR vs fp32 | "
+                      "max diff |", "|---|---|---|---|---|"]
+            for name, r in res["frame"].items():
+                if r["status"] != "ok":
+                    lines.append(f"| {name} | {r['status']}: {r.get('note', '')} | | | |")
+                    continue
+                sp, ps = r.get("speedup_vs_fp32"), r.get("psnr_vs_fp32")
+                lines.append(f"| {name} | {_t(r['seconds'], True)} | {'–' if sp is None else f'{sp:.2f}×'} | "
+                             f"{'–' if ps is None else f'{ps:.1f} dB'} | {r.get('max_abs_diff_vs_fp32', '–')} |")
+        lines.append("")
+    return lines
+
+
+# The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
+SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
+                 (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
+                 (CPU_PEER_FORMAT, cpu_peer_section))
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
     text = render_results_md(load_results(results_dir), md_path.parent)
-    extra = host_section(load_other(results_dir, HOST_FORMAT)) + \
-        consistency_section(load_other(results_dir, CONSISTENCY_FORMAT)) + \
-        regression_section(load_other(results_dir, REGRESSION_FORMAT)) + \
-        lora_section(load_other(results_dir, LORA_FORMAT)) + \
-        vae_section(load_other(results_dir, VAE_FORMAT))
+    extra = [line for fmt, section in SMALL_BENCHES for line in section(load_other(results_dir, fmt))]
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 

@@ -56,9 +56,10 @@ PROMPTS = [
 
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """"torch+cuda_graphs+attention=triton+no-fuse_qkv" -> ("torch", {cuda_graphs: True, attention: "triton",
-    fuse_qkv: False}); the options are EngineConfig fields."""
+    fuse_qkv: False}); the options are EngineConfig fields. ``dtype=bf16`` runs one entry in another dtype than
+    the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
-    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet"}
+    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet", "dtype"}
     opts: dict[str, Any] = {}
     for part in parts:
         key, _, value = part.partition("=")
@@ -164,8 +165,8 @@ class Bench:
         self.model = load_model(self.model_path)
         native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
         self.s = settings.resolved(self.device, native)
-        self.engine_config = lambda backend, **opts: EngineConfig(model=self.model_path, backend=backend,
-                                                                  device=settings.device, dtype=settings.dtype, **opts)
+        self.engine_config = lambda backend, **opts: EngineConfig(
+            model=self.model_path, backend=backend, device=settings.device, **{"dtype": settings.dtype, **opts})
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine
@@ -312,7 +313,7 @@ class Bench:
     # --- one configuration -------------------------------------------------------------------------------------
     def _record(self, e: _Backend, width: int, height: int, batch: int, flops: dict[str, int], ceiling: float,
                 state: dict[str, Any] | None = None, status: str = "ok", note: str = "",
-                baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                baseline: dict[str, Any] | None = None, fp32: dict[str, Any] | None = None) -> dict[str, Any]:
         run: dict[str, Any] = {"backend": e.name, "size": f"{width}x{height}", "width": width, "height": height,
                                "batch": batch, "status": status, "note": note}
         self.result["runs"].append(run)
@@ -342,6 +343,14 @@ class Bench:
             run["max_abs_diff_vs_diffusers"] = int(np.abs(image.astype(np.int16) -
                                                           baseline["image"].astype(np.int16)).max())
             run["speedup_vs_diffusers"] = stats(baseline["samples"])["median"] / whole["median"]
+        if fp32 is not None and e.impl.dtype != torch.float32:
+            # A lower-precision row beside its fp32 twin: same seeds, so the pixel error is the precision's cost.
+            err = image.astype(np.float64) - fp32["image"].astype(np.float64)
+            mse = float((err ** 2).mean())
+            run["dtype"] = str(e.impl.dtype).removeprefix("torch.")
+            run["psnr_vs_fp32"] = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+            run["max_abs_diff_vs_fp32"] = int(np.abs(err).max())
+            run["speedup_vs_fp32"] = stats(fp32["samples"])["median"] / whole["median"]
         return run
 
     def _config(self, entries: list[_Backend], width: int, height: int, batch: int) -> None:
@@ -415,8 +424,9 @@ class Bench:
                 st["stages"] = {k: stats(v) for k, v in st["stage_samples"].items()}
                 del st["stage_calls"]  # drops the stage inputs before the next configuration allocates its own
         base = next((st for st in live if st["entry"].baseline), None)
+        fp32 = next((st for st in live if not st["entry"].baseline and st["entry"].impl.dtype == torch.float32), None)
         recorded = [self._record(st["entry"], width, height, batch, flops, ceil, st,
-                                 baseline=None if st is base else base) for st in live]
+                                 baseline=None if st is base else base, fp32=fp32) for st in live]
         self._free()
         self._write()  # also sets every run's MFU (finalize_mfu) before the lines below print it
         for run in recorded:
@@ -487,6 +497,9 @@ def _line(run: dict[str, Any]) -> str:
                      f"text {st['text_encode']['median']:.3f} s")
     if "speedup_vs_diffusers" in run:
         parts.append(f"x{run['speedup_vs_diffusers']:.2f} vs diffusers")
+    if "psnr_vs_fp32" in run:
+        parts.append(f"{run['dtype']}: x{run['speedup_vs_fp32']:.2f} vs fp32, PSNR {run['psnr_vs_fp32']:.1f} dB, "
+                     f"max diff {run['max_abs_diff_vs_fp32']}/255")
     parts.append(f"MFU {100 * run['mfu']['frame']:.1f}%")
     return ", ".join(parts)
 

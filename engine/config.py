@@ -40,7 +40,9 @@ class EngineConfig:
     costs one capture per bucket and memory for static buffers."""
     compile_unet: bool = False
     """torch.compile the UNet step (mode "reduce-overhead" on CUDA, which also replays CUDA graphs): lossless up to
-    kernel-fusion rounding; costs a compile of tens of seconds per shape bucket. Exclusive with `cuda_graphs`."""
+    kernel-fusion rounding; costs a compile of tens of seconds per shape bucket. Exclusive with `cuda_graphs`. On the
+    CPU: inductor with freezing and weight prepacking, each compile reported and cached on disk (engine/cpu.py);
+    `--dtype bf16` on an AMX / AVX-512-BF16 CPU turns it on by itself, for the VAE decoder too."""
     overrides: RenderSettings = field(default_factory=RenderSettings)
     """Command-line render settings; they win over the plan's own."""
     skip_existing: bool = True

@@ -13,6 +13,7 @@ from export.graphs import graph_modules
 from export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
 from kernels.attention import AttentionChoiceError, install_attention
 
+from .. import cpu
 from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
@@ -37,16 +38,24 @@ class TorchBackend:
         self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
         self.graphs = graphs
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
+        # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
+        self.fast = cpu.cpu_fast_path(self.device, self.dtype)
+        cpu.print_auto_dtype_hint(config.dtype, self.device)
+        channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
+        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
+        self._explicit_capture = config.compile_unet or config.cuda_graphs  # the bf16 CPU path steps aside instead
         if self.vae is not None:
             self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
-            if self.device.type == "cuda" and config.channels_last:
+            if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
-        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
+            self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
+            if self.vae_dtype == torch.bfloat16:
+                self._decode = cpu.Fp32FallbackDecoder(self.vae, self._decode)
         if self.unet is not None:
-            self._setup_unet(config)
+            self._setup_unet(config, channels_last)
 
-    def _setup_unet(self, config) -> None:
-        if self.device.type == "cuda" and config.channels_last:
+    def _setup_unet(self, config, channels_last: bool) -> None:
+        if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
         if config.attention != "sdpa":
@@ -59,7 +68,9 @@ class TorchBackend:
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             unet.fuse_qkv_projections()
         self._unet_step = self.unet
-        if config.compile_unet:
+        if self.device.type == "cpu" and (config.compile_unet or self.fast.compile):
+            self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
+        elif config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -72,7 +83,13 @@ class TorchBackend:
             if not loras:
                 return
             self.lora_merger = TorchMerger(library, self.graphs)
+        before = self.lora_merger.current
         self.lora_merger.apply(loras, library)
+        if self.lora_merger.current != before and isinstance(self._unet_step, cpu.CompiledCpu):
+            # Inductor's freezing folded the previous weights into the compiled graphs as constants, and dynamo's
+            # guards do not look at weight values: drop every compiled graph and compile against the merged ones.
+            torch._dynamo.reset()
+            self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
@@ -93,7 +110,7 @@ class TorchBackend:
     def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
         """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
         eager only (the rows' key lengths change from call to call)."""
-        if self._unet_step is not self.unet:
+        if self._unet_step is not self.unet and self._explicit_capture:
             raise UserError("consistency mode (anchor attention) cannot run with --cuda-graphs or --compile",
                             "drop --cuda-graphs/--compile for movies with consistency")
         if self.anchor_state is None:
@@ -109,4 +126,4 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host
+        return self._decode(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host
