@@ -167,3 +167,22 @@ def test_refiner_setting_is_validated():
         from engine.models import check_refiner
 
         check_refiner(".")
+
+
+def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
+    """A style token is bound to the refiner's one text encoder (SDXL's second) with the second encoder's vectors,
+    whether the refiner is loaded before or after the token is bound."""
+    from engine.renderer import StyleToken
+
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")
+    r.bind([token])
+    expert = r._refiner(str(tiny_refiner))
+    assert "<gothic-x>" in expert.encoder.token_sources
+    table = expert.encoder.tables[0]
+    tid = expert.encoder.tokenizers[0].convert_tokens_to_ids("<gothic-x>")
+    assert torch.equal(table[tid], token.vectors[1][0])
+    s = _settings(tiny_refiner, steps=3)
+    with_token = r.render([FrameJob("m", "f", "<gothic-x> a castle", "", 3)], s)[0][0].astype(np.int16)
+    without = r.render([FrameJob("m", "f", "a castle", "", 3)], s)[0][0].astype(np.int16)
+    assert np.abs(with_token - without).max() > 0
