@@ -239,3 +239,24 @@ def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
     with_token = r.render([FrameJob("m", "f", "<gothic-x> a castle", "", 3)], s)[0][0].astype(np.int16)
     without = r.render([FrameJob("m", "f", "a castle", "", 3)], s)[0][0].astype(np.int16)
     assert np.abs(with_token - without).max() > 0
+
+
+def test_refiner_export_spec(tiny_refiner):
+    """The refiner bundle exports a text encoder and a UNet with 5 time ids, and no VAE (the base model decodes);
+    TensorRT profiles are computed from the same spec."""
+    from engine.models import load_refiner
+    from export.graphs import graph_modules
+    from export.specs import default_profile, model_specs
+
+    bundle = load_refiner(tiny_refiner)
+    specs = model_specs(bundle)
+    assert list(specs) == ["text_encoder", "unet"] and list(graph_modules(bundle)) == list(specs)
+    unet = specs["unet"]
+    assert dict((t.name, t.shape) for t in unet.inputs)["time_ids"] == ("B", 5)
+    assert unet.consts["pooled"] == 32 and unet.consts["time_ids"] == 5
+    dims = unet.dims(frames=1, width=64, height=64)
+    inputs = unet.sample_inputs(dims)
+    with torch.no_grad():
+        out = graph_modules(bundle)["unet"](*(inputs[n] for n in unet.input_names))
+    assert tuple(out.shape) == unet.shapes(dims, "outputs")["noise"]
+    assert unet.input_profiles(default_profile(bundle))["time_ids"][2] == (8, 5)
