@@ -156,3 +156,14 @@ def test_swapped_vae_export_spec(vaes):
     assert tuple(images.shape) == spec.shapes(dims, "outputs")["images"] == (2, 3, 64, 64)
     assert float(images.min()) >= 0 and float(images.max()) <= 1
     assert spec.input_profiles(default_profile(bundle))["latents"][0] == (1, 4, 64, 64)
+
+
+def test_export_command_exports_a_swapped_vae(tmp_path, tiny_sd, vaes):
+    pytest.importorskip("onnxruntime")
+    res = CliRunner().invoke(cli, ["export", "--model", str(tiny_sd), "--vae", str(vaes / "taesd"), "--json"])
+    assert res.exit_code == 0, res.output
+    arts = json.loads(res.output[res.output.index("{"):])
+    assert arts["vae:vae_decoder"]["model_id"] == "taesd"
+    assert arts["vae:vae_decoder"]["model_hash"] != arts["vae_decoder"]["model_hash"]
+    bad = CliRunner().invoke(cli, ["export", "--model", str(tiny_sd), "--refiner", str(tiny_sd)])
+    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output and "Traceback" not in bad.output
