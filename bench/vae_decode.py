@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     device = config.torch_device
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        backends = {name: create_backend("torch", load_vae(path), config) for name, path in _decoders(Path(tmp)).items()}
-        latents = torch.randn(args.batch, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+        backends = {name: create_backend("torch", load_vae(path), config)
+                    for name, path in _decoders(Path(tmp)).items()}
+        latents = torch.randn(args.batch, 4, args.size // 8, args.size // 8,
+                              generator=torch.Generator().manual_seed(0))
         samples: dict[str, list[float]] = {name: [] for name in backends}
         for b in backends.values():  # warm-up
             b.decode(latents)
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     kl_name = next(iter(samples))
     medians = {name: statistics.median(s) for name, s in samples.items()}
     runs = [{"decoder": name, "seconds_per_frame": round(medians[name], 4),
-             "samples": [round(x, 4) for x in samples[name]], "vs_autoencoder_kl": round(medians[name] / medians[kl_name], 4)}
-            for name in samples]
+             "samples": [round(x, 4) for x in samples[name]],
+             "vs_autoencoder_kl": round(medians[name] / medians[kl_name], 4)} for name in samples]
     result = {"format": VAE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(device),
               "settings": {"size": args.size, "batch": args.batch, "repeats": args.repeats, "device": args.device,
                            "dtype": config.dtype_name, "threads": torch.get_num_threads()},

@@ -17,10 +17,10 @@ import torch
 
 from .backends.base import create_backend
 from .config import EngineConfig
-from .errors import UserError
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
+from .errors import UserError
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
-from .models import ModelBundle, content_hash, load_model, load_refiner, load_vae
+from .models import load_model, load_refiner, load_vae
 from .pipeline import BatchSettings, Expert, FrameJob, render_batch, settings_key
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
@@ -77,7 +77,7 @@ class Renderer:
         self.tokens: dict[str, StyleToken] = {}  # bound so far: a refiner loaded later binds them too
         self.refiners: dict[str, Expert] = {}  # by resolved folder, loaded on first use
         self.decoders: dict[str, Any] = {}  # swapped VAEs' backends, by resolved folder
-        self.hashes: dict[str, str] = {}
+        self.vae_hashes: dict[str, str] = {}
         # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
         if config.overrides.refiner:
             self._refiner(config.overrides.refiner)
@@ -120,7 +120,7 @@ class Renderer:
     def _decoder(self, path: str):
         """A backend that decodes with the VAE in `path` (checked against the model's latents), made once."""
         if path not in self.decoders:
-            bundle: ModelBundle = load_vae(path)
+            bundle = load_vae(path)
             if bundle.latent_channels != self.model.latent_channels or \
                     bundle.vae_scale_factor != self.model.vae_scale_factor:
                 raise UserError(f"the VAE {path} decodes {bundle.latent_channels}-channel latents at 1/"
@@ -128,12 +128,8 @@ class Renderer:
                                 f"{self.model.latent_channels}-channel latents at 1/{self.model.vae_scale_factor}",
                                 "use a VAE of this model family (SD 1.x/2.x and SDXL: 4 channels, 1/8)")
             self.decoders[path] = create_backend(self.config.backend, bundle, self.config)
+            self.vae_hashes[path] = bundle.content_hash
         return self.decoders[path]
-
-    def _hash(self, path: str) -> str:
-        if path not in self.hashes:
-            self.hashes[path] = content_hash(Path(path))
-        return self.hashes[path]
 
     def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
@@ -162,10 +158,7 @@ class Renderer:
         s = lm.resolved(overrides)
         loras = self.lora_set(lm)
         bs = batch_settings(s, loras)
-        if bs.refiner:
-            self._refiner(bs.refiner)  # a bad refiner fails the movie here, before any of its frames
-        if bs.vae:
-            self._decoder(bs.vae)
+        self._experts(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
         extra = self._expert_key(bs)
         anchors = self.anchor_specs(lm, token, overrides)
         tasks = []
@@ -191,10 +184,11 @@ class Renderer:
         if bs.timestep_spacing:
             extra["timestep_spacing"] = bs.timestep_spacing
         if bs.refiner:
-            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._hash(bs.refiner),
+            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._refiner(bs.refiner).model.content_hash,
                                 "switch": bs.refiner_switch}
         if bs.vae:
-            extra["vae"] = {"id": Path(bs.vae).name, "hash": self._hash(bs.vae)}
+            self._decoder(bs.vae)
+            extra["vae"] = {"id": Path(bs.vae).name, "hash": self.vae_hashes[bs.vae]}
         return extra
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -19,11 +20,13 @@ from engine.errors import UserError
 @click.option("--sizes", default=None, help="Image sizes WIDTHxHEIGHT, e.g. 512x512,768x512 (default: native).")
 @click.option("--dynamic/--static", default=None,
               help="TensorRT: one dynamic profile, or one engine per (batch, size) bucket (default: static).")
+@click.option("--refiner", type=click.Path(path_type=Path), help="Also export this SDXL refiner folder.")
+@click.option("--vae", type=click.Path(path_type=Path), help="Also export this VAE folder's decoder (as --vae).")
 @click.option("--list", "list_", is_flag=True, help="List cached artifacts.")
 @click.option("--clear", is_flag=True, help="Delete cached artifacts (only --model's if given explicitly).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, list_, clear, as_json):
+def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, refiner, vae, list_, clear, as_json):
     # Imported on use: every `movielm-fast` command (--help too) loads this module, and diffusers takes seconds to
     # import; --list needs only the cache.
     from export import cache
@@ -39,7 +42,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
             click.echo(f"  {m['model_id']:<20} {m['component']:<15} {m['target']:<12} {m['dtype']:<5} "
                        f"{m['profile']:<28} {cache.human_bytes(m['total_bytes']):>9}  {e.path}")
         return
-    from engine.models import load_model
+    from engine.models import check_refiner, load_model, load_refiner, load_vae, vae_folder
     from export.artifacts import check_backend, export_for_backend
     from export.specs import default_profile, parse_batch_sizes, parse_sizes
     from export.tensorrt import require_tensorrt
@@ -59,9 +62,19 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         require_tensorrt()
     batches = parse_batch_sizes(batch_sizes) if batch_sizes else None
     shapes = parse_sizes(sizes) if sizes else None
+    if refiner:
+        check_refiner(refiner)
+    if vae:
+        vae_folder(vae)
     bundle = load_model(model)
     profile = default_profile(bundle, batches, shapes, dynamic=bool(dynamic) if backend == "tensorrt" else True)
     artifacts = export_for_backend(bundle, backend, device, dtype, profile)
+    # A refiner and a swapped VAE are exported under their own content hash, for the base model's shapes.
+    for prefix, extra in (("refiner", load_refiner(refiner) if refiner else None),
+                          ("vae", load_vae(vae) if vae else None)):
+        if extra is not None:
+            for name, a in export_for_backend(extra, backend, device, dtype, profile).items():
+                artifacts[f"{prefix}:{name}"] = a
     if as_json:
         click.echo(json.dumps({name: {"path": str(a.path), **a.manifest} for name, a in artifacts.items()}, indent=2))
         return

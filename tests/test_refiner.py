@@ -63,6 +63,59 @@ def test_refiner_matches_diffusers(tiny_sdxl, tiny_refiner, scheduler, guidance,
     assert np.abs(ours - plain).max() > 2  # the refiner did change the image
 
 
+class Recording:
+    """A backend wrapper recording what every UNet call is given."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+
+    def encode_text(self, *args):
+        return self.inner.encode_text(*args)
+
+    def denoise(self, latents, t, cond):
+        self.calls.append((float(t), cond.time_ids.clone(), cond.text_embeds.clone(), cond.encoder_hidden_states))
+        return self.inner.denoise(latents, t, cond)
+
+    def decode(self, latents):
+        return self.inner.decode(latents)
+
+
+def test_refiner_unet_inputs_equal_diffusers(tiny_sdxl, tiny_refiner):
+    """The tiny UNets barely react to the aesthetic score, so the images alone could not catch a wrong one: compare
+    what each UNet call is given -- timesteps, time ids (aesthetic 6.0, negatives 2.5), pooled and token states."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    expert = r._refiner(str(tiny_refiner))
+    base_rec, ref_rec = Recording(r.backend), Recording(expert.backend)
+    r.backend, expert.backend = base_rec, ref_rec
+    r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 11)], _settings(tiny_refiner, "euler", 10, 5.0, 0.75))
+
+    seen = {"base": [], "refiner": []}
+    pipes = {"base": StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True),
+             "refiner": StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_refiner, local_files_only=True)}
+    for name, pipe in pipes.items():
+        pipe.scheduler = make_scheduler("euler", dict(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.unet.register_forward_pre_hook(
+            lambda mod, args, kw, name=name: seen[name].append(
+                (float(args[1]), kw["added_cond_kwargs"]["time_ids"], kw["added_cond_kwargs"]["text_embeds"],
+                 kw["encoder_hidden_states"])), with_kwargs=True)
+    g = torch.Generator("cpu").manual_seed(11)
+    latents = pipes["base"](PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, num_inference_steps=10, height=64,
+                            width=64, denoising_end=0.75, output_type="latent", generator=g).images
+    pipes["refiner"](PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, num_inference_steps=10,
+                     denoising_start=0.75, image=latents, generator=g, output_type="latent")
+    for ours, theirs in ((base_rec.calls, seen["base"]), (ref_rec.calls, seen["refiner"])):
+        assert [c[0] for c in ours] == [c[0] for c in theirs]
+        for (_, ids, pooled, hidden), (_, t_ids, t_pooled, t_hidden) in zip(ours, theirs):
+            assert torch.equal(ids.float(), t_ids.float())
+            assert torch.allclose(pooled, t_pooled, atol=1e-5) and torch.allclose(hidden, t_hidden, atol=1e-5)
+    assert len(ref_rec.calls) == 3 and len(base_rec.calls) == 7
+    assert ref_rec.calls[0][1].tolist() == [[64, 64, 0, 0, 2.5], [64, 64, 0, 0, 6.0]]
+
+
 def test_switch_splits_the_schedule_like_diffusers():
     """Base and refiner steps partition the schedule: every timestep is denoised exactly once."""
     config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -167,3 +220,43 @@ def test_refiner_setting_is_validated():
         from engine.models import check_refiner
 
         check_refiner(".")
+
+
+def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
+    """A style token is bound to the refiner's one text encoder (SDXL's second) with the second encoder's vectors,
+    whether the refiner is loaded before or after the token is bound."""
+    from engine.renderer import StyleToken
+
+    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")
+    r.bind([token])
+    expert = r._refiner(str(tiny_refiner))
+    assert "<gothic-x>" in expert.encoder.token_sources
+    table = expert.encoder.tables[0]
+    tid = expert.encoder.tokenizers[0].convert_tokens_to_ids("<gothic-x>")
+    assert torch.equal(table[tid], token.vectors[1][0])
+    s = _settings(tiny_refiner, steps=3)
+    with_token = r.render([FrameJob("m", "f", "<gothic-x> a castle", "", 3)], s)[0][0].astype(np.int16)
+    without = r.render([FrameJob("m", "f", "a castle", "", 3)], s)[0][0].astype(np.int16)
+    assert np.abs(with_token - without).max() > 0
+
+
+def test_refiner_export_spec(tiny_refiner):
+    """The refiner bundle exports a text encoder and a UNet with 5 time ids, and no VAE (the base model decodes);
+    TensorRT profiles are computed from the same spec."""
+    from engine.models import load_refiner
+    from export.graphs import graph_modules
+    from export.specs import default_profile, model_specs
+
+    bundle = load_refiner(tiny_refiner)
+    specs = model_specs(bundle)
+    assert list(specs) == ["text_encoder", "unet"] and list(graph_modules(bundle)) == list(specs)
+    unet = specs["unet"]
+    assert dict((t.name, t.shape) for t in unet.inputs)["time_ids"] == ("B", 5)
+    assert unet.consts["pooled"] == 32 and unet.consts["time_ids"] == 5
+    dims = unet.dims(frames=1, width=64, height=64)
+    inputs = unet.sample_inputs(dims)
+    with torch.no_grad():
+        out = graph_modules(bundle)["unet"](*(inputs[n] for n in unet.input_names))
+    assert tuple(out.shape) == unet.shapes(dims, "outputs")["noise"]
+    assert unet.input_profiles(default_profile(bundle))["time_ids"][2] == (8, 5)

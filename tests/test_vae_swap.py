@@ -138,3 +138,32 @@ def test_model_folder_vae_subfolder_is_accepted(tiny_sd):
 
     folder, cls_name = vae_folder(tiny_sd)
     assert folder == tiny_sd / "vae" and cls_name == "AutoencoderKL"
+
+
+def test_swapped_vae_export_spec(vaes):
+    """A swapped VAE is a bundle with only a decoder: one spec, one graph, TensorRT profiles from the same spec."""
+    from engine.models import load_vae
+    from export.graphs import graph_modules
+    from export.specs import default_profile, model_specs
+
+    bundle = load_vae(vaes / "taesd")
+    specs = model_specs(bundle)
+    assert list(specs) == ["vae_decoder"] and list(graph_modules(bundle)) == ["vae_decoder"]
+    spec = specs["vae_decoder"]
+    dims = spec.dims(frames=2, width=64, height=64)
+    with torch.no_grad():
+        images = graph_modules(bundle)["vae_decoder"](spec.sample_inputs(dims)["latents"])
+    assert tuple(images.shape) == spec.shapes(dims, "outputs")["images"] == (2, 3, 64, 64)
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
+    assert spec.input_profiles(default_profile(bundle))["latents"][0] == (1, 4, 64, 64)
+
+
+def test_export_command_exports_a_swapped_vae(tmp_path, tiny_sd, vaes):
+    pytest.importorskip("onnxruntime")
+    res = CliRunner().invoke(cli, ["export", "--model", str(tiny_sd), "--vae", str(vaes / "taesd"), "--json"])
+    assert res.exit_code == 0, res.output
+    arts = json.loads(res.output[res.output.index("{"):])
+    assert arts["vae:vae_decoder"]["model_id"] == "taesd"
+    assert arts["vae:vae_decoder"]["model_hash"] != arts["vae_decoder"]["model_hash"]
+    bad = CliRunner().invoke(cli, ["export", "--model", str(tiny_sd), "--refiner", str(tiny_sd)])
+    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output and "Traceback" not in bad.output
