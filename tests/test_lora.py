@@ -1,4 +1,5 @@
-"""LoRA: formats, parity with diffusers' load_lora_weights + fuse_lora, switching sets exactly, plans and CLI, errors."""
+"""LoRA: formats, parity with diffusers' load_lora_weights + fuse_lora, switching sets exactly, plans and CLI,
+errors, ONNX Runtime without re-export, the TensorRT refit plan."""
 
 import json
 
@@ -321,7 +322,8 @@ def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path,
 
     demo_renderer.backend.set_loras((), demo_renderer.loras)  # plain weights in the shared model
     model = demo_renderer.model
-    art = export_component(model, "unet", "ort-cpu", "fp32")  # the same map for the trt-onnx graph engines are built from
+    # The map and plan are computed alike for the trt-onnx graph that engines are built from.
+    art = export_component(model, "unet", "ort-cpu", "fp32")
     wm = load_weight_map(art, graph_module(model, "unet"))
     exported = {n: a for n, (a, _) in _initializers(art.file()).items()}
     lib = lora.LoraLibrary(model)
