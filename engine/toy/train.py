@@ -1,8 +1,7 @@
 """Train the toy model from scratch on the toy world, on a CPU: `python -m engine.toy.train --out DIR`.
 
 Two phases, each with a wall-clock budget (so the run fits its time box on whatever machine it runs on):
-1. the VAE, on random 32x32 crops (it is fully convolutional; crops cost a quarter of full images) with an L1 +
-   MSE reconstruction loss and a tiny KL term;
+1. the VAE, on whole images with an L1 + MSE loss on the reconstruction of the posterior mean and a tiny KL term;
 2. the UNet and the text encoder together, on VAE latents of a pool of scenes encoded once (epsilon prediction,
    min-SNR-5 loss weighting, captions dropped 10% of the time for classifier-free guidance, EMA weights).
 A checkpoint -- a complete diffusers folder with the EMA weights -- replaces DIR atomically every
@@ -54,17 +53,20 @@ def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_vae(vae, rng, minutes: float, log: Log, amp: bool, batch: int = 16, lr: float = 2e-3):
+def train_vae(vae, rng, minutes: float, log: Log, amp: bool, batch: int = 6, lr: float = 1e-3):
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     end, step = time.time() + minutes * 60, 0
     vae.train()
     while time.time() < end:
+        # Whole images, not crops: GroupNorm's statistics and the mid-block attention see the whole image at
+        # inference, and crops trained them on something else.
         imgs, _, _ = W.batch(rng, batch, held_out=None)
-        y0, x0 = rng.integers(0, 33, size=2)
-        x = torch.from_numpy(imgs[:, :, y0:y0 + 32, x0:x0 + 32])
+        x = torch.from_numpy(imgs)
         with _autocast(amp):
             post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample.float()
+            # The mean, not a sample: with the KL weight this small the posterior's noise only slows learning
+            # (the UNet trains on, and the engine decodes, means anyway).
+            rec = vae.decode(post.mode()).sample.float()
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
@@ -134,6 +136,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of an earlier run's folder")
+    ap.add_argument("--vae-only", action="store_true", help="stop after the VAE phase")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -143,15 +146,23 @@ def main(argv=None) -> None:
     log = Log(args.out.with_name(args.out.name + "_log.jsonl"))
     log(phase="start", args={k: str(v) for k, v in vars(args).items()}, bf16_autocast=amp)
 
-    if args.vae_from:
+    if args.vae_from:  # continue an earlier run's VAE for --vae-minutes (0: use it as it is)
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
-        vae_steps, vae_loss = 0, float("nan")
+        prior = json.loads((args.vae_from / "vae_training.json").read_text()) if \
+            (args.vae_from / "vae_training.json").exists() else {"vae_steps": 0, "vae_loss": None}
     else:
-        vae = M.vae()
-        vae_steps, vae_loss = train_vae(vae, rng, args.vae_minutes, log, amp)
-        # Kept on its own too: a later run can reuse it (--vae-from) and it can be inspected while the UNet trains.
-        vae.save_pretrained(args.out.with_name(args.out.name + "_vae") / "vae", safe_serialization=True)
+        vae, prior = M.vae(), {"vae_steps": 0, "vae_loss": None}
+    vae_steps, vae_loss = prior["vae_steps"], prior["vae_loss"]
+    if args.vae_minutes > 0:
+        steps, vae_loss = train_vae(vae, rng, args.vae_minutes, log, amp)
+        vae_steps += steps
+    # Kept on its own too: a later run can reuse it (--vae-from) and it can be inspected while the UNet trains.
+    vae_dir = args.out.with_name(args.out.name + "_vae")
+    vae.save_pretrained(vae_dir / "vae", safe_serialization=True)
+    atomic_write_text(vae_dir / "vae_training.json", json.dumps({"vae_steps": vae_steps, "vae_loss": vae_loss}))
+    if args.vae_only:
+        return
     vae.requires_grad_(False).eval()
 
     # Latents of unit variance, as SD's scaling_factor makes them, so the noise schedule means what it says.

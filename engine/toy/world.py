@@ -58,8 +58,8 @@ class Scene:
     style: str = "plain"
     characters: dict[str, Character] = field(default_factory=dict)  # position -> character
 
-    def caption(self, with_style: bool = True) -> str:
-        return caption(self, with_style)
+    def caption(self, with_style: bool = True, style_first: bool = False) -> str:
+        return caption(self, with_style, style_first)
 
 
 # --- drawing ------------------------------------------------------------------------------------------------------
@@ -161,10 +161,14 @@ def render(scene: Scene) -> np.ndarray:
 _POS_PHRASE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 
 
-def caption(scene: Scene, with_style: bool = True) -> str:
+def caption(scene: Scene, with_style: bool = True, style_first: bool = False) -> str:
+    """"a big red circle on the left and ..., on grass, sepia style". `style_first` puts the style where the
+    engine's frame prompts put it ("sepia style, a big red circle ...")."""
     parts = [f"{ch.phrase} {_POS_PHRASE[p]}" for p in POSITIONS if (ch := scene.characters.get(p))]
     subject = " and ".join(parts) if parts else "an empty scene"
     text = f"{subject}, {BACKGROUND_PHRASES[scene.background]}"
+    if with_style and style_first:
+        return f"{scene.style} style, {text}"
     if with_style:
         text += f", {scene.style} style"
     return text
@@ -222,9 +226,11 @@ def scene_for_seed(seed: int, styles: tuple[str, ...] = STYLES, held_out: bool |
 def batch(rng: np.random.Generator, n: int, styles: tuple[str, ...] = STYLES, plain_caption_drop: float = 0.5,
           held_out: bool | None = False) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes: (n, 3, 64, 64) images in [-1, 1] (the VAE's range), captions, scenes. "plain style" is left out of
-    a caption with probability `plain_caption_drop`, so a prompt without a style word means plain."""
+    a caption with probability `plain_caption_drop`, so a prompt without a style word means plain; the style comes
+    first or last with equal probability (frame prompts put it first, plain English last)."""
     scenes = [random_scene(rng, styles, held_out) for _ in range(n)]
     imgs = np.stack([render(s) for s in scenes]).transpose(0, 3, 1, 2) * 2 - 1
-    caps = [s.caption(with_style=not (s.style == "plain" and rng.random() < plain_caption_drop)) for s in scenes]
+    caps = [s.caption(with_style=not (s.style == "plain" and rng.random() < plain_caption_drop),
+                      style_first=bool(rng.random() < 0.5)) for s in scenes]
     return imgs.astype(np.float32), caps, scenes
 
