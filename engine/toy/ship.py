@@ -36,22 +36,27 @@ def toy_vocabulary() -> list[int]:
     return sorted(ids)
 
 
-def ship(src: Path, dest: Path = DEST) -> None:
+def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
+    """`vae_weights`: a VAE fine-tuned with its encoder frozen (train --decoder-only) replaces src's weights; its
+    config is src's, which holds the latent scaling factor the UNet was trained with."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("model_index.json", "training.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, tmp / name)
+    shutil.copy(src / "model_index.json", tmp / "model_index.json")
+    info = json.loads((src / "training.json").read_text()) if (src / "training.json").exists() else {}
+    if vae_weights:
+        record = vae_weights.parent.parent / "vae_training.json"
+        info["decoder_finetune"] = json.loads(record.read_text()) if record.exists() else str(vae_weights)
+    (tmp / "training.json").write_text(json.dumps(info, indent=1))
     (tmp / "scheduler").mkdir()
     shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
     keep = torch.tensor(toy_vocabulary())
     for folder, fname in _WEIGHTS.items():
         (tmp / folder).mkdir()
         shutil.copy(src / folder / "config.json", tmp / folder / "config.json")
-        state = load_file(str(src / folder / fname))
+        state = load_file(str(vae_weights if folder == "vae" and vae_weights else src / folder / fname))
         if folder == "text_encoder":
-            key = "text_model.embeddings.token_embedding.weight"
+            key = next(k for k in state if k.endswith("embeddings.token_embedding.weight"))
             table = torch.zeros_like(state[key])
             table[keep] = state[key][keep]
             state[key] = table
@@ -70,8 +75,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path)
     ap.add_argument("--dest", type=Path, default=DEST)
+    ap.add_argument("--vae-weights", type=Path, default=None,
+                    help="diffusion_pytorch_model.safetensors of a decoder fine-tuned on src's frozen encoder")
     args = ap.parse_args(argv)
-    ship(args.src, args.dest)
+    ship(args.src, args.dest, args.vae_weights)
 
 
 if __name__ == "__main__":
