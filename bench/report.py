@@ -419,7 +419,15 @@ def _rate(x: float | None) -> str:
 def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
-    res = results[-1]
+    # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
+    # the newest model measured.
+    res = dict(results[-1])
+    same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
+    for key in ("conditioning", "style", "consistency", "lossy", "image"):
+        for r in reversed(same_model):
+            if key in r:
+                res[key] = r[key]
+                break
     st, m = res["settings"], res["machine"]
     lines = ["## The toy demo model: what its images mean (`python -m bench.toy_quality`)", "",
              f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
