@@ -449,14 +449,15 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     if sty:
         lines += ["", f"**Style immobilization**: token {sty['token']} learned by the engine's trainer from "
                   f"{sty['images']} neon scenes ({sty['steps']} steps, {sty['train_seconds']} s) whose captions "
-                  "never say neon; captions without a style word:", "",
+                  "never say neon; held-out captions without a style word (the first "
+                  f"{sty.get('captions', 'few')}):", "",
                   "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
         for k in ("without token", "with token", "with the words 'neon style'"):
             lines.append(f"| {k} | {_rate(sty[k]['judged_neon'])} | {_rate(sty[k]['conditioning_ignoring_style'])} |")
     con = res.get("consistency")
     if con:
         lines += ["", "**Consistency**: a movie of 8 frames whose three characters change places and backgrounds "
-                  "(several seeds); each appearance judged at its named place:", "",
+                  "(over one or more movie seeds); each appearance judged at its named place:", "",
                   "| consistency mode | appearances | colour right | colour and shape right |", "|---|---|---|---|"]
         for k, v in con.items():
             lines.append(f"| {k} | {v['character_appearances']} | {_rate(v['colour_at_position'])} | "
@@ -464,7 +465,8 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     lossy = res.get("lossy")
     if lossy:
         lines += ["", f"**Lossy options** against fp32 DPM++ {st['steps']} steps (conditioning "
-                  f"{_rate(lossy['fp32_conditioning'])}) on the same captions and seeds:", "",
+                  f"{_rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
+                  f"{lossy.get('captions', 'few')}):", "",
                   "| option | conditioning | change | same reading as fp32 | max / mean pixel diff |",
                   "|---|---|---|---|---|"]
         for k, v in lossy["cases"].items():

@@ -94,7 +94,7 @@ def check_style(r: Renderer, args, scenes) -> dict:
     r.encoder.add_token(res.token, list(res.vectors), str(res.path))
     base = [s.caption(with_style=False) for s in scenes]
     s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
-    out = {"token": res.token, "train_seconds": round(train_s, 1), "images": args.style_images,
+    out = {"token": res.token, "train_seconds": round(train_s, 1), "images": args.style_images, "captions": len(base),
            "steps": args.style_steps, "report": {k: v for k, v in res.report.items() if isinstance(v, (int, float))}}
     for name, prompts in (("without token", base), ("with token", [f"{res.token}, {c}" for c in base]),
                           ("with the words 'neon style'", [f"neon style, {c}" for c in base])):
@@ -141,7 +141,7 @@ def check_consistency(r: Renderer, args) -> dict:
                     total += 1
                     colour_ok += got.colours[pos] == CAST[name].colour
                     shape_ok += got.colours[pos] == CAST[name].colour and got.shapes[pos] == CAST[name].shape
-        out[mode] = {"character_appearances": total, "colour_at_position": colour_ok / total,
+        out[mode] = {"movie_seeds": args.story_seeds, "character_appearances": total, "colour_at_position": colour_ok / total,
                      "colour_and_shape_at_position": shape_ok / total}
     return out
 
@@ -168,7 +168,7 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
         out[name] = {"conditioning": rates["conditioning"], "delta_vs_fp32": rates["conditioning"] - base,
                      "same_reading_as_fp32": same, "max_abs_pixel_diff": int(diff.max()),
                      "mean_abs_pixel_diff": round(float(diff.mean()), 3), "seconds": round(time.perf_counter() - t0, 1)}
-    return {"fp32_conditioning": base, "cases": out}
+    return {"fp32_conditioning": base, "captions": len(captions), "cases": out}
 
 
 def main(argv: list[str] | None = None) -> int:
