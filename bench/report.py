@@ -520,10 +520,80 @@ def cpu_peer_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+TOY_FORMAT = "movielm-bench-toy-quality/1"
+
+
+def _rate(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
+    # the newest model measured.
+    res = dict(results[-1])
+    same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
+    for key in ("conditioning", "style", "consistency", "lossy", "image"):
+        for r in reversed(same_model):
+            if key in r:
+                res[key] = r[key]
+                break
+    st, m = res["settings"], res["machine"]
+    lines = ["## The toy demo model: what its images mean (`python -m bench.toy_quality`)", "",
+             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
+             f"guidance {st['guidance']}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic judge "
+             f"(`engine/toy/judge.py`); {_load(res)}; {res['created']}."]
+    if "image" in res:
+        lines += ["", f"![first 16 held-out captions](results/{res['image']})"]
+    c = res.get("conditioning")
+    if c:
+        r, t = c["rates"], c["judge_on_ground_truth"]
+        lines += ["", f"**Conditioning** on {r['images']} held-out captions (layouts never trained on): background "
+                  f"and every named shape's colour at its named position right in **{_rate(r['conditioning'])}** of "
+                  "the images (the issue's bar: 80%).", "",
+                  "| rate | model | world's own images |", "|---|---|---|"]
+        for k in ("conditioning", "strict", "background", "style", "colour_at_position", "shape_at_position",
+                  "size_at_position", "empty_positions"):
+            lines.append(f"| {k.replace('_', ' ')} | {_rate(r[k])} | {_rate(t[k])} |")
+    sty = res.get("style")
+    if sty:
+        lines += ["", f"**Style immobilization**: token {sty['token']} learned by the engine's trainer from "
+                  f"{sty['images']} neon scenes ({sty['steps']} steps, {sty['train_seconds']} s) whose captions "
+                  "never say neon; held-out captions without a style word (the first "
+                  f"{sty.get('captions', 'few')}):", "",
+                  "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
+        for k in ("without token", "with token", "with the words 'neon style'"):
+            lines.append(f"| {k} | {_rate(sty[k]['judged_neon'])} | {_rate(sty[k]['conditioning_ignoring_style'])} |")
+    con = res.get("consistency")
+    if con:
+        lines += ["", "**Consistency**: a movie of 8 frames whose three characters change places and backgrounds "
+                  "(over one or more movie seeds); each appearance judged at its named place:", "",
+                  "| consistency mode | appearances | colour right | colour and shape right |", "|---|---|---|---|"]
+        for k, v in con.items():
+            lines.append(f"| {k} | {v['character_appearances']} | {_rate(v['colour_at_position'])} | "
+                         f"{_rate(v['colour_and_shape_at_position'])} |")
+    lossy = res.get("lossy")
+    if lossy:
+        lines += ["", f"**Lossy options** against fp32 DPM++ {st['steps']} steps (conditioning "
+                  f"{_rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
+                  f"{lossy.get('captions', 'few')}):", "",
+                  "| option | conditioning | change | same reading as fp32 | max / mean pixel diff |",
+                  "|---|---|---|---|---|"]
+        for k, v in lossy["cases"].items():
+            if "error" in v:
+                lines.append(f"| {k} | does not run: {v['error']} | | | |")
+            else:
+                lines.append(f"| {k} | {_rate(v['conditioning'])} | {100 * v['delta_vs_fp32']:+.0f} points | "
+                             f"{_rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
+                             f"{v['mean_abs_pixel_diff']} |")
+    return lines + [""]
+
+
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
 SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
-                 (CPU_PEER_FORMAT, cpu_peer_section))
+                 (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section))
 
 
 def write_results_md(results_dir: Path, md_path: Path) -> Path:

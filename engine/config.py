@@ -20,7 +20,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class EngineConfig:
     model: str = "demo"
-    """"demo" (tiny random-weight model, images not meaningful), a diffusers folder, or a .safetensors file."""
+    """"demo" (the small model trained on the toy world, engine/toy: 64x64 scenes of coloured shapes), a diffusers
+    folder, or a .safetensors file."""
     out: Path = Path("out")
     backend: str = "torch"
     device: str = "cpu"

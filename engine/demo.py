@@ -1,15 +1,21 @@
-"""The built-in demo model: tiny Stable-Diffusion-architecture components with RANDOM weights.
+"""The built-in demo model, and tiny random-weight models for tests.
 
-Its images are not meaningful. It exists so that the whole pipeline (plan -> prompts -> text encoder -> UNet ->
-VAE -> files) runs offline in seconds on any machine. It is created deterministically from a fixed seed on first
-use and saved as an ordinary diffusers folder, so everything that loads a real model loads it the same way.
-Tests build the SDXL variant the same way.
+"demo" is the toy model (`engine.toy`): a small Stable-Diffusion-architecture model trained on this project's
+procedural toy world (64x64 scenes of coloured circles, squares and triangles on five backgrounds, in five styles).
+Its weights ship inside the package (`engine/toy/demo_model`, float16 safetensors); on first use they are copied,
+with the standard CLIP tokenizer rebuilt from open-clip's vocabulary, into an ordinary diffusers folder in the cache,
+so everything that loads a real model loads it the same way.
+
+`build_tiny_pipeline` makes tiny SD 1.x / SDXL models with RANDOM weights: their images mean nothing, which is
+what the parity tests want (any mismatch with diffusers shows; nothing depends on what is drawn).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +26,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .errors import UserError
 from .paths import atomic_dir, cache_root
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-toy-v1"
+TOY_MODEL_DIR = Path(__file__).parent / "toy" / "demo_model"
 _CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -145,12 +152,26 @@ def build_tiny_autoencoder_tiny(seed: int = 0, latent_channels: int = 4, channel
     return vae
 
 
+def _shipped_hash() -> str:
+    files = sorted(p for p in TOY_MODEL_DIR.rglob("*") if p.is_file())
+    if not (TOY_MODEL_DIR / "model_index.json").exists():
+        raise UserError(f"the demo model's weights are missing from {TOY_MODEL_DIR}",
+                        "reinstall movielm-fast from a complete checkout, or pass --model PATH to a model folder")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(TOY_MODEL_DIR)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def demo_model_path() -> Path:
-    """The demo model folder, created on first use (atomically, so a crash never leaves half a model)."""
-    target = cache_root() / DEMO_VERSION
+    """The demo model folder in the cache, assembled on first use (atomically, so a crash never leaves half a
+    model); keyed by the shipped weights, so new weights get a new folder."""
+    target = cache_root() / f"{DEMO_VERSION}-{_shipped_hash()}"
     with atomic_dir(target, "model_index.json") as tmp:
         if tmp is not None:
-            build_tiny_pipeline("sd").save_pretrained(tmp, safe_serialization=True)
+            shutil.copytree(TOY_MODEL_DIR, tmp, dirs_exist_ok=True)
+            clip_tokenizer().save_pretrained(tmp / "tokenizer")
     return target
 
 

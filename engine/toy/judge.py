@@ -1,0 +1,163 @@
+"""An analytic judge for the toy world: reads a 64x64 image back into a scene and scores it against a caption.
+
+No learned weights: every decision is a nearest-template match against the world's own renderer.
+- background and style together: the row means of the bands above and below the shapes (which only the background
+  touches) against those of the 25 empty (background, style) scenes;
+- each position's colour: the mean of a small box at the position's centre against an empty scene's box and a
+  shape of each colour, in the judged background and style;
+- shape and size, where a colour was found: the pixels nearer that colour than the empty scene give a mask whose
+  extent gives the size and whose fill of its bounding box gives the shape (square ~1, circle ~0.79, triangle ~0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from . import world as W
+
+EMPTY = "none"
+_BOX = (slice(W.CENTRE_Y - 1, W.CENTRE_Y + 4), {p: slice(x - 2, x + 3) for p, x in W.POS_X.items()})
+_WIN = 11  # half-size of the window in which a shape's mask is measured
+
+
+def _as_float(img) -> np.ndarray:
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    a = a.astype(np.float32)
+    return a / 255.0 if a.max() > 1.5 else a
+
+
+def _band_signature(img: np.ndarray) -> np.ndarray:
+    return np.concatenate([img[W.TOP_BAND].mean(axis=1), img[W.BOTTOM_BAND].mean(axis=1)])  # (rows, 3)
+
+
+@lru_cache(maxsize=1)
+def _band_templates() -> tuple[list[tuple[str, str]], np.ndarray]:
+    keys = [(b, s) for b in W.BACKGROUNDS for s in W.STYLES]
+    return keys, np.stack([_band_signature(W.render(W.Scene(b, s))) for b, s in keys])
+
+
+@lru_cache(maxsize=None)
+def _empty(bg: str, style: str) -> np.ndarray:
+    return W.render(W.Scene(bg, style))
+
+
+@lru_cache(maxsize=None)
+def _with_square(bg: str, style: str, pos: str, colour: str) -> np.ndarray:
+    return W.render(W.Scene(bg, style, {pos: W.Character("square", colour, "big")}))
+
+
+def _box_mean(img: np.ndarray, pos: str) -> np.ndarray:
+    rows, cols = _BOX
+    return img[rows, cols[pos]].reshape(-1, 3).mean(axis=0)
+
+
+@dataclass
+class Reading:
+    background: str
+    style: str
+    colours: dict[str, str]  # position -> colour name or "none"
+    shapes: dict[str, str | None]  # position -> shape, where a colour was read
+    sizes: dict[str, str | None]
+
+
+def read(img) -> Reading:
+    """What the image shows. `img`: (H, W, 3) or (3, H, W), uint8 or float in [0, 1]."""
+    img = _as_float(img)
+    keys, templates = _band_templates()
+    d = ((templates - _band_signature(img)[None]) ** 2).mean(axis=(1, 2))
+    bg, style = keys[int(np.argmin(d))]
+    colours, shapes, sizes = {}, {}, {}
+    for pos in W.POSITIONS:
+        seen = _box_mean(img, pos)
+        names = [EMPTY, *W.COLOURS]
+        refs = [_box_mean(_empty(bg, style), pos)] + [_box_mean(_with_square(bg, style, pos, c), pos)
+                                                      for c in W.COLOURS]
+        best = names[int(np.argmin([((seen - r) ** 2).sum() for r in refs]))]
+        colours[pos] = best
+        shapes[pos], sizes[pos] = (None, None) if best == EMPTY else _shape_and_size(img, bg, style, pos, best)
+    return Reading(bg, style, colours, shapes, sizes)
+
+
+def _shape_and_size(img: np.ndarray, bg: str, style: str, pos: str, colour: str) -> tuple[str, str]:
+    cx, cy = W.POS_X[pos], W.CENTRE_Y
+    win = (slice(cy - _WIN, cy + _WIN + 1), slice(max(cx - _WIN, 0), min(cx + _WIN + 1, W.SIZE)))
+    patch, empty = img[win], _empty(bg, style)[win]
+    if style == "striped":  # undo the dark bands, so a shape's colour is one colour
+        gain = np.where((W._YY[win] // 8) % 2 == 1, 1 / 0.55, 1.0)[..., None]
+        patch, empty = patch * gain, empty * gain
+    shape_colour = _box_mean(_with_square(bg, style, pos, colour), pos)
+    # Everything a pixel could be: the shape's colour, the empty scene there, or (neon) the shape's glowing rim.
+    others = [empty]
+    if style == "neon":
+        others.append(np.broadcast_to(0.65 * np.array(W.COLOURS[colour], np.float32) + 0.1, patch.shape))
+    d_shape = ((patch - shape_colour) ** 2).sum(-1)
+    mask = np.all([d_shape < ((patch - o) ** 2).sum(-1) for o in others], axis=0)
+    if not mask.any():
+        return "circle", "small"
+    ys, xs = np.nonzero(mask)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    size = "big" if max(h, w) >= 13 else "small"
+    fill = mask.sum() / float(h * w)
+    shape = "square" if fill > 0.9 else "triangle" if fill < 0.66 else "circle"
+    return shape, size
+
+
+@dataclass
+class Score:
+    background: bool
+    style: bool
+    named_colours: int  # named characters whose colour was read at their position
+    named: int  # named characters
+    named_shapes: int
+    named_sizes: int
+    empty_ok: int  # positions the caption leaves empty that were read empty
+    empty: int
+
+    @property
+    def conditioning(self) -> bool:
+        """The issue's criterion: the background and every named character's colour at its position."""
+        return self.background and self.named_colours == self.named
+
+    @property
+    def strict(self) -> bool:
+        """Also every unnamed position empty, and the style right."""
+        return self.conditioning and self.empty_ok == self.empty and self.style
+
+
+def score(img, text: str) -> Score:
+    want = W.parse_caption(text)
+    got = read(img)
+    named = [(p, c) for p, c in want.characters.items()]
+    empty = [p for p in W.POSITIONS if p not in want.characters]
+    return Score(
+        background=got.background == want.background,
+        style=got.style == want.style,
+        named_colours=sum(got.colours[p] == c.colour for p, c in named),
+        named=len(named),
+        named_shapes=sum(got.colours[p] == c.colour and got.shapes[p] == c.shape for p, c in named),
+        named_sizes=sum(got.colours[p] == c.colour and got.sizes[p] == c.size for p, c in named),
+        empty_ok=sum(got.colours[p] == EMPTY for p in empty),
+        empty=len(empty),
+    )
+
+
+def summarize(scores: list[Score]) -> dict[str, float]:
+    """Rates over a set of scored images (each a fraction in [0, 1])."""
+    n = max(len(scores), 1)
+    named = max(sum(s.named for s in scores), 1)
+    return {
+        "images": len(scores),
+        "conditioning": sum(s.conditioning for s in scores) / n,
+        "strict": sum(s.strict for s in scores) / n,
+        "background": sum(s.background for s in scores) / n,
+        "style": sum(s.style for s in scores) / n,
+        "colour_at_position": sum(s.named_colours for s in scores) / named,
+        "shape_at_position": sum(s.named_shapes for s in scores) / named,
+        "size_at_position": sum(s.named_sizes for s in scores) / named,
+        "empty_positions": sum(s.empty_ok for s in scores) / max(sum(s.empty for s in scores), 1),
+    }

@@ -1,0 +1,100 @@
+"""The toy world and its judge: captions round-trip, scenes are deterministic, and the judge reads the world's own
+images back (near-perfectly: it is the reference every quality figure of the toy model rests on)."""
+
+import numpy as np
+import pytest
+
+from engine.toy import judge as J
+from engine.toy import world as W
+
+
+def _u8(img):
+    return (img * 255).round().astype(np.uint8)
+
+
+def test_scene_is_deterministic_from_seed():
+    a, b = W.scene_for_seed(123), W.scene_for_seed(123)
+    assert a == b
+    assert np.array_equal(W.render(a), W.render(b))
+    assert any(W.scene_for_seed(s) != a for s in range(124, 130))
+
+
+def test_batches_are_deterministic_and_in_vae_range():
+    x1, c1, _ = W.batch(np.random.default_rng(5), 6)
+    x2, c2, _ = W.batch(np.random.default_rng(5), 6)
+    assert c1 == c2 and np.array_equal(x1, x2)
+    assert x1.shape == (6, 3, 64, 64) and x1.min() >= -1 and x1.max() <= 1
+
+
+def test_captions_parse_back_to_their_scene():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = W.random_scene(rng)
+        assert W.parse_caption(s.caption()) == s
+        assert W.parse_caption(s.caption(style_first=True)) == s
+        if s.style == "plain":
+            assert W.parse_caption(s.caption(with_style=False)) == s
+
+
+def test_caption_reads_as_plain_english():
+    s = W.Scene("grass", "sepia", {"left": W.Character("circle", "red", "big"),
+                                   "right": W.Character("triangle", "blue", "small")})
+    assert s.caption() == "a big red circle on the left and a small blue triangle on the right, on grass, sepia style"
+    assert W.Scene("night").caption() == "an empty scene, at night, plain style"
+
+
+def test_unknown_words_are_refused():
+    with pytest.raises(ValueError):
+        W.parse_caption("a big red circle on the left, on the moon")
+    with pytest.raises(ValueError):
+        W.parse_caption("a big pink hexagon on the left, on grass")
+
+
+def test_held_out_layouts_never_appear_in_training_batches():
+    _, _, scenes = W.batch(np.random.default_rng(1), 200)
+    assert not any(W.is_held_out(s) for s in scenes)
+    held = [W.random_scene(np.random.default_rng(i), held_out=True) for i in range(20)]
+    assert all(W.is_held_out(s) for s in held)
+
+
+def test_judge_reads_ground_truth_images():
+    rng = np.random.default_rng(2)
+    scenes = [W.random_scene(rng) for _ in range(200)]
+    scores = [J.score(_u8(W.render(s)), s.caption()) for s in scenes]
+    rates = J.summarize(scores)
+    # Measured: every rate is 1.0 on 500 scenes (seed 1) and on these 200.
+    assert rates["strict"] == 1.0, rates
+    assert rates["shape_at_position"] >= 0.98 and rates["size_at_position"] >= 0.98, rates
+
+
+def test_judge_rejects_wrong_captions():
+    s = W.Scene("sea", "neon", {"centre": W.Character("square", "yellow", "big")})
+    img = _u8(W.render(s))
+    assert J.score(img, s.caption()).strict
+    wrong_colour = J.score(img, "a big red square in the centre, by the sea, neon style")
+    wrong_place = J.score(img, "a big yellow square on the left, by the sea, neon style")
+    wrong_bg = J.score(img, "a big yellow square in the centre, at sunset, neon style")
+    wrong_style = J.score(img, "a big yellow square in the centre, by the sea, pastel style")
+    assert not wrong_colour.conditioning and not wrong_place.conditioning and not wrong_bg.conditioning
+    assert wrong_style.conditioning and not wrong_style.strict
+
+
+def test_judge_survives_mild_noise_and_blur():
+    rng = np.random.default_rng(3)
+    ok = 0
+    for _ in range(100):
+        s = W.random_scene(rng)
+        img = W.render(s)
+        img = (img + np.roll(img, 1, axis=0) + np.roll(img, 1, axis=1)) / 3  # a one-pixel blur
+        img = np.clip(img + rng.normal(0, 0.04, img.shape), 0, 1)
+        ok += J.score(_u8(img), s.caption()).conditioning
+    assert ok >= 95
+
+
+def test_world_and_judge_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, engine.toy.world, engine.toy.judge; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
