@@ -36,8 +36,9 @@ def pipes():
 
 
 @pytest.fixture(scope="module")
-def demo_renderer():
-    return Renderer(EngineConfig(model="demo"))
+def demo_renderer(tiny_sd):
+    # The tiny random SD model: the same weights as pipes["sd"], so diffusers is the oracle (not the toy demo model).
+    return Renderer(EngineConfig(model=str(tiny_sd)))
 
 
 def _ours(renderer, loras=(), seed=42, steps=4, guidance=7.5, scheduler="dpmpp", prompt=PROMPT):
@@ -150,7 +151,7 @@ def test_two_movies_with_different_loras_in_one_run(tmp_path, pipes, demo_render
     plan = write_plan(tmp_path / "plan.json", [styled, own, movie("plain", 2)], SMALL)
     out = tmp_path / "out"
     ex = LocalExecutor(renderer=demo_renderer)
-    summary = render(EngineConfig(model="demo", out=out, batch_size=8), [plan], executor=ex)
+    summary = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
     assert summary.frames_rendered == 6 and not summary.failures
 
     # Frames of different sets never share a batch, even when everything else agrees and the batch would fit.
@@ -169,19 +170,19 @@ def test_two_movies_with_different_loras_in_one_run(tmp_path, pipes, demo_render
     assert np.abs(imgs["styled"] - imgs["plain"]).max() > 10 and np.abs(imgs["own"] - imgs["plain"]).max() > 10
 
     # Same command again: all done. A different scale is a different frame.
-    again = render(EngineConfig(model="demo", out=out, batch_size=8), [plan], executor=ex)
+    again = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
     assert again.frames_skipped == 6 and again.frames_rendered == 0
     styled["style"]["loras"][0]["scale"] = 0.5
     plan = write_plan(tmp_path / "plan.json", [styled, own, movie("plain", 2)], SMALL)
-    third = render(EngineConfig(model="demo", out=out, batch_size=8), [plan], executor=ex)
+    third = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
     assert third.frames_rendered == 2 and third.frames_skipped == 4
 
 
-def test_cli_lora_flag_renders_and_records(tmp_path, pipes):
+def test_cli_lora_flag_renders_and_records(tmp_path, pipes, tiny_sd):
     f = make_lora(tmp_path / "x.safetensors", pipes["sd"])
     plan = write_plan(tmp_path / "plan.json", [movie("m", 1)], SMALL)
-    res = CliRunner().invoke(cli, ["render", str(plan), "--out", str(tmp_path / "out"), "--lora", f"{f}:0.8",
-                                   "--json"])
+    res = CliRunner().invoke(cli, ["render", str(plan), "--model", str(tiny_sd), "--out", str(tmp_path / "out"),
+                                   "--lora", f"{f}:0.8", "--json"])
     assert res.exit_code == 0, res.output
     entry = read_manifest(tmp_path / "out" / "m" / "manifest.json")["frames"][0]
     assert entry["loras"] == [{"file": "x.safetensors", "sha256": lora.lora_ref(f, 1).sha256, "scale": 0.8}]
@@ -205,18 +206,18 @@ def _bad_files(tmp_path, pipes):
 
 
 @pytest.mark.parametrize("case", ["loha", "junk", "flux", "missing", "pt", "sdxl-on-sd"])
-def test_bad_lora_files_give_clear_errors_without_traceback(tmp_path, pipes, case):
+def test_bad_lora_files_give_clear_errors_without_traceback(tmp_path, pipes, tiny_sd, case):
     path, message = _bad_files(tmp_path, pipes)[case]
     if case == "pt":
         path.write_bytes(b"x")
     plan = write_plan(tmp_path / "plan.json", [movie("m", 1, loras=[{"file": path.name}])], SMALL)
-    res = CliRunner().invoke(cli, ["render", str(plan), "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(cli, ["render", str(plan), "--model", str(tiny_sd), "--out", str(tmp_path / "out")])
     assert res.exit_code in (1, 2), res.output
     assert message in res.output and path.name in res.output and "Traceback" not in res.output
     if case != "sdxl-on-sd":  # file-level problems: found before any model loads, for plan and flag alike
         assert res.exit_code == 2
         res = CliRunner().invoke(cli, ["render", str(write_plan(tmp_path / "p2.json", [movie("m", 1)], SMALL)),
-                                       "--out", str(tmp_path / "out"), "--lora", str(path)])
+                                       "--model", str(tiny_sd), "--out", str(tmp_path / "out"), "--lora", str(path)])
         assert res.exit_code == 2 and message in res.output and "--lora" in res.output, res.output
 
 
@@ -252,7 +253,7 @@ def test_onnx_with_lora_matches_torch_without_reexport(tmp_path, pipes, demo_ren
 
     # The torch backend merges into the model it shares with this one: plain weights before anything is exported.
     demo_renderer.backend.set_loras((), demo_renderer.loras)
-    o = Renderer(EngineConfig(model="demo", backend="onnxruntime"), model=demo_renderer.model)
+    o = Renderer(EngineConfig(model=demo_renderer.config.model, backend="onnxruntime"), model=demo_renderer.model)
     plain = _ours(o)
     before = _cache_state()
     # kohya with conv layers (3x3 and 1x1) and text-encoder layers; two files with their own scales
