@@ -80,3 +80,14 @@ def atomic_dir(target: Path, marker: str) -> Iterator[Path | None]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(built: Path, dest: Path) -> None:
+    """Put the finished folder `built` where `dest` is, replacing it: renames only, so `dest` is the old folder or
+    the new one, never a mix (between the two renames a reader finds nothing and retries, as after a crash)."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    built.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..demo import clip_tokenizer
+from ..paths import replace_dir
 from . import world as W
 
 DEST = Path(__file__).parent / "demo_model"
@@ -61,12 +62,7 @@ def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
             table[keep] = state[key][keep]
             state[key] = table
         save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(tmp / folder / fname))
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)
     print(json.dumps({"shipped": str(dest), "tokens_kept": len(keep),
                       "bytes": sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())}))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..demo import clip_tokenizer
-from ..paths import atomic_write_text
+from ..paths import atomic_write_text, replace_dir
 from . import model as M
 from . import world as W
 
@@ -133,12 +133,7 @@ def save_model(out: Path, vae, unet, text_encoder, extra: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     atomic_write_text(tmp / "training.json", json.dumps(extra, indent=1))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def main(argv=None) -> None:
