@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..demo import clip_tokenizer
 from ..paths import atomic_write_text, replace_dir
