@@ -42,6 +42,9 @@ class CountingBackend:
     def encode_text(self, *args):
         return self.inner.encode_text(*args)
 
+    def set_loras(self, *args):
+        return self.inner.set_loras(*args)
+
     def denoise(self, latents, t, cond):
         self.batches.append(latents.shape[0])
         return self.inner.denoise(latents, t, cond)

@@ -73,6 +73,9 @@ class Recording:
     def encode_text(self, *args):
         return self.inner.encode_text(*args)
 
+    def set_loras(self, *args):
+        return self.inner.set_loras(*args)
+
     def denoise(self, latents, t, cond):
         self.calls.append((float(t), cond.time_ids.clone(), cond.text_embeds.clone(), cond.encoder_hidden_states))
         return self.inner.denoise(latents, t, cond)
