@@ -37,6 +37,7 @@ from engine.plan import RenderSettings
 from engine.renderer import Renderer
 
 from .hardware import load_average, machine_info, source_state
+from .models import resolve_model
 from .report import HOST_FORMAT, save_result
 
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
@@ -78,7 +79,7 @@ def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, ste
     shutil.rmtree(out, ignore_errors=True)
     renderer.encoder.clear_cache()  # each run encodes its prompts, as a fresh process would
     renderer.times.clear()
-    config = EngineConfig(model="demo", out=out, backend="null", batch_size=batch, image_format=fmt,
+    config = EngineConfig(model=renderer.config.model, out=out, backend="null", batch_size=batch, image_format=fmt,
                           writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
     t0 = time.perf_counter()
     s = render(config, [plan], executor=LocalExecutor(renderer=renderer))
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--formats", default="png,jpg")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--model", default="tiny-sd", help="tiny-sd (default), demo, sd15-arch, or a model folder")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     # pool idles. Here they live on the CPU, and a 2-thread pool for tiny elementwise ops would fight the writer
     # threads for the two cores (measured: 5x slower scheduler steps under load).
     torch.set_num_threads(args.torch_threads)
-    renderer = Renderer(EngineConfig(model="demo", backend="null"))
+    # The tiny SD model: 1/8 latents as in every real SD model, so the scheduler's host work is what a real run's
+    # is (the toy demo model's 1/4 latents would quadruple it).
+    renderer = Renderer(EngineConfig(model=resolve_model(args.model), backend="null"))
     work = Path(tempfile.mkdtemp(prefix="movielm-host-"))
     load_start = load_average()
     runs = []
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {"format": HOST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
-              "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": "demo",
+              "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": args.model,
                            "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,
                            "writer_threads": args.threads},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),

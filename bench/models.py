@@ -15,11 +15,11 @@ from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, Sta
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from engine.demo import clip_tokenizer
+from engine.demo import build_tiny_pipeline, clip_tokenizer
 from engine.paths import atomic_dir, cache_root
 
 ARCH_VERSION = "v1"  # bump when a config below changes, so a stale cached folder is never timed by mistake
-ARCH_MODELS = ("sd15-arch", "sdxl-arch")
+ARCH_MODELS = ("sd15-arch", "sdxl-arch", "tiny-sd")
 
 # Both families were trained with the same noise schedule; the sampler itself comes from the bench settings.
 _SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -53,7 +53,11 @@ def clip_text_config(hidden: int, layers: int, heads: int, act: str, projection:
 
 
 def build_arch_pipeline(name: str, seed: int = 0):
-    """The named architecture as an in-memory diffusers pipeline with random weights (fp32)."""
+    """The named architecture as an in-memory diffusers pipeline with random weights (fp32). "tiny-sd": the tests'
+    tiny SD 1.x model (1/8 latents like every real SD VAE, unlike the toy demo model's 1/4), for host-side
+    measurements where only the latent and image sizes matter."""
+    if name == "tiny-sd":
+        return build_tiny_pipeline("sd", seed=seed)
     torch.manual_seed(seed)
     if name == "sd15-arch":
         return StableDiffusionPipeline(
