@@ -146,7 +146,7 @@ class RenderSettings(_Strict):
     def _multiple_of_8(cls, v: int | None) -> int | None:
         if v is not None and v % 8:
             lo, hi = v - v % 8, v - v % 8 + 8
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8): use {lo} or {hi}")
+            raise ValueError(f"must be a multiple of 8 (SD VAEs downsample by 8): use {lo} or {hi}")
         return v
 
 
