@@ -14,7 +14,7 @@ from engine.pipeline import BatchSettings, FrameJob
 from engine.renderer import Renderer
 from engine.schedulers import make_scheduler
 from movielm_cli.main import cli
-from tests.helpers import movie, write_plan
+from tests.helpers import SpyBackend, cli_json, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry, low quality"
@@ -32,25 +32,15 @@ def _diffusers(cls, model_path, scheduler_cls, spacing, steps, guidance, seed):
     return (out * 255).round().astype(np.int16)
 
 
-class CountingBackend:
+class CountingBackend(SpyBackend):
     """The torch backend, recording the UNet batch of every call."""
 
     def __init__(self, inner):
-        self.inner, self.batches = inner, []
-        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        super().__init__(inner)
+        self.batches = []
 
-    def encode_text(self, *args):
-        return self.inner.encode_text(*args)
-
-    def set_loras(self, *args):
-        return self.inner.set_loras(*args)
-
-    def denoise(self, latents, t, cond):
+    def seen(self, latents, t, cond):
         self.batches.append(latents.shape[0])
-        return self.inner.denoise(latents, t, cond)
-
-    def decode(self, latents):
-        return self.inner.decode(latents)
 
 
 # (our scheduler, diffusers' class, spacing, steps, guidance): SDXL-Lightning (euler, trailing, guidance 0),
@@ -113,9 +103,7 @@ def test_timestep_spacing_flag_and_resume_key(tmp_path, tiny_sd):
     base = ["render", str(plan), "--model", str(tiny_sd), "--out", str(out), "--no-style-training", "--json"]
 
     def run(*extra):
-        res = CliRunner().invoke(cli, base + list(extra))
-        assert res.exit_code == 0, res.output
-        return json.loads(res.output.strip().splitlines()[-1])
+        return cli_json(base + list(extra))
 
     assert run("--timestep-spacing", "trailing")["rendered"] == 1
     entry = json.loads((out / "m" / "manifest.json").read_text())["frames"][0]

@@ -16,7 +16,7 @@ from engine.plan import RenderSettings
 from engine.renderer import Renderer
 from engine.schedulers import make_scheduler
 from movielm_cli.main import cli
-from tests.helpers import movie, write_plan
+from tests.helpers import SpyBackend, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry, low quality"
@@ -63,25 +63,15 @@ def test_refiner_matches_diffusers(tiny_sdxl, tiny_refiner, scheduler, guidance,
     assert np.abs(ours - plain).max() > 2  # the refiner did change the image
 
 
-class Recording:
+class Recording(SpyBackend):
     """A backend wrapper recording what every UNet call is given."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, []
-        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        super().__init__(inner)
+        self.calls = []
 
-    def encode_text(self, *args):
-        return self.inner.encode_text(*args)
-
-    def set_loras(self, *args):
-        return self.inner.set_loras(*args)
-
-    def denoise(self, latents, t, cond):
+    def seen(self, latents, t, cond):
         self.calls.append((float(t), cond.time_ids.clone(), cond.text_embeds.clone(), cond.encoder_hidden_states))
-        return self.inner.denoise(latents, t, cond)
-
-    def decode(self, latents):
-        return self.inner.decode(latents)
 
 
 def test_refiner_unet_inputs_equal_diffusers(tiny_sdxl, tiny_refiner):

@@ -14,7 +14,7 @@ from engine.pipeline import BatchSettings, FrameJob
 from engine.renderer import Renderer
 from engine.schedulers import make_scheduler
 from movielm_cli.main import cli
-from tests.helpers import movie, write_plan
+from tests.helpers import cli_json, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry, low quality"
@@ -92,9 +92,7 @@ def test_manifest_and_resume_key_include_the_vae(tmp_path, tiny_sd, vaes):
     base = ["render", str(plan), "--model", str(tiny_sd), "--out", str(out), "--no-style-training", "--json"]
 
     def run(*extra):
-        res = CliRunner().invoke(cli, base + list(extra))
-        assert res.exit_code == 0, res.output
-        return json.loads(res.output.strip().splitlines()[-1])
+        return cli_json(base + list(extra))
 
     assert run("--vae", str(vaes / "taesd"))["rendered"] == 2
     entry = json.loads((out / "m" / "manifest.json").read_text())["frames"][0]
