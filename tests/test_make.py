@@ -303,10 +303,13 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
         _wait_for(llm.held.is_set, proc, "the held plan request")
         kill(proc)
         assert not list((out / "movies").glob("*/qa.json"))
-        # 2. mid-render: some frames recorded, not all
+        # 2. mid-render: some frames recorded, not all. Every LLM request is held, so no answer is in flight at the
+        # kill (no settling needed, which would let a fast machine render every frame meanwhile), and the movie
+        # whose plan is held cannot be rendered at all.
+        llm.hold = lambda b: True
         proc = start()
         _wait_for(lambda: len(recorded_frames(out)) > len(runs[-1]["frames"]), proc, "a rendered frame")
-        kill(proc)
+        kill(proc, settle=False)
         assert 0 < len(recorded_frames(out)) < 6 * FRAMES
         check_resumed(runs[-1])
         # 3. during QA: QA requests held at the server
