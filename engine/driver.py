@@ -209,8 +209,12 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
     outputs, tasks = plan_tasks(config, movies, tokens, executor, failures)  # 3. tasks
     todo = [t for t in tasks if not (config.skip_existing and outputs[t.job.movie_id].is_done(t))]
     summary.frames_skipped = len(tasks) - len(todo)
-    for mo in outputs.values():
+    rendering: dict[str, list[str]] = {}
+    for t in todo:
+        rendering.setdefault(t.job.movie_id, []).append(t.job.frame_id)
+    for movie_id, mo in outputs.items():
         mo.save()  # drops entries of frames no longer in the plan
+        mo.expect(rendering.get(movie_id, ()))
     writer = Writer(outputs, executor.info, config.image_format, config.image_quality, config.writer_threads)
     try:
         _render(config, executor, writer, todo, tokens, summary, failures, progress)  # 4.-6.

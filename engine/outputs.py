@@ -13,8 +13,11 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import textwrap
 import threading
+import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,34 +145,107 @@ def thumbnail(im: Image.Image) -> Image.Image:
     return im
 
 
+CAPTION_H = 4 + 18 * 4  # id and up to three lines of dialogue under each thumbnail
+
+
+class Storyboard:
+    """A movie's contact sheet (storyboard.png): each frame's thumbnail with its id and dialogue underneath, in plan
+    order, `columns` to a row.
+
+    It is compressed one row of cells (a band) at a time, as soon as every frame of that band is there, on whichever
+    writer thread brought the band's last frame: the movie's last frame leaves one band to encode, where encoding
+    the whole sheet at the end of the movie held its finish back (0.4 s for 64 frames at 512^2) and kept every
+    thumbnail in memory until then. Frames not rendered in this run (`pending` lists those that are) are read back
+    from their files by `read`. Pillow encodes only whole images, so the PNG is put together here: each scanline
+    with the Sub filter, one zlib stream at level 1, the same bytes whatever order the frames arrive in."""
+
+    def __init__(self, frames: list[tuple[str, str]], read: Callable[[str], Image.Image],
+                 pending: Iterable[str] = (), columns: int = 4, thumb: int = THUMB):
+        self.frames, self.read, self.thumb = frames, read, thumb
+        self.pending = set(pending)
+        self.cols = max(1, min(columns, len(frames)))
+        self.rows = (len(frames) + self.cols - 1) // self.cols
+        self.cell_w, self.cell_h = thumb + 16, thumb + CAPTION_H + 16
+        self.thumbs: dict[str, Image.Image] = {}
+        self.band = 0  # the next band to encode
+        self.deflate = zlib.compressobj(1)
+        self.compressed: list[bytes] = []
+        self.font = _font(14)
+        self._lock = threading.Lock()  # guards thumbs and pending
+        self._encoding = threading.Lock()  # one thread encodes at a time, bands in order
+        self._png: bytes | None = None
+
+    def add(self, frame_id: str, thumb: Image.Image | None) -> None:
+        """A frame of this run is there: its thumbnail, or None when it is to be read back from its file."""
+        with self._lock:
+            self.pending.discard(frame_id)
+            if thumb is not None:
+                self.thumbs[frame_id] = thumb
+        # Encode every band now complete, unless another thread is at it: that one re-checks after each band.
+        while self._ready(self.band) and self._encoding.acquire(blocking=False):
+            try:
+                while self._ready(self.band):
+                    self._encode_band()
+            finally:
+                self._encoding.release()
+
+    def png(self) -> bytes:
+        """The finished file: encodes the bands still left, reading the frames not given from their files."""
+        with self._encoding:
+            if self._png is None:
+                while self.band < self.rows:
+                    self._encode_band()
+                ihdr = struct.pack(">IIBBBBB", self.cols * self.cell_w, self.rows * self.cell_h, 8, 2, 0, 0, 0)
+                idat = b"".join(self.compressed) + self.deflate.flush()
+                self._png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+                self.compressed.clear()
+            return self._png
+
+    def _ready(self, band: int) -> bool:
+        with self._lock:
+            return band < self.rows and not any(
+                fid in self.pending for fid, _ in self.frames[band * self.cols:(band + 1) * self.cols])
+
+    def _encode_band(self) -> None:
+        sheet = Image.new("RGB", (self.cols * self.cell_w, self.cell_h), "white")
+        draw = ImageDraw.Draw(sheet)
+        for i, (frame_id, dialogue) in enumerate(self.frames[self.band * self.cols:(self.band + 1) * self.cols]):
+            with self._lock:
+                im = self.thumbs.pop(frame_id, None)
+            im = im if im is not None else self.read(frame_id)
+            x = i * self.cell_w + 8
+            sheet.paste(im, (x + (self.thumb - im.width) // 2, 8))
+            lines = [f"#{frame_id}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
+            for k, line in enumerate(lines):
+                draw.text((x, 8 + self.thumb + 4 + 18 * k), line, fill="black", font=self.font)
+        rows = np.asarray(sheet).reshape(self.cell_h, -1)
+        filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+        filtered[:, 0] = 1  # PNG filter type Sub: each byte minus the byte one pixel to its left, mod 256
+        filtered[:, 1:4] = rows[:, :3]
+        np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])
+        self.compressed.append(self.deflate.compress(filtered.tobytes()))
+        self.band += 1
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def read_thumbnail(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return thumbnail(im).copy()
+
+
 def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int = 4, thumb: int = THUMB) -> bytes:
-    """A contact sheet: each frame's thumbnail with its id and dialogue underneath. frames: (id, dialogue, file or
-    a thumbnail made from the frame's pixels)."""
-    font = _font(14)
-    caption_h = 4 + 18 * 4
-    thumbs = []
-    for frame_id, dialogue, source in frames:
-        if isinstance(source, Image.Image):
-            thumbs.append((frame_id, dialogue, source))
-            continue
-        with Image.open(source) as im:
-            thumbs.append((frame_id, dialogue, thumbnail(im).copy()))
-    cols = max(1, min(columns, len(thumbs)))
-    rows = (len(thumbs) + cols - 1) // cols
-    cell_w, cell_h = thumb + 16, thumb + caption_h + 16
-    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (frame_id, dialogue, im) in enumerate(thumbs):
-        x, y = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
-        sheet.paste(im, (x + (thumb - im.width) // 2, y))
-        lines = [f"#{frame_id}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
-        for k, line in enumerate(lines):
-            draw.text((x, y + thumb + 4 + 18 * k), line, fill="black", font=font)
-    buf = io.BytesIO()
-    # zlib level 1: a preview sheet is the last write of a movie, on the critical path of its end; the pixels are
-    # the same as at the default level 6, the file a few percent larger.
-    sheet.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """A whole contact sheet at once. frames: (id, dialogue, file or a thumbnail made from the frame's pixels)."""
+    sources = {fid: src for fid, _, src in frames}
+    sheet = Storyboard([(fid, dialogue) for fid, dialogue, _ in frames], lambda fid: read_thumbnail(sources[fid]),
+                       pending=[fid for fid, _, src in frames if isinstance(src, Image.Image)], columns=columns,
+                       thumb=thumb)
+    for fid, _, src in frames:
+        if isinstance(src, Image.Image):
+            sheet.add(fid, src)
+    return sheet.png()
 
 
 def anchor_file(character: str, taken: set[str]) -> str:
@@ -195,7 +271,7 @@ class MovieOutputs:
         self.header = {"format": MANIFEST_FORMAT, "movie": lm.movie.model_dump(mode="json"),
                        "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
                        "settings": settings}
-        self.thumbs: dict[str, Image.Image] = {}  # storyboard thumbnails of frames rendered in this run
+        self.sheet = self._storyboard(pending=[f.id for f in lm.movie.frames])  # until `expect` says which
         self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -264,10 +340,16 @@ class MovieOutputs:
     def complete(self) -> bool:
         return all(f.id in self.entries for f in self.lm.movie.frames)
 
+    def _storyboard(self, pending: Iterable[str]) -> Storyboard:
+        return Storyboard([(f.id, f.dialogue) for f in self.lm.movie.frames],
+                          lambda fid: read_thumbnail(self.dir / f"frames/{fid}{self.suffix}"), pending)
+
+    def expect(self, frame_ids: Iterable[str]) -> None:
+        """The frames this run renders: the storyboard waits for their thumbnails and reads the others' files."""
+        self.sheet = self._storyboard(frame_ids)
+
     def write_storyboard(self) -> Path:
-        frames = [(f.id, f.dialogue, self.thumbs.get(f.id) or self.dir / self.entries[f.id]["file"])
-                  for f in self.lm.movie.frames]
         path = self.dir / "storyboard.png"
-        atomic_write_bytes(path, storyboard(frames))
-        self.thumbs.clear()  # done with them: a long movie's thumbnails are not kept for the rest of the run
+        atomic_write_bytes(path, self.sheet.png())
+        self.sheet = self._storyboard(())  # a later call (the frames' dialogue changed) reads every file again
         return path

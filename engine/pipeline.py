@@ -164,11 +164,12 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     images = (decoder or backend).decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain
     if torch.isnan(images.sum()):  # one reduction instead of a boolean image
         raise FloatingPointError("the decoded image contains NaN/inf (numeric overflow)")
-    # One pass into a contiguous (B, H, W, 3) buffer: a strided view would be copied again, twice per frame,
-    # by PIL on the writer threads (measured: 2.7 ms per 512² frame each).
-    pixels = torch.empty((images.shape[0], *images.shape[2:], 3), dtype=torch.uint8, device=images.device)
-    pixels.copy_(torch.mul(images, 255).round_().permute(0, 2, 3, 1))  # exact integers: the cast truncates nothing
-    pixels = pixels.cpu().numpy()
+    # Cast in the decoder's (B, 3, H, W) layout, where it is one vectorised pass, then reorder the bytes, a quarter
+    # of the floats' size, into a contiguous (B, H, W, 3) buffer: PIL on the writer threads would copy a strided
+    # view again, twice per frame (2.7 ms per 512² frame each). Casting and reordering in one strided pass was
+    # slower on the CPU than the two.
+    pixels = torch.mul(images, 255).round_().to(torch.uint8)  # exact integers: the cast truncates nothing
+    pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     clock.lap("decode")
     return pixels
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +27,22 @@ from .paths import atomic_write_bytes
 from .renderer import ModelInfo
 
 log = logging.getLogger("movielm_fast")
+
+
+# How much lower the writer threads' scheduling priority is than the render thread's. Where cores are scarce the
+# render thread (which feeds the GPU) must not queue behind image encoders; the writers still get every cycle it
+# leaves, and backpressure stops them falling behind for good.
+WRITER_NICENESS = 10
+
+
+def _yield_to_render(niceness: int) -> None:
+    """Lower this thread's priority. Linux only: there a thread is a task with its own nice value (elsewhere
+    setpriority on this id would renice the whole process)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness + os.getpriority(os.PRIO_PROCESS, 0))
+        except OSError:  # not permitted (a sandbox): the writers just compete on equal terms
+            pass
 
 
 @dataclass
@@ -51,7 +69,8 @@ class Writer:
                  threads: int, max_batches: int = 2):
         self.outputs, self.info = outputs, info
         self.image_format, self.quality = image_format, resolve_quality(image_format, quality)
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer") if threads > 0 else None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer", initializer=_yield_to_render,
+                                       initargs=(WRITER_NICENESS,)) if threads > 0 else None
         self.slots = threading.BoundedSemaphore(max(1, max_batches))
         self.times = WriteTimes()
         self._lock = threading.Lock()
@@ -111,9 +130,9 @@ class Writer:
         t2 = time.perf_counter()
         atomic_write_bytes(mo.dir / mo.frame_file(task), data)
         t3 = time.perf_counter()
-        # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files).
-        if image is not None:
-            mo.thumbs[task.job.frame_id] = thumbnail(Image.fromarray(image))
+        # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files);
+        # the sheet encodes each row of thumbnails as soon as it is complete.
+        mo.sheet.add(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
         t4 = time.perf_counter()
         # 5. Only now its manifest entry: a frame is in the manifest once its file is on disk.
         mo.record(task, sha, result.seconds / len(batch.tasks))

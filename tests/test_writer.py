@@ -3,7 +3,10 @@ the null backend."""
 
 from __future__ import annotations
 
+import io
 import json
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -111,3 +114,62 @@ def test_null_backend_runs_the_whole_engine_from_the_cli(tmp_path):
     assert a.shape == (96, 128, 3) and a.std() > 40  # detailed, noise-like: encoders work as on a real frame
     assert np.array_equal(a, b)  # one fixed image: the same for every frame
     assert (tmp_path / "out" / "n" / "storyboard.png").is_file()
+
+
+def _sheet_oracle(frames, columns=4, thumb=256):
+    """The contact sheet composed as one Pillow image (how storyboards were made before they were encoded in
+    bands): the pixels a band-encoded storyboard.png must decode to."""
+    from PIL import ImageDraw
+
+    from engine.outputs import CAPTION_H, _font
+    cols = min(columns, len(frames))
+    rows = -(-len(frames) // cols)
+    cell_w, cell_h = thumb + 16, thumb + CAPTION_H + 16
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (fid, dialogue, im) in enumerate(frames):
+        x, y = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
+        sheet.paste(im, (x + (thumb - im.width) // 2, y))
+        lines = [f"#{fid}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
+        for k, line in enumerate(lines):
+            draw.text((x, y + thumb + 4 + 18 * k), line, fill="black", font=_font(14))
+    return np.asarray(sheet)
+
+
+def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_path):
+    from engine.outputs import Storyboard, read_thumbnail, thumbnail
+    rng = np.random.default_rng(3)
+    ids = [f"{i:03d}" for i in range(10)]
+    dialogue = {fid: ("" if i % 3 == 0 else f"Line {i}, which is long enough to wrap onto a second line or more.")
+                for i, fid in enumerate(ids)}
+    # Noise and flat frames, 512² (reduced) and 64² (enlarged), so every filter byte and size case is exercised.
+    images = {fid: Image.fromarray((rng.random((512, 512, 3)) * 255).astype(np.uint8) if i % 2 else
+                                   np.full((64, 64, 3), (i * 20, 200, 90), np.uint8)) for i, fid in enumerate(ids)}
+    thumbs = {fid: thumbnail(im) for fid, im in images.items()}
+    for fid in ids[:3]:  # frames of an earlier run: read back from their files
+        images[fid].save(tmp_path / f"{fid}.png")
+    frames = [(fid, dialogue[fid]) for fid in ids]
+
+    def sheet_from(order, threads=1):
+        sheet = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:])
+        if threads == 1:
+            for fid in order:
+                sheet.add(fid, thumbs[fid])
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda fid: sheet.add(fid, thumbs[fid]), order))
+        return sheet
+
+    in_order = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:])
+    for fid in ids[3:8]:
+        in_order.add(fid, thumbs[fid])
+    assert in_order.band == 2 and len(in_order.thumbs) == 0  # rows 1 and 2 encoded already, thumbnails let go
+    for fid in ids[8:]:
+        in_order.add(fid, thumbs[fid])
+    data = in_order.png()
+    assert sheet_from(ids[:2:-1]).png() == data  # reversed: nothing is encoded before the last frame
+    assert sheet_from(ids[3:], threads=4).png() == data
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        decoded = np.asarray(im.convert("RGB"))
+    assert np.array_equal(decoded, _sheet_oracle([(fid, dialogue[fid], thumbs[fid]) for fid in ids]))

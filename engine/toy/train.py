@@ -148,6 +148,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of an earlier run's folder")
+    ap.add_argument("--unet-from", type=Path, default=None,
+                    help="continue the UNet and text encoder of a model folder (this script's or ship's output); "
+                         "its VAE and latent scale are kept as they are")
     ap.add_argument("--vae-only", action="store_true", help="stop after the VAE phase")
     ap.add_argument("--decoder-only", action="store_true",
                     help="train only the VAE's decoder (the latents a UNet was trained on stay the same)")
@@ -161,11 +164,14 @@ def main(argv=None) -> None:
     log = Log(args.out.with_name(args.out.name + "_log.jsonl"))
     log(phase="start", args={k: str(v) for k, v in vars(args).items()}, bf16_autocast=amp)
 
+    if args.unet_from:  # the latents the UNet learned are its VAE's: that VAE, unchanged
+        args.vae_from, args.vae_minutes = args.unet_from, 0.0
     if args.vae_from:  # continue an earlier run's VAE for --vae-minutes (0: use it as it is)
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
-        prior = json.loads((args.vae_from / "vae_training.json").read_text()) if \
-            (args.vae_from / "vae_training.json").exists() else {"vae_steps": 0, "vae_loss": None}
+        record = next((f for f in (args.vae_from / "vae_training.json", args.vae_from / "training.json")
+                       if f.exists()), None)
+        prior = json.loads(record.read_text()) if record else {"vae_steps": 0, "vae_loss": None}
     else:
         vae, prior = M.vae(), {"vae_steps": 0, "vae_loss": None}
     vae_steps, vae_loss = prior["vae_steps"], prior["vae_loss"]
@@ -184,7 +190,7 @@ def main(argv=None) -> None:
     # Latents of unit variance, as SD's scaling_factor makes them, so the noise schedule means what it says.
     t0 = time.time()
     pool, captions = encode_pool(vae, rng, args.pool)
-    scale = float(1.0 / pool.std())
+    scale = vae.config.scaling_factor if args.unet_from else float(1.0 / pool.std())
     vae.register_to_config(scaling_factor=scale)
     pool = pool * scale
     log(phase="pool", n=len(captions), scaling_factor=round(scale, 4), seconds=round(time.time() - t0, 1))
@@ -193,7 +199,15 @@ def main(argv=None) -> None:
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
 
-    unet, text_encoder = M.unet(), M.text_encoder()
+    prior_steps = 0
+    if args.unet_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+        unet = UNet2DConditionModel.from_pretrained(args.unet_from, subfolder="unet").float()
+        text_encoder = CLIPTextModel.from_pretrained(args.unet_from, subfolder="text_encoder").float()
+        prior_steps = json.loads((args.unet_from / "training.json").read_text()).get("unet_steps", 0)
+    else:
+        unet, text_encoder = M.unet(), M.text_encoder()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], args.ema)
@@ -208,7 +222,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     def checkpoint(final: bool):
-        info = {"vae_steps": vae_steps, "vae_loss": vae_loss, "unet_steps": step,
+        info = {"vae_steps": vae_steps, "vae_loss": vae_loss, "unet_steps": prior_steps + step,
                 "unet_loss_last200": float(np.mean(losses[-200:])) if losses else None,
                 "wall_s": round(time.time() - log.t0, 1), "final": final, "bf16_autocast": amp,
                 "args": {k: str(v) for k, v in vars(args).items()}}
