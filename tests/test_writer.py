@@ -173,3 +173,26 @@ def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_pa
         im.load()
         decoded = np.asarray(im.convert("RGB"))
     assert np.array_equal(decoded, _sheet_oracle([(fid, dialogue[fid], thumbs[fid]) for fid in ids]))
+
+
+def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
+    """Frames of the earlier run are read back from their files into the sheet, this run's come from its pixels:
+    the same file either way."""
+    renderer = Renderer(EngineConfig(model="demo"))
+    plan = write_plan(tmp_path / "plan.json", [movie("s", 7)], SMALL)
+
+    def run(out, progress=None):
+        cfg = EngineConfig(model="demo", out=out, batch_size=3, writer_threads=2)
+        return render(cfg, [plan], progress, executor=LocalExecutor(renderer=renderer))
+
+    def interrupt(done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", interrupt)
+    assert not (tmp_path / "resumed" / "s" / "storyboard.png").exists()
+    assert run(tmp_path / "resumed").frames_skipped == 3
+    sheet = (tmp_path / "whole" / "s" / "storyboard.png").read_bytes()
+    assert (tmp_path / "resumed" / "s" / "storyboard.png").read_bytes() == sheet
