@@ -1,11 +1,12 @@
 """Host-side throughput: the real engine on the zero-cost `null` backend, so only the engine's own work is left.
 
-    python -m bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8]
+    python -m bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8] [--repeats 3]
     movielm-fast bench --host ...
 
 For each size x format, and for the write stage pipelined (writer threads, the default) and sequential (threads=0,
 every file written on the render thread, as before the write stage existed), one movie of `--frames` frames with
-distinct prompts is rendered from scratch after a warm-up run. Reported per case:
+distinct prompts is rendered from scratch after a warm-up run, `--repeats` times alternating between the two.
+Reported per case, from the run with the median frames/s (every repeat's figures beside it):
 
 - render-thread host ms per frame: the render loop's time minus its waits for a free writer slot, per frame --
   what a GPU would have to wait for between batches;
@@ -74,6 +75,14 @@ def _same_output(a: dict[str, bytes], b: dict[str, bytes]) -> bool:
     return True
 
 
+def _median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median end-to-end rate, with every repeat's two figures beside it (this machine's timings
+    spread by +-15% from run to run)."""
+    r = dict(sorted(rs, key=lambda x: x["frames_per_s"])[len(rs) // 2])
+    r["repeats"] = [[x["render_thread_ms_per_frame"], x["frames_per_s"]] for x in rs]
+    return r
+
+
 def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, steps: int, batch: int,
              threads: int) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
     ap.add_argument("--results", type=Path, default=here / "results")
     args = ap.parse_args(argv)
 
@@ -123,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         for size in map(int, args.sizes.split(",")):
             for fmt in args.formats.split(","):
                 run_case(renderer, warm, work / "warm", size, fmt, args.steps, args.batch, args.threads)
-                pair = {}
-                for threads in (0, args.threads):  # side by side: sequential, then pipelined
-                    pair[threads] = run_case(renderer, plan, work / f"t{threads}", size, fmt, args.steps,
-                                             args.batch, threads)
-                    pair[threads]["files"] = _files(work / f"t{threads}")
-                same = _same_output(pair[0].pop("files"), pair[args.threads].pop("files"))
-                for threads, r in pair.items():
+                trials: dict[int, list[dict[str, Any]]] = {0: [], args.threads: []}
+                reference, same = None, True
+                for _ in range(args.repeats):
+                    for threads in trials:  # side by side: sequential, then pipelined
+                        r = run_case(renderer, plan, work / f"t{threads}", size, fmt, args.steps, args.batch, threads)
+                        files = _files(work / f"t{threads}")
+                        reference = reference or files  # the first sequential run's
+                        same = same and _same_output(reference, files)
+                        trials[threads].append(r)
+                for threads, rs in trials.items():
+                    r = _median_run(rs)
                     r["same_files_as_sequential"] = same
                     runs.append(r)
                     print(f"{r['size']:>8} {fmt:>4} threads={threads}: render thread "
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(torch.device("cpu")),
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": args.model,
                            "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,
-                           "writer_threads": args.threads},
+                           "writer_threads": args.threads, "repeats": args.repeats},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
               "runs": runs}
     save_result(args.results, "host", result)

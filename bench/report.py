@@ -383,7 +383,8 @@ def host_section(results: list[dict[str, Any]]) -> list[str]:
     res = results[-1]
     st, m = res["settings"], res["machine"]
     lines = ["## Host-side throughput (`python -m bench.host`)", "",
-             f"The real engine on the zero-cost `null` backend: {st['frames']} frames per case, {st['steps']} "
+             f"The real engine on the zero-cost `null` backend: {st['frames']} frames per case"
+             f"{', the median of %d interleaved runs' % st['repeats'] if st.get('repeats', 1) > 1 else ''}, {st['steps']} "
              f"{st['scheduler']} steps, batch {st['batch']}, torch threads {st.get('torch_threads')}; {m['cpu_model']}, "
              f"{m['cpu_cores_logical']} logical cores; {_load(res)}; {res['created']}. *render thread*: the render "
              "loop's time minus its waits for a free writer slot, per frame (what a GPU would wait for); *end to "
@@ -559,8 +560,8 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     sty = res.get("style")
     if sty:
         lines += ["", f"**Style immobilization**: token {sty['token']} learned by the engine's trainer from "
-                  f"{sty['images']} neon scenes ({sty['steps']} steps, {sty['train_seconds']} s) whose captions "
-                  "never say neon; held-out captions without a style word (the first "
+                  f"{sty['images']} neon scenes ({sty['steps']} steps, {sty['train_seconds']} s), each with a caption "
+                  "file of what it shows that never says neon; held-out captions without a style word (the first "
                   f"{sty.get('captions', 'few')}):", "",
                   "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
         for k in ("without token", "with token", "with the words 'neon style'"):

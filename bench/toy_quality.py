@@ -4,8 +4,8 @@
 
 - conditioning: `--n` held-out captions (layouts never trained on) at `--steps` DPM++ steps: background and every
   named shape's colour at its named position right (the issue's criterion), plus the judge's other rates;
-- style: a textual-inversion token learned by the engine's trainer from neon scenes whose captions never say "neon"
-  (the trainer's own image captions); renders of captions without a style word, with and without the token
+- style: a textual-inversion token learned by the engine's trainer from neon scenes, each with a caption file of
+  what it shows and never the word "neon"; renders of captions without a style word, with and without the token
   (and with the words "neon style" for reference), judged neon how often;
 - consistency: a movie whose two characters move between positions and backgrounds over its frames; how often each
   character is read with its colour (and shape) at its named place, with consistency mode none and anchor_attention;
@@ -83,11 +83,12 @@ def check_style(r: Renderer, args, scenes) -> dict:
         folder = Path(tmp) / "neon"
         folder.mkdir()
         for i in range(args.style_images):
-            img = W.render(W.random_scene(rng, ("neon",)))
-            Image.fromarray((img * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+            scene = W.random_scene(rng, ("neon",))
+            Image.fromarray((W.render(scene) * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+            # Its caption file says what it shows but not its style ("<token>, <caption>" when training): the
+            # token has to carry the look, and the word neon is in no caption.
+            (folder / f"{i:03d}.txt").write_text(scene.caption(with_style=False))
         t0 = time.perf_counter()
-        # The style's name and description are not in the trainer's captions for user images ("<token>, an
-        # image"): the token alone has to carry the look.
         res = immobilize_style(r, Style(name="Glow"), StyleSettings(steps=args.style_steps, batch_size=8),
                                images=folder, out=Path(tmp) / "library")
         train_s = time.perf_counter() - t0

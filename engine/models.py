@@ -106,11 +106,18 @@ def _load(cls, path: Path, subfolder: str, dtype):
 
 
 def _load_tokenizer(path: Path, subfolder: str):
+    folder = Path(path) / subfolder
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+            and (folder / "merges.txt").is_file()):
+        # transformers would build a tokenizer with an empty vocabulary here, without a word of warning, and every
+        # prompt would become the same unknown tokens.
+        raise UserError(f"{folder} has no tokenizer (no tokenizer.json, nor vocab.json and merges.txt)",
+                        "copy the tokenizer folder of the model's original release into it")
     try:
         return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
-                        "the folder needs tokenizer/vocab.json and merges.txt as diffusers saves them") from None
+                        "the folder needs the tokenizer files as diffusers saves them") from None
 
 
 def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:

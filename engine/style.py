@@ -236,7 +236,7 @@ def _init_vectors(model, style_name: str, init_word: str | None, n: int) -> tupl
 @dataclass
 class _Image:
     pixels: np.ndarray  # (res, res, 3) uint8
-    caption_subject: str | None  # scene subject, None for user images
+    caption_subject: str | None  # what it shows: a scene's subject, a user image's caption file; else None
     original_size: tuple[int, int]  # (h, w) before resizing -- SDXL's size conditioning
     crop_top_left: tuple[int, int]
 
@@ -253,7 +253,9 @@ def _fit(im, res: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
 
 
 def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], str]:
-    """The folder's images fitted to res x res; returns (images, notes, digest of names + bytes)."""
+    """The folder's images fitted to res x res; returns (images, notes, digest of names + bytes + captions).
+    A caption file beside an image (frame.png -> frame.txt, as kohya's and diffusers' trainers read them) says what
+    the image shows, without the style: the token then learns the look, not the content."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}", "pass --images DIR, a folder of .png/.jpg files")
@@ -273,8 +275,12 @@ def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], 
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"cannot read image {f}: {str(exc).splitlines()[0][:160]}",
                             "remove the file or re-save it as PNG/JPEG") from None
+        caption_file = f.with_suffix(".txt")
+        caption = " ".join(caption_file.read_text(encoding="utf-8").split()) if caption_file.is_file() else None
         digest.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
-        images.append(_Image(pixels, None, original, crop))
+        if caption:  # folders without captions keep the digest they had: their tokens stay valid
+            digest.update(b"caption\0" + caption.encode() + b"\0")
+        images.append(_Image(pixels, caption or None, original, crop))
     notes = []
     resized = [s for s in sizes if s != (res, res)]
     if resized:

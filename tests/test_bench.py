@@ -154,3 +154,19 @@ def test_gpu_quality_table_psnr_against_fp32(tmp_path):
     assert "onnxruntime" in table[2] and table[2].endswith("BELOW 35 dB")
     assert backend_variant("torch+cuda_graphs+attention=triton+no-fuse_qkv") == (
         "torch", {"cuda_graphs": True, "attention": "triton", "fuse_qkv": False})
+
+
+def test_host_bench_reports_median_runs_and_same_files(tmp_path):
+    from bench import host
+    from bench.report import host_section
+    assert host.main(["--frames", "4", "--sizes", "64", "--formats", "png,jpg", "--steps", "2", "--batch", "2",
+                      "--repeats", "2", "--results", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("host-*.json")
+    res = json.loads(path.read_text())
+    assert [(r["format"], r["writer_threads"]) for r in res["runs"]] == [("png", 0), ("png", 2), ("jpg", 0), ("jpg", 2)]
+    for r in res["runs"]:
+        assert r["frames"] == 4 and r["same_files_as_sequential"] and len(r["repeats"]) == 2
+        assert [r["render_thread_ms_per_frame"], r["frames_per_s"]] in r["repeats"]
+        assert r["split_ms_per_frame"]["scheduler"] > 0 and r["split_ms_per_frame"]["encode"] > 0
+    section = "\n".join(host_section([res]))
+    assert "the median of 2 interleaved runs" in section and section.count("| 64x64 |") == 4

@@ -257,6 +257,11 @@ def test_cli_corrupt_model_and_unwritable_out(tmp_path, tiny_sd):
     plan = write_plan(tmp_path / "plan.json", [movie("c", 1)], SMALL)
     res = _cli("render", plan, "--model", broken)
     assert res.exit_code == 2 and "'unet'" in res.output
+    # A folder without its tokenizer: transformers alone would load it with an empty vocabulary.
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_sd, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
+    res = _cli("render", plan, "--model", no_tokenizer)
+    assert res.exit_code == 2 and "has no tokenizer" in res.output and "Traceback" not in res.output
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = _cli("render", plan, "--out", blocker / "sub")

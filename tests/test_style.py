@@ -274,3 +274,17 @@ def test_cli_train_and_list(tiny_sd, images, tmp_path):
     res = runner.invoke(style_group, ["train", "--model", str(tiny_sd), "--name", "Noir", "--images",
                                       str(tmp_path / "nothing"), "--out", str(tmp_path)])
     assert res.exit_code == 2 and "image folder not found" in res.output
+
+
+def test_caption_files_say_what_user_images_show(tmp_path):
+    from engine.style import load_images
+    folder = tmp_path / "imgs"
+    _write_images(folder, sizes=((64, 64), (64, 64)))
+    names = sorted(p.stem for p in folder.glob("*.png"))
+    _, _, plain_digest = load_images(folder, 64)
+    (folder / f"{names[0]}.txt").write_text("  a red circle\non grass \n")
+    images, _, digest = load_images(folder, 64)
+    assert [im.caption_subject for im in images] == ["a red circle on grass", None]
+    assert digest != plain_digest  # another caption is another training set: the token is learned again
+    (folder / f"{names[0]}.txt").unlink()
+    assert load_images(folder, 64)[2] == plain_digest  # folders without captions keep their digest

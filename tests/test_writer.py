@@ -196,3 +196,12 @@ def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
     assert run(tmp_path / "resumed").frames_skipped == 3
     sheet = (tmp_path / "whole" / "s" / "storyboard.png").read_bytes()
     assert (tmp_path / "resumed" / "s" / "storyboard.png").read_bytes() == sheet
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"quality": 90})])
+def test_frames_encoded_through_an_in_memory_file_are_pillows_bytes(fmt, kw):
+    from engine.outputs import _saved
+    img = Image.fromarray((np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    assert _saved(img, format=fmt, **kw) == buf.getvalue()

@@ -54,7 +54,9 @@ def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
     keep = torch.tensor(toy_vocabulary())
     for folder, fname in _WEIGHTS.items():
         (tmp / folder).mkdir()
-        shutil.copy(src / folder / "config.json", tmp / folder / "config.json")
+        config = json.loads((src / folder / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was trained: a path on the training machine
+        (tmp / folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         state = load_file(str(vae_weights if folder == "vae" and vae_weights else src / folder / fname))
         if folder == "text_encoder":
             key = next(k for k in state if k.endswith("embeddings.token_embedding.weight"))

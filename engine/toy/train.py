@@ -199,13 +199,14 @@ def main(argv=None) -> None:
     ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
 
-    prior_steps = 0
+    prior_steps, earlier = 0, None
     if args.unet_from:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
         unet = UNet2DConditionModel.from_pretrained(args.unet_from, subfolder="unet").float()
         text_encoder = CLIPTextModel.from_pretrained(args.unet_from, subfolder="text_encoder").float()
-        prior_steps = json.loads((args.unet_from / "training.json").read_text()).get("unet_steps", 0)
+        earlier = json.loads((args.unet_from / "training.json").read_text())
+        prior_steps = earlier.get("unet_steps", 0)
     else:
         unet, text_encoder = M.unet(), M.text_encoder()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -226,6 +227,8 @@ def main(argv=None) -> None:
                 "unet_loss_last200": float(np.mean(losses[-200:])) if losses else None,
                 "wall_s": round(time.time() - log.t0, 1), "final": final, "bf16_autocast": amp,
                 "args": {k: str(v) for k, v in vars(args).items()}}
+        if earlier is not None:
+            info["continued_from"] = earlier  # the run(s) whose UNet this one continued
         save_model(args.out, vae, ema.shadow[0], ema.shadow[1], info)
         log(phase="checkpoint", **{k: v for k, v in info.items() if k != "args"})
 
