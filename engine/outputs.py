@@ -41,17 +41,18 @@ EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_SOFTWARE = 0x0131
 
 
-def _saved(im: Image.Image, **save_args: Any) -> bytes:
+def _saved(im: Image.Image, format: str, **save_args: Any) -> bytes:
     """The file Pillow writes for `im`, as bytes. Pillow's JPEG encoder holds the GIL while it writes into a
     BytesIO, but not while it writes to a file descriptor: on the writer threads a BytesIO stalled the render
-    loop beside them 20-fold (measured), so where the OS has anonymous in-memory files the image is encoded into
-    one and read back (the same bytes)."""
-    if not hasattr(os, "memfd_create"):  # Linux has them; elsewhere the GIL-holding path
+    loop beside them 20- to 35-fold (measured), so where the OS has anonymous in-memory files a JPEG is encoded into
+    one and read back (the same bytes). PNG (zlib) and WebP release the GIL either way, and the detour would only
+    cost them time."""
+    if format != "JPEG" or not hasattr(os, "memfd_create"):  # memfd: Linux
         buf = io.BytesIO()
-        im.save(buf, **save_args)
+        im.save(buf, format=format, **save_args)
         return buf.getvalue()
     with open(os.memfd_create("movielm-frame", os.MFD_CLOEXEC), "w+b") as fp:
-        im.save(fp, **save_args)
+        im.save(fp, format=format, **save_args)
         fp.seek(0)
         return fp.read()
 

@@ -1,8 +1,9 @@
 """The write stage: image encoding, hashing, atomic writes, manifest entries and storyboards, off the render thread.
 
 The driver hands each finished batch to `Writer.put` and goes straight back to rendering; a bounded pool of
-threads does the files. zlib (PNG), libjpeg/libwebp and sha256 release the GIL while they work, so the threads run
-in parallel with each other and with the render loop. Backpressure: at most `max_batches` batches wait or are
+threads does the files. zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
+`outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
+with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
 being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
 
 `threads=0` writes inline on the caller's thread: the sequential reference the pipelined writer is tested against.

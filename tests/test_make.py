@@ -33,9 +33,7 @@ FRAMES = 2
 MOVIES = [f"{t.replace(' ', '-')}-{k}" for t in THEMES for k in (1, 2)]
 
 
-# The image model every run here uses: the tiny random SD model (set by `_tiny_model`). The kill -9 test compares
-# frame hashes with an uninterrupted run, whose batches are cut differently; the trained toy demo model's frames are
-# the same across batch sizes only within tolerance, not bit for bit (one frame in twelve differed).
+# The image model every run here uses: the tiny random SD model (set by `_tiny_model`), the fastest to render.
 MODEL: dict[str, str] = {}
 
 
@@ -154,6 +152,15 @@ def recorded_frames(out: Path) -> dict[str, int]:
                 path = j.parent / json.loads(line)["file"]
                 done[str(path.relative_to(out))] = path.stat().st_mtime_ns
     return done
+
+
+def assert_same_frames(a: Path, b: Path) -> None:
+    """The same frames, with pixels within 2/255 -- not bit for bit: runs cut their batches differently (movies stream
+    in as their plans arrive, and a Ray worker runs torch on its own threads), and a float sum in another order can
+    round a pixel the other way (seen: one value of one frame in twelve, off by 1)."""
+    assert frame_mtimes(a).keys() == frame_mtimes(b).keys()
+    for name in frame_mtimes(a):
+        assert np.abs(load_png(a / name) - load_png(b / name)).max() <= 2, name
 
 
 def dataset_of(out: Path) -> tuple:
@@ -328,7 +335,8 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
         proc = start()
         assert proc.wait(timeout=300) == 1, (tmp_path / f"run{len(runs)}.log").read_text()
         check_resumed(runs[-1])
-    assert dataset_of(out) == dataset_of(tmp_path / "ref")
+    assert dataset_of(out)[:2] == dataset_of(tmp_path / "ref")[:2], "the same dataset and QA"
+    assert_same_frames(out, tmp_path / "ref")
     assert json.loads((out / "make.json").read_text())["finished"] == [m for m in MOVIES if m != "a-storm-at-sea-2"]
 
 
@@ -341,11 +349,7 @@ def test_ray_cluster_gives_the_same_files(made, tmp_path):
     assert result.exit_code == 1, result.output
     ray_data, local_data = dataset_of(tmp_path / "out"), dataset_of(made["out"])
     assert ray_data[:2] == local_data[:2], "the same dataset and QA"
-    assert frame_mtimes(tmp_path / "out").keys() == frame_mtimes(made["out"]).keys()
-    # Pixels within 2/255, not bit-identical: a Ray worker runs torch on 1 thread, this process on 2, and float
-    # sums in another order round differently (as in tests/test_cluster.py).
-    for name in frame_mtimes(made["out"]):
-        assert np.abs(load_png(tmp_path / "out" / name) - load_png(made["out"] / name)).max() <= 2, name
+    assert_same_frames(tmp_path / "out", made["out"])
     assert (tmp_path / "out" / "index.html").read_text() == (made["out"] / "index.html").read_text() \
         .replace(str(made["out"]), str(tmp_path / "out"))
 
