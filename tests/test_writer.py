@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
@@ -205,3 +206,17 @@ def test_frames_encoded_through_an_in_memory_file_are_pillows_bytes(fmt, kw):
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     assert _saved(img, format=fmt, **kw) == buf.getvalue()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_writer_threads_run_below_the_render_thread():
+    import os
+
+    from engine.writer import WRITER_NICENESS, Writer
+    writer = Writer({}, None, "png", None, threads=2)
+    try:
+        nice = writer.pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+    finally:
+        writer.close()
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice == min(19, mine + WRITER_NICENESS) and mine == os.getpriority(os.PRIO_PROCESS, 0)
