@@ -40,6 +40,19 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models' tensors are too small
+    for intra-op threads to help, and on a shared CPU OpenMP threads that spin-wait for each other make such runs
+    5-20x slower. Restored afterwards for the rest of the session."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _save_tiny(tmp_path_factory, kind: str, **kwargs):
     from engine.demo import build_tiny_pipeline
 

@@ -38,14 +38,7 @@ def _write_images(folder, sizes=((64, 64), (96, 64), (64, 80), (128, 128))):
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's tensors are too small for intra-op threads to help, and on a shared CPU OpenMP threads that
-    # spin-wait for each other make these runs 5-20x slower. Restored afterwards for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
