@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import astuple, dataclass, fields
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from .backends.base import Backend, UNetCond
 from .consistency import Anchors, AnchorSpec
 from .lora import LoraLibrary, LoraSet
-from .schedulers import make_scheduler
+from .schedulers import make_scheduler, make_steps
 from .seeds import initial_latents
 from .text import PromptEncoder
 
@@ -144,7 +143,8 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     clock.lap("latents")
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
-    latents = _denoise(backend, scheduler, timesteps, latents, cond, s.guidance if cfg else None, generators, clock)
+    steps = make_steps(scheduler, timesteps, 0, generators)
+    latents = _denoise(backend, steps, timesteps, latents, cond, s.guidance if cfg else None, clock)
 
     # 3b. Refine: the refiner's own scheduler, on the same timesteps, continues where the base stopped (diffusers'
     # ensemble of experts: the base's latents go to the refiner as they are, no noise added).
@@ -157,8 +157,9 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
         if hasattr(r_scheduler, "set_begin_index"):
             r_scheduler.set_begin_index(start)
         clock.lap("prompt")
-        latents = _denoise(refiner.backend, r_scheduler, r_scheduler.timesteps[start:], latents, r_cond,
-                           s.guidance if r_cfg else None, generators, clock)
+        r_steps = make_steps(r_scheduler, r_scheduler.timesteps[start:], start, generators)
+        latents = _denoise(refiner.backend, r_steps, r_scheduler.timesteps[start:], latents, r_cond,
+                           s.guidance if r_cfg else None, clock)
 
     # 4. Decode, and convert to uint8 where the pixels are: a quarter of the bytes cross to the host.
     images = (decoder or backend).decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain
@@ -188,23 +189,20 @@ def _conditioning(model, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchS
     return cond
 
 
-def _denoise(backend: Backend, scheduler, timesteps, latents: torch.Tensor, cond: UNetCond, guidance: float | None,
-             generators, clock: _Clock) -> torch.Tensor:
-    """The denoise loop over `timesteps`; `guidance` None: no CFG batch."""
-    step_params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {"generator": generators} if "generator" in step_params else {}
-    if "eta" in step_params:
-        step_kwargs["eta"] = 0.0  # diffusers' pipeline default
-    for t in timesteps:
+def _denoise(backend: Backend, steps, timesteps, latents: torch.Tensor, cond: UNetCond, guidance: float | None,
+             clock: _Clock) -> torch.Tensor:
+    """The denoise loop over `timesteps` with `steps` (engine.schedulers: diffusers' step, or its precomputed linear
+    combinations); `guidance` None: no CFG batch."""
+    for i, t in enumerate(timesteps):
         x = torch.cat([latents, latents]) if guidance is not None else latents
-        x = scheduler.scale_model_input(x, t)
+        x = steps.scale(x, i)
         clock.lap("scheduler")
         noise = backend.denoise(x, t, cond).float()
         clock.lap("unet")
         if guidance is not None:
-            uncond, text = noise.chunk(2)
-            noise = uncond + guidance * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            noise = torch.lerp(*noise.chunk(2), guidance)  # uncond + guidance * (text - uncond), in one pass
+        # A backend may hand out one output buffer per step (CUDA graphs): the stepper copies it if it keeps it.
+        latents = steps.step(noise, i, latents, fresh=guidance is not None)
     clock.lap("scheduler")
     return latents
 

@@ -8,6 +8,9 @@ training timestep; the "leading" spacing of SD's own configs would start them at
 
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
@@ -46,3 +49,164 @@ def make_scheduler(name: str, model_config: dict[str, Any], timestep_spacing: st
                             f"choose one of: {', '.join(TIMESTEP_SPACINGS)}")
         extra = {**extra, "timestep_spacing": timestep_spacing}
     return cls.from_config(dict(model_config), **extra)
+
+
+# --- Stepping: the denoise loop's scheduler arithmetic --------------------------------------------------------------
+#
+# diffusers' step() costs about 0.3 ms of Python per call whatever the batch (sigma lookups, order bookkeeping,
+# small tensor ops), plus a dozen passes over the latents. Every deterministic sampler among ours (DPM++ 2M,
+# Euler, DDIM, UniPC, PNDM), however it is configured, is linear: each next sample is a fixed combination of the
+# last few samples and model outputs. So the combination is read off diffusers itself, once per schedule, by
+# stepping a scheduler of the same config over a probe batch of unit vectors, and the loop then does only the
+# arithmetic: one multiply-add per term. A scheduler that is not linear on the probe (ancestral and SDE samplers
+# draw noise; clip_sample and thresholding clamp) is stepped by diffusers itself.
+
+MAX_WINDOW = 4  # history a linear multistep sampler may use (PNDM's PLMS keeps 4 model outputs)
+
+
+def _step_kwargs(scheduler, generators) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {"generator": generators} if "generator" in params and generators is not None else {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0  # diffusers' pipeline default
+    return kwargs
+
+
+class DiffusersSteps:
+    """The reference stepper: diffusers' own scale_model_input and step."""
+
+    def __init__(self, scheduler, timesteps, generators=None):
+        self.scheduler, self.timesteps = scheduler, timesteps
+        self.kwargs = _step_kwargs(scheduler, generators)
+
+    def scale(self, x, i: int):
+        return self.scheduler.scale_model_input(x, self.timesteps[i])
+
+    def step(self, eps, i: int, x, fresh: bool = True):
+        if not fresh:  # some schedulers keep the model output itself (PNDM's ets)
+            eps = eps.clone()
+        return self.scheduler.step(eps, self.timesteps[i], x, **self.kwargs, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class Combination:
+    """One step of a linear sampler: x[i+1] = sum(c * x[j]) + sum(c * e[j]) over the last few steps j."""
+
+    scale: float  # model input = scale * x[i]
+    xs: tuple[tuple[int, float], ...]  # (step j, coefficient of sample x[j])
+    es: tuple[tuple[int, float], ...]  # (step j, coefficient of model output e[j])
+
+
+class LinearSteps:
+    """A linear sampler's steps as precomputed combinations (see `linear_schedule`): the same samples as
+    `DiffusersSteps` up to float32 rounding, with no per-step Python beyond one multiply-add per term."""
+
+    def __init__(self, combos: tuple[Combination, ...]):
+        self.combos = combos
+        # The last step whose combination reads each sample / model output, so that history is let go early.
+        self.x_until = {j: i for i, c in enumerate(combos) for j, _ in c.xs}
+        self.e_until = {j: i for i, c in enumerate(combos) for j, _ in c.es}
+        self.xs: dict[int, Any] = {}
+        self.es: dict[int, Any] = {}
+
+    def scale(self, x, i: int):
+        s = self.combos[i].scale
+        return x if s == 1.0 else x * s
+
+    def step(self, eps, i: int, x, fresh: bool = True):
+        """`fresh`: `eps` is a tensor of the caller's own (not a backend's reused output buffer), so it may be kept
+        for later steps without a copy."""
+        self.xs[i] = x
+        if self.e_until.get(i, -1) > i:
+            self.es[i] = eps if fresh else eps.clone()
+        else:
+            self.es[i] = eps
+        c = self.combos[i]
+        terms = [(self.xs[j], a) for j, a in c.xs] + [(self.es[j], a) for j, a in c.es]
+        out = torch_mul(*terms[0])
+        for t, a in terms[1:]:
+            out.add_(t, alpha=a)
+        for hist, until in ((self.xs, self.x_until), (self.es, self.e_until)):
+            for j in [j for j in hist if until.get(j, -1) <= i]:
+                del hist[j]
+        return out
+
+
+def torch_mul(t, a: float):
+    return t.mul(a) if a != 1.0 else t.clone()
+
+
+def make_steps(scheduler, timesteps, begin: int = 0, generators=None):
+    """The stepper for `timesteps` (a run of `scheduler.timesteps` starting at index `begin`), with `scheduler`
+    already set up (set_timesteps, and set_begin_index where `begin` > 0): `LinearSteps` where the scheduler is
+    linear, else `DiffusersSteps` over `scheduler` itself."""
+    config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+    combos = linear_schedule(type(scheduler), config, scheduler.num_inference_steps, begin, len(timesteps))
+    return LinearSteps(combos) if combos is not None else DiffusersSteps(scheduler, timesteps, generators)
+
+
+@functools.lru_cache(maxsize=64)
+def linear_schedule(cls, config: str, steps: int, begin: int, calls: int) -> tuple[Combination, ...] | None:
+    """The combinations of `calls` steps of `cls` (configured by `config`, JSON) from timestep index `begin`, read off
+    a probe run; None when the scheduler is not linear there.
+
+    The probe batch has one row per input of the whole run -- the initial sample and each step's model output --
+    each row that input set to 1 and the others to 0, so row r of every sample the scheduler returns holds the
+    coefficient of input r in it. Two more rows check linearity: all inputs 0 must give 0 (no noise is drawn), and
+    random inputs in the hundreds must give their combination of the unit rows (nothing clamps)."""
+    import torch
+
+    sched = cls.from_config(json.loads(config))
+    sched.set_timesteps(steps)
+    if begin and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin)
+    timesteps = sched.timesteps[begin:begin + calls]
+    n = calls + 1  # inputs: x[0], then e[0] .. e[calls - 1]
+    g = torch.Generator().manual_seed(0)
+    mixed = torch.randn(n, generator=g, dtype=torch.float64) * 300
+    inputs = torch.cat([torch.eye(n, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64), mixed[None]])
+    samples = [inputs[:, 0]]  # x[i] per probe row: coefficients (unit rows), then the two check rows
+    scales = []
+    kwargs = _step_kwargs(sched, None)
+    with torch.random.fork_rng(devices=[]):  # a sampler that draws noise must not move the global RNG
+        for i, t in enumerate(timesteps):
+            x = samples[-1].float().reshape(-1, 1, 1, 1)
+            scaled = sched.scale_model_input(x, t).double().flatten()
+            scales.append(float(scaled[-1] / x[-1, 0, 0, 0]))  # the row of random inputs: never 0
+            if not torch.allclose(scaled, scales[-1] * x.double().flatten(), rtol=1e-5, atol=1e-6):
+                return None
+            eps = inputs[:, i + 1].float().reshape(-1, 1, 1, 1)
+            samples.append(sched.step(eps, t, x, **kwargs, return_dict=False)[0].double().flatten())
+    coef = torch.stack(samples)[:, :n]  # (calls + 1, n): x[i] = coef[i] @ inputs
+    for s in samples[1:]:
+        expected = s[:n] @ mixed
+        if s[n] != 0 or not torch.isclose(s[n + 1], expected, rtol=1e-4, atol=1e-3 * float(mixed.abs().max())):
+            return None
+    combos = []
+    for i in range(calls):
+        fit = _window(coef, i)
+        if fit is None:
+            return None
+        combos.append(Combination(scales[i], *fit))
+    return tuple(combos)
+
+
+def _window(coef, i: int):
+    """x[i+1] as a combination of the fewest recent samples and model outputs (least squares on the coefficient
+    vectors; exact up to float32 rounding, or None)."""
+    import torch
+
+    n = coef.shape[1]
+    target = coef[i + 1]
+    for k in range(1, MAX_WINDOW + 1):
+        js = list(range(max(0, i - k + 1), i + 1))
+        basis = torch.stack([coef[j] for j in js] + [torch.eye(n, dtype=coef.dtype)[j + 1] for j in js], dim=1)
+        sol = torch.linalg.lstsq(basis, target[:, None], driver="gelsd").solution.flatten()  # SVD: rank-deficient early on
+        sol[sol.abs() < 1e-7 * sol.abs().max()] = 0  # rounding noise of the probe: a multiply-add saved
+        if torch.linalg.norm(basis @ sol - target) <= 1e-5 * max(float(torch.linalg.norm(target)), 1e-12):
+            xs = tuple((j, float(a)) for j, a in zip(js, sol[:len(js)]) if a != 0)
+            es = tuple((j, float(a)) for j, a in zip(js, sol[len(js):]) if a != 0)
+            return (xs, es) if xs or es else None
+    return None
