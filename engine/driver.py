@@ -226,6 +226,8 @@ def _run(config: EngineConfig, movies: list[LoadedMovie], executor: Executor, su
         finally:
             for mo in outputs.values():
                 mo.save()
+            for movie_id, why in writer.failures.items():
+                failures.setdefault(movie_id, why)
     written = set(writer.times.storyboards)
     for mo in outputs.values():
         if mo.complete():  # complete before this run too: its dialogue may have changed

@@ -29,6 +29,7 @@ import numpy as np
 from .config import EngineConfig
 from .consistency import AnchorSpec
 from .errors import UserError
+from .frames import Frames
 from .oom import is_oom
 from .outputs import encode_image
 from .pipeline import BatchSettings
@@ -54,9 +55,10 @@ class Batch:
 
 @dataclass
 class Rendered:
-    """A finished batch: raw (B, H, W, 3) uint8 images, or the frame files already encoded by the worker."""
+    """A finished batch: its frames' images (engine.frames, read by the writer threads), or the frame files already
+    encoded by the worker."""
 
-    images: np.ndarray | None
+    images: Frames | None
     encoded: list[bytes] | None
     seconds: float
     anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
@@ -96,6 +98,8 @@ class Executor(Protocol):
 
 
 def reason(exc: BaseException) -> str:
+    if isinstance(exc, FloatingPointError):
+        return f"{exc}; fix: use --dtype fp32 (or bf16): fp16 overflows in this model"
     return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -123,8 +127,6 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
         if encode:
             encoded = [encode_image(image, t, renderer.info, *batch.encoding) for t, image in zip(batch.tasks, images)]
             images = None
-    except FloatingPointError as exc:
-        return Failed(f"{exc}; fix: use --dtype fp32 (or bf16): fp16 overflows in this model")
     except Exception as exc:
         if is_oom(exc):
             return Failed(reason(exc), oom=True)

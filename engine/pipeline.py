@@ -6,11 +6,11 @@ import time
 from dataclasses import astuple, dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 
 from .backends.base import Backend, UNetCond
 from .consistency import Anchors, AnchorSpec
+from .frames import Frames
 from .lora import LoraLibrary, LoraSet
 from .schedulers import make_scheduler, make_steps
 from .seeds import initial_latents
@@ -110,8 +110,8 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings,
                  times: dict[str, float] | None = None, anchors: Anchors | None = None,
                  library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None
-                 ) -> np.ndarray:
-    """Render frames that share `s`; returns their (B, H, W, 3) uint8 images, in job order. `times`, if given,
+                 ) -> Frames:
+    """Render frames that share `s`; returns their images (engine.frames: (H, W, 3) uint8 each), in job order. `times`, if given,
     accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device work is asynchronous,
     so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency).
     `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is read once per run).
@@ -161,18 +161,12 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
         latents = _denoise(refiner.backend, r_steps, r_scheduler.timesteps[start:], latents, r_cond,
                            s.guidance if r_cfg else None, clock)
 
-    # 4. Decode, and convert to uint8 where the pixels are: a quarter of the bytes cross to the host.
+    # 4. Decode. The frames leave for the writer threads as uint8 without the render thread waiting for them
+    # (engine.frames: converted and copied on the GPU, or converted by the writers on the CPU).
     images = (decoder or backend).decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain
-    if torch.isnan(images.sum()):  # one reduction instead of a boolean image
-        raise FloatingPointError("the decoded image contains NaN/inf (numeric overflow)")
-    # Cast in the decoder's (B, 3, H, W) layout, where it is one vectorised pass, then reorder the bytes, a quarter
-    # of the floats' size, into a contiguous (B, H, W, 3) buffer: PIL on the writer threads would copy a strided
-    # view again, twice per frame (2.7 ms per 512² frame each). Casting and reordering in one strided pass was
-    # slower on the CPU than the two.
-    pixels = torch.mul(images, 255).round_().to(torch.uint8)  # exact integers: the cast truncates nothing
-    pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    frames = Frames(images)
     clock.lap("decode")
-    return pixels
+    return frames
 
 
 def _uses_cfg(model, s: BatchSettings) -> bool:

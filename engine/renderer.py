@@ -19,6 +19,7 @@ from .backends.base import create_backend
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .errors import UserError
+from .frames import Frames
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
 from .models import load_model, load_refiner, load_vae
 from .pipeline import BatchSettings, Expert, FrameJob, render_batch, settings_key
@@ -192,8 +193,8 @@ class Renderer:
         return extra
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
-               ) -> tuple[np.ndarray, list[tuple[AnchorSpec, np.ndarray]]]:
-        """(B, H, W, 3) uint8 images, and (spec, image) of the anchors named in `want_anchors` that these frames
+               ) -> tuple[Frames, list[tuple[AnchorSpec, np.ndarray]]]:
+        """The frames' images (engine.frames), and (spec, (H, W, 3) uint8 image) of the anchors named in `want_anchors` that these frames
         use (the driver asks for those it has not saved yet)."""
         per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
         specs = {spec.key: spec for job in jobs for spec in job.anchors}

@@ -1,7 +1,9 @@
-"""The write stage: image encoding, hashing, atomic writes, manifest entries and storyboards, off the render thread.
+"""The write stage: pixels, image encoding, hashing, atomic writes, manifest entries and storyboards, off the render
+thread.
 
 The driver hands each finished batch to `Writer.put` and goes straight back to rendering; a bounded pool of
-threads does the files. zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
+threads does the files, starting with each frame's uint8 pixels (engine.frames: the GPU's copy waited for, or the
+CPU's floats converted). numpy, zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
 `outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
 with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
 being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .executors import Batch, Rendered
+from .executors import Batch, Rendered, reason
 from .outputs import MovieOutputs, encode_image, resolve_quality, thumbnail
 from .paths import atomic_write_bytes
 from .renderer import ModelInfo
@@ -53,7 +55,7 @@ class WriteTimes:
     """Seconds per part of the write stage, summed over frames (threads overlap, so the sum can exceed wall time),
     and the render thread's waits for a free slot (backpressure)."""
 
-    encode: float = 0.0
+    encode: float = 0.0  # pixels to uint8 (CPU frames) and the image file's bytes
     hash: float = 0.0
     write: float = 0.0  # the frame file, atomically
     manifest: float = 0.0  # its journal line
@@ -76,6 +78,7 @@ class Writer:
                                        initargs=(WRITER_NICENESS,)) if threads > 0 else None
         self.slots = threading.BoundedSemaphore(max(1, max_batches))
         self.times = WriteTimes()
+        self.failures: dict[str, str] = {}  # movie id -> why one of its frames could not be written
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._storyboarded: set[str] = set()
@@ -122,9 +125,15 @@ class Writer:
     def _write_frame(self, batch: Batch, result: Rendered, i: int) -> None:
         task = batch.tasks[i]
         mo = self.outputs[task.job.movie_id]
-        image = result.images[i] if result.images is not None else None
         t0 = time.perf_counter()
-        # 1. Encode (Ray workers send frames already encoded).
+        # 1. The pixels (engine.frames: converted here on the CPU, waited for here on a GPU), then encode them (Ray
+        # workers send frames already encoded).
+        try:
+            image = result.images[i] if result.images is not None else None
+        except FloatingPointError as exc:  # this frame overflowed: its movie fails, the batch's other frames stay
+            with self._lock:
+                self.failures.setdefault(task.job.movie_id, reason(exc))
+            return
         data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
                                                                                  self.image_format, self.quality)
         t1 = time.perf_counter()
