@@ -11,8 +11,9 @@ Reported per case, from the run with the median frames/s (every repeat's figures
 - render-thread host ms per frame: the render loop's time minus its waits for a free writer slot, per frame --
   what a GPU would have to wait for between batches;
 - frames/s end to end: frames over the whole `render` call (planning, the write drain and the storyboard included);
-- the split in ms per frame: prompt, latents, scheduler, unet (~0 here), decode (uint8 conversion) on the render
-  thread; encode, hash, write, manifest, storyboard in the write stage (summed over threads);
+- the split in ms per frame: prompt, latents, scheduler, unet (~0 here), decode on the render thread; pixels (the
+  uint8 conversion, engine.frames), encode, hash, write, manifest, storyboard in the write stage (summed over
+  threads);
 - whether the pipelined files equal the sequential ones (same bytes for frames and storyboard; manifests equal
   except their timing field).
 
@@ -42,7 +43,7 @@ from .models import resolve_model
 from .report import HOST_FORMAT, save_result
 
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
-WRITE_STAGES = ("encode", "hash", "write", "manifest", "storyboard")
+WRITE_STAGES = ("pixels", "encode", "hash", "write", "manifest", "storyboard")
 
 
 def _plan(path: Path, frames: int) -> Path:

@@ -392,12 +392,14 @@ def host_section(results: list[dict[str, Any]]) -> list[str]:
              "every file written on the render thread (writer threads 0), pipelined = the write stage on its "
              "threads; *same files*: frames and storyboard byte-identical, manifests equal but for timings.", "",
              "| size | format | writer threads | render thread ms/frame | end to end frames/s | same files | "
-             "split ms/frame (prompt, latents, scheduler, decode · encode, hash, write, manifest, storyboard) |",
+             "split ms/frame (prompt, latents, scheduler, decode · pixels, encode, hash, write, manifest, "
+             "storyboard) |",
              "|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         sp = r["split_ms_per_frame"]
         split = ", ".join(f"{sp[k]:g}" for k in ("prompt", "latents", "scheduler", "decode")) + " · " + \
-            ", ".join(f"{sp[k]:g}" for k in ("encode", "hash", "write", "manifest", "storyboard"))
+            ", ".join(f"{sp[k]:g}" if k in sp else "–" for k in (
+                "pixels", "encode", "hash", "write", "manifest", "storyboard"))
         lines.append(f"| {r['size']} | {r['format']} | {r['writer_threads']} | {r['render_thread_ms_per_frame']:.1f} "
                      f"| {r['frames_per_s']:.1f} | {'yes' if r['same_files_as_sequential'] else 'NO'} | {split} |")
     return lines + [""]

@@ -55,7 +55,8 @@ class WriteTimes:
     """Seconds per part of the write stage, summed over frames (threads overlap, so the sum can exceed wall time),
     and the render thread's waits for a free slot (backpressure)."""
 
-    encode: float = 0.0  # pixels to uint8 (CPU frames) and the image file's bytes
+    pixels: float = 0.0  # each frame's uint8 pixels: converted from the CPU's floats, or the GPU's copy waited for
+    encode: float = 0.0
     hash: float = 0.0
     write: float = 0.0  # the frame file, atomically
     manifest: float = 0.0  # its journal line
@@ -66,7 +67,7 @@ class WriteTimes:
 
     def as_dict(self) -> dict[str, float]:
         return {"frames": self.frames, **{f"{k}_seconds": round(getattr(self, k), 4) for k in (
-            "encode", "hash", "write", "manifest", "storyboard", "waited")}}
+            "pixels", "encode", "hash", "write", "manifest", "storyboard", "waited")}}
 
 
 class Writer:
@@ -134,6 +135,7 @@ class Writer:
             with self._lock:
                 self.failures.setdefault(task.job.movie_id, reason(exc))
             return
+        tp = time.perf_counter()
         data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
                                                                                  self.image_format, self.quality)
         t1 = time.perf_counter()
@@ -150,7 +152,8 @@ class Writer:
         mo.record(task, sha, result.seconds / len(batch.tasks))
         t5 = time.perf_counter()
         with self._lock:
-            self.times.encode += t1 - t0
+            self.times.pixels += tp - t0
+            self.times.encode += t1 - tp
             self.times.hash += t2 - t1
             self.times.write += t3 - t2
             self.times.storyboard += t4 - t3

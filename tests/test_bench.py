@@ -168,5 +168,6 @@ def test_host_bench_reports_median_runs_and_same_files(tmp_path):
         assert r["frames"] == 4 and r["same_files_as_sequential"] and len(r["repeats"]) == 2
         assert [r["render_thread_ms_per_frame"], r["frames_per_s"]] in r["repeats"]
         assert r["split_ms_per_frame"]["scheduler"] > 0 and r["split_ms_per_frame"]["encode"] > 0
+        assert r["split_ms_per_frame"]["pixels"] > 0  # the uint8 conversion, on the writers' side
     section = "\n".join(host_section([res]))
     assert "the median of 2 interleaved runs" in section and section.count("| 64x64 |") == 4
