@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
+
+log = logging.getLogger("movielm_fast")
 
 _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -118,24 +121,18 @@ class LinearSteps:
     def step(self, eps, i: int, x, fresh: bool = True):
         """`fresh`: `eps` is a tensor of the caller's own (not a backend's reused output buffer), so it may be kept
         for later steps without a copy."""
-        self.xs[i] = x
-        if self.e_until.get(i, -1) > i:
-            self.es[i] = eps if fresh else eps.clone()
-        else:
-            self.es[i] = eps
+        if not fresh and self.e_until.get(i, -1) > i:
+            eps = eps.clone()
+        self.xs[i], self.es[i] = x, eps
         c = self.combos[i]
-        terms = [(self.xs[j], a) for j, a in c.xs] + [(self.es[j], a) for j, a in c.es]
-        out = torch_mul(*terms[0])
-        for t, a in terms[1:]:
+        (first, a), *rest = [(self.xs[j], a) for j, a in c.xs] + [(self.es[j], a) for j, a in c.es]
+        out = first * a  # a new tensor: the history it reads stays as it was
+        for t, a in rest:
             out.add_(t, alpha=a)
         for hist, until in ((self.xs, self.x_until), (self.es, self.e_until)):
-            for j in [j for j in hist if until.get(j, -1) <= i]:
+            for j in [j for j in hist if until.get(j, -1) <= i]:  # no later step reads it
                 del hist[j]
         return out
-
-
-def torch_mul(t, a: float):
-    return t.mul(a) if a != 1.0 else t.clone()
 
 
 def make_steps(scheduler, timesteps, begin: int = 0, generators=None):
@@ -143,7 +140,11 @@ def make_steps(scheduler, timesteps, begin: int = 0, generators=None):
     already set up (set_timesteps, and set_begin_index where `begin` > 0): `LinearSteps` where the scheduler is
     linear, else `DiffusersSteps` over `scheduler` itself."""
     config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
-    combos = linear_schedule(type(scheduler), config, scheduler.num_inference_steps, begin, len(timesteps))
+    try:
+        combos = linear_schedule(type(scheduler), config, scheduler.num_inference_steps, begin, len(timesteps))
+    except Exception:  # a "default" scheduler class that cannot be probed alone: its own step is always right
+        log.debug("scheduler %s not probed", type(scheduler).__name__, exc_info=True)
+        combos = None
     return LinearSteps(combos) if combos is not None else DiffusersSteps(scheduler, timesteps, generators)
 
 
