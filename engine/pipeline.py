@@ -111,12 +111,12 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
                  times: dict[str, float] | None = None, anchors: Anchors | None = None,
                  library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None
                  ) -> Frames:
-    """Render frames that share `s`; returns their images (engine.frames: (H, W, 3) uint8 each), in job order. `times`, if given,
-    accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device work is asynchronous,
-    so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs' anchors (consistency).
-    `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is read once per run).
-    `refiner`: denoises the last (1 - s.refiner_switch) of the schedule; `decoder`: decodes instead of `backend`
-    (a swapped VAE)."""
+    """Render frames that share `s`; returns their images (engine.frames: (H, W, 3) uint8 each), in job order.
+    `times`, if given, accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device
+    work is asynchronous, so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs'
+    anchors (consistency). `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is
+    read once per run). `refiner`: denoises the last (1 - s.refiner_switch) of the schedule; `decoder`: decodes
+    instead of `backend` (a swapped VAE)."""
     clock = _Clock(times)
 
     # 0. LoRA set: the backend merges it into its weights when it differs from the set it holds (else: nothing).

@@ -194,8 +194,8 @@ class Renderer:
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
                ) -> tuple[Frames, list[tuple[AnchorSpec, np.ndarray]]]:
-        """The frames' images (engine.frames), and (spec, (H, W, 3) uint8 image) of the anchors named in `want_anchors` that these frames
-        use (the driver asks for those it has not saved yet)."""
+        """The frames' images (engine.frames), and (spec, (H, W, 3) uint8 image) of the anchors named in
+        `want_anchors` that these frames use (the driver asks for those it has not saved yet)."""
         per_job = [[self._anchor(spec) for spec in job.anchors] for job in jobs]
         specs = {spec.key: spec for job in jobs for spec in job.anchors}
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None

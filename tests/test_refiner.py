@@ -129,7 +129,7 @@ def test_refiner_batches_like_the_base(tiny_sdxl, tiny_refiner):
     r = Renderer(EngineConfig(model=str(tiny_sdxl)))
     jobs = [FrameJob("m", "a", PROMPT, NEGATIVE, 1), FrameJob("m", "b", "a red door", "", 2)]
     s = _settings(tiny_refiner, steps=4)
-    together = r.render(jobs, s)[0].astype(np.int16)
+    together = r.render(jobs, s)[0].numpy().astype(np.int16)
     alone = np.stack([r.render([j], s)[0][0] for j in jobs]).astype(np.int16)
     assert np.abs(together - alone).max() <= 1
 

@@ -103,3 +103,14 @@ def test_a_schedule_is_probed_once():
         make_steps(scheduler, scheduler.timesteps)
     info = linear_schedule.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+def test_each_batch_gets_its_own_scheduler():
+    """Schedulers keep per-run state: the copies handed out must not share it (nor their tensors)."""
+    a, b = make_scheduler("dpmpp", SD_CONFIG), make_scheduler("dpmpp", SD_CONFIG)
+    assert a is not b and a.betas is not b.betas
+    a.set_timesteps(4)
+    b.set_timesteps(9)
+    assert len(a.timesteps) == 4 and len(b.timesteps) == 9
+    assert make_scheduler("dpmpp", SD_CONFIG, "trailing").config.timestep_spacing == "trailing"
+    assert make_scheduler("dpmpp", SD_CONFIG).config.timestep_spacing == "leading"
