@@ -65,3 +65,6 @@ class Frames:
     def numpy(self) -> np.ndarray:
         """All frames as one (B, H, W, 3) uint8 array."""
         return np.stack(list(self))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray / np.concatenate of batches
+        return self.numpy() if dtype is None else self.numpy().astype(dtype)

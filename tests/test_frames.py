@@ -32,6 +32,8 @@ def test_cpu_frames_are_the_reference_pixels():
     assert frames[1].shape == (24, 40, 3) and frames[1].dtype == np.uint8 and frames[1].flags.c_contiguous
     assert np.array_equal(frames.numpy(), _reference(images))
     assert np.array_equal(np.stack(list(frames)), _reference(images))
+    assert np.array_equal(np.concatenate([frames, Frames(images[:1])]), np.concatenate([_reference(images),
+                                                                                      _reference(images[:1])]))
     with pytest.raises(IndexError):
         frames[3]
     view = images[:1].expand(4, -1, -1, -1)  # the null backend hands out one image expanded over the batch
