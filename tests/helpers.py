@@ -57,7 +57,7 @@ def cli_json(args: list[str]) -> dict:
     """Run the CLI (in-process), require exit 0, return its last output line as JSON (`--json` summaries)."""
     from click.testing import CliRunner
 
-    from movielm_cli.main import cli
+    from movielm_fast.cli.main import cli
 
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output

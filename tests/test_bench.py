@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from bench.report import CSV_FIELDS, main as report_main
-from movielm_cli.bench_cmds import bench_cmd
+from movielm_fast.bench.report import CSV_FIELDS
+from movielm_fast.bench.report import main as report_main
+from movielm_fast.cli.bench_cmds import bench_cmd
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_bad_flags_are_user_errors():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_gpu_script_says_it_needs_cuda(capsys):
-    from bench.gpu import main
+    from movielm_fast.bench.gpu import main
 
     assert main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -117,7 +118,7 @@ def test_arch_models_have_the_published_sizes():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from bench.models import SD15_UNET, SDXL_UNET, VAE_CONFIG, clip_text_config
+    from movielm_fast.bench.models import SD15_UNET, SDXL_UNET, VAE_CONFIG, clip_text_config
 
     def params(module):
         return sum(p.numel() for p in module.parameters())
@@ -134,8 +135,8 @@ def test_gpu_quality_table_psnr_against_fp32(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from bench.gpu import quality_table
-    from bench.runner import backend_variant
+    from movielm_fast.bench.gpu import quality_table
+    from movielm_fast.bench.runner import backend_variant
 
     rng = np.random.default_rng(0)
     ref_img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
@@ -157,8 +158,8 @@ def test_gpu_quality_table_psnr_against_fp32(tmp_path):
 
 
 def test_host_bench_reports_median_runs_and_same_files(tmp_path):
-    from bench import host
-    from bench.report import host_section
+    from movielm_fast.bench import host
+    from movielm_fast.bench.report import host_section
     assert host.main(["--frames", "4", "--sizes", "64", "--formats", "png,jpg", "--steps", "2", "--batch", "2",
                       "--repeats", "2", "--results", str(tmp_path)]) == 0
     [path] = tmp_path.glob("host-*.json")

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cluster import ClusterOptions, RayExecutor, render_on_ray
-from engine.config import EngineConfig
-from engine.errors import UserError
-from engine.driver import render
+from movielm_fast.engine.cluster import ClusterOptions, RayExecutor, render_on_ray
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.driver import render
+from movielm_fast.errors import UserError
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 5}
@@ -115,7 +115,7 @@ def test_clear_errors(ray_local, plans, tiny_sd, tmp_path):
 
 
 def test_ray_not_installed(plans, tmp_path, monkeypatch):
-    from engine import cluster
+    from movielm_fast.engine import cluster
 
     # A None entry makes `import ray` fail as it does where Ray is not installed.
     monkeypatch.setitem(sys.modules, "ray", None)

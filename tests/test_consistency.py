@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.consistency import token_subset
-from engine.driver import render
-from engine.errors import UserError
-from engine.executors import LocalExecutor
-from engine.renderer import Renderer
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.consistency import token_subset
+from movielm_fast.engine.driver import render
+from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.errors import UserError
 from tests.helpers import load_png, write_plan
 
 MODE = {"mode": "anchor_attention"}
@@ -120,8 +120,8 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
     from click.testing import CliRunner
     from transformers import CLIPConfig, CLIPModel
 
-    from engine.demo import clip_tokenizer
-    from movielm_cli.main import cli
+    from movielm_fast.cli.main import cli
+    from movielm_fast.engine.demo import clip_tokenizer
 
     clip_dir = tmp_path / "clip"
     cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,

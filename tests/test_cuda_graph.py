@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.backends.cuda_graph import GraphedCallable, bucket_key
+from movielm_fast.engine.backends.cuda_graph import GraphedCallable, bucket_key
 
 
 def test_bucket_key_separates_shapes_and_dtypes_not_values():

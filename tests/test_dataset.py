@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.dataset import MANIFEST_FORMAT, DatasetOptions, export_dataset, validate_record, write_video
-from engine.errors import UserError
-from engine.llm.qa import derived_qa
-from engine.plan import parse_plan
-from movielm_cli.llm_cmds import dataset_cmd
+from movielm_fast.cli.llm_cmds import dataset_cmd
+from movielm_fast.data.dataset import MANIFEST_FORMAT, DatasetOptions, export_dataset, validate_record, write_video
+from movielm_fast.data.llm.qa import derived_qa
+from movielm_fast.engine.plan import parse_plan
+from movielm_fast.errors import UserError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 

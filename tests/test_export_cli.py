@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from movielm_cli.export_cmds import export_cmd
+from movielm_fast.cli.export_cmds import export_cmd
 
 pytest.importorskip("onnxruntime")
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from engine.errors import UserError
-from engine.models import load_model
-from export import cache
-from export.specs import ShapeProfile, model_specs, parse_batch_sizes, parse_sizes
+from movielm_fast.engine.models import load_model
+from movielm_fast.errors import UserError
+from movielm_fast.export import cache
+from movielm_fast.export.specs import ShapeProfile, model_specs, parse_batch_sizes, parse_sizes
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_cache_is_atomic_and_lists_and_clears(sd, tmp_path):
 
 
 def test_tensorrt_build_config_from_spec(sd, sdxl):
-    from export.tensorrt import build_config, engine_profiles
+    from movielm_fast.export.tensorrt import build_config, engine_profiles
 
     prof = ShapeProfile((1, 2), ((256, 256), (384, 256)), max_chunks=1, dynamic=False)
     specs = model_specs(sd)
@@ -155,8 +155,8 @@ def test_tensorrt_missing_is_a_clear_error(sd):
         pytest.skip("tensorrt is installed here")
     except ImportError:
         pass
-    from engine.backends.base import create_backend
-    from engine.config import EngineConfig
+    from movielm_fast.engine.backends.base import create_backend
+    from movielm_fast.engine.config import EngineConfig
 
     with pytest.raises(UserError) as e:
         create_backend("tensorrt", sd, EngineConfig(backend="tensorrt", device="cuda"))
@@ -164,8 +164,8 @@ def test_tensorrt_missing_is_a_clear_error(sd):
 
 
 def test_tensorrt_runner_shape_check(sd):
-    from engine.backends.tensorrt_backend import check_within
-    from export.tensorrt import build_config
+    from movielm_fast.engine.backends.tensorrt_backend import check_within
+    from movielm_fast.export.tensorrt import build_config
 
     prof = ShapeProfile((1,), ((256, 256),), max_chunks=1, dynamic=False)
     cfg = build_config(sd, model_specs(sd)["unet"], prof, "fp16")
@@ -178,9 +178,9 @@ def test_tensorrt_runner_shape_check(sd):
 
 def test_torch_backend_runs_the_exported_graph_modules(sdxl):
     # Parity between an exported graph and the torch backend holds by construction: both run export/graphs.py.
-    from engine.backends.base import create_backend
-    from engine.config import EngineConfig
-    from export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from movielm_fast.engine.backends.base import create_backend
+    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
 
     backend = create_backend("torch", sdxl, EngineConfig())
     assert [type(e) for e in backend.encoders] == [TextEncoderGraph, TextEncoderGraph]
@@ -189,8 +189,8 @@ def test_torch_backend_runs_the_exported_graph_modules(sdxl):
 
 
 def test_unknown_backend(sd):
-    from engine.backends.base import create_backend
-    from engine.config import EngineConfig
+    from movielm_fast.engine.backends.base import create_backend
+    from movielm_fast.engine.config import EngineConfig
 
     with pytest.raises(UserError) as e:
         create_backend("openvino", sd, EngineConfig())

@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.config import EngineConfig
-from engine.pipeline import BatchSettings, FrameJob
-from engine.renderer import Renderer
-from engine.schedulers import make_scheduler
-from movielm_cli.main import cli
+from movielm_fast.cli.main import cli
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.schedulers import make_scheduler
 from tests.helpers import SpyBackend, cli_json, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -75,7 +75,7 @@ def test_sdxl_lightning_recipe_matches_diffusers(tiny_sdxl):
 
 
 def test_trailing_starts_at_the_last_training_timestep(tiny_sd):
-    from engine.models import load_model
+    from movielm_fast.engine.models import load_model
 
     config = load_model(tiny_sd).scheduler_config  # "leading" with steps_offset 1, as SD 1.5's
     lead, trail = make_scheduler("euler", config), make_scheduler("euler", config, "trailing")

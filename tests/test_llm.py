@@ -14,14 +14,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_openai_server import FakeOpenAIServer, cut, error, ok, scripted, slow  # noqa: E402
 
-from engine.errors import UserError  # noqa: E402
-from engine.llm.client import (LLMClient, LLMConfig, Usage, complete_json, default_cache_dir, extract_json,  # noqa: E402
-                               resolve_config)
-from engine.llm.planner import PLAN_SCHEMA, PlanRequest, build_requests, generate_plans, slugify  # noqa: E402
-from engine.llm.qa import QAJob, check_llm_qa, generate_qa  # noqa: E402
-from engine.plan import SHOTS  # noqa: E402
-from engine.plan import SAFE_ID, load_plan  # noqa: E402
-from movielm_cli.llm_cmds import plan_cmd, qa_cmd  # noqa: E402
+from movielm_fast.cli.llm_cmds import plan_cmd, qa_cmd  # noqa: E402
+from movielm_fast.data.llm.client import (  # noqa: E402
+    LLMClient,
+    LLMConfig,
+    Usage,
+    complete_json,
+    default_cache_dir,
+    extract_json,
+    resolve_config,
+)
+from movielm_fast.data.llm.planner import PLAN_SCHEMA, PlanRequest, build_requests, generate_plans, slugify  # noqa: E402
+from movielm_fast.data.llm.qa import QAJob, check_llm_qa, generate_qa  # noqa: E402
+from movielm_fast.engine.plan import (  # noqa: E402
+    SAFE_ID,
+    SHOTS,  # noqa: E402
+    load_plan,
+)
+from movielm_fast.errors import UserError  # noqa: E402
 
 FRAMES, CHARACTERS = 3, 2
 
@@ -463,7 +473,7 @@ def test_counts_outside_tolerance_are_repaired(tmp_path):
 
 
 def test_count_tolerance_is_25_percent_and_at_least_2():
-    from engine.llm.planner import count_range
+    from movielm_fast.data.llm.planner import count_range
 
     assert count_range(4, False) == (2, 6)
     assert count_range(1, False) == (1, 3), "never zero frames or characters"
@@ -570,8 +580,8 @@ def test_llm_qa_request_is_sized_and_wrapped_answers_need_no_repair(tmp_path):
 
 
 def test_qa_prompt_names_the_speaker(tmp_path):
-    from engine.llm.qa import qa_messages
-    from engine.plan import parse_plan
+    from movielm_fast.data.llm.qa import qa_messages
+    from movielm_fast.engine.plan import parse_plan
 
     movie = parse_plan({"id": "m", "style": {"name": "s"}, "characters": [{"name": "Ann", "appearance": "a"}],
                         "frames": [{"id": "1", "description": "Ann waves.", "dialogue": "Hi", "speaker": "Ann"}]}
@@ -624,7 +634,7 @@ def test_plan_schema_bounds_the_counts_and_a_server_refusing_bounds_gets_the_sch
 
 
 def test_the_schema_asks_for_the_exact_counts():
-    from engine.llm.planner import plan_schema
+    from movielm_fast.data.llm.planner import plan_schema
 
     schema = plan_schema(PlanRequest("x", frames=4, characters=1))["properties"]
     assert (schema["frames"]["minItems"], schema["frames"]["maxItems"]) == (4, 4)
@@ -633,7 +643,7 @@ def test_the_schema_asks_for_the_exact_counts():
 
 
 def test_a_copy_of_the_prompt_example_is_sent_back(tmp_path):
-    from engine.llm.planner import EXAMPLE_FRAME, EXAMPLE_TITLE, plan_messages
+    from movielm_fast.data.llm.planner import EXAMPLE_FRAME, EXAMPLE_TITLE, plan_messages
 
     system = plan_messages(one_request()[0])[0]["content"]
     assert EXAMPLE_TITLE in system and EXAMPLE_FRAME in system, "the check must match the prompt's example"

@@ -9,19 +9,19 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from engine import lora
-from engine.config import EngineConfig
-from engine.demo import build_tiny_pipeline
-from engine.driver import collect_plans, make_batches, render
-from engine.errors import UserError
-from engine.executors import LocalExecutor
-from engine.models import load_model
-from engine.outputs import read_manifest
-from engine.pipeline import BatchSettings, FrameJob, render_batch
-from engine.renderer import Renderer
-from engine.schedulers import make_scheduler
-from movielm_cli.main import cli
-from movielm_cli.options import parse_lora
+from movielm_fast.cli.main import cli
+from movielm_fast.cli.options import parse_lora
+from movielm_fast.engine import lora
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.demo import build_tiny_pipeline
+from movielm_fast.engine.driver import collect_plans, make_batches, render
+from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.models import load_model
+from movielm_fast.engine.outputs import read_manifest
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.schedulers import make_scheduler
+from movielm_fast.errors import UserError
 from tests.helpers import load_png, movie, write_plan
 from tests.lora_files import make_lora
 
@@ -241,15 +241,15 @@ def test_plan_lora_is_validated_before_the_model_loads(tmp_path):
 # --- ONNX Runtime: no re-export -------------------------------------------------------------------------------------
 
 def _cache_state():
-    from export import cache
+    from movielm_fast.export import cache
 
     return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in cache.artifacts_root().rglob("*") if p.is_file()}
 
 
 def test_onnx_with_lora_matches_torch_without_reexport(tmp_path, pipes, demo_renderer):
     pytest.importorskip("onnxruntime")
-    from export.weight_map import WEIGHT_MAP_FILE, build_weight_map, load_weight_map
-    from export.onnx_export import graph_module
+    from movielm_fast.export.onnx_export import graph_module
+    from movielm_fast.export.weight_map import WEIGHT_MAP_FILE, build_weight_map, load_weight_map
 
     # The torch backend merges into the model it shares with this one: plain weights before anything is exported.
     demo_renderer.backend.set_loras((), demo_renderer.loras)
@@ -283,7 +283,7 @@ def test_weight_map_finds_transposed_and_packed_weights(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.weight_map import build_weight_map, initializer_values
+    from movielm_fast.export.weight_map import build_weight_map, initializer_values
 
     torch.manual_seed(0)
     m = torch.nn.ModuleDict({"q": torch.nn.Linear(4, 3, bias=False), "k": torch.nn.Linear(4, 3, bias=False),
@@ -307,8 +307,8 @@ def test_weight_map_finds_transposed_and_packed_weights(tmp_path):
 # --- TensorRT: refittable engines, refit plan (TensorRT itself is not needed for these) ------------------------------
 
 def test_tensorrt_engines_are_built_refittable(tiny_sd):
-    from export.specs import UNET, default_profile, model_specs
-    from export.tensorrt import build_config
+    from movielm_fast.export.specs import UNET, default_profile, model_specs
+    from movielm_fast.export.tensorrt import build_config
 
     model = load_model(tiny_sd)
     cfg = build_config(model, model_specs(model)[UNET], default_profile(model), "fp16")
@@ -317,9 +317,9 @@ def test_tensorrt_engines_are_built_refittable(tiny_sd):
 
 def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path, pipes, demo_renderer):
     pytest.importorskip("onnxruntime")
-    from export.onnx_export import export_component, graph_module
-    from export.tensorrt import refit_plan
-    from export.weight_map import _initializers, load_weight_map
+    from movielm_fast.export.onnx_export import export_component, graph_module
+    from movielm_fast.export.tensorrt import refit_plan
+    from movielm_fast.export.weight_map import _initializers, load_weight_map
 
     demo_renderer.backend.set_loras((), demo_renderer.loras)  # plain weights in the shared model
     model = demo_renderer.model
@@ -349,7 +349,7 @@ def test_tensorrt_refit_plan_sets_merged_weights_and_restores_the_rest(tmp_path,
 def test_merge_reaches_fused_qkv_projections(tmp_path, pipes, tiny_sd):
     """On CUDA the torch backend fuses Q/K/V into one projection (copies of the weights): merging and restoring must
     rewrite those copies too. Checked on the CPU with diffusers' own fuse_qkv_projections."""
-    from export.graphs import graph_modules
+    from movielm_fast.export.graphs import graph_modules
 
     model = load_model(tiny_sd)
     graphs = graph_modules(model)

@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer, Reply, error, ok  # noqa: E402
 from helpers import load_png  # noqa: E402
 
-from movielm_cli.main import cli  # noqa: E402
+from movielm_fast.cli.main import cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 THEMES = ["a love story", "a heist", "a storm at sea"]
 DOOMED = "a doomed theme"  # its plan never validates
 QA_DOOMED = "A Storm At Sea 2"  # this movie's QA never validates
@@ -139,7 +138,7 @@ def frame_mtimes(out: Path) -> dict[str, int]:
 
 def recorded_frames(out: Path) -> dict[str, int]:
     """Frames whose manifest entry (manifest.json or its journal) is on disk: a rerun must not render them."""
-    from engine.outputs import read_manifest
+    from movielm_fast.engine.outputs import read_manifest
 
     done = {}
     for m in (out / "movies").glob("*/manifest.json"):
@@ -165,7 +164,7 @@ def assert_same_frames(a: Path, b: Path) -> None:
 
 def dataset_of(out: Path) -> tuple:
     """What must be identical between runs: the dataset, the QA, and every frame's pixels (by hash)."""
-    from engine.outputs import read_manifest
+    from movielm_fast.engine.outputs import read_manifest
 
     hashes = {m.parent.name: [(f["id"], f["sha256"]) for f in read_manifest(m)["frames"]]
               for m in sorted((out / "movies").glob("*/manifest.json"))}
@@ -274,9 +273,9 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
                                                 *video))
     assert ref.exit_code == 1, ref.output
     llm = ScriptedLLM()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     with FakeOpenAIServer(llm) as server:
-        argv = [sys.executable, "-m", "movielm_cli.main", *make_args(out, server.url, tmp_path / "cache", "--quiet",
+        argv = [sys.executable, "-m", "movielm_fast.cli.main", *make_args(out, server.url, tmp_path / "cache", "--quiet",
                                                                       *video)]
         runs: list[dict] = []
 

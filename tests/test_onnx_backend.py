@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import UserError
-from engine.models import load_model
-from engine.pipeline import BatchSettings, FrameJob, render_batch
-from engine.renderer import Renderer
-from export import cache
-from export.artifacts import export_onnx_set
-from export.onnx_export import parity
-from export.specs import model_specs
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.models import load_model
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.errors import UserError
+from movielm_fast.export import cache
+from movielm_fast.export.artifacts import export_onnx_set
+from movielm_fast.export.onnx_export import parity
+from movielm_fast.export.specs import model_specs
 
 pytest.importorskip("onnxruntime")
 
@@ -119,8 +119,8 @@ def test_new_embedding_works_with_existing_artifact(which, tiny_sd, tiny_sdxl, s
 
 
 def test_artifact_from_another_model_is_refused(tiny_sd, tiny_sd_v, sd_artifacts):
-    from engine.backends.onnx_backend import OrtGraph
-    from export.onnx_export import export_component
+    from movielm_fast.engine.backends.onnx_backend import OrtGraph
+    from movielm_fast.export.onnx_export import export_component
 
     model_a, arts = sd_artifacts
     model_b = load_model(tiny_sd_v)
@@ -148,7 +148,7 @@ def test_artifact_from_another_model_is_refused(tiny_sd, tiny_sd_v, sd_artifacts
 def test_missing_execution_provider_and_dtype(sd_artifacts):
     import onnxruntime as ort
 
-    from engine.backends.base import create_backend
+    from movielm_fast.engine.backends.base import create_backend
 
     model, _ = sd_artifacts
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -159,7 +159,7 @@ def test_missing_execution_provider_and_dtype(sd_artifacts):
         create_backend("onnxruntime", model, EngineConfig(backend="onnxruntime", dtype="bf16"))
     assert "fp32" in e.value.hint
     with pytest.raises(UserError):
-        from export.onnx_export import export_component
+        from movielm_fast.export.onnx_export import export_component
 
         export_component(model, "unet", "ort-cpu", "fp16")
 
@@ -169,7 +169,7 @@ def test_guidance_distilled_unet_is_refused_before_any_export(sd_artifacts, tmp_
 
     from diffusers import UNet2DConditionModel
 
-    from engine.backends.base import create_backend
+    from movielm_fast.engine.backends.base import create_backend
 
     model, _ = sd_artifacts
     lcm = replace(model, unet=UNet2DConditionModel(**{**model.unet.config, "time_cond_proj_dim": 16}),
@@ -185,7 +185,7 @@ def test_fp16_conversion_keeps_sensitive_nodes_fp32(sd_artifacts, tmp_path):
     """The CUDA graph cannot run here; check its structure: fp16 weights, fp32 timestep IO and time embedding."""
     import onnx
 
-    from export.onnx_export import to_fp16
+    from movielm_fast.export.onnx_export import to_fp16
 
     model, arts = sd_artifacts
     spec = model_specs(model)["unet"]

@@ -40,13 +40,13 @@ class Hidden:
 
 sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
 sys.argv = ["movielm-fast", *sys.argv[2:]]
-from movielm_cli.main import cli
+from movielm_fast.cli.main import cli
 cli()
 """
 
 
 def run_cli(hidden, *args, cwd=None, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("OPENAI_API_KEY", None)
     return subprocess.run([sys.executable, "-c", HIDE_AND_RUN, ",".join(hidden), *map(str, args)], cwd=cwd or ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
@@ -64,7 +64,7 @@ def test_the_shim_hides_packages_like_an_uninstalled_one():
     code = ("import importlib.util, sys\n"
             "try:\n    import openai\nexcept ModuleNotFoundError as e:\n    print('missing', e.name)\n"
             "print(importlib.util.find_spec('openai') is None, 'openai' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", HIDE_AND_RUN.replace("from movielm_cli.main import cli\ncli()",
+    result = subprocess.run([sys.executable, "-c", HIDE_AND_RUN.replace("from movielm_fast.cli.main import cli\ncli()",
                                                                          code), "openai"],
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["missing", "openai", "True", "False"], result.stderr
@@ -73,7 +73,7 @@ def test_the_shim_hides_packages_like_an_uninstalled_one():
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     """What `render` leaves behind, made by hand (no model): one movie, two frames."""
-    from engine.outputs import MANIFEST_FORMAT
+    from movielm_fast.engine.outputs import MANIFEST_FORMAT
 
     out = tmp_path_factory.mktemp("rendered")
     movie = {"id": "m", "style": {"name": "Flat"}, "characters": [{"name": "Ada", "appearance": "a woman"}],

@@ -6,9 +6,9 @@ import json
 
 from click.testing import CliRunner
 
-from engine.llm.qa import QA_KINDS, derived_qa, movie_record
-from engine.plan import parse_plan
-from movielm_cli.llm_cmds import qa_cmd
+from movielm_fast.cli.llm_cmds import qa_cmd
+from movielm_fast.data.llm.qa import QA_KINDS, derived_qa, movie_record
+from movielm_fast.engine.plan import parse_plan
 
 SCENES = [
     "Anna opens the bakery at dawn.",

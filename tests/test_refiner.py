@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.config import EngineConfig
-from engine.errors import UserError
-from engine.pipeline import BatchSettings, FrameJob, switch_index
-from engine.plan import RenderSettings
-from engine.renderer import Renderer
-from engine.schedulers import make_scheduler
-from movielm_cli.main import cli
+from movielm_fast.cli.main import cli
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob, switch_index
+from movielm_fast.engine.plan import RenderSettings
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.schedulers import make_scheduler
+from movielm_fast.errors import UserError
 from tests.helpers import SpyBackend, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -24,7 +24,7 @@ NEGATIVE = "blurry, low quality"
 
 @pytest.fixture(scope="module")
 def tiny_refiner(tmp_path_factory):
-    from engine.demo import build_tiny_pipeline
+    from movielm_fast.engine.demo import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny-refiner")
     build_tiny_pipeline("sdxl_refiner").save_pretrained(path, safe_serialization=True)
@@ -142,7 +142,7 @@ def test_onnxruntime_refiner_matches_torch(tiny_sdxl, tiny_refiner):
     ort = Renderer(EngineConfig(model=str(tiny_sdxl), backend="onnxruntime"))
     ort_img = ort.render([job], s)[0][0].astype(np.int16)
     assert np.abs(torch_img - ort_img).max() <= 2
-    from export.onnx_export import META_MODEL_HASH
+    from movielm_fast.export.onnx_export import META_MODEL_HASH
 
     expert = ort.refiners[str(tiny_refiner)]
     unet = expert.backend.graphs["unet"]
@@ -210,7 +210,7 @@ def test_refiner_setting_is_validated():
     with pytest.raises(ValueError):
         RenderSettings(refiner_switch=1.0)
     with pytest.raises(UserError, match="not a refiner|no readable"):
-        from engine.models import check_refiner
+        from movielm_fast.engine.models import check_refiner
 
         check_refiner(".")
 
@@ -218,7 +218,7 @@ def test_refiner_setting_is_validated():
 def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
     """A style token is bound to the refiner's one text encoder (SDXL's second) with the second encoder's vectors,
     whether the refiner is loaded before or after the token is bound."""
-    from engine.renderer import StyleToken
+    from movielm_fast.engine.renderer import StyleToken
 
     r = Renderer(EngineConfig(model=str(tiny_sdxl)))
     token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")
@@ -237,9 +237,9 @@ def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
 def test_refiner_export_spec(tiny_refiner):
     """The refiner bundle exports a text encoder and a UNet with 5 time ids, and no VAE (the base model decodes);
     TensorRT profiles are computed from the same spec."""
-    from engine.models import load_refiner
-    from export.graphs import graph_modules
-    from export.specs import default_profile, model_specs
+    from movielm_fast.engine.models import load_refiner
+    from movielm_fast.export.graphs import graph_modules
+    from movielm_fast.export.specs import default_profile, model_specs
 
     bundle = load_refiner(tiny_refiner)
     specs = model_specs(bundle)

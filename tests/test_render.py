@@ -14,15 +14,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from engine import outputs as outputs_mod
-from engine import paths as paths_mod
-from engine.config import EngineConfig
-from engine.errors import UserError
-from engine.plan import RenderSettings
-from engine.driver import render
-from engine.executors import LocalExecutor
-from engine.renderer import Renderer
-from movielm_cli.main import cli
+from movielm_fast import paths as paths_mod
+from movielm_fast.cli.main import cli
+from movielm_fast.engine import outputs as outputs_mod
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.driver import render
+from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.plan import RenderSettings
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.errors import UserError
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "guidance": 7.5, "seed": 11}
@@ -124,7 +124,7 @@ def test_interrupt_loses_at_most_the_batch_in_flight(tmp_path, demo_renderer):
 def test_killed_process_resumes_without_duplicates(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("kill", 6)], {**SMALL, "steps": 6})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "movielm_cli.main", "render", str(plan), "--out", str(out), "--batch-size", "1",
+    cmd = [sys.executable, "-m", "movielm_fast.cli.main", "render", str(plan), "--out", str(out), "--batch-size", "1",
            "--no-style-training", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = out / "kill" / "manifest.json"

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from engine.schedulers import DiffusersSteps, LinearSteps, linear_schedule, make_scheduler, make_steps
+from movielm_fast.engine.schedulers import DiffusersSteps, LinearSteps, linear_schedule, make_scheduler, make_steps
 
 # SD 1.x's scheduler config (PNDM, as in its model folders).
 SD_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.config import EngineConfig
-from engine.driver import render
-from engine.errors import UserError
-from engine.plan import Style
-from engine.renderer import Renderer
-from engine.style import StyleSettings, immobilize_style, list_styles
-from engine.textual_inversion import load_embedding, vectors_for_model
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.driver import render
+from movielm_fast.engine.plan import Style
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.style import StyleSettings, immobilize_style, list_styles
+from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
+from movielm_fast.errors import UserError
 from tests.helpers import movie, write_plan
 
 STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
@@ -59,7 +59,7 @@ def trained_sd(sd_renderer, images, tmp_path_factory):
     unet_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     vocab_before = [len(t) for t in model.tokenizers]
     out = tmp_path_factory.mktemp("library")
-    result = immobilize_style(sd_renderer, STYLE, StyleSettings(eval_samples=64), images=images, out=out)
+    result = immobilize_style(sd_renderer.scene_renderer, STYLE, StyleSettings(eval_samples=64), images=images, out=out)
     return result, before, unet_before, vocab_before, out
 
 
@@ -93,7 +93,7 @@ def test_substituted_lookup_matches_a_resized_text_encoder(sd_renderer):
     encoder's embedding table, write the row, run it on input ids): same hidden states, same gradient."""
     import copy
 
-    from engine.style import _Frozen, _Trainer
+    from movielm_fast.engine.style import _Frozen, _Trainer
 
     model = sd_renderer.model
     s = StyleSettings().resolve(model)
@@ -150,7 +150,7 @@ def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
     r = Renderer(EngineConfig(model=str(tiny_sdxl)))
     before = [{k: v.clone() for k, v in enc.state_dict().items()} for enc in r.model.text_encoders]
     s = StyleSettings(steps=4, scenes=2, batch_size=2, scene_steps=2, eval_samples=2)
-    result = immobilize_style(r, STYLE, s, out=tmp_path)
+    result = immobilize_style(r.scene_renderer, STYLE, s, out=tmp_path)
     assert result.report["images"] == 2 and result.meta["source"].startswith("generated")
     for enc, snap in zip(r.model.text_encoders, before):
         assert all(torch.equal(v, snap[k]) for k, v in enc.state_dict().items())
@@ -175,10 +175,10 @@ def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
 
 def test_library_hit_and_miss(sd_renderer, images, trained_sd):
     result, *_, out = trained_sd
-    again = immobilize_style(sd_renderer, STYLE, StyleSettings(), images=images, out=out)  # eval size: not in key
+    again = immobilize_style(sd_renderer.scene_renderer, STYLE, StyleSettings(), images=images, out=out)  # eval size: not in key
     assert again.cache_hit and again.path == result.path and again.token == result.token
     other = Style(name="Gothic", description="cold blue moonlight")
-    miss = immobilize_style(sd_renderer, other, FAST, images=images, out=out)
+    miss = immobilize_style(sd_renderer.scene_renderer, other, FAST, images=images, out=out)
     assert not miss.cache_hit and miss.path != result.path and miss.key != result.key
     index = json.loads((out / "index.json").read_text())
     assert {e["description"] for e in index["styles"]} == {STYLE.description, other.description}
@@ -205,10 +205,10 @@ def test_two_styles_with_one_token_name_both_render(tmp_path):
 
 def test_reproducible_and_micro_batches_give_the_same_vector(sd_renderer, images, tmp_path):
     s = StyleSettings(steps=3, batch_size=4, eval_samples=2)
-    a = immobilize_style(sd_renderer, STYLE, s, images=images, out=tmp_path / "a")
-    b = immobilize_style(sd_renderer, STYLE, s, images=images, out=tmp_path / "b")
+    a = immobilize_style(sd_renderer.scene_renderer, STYLE, s, images=images, out=tmp_path / "a")
+    b = immobilize_style(sd_renderer.scene_renderer, STYLE, s, images=images, out=tmp_path / "b")
     # micro_batch is how an out-of-memory retry splits the batch; it must not change what is learned.
-    c = immobilize_style(sd_renderer, STYLE, replace(s, micro_batch=1), images=images, out=tmp_path / "c")
+    c = immobilize_style(sd_renderer.scene_renderer, STYLE, replace(s, micro_batch=1), images=images, out=tmp_path / "c")
     va, vb, vc = (load_embedding(x.path).vectors["single"] for x in (a, b, c))
     assert torch.equal(va, vb)
     assert a.key == c.key and c.report["micro_batch"] == 1
@@ -221,10 +221,10 @@ def test_interrupted_training_leaves_nothing_in_the_library(sd_renderer, images,
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        immobilize_style(sd_renderer, STYLE, FAST, images=images, out=tmp_path, on_step=stop)
+        immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=images, out=tmp_path, on_step=stop)
     assert list_styles(tmp_path) == []
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no embedding, no temp file, no meta
-    done = immobilize_style(sd_renderer, STYLE, FAST, images=images, out=tmp_path)  # a clean restart
+    done = immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=images, out=tmp_path)  # a clean restart
     assert not done.cache_hit and len(list_styles(tmp_path)) == 1
 
 
@@ -233,25 +233,25 @@ def test_bad_inputs(sd_renderer, tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="no images in") as exc:
-        immobilize_style(sd_renderer, STYLE, FAST, images=empty, out=tmp_path / "lib")
+        immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=empty, out=tmp_path / "lib")
     assert exc.value.hint
     with pytest.raises(UserError, match="image folder not found"):
-        immobilize_style(sd_renderer, STYLE, FAST, images=tmp_path / "missing", out=tmp_path / "lib")
+        immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=tmp_path / "missing", out=tmp_path / "lib")
     broken = _write_images(tmp_path / "broken", sizes=((64, 64),))
     (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(UserError, match="cannot read image .*bad.png"):
-        immobilize_style(sd_renderer, STYLE, FAST, images=broken, out=tmp_path / "lib")
+        immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=broken, out=tmp_path / "lib")
     with pytest.raises(UserError, match="already a word"):
-        immobilize_style(sd_renderer, Style(name="Castle", token="castle"), FAST, images=broken, out=tmp_path)
+        immobilize_style(sd_renderer.scene_renderer, Style(name="Castle", token="castle"), FAST, images=broken, out=tmp_path)
     with pytest.raises(UserError, match="no letters or digits"):
-        immobilize_style(sd_renderer, Style(name="???"), FAST, out=tmp_path)
+        immobilize_style(sd_renderer.scene_renderer, Style(name="???"), FAST, out=tmp_path)
     with pytest.raises(UserError, match="multiple of 8"):
-        immobilize_style(sd_renderer, STYLE, StyleSettings(resolution=100), out=tmp_path)
+        immobilize_style(sd_renderer.scene_renderer, STYLE, StyleSettings(resolution=100), out=tmp_path)
     assert not (tmp_path / "lib").exists()  # every check runs before anything is written
 
 
 def test_cli_train_and_list(tiny_sd, images, tmp_path):
-    from movielm_cli.style_cmds import style_group
+    from movielm_fast.cli.style_cmds import style_group
 
     runner = CliRunner()
     args = ["train", "--model", str(tiny_sd), "--name", "Noir", "--description", "hard shadows",
@@ -270,7 +270,7 @@ def test_cli_train_and_list(tiny_sd, images, tmp_path):
 
 
 def test_caption_files_say_what_user_images_show(tmp_path):
-    from engine.style import load_images
+    from movielm_fast.engine.style import load_images
     folder = tmp_path / "imgs"
     _write_images(folder, sizes=((64, 64), (64, 64)))
     names = sorted(p.stem for p in folder.glob("*.png"))

@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import EngineConfig
-from engine.errors import UserError
-from engine.plan import parse_plan
-from engine.prompts import frame_prompt, substitute_characters
-from engine.renderer import Renderer
-from engine.text import CHUNK, parse_emphasis
-from engine.textual_inversion import load_embedding, vectors_for_model
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.plan import parse_plan
+from movielm_fast.engine.prompts import frame_prompt, substitute_characters
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.text import CHUNK, parse_emphasis
+from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
+from movielm_fast.errors import UserError
 
 
 def test_parse_emphasis_a1111_rules():
@@ -91,7 +91,7 @@ def test_prompts_are_encoded_once(sd_renderer):
             calls.append(args[0])
             return original(*args)
 
-    from engine.text import PromptEncoder
+    from movielm_fast.engine.text import PromptEncoder
 
     enc = PromptEncoder(sd_renderer.model, Counting())
     for _ in range(5):

@@ -5,12 +5,11 @@ the trained ones and are wired as "demo"."""
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.models import load_model
-from engine.pipeline import BatchSettings, FrameJob
-from engine.renderer import Renderer
-from engine.toy import judge as J
-
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.models import load_model
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.toy import judge as J
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,8 +4,8 @@ images back (near-perfectly: it is the reference every quality figure of the toy
 import numpy as np
 import pytest
 
-from engine.toy import judge as J
-from engine.toy import world as W
+from movielm_fast.engine.toy import judge as J
+from movielm_fast.engine.toy import world as W
 
 
 def _u8(img):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.config import EngineConfig
-from engine.demo import build_tiny_autoencoder_tiny
-from engine.pipeline import BatchSettings, FrameJob
-from engine.renderer import Renderer
-from engine.schedulers import make_scheduler
-from movielm_cli.main import cli
+from movielm_fast.cli.main import cli
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.demo import build_tiny_autoencoder_tiny
+from movielm_fast.engine.pipeline import BatchSettings, FrameJob
+from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.schedulers import make_scheduler
 from tests.helpers import cli_json, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -69,8 +69,8 @@ def test_swapped_vae_matches_diffusers(request, vaes, kind, name):
 
 def test_fp16_fix_vae_decodes_in_fp16(tiny_sdxl, vaes):
     """The SDXL VAE says force_upcast (it overflows in fp16) and stays fp32; the fp16-fix VAE says it does not."""
-    from engine.models import load_model, load_vae
-    from export.specs import VAE_DECODER, component_dtype
+    from movielm_fast.engine.models import load_model, load_vae
+    from movielm_fast.export.specs import VAE_DECODER, component_dtype
 
     assert component_dtype(load_model(tiny_sdxl), VAE_DECODER, "fp16") == "fp32"
     assert component_dtype(load_vae(vaes / "kl-fp16-fix"), VAE_DECODER, "fp16") == "fp16"
@@ -132,7 +132,7 @@ def test_bad_vaes_are_user_errors(tmp_path, tiny_sd, vaes):
 
 
 def test_model_folder_vae_subfolder_is_accepted(tiny_sd):
-    from engine.models import vae_folder
+    from movielm_fast.engine.models import vae_folder
 
     folder, cls_name = vae_folder(tiny_sd)
     assert folder == tiny_sd / "vae" and cls_name == "AutoencoderKL"
@@ -140,9 +140,9 @@ def test_model_folder_vae_subfolder_is_accepted(tiny_sd):
 
 def test_swapped_vae_export_spec(vaes):
     """A swapped VAE is a bundle with only a decoder: one spec, one graph, TensorRT profiles from the same spec."""
-    from engine.models import load_vae
-    from export.graphs import graph_modules
-    from export.specs import default_profile, model_specs
+    from movielm_fast.engine.models import load_vae
+    from movielm_fast.export.graphs import graph_modules
+    from movielm_fast.export.specs import default_profile, model_specs
 
     bundle = load_vae(vaes / "taesd")
     specs = model_specs(bundle)

@@ -1,0 +1,166 @@
+"""Host-side throughput: the real engine on the zero-cost `null` backend, so only the engine's own work is left.
+
+    python -m movielm_fast.bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8] [--repeats 3]
+    movielm-fast bench --host ...
+
+For each size x format, and for the write stage pipelined (writer threads, the default) and sequential (threads=0,
+every file written on the render thread, as before the write stage existed), one movie of `--frames` frames with
+distinct prompts is rendered from scratch after a warm-up run, `--repeats` times alternating between the two.
+Reported per case, from the run with the median frames/s (every repeat's figures beside it):
+
+- render-thread host ms per frame: the render loop's time minus its waits for a free writer slot, per frame --
+  what a GPU would have to wait for between batches;
+- frames/s end to end: frames over the whole `render` call (planning, the write drain and the storyboard included);
+- the split in ms per frame: prompt, latents, scheduler, unet (~0 here), decode on the render thread; pixels (the
+  uint8 conversion, engine.frames), encode, hash, write, manifest, storyboard in the write stage (summed over
+  threads);
+- whether the pipelined files equal the sequential ones (same bytes for frames and storyboard; manifests equal
+  except their timing field).
+
+Results go to bench/results/host-<stamp>.json; `python -m movielm_fast.bench.report` puts them in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.driver import render
+from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.plan import RenderSettings
+from movielm_fast.engine.renderer import Renderer
+
+from .hardware import RESULTS, load_average, machine_info, source_state
+from .models import resolve_model
+from .report import HOST_FORMAT, save_result
+
+RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
+WRITE_STAGES = ("pixels", "encode", "hash", "write", "manifest", "storyboard")
+
+
+def _plan(path: Path, frames: int) -> Path:
+    movie = {"id": "host", "title": "Host", "style": {"name": "Gothic", "description": "soft sepia, dimly lit rooms"},
+             "characters": [{"name": "Rosa", "appearance": "a young woman with auburn hair in lavender"}],
+             "frames": [{"id": f"{i:04d}", "description": f"Rosa crosses the ((ballroom)) in scene {i}, candles "
+                                                          f"flicker", "dialogue": f"Line {i} of the story."}
+                        for i in range(frames)]}
+    path.write_text(json.dumps({"version": 1, "movies": [movie]}))
+    return path
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _same_output(a: dict[str, bytes], b: dict[str, bytes]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        if name.endswith("manifest.json"):
+            ma, mb = json.loads(a[name]), json.loads(b[name])
+            for m in (ma, mb):
+                for f in m["frames"]:
+                    f.pop("seconds")
+            if ma != mb:
+                return False
+        elif a[name] != b[name]:
+            return False
+    return True
+
+
+def _median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median end-to-end rate, with every repeat's two figures beside it (this machine's timings
+    spread by +-15% from run to run)."""
+    r = dict(sorted(rs, key=lambda x: x["frames_per_s"])[len(rs) // 2])
+    r["repeats"] = [[x["render_thread_ms_per_frame"], x["frames_per_s"]] for x in rs]
+    return r
+
+
+def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, steps: int, batch: int,
+             threads: int) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    renderer.encoder.clear_cache()  # each run encodes its prompts, as a fresh process would
+    renderer.times.clear()
+    config = EngineConfig(model=renderer.config.model, out=out, backend="null", batch_size=batch, image_format=fmt,
+                          writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
+    t0 = time.perf_counter()
+    s = render(config, [plan], executor=LocalExecutor(renderer=renderer))
+    wall = time.perf_counter() - t0
+    n = s.frames_rendered
+    busy = s.render_seconds - s.write["waited_seconds"]
+    return {"size": f"{size}x{size}", "format": fmt, "writer_threads": threads, "frames": n,
+            "render_thread_ms_per_frame": round(1000 * busy / n, 2), "frames_per_s": round(n / wall, 2),
+            "wall_seconds": round(wall, 3), "waited_ms_per_frame": round(1000 * s.write["waited_seconds"] / n, 2),
+            "split_ms_per_frame": {**{k: round(1000 * renderer.times.get(k, 0.0) / n, 2) for k in RENDER_STAGES},
+                                   **{k: round(1000 * s.write[f"{k}_seconds"] / n, 2) for k in WRITE_STAGES}}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.host", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--formats", default="png,jpg")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--model", default="tiny-sd", help="tiny-sd (default), demo, sd15-arch, or a model folder")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    # The render thread is one thread: on a GPU box the scheduler's tensors live on the GPU and torch's CPU thread
+    # pool idles. Here they live on the CPU, and a 2-thread pool for tiny elementwise ops would fight the writer
+    # threads for the two cores (measured: 5x slower scheduler steps under load).
+    torch.set_num_threads(args.torch_threads)
+    # The tiny SD model: 1/8 latents as in every real SD model, so the scheduler's host work is what a real run's
+    # is (the toy demo model's 1/4 latents would quadruple it).
+    renderer = Renderer(EngineConfig(model=resolve_model(args.model), backend="null"))
+    work = Path(tempfile.mkdtemp(prefix="movielm-host-"))
+    load_start = load_average()
+    runs = []
+    try:
+        plan = _plan(work / "plan.json", args.frames)
+        warm = _plan(work / "warm.json", args.batch)
+        for size in map(int, args.sizes.split(",")):
+            for fmt in args.formats.split(","):
+                run_case(renderer, warm, work / "warm", size, fmt, args.steps, args.batch, args.threads)
+                trials: dict[int, list[dict[str, Any]]] = {0: [], args.threads: []}
+                reference, same = None, True
+                for _ in range(args.repeats):
+                    for threads in trials:  # side by side: sequential, then pipelined
+                        r = run_case(renderer, plan, work / f"t{threads}", size, fmt, args.steps, args.batch, threads)
+                        files = _files(work / f"t{threads}")
+                        reference = reference or files  # the first sequential run's
+                        same = same and _same_output(reference, files)
+                        trials[threads].append(r)
+                for threads, rs in trials.items():
+                    r = _median_run(rs)
+                    r["same_files_as_sequential"] = same
+                    runs.append(r)
+                    print(f"{r['size']:>8} {fmt:>4} threads={threads}: render thread "
+                          f"{r['render_thread_ms_per_frame']:6.1f} ms/frame, {r['frames_per_s']:6.1f} frames/s end "
+                          f"to end, same files: {same}  split {r['split_ms_per_frame']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"format": HOST_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(torch.device("cpu")),
+              "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": args.model,
+                           "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,
+                           "writer_threads": args.threads, "repeats": args.repeats},
+              "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
+              "runs": runs}
+    save_result(args.results, "host", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""`movielm-fast`: parse flags -> one config object -> call engine/export. No logic worth testing on its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .clean_errors import CleanErrors
+from .options import engine_config, render_options
+
+DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
+             "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
+             "images.")
+
+
+@click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
+def cli(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print loading bars and advisory warnings that drown our own progress and summary."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:  # already imported (tests): set it on the live loggers too
+            lib_logging = __import__(f"{name}.utils.logging", fromlist=["x"])
+            lib_logging.set_verbosity_error()
+            lib_logging.disable_progress_bar()
+
+
+@cli.command("render",
+             help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
+@click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
+@render_options
+def render_cmd(plans, out, **kw):
+    # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
+    from movielm_fast.engine.cluster import render_on_ray
+    from movielm_fast.engine.driver import render
+
+    config, cluster, as_json = engine_config(out, kw)
+    if cluster is not None:
+        summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
+    else:
+        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb))
+    d = summary.as_dict()
+    failures = d.get("failures", [])
+    if as_json:
+        click.echo(json.dumps(d))
+    else:
+        click.echo(f"{d['rendered']} frame(s) rendered, {d['skipped']} already done, {d['movies']} movie(s) in "
+                   f"{d['seconds']:.1f} s: {d['images_per_second']:.2f} images/s, {d['unet_steps_per_second']:.1f} "
+                   f"UNet steps/s (batch {d['batch_size']})")
+        for worker in d.get("workers", []):
+            click.echo(f"  worker {worker['worker']} ({worker['node']}): {worker['frames']} frame(s), "
+                       f"{worker['images_per_second']:.2f} images/s")
+        for sb in d["storyboards"]:
+            click.echo(f"storyboard: {sb}")
+        for f in failures:
+            click.echo(f"failed: movie {f['movie']}: {f['reason']} ({f['frames_missing']} frame(s) missing)",
+                       err=True)
+    if failures:
+        sys.exit(1)  # other movies are complete; rerunning retries only what is missing
+
+
+@cli.command("eval", help="CLIP scores of rendered movies: frame vs prompt (clip_t), frames that share a character "
+                          "(clip_i_shared, MovieLLM's consistency measure) and frames vs their characters' anchors "
+                          "(clip_i_anchor). Writes OUT/eval.json. Give the folders of renders with and without "
+                          "--consistency to compare them.")
+@click.argument("outs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--clip", "clip_path", required=True, type=click.Path(path_type=Path),
+              help="A local CLIP model folder in transformers' format (nothing is downloaded).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(outs, clip_path, device, as_json):
+    from movielm_fast.data.evaluate import evaluate  # torch/transformers: seconds to import
+
+    reports = evaluate(list(outs), clip_path, device)
+    if as_json:
+        click.echo(json.dumps(reports))
+        return
+    for r in reports:
+        click.echo(f"{r['out']}: {len(r['movies'])} movie(s); overall {r['overall']}")
+        for m in r["movies"]:
+            click.echo(f"  {m['movie']} ({m['consistency']}): clip_t {m['clip_t']}, clip_i_shared "
+                       f"{m['clip_i_shared']} ({m['shared_pairs']} pairs), clip_i_anchor {m['clip_i_anchor']} "
+                       f"({m['anchor_pairs']} pairs)")
+
+
+def _with_progress(config, run):
+    if config.quiet:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        task = bar.add_task("frames", total=None)
+
+        def cb(done: int, total: int) -> None:
+            bar.update(task, total=total, advance=done)
+
+        return run(cb)
+
+
+def _register_commands() -> None:
+    from .bench_cmds import bench_cmd
+    from .export_cmds import export_cmd
+    from .llm_cmds import dataset_cmd, plan_cmd, qa_cmd
+    from .make_cmds import make_cmd
+    from .style_cmds import style_group
+
+    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd):
+        cli.add_command(cmd)
+
+
+_register_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

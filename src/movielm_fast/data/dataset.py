@@ -1,0 +1,268 @@
+"""Instruction-tuning dataset from rendered movies: LLaVA / Video-LLaVA conversation records and mp4s.
+
+Reads the render output (``OUT/<movie id>/manifest.json`` and its frames) and QA (a qa.json from
+``movielm-fast qa``, or QA derived from the plan stored in each manifest). One record per question::
+
+    {"id": "<movie>-<kind>-<n>", "video": "<movie>/movie.mp4"  |  "frames": ["<movie>/frames/001.png", ...],
+     "conversations": [{"from": "human", "value": "<video>\\n<question>"}, {"from": "gpt", "value": "<answer>"}]}
+
+Media paths are relative to the folder of the dataset file, the way LLaVA's loaders expect them. Movies with
+dialogue also carry it, with who says each line: ``"dialogue": [{"frame": "002", "speaker": "Thomas", "text":
+"..."}]`` (``speaker`` is "" where the plan names none); LLaVA's loaders ignore keys they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from movielm_fast.engine.outputs import MANIFEST_FORMAT
+from movielm_fast.engine.plan import Movie, parse_plan
+from movielm_fast.errors import PlanError, UserError
+from movielm_fast.optional import require
+from movielm_fast.paths import atomic_write_text
+
+from .llm.qa import QA_KINDS, derived_qa, movie_record
+
+MEDIA_TOKEN = "<video>"
+Format = Literal["llava", "jsonl"]
+
+
+@dataclass
+class RenderedMovie:
+    movie: Movie
+    folder: Path
+    frame_files: list[Path]
+
+
+def find_rendered(out_dir: Path, only: list[str] | None = None) -> list[RenderedMovie]:
+    """Every rendered movie in `out_dir`, or only the movies `only` names (in that order)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"render output folder {out_dir} does not exist", "pass the OUT folder given to `render`")
+    manifests = sorted(out_dir.glob("*/manifest.json")) if only is None else [out_dir / m / "manifest.json"
+                                                                             for m in only]
+    if not manifests:
+        raise UserError(f"no rendered movies in {out_dir} (no */manifest.json)", "run `movielm-fast render` first")
+    return [_load_rendered(path) for path in manifests]
+
+
+def _load_rendered(path: Path) -> RenderedMovie:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", "render the movie again to rewrite it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} is not a movielm-fast manifest (format {MANIFEST_FORMAT!r} expected)",
+                        "render the movie again with this version")
+    try:
+        movie = parse_plan(manifest.get("movie"), source=f"{path} (movie)")[0].movie
+    except PlanError as exc:
+        raise UserError(f"the movie stored in {path} is invalid: {exc.problems[0][0]}: {exc.problems[0][1]}",
+                        "render the movie again") from None
+    files = [path.parent / entry["file"] for entry in manifest.get("frames", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if len(files) < len(movie.frames) or missing:
+        why = f"missing {missing[0]}" if missing else f"{len(files)} of {len(movie.frames)} frames rendered"
+        raise UserError(f"movie {movie.id!r} is incompletely rendered: {why}",
+                        "run `movielm-fast render` again; it resumes where it stopped")
+    return RenderedMovie(movie, path.parent, files)
+
+
+def load_qa_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Per-movie QA records from ``movielm-fast qa``, keyed by movie id."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read QA file {path}: {exc}", "pass the file written by `movielm-fast qa`") from None
+    if isinstance(records, dict):
+        records = [records]
+    bad = [i for i, r in enumerate(records) if not (isinstance(r, dict) and r.get("movie_id")
+                                                    and isinstance(r.get("QA"), dict))]
+    if not isinstance(records, list) or bad:
+        raise UserError(f"{path}: entry {bad[0] if bad else 0} is not a QA record with 'movie_id' and 'QA'",
+                        "pass the file written by `movielm-fast qa`")
+    return {r["movie_id"]: r for r in records}
+
+
+# --- video ------------------------------------------------------------------------------------------------------
+
+
+def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, fps: float | None = None) -> int:
+    """Encode keyframes to an H.264 mp4, each shown for `seconds_per_frame`; returns frames encoded.
+
+    Without `fps` every keyframe is one encoded frame at a frame rate of 1/seconds_per_frame (smallest file).
+    With `fps` each keyframe is repeated round(seconds_per_frame * fps) times, for tools that expect a
+    conventional frame rate.
+    """
+    if seconds_per_frame <= 0:
+        raise UserError("--seconds-per-frame must be positive")
+    # Imported here, not at module top: PyAV is the optional [video] extra, needed only for --video.
+    av = require("av", "video", "dataset --video (mp4 encoding)")
+    repeat = max(1, round(seconds_per_frame * fps)) if fps else 1
+    rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(1 / seconds_per_frame).limit_denominator(1000)
+    images = [Image.open(f).convert("RGB") for f in frames]
+    # yuv420p halves chroma resolution, so both sides must be even.
+    width, height = images[0].width // 2 * 2, images[0].height // 2 * 2
+    # The encoder writes the file itself, so it gets a temporary name that is renamed into place when complete.
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    count = 0
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for image in images:
+                if image.size != (width, height):
+                    image = image.resize((width, height))
+                for _ in range(repeat):
+                    frame = av.VideoFrame.from_image(image)
+                    frame.pts, frame.time_base = count, 1 / rate
+                    container.mux(stream.encode(frame))
+                    count += 1
+            container.mux(stream.encode())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
+# --- records ----------------------------------------------------------------------------------------------------
+
+
+def dialogue_lines(movie: Movie) -> list[dict[str, str]]:
+    """Each frame's line with who says it, in story order."""
+    return [{"frame": f.id, "speaker": f.speaker, "text": f.dialogue} for f in movie.frames if f.dialogue]
+
+
+def conversation_records(movie_id: str, qa: dict[str, Any], media: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per question; `media` (the video or frames, and the dialogue if any) goes into each."""
+    records = []
+    for kind in QA_KINDS:
+        for n, p in enumerate(qa.get(kind, []), 1):
+            records.append({"id": f"{movie_id}-{kind.removesuffix('_qa')}-{n:02d}", **media,
+                            "conversations": [{"from": "human", "value": f"{MEDIA_TOKEN}\n{p['question']}"},
+                                              {"from": "gpt", "value": p["answer"]}]})
+    return records
+
+
+def validate_record(record: Any, base: Path | None = None) -> list[str]:
+    """Problems with one record (empty when it is a valid LLaVA / Video-LLaVA record)."""
+    if not isinstance(record, dict):
+        return ["record is not an object"]
+    problems = []
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        problems.append("'id' must be a non-empty string")
+    media = [k for k in ("video", "frames") if k in record]
+    if len(media) != 1:
+        problems.append("exactly one of 'video' or 'frames' is required")
+    paths = [record["video"]] if "video" in record else record.get("frames", [])
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        problems.append("media paths must be non-empty strings")
+    elif base is not None:
+        problems += [f"media file missing: {p}" for p in paths if not (Path(base) / p).is_file()]
+    problems += _conversation_problems(record.get("conversations"))
+    return problems
+
+
+def _conversation_problems(turns: Any) -> list[str]:
+    if not isinstance(turns, list) or len(turns) < 2 or len(turns) % 2:
+        return ["'conversations' must be a non-empty list of human/gpt turn pairs"]
+    problems = []
+    for i, turn in enumerate(turns):
+        want = "human" if i % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str) \
+                or not turn["value"].strip():
+            problems.append(f"turn {i} must be {{'from': '{want}', 'value': non-empty text}}")
+    values = [t.get("value", "") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    if not values or not values[0].startswith(MEDIA_TOKEN + "\n") or sum(v.count(MEDIA_TOKEN) for v in values) != 1:
+        problems.append(f"the first human turn must start with '{MEDIA_TOKEN}\\n', and only it may hold the token")
+    return problems
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetOptions:
+    format: Format = "llava"
+    video: bool = False
+    seconds_per_frame: float = 2.0
+    fps: float | None = None
+    qa_path: Path | None = None
+    dest: Path | None = None
+    """Dataset file; default OUT/dataset.json (llava) or OUT/dataset.jsonl."""
+    movies: list[str] | None = None
+    """Only these movie ids, in this order (`make` exports its finished movies); None: every movie in OUT."""
+
+
+@dataclass
+class DatasetReport:
+    path: Path
+    records: int = 0
+    movies: int = 0
+    videos: int = 0
+    derived_for: list[str] = field(default_factory=list)
+    """Movies whose QA was derived from the plan because the QA file had none for them."""
+
+
+def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
+    out_dir = Path(out_dir)
+    rendered = find_rendered(out_dir, options.movies)
+    dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
+    # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {dest.parent}: {exc.strerror or exc}", "choose a writable --dest") from None
+    base = dest.parent.resolve()
+    qa_by_id = load_qa_file(options.qa_path) if options.qa_path else None
+    report = DatasetReport(dest)
+    records: list[dict[str, Any]] = []
+    for item in rendered:
+        qa = _qa_for(item.movie, qa_by_id, report)
+        media = _media(item, options, base, report)
+        lines = dialogue_lines(item.movie)
+        records += conversation_records(item.movie.id, qa, {**media, "dialogue": lines} if lines else media)
+        report.movies += 1
+    problems = [(r["id"], p) for r in records for p in validate_record(r, base)]
+    if problems:
+        raise UserError(f"record {problems[0][0]} is invalid: {problems[0][1]}")
+    _write_records(dest, records, options.format)
+    report.records = len(records)
+    return report
+
+
+def _qa_for(movie: Movie, qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> dict[str, Any]:
+    if qa_by_id is not None and movie.id in qa_by_id:
+        return qa_by_id[movie.id]["QA"]
+    if qa_by_id is not None:
+        report.derived_for.append(movie.id)
+    return movie_record(movie, derived_qa(movie))["QA"]
+
+
+def _media(item: RenderedMovie, options: DatasetOptions, base: Path, report: DatasetReport) -> dict[str, Any]:
+    if options.video:
+        video = item.folder / "movie.mp4"
+        write_video(item.frame_files, video, options.seconds_per_frame, options.fps)
+        report.videos += 1
+        return {"video": _relative(video, base)}
+    return {"frames": [_relative(f, base) for f in item.frame_files]}
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base)).as_posix()
+
+
+def _write_records(dest: Path, records: list[dict[str, Any]], fmt: Format) -> None:
+    if fmt == "jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(dest, text)

@@ -1,0 +1,87 @@
+"""The Backend protocol: what differs between torch, ONNX Runtime and TensorRT -- and nothing else.
+
+The pipeline owns prompt handling, classifier-free-guidance batching and the scheduler, so no stage of it ever
+asks which backend it is talking to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from movielm_fast.errors import UserError
+
+
+@dataclass
+class UNetCond:
+    """Conditioning for one denoise call, already batched (CFG: negatives first, then positives)."""
+
+    encoder_hidden_states: torch.Tensor  # (B, tokens, D)
+    text_embeds: torch.Tensor | None = None  # (B, P)  SDXL pooled text embedding
+    time_ids: torch.Tensor | None = None  # (B, 6)   SDXL size/crop conditioning
+    timestep_cond: torch.Tensor | None = None  # (B, P) guidance embedding of guidance-distilled (LCM) UNets
+    anchors: Any = None  # engine.consistency.AnchorBatch: character anchors (torch backend only)
+
+    def to(self, device) -> "UNetCond":
+        return UNetCond(*(None if x is None else x.to(device) for x in (
+            self.encoder_hidden_states, self.text_embeds, self.time_ids, self.timestep_cond)))
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_text(self, encoder_index: int, inputs_embeds: torch.Tensor, eos_index: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 77, D) token embeddings -> (last hidden, penultimate hidden, pooled) for text encoder i."""
+
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        """One UNet evaluation: (B, C, h, w) latents at timestep t -> noise (or v) prediction, same shape."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] (clamped), on the backend's device
+        or the CPU: the pipeline converts them to uint8 where they are."""
+
+    def set_loras(self, loras: tuple, library: Any) -> None:
+        """Make the weights those of the base model plus the LoRA set `loras` (engine.lora.LoraSet; () = the plain
+        model), merged, so they cost nothing per step; `library` (engine.lora.LoraLibrary) reads the files. A no-op
+        when the set is the one already merged."""
+
+
+def refuse_anchors(cond: UNetCond, backend: str) -> None:
+    """Exported graphs have no anchor-attention variant (yet): say so instead of silently rendering without."""
+    if cond.anchors is not None:
+        raise UserError(f"consistency mode (anchor attention) needs --backend torch; {backend} has no such graph",
+                        "render movies with consistency on --backend torch, or set their consistency mode to none")
+
+
+_REGISTRY: dict[str, Callable[..., Backend]] = {}
+
+
+def register(name: str):
+    def deco(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def backend_names() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_backend(name: str, model, config) -> Backend:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](model, config)
+
+
+def _import_builtin() -> None:
+    # Importing a backend module registers it. They import `register` from here, hence imports on first use, not at
+    # the top. None needs its optional runtime to import: a missing onnxruntime or tensorrt is a UserError on use.
+    from . import null_backend, onnx_backend, tensorrt_backend, torch_backend  # noqa: F401

@@ -1,0 +1,129 @@
+"""The PyTorch backend: the reference implementation every other backend is compared with.
+
+It runs the very modules the exporter traces (export/graphs.py), so an exported graph and this backend compute the
+same function by construction; what is added here is only placement (device, dtype, memory format) and the CUDA
+launch optimizations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from movielm_fast.errors import UserError
+from movielm_fast.export.graphs import graph_modules
+from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
+from movielm_fast.kernels.attention import AttentionChoiceError, install_attention
+
+from .. import cpu
+from ..config import DTYPES
+from ..consistency import AnchorState
+from ..consistency import install as install_anchor_attention
+from ..lora import TorchMerger
+from .base import UNetCond, register
+from .cuda_graph import GraphedCallable
+
+
+@register("torch")
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, config):
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        graphs = graph_modules(model)
+        for component, graph in graphs.items():
+            graph.to(self.device, DTYPES[component_dtype(model, component, config.dtype_name)]).eval()
+        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
+        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
+        self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
+        self.graphs = graphs
+        self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
+        # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
+        self.fast = cpu.cpu_fast_path(self.device, self.dtype)
+        cpu.print_auto_dtype_hint(config.dtype, self.device)
+        channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
+        self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
+        self._explicit_capture = config.compile_unet or config.cuda_graphs  # the bf16 CPU path steps aside instead
+        if self.vae is not None:
+            self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
+            if channels_last:
+                self.vae.to(memory_format=torch.channels_last)
+            self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
+            if self.vae_dtype == torch.bfloat16:
+                self._decode = cpu.Fp32FallbackDecoder(self.vae, self._decode)
+        if self.unet is not None:
+            self._setup_unet(config, channels_last)
+
+    def _setup_unet(self, config, channels_last: bool) -> None:
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
+        if config.attention != "sdpa":
+            try:
+                install_attention(unet, config.attention)
+            except AttentionChoiceError as exc:
+                raise UserError(exc.message, exc.hint) from None
+        if self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
+            # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches. diffusers installs its
+            # own fused SDPA processor for this, so it only combines with --attention sdpa.
+            unet.fuse_qkv_projections()
+        self._unet_step = self.unet
+        if self.device.type == "cpu" and (config.compile_unet or self.fast.compile):
+            self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
+        elif config.compile_unet:
+            if config.cuda_graphs:
+                raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
+        elif self.device.type == "cuda" and config.cuda_graphs:
+            self._unet_step = GraphedCallable(self.unet)
+
+    def set_loras(self, loras, library) -> None:
+        if self.lora_merger is None:
+            if not loras:
+                return
+            self.lora_merger = TorchMerger(library, self.graphs)
+        before = self.lora_merger.current
+        self.lora_merger.apply(loras, library)
+        if self.lora_merger.current != before and isinstance(self._unet_step, cpu.CompiledCpu):
+            # Inductor's freezing folded the previous weights into the compiled graphs as constants, and dynamo's
+            # guards do not look at weight values: drop every compiled graph and compile against the merged ones.
+            torch._dynamo.reset()
+            self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
+
+    @torch.inference_mode()
+    def encode_text(self, encoder_index, inputs_embeds, eos_index):
+        enc = self.encoders[encoder_index]
+        return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+
+    @torch.inference_mode()
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+        def cast(x):
+            return None if x is None else x.to(self.device, self.dtype)
+
+        if cond.anchors is not None:
+            return self._denoise_anchored(cast(latents), t, cond, cast)
+        t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
+        return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
+                               cast(cond.time_ids), cast(cond.timestep_cond))
+
+    def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
+        """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
+        eager only (the rows' key lengths change from call to call)."""
+        if self._unet_step is not self.unet and self._explicit_capture:
+            raise UserError("consistency mode (anchor attention) cannot run with --cuda-graphs or --compile",
+                            "drop --cuda-graphs/--compile for movies with consistency")
+        if self.anchor_state is None:
+            self.anchor_state = AnchorState()
+            install_anchor_attention(self.unet.unet, self.anchor_state)
+        self.anchor_state.batch, self.anchor_state.t = cond.anchors, int(t)
+        try:
+            return self.unet(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
+                             cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
+                             cast(cond.timestep_cond))
+        finally:
+            self.anchor_state.batch = None
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents.to(self.device, self.vae_dtype))  # stays on the device: uint8 crosses to the host

@@ -1,0 +1,92 @@
+"""The one configuration object of a render run.
+
+The CLI parses flags into an `EngineConfig`; nothing below the CLI reads flags or environment variables for
+behaviour. Every lossy speed-up is opt-in and its field documents the quality cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from movielm_fast.errors import UserError
+
+from .plan import RenderSettings
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"
+    """"demo" (the small model trained on the toy world, engine/toy: 64x64 scenes of coloured shapes), a diffusers
+    folder, or a .safetensors file."""
+    out: Path = Path("out")
+    backend: str = "torch"
+    device: str = "cpu"
+    dtype: str = "auto"
+    """fp32 | fp16 | bf16 | auto (fp16 on CUDA, fp32 on CPU). fp16/bf16 change pixels slightly (PSNR > 35 dB
+    against fp32 is the quality bar); the VAE stays fp32 where the model says it overflows in fp16."""
+    batch_size: int | str = "auto"
+    """Frames per UNet batch (CFG doubles it). "auto": the largest that fits, from free memory."""
+    attention: str = "sdpa"
+    """sdpa (PyTorch fused attention, lossless) | triton (our flash-attention kernel) | xformers."""
+    channels_last: bool = True
+    """NHWC memory format for UNet/VAE convolutions on CUDA: lossless, usually faster."""
+    fuse_qkv: bool = True
+    """Fuse each attention's Q/K/V projections into one matmul on CUDA (diffusers' fuse_qkv_projections): lossless."""
+    cuda_graphs: bool = False
+    """Replay the UNet step as a captured CUDA graph per (batch, size) bucket: lossless, removes launch overhead;
+    costs one capture per bucket and memory for static buffers."""
+    compile_unet: bool = False
+    """torch.compile the UNet step (mode "reduce-overhead" on CUDA, which also replays CUDA graphs): lossless up to
+    kernel-fusion rounding; costs a compile of tens of seconds per shape bucket. Exclusive with `cuda_graphs`. On the
+    CPU: inductor with freezing and weight prepacking, each compile reported and cached on disk (engine/cpu.py);
+    `--dtype bf16` on an AMX / AVX-512-BF16 CPU turns it on by itself, for the VAE decoder too."""
+    overrides: RenderSettings = field(default_factory=RenderSettings)
+    """Command-line render settings; they win over the plan's own."""
+    skip_existing: bool = True
+    style_training: bool = False
+    """Immobilize styles that have no embedding (train one textual-inversion token each, cached in the style
+    library) before rendering. The CLI turns it on unless --no-style-training."""
+    image_format: str = "png"
+    """png (lossless, the default) | jpg | webp. JPEG/WebP are lossy (quality 95/90: visually lossless, files about
+    a tenth of PNG's, encoding ~15x faster); every format carries the prompt, seed and model in the file."""
+    image_quality: int | None = None
+    """JPEG/WebP quality 1-100; None: 95 for jpg, 90 for webp."""
+    writer_threads: int = 2
+    """Threads that encode and write frame files while the next batch renders; 0 writes on the render thread."""
+    consistency: str | None = None
+    """--consistency: none | anchor_attention for every movie (the rest of each movie's consistency settings
+    stays); None: as the plans say."""
+    anchor_cache_mb: int = 4096
+    """Character-anchor records (consistency mode) a renderer keeps in memory; beyond it the least recently used
+    are dropped and recomputed when needed again."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """--lora FILE[:SCALE]: (file, scale) merged into every movie, before its style's and its own LoRAs."""
+    quiet: bool = False
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but this machine has no usable CUDA device "
+                            "(or torch was installed without CUDA)", "use --device cpu, or install a CUDA build "
+                                                                     "of torch")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"unknown device {self.device!r}", "use --device cpu or --device cuda")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        name = self.dtype
+        if name == "auto":
+            name = "fp16" if self.torch_device.type == "cuda" else "fp32"
+        if name not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}", "use fp32, fp16, bf16 or auto")
+        return DTYPES[name]
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.torch_dtype]

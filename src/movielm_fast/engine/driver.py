@@ -1,0 +1,339 @@
+"""The one render driver, for every way of running: plans -> styles -> tasks -> batches -> results -> files.
+
+    1. plans     every plan file validated before any model loads (collect_plans)
+    2. styles    each style's token: an embedding file read here, or immobilized (trained) once by the executor
+    3. tasks     each movie's frames with prompts, seeds and resume keys (executor.plan); finished frames skipped
+    4. batches   frames that share settings and window count, cut to the batch size; out of memory re-cuts the queue
+    5. results   the executor (local process or Ray workers) renders batches and returns typed results
+    6. files     the writer stage encodes and writes frames, manifests and storyboards while rendering goes on
+
+Resume, grouping, the out-of-memory policy, progress, manifests and failure isolation live here and nowhere else:
+a movie whose input is bad, or whose frames fail to render, is reported in the summary and the others complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from movielm_fast.errors import UserError
+from movielm_fast.paths import atomic_write_bytes
+
+from .config import EngineConfig
+from .executors import Batch, Executor, LocalExecutor, Rendered, reason
+from .lora import check_lora_file, set_key
+from .oom import smaller
+from .outputs import MovieOutputs, resolve_quality
+from .plan import LoadedMovie, load_plan
+from .renderer import FrameTask, StyleToken
+from .textual_inversion import load_embedding, vectors_for_model
+from .writer import Writer
+
+log = logging.getLogger("movielm_fast")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Summary:
+    frames_total: int = 0
+    frames_rendered: int = 0
+    frames_skipped: int = 0
+    frames_failed: int = 0
+    seconds: float = 0.0
+    render_seconds: float = 0.0
+    unet_steps: int = 0
+    batch_size: int = 0
+    movies: int = 0
+    storyboards: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    resubmitted_batches: int = 0
+    startup_seconds: float = 0.0
+    write: dict[str, float] = field(default_factory=dict)
+    lora_seconds: float = 0.0  # merging LoRA sets into the weights (ONNX Runtime: recreating sessions)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.frames_rendered / self.render_seconds if self.render_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"movies": self.movies, "frames": self.frames_total, "rendered": self.frames_rendered,
+             "skipped": self.frames_skipped, "failed": self.frames_failed, "seconds": round(self.seconds, 3),
+             "images_per_second": round(self.images_per_second, 4),
+             "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
+             "batch_size": self.batch_size, "storyboards": self.storyboards, "failures": self.failures,
+             "write": self.write}
+        if self.lora_seconds:
+            d["lora_apply_seconds"] = round(self.lora_seconds, 3)
+        if self.workers:
+            busy = sum(w["busy_seconds"] for w in self.workers)
+            idle = max(0.0, len(self.workers) * self.render_seconds - busy) / max(1, self.frames_rendered)
+            d.update(workers=self.workers, resubmitted_batches=self.resubmitted_batches,
+                     startup_seconds=round(self.startup_seconds, 3), idle_seconds_per_frame=round(idle, 4))
+        return d
+
+
+def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
+    """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    movies = [m for f in files for m in load_plan(f)]
+    ids = [m.movie.id for m in movies]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:  # within one file the plan validation already said so; this is across files
+        raise UserError(f"movie id(s) {', '.join(map(repr, duplicated))} appear in more than one plan",
+                        "movie ids name output folders; make them unique across the files you render")
+    for m in movies:
+        if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
+            raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
+                            f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
+        for where, path, _ in m.lora_files():
+            check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA")
+        check_plan_folders(m)
+    return movies
+
+
+def check_plan_folders(lm: LoadedMovie) -> None:
+    """A movie's render.refiner / render.vae folders must be what they claim, before any model loads."""
+    from .models import check_refiner, vae_folder  # diffusers: imported only when a plan names such a folder
+
+    for key, check in (("refiner", check_refiner), ("vae", vae_folder)):
+        path = getattr(lm.settings, key)
+        if path:
+            try:
+                check(path)
+            except UserError as exc:
+                raise UserError(f"movie {lm.movie.id!r}: render.{key}: {exc.message}",
+                                f"{exc.hint}; paths in a plan are relative to the plan file") from None
+
+
+def check_output_folder(out: Path) -> None:
+    """Fail before any model work if the output folder cannot be created or written."""
+    try:
+        atomic_write_bytes(Path(out) / ".movielm-write-check", b"")
+        (Path(out) / ".movielm-write-check").unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {out}: {exc.strerror or exc}",
+                        "choose a writable folder with --out") from None
+
+
+@dataclass
+class Job:
+    """A render job, validated and resolved once, at the top, before any model loads or worker starts: every movie
+    of every plan file, --lora files checked, the output folder writable, the image encoding resolved."""
+
+    config: EngineConfig
+    movies: list[LoadedMovie]
+    encoding: tuple[str, int | None]  # (image format, encoder quality; None for PNG)
+    started: float = field(default_factory=time.perf_counter)  # the summary's seconds count from here
+
+    @classmethod
+    def load(cls, config: EngineConfig, plan_paths: list[str | Path]) -> Job:
+        started = time.perf_counter()
+        movies = collect_plans(plan_paths)  # 1. plans
+        for path, _ in config.loras:
+            check_lora_file(Path(path), "--lora")
+        check_output_folder(config.out)
+        return cls(config, movies, (config.image_format, resolve_quality(config.image_format, config.image_quality)),
+                   started)
+
+
+def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progress | None = None,
+           executor: Executor | None = None) -> Summary:
+    """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
+    executor, renders in this process (LocalExecutor)."""
+    return render_job(Job.load(config, plan_paths), progress=progress, executor=executor)
+
+
+def render_job(job: Job, *, progress: Progress | None = None, executor: Executor | None = None) -> Summary:
+    """`render` for a job already loaded (`Job.load`): the Ray path validates before its workers start."""
+    run = _Run(job, executor or LocalExecutor(job.config), progress)
+    try:
+        run.execute()
+    finally:
+        run.executor.cancel()  # after an interrupt: nothing of this job keeps running
+    run.summary.seconds = time.perf_counter() - job.started
+    return run.summary
+
+
+def prepare_styles(config: EngineConfig, movies: list[LoadedMovie], executor: Executor,
+                   failures: dict[str, str]) -> dict[str, StyleToken | None]:
+    """2. styles: movie id -> its style token (None: the style is written out as text). Each embedding file is read
+    once; each style without one is immobilized once (MovieLLM), however many movies share it."""
+    by_source: dict[tuple, StyleToken | str] = {}
+    tokens: dict[str, StyleToken | None] = {}
+    for lm in movies:
+        st = lm.movie.style
+        if st.embedding:
+            key: tuple = ("file", str((lm.plan_dir / st.embedding).resolve()), st.token)
+        elif config.style_training:
+            key = ("train", st.name, st.description, st.token)
+        else:
+            tokens[lm.movie.id] = None
+            continue
+        if key not in by_source:
+            try:
+                if key[0] == "file":
+                    emb = load_embedding(key[1])
+                    name = st.token or emb.token or f"<{st.name.lower().replace(' ', '-')}>"
+                    by_source[key] = StyleToken(name, tuple(vectors_for_model(emb, executor.info.kind)), key[1])
+                else:
+                    by_source[key] = executor.train_style(st)
+            except Exception as exc:
+                by_source[key] = ("style training failed: " if key[0] == "train" else "") + reason(exc)
+        value = by_source[key]
+        if isinstance(value, str):
+            failures[lm.movie.id] = value
+        else:
+            tokens[lm.movie.id] = value
+    return _distinct_tokens(tokens)
+
+
+def _distinct_tokens(tokens: dict[str, StyleToken | None]) -> dict[str, StyleToken | None]:
+    """Two styles whose files carry the same token name (two libraries' <gothic>, say) cannot both be bound: the
+    later one gets a name suffixed with a digest of its source."""
+    owner: dict[str, str] = {}
+    renamed: dict[str, StyleToken] = {}
+    out: dict[str, StyleToken | None] = {}
+    for movie_id, t in tokens.items():
+        if t is not None and owner.setdefault(t.token, t.source) != t.source:
+            if t.source not in renamed:
+                digest = hashlib.sha256(t.source.encode()).hexdigest()[:6]
+                renamed[t.source] = StyleToken(f"{t.token.rstrip('>')}-{digest}>", t.vectors, t.source)
+            t = renamed[t.source]
+        out[movie_id] = t
+    return out
+
+
+def make_batches(tasks: list[FrameTask], size: int) -> list[list[FrameTask]]:
+    """4. Frames that share settings and window count, in plan order, cut into batches of `size`."""
+    groups: dict[tuple, list[FrameTask]] = {}
+    for t in tasks:
+        groups.setdefault((t.settings, t.chunks), []).append(t)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+class _Run:
+    """One job in progress: what the stages share (the executor, style tokens, each movie's outputs, the summary,
+    why movies failed), so each stage is a method rather than a function of eight parameters."""
+
+    def __init__(self, job: Job, executor: Executor, progress: Progress | None):
+        self.job, self.config, self.executor, self.progress = job, job.config, executor, progress
+        self.summary = Summary(movies=len(job.movies), frames_total=sum(len(lm.movie.frames) for lm in job.movies))
+        self.failures: dict[str, str] = {}  # movie id -> why it is not complete
+        self.tokens: dict[str, StyleToken | None] = {}
+        self.outputs: dict[str, MovieOutputs] = {}
+
+    def execute(self) -> None:
+        config, summary = self.config, self.summary
+        self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
+        tasks = self.plan_tasks()  # 3. tasks
+        todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
+        summary.frames_skipped = len(tasks) - len(todo)
+        rendering: dict[str, list[str]] = {}
+        for t in todo:
+            rendering.setdefault(t.job.movie_id, []).append(t.job.frame_id)
+        for movie_id, mo in self.outputs.items():
+            mo.save()  # drops entries of frames no longer in the plan
+            mo.expect(rendering.get(movie_id, ()))
+        writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads)
+        try:
+            self.render(writer, todo)  # 4.-6.
+        finally:
+            summary.workers = self.executor.worker_stats()
+            summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
+            try:
+                writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
+            finally:
+                for mo in self.outputs.values():
+                    mo.save()
+                for movie_id, why in writer.failures.items():
+                    self.failures.setdefault(movie_id, why)
+        written = set(writer.times.storyboards)
+        for mo in self.outputs.values():
+            if mo.complete():  # complete before this run too: its dialogue may have changed
+                path = str(mo.dir / "storyboard.png")
+                summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
+        summary.write = writer.times.as_dict()
+        for movie_id, why in self.failures.items():
+            frames = next(lm.movie.frames for lm in self.job.movies if lm.movie.id == movie_id)
+            done = self.outputs[movie_id].entries if movie_id in self.outputs else {}
+            missing = sum(f.id not in done for f in frames)
+            summary.failures.append({"movie": movie_id, "reason": why, "frames_missing": missing})
+            summary.frames_failed += missing
+
+    def plan_tasks(self) -> list[FrameTask]:
+        """3. Every frame of every movie that can be planned; each such movie's outputs (manifest, anchors)."""
+        config, info = self.config, self.executor.info
+        image_format, quality = self.job.encoding
+        good = [lm for lm in self.job.movies if lm.movie.id not in self.failures]
+        tasks: list[FrameTask] = []
+        items = [(lm, self.tokens[lm.movie.id]) for lm in good]
+        for lm, planned in zip(good, self.executor.plan(items, config.overrides)):
+            if isinstance(planned, str):
+                self.failures[lm.movie.id] = planned
+                continue
+            settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
+                        "image_format": image_format, "quality": quality}
+            if planned and planned[0].settings.loras:
+                settings["loras"] = set_key(planned[0].settings.loras)
+            mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)
+            anchors = {a.character: a for t in planned for a in t.job.anchors}
+            mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
+            if image_format != "png":  # another file is another output; PNG keys stay, so old runs resume
+                for t in planned:
+                    t.key.update(image_format=image_format, quality=quality)
+            tasks += planned
+        return tasks
+
+    def render(self, writer: Writer, todo: list[FrameTask]) -> None:
+        """4.-6. Batches to the executor, results to the writer, until nothing is left or in flight."""
+        executor, summary, progress = self.executor, self.summary, self.progress
+        size = self.config.batch_size
+        if size == "auto":
+            size = executor.batch_size(todo[0].settings) if todo else 1
+        summary.batch_size = size
+        if progress:
+            progress(0, len(todo))
+        queue = deque(make_batches(todo, size))
+        t0 = time.perf_counter()
+        try:
+            while queue or executor.pending:
+                while queue and executor.has_room():
+                    frames = queue.popleft()
+                    used = {tok.source: tok for t in frames if (tok := self.tokens[t.job.movie_id])}
+                    want = frozenset(a.key for t in frames for a in t.job.anchors) - writer.anchors_saved
+                    executor.submit(Batch(frames, list(used.values()), self.job.encoding, want))
+                batch, result = executor.next_result()
+                if isinstance(result, Rendered):
+                    writer.put(batch, result)
+                    summary.frames_rendered += len(batch.tasks)
+                    summary.lora_seconds += result.lora_seconds
+                    summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
+                    if progress:
+                        progress(len(batch.tasks), len(todo))
+                elif result.oom:
+                    if len(batch.tasks) == 1:
+                        raise UserError("out of memory even at batch size 1",
+                                        "use a smaller --width/--height, --dtype fp16, or a larger device")
+                    size = min(size, smaller(len(batch.tasks)))
+                    log.warning("out of memory at batch %d; continuing with batches of %d", len(batch.tasks), size)
+                    summary.batch_size = size
+                    # Re-cut everything still to do, so later batches do not each fail once before shrinking.
+                    queue = deque(make_batches([t for b in [batch.tasks, *queue] for t in b], size))
+                elif len(batch.tasks) > 1:
+                    # Render its frames alone, so one bad movie cannot take the other movies of its batch with it.
+                    queue.extendleft([t] for t in reversed(batch.tasks))
+                else:
+                    self.failures.setdefault(batch.tasks[0].job.movie_id, result.reason)
+        finally:
+            summary.render_seconds = time.perf_counter() - t0

@@ -1,0 +1,175 @@
+"""Executors: where batches run. The driver (engine.driver) sees only this small interface, so a local run and a
+Ray run are the same loop.
+
+    info                    the loaded model (manifests, resume keys)
+    train_style(style)      -> StyleToken          (raises UserError)
+    plan(items, overrides)  -> per movie: [FrameTask] or a failure reason
+    batch_size(settings)    -> int                 ("auto" batch size)
+    has_room()              whether another batch may be submitted now
+    submit(batch)           start a batch
+    next_result()           -> (batch, Rendered | Failed), the next finished batch, any order
+    pending                 batches submitted and not yet returned
+    worker_stats()          per-worker figures for the summary ([] locally)
+    cancel()                drop what was submitted and has not come back (after an interrupt)
+
+A batch that raised comes back as `Failed` (never as an exception): the driver decides what it means (out of
+memory: re-cut the queue; anything else: isolate the movie). KeyboardInterrupt always propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from movielm_fast.errors import UserError
+
+from .config import EngineConfig
+from .consistency import AnchorSpec
+from .frames import Frames
+from .oom import is_oom
+from .outputs import encode_image
+from .pipeline import BatchSettings
+from .plan import LoadedMovie, RenderSettings, Style
+from .renderer import FrameTask, ModelInfo, Renderer, StyleToken
+
+log = logging.getLogger("movielm_fast")
+
+
+@dataclass
+class Batch:
+    """Frames that share settings and window count, with the style tokens their prompts use."""
+
+    tasks: list[FrameTask]
+    tokens: list[StyleToken]
+    encoding: tuple[str, int | None] = ("png", None)  # (image format, quality) for workers that encode frames
+    want_anchors: frozenset[str] = frozenset()  # anchors whose images the driver has not saved yet
+
+    @property
+    def settings(self) -> BatchSettings:
+        return self.tasks[0].settings
+
+
+@dataclass
+class Rendered:
+    """A finished batch: its frames' images (engine.frames, read by the writer threads), or the frame files already
+    encoded by the worker."""
+
+    images: Frames | None
+    encoded: list[bytes] | None
+    seconds: float
+    anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
+    lora_seconds: float = 0.0  # of `seconds`: merging its LoRA set into the weights (0 when the set was in place)
+
+
+@dataclass
+class Failed:
+    reason: str
+    oom: bool = False
+
+
+PlanItem = tuple[LoadedMovie, StyleToken | None]
+
+
+class Executor(Protocol):
+    info: ModelInfo
+
+    def train_style(self, style: Style) -> StyleToken: ...
+
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]: ...
+
+    def batch_size(self, settings: BatchSettings) -> int: ...
+
+    def has_room(self) -> bool: ...
+
+    def submit(self, batch: Batch) -> None: ...
+
+    def next_result(self) -> tuple[Batch, Rendered | Failed]: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    def worker_stats(self) -> list[dict[str, Any]]: ...
+
+    def cancel(self) -> None: ...
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, FloatingPointError):
+        return f"{exc}; fix: use --dtype fp32 (or bf16): fp16 overflows in this model"
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+
+
+def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+    """Bind each movie's style token and list its frames; a movie whose input is bad fails alone."""
+    out: list[list[FrameTask] | str] = []
+    for lm, token in items:
+        try:
+            if token is not None:
+                renderer.bind([token])
+            out.append(renderer.tasks(lm, token.token if token else None, overrides))
+        except Exception as exc:
+            out.append(reason(exc))
+    return out
+
+
+def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Failed:
+    """Render one batch on `renderer` (binding its tokens first: a restarted worker has none) -> a typed result."""
+    t0 = time.perf_counter()
+    lora0 = renderer.times.get("lora", 0.0)
+    try:
+        renderer.bind(batch.tokens)
+        images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings, batch.want_anchors)
+        encoded = None
+        if encode:
+            encoded = [encode_image(image, t, renderer.info, *batch.encoding) for t, image in zip(batch.tasks, images)]
+            images = None
+    except Exception as exc:
+        if is_oom(exc):
+            return Failed(reason(exc), oom=True)
+        log.debug("batch failed", exc_info=True)
+        return Failed(reason(exc))
+    return Rendered(images, encoded, time.perf_counter() - t0, anchors, renderer.times.get("lora", 0.0) - lora0)
+
+
+class LocalExecutor:
+    """Renders in this process, one batch at a time, when the driver asks for the result. The driver's writer
+    threads encode and write the previous batch's files meanwhile."""
+
+    def __init__(self, config: EngineConfig | None = None, renderer: Renderer | None = None):
+        self.renderer = renderer or Renderer(config)
+        self.info = self.renderer.info
+        self._queue: deque[Batch] = deque()
+
+    def train_style(self, style: Style) -> StyleToken:
+        return self.renderer.train_style(style)
+
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+        return plan_movies(self.renderer, items, overrides)
+
+    def batch_size(self, settings: BatchSettings) -> int:
+        return self.renderer.auto_batch_size(settings)
+
+    def has_room(self) -> bool:
+        return not self._queue  # rendering is synchronous: queueing more would only delay OOM re-cuts
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.append(batch)
+
+    def next_result(self) -> tuple[Batch, Rendered | Failed]:
+        batch = self._queue.popleft()
+        return batch, run_batch(self.renderer, batch, encode=False)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return []
+
+    def cancel(self) -> None:
+        self._queue.clear()

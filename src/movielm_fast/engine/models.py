@@ -1,0 +1,281 @@
+"""Loading a Stable Diffusion model (SD 1.x, SD 2.x, SDXL) from a local folder or single file -- never a hub.
+
+Components are loaded one by one (not through `DiffusionPipeline`) so that unused parts such as the safety checker
+are never read, and so a broken component is named in the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from movielm_fast.errors import UserError
+from movielm_fast.paths import atomic_write_text, cache_root
+
+from .demo import demo_model_path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
+
+
+@dataclass
+class ModelBundle:
+    """Everything the engine needs from a model, with no knowledge of which backend will run it.
+
+    A bundle may be partial: an SDXL refiner has no VAE (the base model's decodes), a swapped VAE is a bundle with
+    only a VAE. Each has its own id and content hash, so its exported artifacts are cached under its own name."""
+
+    kind: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    model_id: str
+    path: Path
+    content_hash: str
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler_config: dict[str, Any]
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
+    latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else self.latent_scale
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels if self.unet is not None else self.vae.config.latent_channels)
+
+    @property
+    def time_ids(self) -> int:
+        """SDXL size/crop conditioning numbers: 6 (original size, crop, target size), or 5 for a refiner
+        (original size, crop, aesthetic score)."""
+        return 5 if self.requires_aesthetics_score else 6
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
+    """sha256 over (relative name, content) of every weight file; memoised by (size, mtime) since real models
+    are gigabytes and re-hashing them on every run would cost seconds."""
+    memo_path = cache_root() / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for f in sorted(files):
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(key)
+        if digest is None:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                for block in iter(lambda: fp.read(1 << 22), b""):
+                    fh.update(block)
+            digest = memo[key] = fh.hexdigest()
+            changed = True
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        h.update(digest.encode())
+    if changed:
+        try:
+            atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        except OSError:
+            pass  # the memo is an optimisation only
+    return h.hexdigest()[:16]
+
+
+def content_hash(path: Path) -> str:
+    if path.is_file():
+        return _hash_files([path], path)
+    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))]
+    return _hash_files(files, path)
+
+
+def _load(cls, path: Path, subfolder: str, dtype):
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
+    except Exception as exc:  # diffusers/transformers raise many types for a broken folder
+        raise UserError(f"cannot load the model's {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
+                        "the folder is incomplete or corrupt: re-download or re-convert the model") from None
+
+
+def _load_tokenizer(path: Path, subfolder: str):
+    folder = Path(path) / subfolder
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+            and (folder / "merges.txt").is_file()):
+        # transformers would build a tokenizer with an empty vocabulary here, without a word of warning, and every
+        # prompt would become the same unknown tokens.
+        raise UserError(f"{folder} has no tokenizer (no tokenizer.json, nor vocab.json and merges.txt)",
+                        "copy the tokenizer folder of the model's original release into it")
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
+                        "the folder needs the tokenizer files as diffusers saves them") from None
+
+
+def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
+    index = json.loads((path / "model_index.json").read_text())
+    cls_name = index.get("_class_name", "")
+    if "XL" in cls_name:
+        kind = "sdxl"
+        if _is_refiner(index):
+            raise UserError(f"{path} is an SDXL refiner ({cls_name}); it cannot render from text alone",
+                            f"use an SDXL base model as --model, and this folder as --refiner {path}")
+    elif cls_name.startswith("StableDiffusion"):
+        kind = "sd"
+    else:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline; movielm-fast renders Stable Diffusion "
+                        "1.x/2.x and SDXL text-to-image models", "pass a folder saved by StableDiffusion(XL)Pipeline")
+    encoders, tokenizers = [_load(CLIPTextModel, path, "text_encoder", dtype)], [_load_tokenizer(path, "tokenizer")]
+    if kind == "sdxl":
+        encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
+        tokenizers.append(_load_tokenizer(path, "tokenizer_2"))
+    scheduler_config = _read_scheduler_config(path)
+    return ModelBundle(
+        kind=kind, model_id=model_id, path=path, content_hash=content_hash(path),
+        unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=_load(AutoencoderKL, path, "vae", dtype),
+        text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler_config,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+
+
+def _is_refiner(index: dict[str, Any]) -> bool:
+    return "Img2Img" in index.get("_class_name", "") or not (index.get("text_encoder") or [None])[0]
+
+
+def _read_scheduler_config(path: Path) -> dict[str, Any]:
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(sched_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {sched_file}: {exc}", "the model folder is incomplete") from None
+
+
+def check_refiner(path: str | os.PathLike) -> dict[str, Any]:
+    """The model_index.json of an SDXL refiner folder; a UserError saying what the folder is otherwise. Reads one
+    small file, so plans are checked before any model loads."""
+    path = Path(path).expanduser()
+    hint = "pass a diffusers SDXL refiner folder (StableDiffusionXLImg2ImgPipeline, e.g. stable-diffusion-xl-" \
+           "refiner-1.0) as --refiner / render.refiner"
+    if not path.is_dir():
+        raise UserError(f"refiner not found: {path} is not a folder", hint)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} has no readable model_index.json, so it is not a diffusers model folder",
+                        hint) from None
+    cls_name = index.get("_class_name", "")
+    if "XL" not in cls_name:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline, not an SDXL refiner", hint)
+    if not _is_refiner(index):
+        raise UserError(f"{path} is an SDXL base model ({cls_name}), not a refiner",
+                        f"pass it as --model; {hint}")
+    if not (index.get("text_encoder_2") or [None])[0]:
+        raise UserError(f"{path} has no text_encoder_2", hint)
+    return index
+
+
+def load_refiner(path: str | os.PathLike, dtype=None) -> ModelBundle:
+    """An SDXL refiner folder as a partial bundle: its UNet and its one text encoder (text_encoder_2), no VAE."""
+    path = Path(path).expanduser()
+    index = check_refiner(path)
+    vae_config = path / "vae" / "config.json"
+    try:  # the refiner's latent grid, read from its own VAE's config without loading the VAE
+        scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        scale = 8
+    return ModelBundle(
+        kind="sdxl", model_id=path.name, path=path, content_hash=content_hash(path),
+        unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=None,
+        text_encoders=[_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype)],
+        tokenizers=[_load_tokenizer(path, "tokenizer_2")], scheduler_config=_read_scheduler_config(path),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)), latent_scale=scale)
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def vae_folder(path: str | os.PathLike) -> tuple[Path, str]:
+    """(the folder holding the VAE's config.json, its class name); a model folder's vae/ subfolder is accepted.
+    Reads one small file, so plans are checked before any model loads."""
+    path = Path(path).expanduser()
+    hint = "pass a diffusers AutoencoderKL or AutoencoderTiny folder (config.json + weights) as --vae / render.vae"
+    if not path.is_dir():
+        raise UserError(f"VAE not found: {path} is not a folder", hint)
+    folder = path if (path / "config.json").is_file() else path / "vae"
+    try:
+        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        raise UserError(f"{path} has no readable config.json, so it is not a diffusers VAE folder", hint) from None
+    if cls_name not in VAE_CLASSES:
+        raise UserError(f"{path} holds a {cls_name or 'unknown'} model, not a VAE", hint)
+    return folder, cls_name
+
+
+def load_vae(path: str | os.PathLike, dtype=None) -> ModelBundle:
+    """A VAE folder as a partial bundle (only a VAE). AutoencoderTiny (TAESD) decodes the UNet's scaled latents
+    directly: its config's scaling_factor is 1.0, so the decoder graph's division is a no-op for it."""
+    from diffusers import AutoencoderTiny
+
+    folder, cls_name = vae_folder(path)
+    cls = AutoencoderTiny if cls_name == "AutoencoderTiny" else AutoencoderKL
+    try:
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        vae = cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise UserError(f"cannot load the VAE from {folder}: {str(exc).splitlines()[0][:300]}",
+                        "the folder is incomplete or corrupt: re-download or re-convert it") from None
+    return ModelBundle(kind="vae", model_id=Path(path).name, path=folder, content_hash=content_hash(folder),
+                       unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
+
+
+def _from_single_file(path: Path, dtype) -> ModelBundle:
+    # Only this path needs the pipeline classes, whose import pulls in transformers' image processors (seconds, and
+    # warnings without torchvision): imported here, not for every folder model.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    errors = []
+    for cls in (StableDiffusionXLPipeline, StableDiffusionPipeline) if "xl" in path.name.lower() else \
+            (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        try:
+            pipe = cls.from_single_file(str(path), local_files_only=True, torch_dtype=dtype)
+            break
+        except Exception as exc:
+            errors.append(str(exc).splitlines()[0][:200])
+    else:
+        raise UserError(
+            f"cannot load the single-file checkpoint {path} offline ({errors[-1]})",
+            "convert it to a diffusers folder once, on a machine that has its config: "
+            "`StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)` (StableDiffusionXLPipeline for "
+            "SDXL), then pass --model DIR")
+    kind = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if kind == "sdxl" else [])
+    return ModelBundle(kind=kind, model_id=path.stem, path=path, content_hash=content_hash(path), unet=pipe.unet,
+                       vae=pipe.vae, text_encoders=encoders, tokenizers=tokenizers,
+                       scheduler_config=dict(pipe.scheduler.config), force_zeros_for_empty_prompt=kind == "sdxl")
+
+
+def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
+    """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file."""
+    if str(spec) == "demo":
+        return _from_folder(demo_model_path(), "demo", dtype)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise UserError(f"{path} is not a model checkpoint", "pass a diffusers folder or a .safetensors file")
+        return _from_single_file(path, dtype)
+    if not (path / "model_index.json").exists():
+        raise UserError(f"{path} has no model_index.json, so it is not a diffusers model folder",
+                        "pass the folder that contains model_index.json (as saved by save_pretrained)")
+    return _from_folder(path, path.name, dtype)

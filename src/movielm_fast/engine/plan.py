@@ -1,0 +1,355 @@
+"""plan.json (version 1): typed model and complete validation.
+
+A file holds one movie object or ``{"version": 1, "defaults": {...}, "movies": [...]}``. `load_plan` validates
+the whole file before anything else happens and raises one `PlanError` listing every problem with its JSON path
+and a fix. Render settings cascade: command-line overrides > movie ``render`` > file ``defaults`` > built-ins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from movielm_fast.errors import PlanError
+
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEED_MODES = ("per_frame", "shared")
+CONSISTENCY_MODES = ("none", "anchor_attention")
+
+# Shot sizes a frame may name (film-crew vocabulary, as LLM keyframe planners use it). Case, '_' / '-' / spaces and
+# a trailing " shot" are normalised ("Close_Up shot" -> "close-up"); anything else is a plan error listing these.
+SHOTS = ("extreme wide", "wide", "medium", "close-up", "extreme close-up", "over-the-shoulder", "point of view",
+         "insert")
+
+
+def _shot_key(text: str) -> str:
+    key = re.sub(r"[\s_-]+", " ", text.strip().lower())
+    return key.removesuffix(" shot") if key != "shot" else key
+
+
+_SHOT_BY_KEY = {_shot_key(s): s for s in SHOTS}
+
+
+def normalise_shot(value: str | None) -> str | None:
+    """The canonical shot name, None for an empty one; ValueError (listing the vocabulary) for anything else."""
+    if value is None or not value.strip():
+        return None
+    shot = _SHOT_BY_KEY.get(_shot_key(value))
+    if shot is None:
+        raise ValueError(f"unknown shot {value!r}: use one of {', '.join(SHOTS)} (or leave it out)")
+    return shot
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _check_id(value: str) -> str:
+    if not SAFE_ID.match(value) or value in (".", ".."):
+        raise ValueError(
+            f"id {value!r} is not safe as a file name: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+class LoraEntry(_Strict):
+    """A LoRA to merge: `file` (.safetensors, relative to the plan file) at strength `scale`."""
+
+    file: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-100.0, le=100.0)
+
+
+class Style(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    embedding: str | None = None
+    """Path to a textual-inversion file (diffusers safetensors or A1111 .pt/.safetensors); relative to the plan."""
+    token: str | None = None
+    """Token the embedding is bound to; default: the token stored in the file, else ``<style-name>``."""
+    loras: list[LoraEntry] = Field(default_factory=list)
+    """LoRAs every movie of this style renders with (after --lora ones, before the movie's own)."""
+
+
+class Character(_Strict):
+    name: str = Field(min_length=1)
+    appearance: str = Field(min_length=1)
+
+
+class Frame(_Strict):
+    id: str
+    description: str = Field(min_length=1)
+    dialogue: str = ""
+    shot: str | None = None
+    """Shot size, one of SHOTS; goes into the prompt before the description."""
+    camera: str = ""
+    """Free text: angle, lens or movement ("low angle", "35mm"); goes into the prompt after the shot."""
+    speaker: str = ""
+    """Name of the character who says `dialogue`; empty when nobody speaks."""
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
+    _shot = field_validator("shot")(classmethod(lambda cls, v: normalise_shot(v)))
+
+
+class ConsistencySettings(BaseModel):
+    """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
+    `--consistency MODE` on the command line sets the mode and keeps the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal[CONSISTENCY_MODES] = "none"  # type: ignore[valid-type]
+    token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
+    start_step: int = Field(default=1, ge=0)
+    """Steps before this one use plain attention (the layout forms first) and are not recorded."""
+    end_step: int | None = Field(default=None, ge=1)
+    """Steps from this one on use plain attention again; None: to the end."""
+    max_layer_tokens: int | None = Field(default=None, ge=1)
+    """Only layers with at most this many tokens take part (e.g. 1024 leaves out SD 1.5's 64x64 layers at 512 px,
+    which hold over half of the record); None: every up-block self-attention layer."""
+    offload: bool = False
+    """Keep records in host memory and move each to the device when used: less device memory, a copy per use."""
+
+
+class RenderSettings(_Strict):
+    """Per-frame rendering settings. Every field is optional here so that layers can cascade."""
+
+    width: int | None = Field(default=None, ge=64, le=4096)
+    height: int | None = Field(default=None, ge=64, le=4096)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
+    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
+    consistency: ConsistencySettings | None = None
+    timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = None  # type: ignore[valid-type]
+    """How the steps are spread over the training timesteps; None: as the model's scheduler config says. Few-step
+    models (SDXL-Lightning, Hyper-SD) need "trailing"."""
+    refiner: str | None = None
+    """A diffusers SDXL refiner folder (relative to the plan file) that takes over the last part of the schedule."""
+    refiner_switch: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Fraction of the schedule the base model denoises before the refiner takes over (diffusers' denoising_end)."""
+    vae: str | None = None
+    """A diffusers AutoencoderKL or AutoencoderTiny folder (relative to the plan file) that decodes instead of the
+    model's own VAE."""
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            lo, hi = v - v % 8, v - v % 8 + 8
+            raise ValueError(f"must be a multiple of 8 (SD VAEs downsample by 8): use {lo} or {hi}")
+        return v
+
+
+BUILTIN_RENDER = RenderSettings(
+    width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
+    seed_mode="per_frame", consistency=ConsistencySettings(), refiner_switch=0.8,
+)
+PATH_SETTINGS = ("refiner", "vae")  # folders named in a plan: relative to the plan file
+
+
+def _paths_from(settings: RenderSettings, base: Path) -> RenderSettings:
+    update = {k: str(base / v) for k in PATH_SETTINGS if (v := getattr(settings, k)) and not Path(v).is_absolute()}
+    return settings.model_copy(update=update) if update else settings
+
+
+def merge_settings(*layers: RenderSettings | None) -> RenderSettings:
+    """First non-None value wins, layer by layer (highest priority first)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for key, value in layer.model_dump().items():
+            if merged.get(key) is None and value is not None:
+                merged[key] = value
+    return RenderSettings(**merged)
+
+
+class Movie(_Strict):
+    id: str
+    title: str = ""
+    theme: str = ""
+    overview: str = ""
+    style: Style
+    characters: list[Character] = Field(default_factory=list)
+    frames: list[Frame] = Field(min_length=1)
+    render: RenderSettings | None = None
+    consistency: ConsistencySettings | None = None
+    """The movie's consistency mode; same as render.consistency (give one of them)."""
+    loras: list[LoraEntry] = Field(default_factory=list)
+    """The movie's own LoRAs, merged after --lora and the style's (engine.lora.combine says how they add up)."""
+
+    _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
+
+
+class PlanFile(_Strict):
+    version: Literal[1] = 1
+    defaults: RenderSettings | None = None
+    movies: list[Movie] = Field(min_length=1)
+
+
+class LoadedMovie(BaseModel):
+    """A validated movie with its render settings resolved (without command-line overrides)."""
+
+    movie: Movie
+    settings: RenderSettings
+    plan_dir: Path
+
+    def resolved(self, overrides: RenderSettings | None = None) -> RenderSettings:
+        return merge_settings(overrides, self.settings)
+
+    def lora_files(self) -> list[tuple[str, Path, float]]:
+        """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan."""
+        st = [(f"style.loras[{i}]", e) for i, e in enumerate(self.movie.style.loras)]
+        own = [(f"loras[{i}]", e) for i, e in enumerate(self.movie.loras)]
+        return [(where, self.plan_dir / e.file, e.scale) for where, e in st + own]
+
+
+# --- validation -----------------------------------------------------------------------------------------------
+
+_FIELDS_BY_MODEL = {m: list(m.model_fields) for m in (Style, Character, Frame, RenderSettings, Movie, PlanFile,
+                                                       LoraEntry)}
+
+
+def _json_path(loc: tuple[Any, ...], prefix: str = "$") -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """Walk `loc` through pydantic field annotations to find which model the last key belongs to."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return model if fields is not None else None
+        ann = fields[part].annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        nested = [a for a in inner if issubclass(a, BaseModel)]
+        if not nested:
+            for a in getattr(ann, "__args__", ()):
+                nested += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        model = nested[0] if nested else None
+    return model
+
+
+def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        model = _model_at(loc[:-1], root)
+        valid = _FIELDS_BY_MODEL.get(model, [])
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        return f"unknown key {key!r}: {hint}"
+    if kind == "missing":
+        return f"required field {loc[-1]!r} is missing: add it"
+    if kind == "too_short" and loc and loc[-1] in ("frames", "movies"):
+        return f"{loc[-1]!r} is empty: add at least one entry"
+    if kind == "literal_error" and loc and loc[-1] == "scheduler":
+        return f"unknown scheduler {err.get('input')!r}: choose one of {', '.join(SCHEDULERS)}"
+    if kind == "literal_error" and loc and loc[-1] == "seed_mode":
+        return f"unknown seed_mode {err.get('input')!r}: choose one of {', '.join(SEED_MODES)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{msg} (got {err.get('input')!r})" if kind.endswith("_type") or kind.startswith("int_") else msg
+
+
+def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    seen_movies: dict[str, str] = {}
+    for movie, mpath in zip(movies, paths):
+        if movie.id in seen_movies:
+            problems.append((f"{mpath}.id", f"duplicate movie id {movie.id!r} (also at {seen_movies[movie.id]}): "
+                                            "give every movie its own id"))
+        seen_movies.setdefault(movie.id, mpath)
+        if movie.consistency is not None and movie.render is not None and movie.render.consistency is not None:
+            problems.append((f"{mpath}.consistency", "given twice (also in render.consistency): keep one"))
+        names: dict[str, int] = {}
+        for i, ch in enumerate(movie.characters):
+            if ch.name in names:
+                problems.append((f"{mpath}.characters[{i}].name",
+                                 f"duplicate character name {ch.name!r}: names must be unique within a movie"))
+            names.setdefault(ch.name, i)
+        seen_frames: dict[str, int] = {}
+        for i, frame in enumerate(movie.frames):
+            if frame.id in seen_frames:
+                problems.append((f"{mpath}.frames[{i}].id",
+                                 f"duplicate frame id {frame.id!r} (also frames[{seen_frames[frame.id]}]): "
+                                 "frame ids name the image files and must be unique within a movie"))
+            seen_frames.setdefault(frame.id, i)
+        for i, frame in enumerate(movie.frames):
+            fpath = f"{mpath}.frames[{i}]"
+            # A name in braces ("{Rosamund}") is an explicit character reference and must exist.
+            for key in ("description", "camera"):
+                for ref in re.findall(r"\{([^{}]+)\}", getattr(frame, key)):
+                    if ref not in names:
+                        problems.append((f"{fpath}.{key}", f"unknown character {{{ref}}}: "
+                                                           f"{_name_fix(ref, names, 'or remove the braces')}"))
+            if frame.speaker and not frame.dialogue:
+                problems.append((f"{fpath}.speaker", f"speaker {frame.speaker!r} is set but 'dialogue' is empty: "
+                                                     "add the line to 'dialogue', or remove 'speaker'"))
+            elif frame.speaker and frame.speaker not in names:
+                problems.append((f"{fpath}.speaker", f"unknown character {frame.speaker!r} as speaker: "
+                                                     f"{_name_fix(frame.speaker, names, 'or leave speaker empty')}"))
+    return problems
+
+
+def _name_fix(name: str, names: dict[str, int], otherwise: str) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"add it to 'characters' {otherwise}"
+
+
+def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) -> list[LoadedMovie]:
+    """Validate decoded JSON and return the movies with their render settings cascaded (file level)."""
+    if not isinstance(data, dict):
+        raise PlanError(source, [("$", f"expected a JSON object, got {type(data).__name__}")])
+    is_multi = "movies" in data
+    root: type[BaseModel] = PlanFile if is_multi else Movie
+    try:
+        parsed = root.model_validate(data)
+    except ValidationError as exc:
+        problems = [(_json_path(e["loc"]), _describe(e, root)) for e in exc.errors()]
+        raise PlanError(source, problems) from None
+    if isinstance(parsed, PlanFile):
+        movies, defaults = parsed.movies, parsed.defaults
+        paths = [f"$.movies[{i}]" for i in range(len(movies))]
+    else:
+        movies, defaults, paths = [parsed], None, ["$"]
+    problems = _semantic_problems(movies, paths)
+    if problems:
+        raise PlanError(source, problems)
+    base = plan_dir or Path(".")
+    return [LoadedMovie(movie=m, settings=_paths_from(merge_settings(RenderSettings(consistency=m.consistency),
+                                                                     m.render, defaults, BUILTIN_RENDER), base),
+                        plan_dir=base) for m in movies]
+
+
+def load_plan(path: str | Path) -> list[LoadedMovie]:
+    """Read and validate a plan file; every failure is a `PlanError` (a `UserError`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(str(path), [("$", "file not found: check the path")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(str(path), [("$", f"cannot read the file ({exc}): it must be UTF-8 JSON")]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(str(path), [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) \
+            from None
+    return parse_plan(data, str(path), path.parent)

@@ -1,0 +1,84 @@
+"""Copy a trained toy model into the package as the demo model: `python -m movielm_fast.engine.toy.ship TRAINED_DIR`.
+
+What ships is small (about 11 MB on disk, less in git): weights as float16 safetensors (loaded back as float32, or
+whatever dtype the engine asks for), and the text encoder's rows for tokens the toy world never uses set to zero --
+they were never trained, only decayed from their random start, and zero rows compress to nothing in git. The
+tokenizer is not shipped: `engine.demo` rebuilds the standard CLIP tokenizer from open-clip's vocabulary file, as
+the random demo model always did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from movielm_fast.paths import replace_dir
+
+from ..demo import clip_tokenizer
+from . import world as W
+
+DEST = Path(__file__).parent / "demo_model"
+_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+            "text_encoder": "model.safetensors"}
+
+
+def toy_vocabulary() -> list[int]:
+    """Every token id a toy-world caption (either style order, no style, empty) can contain."""
+    words = [*W.COLOURS, *W.SHAPES, *W.BACKGROUND_PHRASES.values(), *W.STYLES, "big", "small", "a", "an", "and",
+             "empty", "scene", "style", "on the left", "in the centre", "on the right", ",", "sepia style, x"]
+    tok = clip_tokenizer()
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    for w in words:
+        ids.update(tok(w, add_special_tokens=False).input_ids)
+    return sorted(ids)
+
+
+def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
+    """`vae_weights`: a VAE fine-tuned with its encoder frozen (train --decoder-only) replaces src's weights; its
+    config is src's, which holds the latent scaling factor the UNet was trained with."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(src / "model_index.json", tmp / "model_index.json")
+    info = json.loads((src / "training.json").read_text()) if (src / "training.json").exists() else {}
+    if vae_weights:
+        record = vae_weights.parent.parent / "vae_training.json"
+        info["decoder_finetune"] = json.loads(record.read_text()) if record.exists() else str(vae_weights)
+    (tmp / "training.json").write_text(json.dumps(info, indent=1))
+    (tmp / "scheduler").mkdir()
+    shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    keep = torch.tensor(toy_vocabulary())
+    for folder, fname in _WEIGHTS.items():
+        (tmp / folder).mkdir()
+        config = json.loads((src / folder / "config.json").read_text())
+        config.pop("_name_or_path", None)  # where it was trained: a path on the training machine
+        (tmp / folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = load_file(str(vae_weights if folder == "vae" and vae_weights else src / folder / fname))
+        if folder == "text_encoder":
+            key = next(k for k in state if k.endswith("embeddings.token_embedding.weight"))
+            table = torch.zeros_like(state[key])
+            table[keep] = state[key][keep]
+            state[key] = table
+        save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(tmp / folder / fname))
+    replace_dir(tmp, dest)
+    print(json.dumps({"shipped": str(dest), "tokens_kept": len(keep),
+                      "bytes": sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())}))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", type=Path)
+    ap.add_argument("--dest", type=Path, default=DEST)
+    ap.add_argument("--vae-weights", type=Path, default=None,
+                    help="diffusion_pytorch_model.safetensors of a decoder fine-tuned on src's frozen encoder")
+    args = ap.parse_args(argv)
+    ship(args.src, args.dest, args.vae_weights)
+
+
+if __name__ == "__main__":
+    main()

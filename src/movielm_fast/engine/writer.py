@@ -1,0 +1,189 @@
+"""The write stage: pixels, image encoding, hashing, atomic writes, manifest entries and storyboards, off the render
+thread.
+
+The driver hands each finished batch to `Writer.put` and goes straight back to rendering; a bounded pool of
+threads does the files, starting with each frame's uint8 pixels (engine.frames: the GPU's copy waited for, or the
+CPU's floats converted). numpy, zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
+`outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
+with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
+being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
+
+`threads=0` writes inline on the caller's thread: the sequential reference the pipelined writer is tested against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from movielm_fast.paths import atomic_write_bytes
+
+from .executors import Batch, Rendered, reason
+from .outputs import MovieOutputs, encode_image, thumbnail
+from .renderer import ModelInfo
+
+log = logging.getLogger("movielm_fast")
+
+
+# How much lower the writer threads' scheduling priority is than the render thread's. Where cores are scarce the
+# render thread (which feeds the GPU) must not queue behind image encoders; the writers still get every cycle it
+# leaves, and backpressure stops them falling behind for good. Measured on 2 cores (512², null backend): the
+# render thread's time per PNG frame 12.6 -> 9.3 ms at niceness 5, the same at 10; 5 starves the writers less
+# when other processes compete for the cores.
+WRITER_NICENESS = 5
+
+
+def _yield_to_render(niceness: int) -> None:
+    """Lower this thread's priority. Linux only: there a thread is a task with its own nice value (elsewhere
+    setpriority on this id would renice the whole process)."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness + os.getpriority(os.PRIO_PROCESS, 0))
+        except OSError:  # not permitted (a sandbox): the writers just compete on equal terms
+            pass
+
+
+@dataclass
+class WriteTimes:
+    """Seconds per part of the write stage, summed over frames (threads overlap, so the sum can exceed wall time),
+    and the render thread's waits for a free slot (backpressure)."""
+
+    pixels: float = 0.0  # each frame's uint8 pixels: converted from the CPU's floats, or the GPU's copy waited for
+    encode: float = 0.0
+    hash: float = 0.0
+    write: float = 0.0  # the frame file, atomically
+    manifest: float = 0.0  # its journal line
+    storyboard: float = 0.0
+    waited: float = 0.0
+    frames: int = 0
+    storyboards: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"frames": self.frames, **{f"{k}_seconds": round(getattr(self, k), 4) for k in (
+            "pixels", "encode", "hash", "write", "manifest", "storyboard", "waited")}}
+
+
+class Writer:
+    def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, *, encoding: tuple[str, int | None],
+                 threads: int, max_batches: int = 2):
+        """`encoding`: (image format, quality) as the driver resolved them (outputs.resolve_quality)."""
+        self.outputs, self.info = outputs, info
+        self.image_format, self.quality = encoding
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer", initializer=_yield_to_render,
+                                       initargs=(WRITER_NICENESS,)) if threads > 0 else None
+        self.slots = threading.BoundedSemaphore(max(1, max_batches))
+        self.times = WriteTimes()
+        self.failures: dict[str, str] = {}  # movie id -> why one of its frames could not be written
+        self._lock = threading.Lock()
+        self._futures: list[Future] = []
+        self._storyboarded: set[str] = set()
+        # Keys of the character anchors whose images are on disk: from earlier runs, then as they are saved.
+        self.anchors_saved = {a.key for mo in outputs.values() for a in mo.anchor_specs if mo.anchor_saved(a)}
+
+    def put(self, batch: Batch, result: Rendered) -> None:
+        """Write the batch's frames (in the background when there are threads). Raises the first error a writer
+        thread met (disk full, permissions), so the driver stops rendering frames it could not save."""
+        self.raise_errors()
+        for spec, image in result.anchors:  # consistency mode: each anchor's image is saved once
+            if spec.key not in self.anchors_saved:
+                self.outputs[spec.movie_id].write_anchor(spec, image)
+                self.anchors_saved.add(spec.key)
+        if self.pool is None:
+            self._write_batch(batch, result)
+            return
+        t0 = time.perf_counter()
+        self.slots.acquire()  # blocks while `max_batches` batches are still being written
+        self.times.waited += time.perf_counter() - t0
+        try:
+            futures = [self.pool.submit(self._write_frame, batch, result, i) for i in range(len(batch.tasks))]
+        except BaseException:
+            self.slots.release()
+            raise
+        remaining = [len(futures)]
+
+        def done(_):
+            with self._lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self.slots.release()
+
+        for f in futures:
+            f.add_done_callback(done)
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()] + futures
+
+    def _write_batch(self, batch: Batch, result: Rendered) -> None:
+        for i in range(len(batch.tasks)):
+            self._write_frame(batch, result, i)
+
+    def _write_frame(self, batch: Batch, result: Rendered, i: int) -> None:
+        task = batch.tasks[i]
+        mo = self.outputs[task.job.movie_id]
+        t0 = time.perf_counter()
+        # 1. The pixels (engine.frames: converted here on the CPU, waited for here on a GPU), then encode them (Ray
+        # workers send frames already encoded).
+        try:
+            image = result.images[i] if result.images is not None else None
+        except FloatingPointError as exc:  # this frame overflowed: its movie fails, the batch's other frames stay
+            with self._lock:
+                self.failures.setdefault(task.job.movie_id, reason(exc))
+            return
+        tp = time.perf_counter()
+        data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
+                                                                                 self.image_format, self.quality)
+        t1 = time.perf_counter()
+        # 2. Hash, 3. write the file atomically.
+        sha = hashlib.sha256(data).hexdigest()
+        t2 = time.perf_counter()
+        atomic_write_bytes(mo.dir / mo.frame_file(task), data)
+        t3 = time.perf_counter()
+        # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files);
+        # the sheet encodes each row of thumbnails as soon as it is complete.
+        mo.sheet.add(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
+        t4 = time.perf_counter()
+        # 5. Only now its manifest entry: a frame is in the manifest once its file is on disk.
+        mo.record(task, sha, result.seconds / len(batch.tasks))
+        t5 = time.perf_counter()
+        with self._lock:
+            self.times.pixels += tp - t0
+            self.times.encode += t1 - tp
+            self.times.hash += t2 - t1
+            self.times.write += t3 - t2
+            self.times.storyboard += t4 - t3
+            self.times.manifest += t5 - t4
+            self.times.frames += 1
+            finished = mo.complete() and task.job.movie_id not in self._storyboarded
+            if finished:
+                self._storyboarded.add(task.job.movie_id)
+        if finished:  # the movie's last frame: its manifest and storyboard now, not at the end of the run
+            self.finish_movie(mo)
+
+    def finish_movie(self, mo: MovieOutputs) -> None:
+        t0 = time.perf_counter()
+        mo.save()
+        path = mo.write_storyboard()
+        with self._lock:
+            self.times.storyboard += time.perf_counter() - t0
+            self.times.storyboards.append(str(path))
+
+    def raise_errors(self) -> None:
+        with self._lock:
+            failed = [f for f in self._futures if f.done() and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
+
+    def close(self) -> None:
+        """Finish every queued write (after Ctrl-C too: frames already rendered are cheap to keep), then raise the
+        first error a writer thread met."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.raise_errors()

@@ -1,0 +1,218 @@
+"""The artifact cache: exported ONNX files and TensorRT engines, each in its own folder with a readable manifest.
+
+Layout::
+
+    <cache_root>/artifacts/<model id>-<model hash>/<component>.<target>.<dtype>.<profile id>.<key>/
+        manifest.json        what, from which model, with which tools, shapes covered, files and sizes
+        model.onnx (+ model.onnx.data) | engine.plan
+
+The key is a digest of the model's content hash, component, target, dtype, profile and the exporter/runtime
+versions, so upgrading onnxruntime or TensorRT never serves a stale artifact. An entry is written into a
+temporary folder and renamed into place; a folder without a complete manifest (a crash mid-export) is never a hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Iterator
+
+from movielm_fast.errors import UserError
+from movielm_fast.paths import cache_root
+
+log = logging.getLogger("movielm_fast")
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "movielm-fast-artifact/1"
+EXPORTER_VERSION = "1"  # bump whenever the graphs export/graphs.py and export/onnx_export.py write change
+
+
+def artifacts_root() -> Path:
+    return cache_root() / "artifacts"
+
+
+def tool_versions(target: str) -> dict[str, str]:
+    """Versions of everything that shapes the artifact's bytes (part of the key)."""
+    # From package metadata, not imports: importing diffusers takes seconds, and `export --list` needs none of it.
+    versions = {"exporter": EXPORTER_VERSION, "torch": version("torch").split("+")[0],
+                "diffusers": version("diffusers"), "transformers": version("transformers")}
+    # onnx, onnxruntime and tensorrt are optional dependencies: imported only for the targets that need them.
+    try:
+        import onnx
+
+        versions["onnx"] = onnx.__version__
+    except ImportError:
+        pass
+    if target.startswith("ort"):
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    if target.startswith("trt"):
+        import tensorrt  # callers checked it is installed (export.tensorrt.require_tensorrt)
+
+        versions["tensorrt"] = tensorrt.__version__
+    return versions
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    model_id: str
+    model_hash: str
+    component: str
+    target: str  # "ort-cpu" | "ort-cuda" | "trt-onnx" | "trt-engine-<gpu>"
+    dtype: str  # "fp32" | "fp16"
+    profile_id: str  # "dynamic" for ONNX files with fully dynamic axes
+    versions: tuple[tuple[str, str], ...]
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps([self.model_hash, self.component, self.target, self.dtype, self.profile_id,
+                              list(self.versions)])
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.component}.{self.target}.{self.dtype}.{self.profile_id}.{self.digest}"
+
+    @property
+    def model_folder(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.model_id)[:40] or "model"
+        return f"{safe}-{self.model_hash}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "model_hash": self.model_hash, "component": self.component,
+                "target": self.target, "dtype": self.dtype, "profile": self.profile_id,
+                "versions": dict(self.versions), "key": self.digest}
+
+
+def make_key(model, component: str, target: str, dtype: str, profile_id: str = "dynamic") -> ArtifactKey:
+    versions = tool_versions(target)
+    return ArtifactKey(model.model_id, model.content_hash, component, target, dtype, profile_id,
+                       tuple(sorted(versions.items())))
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, name: str | None = None) -> Path:
+        return self.path / (name or self.manifest["main_file"])
+
+    @property
+    def component(self) -> str:
+        return self.manifest["component"]
+
+    def check_model(self, model) -> None:
+        """An artifact exported from another model must never run silently with this one's tokenizer/config."""
+        theirs = self.manifest.get("model_hash")
+        if theirs != model.content_hash:
+            raise UserError(
+                f"artifact {self.path} was exported from model {self.manifest.get('model_id')!r} (hash {theirs}), "
+                f"not from {model.model_id!r} (hash {model.content_hash})",
+                "re-export for this model: movielm-fast export --model <the model you render with>; "
+                "or clear stale artifacts with movielm-fast export --clear")
+
+
+def _complete(folder: Path) -> dict[str, Any] | None:
+    """The manifest if `folder` is a complete entry (manifest readable, every listed file present at its size)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("complete"):
+        return None
+    for name, info in manifest.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            return None
+    return manifest
+
+
+def entry_path(key: ArtifactKey, root: Path | None = None) -> Path:
+    return (root or artifacts_root()) / key.model_folder / key.folder_name
+
+
+def lookup(key: ArtifactKey, root: Path | None = None) -> Artifact | None:
+    folder = entry_path(key, root)
+    manifest = _complete(folder)
+    if manifest is None:
+        return None
+    log.info("artifact cache hit: %s", folder)
+    return Artifact(folder, manifest)
+
+
+@contextmanager
+def writing(key: ArtifactKey, root: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder to write the entry into; on success it is renamed into place atomically.
+
+    The body must write the files; `commit` below adds the manifest. An exception leaves nothing behind.
+    """
+    final = entry_path(key, root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key.folder_name}-", dir=final.parent))
+    try:
+        yield tmp
+        if _complete(tmp) is None:
+            raise RuntimeError(f"internal error: {tmp} was not committed with a complete manifest")
+        if final.exists():
+            if _complete(final) is not None:  # another process finished the same export first: keep theirs
+                return
+            shutil.rmtree(final)  # a broken leftover
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit(folder: Path, key: ArtifactKey, main_file: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest (last, so its presence means every file is complete)."""
+    files = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": MANIFEST_FORMAT, "complete": True, **key.as_dict(), "main_file": main_file,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
+                "total_bytes": sum(f["bytes"] for f in files.values()), **extra}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def list_entries(root: Path | None = None) -> list[Artifact]:
+    root = root or artifacts_root()
+    out = []
+    for folder in sorted(root.glob("*/*")) if root.exists() else []:
+        if folder.is_dir() and not folder.name.startswith(".tmp-"):
+            manifest = _complete(folder)
+            if manifest is not None:
+                out.append(Artifact(folder, manifest))
+    return out
+
+
+def clear(root: Path | None = None, model_hash: str | None = None) -> int:
+    """Remove every entry (or only one model's), half-written ones included; returns how many folders went."""
+    root = root or artifacts_root()
+    removed = 0
+    for model_dir in sorted(root.glob("*")) if root.exists() else []:
+        if not model_dir.is_dir() or (model_hash and not model_dir.name.endswith(f"-{model_hash}")):
+            continue
+        removed += sum(1 for p in model_dir.iterdir() if p.is_dir())
+        shutil.rmtree(model_dir)
+    for stray in root.glob("*.cache") if root.exists() and not model_hash else []:
+        stray.unlink()  # TensorRT timing caches
+    return removed
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
