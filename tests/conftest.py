@@ -17,10 +17,6 @@ def _cuda_available() -> bool:
         return False
 
 
-# Triton kernels run in the interpreter on machines without CUDA; must be set before triton is imported.
-if not _cuda_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 
 

@@ -21,7 +21,7 @@ EXAMPLE = ROOT / "examples" / "plan.json"
 
 # package -> the extra that brings it (pyproject.toml [project.optional-dependencies])
 OPTIONAL = {"openai": "llm", "av": "video", "onnx": "onnx", "onnxruntime": "onnx", "ray": "cluster",
-            "tensorrt": "tensorrt", "polygraphy": "tensorrt", "triton": "kernels", "matplotlib": "bench"}
+            "tensorrt": "tensorrt", "polygraphy": "tensorrt", "matplotlib": "bench"}
 
 HIDE_AND_RUN = """
 import sys
@@ -117,7 +117,6 @@ def test_dataset_video_without_av(rendered, tmp_path):
     pytest.param(["onnx"], "onnx", ["render", EXAMPLE, "--backend", "onnxruntime"], id="render-onnx"),
     pytest.param(["tensorrt", "polygraphy"], "tensorrt", ["render", EXAMPLE, "--backend", "tensorrt"],
                  id="render-tensorrt"),
-    pytest.param(["triton"], "kernels", ["render", EXAMPLE, "--attention", "triton"], id="render-triton"),
 ])
 def test_render_and_export_without_their_extra(hidden, extra, args, tmp_path):
     more = ["--steps", "1", "--out", tmp_path / "out"] if args[0] == "render" else []

@@ -601,10 +601,36 @@ SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_sec
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section))
 
 
+def knob_section() -> list[str]:
+    """The CUDA knob table the torch backend reads (engine/cuda_knobs.json), as measured."""
+    from movielm_fast.engine.cuda_knobs import BUILT_IN, load_table, measured_knobs
+
+    rows = load_table()
+    if not rows:
+        return []
+    lines = ["## CUDA knob table (`src/movielm_fast/engine/cuda_knobs.json`, `python -m movielm_fast.bench.knobs`)", "",
+             "Lossless knobs, fastest entry per GPU, model, size and batch (entries within 2% count as as fast). A "
+             "knob left unset takes the value that was as fast at every measured batch of the architecture; "
+             f"otherwise its built-in default ({', '.join(f'{k}={v}' for k, v in BUILT_IN.items())}).", "",
+             "| GPU | model | size | batch | default s/frame | fastest | its s/frame | as fast | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fast = "; ".join(", ".join(f"{k}={v}" for k, v in sorted(c.items()) if v != BUILT_IN.get(k)) or "built-in"
+                         for c in r.get("as_fast", []))
+        lines.append(f"| {r['gpu']} | {r['model']} | {r['size']} | {r['batch']} | {r['default_s_per_frame']:.3f} | "
+                     f"{r['winner']} | {r['winner_s_per_frame']:.3f} | {fast} | {r['source']} |")
+    for kind in sorted({r["kind"] for r in rows}):
+        for gpu in sorted({r["gpu"] for r in rows if r["kind"] == kind}):
+            lines.append(f"\nChosen for {kind} on {gpu}: " +
+                         ", ".join(f"{k}={v}" for k, v in sorted(measured_knobs(kind, gpu).items())) + ".")
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path, md_path: Path) -> Path:
     md_path = Path(md_path)
     text = render_results_md(load_results(results_dir), md_path.parent)
-    extra = [line for fmt, section in SMALL_BENCHES for line in section(load_other(results_dir, fmt))]
+    extra = knob_section() + \
+        [line for fmt, section in SMALL_BENCHES for line in section(load_other(results_dir, fmt))]
     atomic_write_text(md_path, text.rstrip("\n") + "\n\n" + "\n".join(extra) if extra else text)
     return md_path
 

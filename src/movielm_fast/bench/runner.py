@@ -65,11 +65,12 @@ PROMPTS = [
 
 
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """"torch+cuda_graphs+attention=triton+no-fuse_qkv" -> ("torch", {cuda_graphs: True, attention: "triton",
+    """"torch+cuda_graphs+sdpa_backend=flash+no-fuse_qkv" -> ("torch", {cuda_graphs: True, sdpa_backend: "flash",
     fuse_qkv: False}); the options are EngineConfig fields. ``dtype=bf16`` runs one entry in another dtype than
     the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
-    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet", "dtype"}
+    allowed = {"attention", "sdpa_backend", "channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_qkv",
+               "compile_unet", "dtype"}
     opts: dict[str, Any] = {}
     for part in parts:
         key, _, value = part.partition("=")
@@ -90,7 +91,7 @@ class BenchSettings:
     backends: list[str] | None = None
     """Backends to time; None: every registered one. Unregistered or failing ones are skipped with a note.
     A name may carry engine options after '+' to time a fast-path variant, e.g. ``torch+cuda_graphs``,
-    ``torch+attention=triton``, ``torch+no-channels_last`` (see `backend_variant`)."""
+    ``torch+sdpa_backend=flash``, ``torch+no-channels_last`` (see `backend_variant`)."""
     device: str = "cpu"
     dtype: str = "auto"
     sizes: list[tuple[int, int]] | None = None
@@ -105,6 +106,9 @@ class BenchSettings:
     guidance: float = 7.5
     scheduler: str = "dpmpp"
     baseline: bool = True
+    peer_compile: str | None = None
+    """Also time diffusers with its own documented speed recipe (`compiled_diffusers_pipeline`), compiled in this
+    mode: "max-autotune" (the recipe's) or "default"; None: not timed. Its compile time is reported apart."""
     out: Path = Path("bench/results")
     machine: str | None = None
     """Name used in file names and as the RESULTS.md section; default: derived from the CPU/GPU model."""
@@ -165,6 +169,30 @@ def diffusers_pipeline(model, scheduler: str, device: torch.device, dtype: torch
     return pipe
 
 
+# Inductor settings of diffusers' speed guide ("Accelerate inference of text-to-image diffusion models"), plus what
+# each torch.compile mode sets (torch.compile takes a mode or options, not both).
+PEER_INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+                         "coordinate_descent_check_all_directions": True}
+PEER_COMPILE_MODES = {"max-autotune": {"max_autotune": True, "triton.cudagraphs": True}, "default": {}}
+
+
+def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dtype: torch.dtype,
+                                mode: str = "max-autotune"):
+    """diffusers' pipeline with diffusers' own speed recipe: the dtype asked for (fp16 on a GPU), channels-last
+    UNet and VAE, fused QKV projections, and the UNet and the VAE decode compiled with torch.compile (fullgraph) and
+    the guide's inductor settings. Each new shape compiles on its first call: `Bench` reports that call apart."""
+    if mode not in PEER_COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r} for the diffusers peer", f"use {' or '.join(PEER_COMPILE_MODES)}")
+    pipe = diffusers_pipeline(model, scheduler, device, dtype)
+    pipe.fuse_qkv_projections()
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    options = {**PEER_INDUCTOR_OPTIONS, **PEER_COMPILE_MODES[mode]}
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=options)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True, options=options)  # the guide's own recipe
+    return pipe
+
+
 class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print):
         self.log = log
@@ -219,13 +247,24 @@ class Bench:
         self.log(f"skipping backend {name}: {reason}")
         self.result["skipped"].append({"backend": name, "reason": reason})
 
-    def _baseline(self):
-        # On CUDA our torch backend changes shared modules in place (channels_last; an fp32 VAE where fp16
-        # overflows), which would tune the baseline too: diffusers gets its own copy there. On CPU it changes
-        # nothing, and a second copy of an fp32 model would not fit many machines' memory.
-        upcast = component_dtype(self.model, VAE_DECODER, self.dtype_name) != self.dtype_name
-        model = load_model(self.model_path) if self.device.type == "cuda" or upcast else self.model
-        return diffusers_pipeline(model, self.s.scheduler, self.device, self.dtype)
+    def _peers(self) -> list[_Backend]:
+        """diffusers' pipeline as it comes (the baseline), then with its speed recipe if asked for. On CUDA our torch
+        backend changes shared modules in place (channels_last; the VAE's dtype), which would tune the peers too:
+        each peer gets its own copy there. On CPU the plain one shares ours (a second fp32 copy of a model would not
+        fit many machines' memory)."""
+        peers = []
+        if self.s.baseline:
+            upcast = component_dtype(self.model, VAE_DECODER, self.dtype_name) != self.dtype_name
+            model = load_model(self.model_path) if self.device.type == "cuda" or upcast else self.model
+            peers.append(_Backend(BASELINE, diffusers_pipeline(model, self.s.scheduler, self.device, self.dtype),
+                                  baseline=True))
+        else:
+            self.result["notes"].append("diffusers baseline disabled (--no-baseline): no speed-up figures")
+        if self.s.peer_compile:
+            pipe = compiled_diffusers_pipeline(load_model(self.model_path), self.s.scheduler, self.device,
+                                               self.dtype, self.s.peer_compile)
+            peers.append(_Backend(f"{BASELINE}+compile", pipe, baseline=True))
+        return peers
 
     # --- FLOPs -------------------------------------------------------------------------------------------------
     def _flops(self, width: int, height: int, batch: int) -> dict[str, int]:
@@ -323,9 +362,14 @@ class Bench:
     # --- one configuration -------------------------------------------------------------------------------------
     def _record(self, e: _Backend, width: int, height: int, batch: int, flops: dict[str, int], ceiling: float,
                 state: dict[str, Any] | None = None, status: str = "ok", note: str = "",
-                baseline: dict[str, Any] | None = None, fp32: dict[str, Any] | None = None) -> dict[str, Any]:
+                baseline: dict[str, Any] | None = None, fp32: dict[str, Any] | None = None,
+                peer: dict[str, Any] | None = None) -> dict[str, Any]:
         run: dict[str, Any] = {"backend": e.name, "size": f"{width}x{height}", "width": width, "height": height,
                                "batch": batch, "status": status, "note": note}
+        if getattr(e.impl, "knobs", None):  # the lossless knobs this entry ran with (bench/knobs.py reads them)
+            run["knobs"] = e.impl.knobs
+        if getattr(e.impl, "vae_fallbacks", 0):  # an fp16/bf16 decode that overflowed was decoded again in fp32
+            run["vae_fp32_fallbacks"] = e.impl.vae_fallbacks
         self.result["runs"].append(run)
         if state is None:
             return run
@@ -348,11 +392,18 @@ class Bench:
                    "settings": f"{width}x{height} steps={self.s.steps} guidance={self.s.guidance} "
                                f"scheduler={self.s.scheduler} dtype={self.dtype_name}"})
         run["image"] = rel
+        if state.get("first_call") is not None:
+            # The first call of this shape in a warm process: compile or graph capture included, i.e. what a new
+            # shape costs before its first image. For compiled entries the excess over a warm call is compile time.
+            run["first_batch_s"] = state["first_call"]
+            run["first_call_overhead_s"] = max(0.0, state["first_call"] - whole["median"])
         if baseline is not None:
             # Same seeds, same components: the pixels must agree, or the speed-up would compare different work.
             run["max_abs_diff_vs_diffusers"] = int(np.abs(image.astype(np.int16) -
                                                           baseline["image"].astype(np.int16)).max())
             run["speedup_vs_diffusers"] = stats(baseline["samples"])["median"] / whole["median"]
+        if peer is not None:
+            run["speedup_vs_diffusers_compile"] = stats(peer["samples"])["median"] / whole["median"]
         if fp32 is not None and e.impl.dtype != torch.float32:
             # A lower-precision row beside its fp32 twin: same seeds, so the pixel error is the precision's cost.
             err = image.astype(np.float64) - fp32["image"].astype(np.float64)
@@ -403,11 +454,15 @@ class Bench:
                 continue
             self.log(f"{tag} {e.name}: warm-up ...")
             setup, call = self._whole_batch(e, width, height, batch)
-            state = {"entry": e, "setup": setup, "call": call, "samples": [], "peak": 0, "image": None}
+            state = {"entry": e, "setup": setup, "call": call, "samples": [], "peak": 0, "image": None,
+                     "first_call": None}
             try:
                 with PeakMemory(self.device) as mem:
-                    for _ in range(self.s.warmup):
-                        state["image"] = call(setup())
+                    for i in range(self.s.warmup):
+                        arg = setup()
+                        seconds, state["image"] = timed(lambda: call(arg), self.device)
+                        if i == 0:
+                            state["first_call"] = seconds
                 state.update(peak=mem.peak_bytes, memory_kind=mem.kind)
                 live.append(state)
             except Exception as exc:
@@ -433,10 +488,12 @@ class Bench:
             if not st.get("failed"):
                 st["stages"] = {k: stats(v) for k, v in st["stage_samples"].items()}
                 del st["stage_calls"]  # drops the stage inputs before the next configuration allocates its own
-        base = next((st for st in live if st["entry"].baseline), None)
+        base = next((st for st in live if st["entry"].name == BASELINE), None)
+        peer = next((st for st in live if st["entry"].name == f"{BASELINE}+compile"), None)
         fp32 = next((st for st in live if not st["entry"].baseline and st["entry"].impl.dtype == torch.float32), None)
         recorded = [self._record(st["entry"], width, height, batch, flops, ceil, st,
-                                 baseline=None if st is base else base, fp32=fp32) for st in live]
+                                 baseline=None if st is base else base, fp32=fp32,
+                                 peer=None if st["entry"].baseline else peer) for st in live]
         self._free()
         self._write()  # also sets every run's MFU (finalize_mfu) before the lines below print it
         for run in recorded:
@@ -457,12 +514,9 @@ class Bench:
         self.result["ceiling"] = matmul_ceiling(self.device, self.dtype)
         self.log(f"  {self.result['ceiling']['flops_per_s']['median'] / 1e9:.1f} GFLOP/s (median)")
         backends = self._backends()
-        pipe = self._baseline() if self.s.baseline else None
-        if not self.s.baseline:
-            self.result["notes"].append("diffusers baseline disabled (--no-baseline): no speed-up figures")
-        if not backends and pipe is None:
+        entries = self._peers() + backends
+        if not entries:
             raise UserError("no backend could be benchmarked", "see the skipped backends above")
-        entries = ([_Backend(BASELINE, pipe, baseline=True)] if pipe is not None else []) + backends
         for width, height in self.s.sizes:
             for e in entries:  # a batch that did not fit stops larger ones; a new size starts from batch 1 again
                 e.oom_at = None

@@ -36,8 +36,14 @@ render_options = _group([
     click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N"),
     click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16"),
     click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'."),
-    click.option("--attention", default="sdpa", show_default=True, help="sdpa | triton | xformers"),
-    click.option("--cuda-graphs", is_flag=True, help="Replay the UNet step as a CUDA graph per (batch, size) bucket."),
+    click.option("--attention", default="sdpa", show_default=True, help="sdpa | xformers"),
+    click.option("--sdpa-backend", default="auto", show_default=True,
+                 help="SDPA kernel of the UNet: auto | flash | cudnn | efficient | math (all exact)."),
+    click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+                 help="Replay the UNet step as a CUDA graph per (batch, size) bucket [default: on with --device "
+                      "cuda wherever valid]."),
+    click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=None,
+                 help="cuDNN's per-shape convolution algorithm search on CUDA [default: as measured, else off]."),
     click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet step (slow first call)."),
     click.option("--steps", type=int),
     click.option("--width", type=int),
@@ -76,7 +82,8 @@ render_options = _group([
     click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts)."),
 ])
 
-RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "cuda_graphs", "compile_unet",
+RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "sdpa_backend", "cuda_graphs",
+               "cudnn_benchmark", "compile_unet",
                "steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner", "refiner_switch",
                "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "loras", "force",
                "no_style_training", "cluster", "address", "workers",
@@ -127,7 +134,8 @@ def engine_config(out: Path, kw: dict[str, Any]):
         raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
     config = EngineConfig(model=f["model"], out=out, backend=f["backend"], device=f["device"], dtype=f["dtype"],
                           batch_size=_batch_size(f["batch_size"]), attention=f["attention"],
-                          cuda_graphs=f["cuda_graphs"], compile_unet=f["compile_unet"], overrides=overrides,
+                          sdpa_backend=f["sdpa_backend"], cuda_graphs=f["cuda_graphs"],
+                          cudnn_benchmark=f["cudnn_benchmark"], compile_unet=f["compile_unet"], overrides=overrides,
                           skip_existing=not f["force"], style_training=not f["no_style_training"],
                           image_format=f["image_format"], image_quality=f["quality"], consistency=f["consistency"],
                           loras=tuple(parse_lora(v) for v in f["loras"]), quiet=f["quiet"] or f["as_json"])

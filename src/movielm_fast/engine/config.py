@@ -32,14 +32,23 @@ class EngineConfig:
     batch_size: int | str = "auto"
     """Frames per UNet batch (CFG doubles it). "auto": the largest that fits, from free memory."""
     attention: str = "sdpa"
-    """sdpa (PyTorch fused attention, lossless) | triton (our flash-attention kernel) | xformers."""
+    """sdpa (PyTorch fused attention, lossless) | xformers."""
+    sdpa_backend: str = "auto"
+    """The kernel PyTorch's SDPA uses in the UNet: auto (as measured, engine/cuda_knobs.py; else PyTorch picks per
+    call) | flash | cudnn | efficient | math. All exact attention."""
     channels_last: bool = True
     """NHWC memory format for UNet/VAE convolutions on CUDA: lossless, usually faster."""
     fuse_qkv: bool = True
     """Fuse each attention's Q/K/V projections into one matmul on CUDA (diffusers' fuse_qkv_projections): lossless."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     """Replay the UNet step as a captured CUDA graph per (batch, size) bucket: lossless, removes launch overhead;
-    costs one capture per bucket and memory for static buffers."""
+    costs one capture per bucket (the first step of a new shape) and memory for static buffers. None (default): as
+    measured (engine/cuda_knobs.py), which is on wherever it is valid -- not with `compile_unet`; batches of
+    consistency mode run eager -- because it was faster at every measured batch size on an H200 (3.6x at batch 1,
+    bench/RESULTS.md); True: required (consistency mode is then an error); False: never."""
+    cudnn_benchmark: bool | None = None
+    """cuDNN's per-shape convolution algorithm search (torch.backends.cudnn.benchmark) on CUDA: lossless up to
+    rounding, costs a search on the first call of each shape. None: as measured (engine/cuda_knobs.py), else off."""
     compile_unet: bool = False
     """torch.compile the UNet step (mode "reduce-overhead" on CUDA, which also replays CUDA graphs): lossless up to
     kernel-fusion rounding; costs a compile of tens of seconds per shape bucket. Exclusive with `cuda_graphs`. On the

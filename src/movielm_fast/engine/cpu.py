@@ -12,7 +12,6 @@ from a guess (`auto_dtype_hint`).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -209,32 +208,6 @@ class CompiledCpu:
         self.report(f"compiled the {self.name} for {shape} {str(args[0].dtype).removeprefix('torch.')} in "
                     f"{seconds:.1f} s (first call; inductor cache {'hit' if hit else 'miss'}, {self.cache_dir})")
         return out
-
-
-# --- the VAE in bf16, with an fp32 fallback -----------------------------------------------------------------------
-
-
-class Fp32FallbackDecoder:
-    """Decode in bf16; a batch whose image is not finite (a bf16 overflow: inf, and the NaN of inf - inf in the
-    next normalization) is decoded again in fp32, said once per run. The fp32 copy of the decoder is made on the
-    first fallback only (from the bf16 weights: the extra range, not extra accuracy, is what it is for)."""
-
-    def __init__(self, eager: torch.nn.Module, fast: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.eager, self.fast = eager, fast or eager
-        self.fp32: torch.nn.Module | None = None
-        self.fallbacks = 0
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.fast(latents)
-        if torch.isfinite(images.sum()):  # one reduction: clamped images can only hold NaN of an overflow
-            return images
-        if self.fp32 is None:
-            self.fp32 = copy.deepcopy(self.eager).float()
-        self.fallbacks += 1
-        if self.fallbacks == 1:
-            log.warning("the bf16 VAE decode overflowed (non-finite pixels): that batch and any later such batch "
-                        "are decoded again in fp32")
-        return self.fp32(latents.float())
 
 
 # --- what bf16 measured on this CPU model, and the --dtype auto hint ----------------------------------------------

@@ -1,12 +1,6 @@
-"""Triton kernels for the GPU fast path, each with a plain-PyTorch `*_ref` twin.
+"""Attention for the UNet and the VAE: the processors that `--attention` installs through diffusers' own API.
 
-Importing this package never imports Triton; the kernels import it on first use. Public entry points:
-
-- `flash_attention` / `flash_attention_ref` (kernels.flash_attention)
-- `attention_processor`, `install_attention` (kernels.attention)
-- `triton_available`, `KernelUnavailable` (kernels._runtime)
+The rule for any kernel that ships here: a plain-PyTorch `*_ref` twin and a test that compares them. The Triton
+flash-attention kernel that lived here was removed: on an H200 it was slower than PyTorch's SDPA at every measured
+size (bench/results/h200-20261204/), so `--attention sdpa` with its backends (`--sdpa-backend`) is the fast path.
 """
-
-from ._runtime import KernelUnavailable, triton_available
-
-__all__ = ["KernelUnavailable", "triton_available"]

@@ -1,20 +1,24 @@
-"""Attention processors: how the UNet and VAE run attention, chosen by `--attention sdpa|triton|xformers`.
+"""Attention processors: how the UNet and VAE run attention, chosen by `--attention sdpa|xformers`.
 
 Everything is installed through diffusers' own `set_attn_processor`; no library code is patched.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import contextlib
+from typing import Callable, ContextManager
+
 from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 from diffusers.utils import is_xformers_available
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ._runtime import triton_available
-from .flash_attention import flash_attention, flash_attention_supported
-
-ATTENTION_CHOICES = ("sdpa", "triton", "xformers")
+ATTENTION_CHOICES = ("sdpa", "xformers")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+"""`--sdpa-backend` values besides "auto" (PyTorch picks per call): the kernel every SDPA call of the UNet uses.
+All are exact attention (lossless up to rounding); which is fastest depends on the GPU, head size and token count,
+so `bench.gpu` times each (``torch+sdpa_backend=flash``)."""
 
 
 class AttentionChoiceError(ValueError):
@@ -27,77 +31,10 @@ class AttentionChoiceError(ValueError):
         self.hint = hint
 
 
-class TritonFlashAttnProcessor:
-    """diffusers attention processor that runs `kernels.flash_attention` where it applies.
-
-    Same steps as diffusers' AttnProcessor2_0. Calls the kernel cannot serve -- an attention mask, head dims
-    above 256 (the VAE's single 512-wide head), CPU tensors outside the Triton interpreter -- go to
-    `F.scaled_dot_product_attention`, so installing it on a whole UNet or VAE is always safe.
-    """
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args, **kwargs) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        image_input = hidden_states.ndim == 4
-        if image_input:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, tokens, C)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, key_tokens, _ = context.shape
-
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (B, heads, N, M)
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        # Strided views, not copies: the kernel takes any strides.
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if attention_mask is None and flash_attention_supported(query, key, value) and triton_available(query.device):
-            out = flash_attention(query, key, value, scale=attn.scale)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                 is_causal=False, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (B, N, heads * d)
-
-        out = attn.to_out[0](out)  # output projection
-        out = attn.to_out[1](out)  # dropout (identity at inference)
-        if image_input:
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
 def attention_processor(name: str):
     """A fresh processor for `--attention NAME`; AttentionChoiceError if NAME cannot run here."""
     if name == "sdpa":
         return AttnProcessor2_0()
-    if name == "triton":
-        if not triton_available():
-            raise AttentionChoiceError("--attention triton needs Triton and a CUDA GPU",
-                                       "pip install 'movielm-fast[kernels]' on a CUDA machine, or use --attention sdpa")
-        return TritonFlashAttnProcessor()
     if name == "xformers":
         if not is_xformers_available():
             raise AttentionChoiceError("xformers is not installed", "pip install xformers, or use --attention sdpa")
@@ -109,3 +46,14 @@ def attention_processor(name: str):
 def install_attention(module: nn.Module, name: str) -> None:
     """Give every attention layer of a diffusers UNet or VAE the `name` processor (diffusers' own API)."""
     module.set_attn_processor(attention_processor(name))
+
+
+def sdpa_context(name: str) -> Callable[[], ContextManager]:
+    """A factory of the context in which to run the UNet so that its SDPA calls use backend `name` ("auto": no
+    constraint). A pinned backend that cannot serve a call (e.g. flash on fp32 tensors) makes that call fail, which
+    is the point of pinning it in a measurement; the default stays "auto"."""
+    if name == "auto":
+        return contextlib.nullcontext
+    if name not in SDPA_BACKENDS:
+        raise AttentionChoiceError(f"unknown SDPA backend {name!r}", f"use auto or one of: {', '.join(SDPA_BACKENDS)}")
+    return lambda: sdpa_kernel([SDPA_BACKENDS[name]])

@@ -7,20 +7,60 @@ launch optimizations.
 
 from __future__ import annotations
 
+import copy
+import logging
+from typing import Callable
+
 import torch
 
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import graph_modules
 from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
-from movielm_fast.kernels.attention import AttentionChoiceError, install_attention
+from movielm_fast.kernels.attention import AttentionChoiceError, install_attention, sdpa_context
 
-from .. import cpu
+from .. import cpu, cuda_knobs
 from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
 from ..lora import TorchMerger
 from .base import UNetCond, register
 from .cuda_graph import GraphedCallable
+
+log = logging.getLogger("movielm_fast")
+
+
+def vae_decode_dtype(model, device: torch.device, dtype_name: str) -> str:
+    """The dtype the VAE decodes in. SD 1.x/2.x VAEs decode in fp16 on CUDA although their configs say
+    `force_upcast` (diffusers' own SD 1.x/2.x pipelines ignore it; only its SDXL pipeline upcasts): the rare batch
+    that overflows is decoded again in fp32 (`Fp32FallbackDecoder`). SDXL's VAE does overflow in fp16, so it stays
+    fp32 unless it is an fp16-safe one (force_upcast false, e.g. the fp16-fix VAE); elsewhere as the exporter does."""
+    if device.type == "cuda" and dtype_name == "fp16" and model.kind == "sd":
+        return "fp16"
+    return component_dtype(model, VAE_DECODER, dtype_name)
+
+
+class Fp32FallbackDecoder:
+    """Decode in fp16 or bf16; a batch whose image is not finite (an overflow: inf, and the NaN of inf - inf in the
+    next normalization) is decoded again in fp32, said once per run. The fp32 copy of the decoder is made on the
+    first fallback only, from the low-precision weights: the extra range, not extra accuracy, is what it is for.
+    The check is one reduction and one host sync per decoded batch."""
+
+    def __init__(self, eager: torch.nn.Module, fast: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.eager, self.fast = eager, fast or eager
+        self.fp32: torch.nn.Module | None = None
+        self.fallbacks = 0
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.fast(latents)
+        if torch.isfinite(images.sum()):  # one reduction: clamped images can only hold NaN of an overflow
+            return images
+        if self.fp32 is None:
+            self.fp32 = copy.deepcopy(self.eager).float()
+        self.fallbacks += 1
+        if self.fallbacks == 1:
+            log.warning("the %s VAE decode overflowed (non-finite pixels): that batch and any later such batch "
+                        "are decoded again in fp32", str(latents.dtype).removeprefix("torch."))
+        return self.fp32(latents.float())
 
 
 @register("torch")
@@ -32,7 +72,9 @@ class TorchBackend:
         self.dtype = config.torch_dtype
         graphs = graph_modules(model)
         for component, graph in graphs.items():
-            graph.to(self.device, DTYPES[component_dtype(model, component, config.dtype_name)]).eval()
+            dtype = vae_decode_dtype(model, self.device, config.dtype_name) if component == VAE_DECODER else \
+                component_dtype(model, component, config.dtype_name)
+            graph.to(self.device, DTYPES[dtype]).eval()
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
         self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
@@ -43,14 +85,22 @@ class TorchBackend:
         cpu.print_auto_dtype_hint(config.dtype, self.device)
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
-        self._explicit_capture = config.compile_unet or config.cuda_graphs  # the bf16 CPU path steps aside instead
+        # Asked for by flag: consistency batches (eager only) are then an error; the default steps aside for them.
+        self._explicit_capture = config.compile_unet or bool(config.cuda_graphs)
+        self.knobs = self._knobs(model, config)
+        if self.knobs["cudnn_benchmark"]:
+            torch.backends.cudnn.benchmark = True  # per-shape algorithm search on first use (torch's own switch)
+        try:  # the UNet's SDPA backend (not the VAE's: its one head is 512 wide, more than flash kernels take)
+            self._sdpa = sdpa_context(self.knobs["sdpa_backend"])
+        except AttentionChoiceError as exc:
+            raise UserError(exc.message, exc.hint) from None
         if self.vae is not None:
-            self.vae_dtype = DTYPES[component_dtype(model, VAE_DECODER, config.dtype_name)]
+            self.vae_dtype = DTYPES[vae_decode_dtype(model, self.device, config.dtype_name)]
             if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
             self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
-            if self.vae_dtype == torch.bfloat16:
-                self._decode = cpu.Fp32FallbackDecoder(self.vae, self._decode)
+            if self.vae_dtype in (torch.float16, torch.bfloat16):
+                self._decode = Fp32FallbackDecoder(self.vae, self._decode)
         if self.unet is not None:
             self._setup_unet(config, channels_last)
 
@@ -75,8 +125,17 @@ class TorchBackend:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
-        elif self.device.type == "cuda" and config.cuda_graphs:
+        elif self.knobs["cuda_graphs"]:
             self._unet_step = GraphedCallable(self.unet)
+
+    def _knobs(self, model, config) -> dict:
+        """The lossless CUDA knobs: flags as given, unset ones as measured (engine/cuda_knobs.py); on the CPU none
+        of them applies."""
+        given = {"cuda_graphs": config.cuda_graphs, "sdpa_backend": config.sdpa_backend,
+                 "cudnn_benchmark": config.cudnn_benchmark}
+        if self.device.type != "cuda":
+            return {"cuda_graphs": False, "sdpa_backend": config.sdpa_backend, "cudnn_benchmark": False}
+        return cuda_knobs.resolve(given, model.kind, torch.cuda.get_device_name(self.device))
 
     def set_loras(self, loras, library) -> None:
         if self.lora_merger is None:
@@ -104,8 +163,9 @@ class TorchBackend:
         if cond.anchors is not None:
             return self._denoise_anchored(cast(latents), t, cond, cast)
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
-        return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
-                               cast(cond.time_ids), cast(cond.timestep_cond))
+        with self._sdpa():
+            return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
+                                   cast(cond.time_ids), cast(cond.timestep_cond))
 
     def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
         """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
@@ -118,11 +178,17 @@ class TorchBackend:
             install_anchor_attention(self.unet.unet, self.anchor_state)
         self.anchor_state.batch, self.anchor_state.t = cond.anchors, int(t)
         try:
-            return self.unet(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
-                             cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
-                             cast(cond.timestep_cond))
+            with self._sdpa():
+                return self.unet(latents, torch.as_tensor(t, device=self.device).float().reshape(()),
+                                 cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
+                                 cast(cond.timestep_cond))
         finally:
             self.anchor_state.batch = None
+
+    @property
+    def vae_fallbacks(self) -> int:
+        """Batches whose low-precision decode overflowed and were decoded again in fp32 (0 without a fallback)."""
+        return getattr(self._decode, "fallbacks", 0) if self.vae is not None else 0
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

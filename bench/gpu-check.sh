@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole GPU check in one prepared call, for a GPU machine lent without registry access (an H200 image with
+# torch, triton, transformers and onnxruntime, but not diffusers, pydantic or open-clip-torch). Everything goes
+# under $OUT as it is made, so a run cut short still returns what it measured.
+#
+#   bash bench/gpu-check.sh --prepare     # here, with registry access: the missing wheels into wheels/ (git-ignored)
+#   bash bench/gpu-check.sh [--quick]     # there, from the repository root, with wheels/ carried along
+#
+# Steps, each under its own time limit: environment, GPU tests (pytest -m gpu), bench.gpu for sd15-arch then
+# sdxl-arch (ours beside diffusers and diffusers+compile; --knobs adds each lossless knob), a second process's time
+# to first image (compile and graph caches warm), and the results and RESULTS.md copied out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYVER=${PYVER:-3.12}
+DEPS="diffusers pydantic pydantic-core annotated-types typing-inspection typing-extensions importlib-metadata zipp
+      open-clip-torch"
+
+if [ "${1:-}" = "--prepare" ]; then
+    rm -rf wheels && mkdir -p wheels
+    # shellcheck disable=SC2086
+    pip download -q --only-binary=:all: --python-version "$PYVER" --platform manylinux_2_17_x86_64 --no-deps \
+        -d wheels $DEPS
+    ls -la wheels
+    exit 0
+fi
+
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+QUICK=""; [ "${1:-}" = "--quick" ] && QUICK="--quick"
+PY=${PY:-python3}
+DEPS_DIR=$(mktemp -d)
+"$PY" -m pip install -q --no-index --no-deps --target "$DEPS_DIR" wheels/*.whl > "$OUT/install.log" 2>&1
+export PYTHONPATH="$DEPS_DIR:$PWD/src" HF_HUB_OFFLINE=1 MOVIELM_CACHE=${MOVIELM_CACHE:-/tmp/movielm-cache}
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, never stop the script
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$OUT/steps.log"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "   exit $? $(date -u +%T)" | tee -a "$OUT/steps.log"
+}
+
+step env 60 bash -c "nvidia-smi; $PY -c 'import torch, diffusers, transformers; print(torch.__version__, \
+torch.version.cuda, diffusers.__version__, transformers.__version__, torch.cuda.get_device_name())'"
+step tests-gpu 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step bench-sd15 300 "$PY" -m movielm_fast.bench.gpu --model sd15-arch $QUICK ${KNOBS:+--knobs}
+[ -z "$QUICK" ] && step bench-sdxl 300 "$PY" -m movielm_fast.bench.gpu --model sdxl-arch ${KNOBS:+--knobs}
+
+# A second process, same model: what a render pays before its first image once the caches are warm.
+PLAN="$OUT/one-frame.json"
+printf '%s' '{"id":"ttfi","title":"t","style":{"name":"Gothic","description":"sepia"},"characters":[],
+"frames":[{"id":"001","description":"a castle on a hill"}],"render":{"width":512,"height":512,"steps":20}}' > "$PLAN"
+for i in 1 2; do
+    step "render-$i" 180 "$PY" -m movielm_fast.cli.main render "$PLAN" --model "$("$PY" -c "from movielm_fast.bench.models import arch_model_path as p; print(p('sd15-arch'))")" \
+        --device cuda --no-style-training --force --json --out "$OUT/render"
+done
+
+mkdir -p "$OUT/results" && cp -r bench/results/* "$OUT/results/" 2>/dev/null
+cp bench/RESULTS.md src/movielm_fast/engine/cuda_knobs.json "$OUT/" 2>/dev/null
+echo "done $(date -u +%T)" >> "$OUT/steps.log"
