@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from movielm_fast.engine import cpu
+from movielm_fast.engine.backends.torch_backend import Fp32FallbackDecoder
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
 from movielm_fast.engine.renderer import Renderer
@@ -162,7 +163,7 @@ def test_bf16_attention_runs_sdpa_cpu_flash_kernel(tiny_sd):
 def test_vae_falls_back_to_fp32_on_a_bf16_overflow(tiny_sd, fp32_frame, caplog):
     r = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16"))
     decoder = r.backend._decode
-    assert isinstance(decoder, cpu.Fp32FallbackDecoder)
+    assert isinstance(decoder, Fp32FallbackDecoder)
     clean = _render(r)
     assert decoder.fallbacks == 0
 
@@ -303,7 +304,7 @@ def test_backend_wiring_on_a_fake_amx_cpu(tiny_sd, monkeypatch, caplog, tmp_path
     with caplog.at_level("WARNING", logger="movielm_fast"):
         be = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="bf16"))
         auto = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="auto"))
-    assert isinstance(be._unet_step, cpu.CompiledCpu) and isinstance(be._decode, cpu.Fp32FallbackDecoder)
+    assert isinstance(be._unet_step, cpu.CompiledCpu) and isinstance(be._decode, Fp32FallbackDecoder)
     assert isinstance(be._decode.fast, cpu.CompiledCpu)
     conv = be.unet.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
