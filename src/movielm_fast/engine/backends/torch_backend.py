@@ -123,6 +123,9 @@ class TorchBackend:
         elif config.compile_unet:
             if config.cuda_graphs:
                 raise UserError("--compile and --cuda-graphs both capture CUDA graphs", "choose one of them")
+            # Inductor's FX-graph and autotuning caches in the project's cache root: the next process loads what
+            # this one compiled (keyed by inductor on the graph, shapes, dtypes and torch version).
+            cpu.use_compile_cache()
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._unet_step = torch.compile(self.unet, mode=mode, dynamic=False)
         elif self.knobs["cuda_graphs"]:
