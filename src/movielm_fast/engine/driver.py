@@ -282,8 +282,8 @@ class _Run:
             if isinstance(planned, str):
                 self.failures[lm.movie.id] = planned
                 continue
-            settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
-                        "image_format": image_format, "quality": quality}
+            settings = {**info.resolved(lm, config.overrides).model_dump(), "dtype": info.dtype,
+                        "backend": info.backend, "image_format": image_format, "quality": quality}
             if planned and planned[0].settings.loras:
                 settings["loras"] = set_key(planned[0].settings.loras)
             mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)

@@ -22,6 +22,10 @@ from movielm_fast.paths import atomic_write_text, cache_root
 from .demo import demo_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
+DEFAULTS_FILE = "movielm_defaults.json"
+"""A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), as the demo model
+ships them. Not part of the content hash: it changes no pixel of a frame whose settings are given."""
+DEFAULT_KEYS = ("width", "height", "steps", "guidance")
 
 
 @dataclass
@@ -93,8 +97,41 @@ def _hash_files(files: list[Path], root: Path) -> str:
 def content_hash(path: Path) -> str:
     if path.is_file():
         return _hash_files([path], path)
-    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))]
+    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))
+             and p.name != DEFAULTS_FILE]
     return _hash_files(files, path)
+
+
+def native_size(model: ModelBundle) -> int:
+    """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
+    768 SD 2.x-768, 1024 SDXL, 64 the demo model)."""
+    return int(model.unet.config.sample_size) * model.vae_scale_factor
+
+
+def model_defaults(model: ModelBundle) -> dict[str, Any]:
+    """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
+    the steps and guidance of its own `movielm_defaults.json` where it ships one (engine.plan's cascade puts these
+    between the plan and the built-in defaults)."""
+    native = native_size(model)
+    out: dict[str, Any] = {"width": native, "height": native}
+    path = model.path / DEFAULTS_FILE if model.path.is_dir() else None
+    if path is not None and path.is_file():
+        try:
+            own = json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc})",
+                            f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
+        out.update({k: own[k] for k in DEFAULT_KEYS if isinstance(own, dict) and own.get(k) is not None})
+    return out
+
+
+def size_warning(width: int, height: int, native: int) -> str | None:
+    """One line when a frame size is far (beyond a factor of 2 on a side) from the model's native one: such frames
+    repeat or lose their subjects, and on the demo model mean nothing."""
+    if native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2:
+        return None
+    return (f"{width}x{height} is far from this model's native {native}x{native}: its frames will likely repeat or "
+            f"lose their subjects; leave --width/--height (and render.width/height) unset to get {native}x{native}")
 
 
 def _load(cls, path: Path, subfolder: str, dtype):

@@ -204,9 +204,17 @@ class LoadedMovie(BaseModel):
     movie: Movie
     settings: RenderSettings
     plan_dir: Path
+    own: RenderSettings | None = None
+    """What the plan itself sets (movie render > file defaults), before any built-in default: a model's own
+    defaults (`resolved(model=...)`) slot in between."""
 
-    def resolved(self, overrides: RenderSettings | None = None) -> RenderSettings:
-        return merge_settings(overrides, self.settings)
+    def resolved(self, overrides: RenderSettings | None = None, model: RenderSettings | None = None
+                 ) -> RenderSettings:
+        """command line > plan (movie, then file defaults) > `model` (its native size, its own steps and guidance;
+        engine.models.model_defaults) > built-ins."""
+        if model is None or self.own is None:
+            return merge_settings(overrides, self.settings)
+        return merge_settings(overrides, self.own, model, self.settings)
 
     def lora_files(self) -> list[tuple[str, Path, float]]:
         """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan."""
@@ -333,9 +341,11 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     if problems:
         raise PlanError(source, problems)
     base = plan_dir or Path(".")
-    return [LoadedMovie(movie=m, settings=_paths_from(merge_settings(RenderSettings(consistency=m.consistency),
-                                                                     m.render, defaults, BUILTIN_RENDER), base),
-                        plan_dir=base) for m in movies]
+    out = []
+    for m in movies:
+        own = _paths_from(merge_settings(RenderSettings(consistency=m.consistency), m.render, defaults), base)
+        out.append(LoadedMovie(movie=m, settings=merge_settings(own, BUILTIN_RENDER), plan_dir=base, own=own))
+    return out
 
 
 def load_plan(path: str | Path) -> list[LoadedMovie]:
