@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,24 @@ def size_warning(width: int, height: int, native: int) -> str | None:
             f"lose their subjects; leave --width/--height (and render.width/height) unset to get {native}x{native}")
 
 
+def _load_hint(exc: Exception, otherwise: str) -> str:
+    """What to do about a component that would not load: a missing Python package is not a broken folder."""
+    text = str(exc)
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if missing or "library but it was not found in your environment" in text or "pip install" in text:
+        package = missing or (re.search(r"requires the (\S+) library", text) or [None, "the package named above"])[1]
+        return f"a Python package it needs is missing: pip install {package} (into this environment), then rerun"
+    return otherwise
+
+
 def _load(cls, path: Path, subfolder: str, dtype):
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise UserError(f"cannot load the model's {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
-                        "the folder is incomplete or corrupt: re-download or re-convert the model") from None
+                        _load_hint(exc, "the folder is incomplete or corrupt: re-download or re-convert the model")
+                        ) from None
 
 
 def _load_tokenizer(path: Path, subfolder: str):
@@ -269,7 +281,7 @@ def load_vae(path: str | os.PathLike, dtype=None) -> ModelBundle:
         vae = cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load the VAE from {folder}: {str(exc).splitlines()[0][:300]}",
-                        "the folder is incomplete or corrupt: re-download or re-convert it") from None
+                        _load_hint(exc, "the folder is incomplete or corrupt: re-download or re-convert it")) from None
     return ModelBundle(kind="vae", model_id=Path(path).name, path=folder, content_hash=content_hash(folder),
                        unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
 
@@ -279,6 +291,7 @@ def _from_single_file(path: Path, dtype) -> ModelBundle:
     # warnings without torchvision): imported here, not for every folder model.
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _check_safetensors(path)
     errors = []
     for cls in (StableDiffusionXLPipeline, StableDiffusionPipeline) if "xl" in path.name.lower() else \
             (StableDiffusionPipeline, StableDiffusionXLPipeline):
@@ -301,12 +314,36 @@ def _from_single_file(path: Path, dtype) -> ModelBundle:
                        scheduler_config=dict(pipe.scheduler.config), force_zeros_for_empty_prompt=kind == "sdxl")
 
 
+def _check_safetensors(path: Path) -> None:
+    """A damaged .safetensors file is named as such, before diffusers reports it as a missing config."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:200]}): it is "
+                        "truncated or damaged", "download it again (compare its size or sha256 with the source's), "
+                        "then pass it to --model") from None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
     """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file."""
     if str(spec) == "demo":
         return _from_folder(demo_model_path(), "demo", dtype)
     path = Path(spec).expanduser()
     if not path.exists():
+        if HUB_ID.match(str(spec)):
+            local = f"models/{Path(str(spec)).name}"
+            raise UserError(f"model not found: {spec} is not a local folder; it looks like a Hugging Face hub id, and "
+                            "movielm-fast never downloads at run time",
+                            f"download it once: `huggingface-cli download {spec} --local-dir {local}` (or `hf download "
+                            f"{spec} --local-dir {local}`), then pass --model {local}")
         raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
