@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from movielm_fast.errors import UserError
+from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes
 
 from .config import EngineConfig
@@ -86,7 +86,16 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
         files += sorted(p.glob("*.json")) if p.is_dir() else [p]
     if not files:
         raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
-    movies = [m for f in files for m in load_plan(f)]
+    movies, bad = [], []
+    for f in files:  # every file's problems in one report, not one file per run
+        try:
+            movies += load_plan(f)
+        except PlanError as exc:
+            bad.append(exc)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        raise UserError("\n".join(e.message for e in bad), "fix the problems listed, then run again")
     ids = [m.movie.id for m in movies]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:  # within one file the plan validation already said so; this is across files
