@@ -104,18 +104,9 @@ def eval_cmd(outs, clip_path, device, as_json):
 
 
 def _with_progress(config, run):
-    if config.quiet:
-        return run(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import with_progress
 
-    with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as bar:
-        task = bar.add_task("frames", total=None)
-
-        def cb(done: int, total: int) -> None:
-            bar.update(task, total=total, advance=done)
-
-        return run(cb)
+    return with_progress(config, run)
 
 
 def _register_commands() -> None:

@@ -37,6 +37,15 @@ from .writer import Writer
 log = logging.getLogger("movielm_fast")
 
 Progress = Callable[[int, int], None]
+"""progress(frames just rendered, frames to render). An object that also has `stage(name)` is told each stage as it
+starts (STAGES), and one with `step(done, steps)` the denoising steps of the batch in flight (local runs)."""
+STAGES = ("validate", "load", "styles", "render", "write")
+
+
+def report_stage(progress: Progress | None, name: str) -> None:
+    stage = getattr(progress, "stage", None)
+    if stage is not None:
+        stage(name)
 
 
 @dataclass
@@ -160,12 +169,16 @@ def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progres
            executor: Executor | None = None) -> Summary:
     """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
     executor, renders in this process (LocalExecutor)."""
+    report_stage(progress, "validate")
     return render_job(Job.load(config, plan_paths), progress=progress, executor=executor)
 
 
 def render_job(job: Job, *, progress: Progress | None = None, executor: Executor | None = None) -> Summary:
     """`render` for a job already loaded (`Job.load`): the Ray path validates before its workers start."""
-    run = _Run(job, executor or LocalExecutor(job.config), progress)
+    if executor is None:
+        report_stage(progress, "load")
+        executor = LocalExecutor(job.config, on_step=getattr(progress, "step", None))
+    run = _Run(job, executor, progress)
     try:
         run.execute()
     finally:
@@ -244,6 +257,7 @@ class _Run:
 
     def execute(self) -> None:
         config, summary = self.config, self.summary
+        report_stage(self.progress, "styles")
         self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
         tasks = self.plan_tasks()  # 3. tasks
         todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
@@ -256,8 +270,10 @@ class _Run:
             mo.expect(rendering.get(movie_id, ()))
         writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads)
         try:
+            report_stage(self.progress, "render")
             self.render(writer, todo)  # 4.-6.
         finally:
+            report_stage(self.progress, "write")
             summary.workers = self.executor.worker_stats()
             summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
             try:

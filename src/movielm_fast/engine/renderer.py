@@ -11,7 +11,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ class Renderer:
         self.vae_hashes: dict[str, str] = {}
         self.defaults = model_defaults(self.model)
         self._size_warned: set[tuple[int, int]] = set()
+        self.on_step: Callable[[int, int], None] | None = None  # (done, steps) of the batch rendering now
         # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
         if config.overrides.refiner:
             self._refiner(config.overrides.refiner)
@@ -227,7 +228,8 @@ class Renderer:
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
         refiner, decoder = self._experts(settings)
         images = render_batch(self.model, self.backend, self.encoder, jobs, settings, times=self.times,
-                              anchors=anchors, library=self.loras, refiner=refiner, decoder=decoder)
+                              anchors=anchors, library=self.loras, refiner=refiner, decoder=decoder,
+                              on_step=self.on_step)
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 
