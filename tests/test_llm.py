@@ -289,7 +289,8 @@ def test_llm_qa_is_validated_and_repaired(tmp_path):
     plan.write_text(json.dumps(movie))
     [loaded] = load_plan(plan)
     with FakeOpenAIServer(scripted(ok(qa_reply(plot=1)), ok(qa_reply(plot=2)))) as server:
-        job = QAJob("llm", plot_count=2, raw_dir=tmp_path / "failed")
+        # strict_counts: exactly plot_count pairs (by default 1 of 2 is within the slack plans get: issue 28)
+        job = QAJob("llm", plot_count=2, raw_dir=tmp_path / "failed", strict_counts=True)
         records, failures = generate_qa([loaded.movie], job, client_for(server, tmp_path))
     assert not failures and len(server.requests) == 2
     assert "exactly 2 are required" in server.requests[1]["messages"][-1]["content"]

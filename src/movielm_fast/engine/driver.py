@@ -193,11 +193,15 @@ def prepare_styles(config: EngineConfig, movies: list[LoadedMovie], executor: Ex
     once; each style without one is immobilized once (MovieLLM), however many movies share it."""
     by_source: dict[tuple, StyleToken | str] = {}
     tokens: dict[str, StyleToken | None] = {}
+    train = config.style_training and not executor.info.no_style_training
+    if config.style_training and not train and any(not lm.movie.style.embedding for lm in movies):
+        (log.info if config.quiet else log.warning)(
+            "style training skipped (styles are written out as text): %s", executor.info.no_style_training)
     for lm in movies:
         st = lm.movie.style
         if st.embedding:
             key: tuple = ("file", str((lm.plan_dir / st.embedding).resolve()), st.token)
-        elif config.style_training:
+        elif train:
             key = ("train", st.name, st.description, st.token)
         else:
             tokens[lm.movie.id] = None

@@ -24,8 +24,9 @@ from .demo import demo_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 DEFAULTS_FILE = "movielm_defaults.json"
-"""A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), as the demo model
-ships them. Not part of the content hash: it changes no pixel of a frame whose settings are given."""
+"""A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), and optionally
+"skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
+hash: it changes no pixel of a frame whose settings are given."""
 DEFAULT_KEYS = ("width", "height", "steps", "guidance")
 
 
@@ -109,21 +110,31 @@ def native_size(model: ModelBundle) -> int:
     return int(model.unet.config.sample_size) * model.vae_scale_factor
 
 
+def _own_defaults(model: ModelBundle) -> dict[str, Any]:
+    path = model.path / DEFAULTS_FILE
+    if not model.path.is_dir() or not path.is_file():
+        return {}
+    try:
+        own = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})",
+                        f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
+    return own if isinstance(own, dict) else {}
+
+
 def model_defaults(model: ModelBundle) -> dict[str, Any]:
     """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
     the steps and guidance of its own `movielm_defaults.json` where it ships one (engine.plan's cascade puts these
     between the plan and the built-in defaults)."""
     native = native_size(model)
-    out: dict[str, Any] = {"width": native, "height": native}
-    path = model.path / DEFAULTS_FILE if model.path.is_dir() else None
-    if path is not None and path.is_file():
-        try:
-            own = json.loads(path.read_text())
-        except ValueError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc})",
-                            f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
-        out.update({k: own[k] for k in DEFAULT_KEYS if isinstance(own, dict) and own.get(k) is not None})
-    return out
+    own = _own_defaults(model)
+    return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+
+
+def style_training_note(model: ModelBundle) -> str | None:
+    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training"), or None."""
+    note = _own_defaults(model).get("skip_style_training")
+    return note if isinstance(note, str) and note else None
 
 
 def size_warning(width: int, height: int, native: int) -> str | None:

@@ -23,7 +23,15 @@ from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .frames import Frames
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
-from .models import load_model, load_refiner, load_vae, model_defaults, native_size, size_warning
+from .models import (
+    load_model,
+    load_refiner,
+    load_vae,
+    model_defaults,
+    native_size,
+    size_warning,
+    style_training_note,
+)
 from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
@@ -44,6 +52,8 @@ class ModelInfo:
     backend: str
     defaults: dict[str, Any] = field(default_factory=dict, compare=False)
     """The model's own render defaults (engine.models.model_defaults): native size, its steps and guidance."""
+    no_style_training: str | None = None
+    """Why style training cannot help this model (engine.models.style_training_note); None: it can."""
 
     def resolved(self, lm: LoadedMovie, overrides: RenderSettings | None) -> RenderSettings:
         """A movie's settings on this model: command line > plan > the model's defaults > built-ins."""
@@ -104,7 +114,7 @@ class Renderer:
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.model.model_id, self.model.content_hash, self.model.kind, self.config.dtype_name,
-                         self.config.backend, self.defaults)
+                         self.config.backend, self.defaults, style_training_note(self.model))
 
     def bind(self, tokens: list[StyleToken]) -> None:
         """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""

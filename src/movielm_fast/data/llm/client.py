@@ -411,7 +411,9 @@ def complete_json(client: LLMClient, messages: list[dict[str, str]], check: Call
             conversation = _ask_shorter(messages, result.max_tokens)
         else:
             try:
-                return check(extract_json(result.content))
+                valid = check(extract_json(result.content))
+                Path(raw_path).unlink(missing_ok=True)  # an earlier run's failed replies no longer apply
+                return valid
             except ValueError as exc:
                 problem = str(exc)
             conversation += [{"role": "assistant", "content": result.content},

@@ -40,7 +40,7 @@ class TorchBackend:
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
         self.fast = cpu.cpu_fast_path(self.device, self.dtype)
-        cpu.print_auto_dtype_hint(config.dtype, self.device)
+        cpu.print_auto_dtype_hint(config.dtype, self.device, config.quiet)
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         self._explicit_capture = config.compile_unet or config.cuda_graphs  # the bf16 CPU path steps aside instead
