@@ -320,6 +320,9 @@ class MovieOutputs:
         self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
+        # Frames this run renders and has not recorded yet: their old entries (another format, other settings) must
+        # not make the movie look complete while a writer thread still has them in hand.
+        self.waiting: set[str] = set()
 
     def set_anchors(self, specs: list[AnchorSpec]) -> None:
         """The character anchors its frames use (consistency mode): listed in the manifest, files named here."""
@@ -373,6 +376,7 @@ class MovieOutputs:
                                 "free some space (or fix permissions) and run the same command again; "
                                 "finished frames are kept") from None
             self.entries[task.job.frame_id] = entry
+            self.waiting.discard(task.job.frame_id)
 
     def save(self) -> None:
         """Rewrite manifest.json in plan order (dropping frames no longer in the plan), then drop the journal."""
@@ -383,7 +387,8 @@ class MovieOutputs:
             _journal(self.manifest_path).unlink(missing_ok=True)
 
     def complete(self) -> bool:
-        return all(f.id in self.entries for f in self.lm.movie.frames)
+        with self._lock:
+            return not self.waiting and all(f.id in self.entries for f in self.lm.movie.frames)
 
     def _storyboard(self, pending: Iterable[str]) -> Storyboard:
         return Storyboard([(f.id, f.dialogue) for f in self.lm.movie.frames],
@@ -391,7 +396,10 @@ class MovieOutputs:
 
     def expect(self, frame_ids: Iterable[str]) -> None:
         """The frames this run renders: the storyboard waits for their thumbnails and reads the others' files."""
+        frame_ids = list(frame_ids)
         self.sheet = self._storyboard(frame_ids)
+        with self._lock:
+            self.waiting = set(frame_ids)
 
     def write_storyboard(self) -> Path:
         path = self.dir / "storyboard.png"
