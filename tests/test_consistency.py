@@ -90,7 +90,12 @@ def test_resume_renders_only_missing_frames_and_saves_anchors_once(renderer, tmp
     _, out = _render(renderer, tmp_path, "out", [partial])
     anchor = out / "c" / "anchors" / "Rosa.png"
     first = anchor.stat().st_mtime_ns
-    reference = _frames(_render(renderer, tmp_path, "ref", [movie])[1])
+    # The reference renders in the batches the resumed run uses ([000, 001] then [002, 003]), so bit-exactness is
+    # what resume owes it. Against a reference rendered as one batch of 4, the README promises equality only within
+    # numerical tolerance (test_batch_and_order_independent_and_reproducible: <= 2/255): oneDNN picks its fp32
+    # GEMM/convolution blocking, and so its summation order, by batch size, and on an Intel Xeon with AMX that
+    # moved 1 pixel of 12,288 by 1 (issue 28); on this AVX-512 EPYC the two happen to agree.
+    reference = _frames(_render(renderer, tmp_path, "ref", [movie], batch_size=2)[1])
     renderer.anchor_records.clear()  # as a new process: anchors must be recomputed from scratch
     s, out = _render(renderer, tmp_path, "out", [movie])
     assert s.frames_skipped == 2 and s.frames_rendered == 2

@@ -38,8 +38,11 @@ from movielm_fast.errors import UserError
 @click.option("--host", is_flag=True, help="Instead: the engine's own host-side throughput on the zero-cost null "
                                            "backend (bench/host.py; 64 frames, 256 and 512 px, PNG and JPEG, "
                                            "pipelined vs sequential writes; --sizes/--steps/--batch-sizes apply).")
+@click.option("--cpu-bf16", is_flag=True, help="Instead: one frame in fp32 and in bf16 on this CPU (our torch "
+                                               "backend; --model, default sd15-arch, --sizes, --steps, --repeats "
+                                               "apply); stores the speed-up and PSNR that --dtype auto quotes.")
 def bench_cmd(model, backends, device, dtype, sizes, batch_sizes, steps, repeats, warmup, scheduler, guidance,
-              no_baseline, out, machine, no_report, host):
+              no_baseline, out, machine, no_report, host, cpu_bf16):
     # Imported on use: torch and diffusers take seconds to import, and every `movielm-fast` command (--help too)
     # loads this module.
     from movielm_fast.bench import host as host_bench
@@ -47,6 +50,17 @@ def bench_cmd(model, backends, device, dtype, sizes, batch_sizes, steps, repeats
     from movielm_fast.bench.runner import BenchSettings, run_bench
     from movielm_fast.export.specs import parse_batch_sizes, parse_sizes
 
+    if cpu_bf16:
+        from movielm_fast.bench.cpu_bf16 import measure
+
+        size = parse_sizes(sizes)[0][0] if sizes else 256
+        try:
+            measure("sd15-arch" if model == "demo" else model, size, steps or 4, repeats,
+                    log=lambda msg: click.echo(msg, err=True))
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        return
     if host:
         argv = ["--results", str(out)] + (["--steps", str(steps)] if steps else [])
         argv += ["--sizes", ",".join(str(w) for w, _ in parse_sizes(sizes))] if sizes else []

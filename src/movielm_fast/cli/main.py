@@ -12,13 +12,18 @@ import click
 from .clean_errors import CleanErrors
 from .options import engine_config, render_options
 
-DEMO_NOTE = ("The default model 'demo' is a tiny Stable-Diffusion-architecture model with RANDOM weights: its images "
-             "are not meaningful. It exists so the whole pipeline runs offline in seconds; pass --model PATH for real "
-             "images.")
+DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture model trained on this project's toy "
+             "world: 64x64 scenes of coloured circles, squares and triangles on five backgrounds in five styles "
+             "(README, 'What the demo model can draw'). It runs offline in seconds; pass --model PATH (a local "
+             "diffusers folder) for real images.")
+
+
+VERSION_MESSAGE = "%(prog)s %(version)s"
 
 
 @click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
+@click.version_option(package_name="movielm-fast", prog_name="movielm-fast", message=VERSION_MESSAGE)
 def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
@@ -99,18 +104,9 @@ def eval_cmd(outs, clip_path, device, as_json):
 
 
 def _with_progress(config, run):
-    if config.quiet:
-        return run(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import with_progress
 
-    with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=False) as bar:
-        task = bar.add_task("frames", total=None)
-
-        def cb(done: int, total: int) -> None:
-            bar.update(task, total=total, advance=done)
-
-        return run(cb)
+    return with_progress(config, run)
 
 
 def _register_commands() -> None:

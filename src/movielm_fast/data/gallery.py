@@ -58,9 +58,10 @@ def movie_section(movie: Movie, qa_record: dict[str, Any], manifest: dict[str, A
         if pairs:
             items = "".join(f"<dt>{_e(p['question'])}</dt><dd>{_e(p['answer'])}</dd>" for p in pairs)
             qa_parts.append(f"<h4>{_e(kind)}</h4><dl>{items}</dl>")
+    style_text = f": {_e(movie.style.description)}" if movie.style.description else ""
     return (f"<section class=movie id='{_e(movie.id)}'><h2>{_e(movie.title or movie.id)}</h2>"
             f"<p class=meta>{_e(movie.id)} · theme: {_e(movie.theme)}</p><p>{_e(movie.overview)}</p>"
-            f"<p><b>Style</b>: {_e(movie.style.name)}: {_e(movie.style.description)}</p>"
+            f"<p><b>Style</b>: {_e(movie.style.name)}{style_text}</p>"
             f"<h3>Characters</h3><ul>{chars}</ul>"
             f"<h3>Storyboard</h3><img class=storyboard src='{_src('movies', movie.id, 'storyboard.png')}' "
             f"alt='storyboard of {_e(movie.id)}'>"

@@ -62,7 +62,7 @@ class MakeJob:
     @property
     def qa_job(self) -> qa.QAJob:
         return qa.QAJob(self.qa_source, self.plot_questions, self.derived_limit, self.max_tries,
-                        self.out / ".make" / "qa-failed")
+                        self.out / ".make" / "qa-failed", any(r.strict_counts for r in self.requests))
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from movielm_fast.errors import UserError
 
 from .config import EngineConfig
-from .driver import Job, Progress, Summary, render_job
+from .driver import Job, Progress, Summary, render_job, report_stage
 from .executors import Batch, Failed, PlanItem, Rendered, plan_movies, reason, run_batch
 from .oom import is_oom
 from .pipeline import BatchSettings
@@ -428,7 +428,9 @@ class RayExecutor:
 def render_on_ray(config: EngineConfig, plan_paths: list[str | Path], opts: ClusterOptions | None = None,
                   progress: Progress | None = None) -> Summary:
     """Start workers, render every frame of every movie with the one driver, stop the workers."""
+    report_stage(progress, "validate")
     job = Job.load(config, plan_paths)  # every plan valid, and the output folder writable, before a worker starts
+    report_stage(progress, "load")
     with RayExecutor(config, opts) as executor:
         summary = render_job(job, progress=progress, executor=executor)
     summary.startup_seconds = executor.startup_seconds

@@ -29,7 +29,7 @@ from movielm_fast.paths import atomic_write_text, cache_root
 log = logging.getLogger("movielm_fast")
 
 CPUINFO = Path("/proc/cpuinfo")
-BENCH_COMMAND = "python -m movielm_fast.bench.openvino_peer"  # measures bf16 against fp32 here and stores the figures
+BENCH_COMMAND = "movielm-fast bench --cpu-bf16"  # measures bf16 against fp32 here and stores the figures
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,20 @@ def auto_dtype_hint(requested: str, device: torch.device, features: CpuFeatures 
             f"stays fp32 for exact reproducibility")
 
 
-def print_auto_dtype_hint(requested: str, device: torch.device) -> None:
-    hint = auto_dtype_hint(requested, device)
-    if hint:
-        _warn_once(hint)
+def hints_file() -> Path:
+    return cache_root() / "hints-shown.json"
+
+
+def print_auto_dtype_hint(requested: str, device: torch.device, quiet: bool = False) -> None:
+    """The hint, once per machine (each distinct line is remembered in the cache root) and never under --quiet."""
+    hint = None if quiet else auto_dtype_hint(requested, device)
+    if not hint:
+        return
+    shown = _load(hints_file())
+    if hint in shown:
+        return
+    _warn_once(hint)
+    try:
+        atomic_write_text(hints_file(), json.dumps({**shown, hint: time.strftime("%Y-%m-%d")}, indent=1))
+    except OSError:
+        pass  # a read-only cache only means the hint may show again

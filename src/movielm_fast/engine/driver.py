@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from movielm_fast.errors import UserError
+from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes
 
 from .config import EngineConfig
@@ -37,6 +37,15 @@ from .writer import Writer
 log = logging.getLogger("movielm_fast")
 
 Progress = Callable[[int, int], None]
+"""progress(frames just rendered, frames to render). An object that also has `stage(name)` is told each stage as it
+starts (STAGES), and one with `step(done, steps)` the denoising steps of the batch in flight (local runs)."""
+STAGES = ("validate", "load", "styles", "render", "write")
+
+
+def report_stage(progress: Progress | None, name: str) -> None:
+    stage = getattr(progress, "stage", None)
+    if stage is not None:
+        stage(name)
 
 
 @dataclass
@@ -86,7 +95,16 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
         files += sorted(p.glob("*.json")) if p.is_dir() else [p]
     if not files:
         raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
-    movies = [m for f in files for m in load_plan(f)]
+    movies, bad = [], []
+    for f in files:  # every file's problems in one report, not one file per run
+        try:
+            movies += load_plan(f)
+        except PlanError as exc:
+            bad.append(exc)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        raise UserError("\n".join(e.message for e in bad), "fix the problems listed, then run again")
     ids = [m.movie.id for m in movies]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:  # within one file the plan validation already said so; this is across files
@@ -151,12 +169,16 @@ def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progres
            executor: Executor | None = None) -> Summary:
     """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
     executor, renders in this process (LocalExecutor)."""
+    report_stage(progress, "validate")
     return render_job(Job.load(config, plan_paths), progress=progress, executor=executor)
 
 
 def render_job(job: Job, *, progress: Progress | None = None, executor: Executor | None = None) -> Summary:
     """`render` for a job already loaded (`Job.load`): the Ray path validates before its workers start."""
-    run = _Run(job, executor or LocalExecutor(job.config), progress)
+    if executor is None:
+        report_stage(progress, "load")
+        executor = LocalExecutor(job.config, on_step=getattr(progress, "step", None))
+    run = _Run(job, executor, progress)
     try:
         run.execute()
     finally:
@@ -171,11 +193,15 @@ def prepare_styles(config: EngineConfig, movies: list[LoadedMovie], executor: Ex
     once; each style without one is immobilized once (MovieLLM), however many movies share it."""
     by_source: dict[tuple, StyleToken | str] = {}
     tokens: dict[str, StyleToken | None] = {}
+    train = config.style_training and not executor.info.no_style_training
+    if config.style_training and not train and any(not lm.movie.style.embedding for lm in movies):
+        (log.info if config.quiet else log.warning)(
+            "style training skipped (styles are written out as text): %s", executor.info.no_style_training)
     for lm in movies:
         st = lm.movie.style
         if st.embedding:
             key: tuple = ("file", str((lm.plan_dir / st.embedding).resolve()), st.token)
-        elif config.style_training:
+        elif train:
             key = ("train", st.name, st.description, st.token)
         else:
             tokens[lm.movie.id] = None
@@ -235,6 +261,7 @@ class _Run:
 
     def execute(self) -> None:
         config, summary = self.config, self.summary
+        report_stage(self.progress, "styles")
         self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
         tasks = self.plan_tasks()  # 3. tasks
         todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
@@ -247,8 +274,10 @@ class _Run:
             mo.expect(rendering.get(movie_id, ()))
         writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads)
         try:
+            report_stage(self.progress, "render")
             self.render(writer, todo)  # 4.-6.
         finally:
+            report_stage(self.progress, "write")
             summary.workers = self.executor.worker_stats()
             summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
             try:
@@ -282,8 +311,8 @@ class _Run:
             if isinstance(planned, str):
                 self.failures[lm.movie.id] = planned
                 continue
-            settings = {**lm.resolved(config.overrides).model_dump(), "dtype": info.dtype, "backend": info.backend,
-                        "image_format": image_format, "quality": quality}
+            settings = {**info.resolved(lm, config.overrides).model_dump(), "dtype": info.dtype,
+                        "backend": info.backend, "image_format": image_format, "quality": quality}
             if planned and planned[0].settings.loras:
                 settings["loras"] = set_key(planned[0].settings.loras)
             mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -140,8 +140,11 @@ class LocalExecutor:
     """Renders in this process, one batch at a time, when the driver asks for the result. The driver's writer
     threads encode and write the previous batch's files meanwhile."""
 
-    def __init__(self, config: EngineConfig | None = None, renderer: Renderer | None = None):
+    def __init__(self, config: EngineConfig | None = None, renderer: Renderer | None = None,
+                 on_step: Callable[[int, int], None] | None = None):
         self.renderer = renderer or Renderer(config)
+        if on_step is not None:  # per-step progress of the batch in flight (a Ray run reports whole batches)
+            self.renderer.on_step = on_step
         self.info = self.renderer.info
         self._queue: deque[Batch] = deque()
 

@@ -95,7 +95,9 @@ def read_header(path: Path, what: str = "LoRA") -> tuple[list[str], dict[str, st
     from safetensors import safe_open
 
     if not path.is_file():
-        raise _problem(path, what, "file not found", "fix the path (plan paths are relative to the plan file)")
+        where = "--lora paths are relative to the working directory" if what.startswith("--lora") else \
+            "plan paths are relative to the plan file"
+        raise _problem(path, what, "file not found", f"fix the path ({where})")
     if path.suffix != ".safetensors":
         raise _problem(path, what, "not a .safetensors file", "LoRAs are read from safetensors only (pickled .pt/"
                                                               ".ckpt files can run code); convert it to safetensors")

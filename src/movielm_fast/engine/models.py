@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from movielm_fast.paths import atomic_write_text, cache_root
 from .demo import demo_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
+DEFAULTS_FILE = "movielm_defaults.json"
+"""A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), and optionally
+"skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
+hash: it changes no pixel of a frame whose settings are given."""
+DEFAULT_KEYS = ("width", "height", "steps", "guidance")
 
 
 @dataclass
@@ -93,8 +99,61 @@ def _hash_files(files: list[Path], root: Path) -> str:
 def content_hash(path: Path) -> str:
     if path.is_file():
         return _hash_files([path], path)
-    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))]
+    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json"))
+             and p.name != DEFAULTS_FILE]
     return _hash_files(files, path)
+
+
+def native_size(model: ModelBundle) -> int:
+    """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
+    768 SD 2.x-768, 1024 SDXL, 64 the demo model)."""
+    return int(model.unet.config.sample_size) * model.vae_scale_factor
+
+
+def _own_defaults(model: ModelBundle) -> dict[str, Any]:
+    path = model.path / DEFAULTS_FILE
+    if not model.path.is_dir() or not path.is_file():
+        return {}
+    try:
+        own = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})",
+                        f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
+    return own if isinstance(own, dict) else {}
+
+
+def model_defaults(model: ModelBundle) -> dict[str, Any]:
+    """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
+    the steps and guidance of its own `movielm_defaults.json` where it ships one (engine.plan's cascade puts these
+    between the plan and the built-in defaults)."""
+    native = native_size(model)
+    own = _own_defaults(model)
+    return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+
+
+def style_training_note(model: ModelBundle) -> str | None:
+    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training"), or None."""
+    note = _own_defaults(model).get("skip_style_training")
+    return note if isinstance(note, str) and note else None
+
+
+def size_warning(width: int, height: int, native: int) -> str | None:
+    """One line when a frame size is far (beyond a factor of 2 on a side) from the model's native one: such frames
+    repeat or lose their subjects, and on the demo model mean nothing."""
+    if native / 2 <= width <= native * 2 and native / 2 <= height <= native * 2:
+        return None
+    return (f"{width}x{height} is far from this model's native {native}x{native}: its frames will likely repeat or "
+            f"lose their subjects; leave --width/--height (and render.width/height) unset to get {native}x{native}")
+
+
+def _load_hint(exc: Exception, otherwise: str) -> str:
+    """What to do about a component that would not load: a missing Python package is not a broken folder."""
+    text = str(exc)
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if missing or "library but it was not found in your environment" in text or "pip install" in text:
+        package = missing or (re.search(r"requires the (\S+) library", text) or [None, "the package named above"])[1]
+        return f"a Python package it needs is missing: pip install {package} (into this environment), then rerun"
+    return otherwise
 
 
 def _load(cls, path: Path, subfolder: str, dtype):
@@ -103,7 +162,8 @@ def _load(cls, path: Path, subfolder: str, dtype):
         return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise UserError(f"cannot load the model's {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
-                        "the folder is incomplete or corrupt: re-download or re-convert the model") from None
+                        _load_hint(exc, "the folder is incomplete or corrupt: re-download or re-convert the model")
+                        ) from None
 
 
 def _load_tokenizer(path: Path, subfolder: str):
@@ -232,7 +292,7 @@ def load_vae(path: str | os.PathLike, dtype=None) -> ModelBundle:
         vae = cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load the VAE from {folder}: {str(exc).splitlines()[0][:300]}",
-                        "the folder is incomplete or corrupt: re-download or re-convert it") from None
+                        _load_hint(exc, "the folder is incomplete or corrupt: re-download or re-convert it")) from None
     return ModelBundle(kind="vae", model_id=Path(path).name, path=folder, content_hash=content_hash(folder),
                        unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
 
@@ -242,6 +302,7 @@ def _from_single_file(path: Path, dtype) -> ModelBundle:
     # warnings without torchvision): imported here, not for every folder model.
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _check_safetensors(path)
     errors = []
     for cls in (StableDiffusionXLPipeline, StableDiffusionPipeline) if "xl" in path.name.lower() else \
             (StableDiffusionPipeline, StableDiffusionXLPipeline):
@@ -264,12 +325,36 @@ def _from_single_file(path: Path, dtype) -> ModelBundle:
                        scheduler_config=dict(pipe.scheduler.config), force_zeros_for_empty_prompt=kind == "sdxl")
 
 
+def _check_safetensors(path: Path) -> None:
+    """A damaged .safetensors file is named as such, before diffusers reports it as a missing config."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:200]}): it is "
+                        "truncated or damaged", "download it again (compare its size or sha256 with the source's), "
+                        "then pass it to --model") from None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
     """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file."""
     if str(spec) == "demo":
         return _from_folder(demo_model_path(), "demo", dtype)
     path = Path(spec).expanduser()
     if not path.exists():
+        if HUB_ID.match(str(spec)):
+            local = f"models/{Path(str(spec)).name}"
+            raise UserError(f"model not found: {spec} is not a local folder; it looks like a Hugging Face hub id, and "
+                            "movielm-fast never downloads at run time",
+                            f"download it once: `huggingface-cli download {spec} --local-dir {local}` (or `hf download "
+                            f"{spec} --local-dir {local}`), then pass --model {local}")
         raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):

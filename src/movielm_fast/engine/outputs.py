@@ -39,6 +39,10 @@ DEFAULT_QUALITY = {"jpg": 95, "webp": 90}
 ENTRY_FIELDS = ("id", "file", "dialogue", "sha256", "seconds")  # a manifest entry = these + the frame's key
 EXIF_IMAGE_DESCRIPTION = 0x010E
 EXIF_SOFTWARE = 0x0131
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+# Our scheduler names as A1111 names its samplers ("DPM++ 2M" is diffusers' dpmsolver++ multistep, order 2).
+A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "dpmpp_sde": "DPM++ 2M SDE", "euler": "Euler", "euler_a": "Euler a",
+                  "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD", "pndm": "PLMS"}
 
 
 def _saved(im: Image.Image, format: str, **save_args: Any) -> bytes:
@@ -60,7 +64,10 @@ def _saved(im: Image.Image, format: str, **save_args: Any) -> bytes:
 def png_bytes(image: np.ndarray, text: dict[str, str]) -> bytes:
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
-        info.add_itxt(key, value)
+        if key == "parameters":  # as A1111 writes it: tEXt, or iTXt where the text is not Latin-1
+            info.add_text(key, value)
+        else:
+            info.add_itxt(key, value)
     return _saved(Image.fromarray(image), format="PNG", pnginfo=info)
 
 
@@ -83,16 +90,42 @@ def frame_metadata(task: FrameTask, info: ModelInfo) -> dict[str, str]:
             "model": info.model_id, "model_hash": info.content_hash, "settings": json.dumps(settings)}
 
 
+def a1111_parameters(meta: dict[str, str]) -> str:
+    """The frame's settings as A1111 writes them (its "parameters" text, which A1111's PNG Info, ComfyUI's and
+    Civitai's readers parse): the prompt, "Negative prompt: ..." when there is one, then "Key: value, ..." pairs.
+    No "Model hash": A1111's is a hash of the checkpoint file, which ours (of the whole model) is not."""
+    s = json.loads(meta["settings"])
+    sampler = A1111_SAMPLERS.get(s["scheduler"], s["scheduler"])
+    pairs = {"Steps": s["steps"], "Sampler": sampler, "CFG scale": s["guidance"], "Seed": meta["seed"],
+             "Size": f"{s['width']}x{s['height']}", "Model": meta["model"], "Version": "movielm-fast"}
+    lines = [meta["prompt"]]
+    if meta["negative_prompt"]:
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {_a1111_value(v)}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+def _a1111_value(value: Any) -> str:
+    """A value A1111's parser reads back whole: quoted as A1111's own `quote` does (JSON, when it holds a comma,
+    colon or line break)."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def encode_image(image: np.ndarray, task: FrameTask, info: ModelInfo, fmt: str = "png",
                  quality: int | None = None) -> bytes:
     """One frame's file: PNG with iTXt chunks, or JPEG/WebP with the same metadata as JSON in EXIF
-    ImageDescription (readable with any EXIF tool). `quality`: as `resolve_quality` gave it, once per job."""
+    ImageDescription (readable with any EXIF tool). Both also carry A1111's "parameters" text (a PNG chunk; EXIF
+    UserComment in JPEG/WebP, where A1111, ComfyUI and Civitai look). `quality`: as `resolve_quality` gave it."""
     meta = frame_metadata(task, info)
+    parameters = a1111_parameters(meta)
     if fmt == "png":
-        return png_bytes(image, meta)
+        return png_bytes(image, {**meta, "parameters": parameters})
     exif = Image.Exif()
+    exif.endian = ">"  # big-endian, as A1111 (piexif) writes it: readers decode the UTF-16 comment in that order
     exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(meta)  # ASCII: json escapes everything else
     exif[EXIF_SOFTWARE] = "movielm-fast"
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
     return _saved(Image.fromarray(image), format="JPEG" if fmt == "jpg" else "WEBP", quality=quality, exif=exif)
 
 
@@ -100,7 +133,7 @@ def read_frame_metadata(path: Path) -> dict[str, str]:
     """The metadata `encode_image` stored in a frame file, whatever its format."""
     with Image.open(path) as im:
         if im.format == "PNG":
-            return dict(im.text)
+            return {k: v for k, v in im.text.items() if k != "parameters"}
         return json.loads(im.getexif()[EXIF_IMAGE_DESCRIPTION])
 
 
@@ -287,6 +320,9 @@ class MovieOutputs:
         self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
+        # Frames this run renders and has not recorded yet: their old entries (another format, other settings) must
+        # not make the movie look complete while a writer thread still has them in hand.
+        self.waiting: set[str] = set()
 
     def set_anchors(self, specs: list[AnchorSpec]) -> None:
         """The character anchors its frames use (consistency mode): listed in the manifest, files named here."""
@@ -340,6 +376,7 @@ class MovieOutputs:
                                 "free some space (or fix permissions) and run the same command again; "
                                 "finished frames are kept") from None
             self.entries[task.job.frame_id] = entry
+            self.waiting.discard(task.job.frame_id)
 
     def save(self) -> None:
         """Rewrite manifest.json in plan order (dropping frames no longer in the plan), then drop the journal."""
@@ -350,7 +387,8 @@ class MovieOutputs:
             _journal(self.manifest_path).unlink(missing_ok=True)
 
     def complete(self) -> bool:
-        return all(f.id in self.entries for f in self.lm.movie.frames)
+        with self._lock:
+            return not self.waiting and all(f.id in self.entries for f in self.lm.movie.frames)
 
     def _storyboard(self, pending: Iterable[str]) -> Storyboard:
         return Storyboard([(f.id, f.dialogue) for f in self.lm.movie.frames],
@@ -358,7 +396,10 @@ class MovieOutputs:
 
     def expect(self, frame_ids: Iterable[str]) -> None:
         """The frames this run renders: the storyboard waits for their thumbnails and reads the others' files."""
+        frame_ids = list(frame_ids)
         self.sheet = self._storyboard(frame_ids)
+        with self._lock:
+            self.waiting = set(frame_ids)
 
     def write_storyboard(self) -> Path:
         path = self.dir / "storyboard.png"

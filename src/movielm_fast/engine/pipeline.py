@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import astuple, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -108,14 +108,15 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
 
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, *,
                  times: dict[str, float] | None = None, anchors: Anchors | None = None,
-                 library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None
-                 ) -> Frames:
+                 library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> Frames:
     """Render frames that share `s`; returns their images (engine.frames: (H, W, 3) uint8 each), in job order.
     `times`, if given, accumulates host seconds per stage (lora, prompt, latents, unet, scheduler, decode; device
     work is asynchronous, so on a GPU these are launch times). `anchors`: record an anchor, or attend to the jobs'
     anchors (consistency). `library`: where the LoRA files of `s.loras` are read (the renderer's, so each file is
     read once per run). `refiner`: denoises the last (1 - s.refiner_switch) of the schedule; `decoder`: decodes
-    instead of `backend` (a swapped VAE)."""
+    instead of `backend` (a swapped VAE). `on_step(done, steps)`: after each denoising step is queued (no device
+sync: on a GPU it runs ahead of the device by up to a batch)."""
     clock = _Clock(times)
 
     # 0. LoRA set: the backend merges it into its weights when it differs from the set it holds (else: nothing).
@@ -143,7 +144,8 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
     steps = make_steps(scheduler, timesteps, 0, generators)
-    latents = _denoise(backend, steps, timesteps, latents, cond, s.guidance if cfg else None, clock)
+    latents = _denoise(backend, steps, timesteps, latents, cond, s.guidance if cfg else None, clock,
+                       _progress(on_step, 0, s.steps))
 
     # 3b. Refine: the refiner's own scheduler, on the same timesteps, continues where the base stopped (diffusers'
     # ensemble of experts: the base's latents go to the refiner as they are, no noise added).
@@ -158,7 +160,7 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
         clock.lap("prompt")
         r_steps = make_steps(r_scheduler, r_scheduler.timesteps[start:], start, generators)
         latents = _denoise(refiner.backend, r_steps, r_scheduler.timesteps[start:], latents, r_cond,
-                           s.guidance if r_cfg else None, clock)
+                           s.guidance if r_cfg else None, clock, _progress(on_step, start, s.steps))
 
     # 4. Decode. The frames leave for the writer threads as uint8 without the render thread waiting for them
     # (engine.frames: converted and copied on the GPU, or converted by the writers on the CPU).
@@ -182,8 +184,14 @@ def _conditioning(model, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchS
     return cond
 
 
+def _progress(on_step: Callable[[int, int], None] | None, offset: int, total: int
+              ) -> Callable[[int], None] | None:
+    """Step i of a loop that starts at schedule step `offset`, reported as (done, total) of the whole schedule."""
+    return None if on_step is None else (lambda i: on_step(min(offset + i + 1, total), total))
+
+
 def _denoise(backend: Backend, steps, timesteps, latents: torch.Tensor, cond: UNetCond, guidance: float | None,
-             clock: _Clock) -> torch.Tensor:
+             clock: _Clock, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """The denoise loop over `timesteps` with `steps` (engine.schedulers: diffusers' step, or its precomputed linear
     combinations); `guidance` None: no CFG batch."""
     for i, t in enumerate(timesteps):
@@ -196,6 +204,8 @@ def _denoise(backend: Backend, steps, timesteps, latents: torch.Tensor, cond: UN
             noise = torch.lerp(*noise.chunk(2), guidance)  # uncond + guidance * (text - uncond), in one pass
         # A backend may hand out one output buffer per step (CUDA graphs): the stepper copies it if it keeps it.
         latents = steps.step(noise, i, latents, fresh=guidance is not None)
+        if on_step is not None:
+            on_step(i)
     clock.lap("scheduler")
     return latents
 

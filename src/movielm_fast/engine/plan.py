@@ -204,9 +204,17 @@ class LoadedMovie(BaseModel):
     movie: Movie
     settings: RenderSettings
     plan_dir: Path
+    own: RenderSettings | None = None
+    """What the plan itself sets (movie render > file defaults), before any built-in default: a model's own
+    defaults (`resolved(model=...)`) slot in between."""
 
-    def resolved(self, overrides: RenderSettings | None = None) -> RenderSettings:
-        return merge_settings(overrides, self.settings)
+    def resolved(self, overrides: RenderSettings | None = None, model: RenderSettings | None = None
+                 ) -> RenderSettings:
+        """command line > plan (movie, then file defaults) > `model` (its native size, its own steps and guidance;
+        engine.models.model_defaults) > built-ins."""
+        if model is None or self.own is None:
+            return merge_settings(overrides, self.settings)
+        return merge_settings(overrides, self.own, model, self.settings)
 
     def lora_files(self) -> list[tuple[str, Path, float]]:
         """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan."""
@@ -308,6 +316,41 @@ def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str,
     return problems
 
 
+def _salvage(model: type[BaseModel], data: Any) -> Any:
+    """`data` validated as `model` with the keys that fail left out (they are reported already); None when even
+    that does not validate."""
+    if not isinstance(data, dict):
+        return None
+    data = dict(data)
+    while True:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            bad = {e["loc"][0] for e in exc.errors() if e["loc"]} & data.keys()
+            if not bad:
+                return None
+            for key in bad:
+                del data[key]
+
+
+def _salvaged_movie(data: Any, index: int) -> Movie:
+    """What of a movie that failed validation the cross-field checks can still look at: its characters' names and
+    the frames that validate alone (others stand in as empty frames, so JSON paths keep their indices)."""
+    data = data if isinstance(data, dict) else {}
+    chars = []
+    for i, c in enumerate(data.get("characters") if isinstance(data.get("characters"), list) else []):
+        name = c.get("name") if isinstance(c, dict) else None
+        chars.append(Character.model_construct(name=name.strip() if isinstance(name, str) else f"<character {i}>",
+                                               appearance=""))
+    frames = []
+    for i, f in enumerate(data.get("frames") if isinstance(data.get("frames"), list) else []):
+        frames.append(_salvage(Frame, f) or Frame.model_construct(id=f"<frame {i}>", description="", dialogue="",
+                                                                    camera="", speaker="", shot=None, seed=None))
+    movie_id = data.get("id") if isinstance(data.get("id"), str) else f"<movie {index}>"
+    return Movie.model_construct(id=movie_id, style=None, characters=chars, frames=frames, render=None,
+                                 consistency=None, loras=[])
+
+
 def _name_fix(name: str, names: dict[str, int], otherwise: str) -> str:
     close = difflib.get_close_matches(name, list(names), n=1)
     return f"did you mean {close[0]!r}?" if close else f"add it to 'characters' {otherwise}"
@@ -323,6 +366,13 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
         parsed = root.model_validate(data)
     except ValidationError as exc:
         problems = [(_json_path(e["loc"]), _describe(e, root)) for e in exc.errors()]
+        # Every problem at once: the checks across fields (speakers, references, duplicates) run on what did
+        # validate, so a misspelled speaker is not hidden behind a key typo until the next run.
+        raw = data.get("movies") if is_multi else [data]
+        raw = raw if isinstance(raw, list) else []
+        paths = [f"$.movies[{i}]" for i in range(len(raw))] if is_multi else ["$"]
+        problems += [p for p in _semantic_problems([_salvaged_movie(m, i) for i, m in enumerate(raw)], paths)
+                     if p not in problems]
         raise PlanError(source, problems) from None
     if isinstance(parsed, PlanFile):
         movies, defaults = parsed.movies, parsed.defaults
@@ -333,9 +383,11 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     if problems:
         raise PlanError(source, problems)
     base = plan_dir or Path(".")
-    return [LoadedMovie(movie=m, settings=_paths_from(merge_settings(RenderSettings(consistency=m.consistency),
-                                                                     m.render, defaults, BUILTIN_RENDER), base),
-                        plan_dir=base) for m in movies]
+    out = []
+    for m in movies:
+        own = _paths_from(merge_settings(RenderSettings(consistency=m.consistency), m.render, defaults), base)
+        out.append(LoadedMovie(movie=m, settings=merge_settings(own, BUILTIN_RENDER), plan_dir=base, own=own))
+    return out
 
 
 def load_plan(path: str | Path) -> list[LoadedMovie]:

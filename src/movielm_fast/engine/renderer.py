@@ -7,10 +7,11 @@ a style, measure a batch size.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,7 +23,15 @@ from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .frames import Frames
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
-from .models import load_model, load_refiner, load_vae
+from .models import (
+    load_model,
+    load_refiner,
+    load_vae,
+    model_defaults,
+    native_size,
+    size_warning,
+    style_training_note,
+)
 from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
@@ -30,6 +39,7 @@ from .seeds import frame_seed
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
 
+log = logging.getLogger("movielm_fast")
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -40,6 +50,14 @@ class ModelInfo:
     kind: str
     dtype: str
     backend: str
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The model's own render defaults (engine.models.model_defaults): native size, its steps and guidance."""
+    no_style_training: str | None = None
+    """Why style training cannot help this model (engine.models.style_training_note); None: it can."""
+
+    def resolved(self, lm: LoadedMovie, overrides: RenderSettings | None) -> RenderSettings:
+        """A movie's settings on this model: command line > plan > the model's defaults > built-ins."""
+        return lm.resolved(overrides, RenderSettings(**self.defaults))
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,10 @@ class Renderer:
     def __init__(self, config: EngineConfig, model=None, backend=None):
         self.config = config
         config.torch_device  # fail fast on a bad device before loading gigabytes
+        if config.torch_device.type == "cpu" and config.torch_dtype == torch.float16:
+            # CPUs have no fp16 matrix units PyTorch uses: every op converts, measured 6x slower than fp32 here.
+            log.warning("--dtype fp16 on the CPU is emulated and several times slower than fp32: use --dtype fp32 "
+                        "(or --dtype auto); fp16 is for --device cuda")
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
@@ -80,6 +102,9 @@ class Renderer:
         self.refiners: dict[str, Expert] = {}  # by resolved folder, loaded on first use
         self.decoders: dict[str, Any] = {}  # swapped VAEs' backends, by resolved folder
         self.vae_hashes: dict[str, str] = {}
+        self.defaults = model_defaults(self.model)
+        self._size_warned: set[tuple[int, int]] = set()
+        self.on_step: Callable[[int, int], None] | None = None  # (done, steps) of the batch rendering now
         # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
         if config.overrides.refiner:
             self._refiner(config.overrides.refiner)
@@ -89,7 +114,7 @@ class Renderer:
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.model.model_id, self.model.content_hash, self.model.kind, self.config.dtype_name,
-                         self.config.backend)
+                         self.config.backend, self.defaults, style_training_note(self.model))
 
     def bind(self, tokens: list[StyleToken]) -> None:
         """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""
@@ -135,7 +160,7 @@ class Renderer:
 
     def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
-        s = lm.resolved(overrides)
+        s = self.info.resolved(lm, overrides)
         cons = s.consistency
         if self.config.consistency is not None:
             cons = cons.model_copy(update={"mode": self.config.consistency})
@@ -157,7 +182,8 @@ class Renderer:
 
     def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
-        s = lm.resolved(overrides)
+        s = self.info.resolved(lm, overrides)
+        self._check_size(s)
         loras = self.lora_set(lm)
         bs = batch_settings(s, loras)
         self._experts(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
@@ -178,6 +204,16 @@ class Renderer:
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
         return tasks
+
+    def _check_size(self, s: RenderSettings) -> None:
+        """Warn once per size that is far from the model's native one (given by the plan or a flag: the model's own
+        default never is)."""
+        native = native_size(self.model)
+        if (s.width, s.height) not in self._size_warned:
+            self._size_warned.add((s.width, s.height))
+            warning = size_warning(s.width, s.height, native)
+            if warning:
+                log.warning(warning)
 
     def _expert_key(self, bs: BatchSettings) -> dict[str, Any]:
         """What the few-step, refiner and VAE settings add to a frame's key (nothing when unused, so the keys of
@@ -202,7 +238,8 @@ class Renderer:
         anchors = Anchors(next(iter(specs.values())).consistency, per_job=per_job) if specs else None
         refiner, decoder = self._experts(settings)
         images = render_batch(self.model, self.backend, self.encoder, jobs, settings, times=self.times,
-                              anchors=anchors, library=self.loras, refiner=refiner, decoder=decoder)
+                              anchors=anchors, library=self.loras, refiner=refiner, decoder=decoder,
+                              on_step=self.on_step)
         records = {r.spec.key: r for recs in per_job for r in recs}
         return images, [(specs[k], records[k].image) for k in specs if k in want_anchors]
 

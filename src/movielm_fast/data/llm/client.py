@@ -411,7 +411,9 @@ def complete_json(client: LLMClient, messages: list[dict[str, str]], check: Call
             conversation = _ask_shorter(messages, result.max_tokens)
         else:
             try:
-                return check(extract_json(result.content))
+                valid = check(extract_json(result.content))
+                Path(raw_path).unlink(missing_ok=True)  # an earlier run's failed replies no longer apply
+                return valid
             except ValueError as exc:
                 problem = str(exc)
             conversation += [{"role": "assistant", "content": result.content},
@@ -427,7 +429,7 @@ def complete_json(client: LLMClient, messages: list[dict[str, str]], check: Call
     last = replies[-1][1].splitlines()[0].removeprefix("- ")
     cut = replies[-1][1].startswith("- the reply was cut off")
     hint = f"raw replies saved to {raw_path}; " + ("raise --max-tokens, or " if cut else "") + \
-        "try again, use a stronger --model"
+        "try again, use a stronger LLM (--llm-model)"
     if repeated:
         raise StructuredOutputError(
             f"{label}: the model gave the same invalid answer twice, so more repairs would not change it; "

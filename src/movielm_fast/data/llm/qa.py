@@ -29,6 +29,7 @@ from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
 
 from .client import LLMClient, complete_json, prompt
+from .planner import count_range
 
 Source = Literal["llm", "derived", "both"]
 LLM_KINDS = ("overview_qa", "plot_qa", "temporal_qa")
@@ -96,8 +97,10 @@ def normalise_qa(data: Any) -> Any:
     return data
 
 
-def check_llm_qa(data: Any, plot_count: int) -> dict[str, list[dict[str, str]]]:
-    """Keep the three MovieLLM lists; raise ValueError listing every problem so the model can fix them."""
+def check_llm_qa(data: Any, plot_count: int, strict: bool = False) -> dict[str, list[dict[str, str]]]:
+    """Keep the three MovieLLM lists; raise ValueError listing every problem so the model can fix them. Fewer plot
+    pairs than asked are accepted by the rule plans' counts follow (planner.count_range: within 25%, at least 2)
+    unless `strict`."""
     data = normalise_qa(data)
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
@@ -112,8 +115,9 @@ def check_llm_qa(data: Any, plot_count: int) -> dict[str, list[dict[str, str]]]:
         if len(good) < len(pairs):
             problems.append(f"- $.{kind}: every entry must be {{\"question\": text, \"answer\": text}}, "
                             "both non-empty")
-        elif len(good) < count:
-            problems.append(f"- $.{kind}: has {len(good)} pair(s), exactly {count} are required")
+        elif len(good) < (least := count_range(count, strict)[0]):
+            problems.append(f"- $.{kind}: has {len(good)} pair(s), " + (f"exactly {count} are required" if least ==
+                            count else f"{count} were asked for: give {count} (at least {least} are accepted)"))
         result[kind] = good[:EXTRA_PAIRS_FACTOR * count]
     if problems:
         raise ValueError("\n".join(problems))
@@ -126,8 +130,8 @@ def _is_pair(p: Any) -> bool:
 
 
 def llm_qa(client: LLMClient, movie: Movie, plot_count: int, raw_dir: Path,
-           max_tries: int = 3) -> dict[str, list[dict[str, str]]]:
-    return complete_json(client, qa_messages(movie, plot_count), lambda d: check_llm_qa(d, plot_count),
+           max_tries: int = 3, strict: bool = False) -> dict[str, list[dict[str, str]]]:
+    return complete_json(client, qa_messages(movie, plot_count), lambda d: check_llm_qa(d, plot_count, strict),
                          QA_SCHEMA, Path(raw_dir) / f"{movie.id}.raw.txt", f"QA for movie {movie.id!r}",
                          max_tries, "movie_qa", qa_max_tokens(plot_count))
 
@@ -266,6 +270,8 @@ class QAJob:
     derived_limit: int = 5
     max_tries: int = 3
     raw_dir: Path = Path("qa.failed")
+    strict_counts: bool = False
+    """Require exactly `plot_count` plot pairs (default: within 25%, at least 2, as plans' counts)."""
 
 
 def qa_for_movie(movie: Movie, job: QAJob, client: LLMClient | None) -> dict[str, Any]:
@@ -273,7 +279,7 @@ def qa_for_movie(movie: Movie, job: QAJob, client: LLMClient | None) -> dict[str
     if job.source in ("llm", "both"):
         if client is None:
             raise UserError("LLM QA needs an LLM endpoint", "configure one, or use --source derived")
-        parts.append(llm_qa(client, movie, job.plot_count, job.raw_dir, job.max_tries))
+        parts.append(llm_qa(client, movie, job.plot_count, job.raw_dir, job.max_tries, job.strict_counts))
     if job.source in ("derived", "both"):
         parts.append(derived_qa(movie, job.derived_limit))
     return movie_record(movie, merge(*parts))

@@ -82,7 +82,7 @@ class TorchBackend:
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
         self.fast = cpu.cpu_fast_path(self.device, self.dtype)
-        cpu.print_auto_dtype_hint(config.dtype, self.device)
+        cpu.print_auto_dtype_hint(config.dtype, self.device, config.quiet)
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         # Asked for by flag: consistency batches (eager only) are then an error; the default steps aside for them.

@@ -1,0 +1,61 @@
+"""The render command's progress display (rich): one line per stage as it finishes, a frames bar, and the steps of
+the batch in flight, as diffusers, A1111 and ComfyUI show them. `--quiet` and `--json` show none of it."""
+
+from __future__ import annotations
+
+import time
+
+LABELS = {"validate": "checking the plans", "load": "loading the model", "styles": "preparing styles",
+          "render": "rendering", "write": "writing files"}
+
+
+class RenderDisplay:
+    """The engine's progress object (engine.driver.Progress): called with frames, told stages and steps."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.frames = bar.add_task(LABELS["validate"], total=None)
+        self.steps = bar.add_task("  steps of this batch", total=None, visible=False)
+        self.current: str | None = None
+        self.started = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        self._finish()
+        self.current, self.started = name, time.perf_counter()
+        self.bar.update(self.frames, description=LABELS.get(name, name))
+        if name != "render":
+            self.bar.update(self.steps, visible=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(self.frames, total=total, advance=done)
+        if done:  # a batch finished: the next one starts from step 0
+            self.bar.reset(self.steps, visible=False)
+
+    def step(self, done: int, total: int) -> None:
+        self.bar.update(self.steps, total=total, completed=done, visible=True)
+
+    def close(self) -> None:
+        self._finish()
+        self.current = None
+        self.bar.update(self.frames, description="frames")
+        self.bar.update(self.steps, visible=False)
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            self.bar.console.print(f"{LABELS.get(self.current, self.current)}: done in "
+                                   f"{time.perf_counter() - self.started:.1f} s")
+
+
+def with_progress(config, run):
+    """run(progress) with the display, or run(None) under --quiet / --json."""
+    if config.quiet:
+        return run(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=False) as bar:
+        display = RenderDisplay(bar)
+        try:
+            return run(display)
+        finally:
+            display.close()
