@@ -230,17 +230,19 @@ def test_rerender_with_changed_settings_rebuilds_the_storyboard(tmp_path, demo_r
     assert (folder / "storyboard.png").read_bytes() == expected != first
 
 
-def test_truncated_frames_are_rerendered_not_a_crash(tmp_path, null_renderer):
+def test_truncated_frames_are_rerendered_not_a_crash(tmp_path, demo_renderer):
     out = tmp_path / "out"
     plan = write_plan(tmp_path / "plan.json", [movie("tr", 12)], SMALL)
-    _render(null_renderer, out, plan)
+    _render(demo_renderer, out, plan, batch_size=4)
     for i in range(11):
         path = out / "tr" / "frames" / f"{i:03d}.png"
         path.write_bytes(path.read_bytes()[:300])
-    again = _render(null_renderer, out, plan)
+    again = _render(demo_renderer, out, plan, batch_size=4)
     assert again.frames_rendered == 11 and again.frames_skipped == 1
-    with Image.open(out / "tr" / "storyboard.png") as im:
-        im.load()
+    folder = out / "tr"
+    lm = load_plan(plan)[0]
+    expected = storyboard([(f.id, f.dialogue, folder / f"frames/{f.id}.png") for f in lm.movie.frames])
+    assert (folder / "storyboard.png").read_bytes() == expected  # made of the re-rendered frames, not the cut ones
 
 
 # --- 7. a mistyped manifest or journal ------------------------------------------------------------------------
