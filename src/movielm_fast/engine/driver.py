@@ -161,8 +161,8 @@ class Job:
         movies = collect_plans(plan_paths)  # 1. plans
         for path, _ in config.loras:
             check_lora_file(Path(path), "--lora")
+        check_movie_owners(config, movies)  # before anything is written to OUT
         check_output_folder(config.out)
-        check_movie_owners(config, movies)
         remove_stale_temporaries(config.out)  # a killed run's (movies' own folders: MovieOutputs)
         return cls(config, movies, (config.image_format, resolve_quality(config.image_format, config.image_quality)),
                    started)

@@ -433,5 +433,5 @@ def load_plan(path: str | Path) -> list[LoadedMovie]:
     """Read and validate a plan file; every failure is a `PlanError` (a `UserError`)."""
     path = Path(path)
     data = parse_json(read_plan_text(path), str(path))
-    source = str(path.absolute())
+    source = str(path.resolve())
     return [lm.model_copy(update={"source": source}) for lm in parse_plan(data, str(path), path.parent)]
