@@ -342,12 +342,16 @@ def test_plans_that_are_not_regular_files_are_refused(tmp_path):
 def test_plan_size_nesting_and_text_are_bounded_with_overrides(tmp_path, monkeypatch):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 1500 + "]" * 1500)
-    for cmd in (["render", str(deep), "--out", str(tmp_path / "out")], ["qa", str(deep), "--source", "derived", "--out", str(tmp_path / "qa.json")]):
+    for cmd in (["render", str(deep), "--out", str(tmp_path / "out")],
+                ["qa", str(deep), "--source", "derived", "--out", str(tmp_path / "qa.json")]):
         res = CliRunner().invoke(cli, cmd)
         assert res.exit_code == 2 and "nested more than" in res.output, res.output
     nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"movies": [{"id": "x", "style": {"name": "G"}, "frames": [{"id": "1", "description":
-                                  "d", "camera": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}]}))
+    camera: object = "x"
+    for _ in range(32):  # a movie's fields sit 5 levels down: this is 37
+        camera = [camera]
+    nested.write_text(json.dumps({"movies": [{"id": "x", "style": {"name": "G"},
+                                              "frames": [{"id": "1", "description": "d", "camera": camera}]}]}))
     with pytest.raises(PlanError, match="nested more than 32"):
         load_plan(nested)
     long = write_plan(tmp_path / "long.json", [movie("l", 1)])
