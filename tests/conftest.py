@@ -36,6 +36,19 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _writes_stay_in_temporary_folders():
+    """Nothing in the suite writes outside its temporary folders: the working directory (the repo root, where a
+    forgotten --out or --dest would land) gains no entries, and the cache is the session's own (above)."""
+    from pathlib import Path
+
+    cwd = Path.cwd()
+    before = set(os.listdir(cwd))
+    yield
+    new = set(os.listdir(cwd)) - before - {".pytest_cache", "__pycache__"}
+    assert not new, f"tests wrote {sorted(new)} into the working directory {cwd}"
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models' tensors are too small

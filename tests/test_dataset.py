@@ -15,6 +15,7 @@ from movielm_fast.data.dataset import MANIFEST_FORMAT, DatasetOptions, export_da
 from movielm_fast.data.llm.qa import derived_qa
 from movielm_fast.engine.plan import parse_plan
 from movielm_fast.errors import UserError
+from movielm_fast.paths import sha256_file
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
@@ -36,7 +37,8 @@ def render_movie(out: Path, movie_id: str, frames: int, size=(64, 48)) -> dict:
     for i, frame in enumerate(movie["frames"]):
         Image.new("RGB", size, COLOURS[i % len(COLOURS)]).save(folder / "frames" / f"{frame['id']}.png")
         entries.append({"id": frame["id"], "file": f"frames/{frame['id']}.png", "prompt": frame["description"],
-                        "negative_prompt": "", "seed": i, "sha256": "0" * 64, "seconds": 0.1})
+                        "negative_prompt": "", "seed": i, "seconds": 0.1,
+                        "sha256": sha256_file(folder / "frames" / f"{frame['id']}.png")})
     Image.new("RGB", size).save(folder / "storyboard.png")
     manifest = {"format": MANIFEST_FORMAT, "movie": movie, "model": {"id": "tiny", "hash": "abc"},
                 "settings": {"width": size[0], "height": size[1]}, "frames": entries}
@@ -108,8 +110,13 @@ def test_fps_repeats_keyframes(tmp_path):
     assert (decoded[0].width, decoded[0].height) == (32, 20)
 
 
-def test_incomplete_render_is_a_user_error(out):
+def test_incomplete_render_is_reported_and_the_others_exported(out):
     (out / "beta" / "frames" / "002.png").unlink()
+    report = export_dataset(out, DatasetOptions("llava"))
+    assert list(report.skipped) == ["beta"] and "incompletely rendered" in report.skipped["beta"]
+    assert report.movies == 1
+    assert {r["id"].split("-")[0] for r in json.loads((out / "dataset.json").read_text())} == {"alpha"}
+    (out / "alpha" / "frames" / "001.png").unlink()  # no movie left to export: an error
     with pytest.raises(UserError, match="incompletely rendered"):
         export_dataset(out, DatasetOptions("llava"))
 
@@ -136,8 +143,10 @@ def test_render_still_in_progress_is_a_user_error(out):
     manifest = json.loads(manifest_path.read_text())
     manifest["frames"] = manifest["frames"][:2]
     manifest_path.write_text(json.dumps(manifest))
+    report = export_dataset(out, DatasetOptions("jsonl"))
+    assert "2 of 3 frames rendered" in report.skipped["alpha"] and report.movies == 1
     with pytest.raises(UserError, match="2 of 3 frames rendered"):
-        export_dataset(out, DatasetOptions("jsonl"))
+        export_dataset(out, DatasetOptions("jsonl", movies=["alpha"]))
 
 
 def test_records_keep_each_line_with_its_speaker(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -101,3 +102,7 @@ def dataset_cmd(out_dir, fmt, qa_path, video, seconds_per_frame, fps, dest):
         _say(f"no QA for {movie_id} in {qa_path}: derived from its plan")
     videos = f", {report.videos} video(s)" if video else ""
     _say(f"{report.records} record(s) from {report.movies} movie(s){videos} written to {report.path}")
+    for movie_id, why in report.skipped.items():
+        _say(f"skipped movie {movie_id}: {why}")
+    if report.skipped:
+        sys.exit(1)  # the others are exported; fixing these and running again adds them

@@ -72,6 +72,8 @@ render_options = _group([
                  help="Merge a LoRA (.safetensors; kohya/A1111 or diffusers/PEFT) into every movie at SCALE "
                       "[1.0]; repeatable. Plans add their own in style.loras / loras."),
     click.option("--force", is_flag=True, help="Re-render frames even if they are already done."),
+    click.option("--replace", is_flag=True, help="Render over a movie of the same id from another plan in OUT "
+                                                 "(refused without it)."),
     click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use "
                  "the style name and description as text instead."),
     click.option("--cluster", type=click.Choice(["ray"]), help="Spread the work over a Ray cluster."),
@@ -85,7 +87,7 @@ render_options = _group([
 RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "sdpa_backend", "cuda_graphs",
                "cudnn_benchmark", "compile_unet",
                "steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner", "refiner_switch",
-               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "loras", "force",
+               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "loras", "force", "replace",
                "no_style_training", "cluster", "address", "workers",
                "gpus_per_worker", "quiet", "as_json")
 
@@ -136,7 +138,7 @@ def engine_config(out: Path, kw: dict[str, Any]):
                           batch_size=_batch_size(f["batch_size"]), attention=f["attention"],
                           sdpa_backend=f["sdpa_backend"], cuda_graphs=f["cuda_graphs"],
                           cudnn_benchmark=f["cudnn_benchmark"], compile_unet=f["compile_unet"], overrides=overrides,
-                          skip_existing=not f["force"], style_training=not f["no_style_training"],
+                          skip_existing=not f["force"], replace=f["replace"], style_training=not f["no_style_training"],
                           image_format=f["image_format"], image_quality=f["quality"], consistency=f["consistency"],
                           loras=tuple(parse_lora(v) for v in f["loras"]), quiet=f["quiet"] or f["as_json"])
     cluster = None

@@ -17,16 +17,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from PIL import Image
 
-from movielm_fast.engine.outputs import MANIFEST_FORMAT
+from movielm_fast.engine.outputs import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
 from movielm_fast.engine.plan import Movie, parse_plan
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.optional import require
-from movielm_fast.paths import atomic_write_text
+from movielm_fast.paths import atomic_write_text, sha256_file
 
 from .llm.qa import QA_KINDS, derived_qa, movie_record
 
@@ -41,8 +41,10 @@ class RenderedMovie:
     frame_files: list[Path]
 
 
-def find_rendered(out_dir: Path, only: list[str] | None = None) -> list[RenderedMovie]:
-    """Every rendered movie in `out_dir`, or only the movies `only` names (in that order)."""
+def find_rendered(out_dir: Path, only: list[str] | None = None) -> tuple[list[RenderedMovie], dict[str, str]]:
+    """Every rendered movie in `out_dir` (or only the movies `only` names, in that order) whose files check out,
+    and {movie id: why} for those that do not (incomplete, damaged, tampered with): one bad movie never keeps the
+    others out of a dataset."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UserError(f"render output folder {out_dir} does not exist", "pass the OUT folder given to `render`")
@@ -50,29 +52,64 @@ def find_rendered(out_dir: Path, only: list[str] | None = None) -> list[Rendered
                                                                              for m in only]
     if not manifests:
         raise UserError(f"no rendered movies in {out_dir} (no */manifest.json)", "run `movielm-fast render` first")
-    return [_load_rendered(path) for path in manifests]
+    rendered, bad = [], {}
+    for path in manifests:
+        try:
+            rendered.append(_load_rendered(path))
+        except UserError as exc:
+            bad[path.parent.name] = str(exc)
+    return rendered, bad
 
 
 def _load_rendered(path: Path) -> RenderedMovie:
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}", "render the movie again to rewrite it") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path} is not a movielm-fast manifest (format {MANIFEST_FORMAT!r} expected)",
-                        "render the movie again with this version")
+        manifest = read_manifest(path)
+    except DamagedManifest as exc:
+        raise UserError(f"{path} is damaged: {exc}", "run `movielm-fast render` again with its plan: it keeps a "
+                                                     "copy and rebuilds the manifest from the frames") from None
+    if manifest is None:
+        raise UserError(f"{path.parent.name} is not rendered (no {path})", "run `movielm-fast render` first")
     try:
         movie = parse_plan(manifest.get("movie"), source=f"{path} (movie)")[0].movie
     except PlanError as exc:
         raise UserError(f"the movie stored in {path} is invalid: {exc.problems[0][0]}: {exc.problems[0][1]}",
                         "render the movie again") from None
-    files = [path.parent / entry["file"] for entry in manifest.get("frames", [])]
-    missing = [str(f) for f in files if not f.is_file()]
-    if len(files) < len(movie.frames) or missing:
-        why = f"missing {missing[0]}" if missing else f"{len(files)} of {len(movie.frames)} frames rendered"
-        raise UserError(f"movie {movie.id!r} is incompletely rendered: {why}",
+    entries = {e["id"]: e for e in manifest["frames"]}
+    rendered = sum(f.id in entries for f in movie.frames)
+    if rendered < len(movie.frames):
+        raise UserError(f"movie {movie.id!r} is incompletely rendered: {rendered} of {len(movie.frames)} frames "
+                        "rendered", "run `movielm-fast render` again; it resumes where it stopped")
+    return RenderedMovie(movie, path.parent, [_checked_frame(path.parent, entries[f.id]) for f in movie.frames])
+
+
+def _checked_frame(folder: Path, entry: dict[str, Any]) -> Path:
+    """The frame file a manifest entry names, if it lies inside the movie's folder and holds the bytes the entry's
+    sha256 says (a manifest is data, and data can be edited: it must not lead outside OUT)."""
+    name = PurePosixPath(entry["file"])
+    file = folder / name
+    inside = not name.is_absolute() and ".." not in name.parts and file.resolve().is_relative_to(folder.resolve())
+    if not inside:
+        raise UserError(f"{folder / 'manifest.json'}: frame {entry['id']!r} names {entry['file']!r}, outside the "
+                        "movie's folder", "render the movie again to rewrite its manifest")
+    if not file.is_file():
+        raise UserError(f"movie {folder.name!r} is incompletely rendered: missing {file}",
                         "run `movielm-fast render` again; it resumes where it stopped")
-    return RenderedMovie(movie, path.parent, files)
+    if sha256_file(file) != entry.get("sha256"):
+        raise UserError(f"{file} does not match the sha256 in its manifest (damaged or changed since it was "
+                        "rendered)", "run `movielm-fast render` again: it re-renders frames that do not check out")
+    return file
+
+
+def media_token_fields(movie: Movie, qa: dict[str, Any]) -> list[str]:
+    """Fields whose text holds the media token: in a record it marks where the video goes, exactly once."""
+    fields = {"title": movie.title, "overview": movie.overview}
+    fields.update({f"frames[{i}].dialogue": f.dialogue for i, f in enumerate(movie.frames)})
+    fields.update({f"characters[{i}].name": c.name for i, c in enumerate(movie.characters)})
+    for kind, pairs in qa.items():
+        for i, pair in enumerate(pairs if isinstance(pairs, list) else []):
+            for key in ("question", "answer"):
+                fields[f"QA {kind}[{i}].{key}"] = pair.get(key, "") if isinstance(pair, dict) else ""
+    return [name for name, text in fields.items() if isinstance(text, str) and MEDIA_TOKEN in text]
 
 
 def load_qa_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -210,11 +247,15 @@ class DatasetReport:
     videos: int = 0
     derived_for: list[str] = field(default_factory=list)
     """Movies whose QA was derived from the plan because the QA file had none for them."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Movies left out, with why (incomplete, damaged, a media token in their text): the others are exported."""
 
 
 def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
+    """Export every movie whose files check out; the others are listed in the report's `skipped`. A UserError
+    only when no movie can be exported."""
     out_dir = Path(out_dir)
-    rendered = find_rendered(out_dir, options.movies)
+    rendered, skipped = find_rendered(out_dir, options.movies)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
     # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
     try:
@@ -223,20 +264,42 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
         raise UserError(f"cannot create {dest.parent}: {exc.strerror or exc}", "choose a writable --dest") from None
     base = dest.parent.resolve()
     qa_by_id = load_qa_file(options.qa_path) if options.qa_path else None
-    report = DatasetReport(dest)
+    report = DatasetReport(dest, skipped=skipped)
     records: list[dict[str, Any]] = []
     for item in rendered:
-        qa = _qa_for(item.movie, qa_by_id, report)
-        media = _media(item, options, base, report)
-        lines = dialogue_lines(item.movie)
-        records += conversation_records(item.movie.id, qa, {**media, "dialogue": lines} if lines else media)
-        report.movies += 1
-    problems = [(r["id"], p) for r in records for p in validate_record(r, base)]
-    if problems:
-        raise UserError(f"record {problems[0][0]} is invalid: {problems[0][1]}")
+        try:
+            records += _movie_records(item, options, base, qa_by_id, report)
+            report.movies += 1
+        except UserError as exc:
+            report.skipped[item.movie.id] = str(exc)
+        except Exception as exc:  # an encoder's error on one movie's frames (--video): that movie only
+            report.skipped[item.movie.id] = f"{type(exc).__name__}: {exc}"
+    if not records:
+        first = next(iter(report.skipped.items()), None)
+        raise UserError(f"no movie in {out_dir} can be exported" + (f": {first[0]}: {first[1]}" if first else ""))
     _write_records(dest, records, options.format)
     report.records = len(records)
     return report
+
+
+def _movie_records(item: RenderedMovie, options: DatasetOptions, base: Path,
+                   qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> list[dict[str, Any]]:
+    """One movie's records, checked: an invalid one raises a UserError naming the movie and the field."""
+    qa = _qa_for(item.movie, qa_by_id, report)
+    token_in = media_token_fields(item.movie, qa)
+    if token_in:
+        raise UserError(f"movie {item.movie.id!r}: {token_in[0]} contains {MEDIA_TOKEN!r}, which marks where the "
+                        "video goes in a record" + (f" (and {len(token_in) - 1} more field(s))" if len(token_in) > 1
+                                                    else ""),
+                        f"remove {MEDIA_TOKEN!r} from that text (in the plan, then render again: the frames are "
+                        "kept; or in the QA file)")
+    media = _media(item, options, base, report)
+    lines = dialogue_lines(item.movie)
+    records = conversation_records(item.movie.id, qa, {**media, "dialogue": lines} if lines else media)
+    problems = [(r["id"], p) for r in records for p in validate_record(r, base)]
+    if problems:
+        raise UserError(f"record {problems[0][0]} is invalid: {problems[0][1]}")
+    return records
 
 
 def _qa_for(movie: Movie, qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,13 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from movielm_fast.engine.outputs import read_manifest
+from movielm_fast.engine.outputs import DamagedManifest, read_manifest
 from movielm_fast.engine.plan import parse_plan
 from movielm_fast.engine.prompts import frame_characters
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
+
+log = logging.getLogger("movielm_fast")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,11 +47,14 @@ class Clip:
             raise UserError(f"no CLIP model folder at {path} (config.json missing)",
                             "pass --clip PATH to a local CLIP model in transformers' format (save_pretrained)")
         try:
-            self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+            # safetensors only: a pickled pytorch_model.bin can run code when loaded.
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, pickle.UnpicklingError) as exc:
             raise UserError(f"cannot load the CLIP model in {path}: {str(exc).splitlines()[0][:200]}",
-                            "the folder needs a CLIPModel's weights and its tokenizer files") from None
+                            "the folder needs a CLIPModel's weights as model.safetensors (pickled .bin files are "
+                            "refused; convert them with save_pretrained(..., safe_serialization=True)) and its "
+                            "tokenizer files") from None
         self.device = device
         pre = {}
         if (path / "preprocessor_config.json").is_file():
@@ -91,7 +98,11 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict[str, Any] | None:
-    manifest = read_manifest(movie_dir / "manifest.json")
+    try:
+        manifest = read_manifest(movie_dir / "manifest.json")
+    except DamagedManifest as exc:
+        log.warning("%s: manifest damaged (%s): skipped; `render` again rebuilds it", movie_dir, exc)
+        return None
     if not manifest or not manifest.get("frames"):
         return None
     movie = parse_plan(manifest["movie"], source=str(movie_dir / "manifest.json"))[0].movie
@@ -106,7 +117,10 @@ def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict
     # Anchors: this render's own, else those of the same movie in another evaluated folder.
     anchor_files: dict[str, Path] = {}
     for d in [movie_dir, *anchor_dirs]:
-        m = read_manifest(d / "manifest.json") or {}
+        try:
+            m = read_manifest(d / "manifest.json") or {}
+        except DamagedManifest:
+            m = {}
         for a in m.get("anchors", []):
             if a["character"] not in anchor_files and (d / a["file"]).is_file():
                 anchor_files[a["character"]] = d / a["file"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from movielm_fast.engine.outputs import read_manifest
+from movielm_fast.engine.outputs import FRAMES_PER_PAGE, DamagedManifest, read_manifest
 from movielm_fast.engine.plan import Movie
 from movielm_fast.paths import atomic_write_text
 
@@ -41,6 +41,14 @@ def _qa_count(record: dict[str, Any]) -> int:
     return sum(len(v) for v in record.get("QA", {}).values())
 
 
+def _storyboard_images(movie: Movie) -> str:
+    """storyboard.png, or the pages of a long movie's (engine.outputs.MovieOutputs.write_storyboard)."""
+    pages = (len(movie.frames) + FRAMES_PER_PAGE - 1) // FRAMES_PER_PAGE
+    names = ["storyboard.png"] if pages == 1 else [f"storyboard-{n:03d}.png" for n in range(1, pages + 1)]
+    return "".join(f"<img class=storyboard src='{_src('movies', movie.id, name)}' alt='storyboard of "
+                   f"{_e(movie.id)}'>" for name in names)
+
+
 def movie_section(movie: Movie, qa_record: dict[str, Any], manifest: dict[str, Any]) -> str:
     files = {f["id"]: f["file"] for f in manifest.get("frames", [])}
     chars = "".join(f"<li><b>{_e(c.name)}</b>: {_e(c.appearance)}</li>" for c in movie.characters)
@@ -63,8 +71,7 @@ def movie_section(movie: Movie, qa_record: dict[str, Any], manifest: dict[str, A
             f"<p class=meta>{_e(movie.id)} · theme: {_e(movie.theme)}</p><p>{_e(movie.overview)}</p>"
             f"<p><b>Style</b>: {_e(movie.style.name)}{style_text}</p>"
             f"<h3>Characters</h3><ul>{chars}</ul>"
-            f"<h3>Storyboard</h3><img class=storyboard src='{_src('movies', movie.id, 'storyboard.png')}' "
-            f"alt='storyboard of {_e(movie.id)}'>"
+            f"<h3>Storyboard</h3>{_storyboard_images(movie)}"
             f"<h3>Frames</h3><div class=frames>{''.join(frames)}</div>"
             f"<h3>Questions and answers</h3>{''.join(qa_parts)}</section>")
 
@@ -72,7 +79,10 @@ def movie_section(movie: Movie, qa_record: dict[str, Any], manifest: dict[str, A
 def gallery_html(out: Path, finished: list[tuple[Movie, dict[str, Any]]], failures: list[dict[str, Any]]) -> str:
     rows, sections = [], []
     for movie, record in finished:
-        manifest = read_manifest(Path(out) / "movies" / movie.id / "manifest.json") or {}
+        try:
+            manifest = read_manifest(Path(out) / "movies" / movie.id / "manifest.json") or {}
+        except DamagedManifest:
+            manifest = {}
         rows.append(f"<tr><td><a href='#{_e(movie.id)}'>{_e(movie.title or movie.id)}</a></td>"
                     f"<td>{_e(movie.theme)}</td><td>{_e(movie.style.name)}</td><td>{len(movie.characters)}</td>"
                     f"<td>{len(manifest.get('frames', []))}</td><td>{_qa_count(record)}</td></tr>")

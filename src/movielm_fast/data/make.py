@@ -366,6 +366,8 @@ class _Make:
             except UserError as exc:
                 self._fail("dataset", str(exc))
                 return
+        for movie_id, why in result.skipped.items():  # the others are in the dataset
+            self._fail("dataset", why, movie=movie_id)
         self.progress.count("dataset", done=result.movies)
         self.report.dataset = {"path": str(result.path), "records": result.records, "movies": result.movies,
                                "videos": result.videos}

@@ -57,6 +57,9 @@ class EngineConfig:
     overrides: RenderSettings = field(default_factory=RenderSettings)
     """Command-line render settings; they win over the plan's own."""
     skip_existing: bool = True
+    replace: bool = False
+    """--replace: render a movie whose id is already in OUT for another movie (another title or plan file) over it;
+    without it such a render is refused, so one plan never silently overwrites another's frames."""
     style_training: bool = False
     """Immobilize styles that have no embedding (train one textual-inversion token each, cached in the style
     library) before rendering. The CLI turns it on unless --no-style-training."""

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from movielm_fast.errors import PlanError, UserError
-from movielm_fast.paths import atomic_write_bytes
+from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
 
 from .config import EngineConfig
 from .executors import Batch, Executor, LocalExecutor, Rendered, reason
 from .lora import check_lora_file, set_key
 from .oom import smaller
-from .outputs import MovieOutputs, resolve_quality
+from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
 from .plan import LoadedMovie, load_plan
 from .renderer import FrameTask, StyleToken
 from .textual_inversion import load_embedding, vectors_for_model
@@ -144,6 +144,25 @@ def check_output_folder(out: Path) -> None:
                         "choose a writable folder with --out") from None
 
 
+def check_movie_owners(config: EngineConfig, movies: list[LoadedMovie]) -> None:
+    """A movie id already in OUT must hold the same movie (id, title and plan file: outputs.movie_identity), or
+    this render would overwrite its frames; refused before anything is touched, unless --replace. Manifests from
+    before identities were recorded are adopted."""
+    clashes = []
+    for lm in movies:
+        theirs = stored_identity(Path(config.out) / lm.movie.id / "manifest.json")
+        if theirs and theirs["identity"] != movie_identity(lm):
+            clashes.append(f"{Path(config.out) / lm.movie.id} holds {theirs['title']!r} from {theirs['plan']}, "
+                           f"not {lm.movie.title!r} from {lm.source}")
+    if clashes and not config.replace:
+        more = f" (and {len(clashes) - 1} more movie(s))" if len(clashes) > 1 else ""
+        raise UserError(f"another movie with the same id is already rendered there: {clashes[0]}{more}",
+                        "render into another --out, give the movie another id, or pass --replace to render over "
+                        "it (its frames are replaced)")
+    for clash in clashes:
+        log.warning("--replace: %s", clash)
+
+
 @dataclass
 class Job:
     """A render job, validated and resolved once, at the top, before any model loads or worker starts: every movie
@@ -160,7 +179,9 @@ class Job:
         movies = collect_plans(plan_paths)  # 1. plans
         for path, _ in config.loras:
             check_lora_file(Path(path), "--lora")
+        check_movie_owners(config, movies)  # before anything is written to OUT
         check_output_folder(config.out)
+        remove_stale_temporaries(config.out)  # a killed run's (movies' own folders: MovieOutputs)
         return cls(config, movies, (config.image_format, resolve_quality(config.image_format, config.image_quality)),
                    started)
 
@@ -290,7 +311,7 @@ class _Run:
         written = set(writer.times.storyboards)
         for mo in self.outputs.values():
             if mo.complete():  # complete before this run too: its dialogue may have changed
-                path = str(mo.dir / "storyboard.png")
+                path = str(mo.storyboard_path)
                 summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
         summary.write = writer.times.as_dict()
         for movie_id, why in self.failures.items():

@@ -98,9 +98,13 @@ class Executor(Protocol):
     def cancel(self) -> None: ...
 
 
-def reason(exc: BaseException) -> str:
+def reason(exc: BaseException, dtype: str | None = None) -> str:
+    """One line for the summary. `dtype`: the run's (ModelInfo.dtype), so an overflow's fix fits it."""
     if isinstance(exc, FloatingPointError):
-        return f"{exc}; fix: use --dtype fp32 (or bf16): fp16 overflows in this model"
+        if dtype == "fp32":  # fp32 is not the fix: say what to look at
+            return (f"{exc} in an fp32 run; fix: check the plan's emphasis weights ((word:1.3) is strong) and the "
+                    "model's weights (a damaged checkpoint decodes to NaN)")
+        return f"{exc}; fix: use --dtype fp32 (or bf16): {dtype or 'fp16'} overflows in this model"
     return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -132,7 +136,7 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
         if is_oom(exc):
             return Failed(reason(exc), oom=True)
         log.debug("batch failed", exc_info=True)
-        return Failed(reason(exc))
+        return Failed(reason(exc, renderer.info.dtype))
     return Rendered(images, encoded, time.perf_counter() - t0, anchors, renderer.times.get("lora", 0.0) - lora0)
 
 

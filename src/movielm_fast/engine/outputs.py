@@ -10,10 +10,13 @@ only after its file is on disk, so a killed run (kill -9 included) loses at most
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import struct
 import textwrap
 import threading
@@ -26,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import atomic_write_bytes, atomic_write_text, sha256_file
+from movielm_fast.paths import atomic_write_bytes, atomic_write_text, remove_stale_temporaries, sha256_file
 
 if TYPE_CHECKING:
     from .consistency import AnchorSpec
@@ -43,6 +46,10 @@ EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
 # Our scheduler names as A1111 names its samplers ("DPM++ 2M" is diffusers' dpmsolver++ multistep, order 2).
 A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "dpmpp_sde": "DPM++ 2M SDE", "euler": "Euler", "euler_a": "Euler a",
                   "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD", "pndm": "PLMS"}
+
+FRAMES_PER_PAGE = 256  # storyboard frames per file: 64 rows of 348 px, under image viewers' size limits
+
+log = logging.getLogger("movielm_fast")
 
 
 def _saved(im: Image.Image, format: str, **save_args: Any) -> bytes:
@@ -141,27 +148,84 @@ def _journal(path: Path) -> Path:
     return Path(path).with_name(Path(path).stem + ".journal.jsonl")
 
 
+class DamagedManifest(ValueError):
+    """manifest.json (or its journal) is there but not a manifest this version can use: say why."""
+
+
+def _entry_ok(entry: Any) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("file"), str) \
+        and isinstance(entry.get("sha256", ""), str)
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """manifest.json with the entries of its journal (frames written since it was last rewritten) merged in."""
+    """manifest.json with the entries of its journal (frames written since it was last rewritten) merged in; None
+    when there is none. Raises `DamagedManifest` for one that is there but unusable (not JSON, another format,
+    mistyped fields)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None  # missing or unreadable: frames are checked against their files anyway
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        raise DamagedManifest(f"cannot read it ({exc})") from None
     try:
-        lines = _journal(path).read_text().splitlines()
-    except OSError:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DamagedManifest(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise DamagedManifest(f"not a {MANIFEST_FORMAT} manifest")
+    frames = data.get("frames", [])
+    if not isinstance(frames, list) or not all(_entry_ok(e) for e in frames):
+        raise DamagedManifest("'frames' is not a list of entries with a string id, file and sha256")
+    try:
+        lines = _journal(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
         return data
-    entries = {e["id"]: e for e in data.get("frames", []) if "id" in e}
+    except (OSError, ValueError) as exc:
+        raise DamagedManifest(f"cannot read its journal ({exc})") from None
+    entries = {e["id"]: e for e in frames}
     for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:
             continue  # a line cut by a crash: that frame is simply not done
-        if isinstance(entry, dict) and "id" in entry:
-            entries[entry["id"]] = entry
+        if not _entry_ok(entry):
+            raise DamagedManifest(f"journal line {line[:80]!r} is not a frame entry")
+        entries[entry["id"]] = entry
     return {**data, "frames": list(entries.values())}
+
+
+def stored_identity(path: Path) -> dict[str, str] | None:
+    """{'identity', 'title', 'plan'} of the movie a manifest belongs to; None where it says nothing (no manifest, a
+    damaged one, or one written before movies had identities: adopted by the next render)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("identity"), str):
+        return None
+    movie = data.get("movie") if isinstance(data.get("movie"), dict) else {}
+    return {"identity": data["identity"], "title": str(movie.get("title", "")), "plan": str(data.get("plan", ""))}
+
+
+def movie_identity(lm: LoadedMovie) -> str:
+    """Which movie an output folder belongs to: its id, title and plan file. Render settings, descriptions and
+    dialogue are not part of it: changing them re-renders (or keeps) frames of the same movie."""
+    payload = json.dumps([lm.movie.id, lm.movie.title, lm.source])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def rebuilt_entry(frame_id: str, file: str, path: Path, dialogue: str) -> dict[str, Any] | None:
+    """A frame's manifest entry from its file alone (the key its embedded metadata gives), or None when the file
+    is missing, unreadable or not one of ours."""
+    try:
+        meta = read_frame_metadata(path)
+        with Image.open(path) as im:
+            im.load()  # the whole file decodes: a truncated frame is not done
+        key = {"prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"], "seed": int(meta["seed"]),
+               **json.loads(meta["settings"]), "model_hash": meta["model_hash"]}
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        return None
+    return {"id": frame_id, "file": file, "dialogue": dialogue, **key, "sha256": sha256_file(path), "seconds": 0.0}
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -296,6 +360,8 @@ def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int =
 def anchor_file(character: str, taken: set[str]) -> str:
     """A safe file name for a character's anchor image (names are free text; distinct names stay distinct)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", character).strip("-.") or "character"
+    if len(stem) > 64:  # file names have a length limit (255 bytes): a long name keeps its head and a digest
+        stem = f"{stem[:48].rstrip('-.')}-{hashlib.sha256(character.encode()).hexdigest()[:12]}"
     name, k = stem, 2
     while name.lower() in taken:
         name, k = f"{stem}-{k}", k + 1
@@ -311,18 +377,20 @@ class MovieOutputs:
         self.suffix = IMAGE_FORMATS[image_format]
         self.dir = Path(out) / lm.movie.id
         self.manifest_path = self.dir / "manifest.json"
-        old = read_manifest(self.manifest_path) or {}
-        self.entries: dict[str, dict[str, Any]] = {e["id"]: e for e in old.get("frames", []) if "id" in e}
-        self.header = {"format": MANIFEST_FORMAT, "movie": lm.movie.model_dump(mode="json"),
+        for folder in (self.dir, self.dir / "frames", self.dir / "anchors"):
+            remove_stale_temporaries(folder)  # left by a killed run
+        self.entries: dict[str, dict[str, Any]] = {e["id"]: e for e in self._old_entries()}
+        self.header = {"format": MANIFEST_FORMAT, "identity": movie_identity(lm), "plan": lm.source,
+                       "movie": lm.movie.model_dump(mode="json"),
                        "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
                        "settings": settings}
-        self.sheet = self._storyboard(pending=[f.id for f in lm.movie.frames])  # until `expect` says which
+        self.pending: set[str] = {f.id for f in lm.movie.frames}  # frames this run renders, until `expect` says
+        self.pages = [lm.movie.frames[i:i + FRAMES_PER_PAGE] for i in range(0, len(lm.movie.frames), FRAMES_PER_PAGE)]
+        self.page_of = {f.id: n for n, page in enumerate(self.pages) for f in page}
+        self.sheets = self._storyboards(self.pending)
         self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()
-        # Frames this run renders and has not recorded yet: their old entries (another format, other settings) must
-        # not make the movie look complete while a writer thread still has them in hand.
-        self.waiting: set[str] = set()
 
     def set_anchors(self, specs: list[AnchorSpec]) -> None:
         """The character anchors its frames use (consistency mode): listed in the manifest, files named here."""
@@ -345,6 +413,22 @@ class MovieOutputs:
         atomic_write_bytes(self.dir / self.anchor_files[spec.character], png_bytes(image, {
             "anchor_key": spec.key, "character": spec.character, "prompt": spec.prompt,
             "negative_prompt": spec.negative_prompt, "seed": str(spec.seed)}))
+
+    def _old_entries(self) -> list[dict[str, Any]]:
+        """The entries of the manifest already there; a damaged one is kept beside it (.damaged) and its entries
+        rebuilt from the frame files, whose metadata says what they are."""
+        try:
+            return (read_manifest(self.manifest_path) or {}).get("frames", [])
+        except DamagedManifest as exc:
+            for path in (self.manifest_path, _journal(self.manifest_path)):
+                if path.is_file():
+                    shutil.copyfile(path, path.with_name(path.name + ".damaged"))
+            entries = [e for f in self.lm.movie.frames if (e := rebuilt_entry(
+                f.id, f"frames/{f.id}{self.suffix}", self.dir / f"frames/{f.id}{self.suffix}", f.dialogue))]
+            log.warning("%s is damaged (%s): kept a copy as %s.damaged; rebuilt %d frame entr%s from the frame "
+                        "files", self.manifest_path, exc, self.manifest_path.name, len(entries),
+                        "y" if len(entries) == 1 else "ies")
+            return entries
 
     def is_done(self, task: FrameTask) -> bool:
         """Its entry was made with exactly this key (nothing missing, nothing extra) and its file is intact."""
@@ -376,7 +460,7 @@ class MovieOutputs:
                                 "free some space (or fix permissions) and run the same command again; "
                                 "finished frames are kept") from None
             self.entries[task.job.frame_id] = entry
-            self.waiting.discard(task.job.frame_id)
+            self.pending.discard(task.job.frame_id)
 
     def save(self) -> None:
         """Rewrite manifest.json in plan order (dropping frames no longer in the plan), then drop the journal."""
@@ -387,22 +471,60 @@ class MovieOutputs:
             _journal(self.manifest_path).unlink(missing_ok=True)
 
     def complete(self) -> bool:
+        """Every frame has an entry, and none is still to be rendered in this run (an entry of an earlier run with
+        other settings is not this run's frame)."""
         with self._lock:
-            return not self.waiting and all(f.id in self.entries for f in self.lm.movie.frames)
+            return not self.pending and all(f.id in self.entries for f in self.lm.movie.frames)
 
-    def _storyboard(self, pending: Iterable[str]) -> Storyboard:
-        return Storyboard([(f.id, f.dialogue) for f in self.lm.movie.frames],
-                          lambda fid: read_thumbnail(self.dir / f"frames/{fid}{self.suffix}"), pending)
+    def _storyboards(self, pending: Iterable[str]) -> list[Storyboard]:
+        pending = set(pending)
+        return [Storyboard([(f.id, f.dialogue) for f in page], self._read_thumbnail,
+                           [f.id for f in page if f.id in pending]) for page in self.pages]
+
+    def _read_thumbnail(self, frame_id: str) -> Image.Image:
+        """A frame's thumbnail from its file; a grey tile where the file cannot be read, so a damaged frame on
+        disk never stops the storyboard of a movie (its manifest entry does not count it as done either)."""
+        path = self.dir / f"frames/{frame_id}{self.suffix}"
+        try:
+            return read_thumbnail(path)
+        except (OSError, ValueError, SyntaxError) as exc:
+            log.warning("storyboard: cannot read %s (%s); a grey tile stands in for it", path, exc)
+            return Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
 
     def expect(self, frame_ids: Iterable[str]) -> None:
         """The frames this run renders: the storyboard waits for their thumbnails and reads the others' files."""
-        frame_ids = list(frame_ids)
-        self.sheet = self._storyboard(frame_ids)
         with self._lock:
-            self.waiting = set(frame_ids)
+            self.pending = set(frame_ids)
+        self.sheets = self._storyboards(self.pending)
+
+    def add_thumbnail(self, frame_id: str, thumb: Image.Image | None) -> None:
+        """A frame of this run is written: its thumbnail (None: read it back from its file) for its page."""
+        self.sheets[self.page_of[frame_id]].add(frame_id, thumb)
+
+    @property
+    def storyboard_path(self) -> Path:
+        """storyboard.png; for a movie of more than FRAMES_PER_PAGE frames, storyboard.json, the index of its
+        pages storyboard-001.png, storyboard-002.png, ..."""
+        return self.dir / ("storyboard.png" if len(self.pages) == 1 else "storyboard.json")
 
     def write_storyboard(self) -> Path:
-        path = self.dir / "storyboard.png"
-        atomic_write_bytes(path, self.sheet.png())
-        self.sheet = self._storyboard(())  # a later call (the frames' dialogue changed) reads every file again
-        return path
+        """Write the storyboard (each page, and the index of a paged one); drop pages of an earlier, longer or
+        shorter, version of the movie. Returns `storyboard_path`."""
+        if len(self.pages) == 1:
+            atomic_write_bytes(self.dir / "storyboard.png", self.sheets[0].png())
+            names = {"storyboard.png"}
+        else:
+            index = []
+            for n, (page, sheet) in enumerate(zip(self.pages, self.sheets), 1):
+                atomic_write_bytes(self.dir / f"storyboard-{n:03d}.png", sheet.png())
+                index.append({"file": f"storyboard-{n:03d}.png", "first": page[0].id, "last": page[-1].id,
+                              "frames": len(page)})
+            atomic_write_text(self.dir / "storyboard.json",
+                              json.dumps({"frames_per_page": FRAMES_PER_PAGE, "pages": index}, indent=1) + "\n")
+            names = {p["file"] for p in index} | {"storyboard.json"}
+        for stale in [*self.dir.glob("storyboard-[0-9][0-9][0-9].png"), self.dir / "storyboard.png",
+                      self.dir / "storyboard.json"]:
+            if stale.name not in names and stale.is_file():
+                stale.unlink(missing_ok=True)
+        self.sheets = self._storyboards(())  # a later call (the frames' dialogue changed) reads every file again
+        return self.storyboard_path

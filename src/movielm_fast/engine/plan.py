@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,6 +209,8 @@ class LoadedMovie(BaseModel):
     own: RenderSettings | None = None
     """What the plan itself sets (movie render > file defaults), before any built-in default: a model's own
     defaults (`resolved(model=...)`) slot in between."""
+    source: str = ""
+    """The plan file it came from (absolute), part of the movie's identity in its output folder."""
 
     def resolved(self, overrides: RenderSettings | None = None, model: RenderSettings | None = None
                  ) -> RenderSettings:
@@ -360,6 +364,9 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     """Validate decoded JSON and return the movies with their render settings cascaded (file level)."""
     if not isinstance(data, dict):
         raise PlanError(source, [("$", f"expected a JSON object, got {type(data).__name__}")])
+    problems = size_problems(data)  # before the schema: pydantic recurses, and echoes oversized input in errors
+    if problems:
+        raise PlanError(source, problems)
     is_multi = "movies" in data
     root: type[BaseModel] = PlanFile if is_multi else Movie
     try:
@@ -390,18 +397,93 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
     return out
 
 
-def load_plan(path: str | Path) -> list[LoadedMovie]:
-    """Read and validate a plan file; every failure is a `PlanError` (a `UserError`)."""
-    path = Path(path)
+# --- size limits -------------------------------------------------------------------------------------------------
+# Plans and LLM answers are untrusted input: each bound is far above any real plan and far below what exhausts a
+# machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, documented in README.
+
+LIMITS = {  # name: (default, environment variable)
+    "plan_bytes": (16 * 2**20, "MOVIELM_MAX_PLAN_BYTES"),
+    "text_chars": (20_000, "MOVIELM_MAX_TEXT_CHARS"),
+    "depth": (32, "MOVIELM_MAX_PLAN_DEPTH"),
+    "prompt_windows": (16, "MOVIELM_MAX_PROMPT_WINDOWS"),
+}
+
+
+def limit(name: str) -> int:
+    """A size limit: its environment override if set to a positive integer, else the default."""
+    default, env = LIMITS[name]
     try:
-        text = path.read_text(encoding="utf-8")
+        value = int(os.environ.get(env, "") or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def limit_hint(name: str) -> str:
+    return f"or raise the limit with {LIMITS[name][1]}=N (now {limit(name)})"
+
+
+def size_problems(data: Any) -> list[tuple[str, str]]:
+    """Nesting deeper than the limit and strings longer than it, with their JSON paths (iterative: a deeply nested
+    document must not exhaust the stack it is being checked for)."""
+    max_depth, max_chars = limit("depth"), limit("text_chars")
+    problems: list[tuple[str, str]] = []
+    stack: list[tuple[Any, str, int]] = [(data, "$", 1)]
+    while stack and len(problems) < 20:
+        value, where, depth = stack.pop()
+        if isinstance(value, (dict, list)) and depth > max_depth:
+            problems.append((where, f"nested more than {max_depth} levels deep: a plan needs about 5; "
+                                    f"{limit_hint('depth')}"))
+        elif isinstance(value, dict):
+            stack += [(v, f"{where}.{k}", depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, str) and len(value) > max_chars:
+            problems.append((where, f"text of {len(value):,} characters, over the limit of {max_chars:,}: shorten "
+                                    f"it ({limit_hint('text_chars')})"))
+    return sorted(problems)
+
+
+def read_plan_text(path: Path) -> str:
+    """A plan file's text, refusing what is not a regular file (a FIFO would block, /dev/zero never ends) and
+    files over the size limit, before reading anything."""
+    try:
+        st = path.stat()
     except FileNotFoundError:
         raise PlanError(str(path), [("$", "file not found: check the path")]) from None
+    except OSError as exc:
+        raise PlanError(str(path), [("$", f"cannot read the file ({exc.strerror or exc})")]) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PlanError(str(path), [("$", "not a regular file (a device, pipe or socket): pass a plan.json file")])
+    if st.st_size > limit("plan_bytes"):
+        raise PlanError(str(path), [("$", f"{st.st_size:,} bytes, over the plan size limit of "
+                                          f"{limit('plan_bytes'):,}: split the plan into several files, "
+                                          f"{limit_hint('plan_bytes')}")])
+    try:
+        with open(path, "rb") as fp:
+            data = fp.read(limit("plan_bytes") + 1)  # the file may have grown since stat
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanError(str(path), [("$", f"cannot read the file ({exc}): it must be UTF-8 JSON")]) from None
+
+
+def parse_json(text: str, source: str) -> Any:
+    """json.loads with every failure (syntax, nesting beyond the interpreter's stack, oversized parts) a
+    `PlanError`."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PlanError(str(path), [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) \
+        raise PlanError(source, [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) \
             from None
-    return parse_plan(data, str(path), path.parent)
+    except RecursionError:
+        raise PlanError(source, [("$", f"nested more than {limit('depth')} levels deep: a plan needs about 5")]) \
+            from None
+    return data
+
+
+def load_plan(path: str | Path) -> list[LoadedMovie]:
+    """Read and validate a plan file; every failure is a `PlanError` (a `UserError`)."""
+    path = Path(path)
+    data = parse_json(read_plan_text(path), str(path))
+    source = str(path.resolve())
+    return [lm.model_copy(update={"source": source}) for lm in parse_plan(data, str(path), path.parent)]

@@ -273,7 +273,12 @@ def load_images(folder: str | Path, res: int) -> tuple[list[_Image], list[str], 
             raise UserError(f"cannot read image {f}: {str(exc).splitlines()[0][:160]}",
                             "remove the file or re-save it as PNG/JPEG") from None
         caption_file = f.with_suffix(".txt")
-        caption = " ".join(caption_file.read_text(encoding="utf-8").split()) if caption_file.is_file() else None
+        try:
+            caption = " ".join(caption_file.read_text(encoding="utf-8").split()) if caption_file.is_file() else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read the caption file {caption_file}: {str(exc)[:160]}",
+                            "save it as UTF-8 text (or remove it: the image is then used without a caption)") \
+                from None
         digest.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
         if caption:  # folders without captions keep the digest they had: their tokens stay valid
             digest.update(b"caption\0" + caption.encode() + b"\0")

@@ -18,6 +18,8 @@ import torch
 
 from movielm_fast.errors import UserError
 
+from .plan import limit, limit_hint
+
 CHUNK = 75  # tokens per window, without BOS/EOS
 _EMPHASIS_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:")
 
@@ -211,12 +213,25 @@ class PromptEncoder:
             scale = hidden.abs().mean(dim=(1, 2), keepdim=True)
             safe = after.abs() > 1e-4 * scale
             hidden = hidden * torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), 1.0)
+            if not bool(torch.isfinite(hidden).all()):  # in any dtype: the states are fp32 here
+                strongest = max(weights_all.abs().max().item(), 1 / max(weights_all.abs().min().item(), 1e-30))
+                raise UserError(f"the prompt's emphasis overflowed: a weight of {strongest:.3g} makes its text "
+                                f"encoding infinite ({prompt[:60]!r}...)",
+                                "use emphasis weights near 1, e.g. (word:1.3) or ((word)); 2 is already strong")
         chunks = hidden.shape[0]
         return Conditioning(hidden.reshape(1, -1, hidden.shape[-1]), pooled, chunks)
 
     def chunk_count(self, prompt: str) -> int:
+        """Windows the prompt needs; more than the limit is an error (each costs a text-encoder pass and widens
+        every cross-attention of every step)."""
         ids, _ = self._token_ids(0, prompt)
-        return max(1, (len(ids) + CHUNK - 1) // CHUNK)
+        chunks = max(1, (len(ids) + CHUNK - 1) // CHUNK)
+        if chunks > limit("prompt_windows"):
+            raise UserError(f"a prompt of {len(ids)} tokens needs {chunks} windows of {CHUNK}, over the limit of "
+                            f"{limit('prompt_windows')}: {prompt[:60]!r}...",
+                            f"shorten the frame's description, its characters' appearance or the style, "
+                            f"{limit_hint('prompt_windows')}")
+        return chunks
 
     def pair_chunks(self, prompt: str, negative: str) -> int:
         """Windows a (prompt, negative) pair is encoded with; frames batch together only if theirs agree."""

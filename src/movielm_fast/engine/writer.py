@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_bytes
 
 from .executors import Batch, Rendered, reason
@@ -94,7 +95,12 @@ class Writer:
         self.raise_errors()
         for spec, image in result.anchors:  # consistency mode: each anchor's image is saved once
             if spec.key not in self.anchors_saved:
-                self.outputs[spec.movie_id].write_anchor(spec, image)
+                try:
+                    self.outputs[spec.movie_id].write_anchor(spec, image)
+                except (UserError, OSError) as exc:  # its movie fails; the other movies go on
+                    with self._lock:
+                        self.failures.setdefault(spec.movie_id, f"cannot save the anchor of {spec.character!r}: "
+                                                                f"{reason(exc)}")
                 self.anchors_saved.add(spec.key)
         if self.pool is None:
             self._write_batch(batch, result)
@@ -135,7 +141,7 @@ class Writer:
             image = result.images[i] if result.images is not None else None
         except FloatingPointError as exc:  # this frame overflowed: its movie fails, the batch's other frames stay
             with self._lock:
-                self.failures.setdefault(task.job.movie_id, reason(exc))
+                self.failures.setdefault(task.job.movie_id, reason(exc, self.info.dtype))
             return
         tp = time.perf_counter()
         data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
@@ -148,7 +154,7 @@ class Writer:
         t3 = time.perf_counter()
         # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files);
         # the sheet encodes each row of thumbnails as soon as it is complete.
-        mo.sheet.add(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
+        mo.add_thumbnail(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
         t4 = time.perf_counter()
         # 5. Only now its manifest entry: a frame is in the manifest once its file is on disk.
         mo.record(task, sha, result.seconds / len(batch.tasks))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import cache_root
+from movielm_fast.paths import cache_root, make_dirs, umask
 
 log = logging.getLogger("movielm_fast")
 
@@ -158,8 +159,9 @@ def writing(key: ArtifactKey, root: Path | None = None) -> Iterator[Path]:
     The body must write the files; `commit` below adds the manifest. An exception leaves nothing behind.
     """
     final = entry_path(key, root)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key.folder_name}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 folders; a shared cache keeps the umask's mode
     try:
         yield tmp
         if _complete(tmp) is None:
@@ -196,17 +198,39 @@ def list_entries(root: Path | None = None) -> list[Artifact]:
     return out
 
 
+TIMING_CACHE = re.compile(r"^trt-timing-[A-Za-z0-9._-]+\.cache$")  # export.tensorrt.timing_cache_path
+
+
+def _ours(folder: Path, model_hash: str | None) -> bool:
+    """An entry this cache made (its manifest says so; complete or not), of `model_hash` when given."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT \
+        and (model_hash is None or manifest.get("model_hash") == model_hash)
+
+
 def clear(root: Path | None = None, model_hash: str | None = None) -> int:
-    """Remove every entry (or only one model's), half-written ones included; returns how many folders went."""
+    """Remove every entry (or only one model's); returns how many went. Only what this cache made goes: folders
+    whose manifest says they are ours, and TensorRT timing caches by their name; anything else found there (a
+    folder of the user's, were the cache root ever pointed at one) is left alone."""
     root = root or artifacts_root()
     removed = 0
-    for model_dir in sorted(root.glob("*")) if root.exists() else []:
-        if not model_dir.is_dir() or (model_hash and not model_dir.name.endswith(f"-{model_hash}")):
+    for model_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if model_dir.is_symlink() or not model_dir.is_dir():
             continue
-        removed += sum(1 for p in model_dir.iterdir() if p.is_dir())
-        shutil.rmtree(model_dir)
-    for stray in root.glob("*.cache") if root.exists() and not model_hash else []:
-        stray.unlink()  # TensorRT timing caches
+        for entry in sorted(model_dir.iterdir()):
+            if not entry.is_symlink() and entry.is_dir() and _ours(entry, model_hash):
+                shutil.rmtree(entry)
+                removed += 1
+        try:
+            model_dir.rmdir()  # only when nothing else is left in it
+        except OSError:
+            pass
+    for stray in root.iterdir() if root.is_dir() and not model_hash else []:
+        if TIMING_CACHE.match(stray.name) and stray.is_file() and not stray.is_symlink():
+            stray.unlink()
     return removed
 
 
