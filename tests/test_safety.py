@@ -27,7 +27,7 @@ from movielm_fast.engine.plan import RenderSettings, load_plan
 from movielm_fast.engine.renderer import Renderer
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.export import cache
-from movielm_fast.paths import cache_root, sha256_file
+from movielm_fast.paths import cache_root
 from tests.helpers import movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
