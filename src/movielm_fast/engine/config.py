@@ -64,6 +64,19 @@ class EngineConfig:
     anchor_cache_mb: int = 4096
     """Character-anchor records (consistency mode) a renderer keeps in memory; beyond it the least recently used
     are dropped and recomputed when needed again."""
+    step_cache: int | None = None
+    """--step-cache N: DeepCache-style step caching (engine/step_cache.py), off by default. LOSSY. Every N-th
+    denoising step runs the whole UNet and keeps the deep features at skip branch `step_cache_depth`; the N-1 steps
+    between recompute only the shallow layers outside it. Cost: at N=3, 50 steps, branch 0 the UNet does about 2.6x
+    fewer FLOPs (bench/step_cache.py); pixels change -- every cached step reads features one to N-1 steps old, so
+    fine detail drifts while composition stays (PSNR against the uncached render is in bench/RESULTS.md). Useless
+    at few steps (at <= 8 steps most steps are full ones, and each stale one costs more). None or 1: off. Recorded
+    in each frame's resume key and the manifest; torch backend only; refused with consistency mode (anchor
+    attention records and reads every attention layer at every step)."""
+    step_cache_depth: int = 0
+    """--step-cache-depth: the skip branch whose deep features are cached, counted from the outside (DeepCache's
+    branch id). 0: a cached step runs only conv_in, the last up-block layer and conv_out (fastest, most lossy);
+    larger: more layers recomputed on cached steps (slower, closer to the uncached render)."""
     loras: tuple[tuple[str, float], ...] = ()
     """--lora FILE[:SCALE]: (file, scale) merged into every movie, before its style's and its own LoRAs."""
     quiet: bool = False

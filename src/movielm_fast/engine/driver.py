@@ -286,6 +286,8 @@ class _Run:
                         "image_format": image_format, "quality": quality}
             if planned and planned[0].settings.loras:
                 settings["loras"] = set_key(planned[0].settings.loras)
+            if planned and planned[0].settings.step_cache:
+                settings["step_cache"] = planned[0].settings.step_cache.key()
             mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)
             anchors = {a.character: a for t in planned for a in t.job.anchors}
             mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])

@@ -27,6 +27,7 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
+from .step_cache import check_step_cache
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
 
@@ -70,6 +71,7 @@ class Renderer:
     def __init__(self, config: EngineConfig, model=None, backend=None):
         self.config = config
         config.torch_device  # fail fast on a bad device before loading gigabytes
+        self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
@@ -159,10 +161,14 @@ class Renderer:
         """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
         s = lm.resolved(overrides)
         loras = self.lora_set(lm)
-        bs = batch_settings(s, loras)
+        bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
         self._experts(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
         extra = self._expert_key(bs)
         anchors = self.anchor_specs(lm, token, overrides)
+        if anchors and self.step_cache:
+            raise UserError(f"movie {lm.movie.id!r}: consistency mode cannot run with --step-cache (anchor attention "
+                            "records and reads every attention layer at every step; cached steps skip the deep ones)",
+                            "drop --step-cache, or render this movie with --consistency none")
         tasks = []
         for frame in lm.movie.frames:
             prompt = frame_prompt(lm.movie, frame, token)
@@ -174,6 +180,8 @@ class Renderer:
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
             if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
                 key["loras"] = set_key(loras)
+            if bs.step_cache:  # lossy: its frames differ; frames rendered without it keep their keys
+                key["step_cache"] = bs.step_cache.key()
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
