@@ -62,6 +62,9 @@ render_options = _group([
     click.option("--consistency", type=click.Choice(CONSISTENCY_MODES),
                  help="Consistent characters for every movie (anchor_attention: frames attend to their characters' "
                       "anchor renders; torch backend). Default: as each plan says."),
+    click.option("--quantize", type=click.Choice(["fp8", "fp8-emulated"]),
+                 help="LOSSY: the UNet's attention-block matmuls in FP8 e4m3 (GPUs of compute capability 8.9+: "
+                      "Ada, Hopper). fp8-emulated: the same rounding in fp32 on any device, to measure quality."),
     click.option("--step-cache", type=click.IntRange(1), metavar="N",
                  help="LOSSY: run the whole UNet every N-th step and only its shallow layers in between, reusing "
                       "the deep features (DeepCache; ~2.5x fewer UNet FLOPs at N=3; for 20+ steps). Default: off."),
@@ -83,7 +86,7 @@ render_options = _group([
 
 RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "cuda_graphs", "compile_unet",
                "steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner", "refiner_switch",
-               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "step_cache",
+               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "quantize", "step_cache",
                "step_cache_depth", "loras", "force",
                "no_style_training", "cluster", "address", "workers",
                "gpus_per_worker", "quiet", "as_json")
@@ -136,7 +139,7 @@ def engine_config(out: Path, kw: dict[str, Any]):
                           cuda_graphs=f["cuda_graphs"], compile_unet=f["compile_unet"], overrides=overrides,
                           skip_existing=not f["force"], style_training=not f["no_style_training"],
                           image_format=f["image_format"], image_quality=f["quality"], consistency=f["consistency"],
-                          step_cache=f["step_cache"], step_cache_depth=f["step_cache_depth"],
+                          quantize=f["quantize"], step_cache=f["step_cache"], step_cache_depth=f["step_cache_depth"],
                           loras=tuple(parse_lora(v) for v in f["loras"]), quiet=f["quiet"] or f["as_json"])
     cluster = None
     if f["cluster"] == "ray":

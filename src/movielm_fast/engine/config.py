@@ -73,6 +73,17 @@ class EngineConfig:
     at few steps (at <= 8 steps most steps are full ones, and each stale one costs more). None or 1: off. Recorded
     in each frame's resume key and the manifest; torch backend only; refused with consistency mode (anchor
     attention records and reads every attention layer at every step)."""
+    quantize: str | None = None
+    """--quantize fp8 | fp8-emulated (engine/fp8.py), off by default. LOSSY. fp8: the UNet's attention-block matmuls
+    (Q/K/V/out projections, feed-forward, proj_in/out) in FP8 e4m3 -- weights scaled per output channel once at
+    load, activations per token at run time -- through torch._scaled_mm on GPUs of compute capability 8.9+ (Ada,
+    Hopper); refused elsewhere. fp8-emulated: the same rounding, multiplied in fp32, on any device: slower than
+    fp32, for measuring quality. Time embeddings, conv_in/conv_out, 3x3 convolutions, norms, the text encoders and
+    the VAE stay in the model's dtype (why: engine/fp8.py). Cost: pixels move by about as much as fp16 against fp32
+    or somewhat more (PSNR/SSIM against the plain render and the toy judge's conditioning rate: bench/RESULTS.md);
+    the fp16 weights are kept beside the e4m3 copy (LoRA merges into them), so memory grows by half of those
+    layers' fp16 weights. Composes with LoRA (only the layers a switch writes are quantized again), CUDA graphs and
+    --step-cache. Recorded in each frame's resume key and the manifest; torch backend only."""
     step_cache_depth: int = 0
     """--step-cache-depth: the skip branch whose deep features are cached, counted from the outside (DeepCache's
     branch id). 0: a cached step runs only conv_in, the last up-block layer and conv_out (fastest, most lossy);

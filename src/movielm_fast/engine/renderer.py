@@ -27,6 +27,7 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
+from .fp8 import check_quantize
 from .step_cache import check_step_cache
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
@@ -72,6 +73,7 @@ class Renderer:
         self.config = config
         config.torch_device  # fail fast on a bad device before loading gigabytes
         self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
+        check_quantize(config.quantize, config.backend, config.torch_device)
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
@@ -182,6 +184,8 @@ class Renderer:
                 key["loras"] = set_key(loras)
             if bs.step_cache:  # lossy: its frames differ; frames rendered without it keep their keys
                 key["step_cache"] = bs.step_cache.key()
+            if self.config.quantize:  # lossy, likewise
+                key["quantize"] = self.config.quantize
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))

@@ -18,6 +18,7 @@ from .. import cpu
 from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
+from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
 from ..step_cache import CachedUNet, StepCacheRun
 from .base import UNetCond, register
@@ -53,8 +54,12 @@ class TorchBackend:
             self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
             if self.vae_dtype == torch.bfloat16:
                 self._decode = cpu.Fp32FallbackDecoder(self.vae, self._decode)
+        self.fp8_layers: list[str] = []  # --quantize: the UNet layers that run in FP8 (engine/fp8.py)
+        self.fp8_requantized: list[str] = []  # and those the last LoRA switch quantized again
         if self.unet is not None:
             self._setup_unet(config, channels_last)
+            if config.quantize:  # after QKV fusion (the fused projections are what runs); graphs capture lazily
+                self.fp8_layers = quantize_unet(self.unet.unet, emulate=config.quantize == "fp8-emulated")
 
     def _setup_unet(self, config, channels_last: bool) -> None:
         if channels_last:
@@ -87,6 +92,8 @@ class TorchBackend:
             self.lora_merger = TorchMerger(library, self.graphs)
         before = self.lora_merger.current
         self.lora_merger.apply(loras, library)
+        if self.fp8_layers and self.lora_merger.current != before:
+            self.fp8_requantized = requantize_changed(self.unet.unet)  # the merged weights are what gets quantized
         if self.lora_merger.current != before and isinstance(self._unet_step, cpu.CompiledCpu):
             # Inductor's freezing folded the previous weights into the compiled graphs as constants, and dynamo's
             # guards do not look at weight values: drop every compiled graph and compile against the merged ones.
