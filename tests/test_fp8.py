@@ -186,3 +186,18 @@ def test_scaled_mm_matches_its_twin_on_fp8_gpus():
     fast = fp8.fp8_matmul(x, wq, ws.t().contiguous()).float()
     ref = fp8.fp8_matmul_ref(x.float(), wq, ws.t().contiguous())
     assert ((fast - ref).norm() / ref.norm()) < 1e-2  # same rounding of inputs; bf16 output and sum order differ
+
+
+@pytest.mark.gpu
+def test_fp8_render_on_gpu(tiny_sd):
+    """torch._scaled_mm in a real render: close to the fp16 render, and the same with CUDA graphs."""
+    if torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
+        pytest.skip("no FP8 tensor cores")
+    from movielm_fast.bench.image_quality import psnr
+
+    plain = Renderer(EngineConfig(model=str(tiny_sd), device="cuda"))
+    quant = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", quantize="fp8"))
+    graphed = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", quantize="fp8", cuda_graphs=True))
+    a, b, c = _frame(plain), _frame(quant), _frame(graphed)
+    assert quant.backend.fp8_layers and psnr(a, b) > 30.0
+    assert np.abs(b.astype(int) - c.astype(int)).max() <= 1

@@ -175,3 +175,14 @@ def test_cli_flags(tmp_path):
     result = CliRunner().invoke(cli, ["render", str(plan), "--out", str(tmp_path / "o"), "--no-style-training",
                                       "--backend", "null", "--step-cache", "3"])
     assert result.exit_code != 0 and "--step-cache needs --backend torch" in result.output
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_both_steps(tiny_sd):
+    """The full and the cached step are captured as two graphs; the features cross between them unchanged."""
+    eager = Renderer(EngineConfig(model=str(tiny_sd), device="cuda"))
+    graphed = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", cuda_graphs=True))
+    s = BatchSettings(64, 64, 7, 7.5, "dpmpp", step_cache=StepCache(3, 0))
+    a, b = _frame(eager, s), _frame(graphed, s)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert not np.array_equal(_frame(eager, replace(s, step_cache=None)), a)

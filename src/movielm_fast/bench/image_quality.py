@@ -10,7 +10,7 @@ import torch.nn.functional as F
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images (or stacks of them), in dB; inf when identical."""
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

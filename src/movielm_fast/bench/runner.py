@@ -69,7 +69,7 @@ def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     fuse_qkv: False}); the options are EngineConfig fields. ``dtype=bf16`` runs one entry in another dtype than
     the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
-    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet", "dtype"}
+    allowed = {"attention", "channels_last", "cuda_graphs", "fuse_qkv", "compile_unet", "dtype", "quantize"}
     opts: dict[str, Any] = {}
     for part in parts:
         key, _, value = part.partition("=")

@@ -6,8 +6,9 @@
   meta device (nothing is computed, so the real architectures cost nothing): a full step, a cached step at each
   branch depth, and the UNet FLOPs of a `--steps` render with a full step every `--interval` against none cached;
 - demo: the toy demo model renders `--frames` held-out toy captions at `--steps` DPM++ steps, uncached and cached
-  (interleaved, `--repeats` rounds, medians): UNet seconds (the renderer's stage clock), whole-render seconds, and
-  PSNR / SSIM of the cached frames against the uncached ones (same prompts, same seeds);
+  (interleaved, `--repeats` rounds, medians): UNet seconds (the renderer's stage clock), whole-render seconds,
+  PSNR / SSIM of the cached frames against the uncached ones (same prompts, same seeds), and the analytic judge's
+  conditioning rate of both (engine.toy.judge, as bench.toy_quality);
 - arch timing: sd15-arch's UNet (random weights, fp32) at 256² on this CPU: median seconds of a full and of a
   cached step, and the `--steps` render time they imply.
 Results go to bench/results/step_cache-<stamp>.json.
@@ -36,7 +37,7 @@ from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import SD15_UNET, SDXL_UNET
 from .report import save_result
-from .toy_quality import held_out_scenes, render_prompts
+from .toy_quality import held_out_scenes, judged, render_prompts
 
 CPU = torch.device("cpu")
 
@@ -79,6 +80,7 @@ def measure_flops(interval: int, steps: int) -> dict[str, Any]:
 
 def measure_demo(args) -> dict[str, Any]:
     captions = [s.caption() for s in held_out_scenes(args.frames)]
+    conditioning = {}
     plain = Renderer(EngineConfig(model="demo"))
     cache = StepCache(args.interval, args.depth)
     settings = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
@@ -90,11 +92,13 @@ def measure_demo(args) -> dict[str, Any]:
             seconds, images[name] = timed(lambda: render_prompts(plain, captions, s), CPU)
             runs[name]["total"].append(seconds)
             runs[name]["unet"].append(plain.times["unet"])
+        conditioning = {name: judged(img, captions)[0]["conditioning"] for name, img in images.items()}
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in runs.items()}
     return {"frames": len(captions), "steps": args.steps, "interval": args.interval, "depth": args.depth,
             "guidance": args.guidance, "repeats": args.repeats, "seconds": runs, "median_seconds": med,
             "unet_time_ratio": round(med["uncached"]["unet"] / med["cached"]["unet"], 3),
             "render_time_ratio": round(med["uncached"]["total"] / med["cached"]["total"], 3),
+            "judge_conditioning": conditioning,
             "psnr_db": round(psnr(images["cached"], images["uncached"]), 2),
             "ssim": round(ssim(images["cached"], images["uncached"]), 4),
             "max_abs_pixel_diff": int(np.abs(images["cached"].astype(int) - images["uncached"].astype(int)).max())}
@@ -123,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=4.0)  # the toy model's own (bench.toy_quality's default)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arch-repeats", type=int, default=3)
     ap.add_argument("--no-arch-timing", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -67,8 +67,8 @@ class EngineConfig:
     step_cache: int | None = None
     """--step-cache N: DeepCache-style step caching (engine/step_cache.py), off by default. LOSSY. Every N-th
     denoising step runs the whole UNet and keeps the deep features at skip branch `step_cache_depth`; the N-1 steps
-    between recompute only the shallow layers outside it. Cost: at N=3, 50 steps, branch 0 the UNet does about 2.6x
-    fewer FLOPs (bench/step_cache.py); pixels change -- every cached step reads features one to N-1 steps old, so
+    between recompute only the shallow layers outside it. Gain: at N=3, 50 steps, depth 0 the UNet does 2.55x
+    (SD 1.5, 512²) / 2.86x (SDXL, 1024²) fewer FLOPs (python -m movielm_fast.bench.step_cache). Cost: pixels change -- every cached step reads features one to N-1 steps old, so
     fine detail drifts while composition stays (PSNR against the uncached render is in bench/RESULTS.md). Useless
     at few steps (at <= 8 steps most steps are full ones, and each stale one costs more). None or 1: off. Recorded
     in each frame's resume key and the manifest; torch backend only; refused with consistency mode (anchor
