@@ -20,6 +20,7 @@ from movielm_fast.errors import UserError
 from .backends.base import create_backend
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
+from .fp8 import check_quantize
 from .frames import Frames
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
 from .models import load_model, load_refiner, load_vae
@@ -27,7 +28,6 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
-from .fp8 import check_quantize
 from .step_cache import check_step_cache
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
