@@ -70,8 +70,9 @@ class EngineConfig:
     between recompute only the shallow layers outside it and reuse those features. Gain, N=3, 50 steps, depth 0:
     2.55x (SD 1.5, 512²) / 2.86x (SDXL, 1024²) fewer UNet FLOPs; 2.4x less UNet time on the demo model on a CPU
     (python -m movielm_fast.bench.step_cache). Cost: each cached step reads features up to N-1 steps old, so fine
-    detail drifts while the layout stays: on the demo model 44 dB PSNR / 0.986 SSIM against the uncached render at
-    50 steps; at 20 steps 36.6 dB and the toy judge's conditioning rate 0.92 against 0.96 (bench.toy_quality).
+    detail drifts while the layout stays: on the demo model at 50 steps 44-45 dB PSNR / 0.99 SSIM against the
+    uncached render and the toy judge's conditioning rate 0.94 against 0.96; at 20 steps 36.6 dB and 0.92
+    (bench.toy_quality, 50 captions).
     Pointless at 8 steps or fewer: few steps can be skipped, and neighbouring steps differ more. None or 1: off.
     Recorded in each frame's resume key and the manifest; torch backend only; refused with consistency mode
     (anchor attention records and reads every attention layer at every step)."""
