@@ -201,3 +201,9 @@ def test_fp8_render_on_gpu(tiny_sd):
     a, b, c = _frame(plain), _frame(quant), _frame(graphed)
     assert quant.backend.fp8_layers and psnr(a, b) > 30.0
     assert np.abs(b.astype(int) - c.astype(int)).max() <= 1
+
+
+def test_bench_variant_takes_quantize():
+    from movielm_fast.bench.runner import backend_variant
+
+    assert backend_variant("torch+cuda_graphs+quantize=fp8") == ("torch", {"cuda_graphs": True, "quantize": "fp8"})
