@@ -14,6 +14,12 @@ skips - 1) caches only the mid block.
 `UNet2DConditionModel.forward` does (no diffusers class is patched); its full step computes exactly what the UNet
 computes, bit for bit. The cache itself is per batch (`StepCacheRun`, carried by the batch's `UNetCond`), so it
 composes with classifier-free guidance (the doubled batch is one batch) and with any batching of frames.
+
+Why not a maintained one: diffusers 0.42's cache hooks (diffusers.hooks: first-block cache, FasterCache, pyramid
+attention broadcast, TaylorSeer, MagCache) target transformer blocks of DiT models and skip attention, not UNet
+blocks; the DeepCache package (0.1.1) replaces `forward` on the pipeline's UNet blocks, needs a diffusers pipeline
+and its scheduler, keeps one cache for all calls and reads the step with `.item()` -- a monkey patch that cannot
+be captured as a CUDA graph nor keep two batches apart.
 """
 
 from __future__ import annotations
