@@ -44,6 +44,7 @@ from movielm_fast.export.specs import UNET, model_specs
 from movielm_fast.paths import atomic_write_text
 
 from .hardware import RESULTS, load_average, stats
+from .image_quality import psnr
 from .models import resolve_model
 from .report import CPU_PEER_FORMAT, save_result, write_results_md
 from .runner import PROMPTS, diffusers_pipeline
@@ -67,10 +68,6 @@ def gemm(dtype: torch.dtype, n: int, repeats: int) -> dict[str, Any]:
         samples.append(time.perf_counter() - t)
     s = stats(samples)
     return {"n": n, "seconds": s, "flops_per_s": 2 * n ** 3 / s["median"]}
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 def interleaved(calls: dict[str, Callable[[], Any]], repeats: int, log) -> dict[str, dict[str, Any]]:
     """Warm each call once (compiles happen here), then `repeats` rounds of every call in turn."""

@@ -70,7 +70,7 @@ def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
     allowed = {"attention", "sdpa_backend", "channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_qkv",
-               "compile_unet", "dtype"}
+               "compile_unet", "dtype", "quantize"}
     opts: dict[str, Any] = {}
     for part in parts:
         key, _, value = part.partition("=")

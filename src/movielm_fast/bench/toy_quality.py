@@ -9,8 +9,9 @@
   (and with the words "neon style" for reference), judged neon how often;
 - consistency: a movie whose two characters move between positions and backgrounds over its frames; how often each
   character is read with its colour (and shape) at its named place, with consistency mode none and anchor_attention;
-- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers) against fp32 DPM++ at `--steps` on the same
-  captions and seeds: the conditioning rate and how often the judge's reading is unchanged.
+- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against fp32
+  DPM++ at `--steps` on the same captions and seeds: the conditioning rate, how often the judge's reading is
+  unchanged, and PSNR / SSIM of the pixels.
 Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders beside it (the first 16 captions).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +31,13 @@ from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.pipeline import BatchSettings, FrameJob
 from movielm_fast.engine.plan import Style, parse_plan
 from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.step_cache import StepCache
 from movielm_fast.engine.style import StyleSettings, immobilize_style
 from movielm_fast.engine.toy import judge as J
 from movielm_fast.engine.toy import world as W
 
 from .hardware import RESULTS, load_average, machine_info
+from .image_quality import psnr, ssim
 from .report import TOY_FORMAT, save_result
 
 HELD_OUT_SEED = 1_000_000
@@ -147,19 +151,33 @@ def check_consistency(r: Renderer, args) -> dict:
     return out
 
 
+LOSSY_CASES = [  # name, EngineConfig fields, BatchSettings fields (besides the reference's)
+    ("bf16", {"dtype": "bf16"}, {}), ("fp16", {"dtype": "fp16"}, {}),
+    ("dpmpp 8 steps", {}, {"steps": 8}), ("dpmpp 4 steps", {}, {"steps": 4}),
+    ("lcm 4 steps", {}, {"steps": 4, "scheduler": "lcm"}),
+    ("euler_a 20 steps", {}, {"steps": 20, "scheduler": "euler_a"}),
+    ("fp8 (emulated)", {"quantize": "fp8-emulated"}, {}),
+    ("step cache N=2", {}, {"step_cache": StepCache(2, 0)}), ("step cache N=3", {}, {"step_cache": StepCache(3, 0)}),
+    ("step cache N=3, depth 2", {}, {"step_cache": StepCache(3, 2)}),
+    ("step cache N=3 + fp8 (emulated)", {"quantize": "fp8-emulated"}, {"step_cache": StepCache(3, 0)}),
+]
+
+
 def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
+    """Each lossy option against fp32 DPM++ at --steps, same captions and seeds: the judge's conditioning rate and
+    readings, and PSNR / SSIM of the pixels."""
     captions = [s.caption() for s in scenes]
     ref = [J.read(img) for img in fp32_images]
-    cases = [("bf16", "bf16", args.steps, "dpmpp"), ("fp16", "fp16", args.steps, "dpmpp"),
-             ("dpmpp 8 steps", "fp32", 8, "dpmpp"), ("dpmpp 4 steps", "fp32", 4, "dpmpp"),
-             ("lcm 4 steps", "fp32", 4, "lcm"), ("euler_a 20 steps", "fp32", 20, "euler_a")]
+    reference = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
     out = {}
     base = J.summarize([J.score(img, c) for img, c in zip(fp32_images, captions)])["conditioning"]
-    for name, dtype, steps, sched in cases:
+    for name, config, settings in LOSSY_CASES:
+        if args.lossy_cases and not any(name.startswith(p) for p in args.lossy_cases.split(",")):
+            continue
         t0 = time.perf_counter()
         try:
-            r = Renderer(EngineConfig(model=model, dtype=dtype))
-            images = render_prompts(r, captions, BatchSettings(64, 64, steps, args.guidance, sched))
+            r = Renderer(EngineConfig(model=model, **config))
+            images = render_prompts(r, captions, replace(reference, **settings))
         except Exception as exc:  # fp16 convolutions are missing on some CPU builds: report, go on
             out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             continue
@@ -167,7 +185,8 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
         same = sum(a == b for a, b in zip(readings, ref)) / len(ref)
         diff = np.abs(images.astype(np.int16) - fp32_images.astype(np.int16))
         out[name] = {"conditioning": rates["conditioning"], "delta_vs_fp32": rates["conditioning"] - base,
-                     "same_reading_as_fp32": same, "max_abs_pixel_diff": int(diff.max()),
+                     "same_reading_as_fp32": same, "psnr_db_vs_fp32": round(psnr(images, fp32_images), 2),
+                     "ssim_vs_fp32": round(ssim(images, fp32_images), 4), "max_abs_pixel_diff": int(diff.max()),
                      "mean_abs_pixel_diff": round(float(diff.mean()), 3), "seconds": round(time.perf_counter() - t0, 1)}
     return {"fp32_conditioning": base, "captions": len(captions), "cases": out}
 
@@ -183,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--style-steps", type=int, default=150)
     ap.add_argument("--story-seeds", type=int, default=3)
     ap.add_argument("--lossy-n", type=int, default=50)
+    ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
+                    "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

@@ -76,6 +76,34 @@ class EngineConfig:
     anchor_cache_mb: int = 4096
     """Character-anchor records (consistency mode) a renderer keeps in memory; beyond it the least recently used
     are dropped and recomputed when needed again."""
+    step_cache: int | None = None
+    """--step-cache N: DeepCache-style step caching (engine/step_cache.py), off by default. LOSSY. Every N-th
+    denoising step runs the whole UNet and keeps the deep features at skip branch `step_cache_depth`; the N-1 steps
+    between recompute only the shallow layers outside it and reuse those features. Gain, N=3, 50 steps, depth 0:
+    2.55x (SD 1.5, 512²) / 2.86x (SDXL, 1024²) fewer UNet FLOPs; 2.4x less UNet time on the demo model on a CPU
+    (python -m movielm_fast.bench.step_cache). Cost: each cached step reads features up to N-1 steps old, so fine
+    detail drifts while the layout stays: on the demo model at 50 steps 44-45 dB PSNR / 0.99 SSIM against the
+    uncached render and the toy judge's conditioning rate 0.94 against 0.96; at 20 steps 36.6 dB and 0.92
+    (bench.toy_quality, 50 captions).
+    Pointless at 8 steps or fewer: few steps can be skipped, and neighbouring steps differ more. None or 1: off.
+    Recorded in each frame's resume key and the manifest; torch backend only; refused with consistency mode
+    (anchor attention records and reads every attention layer at every step)."""
+    step_cache_depth: int = 0
+    """--step-cache-depth: the skip branch whose deep features are cached, counted from the outside (DeepCache's
+    branch id). 0: a cached step runs only conv_in, the last up-block layer and conv_out (fastest, most lossy);
+    larger: more layers recomputed on cached steps (slower, closer to the uncached render)."""
+    quantize: str | None = None
+    """--quantize fp8 | fp8-emulated (engine/fp8.py), off by default. LOSSY. fp8: the UNet's attention-block matmuls
+    (Q/K/V/out projections, feed-forward, proj_in/out) in FP8 e4m3 -- weights scaled per output channel once at
+    load, activations per token at run time -- through torch._scaled_mm on GPUs of compute capability 8.9+ (Ada,
+    Hopper); refused elsewhere. fp8-emulated: the same rounding, multiplied in fp32, on any device: slower than
+    fp32, for measuring quality. Time embeddings, conv_in/conv_out, 3x3 convolutions, norms, the text encoders and
+    the VAE stay in the model's dtype (why: engine/fp8.py). Cost (emulated, demo model, 20 steps): 44 dB PSNR and
+    0.994 SSIM against fp32, the toy judge's conditioning rate 0.94 against 0.96 (bench.toy_quality); the GPU
+    speed-up is not measured yet. The fp16 weights stay beside the e4m3 copy (LoRAs merge into them): memory grows
+    by half of those layers' fp16 weights. Composes with LoRA (only the layers a switch writes are quantized
+    again), CUDA graphs and --step-cache. Recorded in each frame's resume key and the manifest; torch backend
+    only."""
     loras: tuple[tuple[str, float], ...] = ()
     """--lora FILE[:SCALE]: (file, scale) merged into every movie, before its style's and its own LoRAs."""
     quiet: bool = False

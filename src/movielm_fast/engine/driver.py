@@ -336,6 +336,10 @@ class _Run:
                         "backend": info.backend, "image_format": image_format, "quality": quality}
             if planned and planned[0].settings.loras:
                 settings["loras"] = set_key(planned[0].settings.loras)
+            if planned and planned[0].settings.step_cache:
+                settings["step_cache"] = planned[0].settings.step_cache.key()
+            if planned and "quantize" in planned[0].key:  # as the renderer (maybe a remote worker) set it
+                settings["quantize"] = planned[0].key["quantize"]
             mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)
             anchors = {a.character: a for t in planned for a in t.job.anchors}
             mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])

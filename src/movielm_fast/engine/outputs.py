@@ -90,9 +90,13 @@ def resolve_quality(fmt: str, quality: int | None) -> int | None:
     return q
 
 
+LOSSY_KEYS = ("step_cache", "quantize")  # frame-key entries of lossy speed-ups, present only when used
+
+
 def frame_metadata(task: FrameTask, info: ModelInfo) -> dict[str, str]:
     """What a frame file carries so that it can be reproduced on its own: prompt, negative, seed, model, settings."""
     settings = {k: task.key[k] for k in ("width", "height", "steps", "guidance", "scheduler", "dtype")}
+    settings.update({k: task.key[k] for k in LOSSY_KEYS if k in task.key})  # opt-in lossy speed-ups, when used
     return {"prompt": task.job.prompt, "negative_prompt": task.job.negative_prompt, "seed": str(task.job.seed),
             "model": info.model_id, "model_hash": info.content_hash, "settings": json.dumps(settings)}
 

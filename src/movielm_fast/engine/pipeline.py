@@ -14,6 +14,7 @@ from .frames import Frames
 from .lora import LoraLibrary, LoraSet
 from .schedulers import make_scheduler, make_steps
 from .seeds import initial_latents
+from .step_cache import StepCache, StepCacheRun
 from .text import PromptEncoder
 
 
@@ -31,6 +32,7 @@ class BatchSettings:
     refiner_switch: float = 0.8  # fraction of the schedule the base denoises (diffusers' denoising_end)
     vae: str | None = None  # VAE folder that decodes instead of the model's own (resolved path)
     loras: LoraSet = ()  # the LoRA set merged into the weights (engine.lora): one set per batch
+    step_cache: StepCache | None = None  # DeepCache-style step caching (engine.step_cache; lossy); None: off
 
     def key(self) -> tuple:
         """These settings as a tuple for digests (an anchor's key), trailing defaults left out: an anchor keyed
@@ -140,6 +142,7 @@ sync: on a GPU it runs ahead of the device by up to a batch)."""
     latents = latents.to(device) * scheduler.init_noise_sigma
     if anchors is not None:
         cond.anchors = anchors.for_unet(timesteps, cfg)
+    cond.cache = StepCacheRun(s.step_cache) if s.step_cache else None  # each batch starts with a full step
     clock.lap("latents")
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
@@ -152,6 +155,7 @@ sync: on a GPU it runs ahead of the device by up to a batch)."""
     if refiner is not None:
         r_cfg = _uses_cfg(refiner.model, s)
         r_cond = _conditioning(refiner.model, refiner.encoder, jobs, s, r_cfg).to(device)
+        r_cond.cache = StepCacheRun(s.step_cache) if s.step_cache else None
         r_scheduler = make_scheduler(s.scheduler, refiner.model.scheduler_config, s.timestep_spacing)
         r_scheduler.set_timesteps(s.steps, device=device)
         start = switch_index(r_scheduler, s.refiner_switch, base=False)

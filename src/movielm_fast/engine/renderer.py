@@ -21,6 +21,7 @@ from movielm_fast.errors import UserError
 from .backends.base import create_backend
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
+from .fp8 import check_quantize
 from .frames import Frames
 from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
 from .models import (
@@ -36,6 +37,7 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
+from .step_cache import check_step_cache
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
 
@@ -92,6 +94,8 @@ class Renderer:
             # CPUs have no fp16 matrix units PyTorch uses: every op converts, measured 6x slower than fp32 here.
             log.warning("--dtype fp16 on the CPU is emulated and several times slower than fp32: use --dtype fp32 "
                         "(or --dtype auto); fp16 is for --device cuda")
+        self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
+        check_quantize(config.quantize, config.backend, config.torch_device)
         self.model = model or load_model(config.model)
         self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
@@ -185,10 +189,14 @@ class Renderer:
         s = self.info.resolved(lm, overrides)
         self._check_size(s)
         loras = self.lora_set(lm)
-        bs = batch_settings(s, loras)
+        bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
         self._experts(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
         extra = self._expert_key(bs)
         anchors = self.anchor_specs(lm, token, overrides)
+        if anchors and self.step_cache:
+            raise UserError(f"movie {lm.movie.id!r}: consistency mode cannot run with --step-cache (anchor attention "
+                            "records and reads every attention layer at every step; cached steps skip the deep ones)",
+                            "drop --step-cache, or render this movie with --consistency none")
         tasks = []
         for frame in lm.movie.frames:
             prompt = frame_prompt(lm.movie, frame, token)
@@ -200,6 +208,10 @@ class Renderer:
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
             if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
                 key["loras"] = set_key(loras)
+            if bs.step_cache:  # lossy: its frames differ; frames rendered without it keep their keys
+                key["step_cache"] = bs.step_cache.key()
+            if self.config.quantize:  # lossy, likewise
+                key["quantize"] = self.config.quantize
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))

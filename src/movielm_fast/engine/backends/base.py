@@ -23,6 +23,7 @@ class UNetCond:
     time_ids: torch.Tensor | None = None  # (B, 6)   SDXL size/crop conditioning
     timestep_cond: torch.Tensor | None = None  # (B, P) guidance embedding of guidance-distilled (LCM) UNets
     anchors: Any = None  # engine.consistency.AnchorBatch: character anchors (torch backend only)
+    cache: Any = None  # engine.step_cache.StepCacheRun: this batch's step cache (torch backend only)
 
     def to(self, device) -> "UNetCond":
         return UNetCond(*(None if x is None else x.to(device) for x in (

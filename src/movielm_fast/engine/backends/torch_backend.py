@@ -22,7 +22,9 @@ from .. import cpu, cuda_knobs
 from ..config import DTYPES
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
+from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
+from ..step_cache import CachedUNet, StepCacheRun
 from .base import UNetCond, register
 from .cuda_graph import GraphedCallable
 
@@ -85,6 +87,7 @@ class TorchBackend:
         cpu.print_auto_dtype_hint(config.dtype, self.device, config.quiet)
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
+        self.cached_steps: dict[int, tuple] = {}  # step cache: depth -> (full step, shallow step), made on first use
         # Asked for by flag: consistency batches (eager only) are then an error; the default steps aside for them.
         self._explicit_capture = config.compile_unet or bool(config.cuda_graphs)
         self.knobs = self._knobs(model, config)
@@ -101,8 +104,12 @@ class TorchBackend:
             self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
             if self.vae_dtype in (torch.float16, torch.bfloat16):
                 self._decode = Fp32FallbackDecoder(self.vae, self._decode)
+        self.fp8_layers: list[str] = []  # --quantize: the UNet layers that run in FP8 (engine/fp8.py)
+        self.fp8_requantized: list[str] = []  # and those the last LoRA switch quantized again
         if self.unet is not None:
             self._setup_unet(config, channels_last)
+            if config.quantize:  # after QKV fusion (the fused projections are what runs); graphs capture lazily
+                self.fp8_layers = quantize_unet(self.unet.unet, emulate=config.quantize == "fp8-emulated")
 
     def _setup_unet(self, config, channels_last: bool) -> None:
         if channels_last:
@@ -147,11 +154,14 @@ class TorchBackend:
             self.lora_merger = TorchMerger(library, self.graphs)
         before = self.lora_merger.current
         self.lora_merger.apply(loras, library)
+        if self.fp8_layers and self.lora_merger.current != before:
+            self.fp8_requantized = requantize_changed(self.unet.unet)  # the merged weights are what gets quantized
         if self.lora_merger.current != before and isinstance(self._unet_step, cpu.CompiledCpu):
             # Inductor's freezing folded the previous weights into the compiled graphs as constants, and dynamo's
             # guards do not look at weight values: drop every compiled graph and compile against the merged ones.
             torch._dynamo.reset()
             self._unet_step = cpu.CompiledCpu(self.unet, "UNet")
+            self.cached_steps.clear()
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
@@ -166,9 +176,38 @@ class TorchBackend:
         if cond.anchors is not None:
             return self._denoise_anchored(cast(latents), t, cond, cast)
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
+        args = (cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
+                cast(cond.timestep_cond))
         with self._sdpa():
-            return self._unet_step(cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds),
-                                   cast(cond.time_ids), cast(cond.timestep_cond))
+            if cond.cache is not None:
+                return self._denoise_cached(args, cond.cache)
+            return self._unet_step(*args)
+
+    def _denoise_cached(self, args: tuple, run: StepCacheRun) -> torch.Tensor:
+        """Step caching (engine.step_cache): the whole UNet on full steps, keeping its deep features; the shallow
+        layers alone in between. Both steps run the way the plain UNet step does (eager, compiled or graphed)."""
+        depth = run.cache.depth
+        if depth not in self.cached_steps:
+            model = CachedUNet(self.unet.unet, depth)
+            self.cached_steps[depth] = (self._like_unet_step(model.full, "UNet (full step)"),
+                                        self._like_unet_step(model.shallow, "UNet (cached step)"))
+        full, shallow = self.cached_steps[depth]
+        if run.full_now():
+            noise, run.features = full(*args)  # a graphed step's buffer: the shallow step copies it in, unchanged
+        else:
+            noise = shallow(*args, run.features)
+        run.advance()
+        return noise
+
+    def _like_unet_step(self, fn, name: str):
+        """`fn` wrapped as `_unet_step` wraps the UNet: compiled, captured as CUDA graphs, or eager."""
+        if isinstance(self._unet_step, cpu.CompiledCpu):
+            return cpu.CompiledCpu(fn, name)
+        if isinstance(self._unet_step, GraphedCallable):
+            return GraphedCallable(fn)
+        if self._unet_step is not self.unet:
+            return torch.compile(fn, mode="reduce-overhead" if self.device.type == "cuda" else None, dynamic=False)
+        return fn
 
     def _denoise_anchored(self, latents, t, cond: UNetCond, cast) -> torch.Tensor:
         """Consistency mode: the anchor processors read which rows attend to which anchors from `anchor_state`;
