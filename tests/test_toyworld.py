@@ -95,6 +95,6 @@ def test_world_and_judge_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, engine.toy.world, engine.toy.judge; print('torch' in sys.modules)"
+    code = "import sys, movielm_fast.engine.toy.world, movielm_fast.engine.toy.judge; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
