@@ -74,6 +74,7 @@ def test_the_shim_hides_packages_like_an_uninstalled_one():
 def rendered(tmp_path_factory):
     """What `render` leaves behind, made by hand (no model): one movie, two frames."""
     from movielm_fast.engine.outputs import MANIFEST_FORMAT
+    from movielm_fast.paths import sha256_file
 
     out = tmp_path_factory.mktemp("rendered")
     movie = {"id": "m", "style": {"name": "Flat"}, "characters": [{"name": "Ada", "appearance": "a woman"}],
@@ -82,8 +83,9 @@ def rendered(tmp_path_factory):
     (out / "m" / "frames").mkdir(parents=True)
     entries = []
     for frame in movie["frames"]:
-        Image.new("RGB", (32, 32), (200, 10, 10)).save(out / "m" / "frames" / f"{frame['id']}.png")
-        entries.append({"id": frame["id"], "file": f"frames/{frame['id']}.png"})
+        path = out / "m" / "frames" / f"{frame['id']}.png"
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+        entries.append({"id": frame["id"], "file": f"frames/{frame['id']}.png", "sha256": sha256_file(path)})
     (out / "m" / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "movie": movie,
                                                          "frames": entries}))
     return out

@@ -362,11 +362,13 @@ def _name_fix(name: str, names: dict[str, int], otherwise: str) -> str:
 
 def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) -> list[LoadedMovie]:
     """Validate decoded JSON and return the movies with their render settings cascaded (file level)."""
-    if not isinstance(data, dict):
-        raise PlanError(source, [("$", f"expected a JSON object, got {type(data).__name__}")])
-    problems = size_problems(data)  # before the schema: pydantic recurses, and echoes oversized input in errors
+    # Sizes first, whatever the type: json.loads only hits a RecursionError below the interpreter's recursion limit,
+    # which other libraries raise (torch.compile does), and pydantic recurses and echoes oversized input in errors.
+    problems = size_problems(data)
     if problems:
         raise PlanError(source, problems)
+    if not isinstance(data, dict):
+        raise PlanError(source, [("$", f"expected a JSON object, got {type(data).__name__}")])
     is_multi = "movies" in data
     root: type[BaseModel] = PlanFile if is_multi else Movie
     try:
