@@ -46,14 +46,17 @@ def _quiet_libraries() -> None:
 @render_options
 def render_cmd(plans, out, **kw):
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.engine.cluster import render_on_ray
     from movielm_fast.engine.driver import render
+    from movielm_fast.engine.startup import StartupClock
 
+    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
     config, cluster, as_json = engine_config(out, kw)
     if cluster is not None:
+        from movielm_fast.engine.cluster import render_on_ray  # Ray's executor: only for --cluster
+
         summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
     else:
-        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb))
+        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb, clock=clock))
     d = summary.as_dict()
     failures = d.get("failures", [])
     if as_json:

@@ -18,6 +18,7 @@ import torch
 from movielm_fast.errors import UserError
 
 from .backends.base import create_backend
+from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, throughput_batch
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .frames import Frames
@@ -27,6 +28,7 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
+from .startup import timed
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
 
@@ -70,8 +72,15 @@ class Renderer:
     def __init__(self, config: EngineConfig, model=None, backend=None):
         self.config = config
         config.torch_device  # fail fast on a bad device before loading gigabytes
-        self.model = model or load_model(config.model)
-        self.backend = backend or create_backend(config.backend, self.model, config)
+        self.startup: dict[str, float] = {}  # engine.startup phases of this renderer's set-up
+        with timed(self.startup, "model_load"):
+            # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
+            # (ONNX Runtime, TensorRT) trace float32 modules on the host.
+            target = (config.torch_dtype, config.torch_device) if config.backend == "torch" else None
+            self.model = model or load_model(config.model, target=target)
+        self.startup.update(self.model.load_seconds if model is None else {})
+        with timed(self.startup, "backend_setup"):
+            self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
         self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
@@ -242,8 +251,12 @@ class Renderer:
         return StyleToken(result.token, tuple(result.vectors), str(result.path))
 
     def auto_batch_size(self, s: BatchSettings) -> int:
+        """engine.batching: on a GPU, what fits in memory capped by the model's throughput knee."""
         if self.backend.device.type != "cuda":
-            return 4  # CPU throughput barely grows with batch; keep the in-flight loss small
+            return CPU_AUTO_BATCH
+        return throughput_batch(self.model.kind, s.width, s.height, self._batch_fits(s))
+
+    def _batch_fits(self, s: BatchSettings) -> int:
         free, _ = torch.cuda.mem_get_info(self.backend.device)
         # Peak activation memory of a UNet step grows ~linearly with batch; measure it once at batch 1.
         torch.cuda.reset_peak_memory_stats(self.backend.device)
@@ -251,7 +264,7 @@ class Renderer:
         probe = FrameJob("probe", "probe", "probe", "", 0)
         self.render([probe], replace(s, steps=1, refiner=None))
         per_sample = max(torch.cuda.max_memory_allocated(self.backend.device) - base, 1)
-        return int(max(1, min(64, 0.85 * free // per_sample)))
+        return int(max(1, min(MAX_AUTO_BATCH, 0.85 * free // per_sample)))
 
 
 def batch_settings(s: RenderSettings, loras: LoraSet = ()) -> BatchSettings:
