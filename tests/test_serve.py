@@ -181,3 +181,22 @@ def test_killed_server_resumes_the_queue_without_rendering_twice(tmp_path):
     assert len(after) == 6 and all(after[n] == v for n, v in before.items())  # none written twice
     manifest = json.loads((root / "kill" / "manifest.json").read_text())
     assert len(manifest["frames"]) == 6
+
+
+def test_render_server_submits_and_follows(tmp_path, server):
+    from tests.helpers import cli_json
+
+    plan = write_plan(tmp_path / "plan.json", [movie("cli", 2)], SMALL)
+    rec = cli_json(["render", str(plan), "--server", server.url, "--out", "viacli", "--json"])
+    assert rec["state"] == "done" and rec["out"] == "viacli" and rec["summary"]["rendered"] == 2
+    assert Path(rec["summary"]["storyboards"][0]).parent.parent.name == "viacli"
+
+
+def test_render_server_unreachable_is_a_clean_error(tmp_path):
+    from click.testing import CliRunner
+
+    from movielm_fast.cli.main import cli
+
+    plan = write_plan(tmp_path / "plan.json", [movie("x", 1)], SMALL)
+    res = CliRunner().invoke(cli, ["render", str(plan), "--server", f"http://127.0.0.1:{_port()}"])
+    assert res.exit_code == 2 and "cannot reach the server" in res.output
