@@ -15,7 +15,7 @@ A run reports (`render --json`, key "startup"):
     first_write      the first batch's result -> its first image file on disk
 
 `time_to_first_image` counts from the clock's origin: the process start for `render`, the plan's arrival for
-`serve` (whose model is already loaded, so it has no imports or model_load).
+`serve` (whose model is already loaded, so it has no imports or model_load, and `queued` is the plan's wait).
 """
 
 from __future__ import annotations

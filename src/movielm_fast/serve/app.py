@@ -4,7 +4,7 @@ thread.
     POST /plans[?out=SUB]   body: a plan (the JSON of plan.json) -> 202 {"id", "state", ...}; rendered into OUT/SUB
     GET  /plans/{id}        progress and, when finished, the run summary (`render --json`'s) or the error
     GET  /plans             every plan the server knows
-    GET  /health            {"ok": true, "model": ...}
+    GET  /health            {"ok": true, "model": ..., "startup": the server's model-load phases}
 
 Bad requests get a 4xx whose JSON is {"error": message, "hint": fix} -- the CLI's UserError texts: 400 malformed
 JSON or an `out` outside the output root, 413 a body over the limit, 422 an invalid plan, 401 a missing token,
@@ -19,12 +19,13 @@ import json
 import logging
 import tempfile
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import Job, render_job
+from movielm_fast.engine.driver import Job, render_job, take_startup
 from movielm_fast.engine.executors import LocalExecutor
 from movielm_fast.engine.startup import StartupClock
 from movielm_fast.errors import UserError
@@ -44,6 +45,7 @@ class Server:
         self.config, self.token = config, token
         self.queue = PlanQueue(config.out)
         self.executor = LocalExecutor(config)  # the model loads once, here
+        self.startup = take_startup(self.executor)  # the server's own start, charged to no plan (GET /health)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._render_loop, name="movielm-serve-render", daemon=True)
 
@@ -68,7 +70,11 @@ class Server:
 
         try:
             config = replace(self.config, out=output_folder(self.config.out, rec["out"]), quiet=True)
-            job = Job.load(config, [self.queue.plan_path(job_id)], StartupClock())
+            # The time to first image counts from the plan's arrival: its wait in the queue is a phase of its own.
+            waited = max(0.0, time.time() - rec["submitted"])
+            clock = StartupClock(time.perf_counter() - waited)
+            clock.add("queued", waited)
+            job = Job.load(config, [self.queue.plan_path(job_id)], clock)
             summary = render_job(job, progress=progress, executor=self.executor).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
                               error=None)
@@ -155,7 +161,8 @@ def create_app(server: Server):
         return JSONResponse({"plans": server.queue.all()})
 
     async def health(request):
-        return JSONResponse({"ok": True, "model": server.executor.info.model_id})
+        return JSONResponse({"ok": True, "model": server.executor.info.model_id,
+                             "startup": {k: round(v, 4) for k, v in server.startup.items()}})
 
     return Starlette(routes=[Route("/plans", submit, methods=["POST"]), Route("/plans", listing, methods=["GET"]),
                              Route("/plans/{job_id}", status, methods=["GET"]), Route("/health", health)])
