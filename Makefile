@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= onnx,llm,video,cluster,bench,dev
+EXTRAS ?= onnx,llm,video,cluster,bench,serve,dev
 
 .PHONY: demo test install clean
 

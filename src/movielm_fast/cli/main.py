@@ -48,17 +48,25 @@ def _quiet_libraries() -> None:
              help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--server", help="Send the plans to a running `movielm-fast serve` at this URL and follow them; --out "
+                               "is then relative to the server's output root, and render flags are the server's.")
+@click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="The server's token (env MOVIELM_SERVE_TOKEN).")
 @render_options
-def render_cmd(plans, out, **kw):
+def render_cmd(plans, out, server, token, **kw):
+    if server:
+        return _render_on_server(server, token, plans, out, kw.get("as_json"))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.engine.cluster import render_on_ray
     from movielm_fast.engine.driver import render
+    from movielm_fast.engine.startup import StartupClock
 
+    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
     config, cluster, as_json = engine_config(out, kw)
     if cluster is not None:
+        from movielm_fast.engine.cluster import render_on_ray  # Ray's executor: only for --cluster
+
         summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
     else:
-        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb))
+        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb, clock=clock))
     d = summary.as_dict()
     failures = d.get("failures", [])
     if as_json:
@@ -103,6 +111,27 @@ def eval_cmd(outs, clip_path, device, as_json):
                        f"({m['anchor_pairs']} pairs)")
 
 
+def _render_on_server(server, token, plans, out, as_json):
+    from movielm_fast.serve.client import follow, submit
+
+    failed = False
+    for plan in plans:
+        rec = submit(server, plan, token, None if out == Path("out") else str(out))
+        click.echo(f"submitted {plan} as {rec['id']}", err=True)
+        rec = follow(server, rec["id"], token)
+        failed |= rec["state"] == "failed"
+        if as_json:
+            click.echo(json.dumps(rec))
+        elif rec["error"]:
+            click.echo(f"failed: {rec['error']['error']} ({rec['error']['hint']})", err=True)
+        else:
+            d = rec["summary"]
+            click.echo(f"{rec['id']}: {d['rendered']} frame(s) rendered, {d['skipped']} already done in "
+                       f"{d['seconds']:.1f} s; first image after {d['startup']['time_to_first_image']} s")
+    if failed:
+        sys.exit(1)
+
+
 def _with_progress(config, run):
     from .progress import with_progress
 
@@ -114,9 +143,10 @@ def _register_commands() -> None:
     from .export_cmds import export_cmd
     from .llm_cmds import dataset_cmd, plan_cmd, qa_cmd
     from .make_cmds import make_cmd
+    from .serve_cmds import serve_cmd
     from .style_cmds import style_group
 
-    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd):
+    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd, serve_cmd):
         cli.add_command(cmd)
 
 

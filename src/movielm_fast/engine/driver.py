@@ -24,6 +24,7 @@ from typing import Any, Callable
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
 
+from .batching import first_frame_alone, ramp_first_batch
 from .config import EngineConfig
 from .executors import Batch, Executor, LocalExecutor, Rendered, reason
 from .lora import check_lora_file, set_key
@@ -31,6 +32,7 @@ from .oom import smaller
 from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
 from .plan import LoadedMovie, load_plan
 from .renderer import FrameTask, StyleToken
+from .startup import StartupClock
 from .textual_inversion import load_embedding, vectors_for_model
 from .writer import Writer
 
@@ -66,6 +68,7 @@ class Summary:
     startup_seconds: float = 0.0
     write: dict[str, float] = field(default_factory=dict)
     lora_seconds: float = 0.0  # merging LoRA sets into the weights (ONNX Runtime: recreating sessions)
+    startup: dict[str, Any] = field(default_factory=dict)  # engine.startup: seconds per phase, time to first image
 
     @property
     def images_per_second(self) -> float:
@@ -78,6 +81,8 @@ class Summary:
              "unet_steps_per_second": round(self.unet_steps / max(self.render_seconds, 1e-9), 3),
              "batch_size": self.batch_size, "storyboards": self.storyboards, "failures": self.failures,
              "write": self.write}
+        if self.startup:
+            d["startup"] = self.startup
         if self.lora_seconds:
             d["lora_apply_seconds"] = round(self.lora_seconds, 3)
         if self.workers:
@@ -172,26 +177,43 @@ class Job:
     movies: list[LoadedMovie]
     encoding: tuple[str, int | None]  # (image format, encoder quality; None for PNG)
     started: float = field(default_factory=time.perf_counter)  # the summary's seconds count from here
+    clock: StartupClock = field(default_factory=StartupClock)  # engine.startup: phases, time to first image
 
     @classmethod
-    def load(cls, config: EngineConfig, plan_paths: list[str | Path]) -> Job:
+    def load(cls, config: EngineConfig, plan_paths: list[str | Path], clock: StartupClock | None = None) -> Job:
         started = time.perf_counter()
-        movies = collect_plans(plan_paths)  # 1. plans
-        for path, _ in config.loras:
-            check_lora_file(Path(path), "--lora")
-        check_movie_owners(config, movies)  # before anything is written to OUT
-        check_output_folder(config.out)
-        remove_stale_temporaries(config.out)  # a killed run's (movies' own folders: MovieOutputs)
+        clock = clock or StartupClock(started)
+        with clock.phase("plan"):
+            movies = collect_plans(plan_paths)  # 1. plans
+            for path, _ in config.loras:
+                check_lora_file(Path(path), "--lora")
+            check_movie_owners(config, movies)  # before anything is written to OUT
+            check_output_folder(config.out)
+            remove_stale_temporaries(config.out)  # a killed run's (movies' own folders: MovieOutputs)
         return cls(config, movies, (config.image_format, resolve_quality(config.image_format, config.image_quality)),
-                   started)
+                   started, clock)
 
 
 def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progress | None = None,
-           executor: Executor | None = None) -> Summary:
+           executor: Executor | None = None, clock: StartupClock | None = None) -> Summary:
     """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
-    executor, renders in this process (LocalExecutor)."""
+    executor, renders in this process (LocalExecutor). `clock`: where start-up phases count from (the CLI's: the
+    process start); by default, this call.
+
+    The model loads after the plans are validated, not beside them: validation takes milliseconds, and a load left
+    running after a bad plan would keep accelerate's process-wide empty-weights patch active while the caller (a
+    test session, `serve`) builds other modules."""
     report_stage(progress, "validate")
-    return render_job(Job.load(config, plan_paths), progress=progress, executor=executor)
+    return render_job(Job.load(config, plan_paths, clock), progress=progress, executor=executor)
+
+
+def take_startup(executor: Executor) -> dict[str, float]:
+    """The start-up phases an executor measured while loading (LocalExecutor.startup), once: a resident executor
+    (serve) charges its model load to the first job only."""
+    phases = getattr(executor, "startup", None) or {}
+    taken = dict(phases)
+    phases.clear()
+    return taken
 
 
 def render_job(job: Job, *, progress: Progress | None = None, executor: Executor | None = None) -> Summary:
@@ -199,12 +221,14 @@ def render_job(job: Job, *, progress: Progress | None = None, executor: Executor
     if executor is None:
         report_stage(progress, "load")
         executor = LocalExecutor(job.config, on_step=getattr(progress, "step", None))
+    job.clock.update(take_startup(executor))  # the model's phases, for the job that waited for its load
     run = _Run(job, executor, progress)
     try:
         run.execute()
     finally:
         run.executor.cancel()  # after an interrupt: nothing of this job keeps running
     run.summary.seconds = time.perf_counter() - job.started
+    run.summary.startup = job.clock.as_dict()
     return run.summary
 
 
@@ -279,12 +303,15 @@ class _Run:
         self.failures: dict[str, str] = {}  # movie id -> why it is not complete
         self.tokens: dict[str, StyleToken | None] = {}
         self.outputs: dict[str, MovieOutputs] = {}
+        self.first_result: float | None = None  # when the first batch came back (engine.startup's first_write)
 
     def execute(self) -> None:
-        config, summary = self.config, self.summary
+        config, summary, clock = self.config, self.summary, self.job.clock
         report_stage(self.progress, "styles")
-        self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
-        tasks = self.plan_tasks()  # 3. tasks
+        with clock.phase("styles"):
+            self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
+        with clock.phase("tasks"):
+            tasks = self.plan_tasks()  # 3. tasks
         todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
         summary.frames_skipped = len(tasks) - len(todo)
         rendering: dict[str, list[str]] = {}
@@ -293,7 +320,8 @@ class _Run:
         for movie_id, mo in self.outputs.items():
             mo.save()  # drops entries of frames no longer in the plan
             mo.expect(rendering.get(movie_id, ()))
-        writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads)
+        writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads,
+                        on_image=clock.image_written)
         try:
             report_stage(self.progress, "render")
             self.render(writer, todo)  # 4.-6.
@@ -308,6 +336,8 @@ class _Run:
                     mo.save()
                 for movie_id, why in writer.failures.items():
                     self.failures.setdefault(movie_id, why)
+        if self.first_result is not None and clock.first_image is not None:
+            clock.add("first_write", max(0.0, clock.first_image - self.first_result))
         written = set(writer.times.storyboards)
         for mo in self.outputs.values():
             if mo.complete():  # complete before this run too: its dialogue may have changed
@@ -359,7 +389,10 @@ class _Run:
         if progress:
             progress(0, len(todo))
         queue = deque(make_batches(todo, size))
+        if ramp_first_batch(self.config):
+            queue = deque(first_frame_alone(list(queue)))  # the first file after one frame's work, not a batch's
         t0 = time.perf_counter()
+        first = True
         try:
             while queue or executor.pending:
                 while queue and executor.has_room():
@@ -368,6 +401,12 @@ class _Run:
                     want = frozenset(a.key for t in frames for a in t.job.anchors) - writer.anchors_saved
                     executor.submit(Batch(frames, list(used.values()), self.job.encoding, want))
                 batch, result = executor.next_result()
+                if first:
+                    first = False
+                    self.first_result = time.perf_counter()
+                    self.job.clock.add("first_batch", self.first_result - t0)
+                    if isinstance(result, Rendered):
+                        self.job.clock.add("first_prompt_encode", result.prompt_seconds)
                 if isinstance(result, Rendered):
                     writer.put(batch, result)
                     summary.frames_rendered += len(batch.tasks)

@@ -64,6 +64,7 @@ class Rendered:
     seconds: float
     anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
     lora_seconds: float = 0.0  # of `seconds`: merging its LoRA set into the weights (0 when the set was in place)
+    prompt_seconds: float = 0.0  # of `seconds`: encoding its prompts (engine.startup reports the first batch's)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSett
 def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Failed:
     """Render one batch on `renderer` (binding its tokens first: a restarted worker has none) -> a typed result."""
     t0 = time.perf_counter()
-    lora0 = renderer.times.get("lora", 0.0)
+    lora0, prompt0 = renderer.times.get("lora", 0.0), renderer.times.get("prompt", 0.0)
     try:
         renderer.bind(batch.tokens)
         images, anchors = renderer.render([t.job for t in batch.tasks], batch.settings, batch.want_anchors)
@@ -137,7 +138,8 @@ def run_batch(renderer: Renderer, batch: Batch, encode: bool) -> Rendered | Fail
             return Failed(reason(exc), oom=True)
         log.debug("batch failed", exc_info=True)
         return Failed(reason(exc, renderer.info.dtype))
-    return Rendered(images, encoded, time.perf_counter() - t0, anchors, renderer.times.get("lora", 0.0) - lora0)
+    return Rendered(images, encoded, time.perf_counter() - t0, anchors, renderer.times.get("lora", 0.0) - lora0,
+                    renderer.times.get("prompt", 0.0) - prompt0)
 
 
 class LocalExecutor:
@@ -150,6 +152,7 @@ class LocalExecutor:
         if on_step is not None:  # per-step progress of the batch in flight (a Ray run reports whole batches)
             self.renderer.on_step = on_step
         self.info = self.renderer.info
+        self.startup = self.renderer.startup  # engine.startup phases of the model load (the driver takes them)
         self._queue: deque[Batch] = deque()
 
     def train_style(self, style: Style) -> StyleToken:

@@ -10,7 +10,10 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ class ModelBundle:
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
     latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
+    load_seconds: dict[str, float] = field(default_factory=dict)  # engine.startup: weights, tokenizers, hash
 
     @property
     def vae_scale_factor(self) -> int:
@@ -156,9 +160,12 @@ def _load_hint(exc: Exception, otherwise: str) -> str:
     return otherwise
 
 
-def _load(cls, path: Path, subfolder: str, dtype):
+def _load(cls, path: Path, subfolder: str, dtype, device=None):
     try:
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        if device is not None:
+            # Each tensor is cast and placed as it is read: no full-precision copy of the module in host memory.
+            kwargs["device_map"] = {"": device}
         return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
     except Exception as exc:  # diffusers/transformers raise many types for a broken folder
         raise UserError(f"cannot load the model's {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
@@ -181,7 +188,7 @@ def _load_tokenizer(path: Path, subfolder: str):
                         "the folder needs the tokenizer files as diffusers saves them") from None
 
 
-def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
+def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
     index = json.loads((path / "model_index.json").read_text())
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
@@ -194,16 +201,55 @@ def _from_folder(path: Path, model_id: str, dtype) -> ModelBundle:
     else:
         raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline; movielm-fast renders Stable Diffusion "
                         "1.x/2.x and SDXL text-to-image models", "pass a folder saved by StableDiffusion(XL)Pipeline")
-    encoders, tokenizers = [_load(CLIPTextModel, path, "text_encoder", dtype)], [_load_tokenizer(path, "tokenizer")]
-    if kind == "sdxl":
-        encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
-        tokenizers.append(_load_tokenizer(path, "tokenizer_2"))
-    scheduler_config = _read_scheduler_config(path)
+    tokenizer_folders = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
+    seconds: dict[str, float] = {}
+    # The content hash (file reads, hashlib releases the GIL) and the tokenizers (JSON) run beside the weights;
+    # the modules load one at a time on this thread (accelerate's empty-weights context is process-wide).
+    with ThreadPoolExecutor(2, thread_name_prefix="movielm-load") as pool:
+        hashed = pool.submit(_timed, seconds, "content_hash", content_hash, path)
+        tokenized = pool.submit(_timed, seconds, "model_tokenizers",
+                                lambda: [_load_tokenizer(path, sub) for sub in tokenizer_folders])
+        t0 = time.perf_counter()
+        try:
+            encoders = [_load(CLIPTextModel, path, "text_encoder", dtype, device)]
+            if kind == "sdxl":
+                encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype, device))
+            unet = _load(UNet2DConditionModel, path, "unet", dtype, device)
+            vae = _load(AutoencoderKL, path, "vae", _vae_load_dtype(path, dtype), device)
+            seconds["model_weights"] = time.perf_counter() - t0
+        finally:  # a broken component's UserError wins; the threads end either way
+            tokenizers, digest = tokenized.result(), hashed.result()
     return ModelBundle(
-        kind=kind, model_id=model_id, path=path, content_hash=content_hash(path),
-        unet=_load(UNet2DConditionModel, path, "unet", dtype), vae=_load(AutoencoderKL, path, "vae", dtype),
-        text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler_config,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+        kind=kind, model_id=model_id, path=path, content_hash=digest, unet=unet, vae=vae, text_encoders=encoders,
+        tokenizers=tokenizers, scheduler_config=_read_scheduler_config(path),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")),
+        load_seconds=seconds)
+
+
+def _timed(seconds: dict[str, float], name: str, fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        seconds[name] = time.perf_counter() - t0
+
+
+def _vae_load_dtype(path: Path, dtype):
+    """The dtype the VAE is loaded in: the one it will run in (export.specs.component_dtype: a VAE whose config
+    says it overflows in fp16 stays fp32), so it is never cast twice."""
+    if dtype is None:
+        return None
+    from movielm_fast.export.specs import VAE_DECODER, component_dtype
+
+    from .config import DTYPES
+
+    try:
+        config = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}  # the VAE's own load names the problem
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    stub = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(**config)))
+    return DTYPES[component_dtype(stub, VAE_DECODER, name)]
 
 
 def _is_refiner(index: dict[str, Any]) -> bool:
@@ -343,10 +389,15 @@ def _check_safetensors(path: Path) -> None:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
-    """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file."""
+def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
+    """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file.
+
+    `target`: (torch dtype, torch device) the modules of a folder model run in: each is loaded straight into that
+    dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device, instead of a float32
+    copy on the host that the backend then casts and copies. A single file loads as its pipeline class does."""
+    dtype, device = target if target is not None else (dtype, None)
     if str(spec) == "demo":
-        return _from_folder(demo_model_path(), "demo", dtype)
+        return _from_folder(demo_model_path(), "demo", dtype, device)
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
@@ -359,8 +410,8 @@ def load_model(spec: str | os.PathLike, dtype=None) -> ModelBundle:
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
             raise UserError(f"{path} is not a model checkpoint", "pass a diffusers folder or a .safetensors file")
-        return _from_single_file(path, dtype)
+        return _from_single_file(path, None if target is not None else dtype)
     if not (path / "model_index.json").exists():
         raise UserError(f"{path} has no model_index.json, so it is not a diffusers model folder",
                         "pass the folder that contains model_index.json (as saved by save_pretrained)")
-    return _from_folder(path, path.name, dtype)
+    return _from_folder(path, path.name, dtype, device)

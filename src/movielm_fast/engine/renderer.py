@@ -19,6 +19,7 @@ import torch
 from movielm_fast.errors import UserError
 
 from .backends.base import create_backend
+from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, throughput_batch
 from .config import EngineConfig
 from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
 from .fp8 import check_quantize
@@ -37,6 +38,7 @@ from .pipeline import BatchSettings, Expert, FrameJob, render_batch
 from .plan import LoadedMovie, RenderSettings, Style
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .seeds import frame_seed
+from .startup import timed
 from .step_cache import check_step_cache
 from .style import SceneRenderer, immobilize_style
 from .text import PromptEncoder
@@ -96,8 +98,15 @@ class Renderer:
                         "(or --dtype auto); fp16 is for --device cuda")
         self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
         check_quantize(config.quantize, config.backend, config.torch_device)
-        self.model = model or load_model(config.model)
-        self.backend = backend or create_backend(config.backend, self.model, config)
+        self.startup: dict[str, float] = {}  # engine.startup phases of this renderer's set-up
+        with timed(self.startup, "model_load"):
+            # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
+            # (ONNX Runtime, TensorRT) trace float32 modules on the host.
+            target = (config.torch_dtype, config.torch_device) if config.backend == "torch" else None
+            self.model = model or load_model(config.model, target=target)
+        self.startup.update(self.model.load_seconds if model is None else {})
+        with timed(self.startup, "backend_setup"):
+            self.backend = backend or create_backend(config.backend, self.model, config)
         self.encoder = PromptEncoder(self.model, self.backend)
         self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
@@ -291,8 +300,12 @@ class Renderer:
         return StyleToken(result.token, tuple(result.vectors), str(result.path))
 
     def auto_batch_size(self, s: BatchSettings) -> int:
+        """engine.batching: on a GPU, what fits in memory capped by the model's throughput knee."""
         if self.backend.device.type != "cuda":
-            return 4  # CPU throughput barely grows with batch; keep the in-flight loss small
+            return CPU_AUTO_BATCH
+        return throughput_batch(self.model.kind, s.width, s.height, self._batch_fits(s))
+
+    def _batch_fits(self, s: BatchSettings) -> int:
         free, _ = torch.cuda.mem_get_info(self.backend.device)
         # Peak activation memory of a UNet step grows ~linearly with batch; measure it once at batch 1.
         torch.cuda.reset_peak_memory_stats(self.backend.device)
@@ -300,7 +313,7 @@ class Renderer:
         probe = FrameJob("probe", "probe", "probe", "", 0)
         self.render([probe], replace(s, steps=1, refiner=None))
         per_sample = max(torch.cuda.max_memory_allocated(self.backend.device) - base, 1)
-        return int(max(1, min(64, 0.85 * free // per_sample)))
+        return int(max(1, min(MAX_AUTO_BATCH, 0.85 * free // per_sample)))
 
 
 def batch_settings(s: RenderSettings, loras: LoraSet = ()) -> BatchSettings:

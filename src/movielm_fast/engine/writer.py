@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from PIL import Image
 
@@ -74,9 +75,11 @@ class WriteTimes:
 
 class Writer:
     def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, *, encoding: tuple[str, int | None],
-                 threads: int, max_batches: int = 2):
-        """`encoding`: (image format, quality) as the driver resolved them (outputs.resolve_quality)."""
+                 threads: int, max_batches: int = 2, on_image: Callable[[], None] | None = None):
+        """`encoding`: (image format, quality) as the driver resolved them (outputs.resolve_quality). `on_image`:
+        called after each frame file is on disk (engine.startup's time to first image)."""
         self.outputs, self.info = outputs, info
+        self.on_image = on_image
         self.image_format, self.quality = encoding
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="movielm-writer", initializer=_yield_to_render,
                                        initargs=(WRITER_NICENESS,)) if threads > 0 else None
@@ -152,6 +155,8 @@ class Writer:
         t2 = time.perf_counter()
         atomic_write_bytes(mo.dir / mo.frame_file(task), data)
         t3 = time.perf_counter()
+        if self.on_image is not None:
+            self.on_image()
         # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files);
         # the sheet encodes each row of thumbnails as soon as it is complete.
         mo.add_thumbnail(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)

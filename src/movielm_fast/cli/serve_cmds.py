@@ -1,0 +1,29 @@
+"""`movielm-fast serve`: flags -> EngineConfig -> serve.app. The server itself lives in movielm_fast.serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import engine_config, render_options
+
+
+@click.command("serve", help="A resident renderer: load the model once, keep it warm, and render plans POSTed to "
+                             "http://HOST:PORT/plans as they come (same outputs, manifests and resume as `render`). "
+                             "Accepted plans survive a killed server: a restart resumes them. Render flags set the "
+                             "server's settings. Needs the [serve] extra.")
+@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True,
+              help="Output root: every plan renders into it (or into ?out=SUB below it).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Bind address; anything but 127.0.0.1/localhost requires --token.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every request "
+                                                            "(env MOVIELM_SERVE_TOKEN).")
+@render_options
+def serve_cmd(out, host, port, token, **kw):
+    from movielm_fast.serve.app import serve
+
+    config, _, _ = engine_config(out, kw)
+    click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
+    serve(config, host=host, port=port, token=token)

@@ -1,0 +1,50 @@
+"""How many frames go into a batch: `--batch-size auto` for throughput, and a first batch of one frame.
+
+A batch larger than the device needs to be busy buys little throughput and delays every file by the whole batch:
+on an H200 (2026-12-04, ../shared/gpu-h200-20261204), SD 1.5-arch 512², 20 steps, fp16, a batch of 8 gave
+6.44 images/s in bench.gpu and the batch of 64 that the memory-only rule chose 6.92 in the render summary (7% more)
+while its first file waited for 64 frames' work; SDXL 1024² went from 1.062 s/frame at batch 1 to 0.915 at 4.
+So "auto" takes the smallest of: what fits in memory, the throughput knee of the architecture scaled to the
+frame size (the knee is a number of latent pixels in flight), and 64.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MAX_AUTO_BATCH = 64
+
+THROUGHPUT_KNEE: dict[str, tuple[int, int]] = {
+    "sd": (8, 512 * 512),  # SD 1.x/2.x: 8 frames of 512²; beyond it under 8% more images/s (H200 above)
+    "sdxl": (4, 1024 * 1024),  # SDXL: 4 frames of 1024²
+}
+"""Model kind -> (frames, at this many pixels per frame) where a CUDA GPU's images/s stops growing with batch."""
+
+CPU_AUTO_BATCH = 4
+"""A CPU's throughput barely grows with batch: a few frames keep the in-flight loss (Ctrl-C, out of memory) small."""
+
+
+def throughput_batch(kind: str, width: int, height: int, fits: int) -> int:
+    """The "auto" batch size on a GPU: `fits` (the most that fit in free memory) capped by the throughput knee of
+    model `kind` at width x height (an unknown kind uses SD's), and by MAX_AUTO_BATCH."""
+    frames, pixels = THROUGHPUT_KNEE.get(kind, THROUGHPUT_KNEE["sd"])
+    knee = max(1, round(frames * pixels / (width * height)))
+    return max(1, min(fits, knee, MAX_AUTO_BATCH))
+
+
+def ramp_first_batch(config) -> bool:
+    """Whether the run's first batch is a single frame (its file lands after one frame's work): with "auto" batch
+    sizes only (a size the user gave is kept), and not where a new batch size costs a CUDA graph capture or a
+    compile of its own: --cuda-graphs, --compile, and bf16 on the CPU (engine/cpu.py compiles there by itself)."""
+    cpu_bf16 = config.dtype == "bf16" and config.device == "cpu"
+    return config.batch_size == "auto" and not (config.cuda_graphs or config.compile_unet or cpu_bf16)
+
+
+def first_frame_alone(batches: list[list[T]]) -> list[list[T]]:
+    """The first batch split into its first frame, then the rest of it; later batches unchanged."""
+    if not batches or len(batches[0]) < 2:
+        return batches
+    head = batches[0]
+    return [head[:1], head[1:], *batches[1:]]

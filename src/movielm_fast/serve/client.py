@@ -1,0 +1,55 @@
+"""`movielm-fast render plan.json --server URL`: submit each plan to a running `serve`, then follow it to the end.
+Standard library HTTP only: the client needs none of the [serve] extra."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from movielm_fast.errors import UserError
+
+
+def _call(url: str, token: str | None, data: bytes | None = None) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            body = {"error": f"HTTP {exc.code}", "hint": ""}
+        raise UserError(f"the server refused: {body.get('error')}", body.get("hint") or "") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"cannot reach the server at {url}: {getattr(exc, 'reason', exc)}",
+                        "start it with `movielm-fast serve`, or fix --server") from None
+
+
+def submit(server: str, plan: Path, token: str | None = None, out: str | None = None) -> dict[str, Any]:
+    query = f"?{urllib.parse.urlencode({'out': out})}" if out else ""
+    try:
+        data = Path(plan).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read the plan {plan}: {exc.strerror or exc}", "pass a readable plan.json") from None
+    return _call(f"{server.rstrip('/')}/plans{query}", token, data)
+
+
+def follow(server: str, job_id: str, token: str | None = None, progress: Callable[[int, int], None] | None = None,
+           poll: float = 0.25) -> dict[str, Any]:
+    """Poll the plan's record until it is finished; `progress(newly done, total)` as frames complete."""
+    seen = 0
+    while True:
+        rec = _call(f"{server.rstrip('/')}/plans/{job_id}", token)
+        if progress and rec.get("done", 0) > seen:
+            progress(rec["done"] - seen, rec.get("total", 0))
+            seen = rec["done"]
+        if rec["state"] in ("done", "failed"):
+            return rec
+        time.sleep(poll)
