@@ -255,12 +255,12 @@ def test_cli_corrupt_model_and_unwritable_out(tmp_path, tiny_sd):
     weights = next((broken / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     plan = write_plan(tmp_path / "plan.json", [movie("c", 1)], SMALL)
-    res = _cli("render", plan, "--model", broken)
+    res = _cli("render", plan, "--model", broken, "--out", tmp_path / "out")
     assert res.exit_code == 2 and "'unet'" in res.output
     # A folder without its tokenizer: transformers alone would load it with an empty vocabulary.
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(tiny_sd, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer"))
-    res = _cli("render", plan, "--model", no_tokenizer)
+    res = _cli("render", plan, "--model", no_tokenizer, "--out", tmp_path / "out")
     assert res.exit_code == 2 and "has no tokenizer" in res.output and "Traceback" not in res.output
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -274,7 +274,7 @@ def test_single_file_without_offline_config_explains_conversion(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.x": torch.zeros(2)}, str(ckpt))
     plan = write_plan(tmp_path / "plan.json", [movie("sf", 1)], SMALL)
-    res = _cli("render", plan, "--model", ckpt)
+    res = _cli("render", plan, "--model", ckpt, "--out", tmp_path / "out")
     assert res.exit_code == 2
     assert "save_pretrained" in res.output and "Traceback" not in res.output
 
