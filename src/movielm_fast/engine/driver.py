@@ -180,11 +180,16 @@ class Job:
     clock: StartupClock = field(default_factory=StartupClock)  # engine.startup: phases, time to first image
 
     @classmethod
-    def load(cls, config: EngineConfig, plan_paths: list[str | Path], clock: StartupClock | None = None) -> Job:
+    def load(cls, config: EngineConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
+             source: str | None = None) -> Job:
+        """`source`: where the movies come from, for their identity in OUT (outputs.movie_identity), when the plan
+        files are copies (serve's queue keeps each submission in a file of its own); default: the plan files."""
         started = time.perf_counter()
         clock = clock or StartupClock(started)
         with clock.phase("plan"):
             movies = collect_plans(plan_paths)  # 1. plans
+            if source is not None:
+                movies = [lm.model_copy(update={"source": source}) for lm in movies]
             for path, _ in config.loras:
                 check_lora_file(Path(path), "--lora")
             check_movie_owners(config, movies)  # before anything is written to OUT

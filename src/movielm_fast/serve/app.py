@@ -74,7 +74,7 @@ class Server:
             waited = max(0.0, time.time() - rec["submitted"])
             clock = StartupClock(time.perf_counter() - waited)
             clock.add("queued", waited)
-            job = Job.load(config, [self.queue.plan_path(job_id)], clock)
+            job = Job.load(config, [self.queue.plan_path(job_id)], clock, source=SERVED)
             summary = render_job(job, progress=progress, executor=self.executor).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
                               error=None)
@@ -90,8 +90,14 @@ class Server:
         with tempfile.TemporaryDirectory(prefix="movielm-serve-check-") as tmp:
             path = Path(tmp) / "plan.json"
             path.write_text(text)
-            job = Job.load(replace(self.config, out=out), [path])
+            job = Job.load(replace(self.config, out=out), [path], source=SERVED)
         return sum(len(lm.movie.frames) for lm in job.movies)
+
+
+SERVED = "submitted to movielm-fast serve"
+"""The source of every submitted movie's identity in OUT: submissions have no plan file of their own (each is kept
+in a queue file of its own), so a movie sent again under the same id and title is the same movie and resumes; a
+movie rendered there from a plan file by `render` is another one (refused without --replace)."""
 
 
 def _error(status: int, exc: UserError | None = None, message: str = "", hint: str = ""):
