@@ -113,6 +113,8 @@ def test_first_batch_ramp_policy():
     assert ramp_first_batch(EngineConfig())
     assert not ramp_first_batch(EngineConfig(batch_size=4))  # a size the user chose is kept
     assert not ramp_first_batch(EngineConfig(cuda_graphs=True))  # a new size would cost a graph capture
+    assert not ramp_first_batch(EngineConfig(device="cuda"))  # graphs are the torch backend's default on CUDA
+    assert ramp_first_batch(EngineConfig(device="cuda", cuda_graphs=False))
     assert not ramp_first_batch(EngineConfig(compile_unet=True))
     assert not ramp_first_batch(EngineConfig(dtype="bf16"))  # the CPU's bf16 path compiles per shape
 
