@@ -192,3 +192,48 @@ def test_host_bench_reports_median_runs_and_same_files(tmp_path):
         assert r["split_ms_per_frame"]["pixels"] > 0  # the uint8 conversion, on the writers' side
     section = "\n".join(host_section([res]))
     assert "the median of 2 interleaved runs" in section and section.count("| 64x64 |") == 4
+
+
+def test_small_bench_sections_come_from_their_json(tmp_path):
+    """Step cache and start-up results get their sections; toy lossy cases measured in separate runs join the
+    table of their own reference (same steps and captions) and never one of another step count."""
+    from movielm_fast.bench import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"cpu_model": "Test CPU"}
+    depth = {"cached_step_tflop": 0.1, "cached_over_full": 0.1, "render_flops_ratio": 2.51}
+    (results / "step_cache-1.json").write_text(json.dumps({
+        "format": report.STEP_CACHE_FORMAT, "created": "2026-01-01T00:00:00", "machine": machine,
+        "settings": {"interval": 3, "depth": 0, "steps": 50, "threads": 1},
+        "flops": {"sd15-arch 512²": {"full_step_tflop": 1.6, "depths": {"0": depth}}},
+        "demo": {"frames": 8, "repeats": 3, "unet_time_ratio": 2.37, "render_time_ratio": 2.3, "psnr_db": 44.1,
+                 "ssim": 0.98, "max_abs_pixel_diff": 9, "judge_conditioning": {"uncached": 0.875, "cached": 0.75}}}))
+    run = {"first_frame_seconds": 3.21, "total_seconds": 5.0,
+           "startup": {"phases": {"imports": 2.5, "model_load": 0.4}}}
+    (results / "startup-1.json").write_text(json.dumps({
+        "format": report.STARTUP_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "render_args": [],
+        "load_avg": [1.0, 1.0, 1.0], "cpu_count": 2, "first_frame_seconds": {"best": 3.21, "median": 4.0},
+        "total_seconds": {"best": 5.0, "median": 6.0}, "runs": [run]}))
+
+    def toy(name, steps, cases):
+        case = {"conditioning": 0.9, "delta_vs_fp32": -0.06, "same_reading_as_fp32": 0.8, "max_abs_pixel_diff": 3,
+                "mean_abs_pixel_diff": 0.1}
+        (results / f"toy_quality-{name}.json").write_text(json.dumps({
+            "format": report.TOY_FORMAT, "created": f"2026-01-0{name}T00:00:00", "machine": machine,
+            "settings": {"model": "demo", "model_hash": "h", "steps": steps, "size": 64, "scheduler": "dpmpp",
+                         "guidance": 4.0},
+            "lossy": {"fp32_conditioning": 0.96, "captions": 50, "cases": {c: case for c in cases}}}))
+
+    toy("1", 20, ["bf16"])
+    toy("2", 20, ["fp8 (emulated)"])
+    toy("3", 50, ["step cache N=3"])
+    md = tmp_path / "RESULTS.md"
+    report.main(["--results", str(results), "--out", str(md)])
+    text = md.read_text()
+    assert "| sd15-arch 512² | 1.600 | 0.100 | **2.51×** |" in text
+    assert "UNet time **2.37×** shorter" in text and "judged conditioning 88% uncached, 75% cached" in text
+    assert "**best 3.21 s**" in text and "| 2.50 | 0.40 |" in text
+    twenty, fifty = text.split("DPM++ 20 steps")[1].split("DPM++ 50 steps")
+    assert "| bf16 |" in twenty and "| fp8 (emulated) |" in twenty and "step cache" not in twenty
+    assert "| step cache N=3 |" in fifty and "bf16" not in fifty

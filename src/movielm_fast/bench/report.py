@@ -539,11 +539,19 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     # the newest model measured.
     res = dict(results[-1])
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
-    for key in ("conditioning", "style", "consistency", "lossy", "image"):
+    for key in ("conditioning", "style", "consistency", "image"):
         for r in reversed(same_model):
             if key in r:
                 res[key] = r[key]
                 break
+    # Lossy cases may be measured a few at a time (--lossy-cases): those against the same reference (steps,
+    # captions) form one table, the newest measurement of each case winning.
+    lossy: dict[tuple, dict[str, Any]] = {}
+    for r in same_model:
+        if "lossy" in r:
+            part = r["lossy"]
+            key = (r["settings"]["steps"], part.get("captions"), part["fp32_conditioning"])
+            lossy.setdefault(key, {**part, "steps": key[0], "cases": {}})["cases"].update(part["cases"])
     st, m = res["settings"], res["machine"]
     lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)", "",
              f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
@@ -578,27 +586,80 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
         for k, v in con.items():
             lines.append(f"| {k} | {v['character_appearances']} | {_rate(v['colour_at_position'])} | "
                          f"{_rate(v['colour_and_shape_at_position'])} |")
-    lossy = res.get("lossy")
-    if lossy:
-        lines += ["", f"**Lossy options** against fp32 DPM++ {st['steps']} steps (conditioning "
+    for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
+        lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
                   f"{_rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
                   f"{lossy.get('captions', 'few')}):", "",
-                  "| option | conditioning | change | same reading as fp32 | max / mean pixel diff |",
-                  "|---|---|---|---|---|"]
+                  "| option | conditioning | change | same reading as fp32 | max / mean pixel diff | PSNR / SSIM |",
+                  "|---|---|---|---|---|---|"]
         for k, v in lossy["cases"].items():
             if "error" in v:
-                lines.append(f"| {k} | does not run: {v['error']} | | | |")
+                lines.append(f"| {k} | does not run: {v['error']} | | | | |")
             else:
                 lines.append(f"| {k} | {_rate(v['conditioning'])} | {100 * v['delta_vs_fp32']:+.0f} points | "
                              f"{_rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
-                             f"{v['mean_abs_pixel_diff']} |")
+                             f"{v['mean_abs_pixel_diff']} | " + (f"{v['psnr_db_vs_fp32']} dB / {v['ssim_vs_fp32']}"
+                                                                 if "psnr_db_vs_fp32" in v else "—") + " |")
+    return lines + [""]
+
+
+STEP_CACHE_FORMAT = "movielm-step-cache-v1"
+STARTUP_FORMAT = "movielm-fast-startup-v1"
+
+
+def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, demo = res["settings"], res["demo"]
+    lines = ["## Step caching: FLOPs, time, pixels (`python -m movielm_fast.bench.step_cache`)", "",
+             f"`--step-cache {st['interval']}` (a full UNet step every {st['interval']}, the shallow blocks only in "
+             f"between), branch depth {st['depth']}, {st['steps']} steps; {res['machine']['cpu_model']}, torch threads "
+             f"{st['threads']}; {_load(res)}; {res['created']}. FLOPs counted by torch's FlopCounterMode on the meta "
+             "device at CFG batch 2.", "",
+             "| model | full step TFLOP | cached step TFLOP | UNet FLOPs of the render, uncached / cached |",
+             "|---|---|---|---|"]
+    for name, f in res["flops"].items():
+        d = f["depths"][str(st["depth"])]
+        lines.append(f"| {name} | {f['full_step_tflop']:.3f} | {d['cached_step_tflop']:.3f} | "
+                     f"**{d['render_flops_ratio']:.2f}×** |")
+    cond = demo["judge_conditioning"]
+    lines += ["", f"The toy demo model, {demo['frames']} held-out captions, medians of {demo['repeats']} interleaved "
+              f"rounds: UNet time **{demo['unet_time_ratio']:.2f}×** shorter, whole render "
+              f"{demo['render_time_ratio']:.2f}×; PSNR {demo['psnr_db']} dB, SSIM {demo['ssim']} against the uncached "
+              f"frames (max pixel difference {demo['max_abs_pixel_diff']}/255); judged conditioning "
+              f"{_rate(cond['uncached'])} uncached, {_rate(cond['cached'])} cached."]
+    arch = res.get("sd15_arch_time")
+    if arch:
+        lines += ["", f"{arch['model']}: a full step {arch['full_step_seconds']} s, a cached step "
+                  f"{arch['cached_step_seconds']} s (medians of {arch['repeats']}): a {st['steps']}-step render "
+                  f"{arch['render_time_ratio']:.2f}× shorter in UNet time."]
+    return lines + [""]
+
+
+def startup_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    best = min(res["runs"], key=lambda r: r["first_frame_seconds"])
+    phases = (best.get("startup") or {}).get("phases", {})
+    ff, tot = res["first_frame_seconds"], res["total_seconds"]
+    lines = ["## Time to first frame (`python -m movielm_fast.bench.startup`)", "",
+             f"`movielm-fast render {res['plan']} {' '.join(res['render_args'])}` as a fresh process, "
+             f"{len(res['runs'])} timed runs after an untimed one; {res['cpu_count']} CPUs, load average "
+             f"{res['load_avg'][0]:.2f} at the start; {res['created']}. Process start to the first frame file on "
+             f"disk: **best {ff['best']:.2f} s**, median {ff['median']:.2f} s; whole run best {tot['best']:.2f} s.",
+             "", "Phases of the best run (seconds, as the run's own `--json` reports them):", "",
+             "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
+             "| " + " | ".join(f"{v:.2f}" for v in phases.values()) + " |"]
     return lines + [""]
 
 
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
 SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
-                 (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section))
+                 (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section),
+                 (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section))
 
 
 def knob_section() -> list[str]:

@@ -36,7 +36,7 @@ from movielm_fast.export.graphs import UNetGraph
 from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import SD15_UNET, SDXL_UNET
-from .report import save_result
+from .report import STEP_CACHE_FORMAT, save_result
 from .toy_quality import held_out_scenes, judged, render_prompts
 
 CPU = torch.device("cpu")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {"format": "movielm-step-cache-v1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    result: dict[str, Any] = {"format": STEP_CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "machine": machine_info(CPU), "load_average": {"start": load_average()},
                               "settings": {k: v for k, v in vars(args).items() if k != "results"}}
     result["flops"] = measure_flops(args.interval, args.steps)
