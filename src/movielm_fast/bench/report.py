@@ -307,7 +307,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                            f"max {r['max_abs_diff_vs_fp32']}"
                 steps_per_s = f"{r['unet_steps_per_s']:.2f}" if "unet_steps_per_s" in r else "–"
                 mem = f"{r['memory']['peak_mb']:.0f} ({'RSS' if r['memory']['kind'] == 'cpu_peak_rss' else 'alloc'})"
-                image = f"[png]({rel(path.parent / r['image'])})" if r.get("image") else ""
+                # Images kept beside the JSON are linked; a run whose images were not kept links none.
+                shot = path.parent / r["image"] if r.get("image") else None
+                image = f"[png]({rel(shot)})" if shot and shot.exists() else ""
                 cells = [r["backend"], r["size"], r["batch"], _t(s["frame"], True), f"{r['images_per_s']:.3f}",
                          _t(s.get("unet_step"), True), steps_per_s, _t(s.get("vae_decode"), True),
                          _t(s.get("text_encode"), True), "–" if sp is None else f"{sp:.2f}×",
