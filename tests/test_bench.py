@@ -216,6 +216,11 @@ def test_small_bench_sections_come_from_their_json(tmp_path):
         "load_avg": [1.0, 1.0, 1.0], "cpu_count": 2, "first_frame_seconds": {"best": 3.21, "median": 4.0},
         "total_seconds": {"best": 5.0, "median": 6.0}, "runs": [run]}))
 
+    (results / "serve-1.json").write_text(json.dumps({
+        "format": report.SERVE_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "model": "demo",
+        "device": "cpu", "cpu_count": 2, "server_ready_seconds": 6.5,
+        "plans": [{"first_frame_seconds": 0.71, "done_seconds": 3.0, "frames": 9}]}))
+
     def toy(name, steps, cases):
         case = {"conditioning": 0.9, "delta_vs_fp32": -0.06, "same_reading_as_fp32": 0.8, "max_abs_pixel_diff": 3,
                 "mean_abs_pixel_diff": 0.1}
@@ -234,6 +239,22 @@ def test_small_bench_sections_come_from_their_json(tmp_path):
     assert "| sd15-arch 512² | 1.600 | 0.100 | **2.51×** |" in text
     assert "UNet time **2.37×** shorter" in text and "judged conditioning 88% uncached, 75% cached" in text
     assert "**best 3.21 s**" in text and "| 2.50 | 0.40 |" in text
+    assert "/health 6.50 s after" in text and "first frame file on disk: **0.71 s**" in text
     twenty, fifty = text.split("DPM++ 20 steps")[1].split("DPM++ 50 steps")
     assert "| bf16 |" in twenty and "| fp8 (emulated) |" in twenty and "step cache" not in twenty
     assert "| step cache N=3 |" in fifty and "bf16" not in fifty
+
+
+def test_serve_bench_times_plans_sent_to_a_warm_server(tmp_path):
+    """The real server process on 127.0.0.1 with the demo model; one plan sent after it is ready."""
+    from movielm_fast.bench import serve
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"id": "one", "title": "One", "style": {"name": "plain"}, "characters": [],
+                                "frames": [{"id": "001", "description": "a big red circle on the left, on grass"}]}))
+    result = serve.main(["--plan", str(plan), "--plans", "1", "--results", str(tmp_path / "results"),
+                         "--timeout", "300"])
+    [done] = result["plans"]
+    assert done["frames"] == 1 and 0 < done["first_frame_seconds"] <= done["done_seconds"]
+    assert result["server_startup"]["model_load"] > 0  # the phases the server reports on /health
+    assert len(list((tmp_path / "results").glob("serve-*.json"))) == 1

@@ -607,6 +607,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
 
 STEP_CACHE_FORMAT = "movielm-step-cache-v1"
 STARTUP_FORMAT = "movielm-fast-startup-v1"
+SERVE_FORMAT = "movielm-bench-serve/1"
 
 
 def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
@@ -657,11 +658,26 @@ def startup_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def serve_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    firsts = ", ".join(f"{p['first_frame_seconds']:.2f}" for p in res["plans"])
+    dones = ", ".join(f"{p['done_seconds']:.2f}" for p in res["plans"])
+    return ["## A warm server (`python -m movielm_fast.bench.serve`)", "",
+            f"`movielm-fast serve --model {res['model']} --device {res['device']}` on 127.0.0.1, then "
+            f"{len(res['plans'])} copies of `{res['plan']}` ({res['plans'][0]['frames']} frames each) POSTed one "
+            f"after another; {res['cpu_count']} CPUs; {_load(res)}; {res['created']}. The server answered /health "
+            f"{res['server_ready_seconds']:.2f} s after its process started (the model load every `render` pays). "
+            f"Submission to the plan's first frame file on disk: **{firsts} s**; to the plan done: {dones} s.", ""]
+
+
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
 SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section),
-                 (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section))
+                 (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section),
+                 (SERVE_FORMAT, serve_section))
 
 
 def knob_section() -> list[str]:
