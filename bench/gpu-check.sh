@@ -54,6 +54,10 @@ for i in 1 2; do
         --device cuda --no-style-training --force --json --out "$OUT/render"
 done
 
+# Every row of the goals table, from the results above and the second render's --json output.
+step goals 60 "$PY" -m movielm_fast.bench.gpu --goals --render-json "$OUT/render-2.log"
+cat "$OUT/goals.log"
+
 mkdir -p "$OUT/results" && cp -r bench/results/* "$OUT/results/" 2>/dev/null
 cp bench/RESULTS.md src/movielm_fast/engine/cuda_knobs.json "$OUT/" 2>/dev/null
 echo "done $(date -u +%T)" >> "$OUT/steps.log"

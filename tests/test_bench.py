@@ -161,6 +161,38 @@ def test_gpu_psnr_against_fp32_for_every_row(tmp_path):
         "torch", {"cuda_graphs": False, "sdpa_backend": "flash", "fuse_qkv": False})
 
 
+def test_gpu_goals_table_has_every_row_of_the_issue(tmp_path):
+    import json
+
+    from movielm_fast.bench.gpu import _render_record, goals_table
+
+    def run(backend, batch, img_s, its, psnr=60.0, vs_compile=None, mfu=0.3):
+        return {"backend": backend, "status": "ok", "batch": batch, "images_per_s": img_s, "unet_steps_per_s": its,
+                "psnr_vs_fp32_torch": psnr, "speedup_vs_diffusers_compile": vs_compile,
+                "mfu": {"unet_step": mfu}, "stages": {"batch": {"median": batch / img_s}}}
+
+    settings = {"steps": 20, "dtype": "fp16"}
+    sd = {"settings": {"model": "sd15-arch", **settings},
+          "runs": [run("torch", 1, 4.0, 131.0), run("torch", 8, 12.0, 20.0, vs_compile=1.4),
+                   run("diffusers+compile", 8, 13.0, 21.0), run("torch", 16, 11.0, 10.0, vs_compile=1.1),
+                   {"backend": "torch", "status": "out of memory", "batch": 32}]}
+    xl = {"settings": {"model": "sdxl-arch", "steps": 3, "dtype": "fp16"},
+          "runs": [run("torch", 1, 0.9, 22.9, psnr=35.0), run("torch", 4, 1.7, 6.0, mfu=0.43)]}
+    log = tmp_path / "render-2.log"
+    record = {"rendered": 1, "startup": {"phases": {"model_load": 3.1, "first_batch": 0.6}, "time_to_first_image": 5}}
+    log.write_text("a warning line\n" + json.dumps(record) + "\n")
+    lines = goals_table([sd, xl], _render_record(log)).splitlines()
+    assert len(lines) == 6  # a heading and the table's five rows
+    assert "131.0 UNet it/s" in lines[1] and "(goal >= 130: met)" in lines[1]
+    # The best batch is the fastest of ours (not the peer's row), with its ratio to diffusers+compile.
+    assert "12.00 img/s at batch 8" in lines[2] and "1.40x diffusers+compile" in lines[2] and ": met" in lines[2]
+    assert "not met" in lines[3] and "LOSSY" in lines[3] and "not the goal's setting" in lines[3]
+    assert "UNet MFU 43% (goal >= 57%): not met" in lines[4]
+    assert "first batch 0.6 s" in lines[5] and "0.250 s" in lines[5] and "time to first image 5 s" in lines[5]
+    assert "not measured" in goals_table([sd], None).splitlines()[-1]
+    assert _render_record(tmp_path / "missing.log") is None
+
+
 def test_diffusers_speed_recipe_peer_is_timed_beside_ours(tmp_path):
     """diffusers compiled with its own recipe is a row of its own: first batch (its compile) reported apart, and
     the same pixels as plain diffusers within compile rounding. Timings are not asserted."""

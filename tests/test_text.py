@@ -78,25 +78,74 @@ def test_long_prompt_is_chunked_not_truncated(sd_renderer):
     assert torch.allclose(cond.hidden[:, :77], enc.encode(first).hidden, atol=1e-5)
 
 
-def test_prompts_are_encoded_once(sd_renderer):
-    calls = []
-    backend = sd_renderer.backend
-    original = backend.encode_text
+class _CountingBackend:
+    """A backend that records each encode_text call's (encoder, rows) and passes everything on."""
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(backend, name)
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
 
-        def encode_text(self, *args):
-            calls.append(args[0])
-            return original(*args)
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
 
+    def encode_text(self, encoder_index, inputs_embeds, eos_index):
+        self.calls.append((encoder_index, inputs_embeds.shape[0]))
+        return self.backend.encode_text(encoder_index, inputs_embeds, eos_index)
+
+
+_LONG = " ".join(f"word{i}" for i in range(60))  # > 75 tokens: several windows
+_BATCH = [("a castle in the fog", "ugly"), ("a (red:1.4) door, ((rain))", "ugly"), (_LONG, "blurry, [dark]"),
+          ("<bt> a harbour at night", "")]
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_batched_encoding_equals_one_prompt_at_a_time(kind, tiny_sd, tiny_sdxl):
     from movielm_fast.engine.text import PromptEncoder
 
-    enc = PromptEncoder(sd_renderer.model, Counting())
-    for _ in range(5):
-        enc.encode_pair("one prompt", "neg")
-    assert len(calls) == 2  # one positive and one negative, whatever the number of frames
+    r = Renderer(EngineConfig(model=str(tiny_sd if kind == "sd" else tiny_sdxl)))
+    torch.manual_seed(3)
+    vectors = [torch.randn(2, t.shape[1]) for t in r.encoder.tables]  # a two-vector textual-inversion token
+    encoders = [PromptEncoder(r.model, _CountingBackend(r.backend)) for _ in range(2)]
+    for enc in encoders:
+        enc.add_token("<bt>", vectors, "bt.safetensors")
+    one_by_one = [encoders[0].encode_pair(p, n) for p, n in _BATCH]
+    batched = encoders[1].encode_pairs(_BATCH)
+    # Plain and weighted prompts share one call per encoder; the two-window pair another (window counts differ).
+    assert len(encoders[1].backend.calls) == 2 * len(r.encoder.tables)
+    assert len(encoders[0].backend.calls) > len(encoders[1].backend.calls)
+    for (neg_a, pos_a), (neg_b, pos_b) in zip(one_by_one, batched):
+        for a, b in ((neg_a, neg_b), (pos_a, pos_b)):
+            assert a.chunks == b.chunks and a.hidden.shape == b.hidden.shape
+            assert torch.allclose(a.hidden, b.hidden, atol=1e-5)
+            assert (a.pooled is None) == (b.pooled is None) == (kind == "sd")
+            if a.pooled is not None:
+                assert a.pooled.shape == b.pooled.shape == (1, a.pooled.shape[1])
+                assert torch.allclose(a.pooled, b.pooled, atol=1e-5)
+    assert one_by_one[2][1].chunks > 1
+    # The weighted prompt is not the plain one (emphasis applied per prompt inside the batch).
+    plain = encoders[0].encode("a red door, rain", 1).hidden
+    assert not torch.allclose(plain, batched[1][1].hidden, atol=1e-3)
+    if kind == "sdxl":  # an empty negative is zero conditioning, as diffusers' SDXL pipeline makes it
+        assert not batched[3][0].hidden.any() and not batched[3][0].pooled.any()
+
+
+def test_batch_of_new_prompts_is_one_call_per_encoder(sd_renderer):
+    from movielm_fast.engine.text import PromptEncoder
+
+    counting = _CountingBackend(sd_renderer.backend)
+    enc = PromptEncoder(sd_renderer.model, counting)
+    pairs = [(f"frame {i} of the storm", "neg") for i in range(6)]
+    enc.encode_pairs(pairs)
+    assert counting.calls == [(0, 7)]  # six prompts and their shared negative, one window each
+    for _ in range(3):
+        enc.encode_pair("frame 0 of the storm", "neg")
+    assert counting.calls == [(0, 7)]  # each prompt is encoded once, whatever the number of frames
+    enc.encode_pairs(pairs[:3] + [("a new frame", "neg")])
+    assert counting.calls == [(0, 7), (0, 1)]  # only the new prompt: the others come from the cache
+    # A backend that takes fewer windows per call (TensorRT's text engine) gets the batch in pieces.
+    counting.text_rows = 3
+    enc.clear_cache()
+    enc.encode_pairs(pairs)
+    assert counting.calls[2:] == [(0, 3), (0, 3), (0, 1)]
 
 
 # --- textual inversion -------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
                                                 # 20 steps: ours (default path) beside diffusers and diffusers+compile
     python -m movielm_fast.bench.gpu --knobs    # and each lossless knob on its own; writes the CUDA knob table
     python -m movielm_fast.bench.gpu --quick    # 3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run
+    python -m movielm_fast.bench.gpu --goals [--render-json render.log]   # the issue's goals table from the
+                                                # latest results (and a second render process's --json output)
 
 Installs nothing: it needs only the project (torch with CUDA, diffusers, transformers) and builds the real
 architectures with random weights into the movielm cache on first use (no download). Per (model, size, batch) it
@@ -28,7 +30,7 @@ from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
 
 from .hardware import RESULTS
-from .report import short_table, write_results_md
+from .report import load_results, short_table, write_results_md
 from .runner import BenchSettings, run_bench
 
 # Each lossless knob of the torch backend on its own, against the default (`torch`: fp16, SDPA, channels-last, fused
@@ -39,6 +41,11 @@ KNOB_VARIANTS = ("torch+no-cuda_graphs", "torch+cudnn_benchmark", "torch+sdpa_ba
 # (model, native size, batch sizes): enough to find the best batch on 80-141 GB cards; a batch that does not fit is
 # recorded as out of memory and stops the larger ones.
 MODELS = {"sd15-arch": (512, [1, 8, 16]), "sdxl-arch": (1024, [1, 4, 8])}
+# Issue 24's goals on an H100/H200, fp16, 20 steps, lossless (>= 40 dB PSNR against our fp32 image): UNet it/s of the
+# default path at batch 1; at the best batch, images/s and either the ratio to diffusers+compile or the UNet's MFU.
+GOALS = {"sd15-arch": {"b1_its": 130.0, "img_s": 11.0, "vs_compile": 1.3},
+         "sdxl-arch": {"b1_its": 28.0, "img_s": 1.6, "mfu_unet": 0.57}}
+LOSSLESS_DB = 40.0
 
 
 def _ints(text: str) -> list[int]:
@@ -62,7 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--goals", action="store_true", help="only print the goals table from the latest GPU results "
+                    "in --out (no benchmark run)")
+    ap.add_argument("--render-json", type=Path, help="with --goals: the output of `render --json` of a second "
+                    "process on the same model (its first-batch cost is the last row)")
     args = ap.parse_args(argv)
+    if args.goals:
+        # The latest fp16 run per model (each bench.gpu run also saves its fp32 reference run, later).
+        latest = {d["settings"]["model"]: d for _, d in load_results(args.out)
+                  if d["machine"].get("device") == "cuda" and d["settings"].get("dtype") == "fp16"}
+        print(goals_table(list(latest.values()), _render_record(args.render_json) if args.render_json else None))
+        return 0
 
     if not torch.cuda.is_available():
         print(f"bench.gpu needs a CUDA GPU and a CUDA build of torch; this machine has none (torch "
@@ -105,7 +122,84 @@ def main(argv: list[str] | None = None) -> int:
     print(short_table(results))
     for run, _ in references:
         print(quality_table(run.result))
+    print(goals_table(results))
     return 0
+
+
+def _render_record(path: Path) -> dict | None:
+    """The last JSON line with a "startup" key in a `render --json` log (None if there is none)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(d, dict) and "startup" in d:
+            return d
+    return None
+
+
+def _lossless(r: dict) -> str:
+    psnr = r.get("psnr_vs_fp32_torch")
+    if psnr is None:
+        return "PSNR not measured"
+    return f"PSNR {psnr:.1f} dB" + ("" if psnr >= LOSSLESS_DB else " (LOSSY: under 40 dB)")
+
+
+def goals_table(results: list[dict], second: dict | None = None) -> str:
+    """The issue's goals, one line each, from bench.gpu results (ours: the default `torch` rows) and, for the last
+    row, a second `render --json` process on the same model: its first batch (capture or compile included)."""
+    lines = ["goals (issue 24; fp16, 20 steps, lossless = PSNR >= 40 dB against our fp32 image):"]
+    for res in results:
+        model, st = res["settings"]["model"], res["settings"]
+        goal = GOALS.get(model)
+        if goal is None:
+            continue
+        off = "" if st.get("steps") == 20 and st.get("dtype") == "fp16" else \
+            f" [measured at {st.get('steps')} steps, {st.get('dtype')}: not the goal's setting]"
+        ours = [r for r in res["runs"] if r["backend"] == "torch" and r["status"] == "ok"]
+        b1 = next((r for r in ours if r["batch"] == 1), None)
+        if b1 is None or b1.get("unet_steps_per_s") is None:
+            lines.append(f"  {model} batch 1: not measured{off}")
+        else:
+            its = b1["unet_steps_per_s"]
+            lines.append(f"  {model} batch 1: {its:.1f} UNet it/s by default (goal >= {goal['b1_its']:g}: "
+                         f"{'met' if its >= goal['b1_its'] else 'not met'}), {_lossless(b1)}{off}")
+        best = max(ours, key=lambda r: r["images_per_s"], default=None)
+        if best is None:
+            lines.append(f"  {model} best batch: not measured{off}")
+            continue
+        img_s = best["images_per_s"]
+        parts = [f"{img_s:.2f} img/s at batch {best['batch']} (goal >= {goal['img_s']:g})"]
+        met = img_s >= goal["img_s"]
+        if "vs_compile" in goal:
+            ratio = best.get("speedup_vs_diffusers_compile")
+            parts.append(f"{ratio:.2f}x diffusers+compile (goal >= {goal['vs_compile']:g})" if ratio is not None
+                         else "diffusers+compile not measured")
+            met = met and ratio is not None and ratio >= goal["vs_compile"]
+        if "mfu_unet" in goal:
+            mfu = best.get("mfu", {}).get("unet_step")
+            parts.append(f"UNet MFU {mfu:.0%} (goal >= {goal['mfu_unet']:.0%})" if mfu is not None
+                         else "UNet MFU not measured")
+            met = met and mfu is not None and mfu >= goal["mfu_unet"]
+        lines.append(f"  {model} best batch: {', '.join(parts)}: {'met' if met else 'not met'}, {_lossless(best)}{off}")
+    if second is None:
+        lines.append("  second process, same model: not measured (bench/gpu-check.sh renders twice and passes the "
+                     "second's --json output with --render-json)")
+    else:
+        phases = second["startup"].get("phases", {})
+        first, ttfi = phases.get("first_batch"), second["startup"].get("time_to_first_image")
+        warm = next((r["stages"]["batch"]["median"] for res in results if res["settings"]["model"] == "sd15-arch"
+                     for r in res["runs"] if r["backend"] == "torch" and r["status"] == "ok" and r["batch"] == 1), None)
+        extra = f" (a warm sd15-arch batch-1 frame: {warm:.3f} s; the rest is capture, compile or cache loading)" \
+            if warm is not None and first is not None else ""
+        lines.append(f"  second process, same model: first batch {first if first is not None else '?'} s{extra}, "
+                     f"time to first image {ttfi if ttfi is not None else '?'} s, "
+                     f"model load {phases.get('model_load', '?')} s")
+    return "\n".join(lines)
 
 
 def _pixels(results_dir: Path, run: dict) -> np.ndarray:

@@ -352,6 +352,7 @@ CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 REGRESSION_FORMAT = "movielm-bench-regression/1"
 LORA_FORMAT = "movielm-bench-lora/1"
 VAE_FORMAT = "movielm-bench-vae-decode/1"
+FP16_RANGE_FORMAT = "movielm-bench-fp16-range/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -672,12 +673,34 @@ def serve_section(results: list[dict[str, Any]]) -> list[str]:
             f"Submission to the plan's first frame file on disk: **{firsts} s**; to the plan done: {dones} s.", ""]
 
 
+def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
+    """The latest fp16-range result per model: which component's activations leave fp16's range."""
+    latest = {r["settings"]["model"]: r for r in results}
+    if not latest:
+        return []
+    lines = ["## fp16 range: the largest activation per component (`python -m movielm_fast.bench.fp16_range`)", "",
+             "diffusers' pipeline run once in fp32 on the CPU with a forward hook on every module; *over*: modules "
+             "whose output passed 65504 (fp16 overflows there), *near*: within 2x of it; *first*: the first such "
+             "module in call order (where an overflow starts).", "",
+             "| model | size, steps | component | max \\|activation\\| | over | near | first over (or near) |",
+             "|---|---|---|---|---|---|---|"]
+    for model, res in sorted(latest.items()):
+        st = res["settings"]
+        for p in res["components"]:
+            first = (p["first_over"] or p["first_near"] or [None])[0]
+            where = f"`{first['module']}` ({first['class']}, {first['max_abs']:.3g})" if first else "–"
+            lines.append(f"| {model} | {st['size']}², {st['steps']} {st['scheduler']} | {p['component']} | "
+                         f"{p['max_abs']:.3g} | {p['over_fp16']} | {p['near_fp16']} | {where} |")
+        lines.append(f"\n{model} ({res['created']}): {res['verdict']}.\n")
+    return lines
+
+
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
 SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section),
                  (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section),
-                 (SERVE_FORMAT, serve_section))
+                 (SERVE_FORMAT, serve_section), (FP16_RANGE_FORMAT, fp16_range_section))
 
 
 def knob_section() -> list[str]:

@@ -334,7 +334,7 @@ class Bench:
         x = scheduler.scale_model_input(latents.to(dev), t)  # (2B, C, h, w): negatives and positives
         z = latents[:batch].to(dev)  # (B, C, h, w)
         none = lambda: None  # noqa: E731
-        return {"text_encode": (fresh, lambda enc: [enc.encode_pair(j.prompt, j.negative_prompt) for j in jobs]),
+        return {"text_encode": (fresh, lambda enc: enc.encode_pairs([(j.prompt, j.negative_prompt) for j in jobs])),
                 "unet_step": (none, lambda _: be.denoise(x, t, cond)),
                 "vae_decode": (none, lambda _: be.decode(z))}
 

@@ -69,7 +69,7 @@ class FrameJob:
 def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool,
                        aesthetic: bool = False) -> UNetCond:
     """`aesthetic`: the SDXL refiner's time ids, an aesthetic score in place of the target size."""
-    pairs = [encoder.encode_pair(j.prompt, j.negative_prompt, s.loras) for j in jobs]
+    pairs = encoder.encode_pairs([(j.prompt, j.negative_prompt) for j in jobs], s.loras)
     conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
     hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
     if conds[0].pooled is None:
@@ -80,7 +80,8 @@ def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSet
         rows = [size + [NEGATIVE_AESTHETIC_SCORE]] * (len(conds) - len(jobs)) + [size + [AESTHETIC_SCORE]] * len(jobs)
     else:
         rows = [size + [s.height, s.width]] * len(conds)  # and the target size
-    return UNetCond(hidden, pooled, torch.tensor(rows, dtype=hidden.dtype))  # time ids: (B or 2B, 6 or 5)
+    time_ids = torch.tensor(rows, dtype=hidden.dtype, device=hidden.device)  # (B or 2B, 6 or 5)
+    return UNetCond(hidden, pooled, time_ids)
 
 
 def switch_index(scheduler, switch: float, base: bool) -> int:

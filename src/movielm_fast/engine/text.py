@@ -21,6 +21,10 @@ from movielm_fast.errors import UserError
 from .plan import limit, limit_hint
 
 CHUNK = 75  # tokens per window, without BOS/EOS
+TOKENS = CHUNK + 2  # a window with BOS and EOS
+# Encoded prompts kept per encoder (least recently used dropped first): they live on the UNet's device, 77 x D x 4
+# bytes a window (SDXL: 0.6 MB); the negative prompt, reused by every batch, always stays.
+CACHE_ENTRIES = 256
 _EMPHASIS_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:")
 
 
@@ -102,7 +106,8 @@ class Conditioning:
 
 class PromptEncoder:
     """Tokenises, looks up embeddings (with textual-inversion rows), calls `backend.encode_text`, applies
-    emphasis weights. Each unique prompt is encoded once per run."""
+    emphasis weights. Each unique prompt is encoded once per run (while among the last CACHE_ENTRIES used), and the
+    new prompts of a batch all at once."""
 
     def __init__(self, model, backend, tokenizers=None):
         self.kind = model.kind
@@ -113,7 +118,7 @@ class PromptEncoder:
         self.force_zeros_for_empty_prompt = model.force_zeros_for_empty_prompt
         self.token_sources: dict[str, str] = {}
         self.multi_vector: dict[str, list[str]] = {}
-        self._cache: dict[str, Conditioning] = {}
+        self._cache: dict[str, Conditioning] = {}  # in use order, oldest first
         # Token ids per (tokenizer, prompt): batching asks for a prompt's window count before it is encoded, and
         # the slow tokenizers cost ~0.1 ms per fragment on the render thread.
         self._ids: dict[tuple[int, str], tuple[list[int], list[float]]] = {}
@@ -191,35 +196,26 @@ class PromptEncoder:
             out.append(Windows(torch.tensor(rows_ids), torch.tensor(eos_at), torch.tensor(rows_w)))
         return out
 
-    def _encode(self, prompt: str, min_chunks: int = 1) -> Conditioning:
+    def _encode_group(self, group: list[tuple[str, str, list[Windows]]]) -> dict[str, Conditioning]:
+        """(cache key, prompt, windows) of prompts with the same window count -> their conditionings, with one
+        `encode_text` call per encoder for all of them. The states stay where the backend made them (the UNet's
+        device): they go on to the UNet from there, without a round trip through the host."""
+        n, chunks = len(group), group[0][2][0].ids.shape[0]
         hidden_parts, pooled = [], None
-        wins = self.windows(prompt, min_chunks)
-        for enc_index, win in enumerate(wins):
-            embeds = self.tables[enc_index][win.ids]  # (chunks, 77, D)
-            outputs = self.backend.encode_text(enc_index, embeds, win.eos)
-            hidden, pool = select_outputs(self.kind, enc_index, len(wins), outputs)
-            hidden_parts.append(hidden.float().cpu())
+        for enc_index, table in enumerate(self.tables):
+            ids = torch.cat([wins[enc_index].ids for _, _, wins in group])  # (n * chunks, 77)
+            eos = torch.cat([wins[enc_index].eos for _, _, wins in group])  # (n * chunks,)
+            outputs = self.backend.encode_text(enc_index, table[ids], eos)
+            hidden, pool = select_outputs(self.kind, enc_index, len(self.tables), outputs)
+            hidden_parts.append(hidden.float())
             if pool is not None:
-                pooled = pool[:1].float().cpu()  # SDXL pools the first window only
-        weights_all = wins[-1].weights
-        hidden = torch.cat(hidden_parts, dim=-1)  # (chunks, 77, D_total)
-        if bool((weights_all != 1.0).any()):
-            # Scale token states by their weight, then restore each window's mean so overall magnitude is kept.
-            before = hidden.mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * weights_all[..., None]
-            after = hidden.mean(dim=(1, 2), keepdim=True)
-            # A window whose mean is ~0 (LayerNorm output without bias) has no magnitude to restore; dividing by
-            # it would blow up.
-            scale = hidden.abs().mean(dim=(1, 2), keepdim=True)
-            safe = after.abs() > 1e-4 * scale
-            hidden = hidden * torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), 1.0)
-            if not bool(torch.isfinite(hidden).all()):  # in any dtype: the states are fp32 here
-                strongest = max(weights_all.abs().max().item(), 1 / max(weights_all.abs().min().item(), 1e-30))
-                raise UserError(f"the prompt's emphasis overflowed: a weight of {strongest:.3g} makes its text "
-                                f"encoding infinite ({prompt[:60]!r}...)",
-                                "use emphasis weights near 1, e.g. (word:1.3) or ((word)); 2 is already strong")
-        chunks = hidden.shape[0]
-        return Conditioning(hidden.reshape(1, -1, hidden.shape[-1]), pooled, chunks)
+                pooled = pool.float().reshape(n, chunks, -1)[:, 0]  # (n, P): SDXL pools each first window only
+        hidden = torch.cat(hidden_parts, dim=-1).reshape(n, chunks, TOKENS, -1)  # (n, chunks, 77, D_total)
+        out = {}
+        for i, (key, prompt, wins) in enumerate(group):
+            h = _weighted(hidden[i], wins[-1].weights, prompt)
+            out[key] = Conditioning(h.reshape(1, -1, h.shape[-1]), None if pooled is None else pooled[i:i + 1], chunks)
+        return out
 
     def chunk_count(self, prompt: str) -> int:
         """Windows the prompt needs; more than the limit is an error (each costs a text-encoder pass and widens
@@ -245,19 +241,68 @@ class PromptEncoder:
 
     def encode(self, prompt: str, min_chunks: int = 1, loras: tuple = ()) -> Conditioning:
         """`loras`: the LoRA set merged into the text encoders now (a LoRA may change them: its own cache entry)."""
-        key = f"{min_chunks}\x00{prompt}\x00" + "".join(f"{r.sha256}:{r.scale!r};" for r in loras)
-        if key not in self._cache:
-            self._cache[key] = self._encode(prompt, min_chunks)
-        return self._cache[key]
+        return self.encode_many([(prompt, min_chunks)], loras)[0]
+
+    def encode_many(self, requests: list[tuple[str, int]], loras: tuple = ()) -> list[Conditioning]:
+        """(prompt, min windows) each -> its conditioning. The prompts not in the cache are encoded together: one
+        `encode_text` call per encoder and window count (split where the backend takes fewer rows at once)."""
+        keys = [f"{c}\x00{p}\x00" + "".join(f"{r.sha256}:{r.scale!r};" for r in loras) for p, c in requests]
+        groups: dict[int, list[tuple[str, str, list[Windows]]]] = {}
+        for key, (prompt, min_chunks) in dict(zip(keys, requests)).items():
+            if key not in self._cache:
+                wins = self.windows(prompt, min_chunks)
+                groups.setdefault(wins[0].ids.shape[0], []).append((key, prompt, wins))
+        fresh: dict[str, Conditioning] = {}
+        rows = getattr(self.backend, "text_rows", None)
+        for chunks, group in groups.items():
+            per_call = max(1, rows // chunks) if rows else len(group)
+            for i in range(0, len(group), per_call):
+                fresh.update(self._encode_group(group[i:i + per_call]))
+        out = [fresh[k] if k in fresh else self._cache[k] for k in keys]
+        for k in keys:
+            self._cache[k] = fresh.get(k) or self._cache.pop(k)  # (re)inserted last: the most recently used
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        return out
 
     def encode_pair(self, prompt: str, negative: str, loras: tuple = ()) -> tuple[Conditioning, Conditioning]:
         """(negative, positive), padded to the same number of windows so they batch together."""
-        chunks = self.pair_chunks(prompt, negative)
-        pos = self.encode(prompt, chunks, loras)
-        if negative == "" and self.force_zeros_for_empty_prompt:
-            # SDXL convention (as in diffusers): an empty negative prompt means zero conditioning.
-            neg = Conditioning(torch.zeros_like(pos.hidden), torch.zeros_like(pos.pooled)
-                               if pos.pooled is not None else None, pos.chunks)
-        else:
-            neg = self.encode(negative, chunks, loras)
-        return neg, pos
+        return self.encode_pairs([(prompt, negative)], loras)[0]
+
+    def encode_pairs(self, pairs: list[tuple[str, str]], loras: tuple = ()) -> list[tuple[Conditioning, Conditioning]]:
+        """`encode_pair` for each (prompt, negative) of a batch, all new prompts encoded together."""
+        chunks = [self.pair_chunks(p, n) for p, n in pairs]
+        # SDXL convention (as in diffusers): an empty negative prompt means zero conditioning.
+        zeros = [n == "" and self.force_zeros_for_empty_prompt for _, n in pairs]
+        requests = [(p, c) for (p, _), c in zip(pairs, chunks)]
+        requests += [(n, c) for (_, n), c, z in zip(pairs, chunks, zeros) if not z]
+        conds = self.encode_many(requests, loras)
+        negatives = iter(conds[len(pairs):])
+        out = []
+        for pos, zero in zip(conds[:len(pairs)], zeros):
+            neg = Conditioning(torch.zeros_like(pos.hidden), None if pos.pooled is None else
+                               torch.zeros_like(pos.pooled), pos.chunks) if zero else next(negatives)
+            out.append((neg, pos))
+        return out
+
+
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor, prompt: str) -> torch.Tensor:
+    """One prompt's (chunks, 77, D) states with its emphasis `weights` (chunks, 77) applied."""
+    if not bool((weights != 1.0).any()):  # host tensors: no device sync for plain prompts
+        return hidden
+    weights = weights.to(hidden.device)
+    # Scale token states by their weight, then restore each window's mean so overall magnitude is kept.
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    hidden = hidden * weights[..., None]
+    after = hidden.mean(dim=(1, 2), keepdim=True)
+    # A window whose mean is ~0 (LayerNorm output without bias) has no magnitude to restore; dividing by it would
+    # blow up.
+    scale = hidden.abs().mean(dim=(1, 2), keepdim=True)
+    safe = after.abs() > 1e-4 * scale
+    hidden = hidden * torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), 1.0)
+    if not bool(torch.isfinite(hidden).all()):  # in any dtype: the states are fp32 here
+        strongest = max(weights.abs().max().item(), 1 / max(weights.abs().min().item(), 1e-30))
+        raise UserError(f"the prompt's emphasis overflowed: a weight of {strongest:.3g} makes its text "
+                        f"encoding infinite ({prompt[:60]!r}...)",
+                        "use emphasis weights near 1, e.g. (word:1.3) or ((word)); 2 is already strong")
+    return hidden

@@ -37,7 +37,8 @@ class Backend(Protocol):
 
     def encode_text(self, encoder_index: int, inputs_embeds: torch.Tensor, eos_index: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 77, D) token embeddings -> (last hidden, penultimate hidden, pooled) for text encoder i."""
+        """(B, 77, D) token embeddings -> (last hidden, penultimate hidden, pooled) for text encoder i. B: prompt
+        windows, of several prompts at once (a backend with a `text_rows` attribute takes at most that many)."""
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
         """One UNet evaluation: (B, C, h, w) latents at timestep t -> noise (or v) prediction, same shape."""

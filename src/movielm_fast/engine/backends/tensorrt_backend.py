@@ -125,6 +125,9 @@ class TensorRTBackend:
         self.specs = model_specs(model)
         self.runners: dict[str, list[TrtRunner]] = {c: [] for c in self.specs}
         self._default = default_profile(model)
+        # Prompt windows one text-encoder call may carry (PromptEncoder splits a batch's prompts to fit): what the
+        # default text engine covers, so batching prompts never builds a wider engine in the middle of a render.
+        self.text_rows = self._default.max_chunks
         self.loras: tuple = ()
         self.lora_values: dict[str, dict] = {}  # component -> weight name -> value every engine of it must hold
         self._lora_maps: dict[str, tuple] = {}  # component -> (weight map, exported values read so far, onnx)

@@ -25,7 +25,9 @@ from ..consistency import install as install_anchor_attention
 from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
 from ..step_cache import CachedUNet, StepCacheRun
+from ..oom import is_oom
 from .base import UNetCond, register
+from .buckets import Bucket, pad_rows, padded_bucket, unet_bucket
 from .cuda_graph import GraphedCallable
 
 log = logging.getLogger("movielm_fast")
@@ -88,6 +90,7 @@ class TorchBackend:
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         self.cached_steps: dict[int, tuple] = {}  # step cache: depth -> (full step, shallow step), made on first use
+        self.buckets: set[Bucket] = set()  # UNet call shapes captured or compiled so far (engine/backends/buckets)
         # Asked for by flag: consistency batches (eager only) are then an error; the default steps aside for them.
         self._explicit_capture = config.compile_unet or bool(config.cuda_graphs)
         self.knobs = self._knobs(model, config)
@@ -178,10 +181,22 @@ class TorchBackend:
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
         args = (cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
                 cast(cond.timestep_cond))
-        with self._sdpa():
-            if cond.cache is not None:
-                return self._denoise_cached(args, cond.cache)
-            return self._unet_step(*args)
+        rows = latents.shape[0]
+        bucket = None
+        if self._unet_step is not self.unet:  # captured or compiled: pad up to a bucket made before (backends/buckets)
+            bucket = padded_bucket(unet_bucket(args[0], args[2]), self.buckets)
+            args = pad_rows(args, bucket[0])
+        try:
+            with self._sdpa():
+                noise = self._denoise_cached(args, cond.cache) if cond.cache is not None else self._unet_step(*args)
+        except Exception as exc:
+            if bucket is not None and is_oom(exc):
+                # The batch is about to be retried smaller (engine/oom.py): it must not be padded back up to this.
+                self.buckets = {b for b in self.buckets if b[0] < bucket[0]}
+            raise
+        if bucket is not None:
+            self.buckets.add(bucket)
+        return noise[:rows] if noise.shape[0] != rows else noise  # a view: the stepper copies what it keeps
 
     def _denoise_cached(self, args: tuple, run: StepCacheRun) -> torch.Tensor:
         """Step caching (engine.step_cache): the whole UNet on full steps, keeping its deep features; the shallow

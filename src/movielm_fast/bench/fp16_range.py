@@ -1,0 +1,155 @@
+"""Which component overflows in fp16: the largest |activation| of every module, measured in fp32.
+
+    python -m movielm_fast.bench.fp16_range --model sd15-arch [--size 256] [--steps 4]
+
+diffusers' fp16 images of sd15-arch (random weights) came out 13.5 dB from the fp32 image on an H200. This runs
+diffusers' own text-to-image pipeline once in fp32 on the CPU (text encoders, every UNet call of a short DPM++
+schedule with CFG, the VAE decode) with a forward hook on every module that records the largest |output| it
+produced. A module whose output passes 65504 (fp16's largest finite value) overflows in fp16; within 2x of it, a
+slightly different input or rounding may push it over. The first such module in call order is where an overflow
+starts: later ones often only inherit it. Values inside a module (attention scores within SDPA, a GroupNorm's
+variance) are not seen. Results go to bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report`
+summarises them in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from movielm_fast.engine.schedulers import make_scheduler
+
+from .hardware import RESULTS, load_average, machine_info
+from .models import ARCH_MODELS, build_arch_pipeline
+from .report import FP16_RANGE_FORMAT, save_result
+
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+NEAR = FP16_MAX / 2  # within 2x of overflowing
+LISTED = 12  # modules listed per component and category (the counts are complete)
+PROMPT = "Gothic style, soft sepia, a young woman with auburn hair in lavender stands at the ballroom entrance"
+
+
+def max_abs(output: Any) -> float | None:
+    """Largest |value| of the floating tensors in a module's output (tensor, tuple, list or dict/ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return float(output.detach().abs().max()) if output.is_floating_point() and output.numel() else None
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    found = [m for m in (max_abs(x) for x in items) if m is not None]
+    return max(found) if found else None
+
+
+class RangeRecorder:
+    """Forward hooks that keep, per module, the largest |output| over all its calls and the order of its first
+    call."""
+
+    def __init__(self):
+        self.peak: dict[str, float] = {}
+        self.first_call: dict[str, int] = {}
+        self.kinds: dict[str, str] = {}
+        self.handles: list = []
+
+    def attach(self, component: str, module: torch.nn.Module) -> None:
+        for name, m in module.named_modules():
+            key = f"{component}.{name}" if name else component
+            self.kinds[key] = type(m).__name__
+            self.handles.append(m.register_forward_hook(partial(self._hook, key)))
+
+    def _hook(self, key: str, module, args, output) -> None:
+        peak = max_abs(output)
+        if peak is None:
+            return
+        self.first_call.setdefault(key, len(self.first_call))
+        self.peak[key] = max(self.peak.get(key, 0.0), peak)
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def summary(self, component: str) -> dict[str, Any]:
+        """One component's figures: its peak, and the modules over / near the fp16 limit, in call order."""
+        mine = [k for k in self.peak if k == component or k.startswith(component + ".")]
+
+        def rows(keys):
+            keys = sorted(keys, key=self.first_call.__getitem__)
+            return [{"module": k, "class": self.kinds[k], "max_abs": self.peak[k]} for k in keys[:LISTED]]
+
+        over = [k for k in mine if self.peak[k] > FP16_MAX]
+        near = [k for k in mine if NEAR < self.peak[k] <= FP16_MAX]
+        top = sorted(mine, key=self.peak.__getitem__, reverse=True)[:LISTED]
+        return {"component": component, "modules_called": len(mine),
+                "max_abs": max((self.peak[k] for k in mine), default=None),
+                "over_fp16": len(over), "near_fp16": len(near), "first_over": rows(over), "first_near": rows(near),
+                "largest": [{"module": k, "class": self.kinds[k], "max_abs": self.peak[k]} for k in top]}
+
+
+def components(pipe) -> dict[str, torch.nn.Module]:
+    names = ("text_encoder", "text_encoder_2", "unet", "vae")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def verdict(parts: list[dict[str, Any]]) -> str:
+    over = [p for p in parts if p["over_fp16"]]
+    near = [p for p in parts if p["near_fp16"] and not p["over_fp16"]]
+    if not over and not near:
+        return "no module's output comes within 2x of fp16's range"
+    said = [f"{p['component']} overflows fp16 ({p['over_fp16']} modules over 65504, the first "
+            f"{p['first_over'][0]['module']}, max {p['max_abs']:.4g})" for p in over]
+    said += [f"{p['component']} comes within 2x ({p['near_fp16']} modules, max {p['max_abs']:.4g})" for p in near]
+    return "; ".join(said)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.fp16_range", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="sd15-arch", choices=ARCH_MODELS)
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (small: this runs in fp32 on a CPU)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--scheduler", default="dpmpp")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    load_start = load_average()
+    t0 = time.perf_counter()
+    pipe = build_arch_pipeline(args.model)  # fp32, the same random weights as the cached arch folder (seed 0)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - t0
+    rec = RangeRecorder()
+    parts = components(pipe)
+    for name, module in parts.items():
+        rec.attach(name, module)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        image = pipe(PROMPT, negative_prompt=None, height=args.size, width=args.size, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
+                     output_type="np").images
+    run_s = time.perf_counter() - t0
+    rec.detach()
+    summaries = [rec.summary(name) for name in parts]
+    result = {"format": FP16_RANGE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(torch.device("cpu")),
+              "settings": {"model": args.model, "size": args.size, "steps": args.steps, "scheduler": args.scheduler,
+                           "guidance": args.guidance, "seed": args.seed, "prompt": PROMPT, "dtype": "fp32",
+                           "pipeline": type(pipe).__name__},
+              "fp16_max": FP16_MAX, "build_seconds": round(build_s, 1), "run_seconds": round(run_s, 1),
+              "image_finite": bool(torch.isfinite(torch.as_tensor(image)).all()),
+              "load_average": {"start": load_start, "end": load_average()},
+              "components": summaries, "verdict": verdict(summaries)}
+    for p in summaries:
+        first = p["first_over"] or p["first_near"]
+        print(f"{p['component']}: max |activation| {p['max_abs']:.4g}; {p['over_fp16']} modules over 65504, "
+              f"{p['near_fp16']} within 2x" + (f"; first: {first[0]['module']} ({first[0]['max_abs']:.4g})"
+                                              if first else ""))
+    print(result["verdict"])
+    save_result(args.results, "fp16_range", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
