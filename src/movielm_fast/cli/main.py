@@ -49,12 +49,20 @@ def _quiet_libraries() -> None:
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--server", help="Send the plans to a running `movielm-fast serve` at this URL and follow them; --out "
-                               "is then relative to the server's output root, and render flags are the server's.")
+                               "is then relative to the server's output root. Render settings (--steps, --seed, "
+                               "--image-format, --replace, ...) go with each plan; flags of the resident model "
+                               "(--model, --device, --lora, ...) are refused: they are the server's.")
 @click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="The server's token (env MOVIELM_SERVE_TOKEN).")
 @render_options
 def render_cmd(plans, out, server, token, **kw):
     if server:
-        return _render_on_server(server, token, plans, out, kw.get("as_json"))
+        from .options import server_options
+
+        ctx = click.get_current_context()
+        given = {p.name: p.opts[0] for p in ctx.command.params if p.name in kw and ctx.get_parameter_source(
+            p.name) not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
+        as_json, quiet = kw["as_json"], kw["quiet"]
+        return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
     from movielm_fast.engine.driver import render
     from movielm_fast.engine.startup import StartupClock
@@ -111,13 +119,14 @@ def eval_cmd(outs, clip_path, device, as_json):
                        f"({m['anchor_pairs']} pairs)")
 
 
-def _render_on_server(server, token, plans, out, as_json):
+def _render_on_server(server, token, plans, out, as_json, quiet, options):
     from movielm_fast.serve.client import follow, submit
 
     failed = False
     for plan in plans:
-        rec = submit(server, plan, token, None if out == Path("out") else str(out))
-        click.echo(f"submitted {plan} as {rec['id']}", err=True)
+        rec = submit(server, plan, token, None if out == Path("out") else str(out), options)
+        if not (quiet or as_json):
+            click.echo(f"submitted {plan} as {rec['id']}", err=True)
         rec = follow(server, rec["id"], token)
         failed |= rec["state"] == "failed"
         if as_json:
