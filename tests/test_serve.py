@@ -213,11 +213,12 @@ def test_render_server_unreachable_is_a_clean_error(tmp_path):
 
 def _embedding_plan(folder: Path, movie_id: str, embedding: str) -> Path:
     """A plan whose style names a textual-inversion file (demo text encoder: 64 wide) by `embedding`."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"<ink>": torch.randn(1, 64, generator=torch.Generator().manual_seed(0))}, str(folder / "ink.st"))
+    vectors = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    save_file({"<ink>": vectors}, str(folder / "ink.safetensors"))
     m = movie(movie_id, 1)
     m["style"] = {"name": "Ink", "embedding": embedding}
     return write_plan(folder / "plan.json", [m], SMALL)
@@ -229,21 +230,21 @@ def test_plan_paths_resolve_against_the_plan_folder_and_stay_under_allowed_roots
     from movielm_fast.cli.main import cli
     from tests.helpers import cli_json
 
-    plan = _embedding_plan(files / "plans", "rel", "ink.st")  # relative to the plan file, as for `render`
+    plan = _embedding_plan(files / "plans", "rel", "ink.safetensors")  # relative to the plan file, as for `render`
     rec = cli_json(["render", str(plan), "--server", server.url, "--out", "rel", "--json"])
     assert rec["state"] == "done" and rec["summary"]["rendered"] == 1, rec
     manifest = json.loads((Path(rec["summary"]["storyboards"][0]).parent / "manifest.json").read_text())
     assert manifest["frames"][0]["prompt"].startswith("<ink>")  # the embedding was found and bound
     # The same plan from a folder the server may not read: refused with the path and the fix.
-    outside = _embedding_plan(tmp_path / "elsewhere", "out1", "ink.st")
+    outside = _embedding_plan(tmp_path / "elsewhere", "out1", "ink.safetensors")
     res = CliRunner().invoke(cli, ["render", str(outside), "--server", server.url])
     assert res.exit_code == 2 and "outside the folders this server reads" in res.output and "--allow-files" in \
         res.output
     # Another client's relative paths are relative to the first root; '..' cannot leave it.
     data = json.loads(plan.read_text())
-    data["movies"][0]["style"]["embedding"] = "plans/ink.st"
+    data["movies"][0]["style"]["embedding"] = "plans/ink.safetensors"
     assert _http(f"{server.url}/plans?out=rel2", json.dumps(data).encode())[0] == 202
-    data["movies"][0]["style"]["embedding"] = "../elsewhere/ink.st"
+    data["movies"][0]["style"]["embedding"] = "../elsewhere/ink.safetensors"
     status, err = _http(f"{server.url}/plans", json.dumps(data).encode())
     assert status == 422 and "$.movies[0].style.embedding" in err["error"] and "outside" in err["error"]
     status, err = _http(f"{server.url}/plans", json.dumps({"plan": json.loads(plan.read_text()), "options": {

@@ -71,12 +71,7 @@ class Server:
     def _render(self, rec: dict[str, Any]) -> None:
         job_id = rec["id"]
 
-        def progress(n: int, left: int) -> None:  # in memory; the record on disk says running until the end
-            # Counted against the plan's frames: those on disk when rendering starts (a restart's) are done already.
-            rec_now = self.queue.get(job_id) or {}
-            done = rec_now.get("done", 0) + n if n else rec_now["total"] - left
-            self.queue.update(job_id, persist=False, done=done)
-
+        progress = _Progress(self.queue, job_id)
         try:
             options = PlanOptions.model_validate(rec.get("options") or {})
             config = self.plan_config(output_folder(self.config.out, rec["out"]), options)
@@ -87,7 +82,7 @@ class Server:
             job = Job.load(config, [self.queue.plan_path(job_id)], clock, source=SERVED)
             summary = render_job(job, progress=progress, executor=self.executor).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
-                              error=None)
+                              error=None, done=summary["skipped"] + summary["rendered"])
         except UserError as exc:
             self.queue.update(job_id, state="failed", error={"error": exc.message, "hint": exc.hint})
         except Exception as exc:  # noqa: BLE001 -- one plan's crash must not stop the server or the queue
@@ -119,6 +114,22 @@ class Server:
             path.write_text(text)
             job = Job.load(self.plan_config(out, options), [path], source=SERVED)
         return text, options, sum(len(lm.movie.frames) for lm in job.movies)
+
+
+class _Progress:
+    """A plan's progress in its record (in memory; the record on disk says running until the end): done counts the
+    plan's frames, those already on disk when rendering starts (before a restart, or from an earlier submission)
+    included, against its total."""
+
+    def __init__(self, queue: PlanQueue, job_id: str):
+        self.queue, self.job_id = queue, job_id
+
+    def skipped(self, frames: int) -> None:
+        self.queue.update(self.job_id, persist=False, done=frames)
+
+    def __call__(self, rendered: int, left: int) -> None:
+        if rendered:
+            self.queue.update(self.job_id, persist=False, done=self.queue.get(self.job_id)["done"] + rendered)
 
 
 SERVED = "submitted to movielm-fast serve"
