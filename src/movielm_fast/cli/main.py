@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -20,8 +21,26 @@ DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture 
 
 VERSION_MESSAGE = "%(prog)s %(version)s"
 
+LAZY_COMMANDS = {"plan": ("llm_cmds", "plan_cmd"), "qa": ("llm_cmds", "qa_cmd"), "dataset": ("llm_cmds", "dataset_cmd"),
+                 "make": ("make_cmds", "make_cmd"), "style": ("style_cmds", "style_group"),
+                 "export": ("export_cmds", "export_cmd"), "bench": ("bench_cmds", "bench_cmd"),
+                 "serve": ("serve_cmds", "serve_cmd")}
+"""Commands whose modules load only when the command is used (or listed): `render` does not import the LLM, dataset,
+export or bench wings on its way to the first frame."""
 
-@click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
+
+class LazyGroup(CleanErrors):
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
 @click.version_option(package_name="movielm-fast", prog_name="movielm-fast", message=VERSION_MESSAGE)
 def cli(verbose: bool) -> None:
@@ -145,21 +164,6 @@ def _with_progress(config, run):
     from .progress import with_progress
 
     return with_progress(config, run)
-
-
-def _register_commands() -> None:
-    from .bench_cmds import bench_cmd
-    from .export_cmds import export_cmd
-    from .llm_cmds import dataset_cmd, plan_cmd, qa_cmd
-    from .make_cmds import make_cmd
-    from .serve_cmds import serve_cmd
-    from .style_cmds import style_group
-
-    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd, serve_cmd):
-        cli.add_command(cmd)
-
-
-_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

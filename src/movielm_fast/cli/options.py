@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 from pydantic import ValidationError
 
-from movielm_fast.data.llm.client import LLMClient, default_cache_dir, resolve_config
 from movielm_fast.engine.outputs import IMAGE_FORMATS
 from movielm_fast.engine.plan import CONSISTENCY_MODES, RenderSettings
 from movielm_fast.engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 from movielm_fast.errors import UserError
+
+if TYPE_CHECKING:
+    from movielm_fast.data.llm.client import LLMClient
 
 
 def _group(options: list[Callable]) -> Callable:
@@ -238,6 +240,8 @@ def llm_options(own_model_flag: bool) -> Callable:
 
 def llm_client(kw: dict[str, Any]) -> LLMClient:
     """The LLM flags (removed from `kw`, except --max-tries, which is the caller's) -> a client."""
+    from movielm_fast.data.llm.client import LLMClient, default_cache_dir, resolve_config  # not on render's path
+
     no_cache, cache_dir = kw.pop("no_cache"), kw.pop("cache_dir")
     config = resolve_config(kw.pop("base_url"), kw.pop("api_key"), kw.pop("llm_model"),
                             temperature=kw.pop("temperature"), seed=kw.pop("llm_seed"),
