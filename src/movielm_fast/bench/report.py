@@ -420,7 +420,8 @@ def boundary_section(results: list[dict[str, Any]]) -> list[str]:
              "render thread's time between one batch and the next (a GPU's idle time there), after a batch that "
              "completes a movie vs after the others.", "",
              "| size | format | batch ms | gap ms at a boundary | gap ms elsewhere | excess ms per boundary | "
-             "max gap ms | frames/s | repeats (boundary gap, other gap, frames/s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "max gap ms | frames/s | repeats (boundary gap, other gap, frames/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         lines.append(f"| {r['size']} | {r['format']} | {r['batch_ms']} | {r['gap_ms_at_boundary']} | "
                      f"{r['gap_ms_elsewhere']} | {r['excess_ms_per_boundary']} | {r['max_gap_ms_at_boundary']} | "
@@ -617,7 +618,8 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
-SMALL_BENCHES = ((HOST_FORMAT, host_section), (BOUNDARY_FORMAT, boundary_section), (REGRESSION_FORMAT, regression_section),
+SMALL_BENCHES = ((HOST_FORMAT, host_section), (BOUNDARY_FORMAT, boundary_section),
+                 (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section))
 
