@@ -110,16 +110,18 @@ def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, ste
 
 
 class _TimedExecutor(LocalExecutor):
-    """LocalExecutor that notes when each batch's render-thread work starts and ends, and its movies' frames."""
+    """LocalExecutor that notes when each batch's render-thread work starts and ends (wall clock, and the render
+    thread's own CPU time, which leaves out its waits for a writer slot and other processes' turns), and its frames."""
 
     def __init__(self, renderer: Renderer):
         super().__init__(renderer=renderer)
-        self.batches: list[tuple[float, float, list[tuple[str, str]]]] = []
+        self.batches: list[tuple[tuple[float, float], tuple[float, float], list[str]]] = []
 
     def next_result(self):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         batch, result = super().next_result()
-        self.batches.append((t0, time.perf_counter(), [(t.job.movie_id, t.job.frame_id) for t in batch.tasks]))
+        movies = [t.job.movie_id for t in batch.tasks]
+        self.batches.append(((t0, time.perf_counter()), (c0, time.thread_time()), movies))
         return batch, result
 
 
@@ -145,24 +147,29 @@ def boundary_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str
     s = render(config, [plan], executor=executor)
     wall = time.perf_counter() - t0
     left: dict[str, int] = {}
-    for _, _, frames in executor.batches:
-        for movie_id, _ in frames:
+    for *_, movies in executor.batches:
+        for movie_id in movies:
             left[movie_id] = left.get(movie_id, 0) + 1
-    at_boundary, other, inside = [], [], []
-    for (start, end, frames), (nxt, _, _) in zip(executor.batches, executor.batches[1:]):
+    gaps: dict[tuple[str, bool], list[float]] = {(k, b): [] for k in ("wall", "cpu") for b in (True, False)}
+    inside = []
+    for (wall_ab, cpu_ab, movies), (wall_next, cpu_next, _) in zip(executor.batches, executor.batches[1:]):
         ends_movie = False
-        for movie_id, _ in frames:
+        for movie_id in movies:
             left[movie_id] -= 1
             ends_movie |= left[movie_id] == 0
-        (at_boundary if ends_movie else other).append(1000 * (nxt - start - (end - start)))
-        inside.append(1000 * (end - start))
+        gaps["wall", ends_movie].append(1000 * (wall_next[0] - wall_ab[1]))
+        gaps["cpu", ends_movie].append(1000 * (cpu_next[0] - cpu_ab[1]))
+        inside.append(1000 * (cpu_ab[1] - cpu_ab[0]))
     mean = (lambda xs: round(sum(xs) / len(xs), 2) if xs else None)
-    return {"size": f"{size}x{size}", "format": fmt, "frames": s.frames_rendered, "batches": len(executor.batches),
-            "boundaries": len(at_boundary), "frames_per_s": round(s.frames_rendered / wall, 2),
-            "batch_ms": mean(inside), "gap_ms_at_boundary": mean(at_boundary), "gap_ms_elsewhere": mean(other),
-            "excess_ms_per_boundary": round(mean(at_boundary) - mean(other), 2) if at_boundary and other else None,
-            "max_gap_ms_at_boundary": round(max(at_boundary), 2) if at_boundary else None,
-            "waited_seconds": s.write["waited_seconds"]}
+    out = {"size": f"{size}x{size}", "format": fmt, "frames": s.frames_rendered, "batches": len(executor.batches),
+           "boundaries": len(gaps["cpu", True]), "frames_per_s": round(s.frames_rendered / wall, 2),
+           "batch_cpu_ms": mean(inside), "waited_seconds": s.write["waited_seconds"]}
+    for kind in ("cpu", "wall"):
+        at, other = gaps[kind, True], gaps[kind, False]
+        out.update({f"gap_{kind}_ms_at_boundary": mean(at), f"gap_{kind}_ms_elsewhere": mean(other),
+                    f"excess_{kind}_ms_per_boundary": round(mean(at) - mean(other), 2) if at and other else None,
+                    f"max_gap_{kind}_ms_at_boundary": round(max(at), 2) if at else None})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,12 +244,14 @@ def _boundaries(args, renderer: Renderer, work: Path, load_start) -> int:
             rs = [boundary_case(renderer, plan, work / "b", size, fmt, args.steps, args.batch, args.threads)
                   for _ in range(args.repeats)]
             r = dict(sorted(rs, key=lambda x: x["frames_per_s"])[len(rs) // 2])
-            r["repeats"] = [[x["gap_ms_at_boundary"], x["gap_ms_elsewhere"], x["frames_per_s"]] for x in rs]
+            r["repeats"] = [[x["gap_cpu_ms_at_boundary"], x["gap_cpu_ms_elsewhere"], x["gap_wall_ms_at_boundary"],
+                             x["gap_wall_ms_elsewhere"], x["frames_per_s"]] for x in rs]
             runs.append(r)
-            print(f"{r['size']:>8} {fmt:>4}: batch {r['batch_ms']} ms on the render thread; gap before the next "
-                  f"batch {r['gap_ms_at_boundary']} ms after a movie ends vs {r['gap_ms_elsewhere']} ms elsewhere "
-                  f"(excess {r['excess_ms_per_boundary']} ms per boundary, max {r['max_gap_ms_at_boundary']}); "
-                  f"{r['frames_per_s']} frames/s; repeats {r['repeats']}", flush=True)
+            print(f"{r['size']:>8} {fmt:>4}: batch {r['batch_cpu_ms']} ms render-thread CPU; gap before the next "
+                  f"batch, render-thread CPU {r['gap_cpu_ms_at_boundary']} ms after a movie ends vs "
+                  f"{r['gap_cpu_ms_elsewhere']} ms elsewhere (excess {r['excess_cpu_ms_per_boundary']}), wall "
+                  f"{r['gap_wall_ms_at_boundary']} vs {r['gap_wall_ms_elsewhere']} ms; {r['frames_per_s']} frames/s; "
+                  f"repeats (cpu at/else, wall at/else, frames/s) {r['repeats']}", flush=True)
     result = {"format": BOUNDARY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"movies": args.movies, "frames_per_movie": args.frames, "steps": args.steps,
