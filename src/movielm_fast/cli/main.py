@@ -142,7 +142,8 @@ def _render_on_server(server, token, plans, out, as_json, quiet, options):
     from movielm_fast.serve.client import follow, submit
 
     failed = False
-    for plan in plans:
+    files = [f for p in plans for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [p])]  # as render
+    for plan in files:
         rec = submit(server, plan, token, None if out == Path("out") else str(out), options)
         if not (quiet or as_json):
             click.echo(f"submitted {plan} as {rec['id']}", err=True)
