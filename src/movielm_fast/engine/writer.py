@@ -6,7 +6,9 @@ threads does the files, starting with each frame's uint8 pixels (engine.frames: 
 CPU's floats converted). numpy, zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
 `outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
 with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
-being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
+being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is. A batch's slot frees once
+its frames are written: a movie's manifest and storyboard, due after its last frame, are written outside it, so the
+render thread does not wait for them at a movie boundary.
 
 `threads=0` writes inline on the caller's thread: the sequential reference the pipelined writer is tested against.
 """
