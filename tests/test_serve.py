@@ -74,8 +74,14 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = _Server(tmp_path_factory.mktemp("serve-root"))
+def files(tmp_path_factory):
+    """The folder whose files the module's server may read (--allow-files)."""
+    return tmp_path_factory.mktemp("serve-files")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, files):
+    s = _Server(tmp_path_factory.mktemp("serve-root"), "--allow-files", str(files))
     yield s
     s.kill()
 
@@ -178,6 +184,7 @@ def test_killed_server_resumes_the_queue_without_rendering_twice(tmp_path):
     finally:
         s.kill()
     assert done["state"] == "done"
+    assert done["done"] == done["total"] == 6  # progress counts the plan's frames, those done before the kill too
     assert done["summary"]["skipped"] >= len(before) and done["summary"]["rendered"] == 6 - done["summary"]["skipped"]
     after = {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in frames.glob("*.png")}
     assert len(after) == 6 and all(after[n] == v for n, v in before.items())  # none written twice
@@ -202,3 +209,85 @@ def test_render_server_unreachable_is_a_clean_error(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("x", 1)], SMALL)
     res = CliRunner().invoke(cli, ["render", str(plan), "--server", f"http://127.0.0.1:{_port()}"])
     assert res.exit_code == 2 and "cannot reach the server" in res.output
+
+
+def _embedding_plan(folder: Path, movie_id: str, embedding: str) -> Path:
+    """A plan whose style names a textual-inversion file (demo text encoder: 64 wide) by `embedding`."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    save_file({"<ink>": vectors}, str(folder / "ink.safetensors"))
+    m = movie(movie_id, 1)
+    m["style"] = {"name": "Ink", "embedding": embedding}
+    return write_plan(folder / "plan.json", [m], SMALL)
+
+
+def test_plan_paths_resolve_against_the_plan_folder_and_stay_under_allowed_roots(tmp_path, server, files):
+    from click.testing import CliRunner
+
+    from movielm_fast.cli.main import cli
+    from tests.helpers import cli_json
+
+    plan = _embedding_plan(files / "plans", "rel", "ink.safetensors")  # relative to the plan file, as for `render`
+    rec = cli_json(["render", str(plan), "--server", server.url, "--out", "rel", "--json"])
+    assert rec["state"] == "done" and rec["summary"]["rendered"] == 1, rec
+    manifest = json.loads((Path(rec["summary"]["storyboards"][0]).parent / "manifest.json").read_text())
+    assert manifest["frames"][0]["prompt"].startswith("<ink>")  # the embedding was found and bound
+    # The same plan from a folder the server may not read: refused with the path and the fix.
+    outside = _embedding_plan(tmp_path / "elsewhere", "out1", "ink.safetensors")
+    res = CliRunner().invoke(cli, ["render", str(outside), "--server", server.url])
+    assert res.exit_code == 2 and "outside the folders this server reads" in res.output and "--allow-files" in \
+        res.output
+    # Another client's relative paths are relative to the first root; '..' cannot leave it.
+    data = json.loads(plan.read_text())
+    data["movies"][0]["style"]["embedding"] = "plans/ink.safetensors"
+    assert _http(f"{server.url}/plans?out=rel2", json.dumps(data).encode())[0] == 202
+    data["movies"][0]["style"]["embedding"] = "../elsewhere/ink.safetensors"
+    status, err = _http(f"{server.url}/plans", json.dumps(data).encode())
+    assert status == 422 and "$.movies[0].style.embedding" in err["error"] and "outside" in err["error"]
+    status, err = _http(f"{server.url}/plans", json.dumps({"plan": json.loads(plan.read_text()), "options": {
+        "render": {"vae": str(tmp_path)}}}).encode())
+    assert status == 422 and "options.render.vae" in err["error"]
+    status, err = _http(f"{server.url}/plans", json.dumps({"plan": {}, "options": {"device": "cuda"}}).encode())
+    assert status == 422 and "options.device" in err["error"] and err["hint"]
+
+
+def test_render_server_forwards_render_settings(tmp_path, server):
+    from tests.helpers import cli_json
+
+    plan = write_plan(tmp_path / "plan.json", [movie("fwd", 2)], SMALL)
+    flags = ["--steps", "2", "--seed", "9", "--image-format", "jpg", "--quality", "80"]
+    rec = cli_json(["render", str(plan), "--server", server.url, "--out", "fwd", "--json", *flags])
+    assert rec["state"] == "done" and rec["summary"]["rendered"] == 2, rec
+    served = Path(rec["summary"]["storyboards"][0]).parent
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "movielm_fast.cli.main", "render", str(plan), "--out", str(ref), "--quiet",
+                    *FLAGS, *flags], cwd=ROOT, check=True, capture_output=True)
+    for name in ("frames/000.jpg", "frames/001.jpg"):  # the flags reached the render: the same bytes as `render`'s
+        assert (served / name).read_bytes() == (ref / "fwd" / name).read_bytes()
+    entry = json.loads((served / "manifest.json").read_text())["frames"][0]
+    assert entry["file"].endswith(".jpg")
+
+
+@pytest.mark.parametrize("flag", [["--device", "cpu"], ["--lora", "x.safetensors"], ["--force"],
+                                  ["--consistency", "none"], ["--workers", "2"], ["--batch-size", "2"],
+                                  ["--no-cuda-graphs"]])
+def test_render_server_refuses_flags_it_cannot_honour(tmp_path, flag):
+    from click.testing import CliRunner
+
+    from movielm_fast.cli.main import cli
+
+    plan = write_plan(tmp_path / "plan.json", [movie("x", 1)], SMALL)
+    res = CliRunner().invoke(cli, ["render", str(plan), "--server", f"http://127.0.0.1:{_port()}", *flag])
+    assert res.exit_code == 2 and flag[0].replace("--no-", "--") in res.output, res.output
+    assert "cannot reach" not in res.output  # refused before anything is sent
+
+
+def test_every_render_flag_has_a_server_rule():
+    from movielm_fast.cli.options import (CLIENT_SIDE, REFUSED_ON_SERVER, RENDER_KEYS, SERVED_OPTIONS,
+                                          SERVED_SETTINGS)
+
+    rules = [*SERVED_SETTINGS, *SERVED_OPTIONS, *CLIENT_SIDE, *REFUSED_ON_SERVER]
+    assert sorted(rules) == sorted(RENDER_KEYS)  # each flag exactly once: a new flag needs a rule here

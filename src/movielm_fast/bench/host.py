@@ -17,6 +17,12 @@ Reported per case, from the run with the median frames/s (every repeat's figures
 - whether the pipelined files equal the sequential ones (same bytes for frames and storyboard; manifests equal
   except their timing field).
 
+With `--movies N` it measures movie boundaries instead (issue 26: a GPU that dips where one movie ends and the next
+begins): N movies of `--frames` frames each, pipelined writer, and per batch the render thread's time inside the
+batch (prompt, latents, scheduler, decode) and its gap before the next one (the driver loop: handing the batch to
+the writer, waiting for a free slot, progress). Gaps right after a batch that completes a movie (its manifest and
+storyboard are due then) are reported apart from the others, with the excess per boundary over the other gaps.
+
 Results go to bench/results/host-<stamp>.json; `python -m movielm_fast.bench.report` puts them in bench/RESULTS.md.
 """
 
@@ -40,7 +46,7 @@ from movielm_fast.engine.renderer import Renderer
 
 from .hardware import RESULTS, load_average, machine_info, source_state
 from .models import resolve_model
-from .report import HOST_FORMAT, save_result
+from .report import BOUNDARY_FORMAT, HOST_FORMAT, save_result
 
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
 WRITE_STAGES = ("pixels", "encode", "hash", "write", "manifest", "storyboard")
@@ -103,6 +109,69 @@ def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, ste
                                    **{k: round(1000 * s.write[f"{k}_seconds"] / n, 2) for k in WRITE_STAGES}}}
 
 
+class _TimedExecutor(LocalExecutor):
+    """LocalExecutor that notes when each batch's render-thread work starts and ends (wall clock, and the render
+    thread's own CPU time, which leaves out its waits for a writer slot and other processes' turns), and its frames."""
+
+    def __init__(self, renderer: Renderer):
+        super().__init__(renderer=renderer)
+        self.batches: list[tuple[tuple[float, float], tuple[float, float], list[str]]] = []
+
+    def next_result(self):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        batch, result = super().next_result()
+        movies = [t.job.movie_id for t in batch.tasks]
+        self.batches.append(((t0, time.perf_counter()), (c0, time.thread_time()), movies))
+        return batch, result
+
+
+def _movies_plan(path: Path, movies: int, frames: int) -> Path:
+    data = json.loads(_plan(path, frames).read_text())
+    one = data["movies"][0]
+    data["movies"] = [{**one, "id": f"m{m:02d}", "title": f"M{m}",
+                       "frames": [{**f, "description": f"{f['description']} of movie {m}"} for f in one["frames"]]}
+                      for m in range(movies)]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def boundary_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, steps: int, batch: int,
+                  threads: int) -> dict[str, Any]:
+    """One multi-movie run: the render thread's gaps between batches, at movie boundaries and elsewhere."""
+    shutil.rmtree(out, ignore_errors=True)
+    renderer.encoder.clear_cache()
+    config = EngineConfig(model=renderer.config.model, out=out, backend="null", batch_size=batch, image_format=fmt,
+                          writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
+    executor = _TimedExecutor(renderer)
+    t0 = time.perf_counter()
+    s = render(config, [plan], executor=executor)
+    wall = time.perf_counter() - t0
+    left: dict[str, int] = {}
+    for *_, movies in executor.batches:
+        for movie_id in movies:
+            left[movie_id] = left.get(movie_id, 0) + 1
+    gaps: dict[tuple[str, bool], list[float]] = {(k, b): [] for k in ("wall", "cpu") for b in (True, False)}
+    inside = []
+    for (wall_ab, cpu_ab, movies), (wall_next, cpu_next, _) in zip(executor.batches, executor.batches[1:]):
+        ends_movie = False
+        for movie_id in movies:
+            left[movie_id] -= 1
+            ends_movie |= left[movie_id] == 0
+        gaps["wall", ends_movie].append(1000 * (wall_next[0] - wall_ab[1]))
+        gaps["cpu", ends_movie].append(1000 * (cpu_next[0] - cpu_ab[1]))
+        inside.append(1000 * (cpu_ab[1] - cpu_ab[0]))
+    mean = (lambda xs: round(sum(xs) / len(xs), 2) if xs else None)
+    out = {"size": f"{size}x{size}", "format": fmt, "frames": s.frames_rendered, "batches": len(executor.batches),
+           "boundaries": len(gaps["cpu", True]), "frames_per_s": round(s.frames_rendered / wall, 2),
+           "batch_cpu_ms": mean(inside), "waited_seconds": s.write["waited_seconds"]}
+    for kind in ("cpu", "wall"):
+        at, other = gaps[kind, True], gaps[kind, False]
+        out.update({f"gap_{kind}_ms_at_boundary": mean(at), f"gap_{kind}_ms_elsewhere": mean(other),
+                    f"excess_{kind}_ms_per_boundary": round(mean(at) - mean(other), 2) if at and other else None,
+                    f"max_gap_{kind}_ms_at_boundary": round(max(at), 2) if at else None})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.host", description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=64)
@@ -115,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--movies", type=int, help="measure movie boundaries: this many movies of --frames frames each")
     args = ap.parse_args(argv)
 
     # The render thread is one thread: on a GPU box the scheduler's tensors live on the GPU and torch's CPU thread
@@ -128,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     runs = []
     try:
+        if args.movies:
+            return _boundaries(args, renderer, work, load_start)
         plan = _plan(work / "plan.json", args.frames)
         warm = _plan(work / "warm.json", args.batch)
         for size in map(int, args.sizes.split(",")):
@@ -156,6 +228,36 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"frames": args.frames, "steps": args.steps, "batch": args.batch, "model": args.model,
                            "backend": "null", "scheduler": "dpmpp", "torch_threads": args.torch_threads,
                            "writer_threads": args.threads, "repeats": args.repeats},
+              "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
+              "runs": runs}
+    save_result(args.results, "host", result)
+    return 0
+
+
+def _boundaries(args, renderer: Renderer, work: Path, load_start) -> int:
+    plan = _movies_plan(work / "movies.json", args.movies, args.frames)
+    runs = []
+    for size in map(int, args.sizes.split(",")):
+        for fmt in args.formats.split(","):
+            boundary_case(renderer, _plan(work / "warm.json", args.batch), work / "warm", size, fmt, args.steps,
+                          args.batch, args.threads)
+            rs = [boundary_case(renderer, plan, work / "b", size, fmt, args.steps, args.batch, args.threads)
+                  for _ in range(args.repeats)]
+            r = dict(sorted(rs, key=lambda x: x["frames_per_s"])[len(rs) // 2])
+            r["repeats"] = [[x["gap_cpu_ms_at_boundary"], x["gap_cpu_ms_elsewhere"], x["gap_wall_ms_at_boundary"],
+                             x["gap_wall_ms_elsewhere"], x["frames_per_s"]] for x in rs]
+            runs.append(r)
+            print(f"{r['size']:>8} {fmt:>4}: batch {r['batch_cpu_ms']} ms render-thread CPU; gap before the next "
+                  f"batch, render-thread CPU {r['gap_cpu_ms_at_boundary']} ms after a movie ends vs "
+                  f"{r['gap_cpu_ms_elsewhere']} ms elsewhere (excess {r['excess_cpu_ms_per_boundary']}), wall "
+                  f"{r['gap_wall_ms_at_boundary']} vs {r['gap_wall_ms_elsewhere']} ms; {r['frames_per_s']} frames/s; "
+                  f"repeats (cpu at/else, wall at/else, frames/s) {r['repeats']}", flush=True)
+    result = {"format": BOUNDARY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(torch.device("cpu")),
+              "settings": {"movies": args.movies, "frames_per_movie": args.frames, "steps": args.steps,
+                           "batch": args.batch, "model": args.model, "backend": "null",
+                           "torch_threads": args.torch_threads, "writer_threads": args.threads,
+                           "repeats": args.repeats},
               "load_average": {"start": load_start, "end": load_average()}, "source": source_state(Renderer),
               "runs": runs}
     save_result(args.results, "host", result)

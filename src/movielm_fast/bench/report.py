@@ -347,6 +347,7 @@ def short_table(results: list[dict[str, Any]]) -> str:
 
 
 HOST_FORMAT = "movielm-bench-host/1"
+BOUNDARY_FORMAT = "movielm-bench-host-boundaries/1"
 CPU_PEER_FORMAT = "movielm-bench-cpu-peer/1"
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 REGRESSION_FORMAT = "movielm-bench-regression/1"
@@ -407,6 +408,27 @@ def host_section(results: list[dict[str, Any]]) -> list[str]:
                 "pixels", "encode", "hash", "write", "manifest", "storyboard"))
         lines.append(f"| {r['size']} | {r['format']} | {r['writer_threads']} | {r['render_thread_ms_per_frame']:.1f} "
                      f"| {r['frames_per_s']:.1f} | {'yes' if r['same_files_as_sequential'] else 'NO'} | {split} |")
+    return lines + [""]
+
+
+def boundary_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Movie boundaries on the render thread (`python -m movielm_fast.bench.host --movies N`)", "",
+             f"{st['movies']} movies of {st['frames_per_movie']} frames, batch {st['batch']}, {st['steps']} steps, "
+             f"null backend, {st['writer_threads']} writer threads, the median of {st['repeats']} runs; "
+             f"{m['cpu_model']}, {m['cpu_cores_logical']} logical cores; {_load(res)}; {res['created']}. *gap*: the "
+             "render thread's time between one batch and the next (a GPU's idle time there), after a batch that "
+             "completes a movie vs after the others: its own CPU time (work on the render thread) and wall time "
+             "(with its waits for a free writer slot, which on 2 cores dominate).", "",
+             "| size | format | batch CPU ms | gap CPU ms at a boundary / elsewhere | excess CPU ms per boundary | "
+             "gap wall ms at a boundary / elsewhere | frames/s |", "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['size']} | {r['format']} | {r['batch_cpu_ms']} | {r['gap_cpu_ms_at_boundary']} / "
+                     f"{r['gap_cpu_ms_elsewhere']} | {r['excess_cpu_ms_per_boundary']} | "
+                     f"{r['gap_wall_ms_at_boundary']} / {r['gap_wall_ms_elsewhere']} | {r['frames_per_s']} |")
     return lines + [""]
 
 
@@ -696,7 +718,8 @@ def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
-SMALL_BENCHES = ((HOST_FORMAT, host_section), (REGRESSION_FORMAT, regression_section),
+SMALL_BENCHES = ((HOST_FORMAT, host_section), (BOUNDARY_FORMAT, boundary_section),
+                 (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section),
                  (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section),

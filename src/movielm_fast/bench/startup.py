@@ -12,6 +12,11 @@ that folder every 5 ms for the first frame file, and records:
 - the run's own start-up report (`render --json` "startup": seconds per phase, engine/startup.py), which also
   splits `imports` (interpreter, torch, diffusers) from everything after.
 
+One more run under `python -X importtime` splits the imports by top-level package (each module's own time, summed:
+`import_seconds_by_package`; importtime's bookkeeping makes that run a little slower). It shows the floor: torch,
+and diffusers with what it imports by itself (torch._dynamo with sympy/mpmath/triton through
+diffusers.utils.torch_utils; transformers; peft whenever it is installed, as in the dev extra).
+
 Best (the goal is stated as best of 3) and median over the repeats; results go to bench/results/startup-<stamp>.json
 (relative to the working folder). Extra arguments after `--` go to `render` (e.g. `-- --batch-size 4` to compare
 with the first-frame-alone ramp off). No test asserts these timings.
@@ -65,6 +70,26 @@ def run_once(plan: Path, extra: list[str], poll: float = 0.005) -> dict[str, Any
                 "frames": summary["rendered"], "batch_size": summary["batch_size"]}
 
 
+def import_breakdown(plan: Path, extra: list[str], top: int = 12) -> dict[str, float]:
+    """Seconds of import per top-level package (self times summed) in one `render` under -X importtime; the rest
+    summed as "other"."""
+    with tempfile.TemporaryDirectory(prefix="mlf-startup-") as tmp:
+        cmd = [sys.executable, "-X", "importtime", "-m", "movielm_fast.cli.main", "render", str(plan), "--out",
+               str(Path(tmp) / "out"), "--json", "--quiet", "--no-style-training", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    by_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        own, _, name = line.removeprefix("import time:").split("|")
+        package = name.strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0.0) + int(own) / 1e6
+    ranked = sorted(by_package.items(), key=lambda kv: -kv[1])
+    out = {k: round(v, 3) for k, v in ranked[:top]}
+    out["other"] = round(sum(v for _, v in ranked[top:]), 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -79,19 +104,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra = ["--model", args.model, "--device", args.device, *extra]
     run_once(args.plan, extra)  # untimed: the demo model assembled in the cache, files in the page cache
     runs = [run_once(args.plan, extra) for _ in range(args.repeats)]
+    imports = import_breakdown(args.plan, extra)
     firsts = [r["first_frame_seconds"] for r in runs]
-    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan": str(args.plan), "model": args.model, "device": args.device,
+    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan": str(args.plan),
+              "model": args.model, "device": args.device,
               "render_args": extra, "load_avg": load_average(), "cpu_count": os.cpu_count(),
               "first_frame_seconds": {"best": min(firsts), "median": statistics.median(firsts)},
               "total_seconds": {"best": min(r["total_seconds"] for r in runs),
                                 "median": statistics.median(r["total_seconds"] for r in runs)},
-              "runs": runs}
+              "import_seconds_by_package": imports, "runs": runs}
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=1))
     best = min(runs, key=lambda r: r["first_frame_seconds"])
     print(f"first frame: best {min(firsts):.2f} s, median {statistics.median(firsts):.2f} s over {len(runs)} runs "
           f"(load average {result['load_avg']}); phases of the best run: {best['startup']}")
+    print(f"imports by package (one -X importtime run): {imports}")
     print(f"results: {path}")
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -20,8 +21,26 @@ DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture 
 
 VERSION_MESSAGE = "%(prog)s %(version)s"
 
+LAZY_COMMANDS = {"plan": ("llm_cmds", "plan_cmd"), "qa": ("llm_cmds", "qa_cmd"), "dataset": ("llm_cmds", "dataset_cmd"),
+                 "make": ("make_cmds", "make_cmd"), "style": ("style_cmds", "style_group"),
+                 "export": ("export_cmds", "export_cmd"), "bench": ("bench_cmds", "bench_cmd"),
+                 "serve": ("serve_cmds", "serve_cmd")}
+"""Commands whose modules load only when the command is used (or listed): `render` does not import the LLM, dataset,
+export or bench wings on its way to the first frame."""
 
-@click.group(cls=CleanErrors, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
+
+class LazyGroup(CleanErrors):
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
 @click.version_option(package_name="movielm-fast", prog_name="movielm-fast", message=VERSION_MESSAGE)
 def cli(verbose: bool) -> None:
@@ -49,12 +68,20 @@ def _quiet_libraries() -> None:
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--server", help="Send the plans to a running `movielm-fast serve` at this URL and follow them; --out "
-                               "is then relative to the server's output root, and render flags are the server's.")
+                               "is then relative to the server's output root. Render settings (--steps, --seed, "
+                               "--image-format, --replace, ...) go with each plan; flags of the resident model "
+                               "(--model, --device, --lora, ...) are refused: they are the server's.")
 @click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="The server's token (env MOVIELM_SERVE_TOKEN).")
 @render_options
 def render_cmd(plans, out, server, token, **kw):
     if server:
-        return _render_on_server(server, token, plans, out, kw.get("as_json"))
+        from .options import server_options
+
+        ctx = click.get_current_context()
+        given = {p.name: p.opts[0] for p in ctx.command.params if p.name in kw and ctx.get_parameter_source(
+            p.name) not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
+        as_json, quiet = kw["as_json"], kw["quiet"]
+        return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
     from movielm_fast.engine.driver import render
     from movielm_fast.engine.startup import StartupClock
@@ -111,13 +138,15 @@ def eval_cmd(outs, clip_path, device, as_json):
                        f"({m['anchor_pairs']} pairs)")
 
 
-def _render_on_server(server, token, plans, out, as_json):
+def _render_on_server(server, token, plans, out, as_json, quiet, options):
     from movielm_fast.serve.client import follow, submit
 
     failed = False
-    for plan in plans:
-        rec = submit(server, plan, token, None if out == Path("out") else str(out))
-        click.echo(f"submitted {plan} as {rec['id']}", err=True)
+    files = [f for p in plans for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [p])]  # as render
+    for plan in files:
+        rec = submit(server, plan, token, None if out == Path("out") else str(out), options)
+        if not (quiet or as_json):
+            click.echo(f"submitted {plan} as {rec['id']}", err=True)
         rec = follow(server, rec["id"], token)
         failed |= rec["state"] == "failed"
         if as_json:
@@ -136,21 +165,6 @@ def _with_progress(config, run):
     from .progress import with_progress
 
     return with_progress(config, run)
-
-
-def _register_commands() -> None:
-    from .bench_cmds import bench_cmd
-    from .export_cmds import export_cmd
-    from .llm_cmds import dataset_cmd, plan_cmd, qa_cmd
-    from .make_cmds import make_cmd
-    from .serve_cmds import serve_cmd
-    from .style_cmds import style_group
-
-    for cmd in (plan_cmd, qa_cmd, dataset_cmd, make_cmd, style_group, export_cmd, bench_cmd, serve_cmd):
-        cli.add_command(cmd)
-
-
-_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 from pydantic import ValidationError
 
-from movielm_fast.data.llm.client import LLMClient, default_cache_dir, resolve_config
 from movielm_fast.engine.outputs import IMAGE_FORMATS
 from movielm_fast.engine.plan import CONSISTENCY_MODES, RenderSettings
 from movielm_fast.engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 from movielm_fast.errors import UserError
+
+if TYPE_CHECKING:
+    from movielm_fast.data.llm.client import LLMClient
 
 
 def _group(options: list[Callable]) -> Callable:
@@ -99,6 +101,50 @@ RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention",
                "step_cache_depth", "loras", "force", "replace",
                "no_style_training", "cluster", "address", "workers",
                "gpus_per_worker", "quiet", "as_json")
+
+
+# `render --server`: what each render flag becomes for a served plan (serve.options). None of them is ignored:
+# settings travel with the plan, the display flags stay here, and the rest are refused with what to do instead.
+SERVED_SETTINGS = ("steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner",
+                   "refiner_switch", "vae", "seed", "negative_prompt")
+SERVED_OPTIONS = {"image_format": "image_format", "quality": "quality", "replace": "replace",
+                  "no_style_training": "style_training"}
+CLIENT_SIDE = ("quiet", "as_json")
+_RESIDENT = ("is the server's: its model is loaded once, with the settings it was started with",
+             "start the server with `movielm-fast serve {flag} ...`, or drop {flag} here")
+REFUSED_ON_SERVER = {
+    **{k: _RESIDENT for k in ("model", "backend", "device", "dtype", "batch_size", "attention", "sdpa_backend",
+                              "cuda_graphs", "cudnn_benchmark", "compile_unet", "quantize", "step_cache",
+                              "step_cache_depth")},
+    "loras": ("applies to a server's every plan", "name the LoRA in the plan (loras or style.loras), or start the "
+                                                  "server with --lora"),
+    "consistency": ("applies to a server's every plan", "set consistency in the plan, or start the server with "
+                                                        "--consistency"),
+    "force": ("cannot be sent to a server: a served plan resumed after a restart must skip what it already "
+              "rendered", "delete the frames to render again from the server's output, or render without --server"),
+    **{k: ("is for a local run: the server renders in its own process", "drop {flag}, or render without --server")
+       for k in ("cluster", "address", "workers", "gpus_per_worker")},
+}
+
+
+def server_options(kw: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
+    """The render flags (removed from `kw`) of `render --server` -> the submission's options (serve.options).
+    `given`: the flags set on the command line, name -> the flag as typed (--lora); a flag a server cannot take
+    per plan is a UserError naming it."""
+    f = {k: kw.pop(k) for k in RENDER_KEYS}
+    for name, flag in given.items():
+        if name in REFUSED_ON_SERVER:
+            why, hint = REFUSED_ON_SERVER[name]
+            raise UserError(f"{flag} {why.format(flag=flag)}", hint.format(flag=flag))
+    render = {k: f[k] for k in SERVED_SETTINGS if k in given}
+    for k in ("refiner", "vae"):  # relative to the working directory, as for `render`
+        if k in render:
+            render[k] = str(Path(render[k]).resolve())
+    options: dict[str, Any] = {"render": render} if render else {}
+    for name, key in SERVED_OPTIONS.items():
+        if name in given:
+            options[key] = not f[name] if name == "no_style_training" else f[name]
+    return options
 
 
 def _batch_size(value: str) -> int | str:
@@ -194,6 +240,8 @@ def llm_options(own_model_flag: bool) -> Callable:
 
 def llm_client(kw: dict[str, Any]) -> LLMClient:
     """The LLM flags (removed from `kw`, except --max-tries, which is the caller's) -> a client."""
+    from movielm_fast.data.llm.client import LLMClient, default_cache_dir, resolve_config  # not on render's path
+
     no_cache, cache_dir = kw.pop("no_cache"), kw.pop("cache_dir")
     config = resolve_config(kw.pop("base_url"), kw.pop("api_key"), kw.pop("llm_model"),
                             temperature=kw.pop("temperature"), seed=kw.pop("llm_seed"),

@@ -20,10 +20,13 @@ from .options import engine_config, render_options
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="Require 'Authorization: Bearer TOKEN' on every request "
                                                             "(env MOVIELM_SERVE_TOKEN).")
+@click.option("--allow-files", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER",
+              help="Folders whose files (style embeddings, LoRAs, refiner and VAE folders) submitted plans may name; "
+                   "repeatable; relative paths in a plan are relative to the first [default: the current folder].")
 @render_options
-def serve_cmd(out, host, port, token, **kw):
+def serve_cmd(out, host, port, token, allow_files, **kw):
     from movielm_fast.serve.app import serve
 
     config, _, _ = engine_config(out, kw)
     click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
-    serve(config, host=host, port=port, token=token)
+    serve(config, host=host, port=port, token=token, allow_files=tuple(allow_files))

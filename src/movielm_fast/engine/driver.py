@@ -40,7 +40,8 @@ log = logging.getLogger("movielm_fast")
 
 Progress = Callable[[int, int], None]
 """progress(frames just rendered, frames to render). An object that also has `stage(name)` is told each stage as it
-starts (STAGES), and one with `step(done, steps)` the denoising steps of the batch in flight (local runs)."""
+starts (STAGES), one with `step(done, steps)` the denoising steps of the batch in flight (local runs), and one with
+`skipped(frames)` how many frames were already done (resume) before rendering starts."""
 STAGES = ("validate", "load", "styles", "render", "write")
 
 
@@ -319,6 +320,8 @@ class _Run:
             tasks = self.plan_tasks()  # 3. tasks
         todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
         summary.frames_skipped = len(tasks) - len(todo)
+        if (skipped := getattr(self.progress, "skipped", None)) is not None:
+            skipped(summary.frames_skipped)
         rendering: dict[str, list[str]] = {}
         for t in todo:
             rendering.setdefault(t.job.movie_id, []).append(t.job.frame_id)

@@ -7,6 +7,7 @@ and a fix. Render settings cascade: command-line overrides > movie ``render`` > 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -163,6 +164,44 @@ PATH_SETTINGS = ("refiner", "vae")  # folders named in a plan: relative to the p
 def _paths_from(settings: RenderSettings, base: Path) -> RenderSettings:
     update = {k: str(base / v) for k in PATH_SETTINGS if (v := getattr(settings, k)) and not Path(v).is_absolute()}
     return settings.model_copy(update=update) if update else settings
+
+
+def absolute_plan_paths(data: Any, base: Path) -> tuple[Any, list[tuple[str, Path]]]:
+    """Raw plan JSON -> (a copy whose file and folder paths are absolute, relative ones joined to `base`, and every
+    such (JSON path, path)). The paths a plan may name: style.embedding, style.loras[].file, loras[].file and
+    render.refiner / render.vae of a movie, defaults.refiner / defaults.vae of a file. For plans that travel without
+    their folder (`render --server`, serve's queue); parts of the wrong shape are left for validation to report."""
+    data = copy.deepcopy(data)
+    found: list[tuple[str, Path]] = []
+
+    def fix(obj: Any, key: str, where: str) -> None:
+        if isinstance(obj, dict) and isinstance(obj.get(key), str) and obj[key]:
+            obj[key] = str(base / obj[key])  # an absolute path stays itself
+            found.append((f"{where}.{key}", Path(obj[key])))
+
+    def fix_loras(obj: Any, where: str) -> None:
+        loras = obj.get("loras") if isinstance(obj, dict) else None
+        for i, entry in enumerate(loras if isinstance(loras, list) else []):
+            fix(entry, "file", f"{where}.loras[{i}]")
+
+    def fix_movie(m: Any, where: str) -> None:
+        if not isinstance(m, dict):
+            return
+        style = m.get("style")
+        fix(style, "embedding", f"{where}.style")
+        fix_loras(style, f"{where}.style")
+        fix_loras(m, where)
+        for key in PATH_SETTINGS:
+            fix(m.get("render"), key, f"{where}.render")
+
+    if isinstance(data, dict) and "movies" in data:
+        for key in PATH_SETTINGS:
+            fix(data.get("defaults"), key, "$.defaults")
+        for i, m in enumerate(data["movies"] if isinstance(data["movies"], list) else []):
+            fix_movie(m, f"$.movies[{i}]")
+    else:
+        fix_movie(data, "$")
+    return data, found
 
 
 def merge_settings(*layers: RenderSettings | None) -> RenderSettings:

@@ -6,7 +6,9 @@ threads does the files, starting with each frame's uint8 pixels (engine.frames: 
 CPU's floats converted). numpy, zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
 `outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
 with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
-being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is.
+being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is. A batch's slot frees once
+its frames are written: a movie's manifest and storyboard, due after its last frame, are written outside it, so the
+render thread does not wait for them at a movie boundary.
 
 `threads=0` writes inline on the caller's thread: the sequential reference the pipelined writer is tested against.
 """
@@ -111,30 +113,41 @@ class Writer:
         t0 = time.perf_counter()
         self.slots.acquire()  # blocks while `max_batches` batches are still being written
         self.times.waited += time.perf_counter() - t0
-        try:
-            futures = [self.pool.submit(self._write_frame, batch, result, i) for i in range(len(batch.tasks))]
-        except BaseException:
-            self.slots.release()
-            raise
-        remaining = [len(futures)]
+        remaining = [len(batch.tasks)]
 
-        def done(_):
+        def frame_written() -> None:
             with self._lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
             if last:
                 self.slots.release()
 
-        for f in futures:
-            f.add_done_callback(done)
+        def write(i: int) -> None:
+            try:
+                finished = self._write_frame(batch, result, i)
+            finally:
+                frame_written()
+            # The batch's slot is free before its movie's manifest and storyboard are written: at a movie boundary
+            # the render thread must not wait for a contact sheet to hand over the next batch.
+            if finished is not None:
+                self.finish_movie(finished)
+
+        try:
+            futures = [self.pool.submit(write, i) for i in range(len(batch.tasks))]
+        except BaseException:
+            self.slots.release()
+            raise
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()] + futures
 
     def _write_batch(self, batch: Batch, result: Rendered) -> None:
         for i in range(len(batch.tasks)):
-            self._write_frame(batch, result, i)
+            if (finished := self._write_frame(batch, result, i)) is not None:
+                self.finish_movie(finished)
 
-    def _write_frame(self, batch: Batch, result: Rendered, i: int) -> None:
+    def _write_frame(self, batch: Batch, result: Rendered, i: int) -> MovieOutputs | None:
+        """One frame's file and manifest entry; its movie's outputs when it was the movie's last frame (the caller
+        then writes the movie's manifest and storyboard: `finish_movie`)."""
         task = batch.tasks[i]
         mo = self.outputs[task.job.movie_id]
         t0 = time.perf_counter()
@@ -145,7 +158,7 @@ class Writer:
         except FloatingPointError as exc:  # this frame overflowed: its movie fails, the batch's other frames stay
             with self._lock:
                 self.failures.setdefault(task.job.movie_id, reason(exc, self.info.dtype))
-            return
+            return None
         tp = time.perf_counter()
         data = result.encoded[i] if result.encoded is not None else encode_image(image, task, self.info,
                                                                                  self.image_format, self.quality)
@@ -175,8 +188,7 @@ class Writer:
             finished = mo.complete() and task.job.movie_id not in self._storyboarded
             if finished:
                 self._storyboarded.add(task.job.movie_id)
-        if finished:  # the movie's last frame: its manifest and storyboard now, not at the end of the run
-            self.finish_movie(mo)
+        return mo if finished else None  # the movie's last frame: its manifest and storyboard now, not at the end
 
     def finish_movie(self, mo: MovieOutputs) -> None:
         t0 = time.perf_counter()

@@ -1,13 +1,17 @@
 """The HTTP side of `serve` (starlette, run by uvicorn: the optional extra ``movielm-fast[serve]``) and its render
 thread.
 
-    POST /plans[?out=SUB]   body: a plan (the JSON of plan.json) -> 202 {"id", "state", ...}; rendered into OUT/SUB
+    POST /plans[?out=SUB]   body: a plan (the JSON of plan.json), or {"plan": PLAN, "options": OPTIONS} (serve.options:
+                            per-plan render flags, and the rule for the files a plan names) -> 202 {"id", "state",
+                            "done", "total", ...}; rendered into OUT/SUB. done and total count the plan's frames,
+                            those already on disk included (after a restart too).
     GET  /plans/{id}        progress and, when finished, the run summary (`render --json`'s) or the error
     GET  /plans             every plan the server knows
     GET  /health            {"ok": true, "model": ..., "startup": the server's model-load phases}
 
 Bad requests get a 4xx whose JSON is {"error": message, "hint": fix} -- the CLI's UserError texts: 400 malformed
-JSON or an `out` outside the output root, 413 a body over the limit, 422 an invalid plan, 401 a missing token,
+JSON or an `out` outside the output root, 413 a body over the limit, 422 an invalid plan or options, or a file
+outside the server's --allow-files roots, 401 a missing token,
 403 a wrong one, 404 an unknown id. A plan that fails while rendering is reported in its record; the server and the
 rest of the queue go on.
 """
@@ -27,9 +31,11 @@ from typing import Any
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.driver import Job, render_job, take_startup
 from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.plan import merge_settings
 from movielm_fast.engine.startup import StartupClock
 from movielm_fast.errors import UserError
 
+from .options import PlanOptions, confine_paths, split_request
 from .queue import PlanQueue, output_folder
 
 log = logging.getLogger("movielm_fast")
@@ -41,8 +47,9 @@ MAX_BODY_BYTES = 8 * 2**20
 class Server:
     """The warm model (one LocalExecutor), the queue and the render thread."""
 
-    def __init__(self, config: EngineConfig, token: str | None = None):
+    def __init__(self, config: EngineConfig, token: str | None = None, allow_files: tuple[Path, ...] = ()):
         self.config, self.token = config, token
+        self.allow_files = tuple(Path(p).resolve() for p in allow_files) or (Path.cwd(),)
         self.queue = PlanQueue(config.out)
         self.executor = LocalExecutor(config)  # the model loads once, here
         self.startup = take_startup(self.executor)  # the server's own start, charged to no plan (GET /health)
@@ -64,12 +71,10 @@ class Server:
     def _render(self, rec: dict[str, Any]) -> None:
         job_id = rec["id"]
 
-        def progress(n: int, total: int) -> None:  # in memory; the record on disk says running until the end
-            done = (self.queue.get(job_id) or {}).get("done", 0) if n else 0
-            self.queue.update(job_id, persist=False, done=done + n, total=total)
-
+        progress = _Progress(self.queue, job_id)
         try:
-            config = replace(self.config, out=output_folder(self.config.out, rec["out"]), quiet=True)
+            options = PlanOptions.model_validate(rec.get("options") or {})
+            config = self.plan_config(output_folder(self.config.out, rec["out"]), options)
             # The time to first image counts from the plan's arrival: its wait in the queue is a phase of its own.
             waited = max(0.0, time.time() - rec["submitted"])
             clock = StartupClock(time.perf_counter() - waited)
@@ -77,21 +82,54 @@ class Server:
             job = Job.load(config, [self.queue.plan_path(job_id)], clock, source=SERVED)
             summary = render_job(job, progress=progress, executor=self.executor).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
-                              error=None)
+                              error=None, done=summary["skipped"] + summary["rendered"])
         except UserError as exc:
             self.queue.update(job_id, state="failed", error={"error": exc.message, "hint": exc.hint})
         except Exception as exc:  # noqa: BLE001 -- one plan's crash must not stop the server or the queue
             log.exception("plan %s failed", job_id)
             self.queue.update(job_id, state="failed", error={"error": f"{type(exc).__name__}: {exc}", "hint": ""})
 
-    def check_plan(self, text: str, out: Path) -> int:
-        """The number of frames of a submitted plan; a UserError (the CLI's message) for anything wrong with it.
-        Paths inside a submitted plan (style embeddings, LoRAs, refiner, VAE) must be absolute."""
+    def plan_config(self, out: Path, options: PlanOptions) -> EngineConfig:
+        """The server's config with a submission's options: each one given replaces the server's own setting."""
+        c = self.config
+        return replace(c, out=out, quiet=True, overrides=merge_settings(options.render, c.overrides),
+                       image_format=options.image_format or c.image_format,
+                       image_quality=c.image_quality if options.quality is None else options.quality,
+                       replace=c.replace or options.replace, style_training=c.style_training and options.style_training)
+
+    def check_plan(self, data: Any, out: Path) -> tuple[str, PlanOptions, int]:
+        """A submission's JSON -> (the plan's text with absolute paths, its options, its number of frames); a
+        UserError (the CLI's message) for anything wrong with it, a file outside --allow-files included."""
+        from movielm_fast.engine.models import check_refiner, vae_folder  # as `render` checks its flags
+
+        plan, options = split_request(data)
+        plan, options = confine_paths(plan, options, self.allow_files)
+        if options.render.refiner:
+            check_refiner(options.render.refiner)
+        if options.render.vae:
+            vae_folder(options.render.vae)
+        text = json.dumps(plan)
         with tempfile.TemporaryDirectory(prefix="movielm-serve-check-") as tmp:
             path = Path(tmp) / "plan.json"
             path.write_text(text)
-            job = Job.load(replace(self.config, out=out), [path], source=SERVED)
-        return sum(len(lm.movie.frames) for lm in job.movies)
+            job = Job.load(self.plan_config(out, options), [path], source=SERVED)
+        return text, options, sum(len(lm.movie.frames) for lm in job.movies)
+
+
+class _Progress:
+    """A plan's progress in its record (in memory; the record on disk says running until the end): done counts the
+    plan's frames, those already on disk when rendering starts (before a restart, or from an earlier submission)
+    included, against its total."""
+
+    def __init__(self, queue: PlanQueue, job_id: str):
+        self.queue, self.job_id = queue, job_id
+
+    def skipped(self, frames: int) -> None:
+        self.queue.update(self.job_id, persist=False, done=frames)
+
+    def __call__(self, rendered: int, left: int) -> None:
+        if rendered:
+            self.queue.update(self.job_id, persist=False, done=self.queue.get(self.job_id)["done"] + rendered)
 
 
 SERVED = "submitted to movielm-fast serve"
@@ -139,7 +177,7 @@ def create_app(server: Server):
             return _error(400, message="the request body is not UTF-8 text", hint="send the contents of a plan.json")
         out_sub = request.query_params.get("out")
         try:
-            json.loads(text)
+            data = json.loads(text)
             out = output_folder(server.config.out, out_sub)
         except ValueError as exc:
             return _error(400, message=f"the request body is not valid JSON: {exc}",
@@ -147,10 +185,11 @@ def create_app(server: Server):
         except UserError as exc:
             return _error(400, exc)
         try:
-            total = server.check_plan(text, out)
+            plan_text, options, total = server.check_plan(data, out)
         except UserError as exc:
             return _error(422, exc)
-        return JSONResponse(server.queue.add(text, out_sub, total), 202)
+        return JSONResponse(server.queue.add(plan_text, out_sub, total, options.model_dump(exclude_defaults=True)),
+                            202)
 
     async def status(request):
         if (denied := authorized(request)) is not None:
@@ -179,7 +218,8 @@ def _too_large():
                   hint="split it into several plans")
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          allow_files: tuple[Path, ...] = ()) -> None:
     """Load the model, resume the queue, and answer HTTP until interrupted."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise UserError(f"serving on {host} would let anyone on the network render on this machine",
@@ -188,7 +228,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8765, token
         import uvicorn
     except ImportError:
         raise UserError("serve needs starlette and uvicorn", "pip install 'movielm-fast[serve]'") from None
-    server = Server(config, token)
+    server = Server(config, token, allow_files)
     server.start()
     try:
         uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -1,5 +1,5 @@
 """`movielm-fast render plan.json --server URL`: submit each plan to a running `serve`, then follow it to the end.
-Standard library HTTP only: the client needs none of the [serve] extra."""
+Standard library HTTP only: the client needs none of the [serve] extra. Render flags: cli.options.server_options."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from movielm_fast.engine.plan import absolute_plan_paths
 from movielm_fast.errors import UserError
 
 
@@ -32,12 +33,22 @@ def _call(url: str, token: str | None, data: bytes | None = None) -> dict[str, A
                         "start it with `movielm-fast serve`, or fix --server") from None
 
 
-def submit(server: str, plan: Path, token: str | None = None, out: str | None = None) -> dict[str, Any]:
+def submit(server: str, plan: Path, token: str | None = None, out: str | None = None,
+           options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send one plan file. Its file paths go absolute, resolved against its folder as `render` resolves them
+    (serve.options: the server reads them only under its --allow-files roots); `options` go with it."""
     query = f"?{urllib.parse.urlencode({'out': out})}" if out else ""
     try:
         data = Path(plan).read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read the plan {plan}: {exc.strerror or exc}", "pass a readable plan.json") from None
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        pass  # sent as it is: the server's answer says what is wrong with it, as for any other client
+    else:
+        parsed, _ = absolute_plan_paths(parsed, Path(plan).parent.resolve())
+        data = json.dumps({"plan": parsed, "options": options or {}}).encode()
     return _call(f"{server.rstrip('/')}/plans{query}", token, data)
 
 

@@ -2,9 +2,9 @@
 killed server loses nothing it answered 202 for. On restart every record not finished goes back to the queue, and
 the driver's resume skips the frames already on disk: nothing is rendered twice.
 
-    OUT/.movielm-serve/<id>.plan.json   the plan as submitted
-    OUT/.movielm-serve/<id>.json        {"id", "out", "state": queued|running|done|failed, "done", "total",
-                                         "summary", "error", "submitted"}
+    OUT/.movielm-serve/<id>.plan.json   the plan as submitted, its file paths made absolute (serve.options)
+    OUT/.movielm-serve/<id>.json        {"id", "out", "options", "state": queued|running|done|failed, "done",
+                                         "total", "summary", "error", "submitted"}
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ class PlanQueue:
     def plan_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.plan.json"
 
-    def add(self, plan_text: str, out_sub: str | None, total: int) -> dict[str, Any]:
+    def add(self, plan_text: str, out_sub: str | None, total: int, options: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
-        rec = {"id": job_id, "out": out_sub or "", "state": "queued", "done": 0, "total": total, "summary": None,
-               "error": None, "submitted": time.time()}
+        rec = {"id": job_id, "out": out_sub or "", "options": options or {}, "state": "queued", "done": 0,
+               "total": total, "summary": None, "error": None, "submitted": time.time()}
         atomic_write_text(self.plan_path(job_id), plan_text)
         with self._lock:
             self._save(rec)

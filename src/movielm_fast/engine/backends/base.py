@@ -6,6 +6,7 @@ asks which backend it is talking to.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -71,19 +72,27 @@ def register(name: str):
     return deco
 
 
+BUILTIN = {"torch": "torch_backend", "null": "null_backend", "onnxruntime": "onnx_backend",
+           "tensorrt": "tensorrt_backend"}
+"""Backend name -> the module that registers it, imported when the backend is first asked for (a torch run does not
+pay for the exporters' modules)."""
+
+
 def backend_names() -> list[str]:
-    _import_builtin()
+    for name in BUILTIN:
+        _import_builtin(name)
     return sorted(_REGISTRY)
 
 
 def create_backend(name: str, model, config) -> Backend:
-    _import_builtin()
+    _import_builtin(name)
     if name not in _REGISTRY:
-        raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(backend_names())}")
     return _REGISTRY[name](model, config)
 
 
-def _import_builtin() -> None:
+def _import_builtin(name: str) -> None:
     # Importing a backend module registers it. They import `register` from here, hence imports on first use, not at
     # the top. None needs its optional runtime to import: a missing onnxruntime or tensorrt is a UserError on use.
-    from . import null_backend, onnx_backend, tensorrt_backend, torch_backend  # noqa: F401
+    if name in BUILTIN and name not in _REGISTRY:
+        importlib.import_module(f"{__package__}.{BUILTIN[name]}")
