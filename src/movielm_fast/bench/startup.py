@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from .hardware import RESULTS, load_average
+from .report import STARTUP_FORMAT
 
-FORMAT = "movielm-fast-startup-v1"
 FRAME_SUFFIXES = (".png", ".jpg", ".webp")
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [run_once(args.plan, extra) for _ in range(args.repeats)]
     imports = import_breakdown(args.plan, extra)
     firsts = [r["first_frame_seconds"] for r in runs]
-    result = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan": str(args.plan),
+    result = {"format": STARTUP_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan": str(args.plan),
               "model": args.model, "device": args.device,
               "render_args": extra, "load_avg": load_average(), "cpu_count": os.cpu_count(),
               "first_frame_seconds": {"best": min(firsts), "median": statistics.median(firsts)},
