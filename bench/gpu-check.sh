@@ -6,9 +6,14 @@
 #   bash bench/gpu-check.sh --prepare     # here, with registry access: the missing wheels into wheels/ (git-ignored)
 #   bash bench/gpu-check.sh [--quick]     # there, from the repository root, with wheels/ carried along
 #
-# Steps, each under its own time limit: environment, GPU tests (pytest -m gpu), bench.gpu for sd15-arch then
-# sdxl-arch (ours beside diffusers and diffusers+compile; --knobs adds each lossless knob), a second process's time
-# to first image (compile and graph caches warm), and the results and RESULTS.md copied out.
+# Steps, each under its own time limit (490 s in all at most, inside one 10-minute device call, so a device
+# session's 15 minutes leave room for the machine's start), the ones that must not be lost first: environment;
+# bench.gpu for sd15-arch and sdxl-arch, ours beside diffusers eager (and our fp32 reference for PSNR); where an fp16
+# image goes wrong in diffusers (bench.fp16_range in fp16 with inf/NaN hooks); the GPU tests (pytest -m gpu); a
+# second process's time to first image (compile and graph caches warm); last, diffusers+compile at the best batch
+# (its compile alone took over 150 s on the first H200 run, so it may run out of time: everything before it is
+# kept); then the goals table. Results go straight to $OUT/results (this run's only), RESULTS.md to $OUT.
+# KNOBS=1 adds each lossless knob to the sd15 run (a longer call: give it its own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
@@ -39,25 +44,35 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     echo "   exit $? $(date -u +%T)" | tee -a "$OUT/steps.log"
 }
 
-step env 60 bash -c "nvidia-smi; $PY -c 'import torch, diffusers, transformers; print(torch.__version__, \
+RES="$OUT/results"
+mkdir -p "$RES"
+step env 15 bash -c "nvidia-smi; $PY -c 'import torch, diffusers, transformers; print(torch.__version__, \
 torch.version.cuda, diffusers.__version__, transformers.__version__, torch.cuda.get_device_name())'"
-step tests-gpu 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step bench-sd15 300 "$PY" -m movielm_fast.bench.gpu --model sd15-arch $QUICK ${KNOBS:+--knobs}
-[ -z "$QUICK" ] && step bench-sdxl 300 "$PY" -m movielm_fast.bench.gpu --model sdxl-arch ${KNOBS:+--knobs}
+SD15_ARGS="--batch-sizes 1,8 --repeats 2"; [ -n "$QUICK" ] && SD15_ARGS="$QUICK"
+# shellcheck disable=SC2086
+step bench-sd15 100 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile off --out "$RES" $SD15_ARGS \
+    ${KNOBS:+--knobs}
+[ -z "$QUICK" ] && step bench-sdxl 100 "$PY" -m movielm_fast.bench.gpu --model sdxl-arch --peer-compile off \
+    --out "$RES" --batch-sizes 1,4 --repeats 2
+step fp16-range 40 "$PY" -m movielm_fast.bench.fp16_range --model sd15-arch --size 512 --steps 20 --device cuda \
+    --dtype fp16 --results "$RES"
+step tests-gpu 70 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 
 # A second process, same model: what a render pays before its first image once the caches are warm.
 PLAN="$OUT/one-frame.json"
 printf '%s' '{"id":"ttfi","title":"t","style":{"name":"Gothic","description":"sepia"},"characters":[],
 "frames":[{"id":"001","description":"a castle on a hill"}],"render":{"width":512,"height":512,"steps":20}}' > "$PLAN"
+SD15=$("$PY" -c "from movielm_fast.bench.models import arch_model_path as p; print(p('sd15-arch'))")
 for i in 1 2; do
-    step "render-$i" 180 "$PY" -m movielm_fast.cli.main render "$PLAN" --model "$("$PY" -c "from movielm_fast.bench.models import arch_model_path as p; print(p('sd15-arch'))")" \
+    step "render-$i" 30 "$PY" -m movielm_fast.cli.main render "$PLAN" --model "$SD15" \
         --device cuda --no-style-training --force --json --out "$OUT/render"
 done
 
-# Every row of the issue's goals table, from the results above and the second render's --json output.
-step goals 60 "$PY" -m movielm_fast.bench.gpu --goals --render-json "$OUT/render-2.log"
-cat "$OUT/goals.log"
+[ -z "$QUICK" ] && step peer-compile 90 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile default \
+    --out "$RES" --batch-sizes 8 --repeats 2
 
-mkdir -p "$OUT/results" && cp -r bench/results/* "$OUT/results/" 2>/dev/null
-cp bench/RESULTS.md src/movielm_fast/engine/cuda_knobs.json "$OUT/" 2>/dev/null
+# Every row of the issue's goals table, from this run's results and the second render's --json output.
+step goals 15 "$PY" -m movielm_fast.bench.gpu --goals --out "$RES" --render-json "$OUT/render-2.log"
+cat "$OUT/goals.log"
+cp src/movielm_fast/engine/cuda_knobs.json "$OUT/" 2>/dev/null
 echo "done $(date -u +%T)" >> "$OUT/steps.log"

@@ -290,3 +290,63 @@ def test_serve_bench_times_plans_sent_to_a_warm_server(tmp_path):
     assert done["frames"] == 1 and 0 < done["first_frame_seconds"] <= done["done_seconds"]
     assert result["server_startup"]["model_load"] > 0  # the phases the server reports on /health
     assert len(list((tmp_path / "results").glob("serve-*.json"))) == 1
+
+
+def test_fp16_range_finds_the_first_module_that_leaves_the_range():
+    """The recorder on a planted overflow: a module that multiplies by 1e5 is over fp16's range, the next one
+    inherits it, and a module whose output is inf is reported as where inf/NaN starts."""
+    from movielm_fast.bench import fp16_range as F
+
+    class Scale(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            return x * self.k
+
+    net = torch.nn.Sequential(Scale(2.0), Scale(1e5), Scale(1.0), Scale(float("inf")))
+    rec = F.RangeRecorder()
+    rec.attach("unet", net)
+    net(torch.ones(3))
+    rec.detach()
+    [part] = [rec.summary("unet")]
+    assert part["over_fp16"] == 2 and part["first_over"][0]["module"] == "unet.1"  # unet.1 and unet.2 (2e5)
+    assert part["nonfinite"] == 2 and part["first_nonfinite"][0]["module"] == "unet.3"  # then the Sequential
+    assert "unet produces inf/NaN" in F.verdict([part]) and "the first unet.3" in F.verdict([part])
+
+
+def test_fp16_range_low_precision_run_is_compared_with_fp32(tmp_path):
+    from movielm_fast.bench import fp16_range as F
+
+    res = F.main(["--model", "tiny-sd", "--size", "64", "--steps", "2", "--dtype", "bf16", "--results",
+                  str(tmp_path)])
+    assert res["settings"]["dtype"] == "bf16" and 20 < res["psnr_vs_fp32"] < float("inf")
+    assert {p["component"] for p in res["components"]} == {"text_encoder", "unet", "vae"}
+    assert all(p["nonfinite"] == 0 for p in res["components"])
+
+
+def test_gpu_goals_merge_runs_made_in_separate_steps(tmp_path):
+    """gpu-check.sh times ours and diffusers eager first and the compile peer last, in separate runs: the goals
+    read every fp16 CUDA run of the folder (never the fp32 reference run), and the best batch's ratio to
+    diffusers+compile comes from the run that timed the peer at that batch."""
+    from movielm_fast.bench.gpu import goals_table, merged_fp16_results
+    from movielm_fast.bench.report import FORMAT
+
+    def result(name, created, dtype, runs):
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            "format": FORMAT, "created": created, "machine": {"device": "cuda"},
+            "settings": {"model": "sd15-arch", "steps": 20, "dtype": dtype}, "runs": runs}))
+
+    def run(batch, img_s, its, vs_compile=None):
+        return {"backend": "torch", "status": "ok", "batch": batch, "images_per_s": img_s, "unet_steps_per_s": its,
+                "psnr_vs_fp32_torch": 60.0, "speedup_vs_diffusers_compile": vs_compile, "mfu": {}}
+
+    result("eager", "2026-01-01T00:00:00", "fp16", [run(1, 4.0, 131.0), run(8, 12.0, 20.0)])
+    result("reference", "2026-01-01T00:01:00", "fp32", [run(1, 1.0, 30.0)])
+    result("peer", "2026-01-01T00:02:00", "fp16", [run(8, 11.5, 19.0, vs_compile=1.35)])
+    [merged] = merged_fp16_results(tmp_path)
+    assert len(merged["runs"]) == 3
+    lines = goals_table([merged]).splitlines()
+    assert "131.0 UNet it/s" in lines[1]
+    assert "12.00 img/s at batch 8" in lines[2] and "1.35x diffusers+compile" in lines[2]

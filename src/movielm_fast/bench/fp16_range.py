@@ -1,6 +1,7 @@
 """Which component overflows in fp16: the largest |activation| of every module, measured in fp32.
 
     python -m movielm_fast.bench.fp16_range --model sd15-arch [--size 256] [--steps 4]
+    python -m movielm_fast.bench.fp16_range --model sd15-arch --size 512 --steps 20 --device cuda --dtype fp16
 
 diffusers' fp16 images of sd15-arch (random weights) came out 13.5 dB from the fp32 image on an H200. This runs
 diffusers' own text-to-image pipeline once in fp32 on the CPU (text encoders, every UNet call of a short DPM++
@@ -8,7 +9,11 @@ schedule with CFG, the VAE decode) with a forward hook on every module that reco
 produced. A module whose output passes 65504 (fp16's largest finite value) overflows in fp16; within 2x of it, a
 slightly different input or rounding may push it over. The first such module in call order is where an overflow
 starts: later ones often only inherit it. Values inside a module (attention scores within SDPA, a GroupNorm's
-variance) are not seen. Results go to bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report`
+variance) are not seen.
+
+With `--dtype fp16` (on a GPU) the hooked run is in fp16 and also records the first module whose output holds an
+inf or NaN; the same pipeline runs once more in fp32 without hooks, and the PSNR of the fp16 image against it says
+whether diffusers' own fp16 loses the image (and the hooks, where). Results go to bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report`
 summarises them in bench/RESULTS.md.
 """
 
@@ -25,6 +30,7 @@ import torch
 from movielm_fast.engine.schedulers import make_scheduler
 
 from .hardware import RESULTS, load_average, machine_info
+from .image_quality import psnr
 from .models import ARCH_MODELS, build_arch_pipeline
 from .report import FP16_RANGE_FORMAT, save_result
 
@@ -51,6 +57,7 @@ class RangeRecorder:
         self.peak: dict[str, float] = {}
         self.first_call: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
+        self.nonfinite: list[str] = []  # modules whose output held an inf or NaN, in order of first occurrence
         self.handles: list = []
 
     def attach(self, component: str, module: torch.nn.Module) -> None:
@@ -64,6 +71,10 @@ class RangeRecorder:
         if peak is None:
             return
         self.first_call.setdefault(key, len(self.first_call))
+        if peak != peak or peak == float("inf"):  # NaN or inf: max() would drop the NaN
+            if key not in self.nonfinite:
+                self.nonfinite.append(key)
+            return
         self.peak[key] = max(self.peak.get(key, 0.0), peak)
 
     def detach(self) -> None:
@@ -82,10 +93,18 @@ class RangeRecorder:
         over = [k for k in mine if self.peak[k] > FP16_MAX]
         near = [k for k in mine if NEAR < self.peak[k] <= FP16_MAX]
         top = sorted(mine, key=self.peak.__getitem__, reverse=True)[:LISTED]
-        return {"component": component, "modules_called": len(mine),
+        bad = [k for k in self.nonfinite if k == component or k.startswith(component + ".")]
+        return {"component": component, "modules_called": len(mine), "nonfinite": len(bad),
+                "first_nonfinite": [{"module": k, "class": self.kinds[k]} for k in bad[:LISTED]],
                 "max_abs": max((self.peak[k] for k in mine), default=None),
                 "over_fp16": len(over), "near_fp16": len(near), "first_over": rows(over), "first_near": rows(near),
                 "largest": [{"module": k, "class": self.kinds[k], "max_abs": self.peak[k]} for k in top]}
+
+
+def to_uint8(images) -> Any:
+    import numpy as np
+
+    return (np.nan_to_num(np.asarray(images, dtype=np.float32)).clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def components(pipe) -> dict[str, torch.nn.Module]:
@@ -94,6 +113,10 @@ def components(pipe) -> dict[str, torch.nn.Module]:
 
 
 def verdict(parts: list[dict[str, Any]]) -> str:
+    bad = [p for p in parts if p.get("nonfinite")]
+    if bad:
+        return "; ".join(f"{p['component']} produces inf/NaN ({p['nonfinite']} modules, the first "
+                         f"{p['first_nonfinite'][0]['module']})" for p in bad)
     over = [p for p in parts if p["over_fp16"]]
     near = [p for p in parts if p["near_fp16"] and not p["over_fp16"]]
     if not over and not near:
@@ -112,34 +135,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--scheduler", default="dpmpp")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "fp16": torch.float16,
+                                                  "bf16": torch.bfloat16}[args.dtype]
     load_start = load_average()
     t0 = time.perf_counter()
     pipe = build_arch_pipeline(args.model)  # fp32, the same random weights as the cached arch folder (seed 0)
     pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - t0
+
+    def run(p) -> Any:
+        with torch.inference_mode():
+            return p(PROMPT, negative_prompt=None, height=args.size, width=args.size, num_inference_steps=args.steps,
+                     guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
+                     output_type="np").images
+
+    reference = None
+    if dtype != torch.float32:  # diffusers' own fp32 image of the same seed, to say what its fp16 loses
+        reference = run(pipe.to(device))
+    pipe = pipe.to(device, dtype)
     rec = RangeRecorder()
     parts = components(pipe)
     for name, module in parts.items():
         rec.attach(name, module)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        image = pipe(PROMPT, negative_prompt=None, height=args.size, width=args.size, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed),
-                     output_type="np").images
+    image = run(pipe)
     run_s = time.perf_counter() - t0
     rec.detach()
     summaries = [rec.summary(name) for name in parts]
     result = {"format": FP16_RANGE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": machine_info(torch.device("cpu")),
+              "machine": machine_info(device),
               "settings": {"model": args.model, "size": args.size, "steps": args.steps, "scheduler": args.scheduler,
-                           "guidance": args.guidance, "seed": args.seed, "prompt": PROMPT, "dtype": "fp32",
+                           "guidance": args.guidance, "seed": args.seed, "prompt": PROMPT, "dtype": args.dtype,
                            "pipeline": type(pipe).__name__},
               "fp16_max": FP16_MAX, "build_seconds": round(build_s, 1), "run_seconds": round(run_s, 1),
               "image_finite": bool(torch.isfinite(torch.as_tensor(image)).all()),
               "load_average": {"start": load_start, "end": load_average()},
+              "psnr_vs_fp32": None if reference is None else round(psnr(to_uint8(image), to_uint8(reference)), 2),
               "components": summaries, "verdict": verdict(summaries)}
     for p in summaries:
         first = p["first_over"] or p["first_near"]
@@ -147,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{p['near_fp16']} within 2x" + (f"; first: {first[0]['module']} ({first[0]['max_abs']:.4g})"
                                               if first else ""))
     print(result["verdict"])
+    if reference is not None:
+        print(f"{args.dtype} image against diffusers' fp32 image of the same seed: PSNR {result['psnr_vs_fp32']} dB")
     save_result(args.results, "fp16_range", result)
     return result
 

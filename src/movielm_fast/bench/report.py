@@ -696,24 +696,28 @@ def serve_section(results: list[dict[str, Any]]) -> list[str]:
 
 
 def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
-    """The latest fp16-range result per model: which component's activations leave fp16's range."""
-    latest = {r["settings"]["model"]: r for r in results}
+    """The latest fp16-range result per (model, dtype, device): which component's activations leave fp16's range."""
+    latest = {(r["settings"]["model"], r["settings"].get("dtype", "fp32"), r["machine"].get("device", "cpu")): r
+              for r in results}
     if not latest:
         return []
     lines = ["## fp16 range: the largest activation per component (`python -m movielm_fast.bench.fp16_range`)", "",
-             "diffusers' pipeline run once in fp32 on the CPU with a forward hook on every module; *over*: modules "
-             "whose output passed 65504 (fp16 overflows there), *near*: within 2x of it; *first*: the first such "
-             "module in call order (where an overflow starts).", "",
-             "| model | size, steps | component | max \\|activation\\| | over | near | first over (or near) |",
-             "|---|---|---|---|---|---|---|"]
-    for model, res in sorted(latest.items()):
+             "diffusers' pipeline run once with a forward hook on every module (in fp32 on the CPU; in fp16 on a GPU "
+             "with `--dtype fp16`); *over*: modules whose output passed 65504 (fp16 overflows there), *near*: within "
+             "2x of it; *first*: the first such module in call order (where an overflow starts); *inf/NaN*: modules "
+             "whose output held one (a low-precision run).", "",
+             "| model | run | size, steps | component | max \\|activation\\| | over | near | inf/NaN | first over "
+             "(or near) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, dtype, device), res in sorted(latest.items()):
         st = res["settings"]
         for p in res["components"]:
             first = (p["first_over"] or p["first_near"] or [None])[0]
             where = f"`{first['module']}` ({first['class']}, {first['max_abs']:.3g})" if first else "–"
-            lines.append(f"| {model} | {st['size']}², {st['steps']} {st['scheduler']} | {p['component']} | "
-                         f"{p['max_abs']:.3g} | {p['over_fp16']} | {p['near_fp16']} | {where} |")
-        lines.append(f"\n{model} ({res['created']}): {res['verdict']}.\n")
+            lines.append(f"| {model} | {dtype}, {device} | {st['size']}², {st['steps']} {st['scheduler']} | "
+                         f"{p['component']} | {p['max_abs']:.3g} | {p['over_fp16']} | {p['near_fp16']} | "
+                         f"{p.get('nonfinite', '–')} | {where} |")
+        said = f"; its image {res['psnr_vs_fp32']} dB from diffusers' fp32 one" if res.get("psnr_vs_fp32") else ""
+        lines.append(f"\n{model}, {dtype} on {device} ({res['created']}): {res['verdict']}{said}.\n")
     return lines
 
 
