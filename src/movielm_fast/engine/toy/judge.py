@@ -5,8 +5,11 @@ No learned weights: every decision is a nearest-template match against the world
   touches) against those of the 25 empty (background, style) scenes;
 - each position's colour: the mean of a small box at the position's centre against an empty scene's box and a
   shape of each colour, in the judged background and style;
-- shape and size, where a colour was found: the pixels nearer that colour than the empty scene give a mask whose
-  extent gives the size and whose fill of its bounding box gives the shape (square ~1, circle ~0.79, triangle ~0.5).
+- shape and size, where a colour was found: the pixels nearer that colour than the empty scene give a mask, and
+  the world's own mask of each shape and size at that position that overlaps it best (intersection over union) is
+  the reading. (The fill of the mask's bounding box, used before, found the right shape at 61% of the named
+  positions of 150 held-out scenes passed through the demo VAE -- a blurred small triangle fills its box like a
+  circle -- the overlap at 80%; both read ground truth perfectly.)
 """
 
 from __future__ import annotations
@@ -97,14 +100,16 @@ def _shape_and_size(img: np.ndarray, bg: str, style: str, pos: str, colour: str)
         others.append(np.broadcast_to(0.65 * np.array(W.COLOURS[colour], np.float32) + 0.1, patch.shape))
     d_shape = ((patch - shape_colour) ** 2).sum(-1)
     mask = np.all([d_shape < ((patch - o) ** 2).sum(-1) for o in others], axis=0)
-    if not mask.any():
-        return "circle", "small"
-    ys, xs = np.nonzero(mask)
-    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    size = "big" if max(h, w) >= 13 else "small"
-    fill = mask.sum() / float(h * w)
-    shape = "square" if fill > 0.9 else "triangle" if fill < 0.66 else "circle"
-    return shape, size
+    overlap = {}
+    for (shape, size), ref in _shape_masks(pos).items():
+        ref = ref[win]
+        overlap[shape, size] = (mask & ref).sum() / max((mask | ref).sum(), 1)
+    return max(overlap, key=overlap.get)  # ties (an empty mask): the first, a big circle
+
+
+@lru_cache(maxsize=None)
+def _shape_masks(pos: str) -> dict[tuple[str, str], np.ndarray]:
+    return {(shape, size): W.shape_mask(shape, pos, size) for shape in W.SHAPES for size in W.RADIUS}
 
 
 @dataclass

@@ -174,6 +174,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decoder-only", action="store_true",
                     help="train only the VAE's decoder (the latents a UNet was trained on stay the same)")
     ap.add_argument("--fg-weight", type=float, default=1.0, help="loss weight of shape pixels in the VAE phase")
+    ap.add_argument("--vae-lr", type=float, default=1e-3, help="the VAE phase's learning rate")
     ap.add_argument("--unet-fg-weight", type=float, default=1.0,
                     help="loss weight of the latent pixels a shape touches in the UNet phase")
     ap.add_argument("--augment", type=float, default=0.0,
@@ -202,7 +203,7 @@ def main(argv=None) -> None:
     vae_steps, vae_loss = prior["vae_steps"], prior["vae_loss"]
     if args.vae_minutes > 0:
         steps, vae_loss = train_vae(vae, rng, args.vae_minutes, log, amp, decoder_only=args.decoder_only,
-                                    fg_weight=args.fg_weight)
+                                    fg_weight=args.fg_weight, lr=args.vae_lr)
         vae_steps += steps
     # Kept on its own too: a later run can reuse it (--vae-from) and it can be inspected while the UNet trains.
     vae_dir = args.out.with_name(args.out.name + "_vae")

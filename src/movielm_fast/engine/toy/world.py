@@ -202,7 +202,7 @@ SIZE_WORDS = {"big": ("big", "large"), "small": ("small", "little")}
 POS_WORDS = {"left": ("on the left", "at the left", "to the left"),
              "centre": ("in the centre", "in the center", "in the middle", "at the centre", "at the center"),
              "right": ("on the right", "at the right", "to the right")}
-BACKGROUND_WORDS = {"sky": ("in the sky", "in a blue sky"), "grass": ("on grass", "on the grass", "on a lawn"),
+BACKGROUND_WORDS = {"sky": ("in the sky", "under the sky"), "grass": ("on grass", "on the grass", "on a lawn"),
                     "night": ("at night", "in the night", "at nighttime"),
                     "sunset": ("at sunset", "at dusk", "during sunset"),
                     "sea": ("by the sea", "at the sea", "by the ocean")}
