@@ -134,8 +134,10 @@ class Score:
         return self.conditioning and self.empty_ok == self.empty and self.style
 
 
-def score(img, text: str) -> Score:
-    want = W.parse_caption(text)
+def score(img, want: str | W.Scene) -> Score:
+    """`want`: a caption in world.caption's form, or the scene itself."""
+    if isinstance(want, str):
+        want = W.parse_caption(want)
     got = read(img)
     named = [(p, c) for p, c in want.characters.items()]
     empty = [p for p in W.POSITIONS if p not in want.characters]
