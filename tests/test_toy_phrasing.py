@@ -93,3 +93,15 @@ def test_bench_prompts_are_the_engines():
     prompts = TQ.scene_prompts(scenes)
     assert all(p.startswith(f"{sc.style} style, ") for p, sc in zip(prompts, scenes))
     assert [W.parse_caption(p) for p in prompts] == scenes  # the style-first form still means its scene
+
+
+def test_report_shows_the_phrasing_rates():
+    from movielm_fast.bench.report import toy_quality_section
+
+    rates = {"images": 90, "conditioning": 0.5, "background": 0.9, "colour_at_position": 0.75,
+             "shape_at_position": 0.25, "size_at_position": 0.6, "empty_positions": 1.0}
+    res = {"settings": {"model": "demo", "model_hash": "h", "size": 64, "steps": 20, "scheduler": "dpmpp",
+                        "guidance": 4.0}, "machine": {"cpu_model": "cpu"}, "created": "now",
+           "phrasing": {"held_out": {"rates": rates}}}
+    text = "\n".join(toy_quality_section([res]))
+    assert "| held-out forms | 90 | 50% | 90% | 75% | 25% | 60% | 100% |" in text
