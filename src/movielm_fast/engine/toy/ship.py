@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from movielm_fast.paths import replace_dir
 
 from ..demo import clip_tokenizer
+from ..models import DEFAULTS_FILE
 from . import world as W
 
 DEST = Path(__file__).parent / "demo_model"
@@ -48,6 +49,10 @@ def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy(src / "model_index.json", tmp / "model_index.json")
+    # The model's render defaults are the shipped folder's (training does not write them): kept across a re-ship.
+    defaults = next((f for f in (src / DEFAULTS_FILE, dest / DEFAULTS_FILE) if f.exists()), None)
+    if defaults:
+        shutil.copy(defaults, tmp / DEFAULTS_FILE)
     info = json.loads((src / "training.json").read_text()) if (src / "training.json").exists() else {}
     if vae_weights:
         record = vae_weights.parent.parent / "vae_training.json"
