@@ -564,7 +564,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     # the newest model measured.
     res = dict(results[-1])
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
-    for key in ("conditioning", "style", "consistency", "image"):
+    for key in ("conditioning", "phrasing", "style", "consistency", "image"):
         for r in reversed(same_model):
             if key in r:
                 res[key] = r[key]
@@ -594,6 +594,20 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
         for k in ("conditioning", "strict", "background", "style", "colour_at_position", "shape_at_position",
                   "size_at_position", "empty_positions"):
             lines.append(f"| {k.replace('_', ' ')} | {_rate(r[k])} | {_rate(t[k])} |")
+    ph = res.get("phrasing")
+    if ph:
+        lines += ["", "**Phrasing** the model never trained on (`engine/toy/phrasing.py`: hand-written sentence forms, "
+                  "and the issue's eight captions), frames of a style-plain plan; each attribute as the judge reads "
+                  "it:", "", "| captions | images | conditioning | background | colour | shape | size | empty |",
+                  "|---|---|---|---|---|---|---|---|"]
+        names = {"held_out": "held-out forms", "held_out_scenes_as_world_captions": "the same scenes, world.caption",
+                 "issue": "the issue's eight"}
+        for k, label in names.items():
+            if k in ph:
+                r = ph[k]["rates"]
+                lines.append(f"| {label} | {r['images']} | {_rate(r['conditioning'])} | {_rate(r['background'])} | "
+                             f"{_rate(r['colour_at_position'])} | {_rate(r['shape_at_position'])} | "
+                             f"{_rate(r['size_at_position'])} | {_rate(r['empty_positions'])} |")
     sty = res.get("style")
     if sty:
         lines += ["", f"**Style immobilization**: token {sty['token']} learned by the engine's trainer from "

@@ -1,9 +1,15 @@
 """What the toy demo model's images mean, as read by the analytic judge (engine.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,style,consistency,lossy] [--n 100]
+    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,style,consistency,lossy]
+        [--n 100]
 
-- conditioning: `--n` held-out captions (layouts never trained on) at `--steps` DPM++ steps: background and every
-  named shape's colour at its named position right (the issue's criterion), plus the judge's other rates;
+Every prompt is built by the engine from a plan, as a render builds it (engine.prompts: "<style> style, <frame>").
+- conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
+  world.caption in a plan of its style: background and every named shape's colour at its named position right (the
+  issue's criterion), plus the judge's other rates (shape, size at position, ...);
+- phrasing: hand-written captions in sentence forms the model never trained on (engine.toy.phrasing.HELD_OUT) and
+  the issue's eight (ISSUE), frames of a style-"plain" plan, `--phrasing-seeds` seeds each: the judge's rates per
+  attribute against the scenes they mean, and the same scenes captioned by world.caption for comparison;
 - style: a textual-inversion token learned by the engine's trainer from neon scenes, each with a caption file of
   what it shows and never the word "neon"; renders of captions without a style word, with and without the token
   (and with the words "neon style" for reference), judged neon how often;
@@ -30,10 +36,12 @@ from PIL import Image
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.pipeline import BatchSettings, FrameJob
 from movielm_fast.engine.plan import Style, parse_plan
+from movielm_fast.engine.prompts import frame_prompt
 from movielm_fast.engine.renderer import Renderer
 from movielm_fast.engine.step_cache import StepCache
 from movielm_fast.engine.style import StyleSettings, immobilize_style
 from movielm_fast.engine.toy import judge as J
+from movielm_fast.engine.toy import phrasing as P
 from movielm_fast.engine.toy import world as W
 
 from .hardware import RESULTS, load_average, machine_info
@@ -47,6 +55,19 @@ def held_out_scenes(n: int, styles=W.STYLES) -> list[W.Scene]:
     return [W.scene_for_seed(HELD_OUT_SEED + i, styles, held_out=True) for i in range(n)]
 
 
+def engine_prompts(descriptions: list[str], style: str) -> list[str]:
+    """The prompts a render builds for a plan of these frame descriptions in this style."""
+    plan = {"id": "toy", "style": {"name": style},
+            "frames": [{"id": f"{i:04d}", "description": d} for i, d in enumerate(descriptions)]}
+    movie = parse_plan(plan)[0].movie
+    return [frame_prompt(movie, f) for f in movie.frames]
+
+
+def scene_prompts(scenes: list[W.Scene]) -> list[str]:
+    """Each scene's world.caption (without its style) as a frame of a plan in the scene's style."""
+    return [engine_prompts([s.caption(with_style=False)], s.style)[0] for s in scenes]
+
+
 def render_prompts(r: Renderer, prompts: list[str], s: BatchSettings, batch: int = 4, seed0: int = 0
                    ) -> np.ndarray:
     out = []
@@ -56,8 +77,8 @@ def render_prompts(r: Renderer, prompts: list[str], s: BatchSettings, batch: int
     return np.concatenate(out)
 
 
-def judged(images: np.ndarray, captions: list[str]) -> tuple[dict, list[J.Reading]]:
-    scores = [J.score(img, c) for img, c in zip(images, captions)]
+def judged(images: np.ndarray, wanted: list[W.Scene]) -> tuple[dict, list[J.Reading]]:
+    scores = [J.score(img, w) for img, w in zip(images, wanted)]
     return J.summarize(scores), [J.read(img) for img in images]
 
 
@@ -72,13 +93,42 @@ def grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> Image.Image:
 
 
 def check_conditioning(r: Renderer, args, scenes) -> tuple[dict, np.ndarray]:
-    captions = [s.caption() for s in scenes]
+    prompts = scene_prompts(scenes)
     t0 = time.perf_counter()
-    images = render_prompts(r, captions, BatchSettings(64, 64, args.steps, args.guidance, "dpmpp"))
-    rates, _ = judged(images, captions)
-    truth, _ = judged(np.stack([(W.render(s) * 255).round().astype(np.uint8) for s in scenes]), captions)
+    images = render_prompts(r, prompts, BatchSettings(64, 64, args.steps, args.guidance, "dpmpp"))
+    rates, _ = judged(images, scenes)
+    truth, _ = judged(np.stack([(W.render(s) * 255).round().astype(np.uint8) for s in scenes]), scenes)
     return {"rates": rates, "judge_on_ground_truth": truth, "seconds": round(time.perf_counter() - t0, 1),
-            "examples": captions[:16]}, images
+            "examples": prompts[:16]}, images
+
+
+def check_phrasing(r: Renderer, args) -> tuple[dict, np.ndarray]:
+    """The judge's rates on hand-written captions in unseen sentence forms, on the issue's eight, and on the held-out
+    captions' scenes as world.caption words them (what the phrasing alone costs), each rendered with
+    --phrasing-seeds seeds, frames of a style-"plain" plan."""
+    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    sets = {"held_out": P.HELD_OUT, "issue": P.ISSUE,
+            "held_out_scenes_as_world_captions": [(sc.caption(with_style=False), sc) for _, sc in P.HELD_OUT]}
+    out, shown = {}, None
+    for name, pairs in sets.items():
+        t0 = time.perf_counter()
+        prompts = engine_prompts([c for c, _ in pairs], "plain") * args.phrasing_seeds
+        scenes = [sc for _, sc in pairs] * args.phrasing_seeds
+        images = render_prompts(r, prompts, s, seed0=700)
+        rates, readings = judged(images, scenes)
+        out[name] = {"captions": len(pairs), "seeds": args.phrasing_seeds, "rates": rates,
+                     "seconds": round(time.perf_counter() - t0, 1)}
+        if name == "issue":  # what each of the issue's captions came out as, first seed
+            out[name]["readings"] = [{"prompt": p, "read": _describe(g)}
+                                     for p, g in zip(prompts, readings[:len(pairs)])]
+            shown = images[:len(pairs)]
+    out["examples"] = engine_prompts([c for c, _ in P.HELD_OUT[:4]], "plain")
+    return out, shown
+
+
+def _describe(g: J.Reading) -> str:
+    chars = [f"{g.sizes[p]} {g.colours[p]} {g.shapes[p]} {p}" for p in W.POSITIONS if g.colours[p] != J.EMPTY]
+    return ", ".join(chars + [g.background, f"{g.style} style"])
 
 
 def check_style(r: Renderer, args, scenes) -> dict:
@@ -166,11 +216,11 @@ LOSSY_CASES = [  # name, EngineConfig fields, BatchSettings fields (besides the 
 def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
     """Each lossy option against fp32 DPM++ at --steps, same captions and seeds: the judge's conditioning rate and
     readings, and PSNR / SSIM of the pixels."""
-    captions = [s.caption() for s in scenes]
+    captions = scene_prompts(scenes)
     ref = [J.read(img) for img in fp32_images]
     reference = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
     out = {}
-    base = J.summarize([J.score(img, c) for img, c in zip(fp32_images, captions)])["conditioning"]
+    base = J.summarize([J.score(img, sc) for img, sc in zip(fp32_images, scenes)])["conditioning"]
     for name, config, settings in LOSSY_CASES:
         if args.lossy_cases and not any(name.startswith(p) for p in args.lossy_cases.split(",")):
             continue
@@ -181,7 +231,7 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
         except Exception as exc:  # fp16 convolutions are missing on some CPU builds: report, go on
             out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             continue
-        rates, readings = judged(images, captions)
+        rates, readings = judged(images, scenes)
         same = sum(a == b for a, b in zip(readings, ref)) / len(ref)
         diff = np.abs(images.astype(np.int16) - fp32_images.astype(np.int16))
         out[name] = {"conditioning": rates["conditioning"], "delta_vs_fp32": rates["conditioning"] - base,
@@ -194,10 +244,11 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.toy_quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--checks", default="conditioning,style,consistency,lossy")
+    ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--phrasing-seeds", type=int, default=2)
     ap.add_argument("--style-images", type=int, default=16)
     ap.add_argument("--style-steps", type=int, default=150)
     ap.add_argument("--story-seeds", type=int, default=3)
@@ -216,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(torch.device("cpu")),
               "settings": {"model": args.model, "model_hash": r.model.content_hash, "n": args.n, "steps": args.steps,
                            "guidance": args.guidance, "scheduler": "dpmpp", "size": 64}}
-    fp32_images = None
+    fp32_images = issue_images = None
     if "conditioning" in checks or "lossy" in checks:
         result["conditioning"], fp32_images = check_conditioning(r, args, scenes)
         print("conditioning", result["conditioning"]["rates"])
+    if "phrasing" in checks:
+        result["phrasing"], issue_images = check_phrasing(r, args)
+        print("phrasing", {k: v["rates"] for k, v in result["phrasing"].items() if isinstance(v, dict)})
     if "style" in checks:
         result["style"] = check_style(r, args, scenes[:args.lossy_n])
         print("style", {k: v for k, v in result["style"].items() if isinstance(v, dict)})
@@ -236,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         image = args.results / f"toy_quality-{stamp}.png"
         grid(fp32_images[:16]).save(image)
         result["image"] = image.name
+    if issue_images is not None:  # the issue's eight captions as the model draws them
+        args.results.mkdir(parents=True, exist_ok=True)
+        image = args.results / f"toy_quality-{stamp}-issue.png"
+        grid(issue_images).save(image)
+        result["phrasing"]["issue"]["image"] = image.name
     save_result(args.results, "toy_quality", result)
     return 0
 

@@ -5,12 +5,16 @@ No learned weights: every decision is a nearest-template match against the world
   touches) against those of the 25 empty (background, style) scenes;
 - each position's colour: the mean of a small box at the position's centre against an empty scene's box and a
   shape of each colour, in the judged background and style;
-- shape and size, where a colour was found: the pixels nearer that colour than the empty scene give a mask whose
-  extent gives the size and whose fill of its bounding box gives the shape (square ~1, circle ~0.79, triangle ~0.5).
+- shape and size, where a colour was found: a window around the position against the world's rendering of each
+  shape and size there in that colour, background and style. (The fill of the bounding box of the pixels nearer
+  the colour than the background, used before, found the right shape at 61% of the named positions of 150
+  held-out scenes passed through the demo VAE -- a blurred small triangle fills its box like a circle; the overlap
+  of that mask with each shape's, 80%; the nearest rendering, 86%. All three read ground truth perfectly.)
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -86,25 +90,15 @@ def read(img) -> Reading:
 def _shape_and_size(img: np.ndarray, bg: str, style: str, pos: str, colour: str) -> tuple[str, str]:
     cx, cy = W.POS_X[pos], W.CENTRE_Y
     win = (slice(cy - _WIN, cy + _WIN + 1), slice(max(cx - _WIN, 0), min(cx + _WIN + 1, W.SIZE)))
-    patch, empty = img[win], _empty(bg, style)[win]
-    if style == "striped":  # undo the dark bands, so a shape's colour is one colour
-        gain = np.where((W._YY[win] // 8) % 2 == 1, 1 / 0.55, 1.0)[..., None]
-        patch, empty = patch * gain, empty * gain
-    shape_colour = _box_mean(_with_square(bg, style, pos, colour), pos)
-    # Everything a pixel could be: the shape's colour, the empty scene there, or (neon) the shape's glowing rim.
-    others = [empty]
-    if style == "neon":
-        others.append(np.broadcast_to(0.65 * np.array(W.COLOURS[colour], np.float32) + 0.1, patch.shape))
-    d_shape = ((patch - shape_colour) ** 2).sum(-1)
-    mask = np.all([d_shape < ((patch - o) ** 2).sum(-1) for o in others], axis=0)
-    if not mask.any():
-        return "circle", "small"
-    ys, xs = np.nonzero(mask)
-    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    size = "big" if max(h, w) >= 13 else "small"
-    fill = mask.sum() / float(h * w)
-    shape = "square" if fill > 0.9 else "triangle" if fill < 0.66 else "circle"
-    return shape, size
+    patch = img[win]
+    dist = {key: ((patch - _with_shape(bg, style, pos, colour, *key)[win]) ** 2).sum()
+            for key in itertools.product(W.SHAPES, W.RADIUS)}
+    return min(dist, key=dist.get)
+
+
+@lru_cache(maxsize=None)
+def _with_shape(bg: str, style: str, pos: str, colour: str, shape: str, size: str) -> np.ndarray:
+    return W.render(W.Scene(bg, style, {pos: W.Character(shape, colour, size)}))
 
 
 @dataclass
@@ -129,8 +123,10 @@ class Score:
         return self.conditioning and self.empty_ok == self.empty and self.style
 
 
-def score(img, text: str) -> Score:
-    want = W.parse_caption(text)
+def score(img, want: str | W.Scene) -> Score:
+    """`want`: a caption in world.caption's form, or the scene itself."""
+    if isinstance(want, str):
+        want = W.parse_caption(want)
     got = read(img)
     named = [(p, c) for p, c in want.characters.items()]
     empty = [p for p in W.POSITIONS if p not in want.characters]

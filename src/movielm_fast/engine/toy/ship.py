@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from movielm_fast.paths import replace_dir
 
 from ..demo import clip_tokenizer
+from ..models import DEFAULTS_FILE
 from . import world as W
 
 DEST = Path(__file__).parent / "demo_model"
@@ -28,9 +29,12 @@ _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pyt
 
 
 def toy_vocabulary() -> list[int]:
-    """Every token id a toy-world caption (either style order, no style, empty) can contain."""
+    """Every token id a toy-world caption (either style order, no style, empty) or a training paraphrase
+    (world.paraphrase) can contain."""
     words = [*W.COLOURS, *W.SHAPES, *W.BACKGROUND_PHRASES.values(), *W.STYLES, "big", "small", "a", "an", "and",
-             "empty", "scene", "style", "on the left", "in the centre", "on the right", ",", "sepia style, x"]
+             "empty", "scene", "style", "on the left", "in the centre", "on the right", ",", "sepia style, x",
+             "nothing", *(w for table in (W.SIZE_WORDS, W.POS_WORDS, W.BACKGROUND_WORDS)
+                          for synonyms in table.values() for w in synonyms)]
     tok = clip_tokenizer()
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     for w in words:
@@ -45,6 +49,10 @@ def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy(src / "model_index.json", tmp / "model_index.json")
+    # The model's render defaults are the shipped folder's (training does not write them): kept across a re-ship.
+    defaults = next((f for f in (src / DEFAULTS_FILE, dest / DEFAULTS_FILE) if f.exists()), None)
+    if defaults:
+        shutil.copy(defaults, tmp / DEFAULTS_FILE)
     info = json.loads((src / "training.json").read_text()) if (src / "training.json").exists() else {}
     if vae_weights:
         record = vae_weights.parent.parent / "vae_training.json"

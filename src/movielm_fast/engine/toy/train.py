@@ -99,12 +99,30 @@ def train_vae(vae, rng, minutes: float, log: Log, amp: bool, batch: int = 6, lr:
 
 @torch.no_grad()
 def encode_pool(vae, rng, n: int, batch: int = 64):
-    latents, captions = [], []
+    """Latents of n training scenes, their captions, the scenes, and (n, 1, h, w) masks of the latent pixels a
+    shape touches."""
+    latents, captions, scenes, masks = [], [], [], []
     for i in range(0, n, batch):
-        imgs, caps, _ = W.batch(rng, min(batch, n - i))
-        latents.append(vae.encode(torch.from_numpy(imgs)).latent_dist.mean)
+        imgs, caps, scs = W.batch(rng, min(batch, n - i))
+        lat = vae.encode(torch.from_numpy(imgs)).latent_dist.mean
+        latents.append(lat)
         captions += caps
-    return torch.cat(latents), captions
+        scenes += scs
+        factor = W.SIZE // lat.shape[-1]
+        masks.append(torch.nn.functional.max_pool2d(_shape_weights(scs, 2.0) - 1.0, factor) > 0)
+    return torch.cat(latents), captions, scenes, torch.cat(masks)
+
+
+def augmented_captions(rng, scenes, captions: list[str], p: float) -> list[str]:
+    """Each caption replaced, with probability p, by a paraphrase (world.paraphrase) with the same style rules as
+    world.batch: "plain style" left out half the time, the style first or last."""
+    out = []
+    for sc, cap in zip(scenes, captions):
+        if rng.random() < p:
+            cap = W.paraphrase(sc, rng, with_style=not (sc.style == "plain" and rng.random() < 0.5),
+                               style_first=bool(rng.random() < 0.5))
+        out.append(cap)
+    return out
 
 
 class EMA:
@@ -156,6 +174,11 @@ def main(argv=None) -> None:
     ap.add_argument("--decoder-only", action="store_true",
                     help="train only the VAE's decoder (the latents a UNet was trained on stay the same)")
     ap.add_argument("--fg-weight", type=float, default=1.0, help="loss weight of shape pixels in the VAE phase")
+    ap.add_argument("--vae-lr", type=float, default=1e-3, help="the VAE phase's learning rate")
+    ap.add_argument("--unet-fg-weight", type=float, default=1.0,
+                    help="loss weight of the latent pixels a shape touches in the UNet phase")
+    ap.add_argument("--augment", type=float, default=0.0,
+                    help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -165,11 +188,13 @@ def main(argv=None) -> None:
     log = Log(args.out.with_name(args.out.name + "_log.jsonl"))
     log(phase="start", args={k: str(v) for k, v in vars(args).items()}, bf16_autocast=amp)
 
-    if args.unet_from:  # the latents the UNet learned are its VAE's: that VAE, unchanged
-        args.vae_from, args.vae_minutes = args.unet_from, 0.0
+    if args.unet_from:  # the latents the UNet learned are its VAE's: that VAE, with at most its decoder trained on
+        args.vae_from = args.unet_from
+        if not args.decoder_only:
+            args.vae_minutes = 0.0
     if args.vae_from:  # continue an earlier run's VAE for --vae-minutes (0: use it as it is)
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").float()
         record = next((f for f in (args.vae_from / "vae_training.json", args.vae_from / "training.json")
                        if f.exists()), None)
         prior = json.loads(record.read_text()) if record else {"vae_steps": 0, "vae_loss": None}
@@ -178,7 +203,7 @@ def main(argv=None) -> None:
     vae_steps, vae_loss = prior["vae_steps"], prior["vae_loss"]
     if args.vae_minutes > 0:
         steps, vae_loss = train_vae(vae, rng, args.vae_minutes, log, amp, decoder_only=args.decoder_only,
-                                    fg_weight=args.fg_weight)
+                                    fg_weight=args.fg_weight, lr=args.vae_lr)
         vae_steps += steps
     # Kept on its own too: a later run can reuse it (--vae-from) and it can be inspected while the UNet trains.
     vae_dir = args.out.with_name(args.out.name + "_vae")
@@ -190,14 +215,18 @@ def main(argv=None) -> None:
 
     # Latents of unit variance, as SD's scaling_factor makes them, so the noise schedule means what it says.
     t0 = time.time()
-    pool, captions = encode_pool(vae, rng, args.pool)
+    pool, captions, scenes, shape_mask = encode_pool(vae, rng, args.pool)
     scale = vae.config.scaling_factor if args.unet_from else float(1.0 / pool.std())
     vae.register_to_config(scaling_factor=scale)
     pool = pool * scale
     log(phase="pool", n=len(captions), scaling_factor=round(scale, 4), seconds=round(time.time() - t0, 1))
 
     tok = clip_tokenizer()
-    ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    def tokens(texts):
+        return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    ids = tokens(captions)
     empty_ids = tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
 
     prior_steps, earlier = 0, None
@@ -236,7 +265,11 @@ def main(argv=None) -> None:
     while time.time() < end:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = pool[idx]
-        tok_ids = ids[idx].clone()
+        if args.augment > 0:
+            tok_ids = tokens(augmented_captions(rng, [scenes[i] for i in idx], [captions[i] for i in idx],
+                                                args.augment))
+        else:
+            tok_ids = ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < 0.1
         tok_ids[drop] = empty_ids
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
@@ -251,7 +284,9 @@ def main(argv=None) -> None:
         with _autocast(amp):
             hidden = text_encoder(tok_ids).last_hidden_state
             pred = unet(xt, t, hidden).sample.float()
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        # Shapes are a small share of the latent pixels and what a caption is about: --unet-fg-weight on them.
+        wts = 1.0 + (args.unet_fg_weight - 1.0) * shape_mask[idx].float()
+        loss = (((pred - noise) ** 2) * wts).mean(dim=(1, 2, 3)) / wts.mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

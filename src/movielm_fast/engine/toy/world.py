@@ -194,6 +194,46 @@ def parse_caption(text: str) -> Scene:
     return Scene(bg, style, chars)
 
 
+# Other words for the same things, and other orders: the UNet trains on captions drawn from these (train.py
+# --augment) so that a caption written by someone else still means its scene. The phrasing check
+# (bench/toy_phrasing.py) holds out whole sentence forms -- attributes after the noun, background-first sentences
+# with filler words, colons -- that `paraphrase` never produces; the words themselves are shared.
+SIZE_WORDS = {"big": ("big", "large"), "small": ("small", "little")}
+POS_WORDS = {"left": ("on the left", "at the left", "to the left"),
+             "centre": ("in the centre", "in the center", "in the middle", "at the centre", "at the center"),
+             "right": ("on the right", "at the right", "to the right")}
+BACKGROUND_WORDS = {"sky": ("in the sky", "under the sky"), "grass": ("on grass", "on the grass", "on a lawn"),
+                    "night": ("at night", "in the night", "at nighttime"),
+                    "sunset": ("at sunset", "at dusk", "during sunset"),
+                    "sea": ("by the sea", "at the sea", "by the ocean")}
+
+
+def paraphrase(scene: Scene, rng: np.random.Generator, with_style: bool = True, style_first: bool = False) -> str:
+    """A caption of `scene` in one of the training phrasings (synonyms, character order, where the position and the
+    background go)."""
+    def pick(options):
+        return options[int(rng.integers(len(options)))]
+
+    parts = []
+    for p in POSITIONS:
+        if (ch := scene.characters.get(p)) is None:
+            continue
+        size = pick(SIZE_WORDS[ch.size])
+        noun = f"{size} {ch.colour} {ch.shape}"
+        noun = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+        parts.append(f"{pick(POS_WORDS[p])} {noun}" if rng.random() < 0.3 else f"{noun} {pick(POS_WORDS[p])}")
+    if rng.random() < 0.3:
+        rng.shuffle(parts)
+    subject = pick((" and ", ", ", ", and ")).join(parts) if parts else pick(("an empty scene", "nothing", "empty"))
+    where = pick(BACKGROUND_WORDS[scene.background])
+    text = f"{where}, {subject}" if rng.random() < 0.3 else f"{subject}, {where}"
+    if with_style and style_first:
+        return f"{scene.style} style, {text}"
+    if with_style:
+        text += f", {scene.style} style"
+    return text
+
+
 # --- sampling -----------------------------------------------------------------------------------------------------
 
 def is_held_out(scene: Scene) -> bool:

@@ -1,0 +1,107 @@
+"""The phrasing check's captions (engine.toy.phrasing) mean the scenes they are scored against, are phrased in forms
+the toy model never trains on, and the bench builds its prompts as a render does. No rendering."""
+
+import re
+
+import numpy as np
+import pytest
+
+from movielm_fast.engine.toy import phrasing as P
+from movielm_fast.engine.toy import ship
+from movielm_fast.engine.toy import world as W
+
+pytest.importorskip("torch")  # bench.toy_quality imports the renderer
+
+from movielm_fast.bench import toy_quality as TQ  # noqa: E402
+
+_BACKGROUND = {phrase.split()[-1]: bg for bg, phrases in W.BACKGROUND_WORDS.items() for phrase in phrases}
+_SIZE = {w: size for size, words in W.SIZE_WORDS.items() for w in words}
+_POSITION = {"left": "left", "right": "right", "centre": "centre", "center": "centre", "middle": "centre"}
+
+
+def read_caption(text: str) -> W.Scene:
+    """A reader written independently of the captions: the background word, and per clause (split at "and" and
+    full stops) one colour, shape, size and position word."""
+    words = re.findall(r"[a-z]+", text.lower())
+    backgrounds = {_BACKGROUND[w] for w in words if w in _BACKGROUND}
+    assert len(backgrounds) == 1, (text, backgrounds)
+    chars = {}
+    for clause in re.split(r" and |\. ", text.lower()):
+        cw = re.findall(r"[a-z]+", clause)
+        colours = [w for w in cw if w in W.COLOURS]
+        if not colours:
+            continue
+        shapes, sizes = [w for w in cw if w in W.SHAPES], [_SIZE[w] for w in cw if w in _SIZE]
+        places = [_POSITION[w] for w in cw if w in _POSITION]
+        assert len(colours) == len(shapes) == len(sizes) == len(places) == 1, (clause, colours, shapes, sizes, places)
+        assert places[0] not in chars, text
+        chars[places[0]] = W.Character(shapes[0], colours[0], sizes[0])
+    # Nothing the clauses missed: one colour and one shape word per character.
+    assert sum(w in W.SHAPES for w in words) == sum(w in W.COLOURS for w in words) == len(chars), text
+    return W.Scene(backgrounds.pop(), "plain", chars)
+
+
+@pytest.mark.parametrize("caption,scene", P.HELD_OUT + P.ISSUE)
+def test_caption_names_exactly_its_scene(caption, scene):
+    assert read_caption(caption) == scene
+
+
+def test_the_sets_are_what_the_docstring_says():
+    assert len(P.HELD_OUT) >= 40 and len(P.ISSUE) == 8
+    assert len({c for c, _ in P.HELD_OUT}) == len(P.HELD_OUT)
+    issue = [sc for _, sc in P.ISSUE]
+    assert sum(ch.colour == "blue" for sc in issue for ch in sc.characters.values()) == 2
+    assert sum(ch.shape == "square" for sc in issue for ch in sc.characters.values()) == 3
+    assert sum(sc.background == "night" for sc in issue) == 2
+    # Every shape, colour, size, position and background is asked for somewhere in the held-out set.
+    chars = [(p, ch) for _, sc in P.HELD_OUT for p, ch in sc.characters.items()]
+    assert {ch.shape for _, ch in chars} == set(W.SHAPES) and {ch.colour for _, ch in chars} == set(W.COLOURS)
+    assert {ch.size for _, ch in chars} == set(W.RADIUS) and {p for p, _ in chars} == set(W.POSITIONS)
+    assert {sc.background for _, sc in P.HELD_OUT} == set(W.BACKGROUNDS)
+
+
+def test_training_paraphrases_never_produce_a_held_out_caption():
+    held = {c for c, _ in P.HELD_OUT}
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(30):
+        for _, sc in P.HELD_OUT:
+            seen.add(W.paraphrase(sc, rng, with_style=False))
+    assert len(seen) > 500  # the paraphraser does vary
+    assert not seen & held
+    # Nor the sentence forms' marks: colons, parentheses, "there is", "background", "coloured", "side".
+    marks = re.compile(r"[:()]|there is|background|coloured|side\b")
+    assert not any(marks.search(c) for c in seen)
+    assert sum(bool(marks.search(c)) for c in held) >= len(held) // 2
+
+
+def test_shipped_vocabulary_covers_every_training_paraphrase():
+    keep = set(ship.toy_vocabulary())
+    tok = ship.clip_tokenizer()
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        sc = W.random_scene(rng)
+        text = W.paraphrase(sc, rng, style_first=bool(rng.random() < 0.5))
+        missing = set(tok(text).input_ids) - keep
+        assert not missing, (text, tok.convert_ids_to_tokens(sorted(missing)))
+
+
+def test_bench_prompts_are_the_engines():
+    assert TQ.engine_prompts(["a big blue square in the centre, at night"], "plain") == [
+        "plain style, a big blue square in the centre, at night"]
+    scenes = [W.scene_for_seed(TQ.HELD_OUT_SEED + i, held_out=True) for i in range(30)]
+    prompts = TQ.scene_prompts(scenes)
+    assert all(p.startswith(f"{sc.style} style, ") for p, sc in zip(prompts, scenes))
+    assert [W.parse_caption(p) for p in prompts] == scenes  # the style-first form still means its scene
+
+
+def test_report_shows_the_phrasing_rates():
+    from movielm_fast.bench.report import toy_quality_section
+
+    rates = {"images": 90, "conditioning": 0.5, "background": 0.9, "colour_at_position": 0.75,
+             "shape_at_position": 0.25, "size_at_position": 0.6, "empty_positions": 1.0}
+    res = {"settings": {"model": "demo", "model_hash": "h", "size": 64, "steps": 20, "scheduler": "dpmpp",
+                        "guidance": 4.0}, "machine": {"cpu_model": "cpu"}, "created": "now",
+           "phrasing": {"held_out": {"rates": rates}}}
+    text = "\n".join(toy_quality_section([res]))
+    assert "| held-out forms | 90 | 50% | 90% | 75% | 25% | 60% | 100% |" in text
