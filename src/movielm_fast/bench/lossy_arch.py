@@ -39,7 +39,7 @@ from movielm_fast.export.graphs import UNetGraph
 
 from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
-from .models import SD15_UNET, SDXL_UNET, resolve_model
+from .models import resolve_model
 from .report import LOSSY_ARCH_FORMAT, save_result
 from .step_cache import render_flops, unet_inputs
 
@@ -47,7 +47,6 @@ PROMPTS = ("a lighthouse on a cliff at dusk, oil painting",
            "a young woman with auburn hair in lavender stands at the entrance of a candle-lit ballroom",
            "a red fox running through fresh snow in a pine forest, morning light",
            "an old fisherman mending nets in a harbour, rain, cinematic")
-UNET_CONFIGS = {"sd15-arch": SD15_UNET, "sdxl-arch": SDXL_UNET}
 
 
 def fp8_mode(device: torch.device) -> str:
@@ -65,10 +64,11 @@ def cases(interval: int, depths: list[int], fp8: str) -> list[tuple[str, str | N
                                      StepCache(interval, depths[0]))]
 
 
-def unet_flops(model: str, latent: int, interval: int, depths: list[int], steps: int) -> dict[str, Any]:
-    """A full UNet step's FLOPs (CFG batch 2), the share in the layers FP8 quantizes, and each depth's render ratio."""
+def unet_flops(config: dict, latent: int, interval: int, depths: list[int], steps: int) -> dict[str, Any]:
+    """A full step's FLOPs (CFG batch 2) of the UNet built from `config` on the meta device (nothing is computed),
+    the share in the layers FP8 quantizes, and each step-cache depth's render FLOP ratio."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNET_CONFIGS[model]).eval()
+        unet = UNet2DConditionModel.from_config(config).eval()
     args = unet_inputs(unet, latent, device="meta")
     cpu = torch.device("cpu")
     full = count_flops(lambda: UNetGraph(unet)(*args), cpu)  # as bench.step_cache counts it
@@ -115,16 +115,18 @@ def measure(args) -> dict[str, Any]:
     device = torch.device(args.device)
     settings = BatchSettings(args.size, args.size, args.steps, args.guidance, args.scheduler)
     prompts = list(PROMPTS[:args.prompts])
-    runs, reference = [], None
+    runs, reference, flops = [], None, None
     renderers: dict[str | None, Renderer] = {}
-    flops = unet_flops(args.model, args.size // 8, args.interval, args.depths, args.steps)
-    print("flops", flops)
     for name, quantize, cache in cases(args.interval, args.depths, fp8_mode(device)):
         if quantize not in renderers:
             renderers.clear()  # one model in memory at a time (sdxl-arch is ~10 GB in fp32)
             gc.collect()
             renderers[quantize] = Renderer(EngineConfig(model=path, device=args.device, quantize=quantize))
         r = renderers[quantize]
+        if flops is None:
+            flops = unet_flops(dict(r.model.unet.config), args.size // r.model.vae_scale_factor, args.interval,
+                               args.depths, args.steps)
+            print("flops", flops)
         images, seconds, unet = render_case(r, replace(settings, step_cache=cache), prompts)
         if reference is None:
             reference = images
@@ -143,7 +145,7 @@ def measure(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.lossy_arch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15-arch")
+    ap.add_argument("--model", default="sd15-arch", help="sd15-arch, sdxl-arch (bench.models) or a model folder")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
