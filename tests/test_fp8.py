@@ -55,7 +55,7 @@ def test_matmul_twin_close_to_fp32():
 
 def _within_one_bf16_ulp(fast: torch.Tensor, ref: torch.Tensor) -> bool:
     """Both round an fp32 sum to bf16; summed in another order, the fp32 sums may differ in their last bits, which
-    can move a bf16 rounding by one step (2^-8 of the value; 2^-7 bounds it for any value)."""
+    can move a bf16 rounding by one step, which is 2^-8 to 2^-7 of the value."""
     return bool(((fast.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-30).all())
 
 

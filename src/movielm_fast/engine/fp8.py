@@ -3,7 +3,10 @@
 What is quantized: every nn.Linear, and every 1x1 nn.Conv2d, inside the UNet's transformer blocks ("attentions"
 of the down, mid and up blocks) whose input and output widths are multiples of 16 (torch._scaled_mm's constraint):
 the attention Q/K/V/out projections (and diffusers' fused QKV where it is fused), the feed-forward (GEGLU) layers,
-and proj_in/proj_out (Linear on SDXL, 1x1 convolutions on SD 1.x). That is where the UNet's matmul FLOPs are.
+and proj_in/proj_out (Linear on SDXL, 1x1 convolutions on SD 1.x). Those layers hold 32% of a full UNet step's
+FLOPs on SD 1.5 at 512² and 64% on SDXL at 1024² (the rest: 3x3 convolutions and the attention products; counted
+by `python -m movielm_fast.bench.lossy_arch`), which bounds what FP8 can gain: if time follows FLOPs, even at twice
+the fp16 rate on those layers a step takes at least 84% (SD 1.5) / 68% (SDXL) of its fp16 time.
 Weights: e4m3 with one scale per output channel, quantized once at load (and again for the layers a LoRA switch
 writes); activations: e4m3 with one scale per row (token), computed at run time on the device (amax / 448: no
 host sync, so the layers capture into CUDA graphs). Products accumulate in fp32, come out of torch._scaled_mm in
