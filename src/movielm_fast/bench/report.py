@@ -607,12 +607,14 @@ def lossy_arch_section(results: list[dict[str, Any]]) -> list[str]:
              "FP8 (`--quantize`) and step caching (`--step-cache`) against the exact render of the same prompts and "
              "seeds (batch 1). Random weights: the images are structured noise, so PSNR/SSIM say how far an option "
              "moves a full-size UNet's pixels, not how a trained model's pictures look. *UNet FLOPs*: the render's "
-             "UNet FLOPs over the reference's (FP8 runs the same FLOPs at a faster rate on GPUs that have it)."]
+             "UNet FLOPs over the reference's (FP8 runs the same FLOPs at a faster rate on GPUs that have it). Seconds "
+             "are one run each, under the machine's load at the time (see the load averages)."]
     for (model, size, _), res in newest.items():
         st, m = res["settings"], res["machine"]
         where = m["gpu_model"] or f"{m['cpu_model']} ({m['cpu_cores_logical']} cores)"
         lines += ["", f"**{model}, {size}²**, {st['steps']} {st['scheduler']} steps, guidance {st['guidance']}, "
-                  f"{st['prompts']} prompts, on {where}; reference: {res['reference']}; "
+                  f"{st['prompts']} prompt{'s' if st['prompts'] > 1 else ''} (seeds 1000+), on {where}; reference: "
+                  f"{res['reference']}; "
                   f"{100 * res['flops']['fp8_flop_share']:.0f}% of a full UNet step's FLOPs are in the layers FP8 "
                   f"quantizes; {_load(res)}; {res['created']}.", "",
                   "| case | PSNR dB | SSIM | max pixel diff | s/frame | UNet s/frame | UNet FLOPs |",
