@@ -735,13 +735,49 @@ def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+
+
+LOSSY_ARCH_FORMAT = "movielm-bench-lossy-arch/1"
+
+
+def lossy_arch_section(results: list[dict[str, Any]]) -> list[str]:
+    """bench/lossy_arch.py: the newest result of each model and size."""
+    newest = {(r["settings"]["model"], r["settings"]["size"], r["machine"]["device"]): r for r in results}
+    if not newest:
+        return []
+    lines = ["## Lossy speed-ups on the real architectures (`python -m movielm_fast.bench.lossy_arch`)", "",
+             "FP8 (`--quantize`) and step caching (`--step-cache`) against the exact render of the same prompts and "
+             "seeds (batch 1). Random weights: the images are structured noise, so PSNR/SSIM say how far an option "
+             "moves a full-size UNet's pixels, not how a trained model's pictures look. *UNet FLOPs*: the render's "
+             "UNet FLOPs over the reference's (FP8 runs the same FLOPs at a faster rate on GPUs that have it). Seconds "
+             "are one run each, under the machine's load at the time (see the load averages)."]
+    for (model, size, _), res in newest.items():
+        st, m = res["settings"], res["machine"]
+        where = m["gpu_model"] or f"{m['cpu_model']} ({m['cpu_cores_logical']} cores)"
+        lines += ["", f"**{model}, {size}²**, {st['steps']} {st['scheduler']} steps, guidance {st['guidance']}, "
+                  f"{st['prompts']} prompt{'s' if st['prompts'] > 1 else ''} (seeds 1000+), on {where}; reference: "
+                  f"{res['reference']}; "
+                  f"{100 * res['flops']['fp8_flop_share']:.0f}% of a full UNet step's FLOPs are in the layers FP8 "
+                  f"quantizes; {_load(res)}; {res['created']}.", "",
+                  "| case | PSNR dB | SSIM | max pixel diff | s/frame | UNet s/frame | UNet FLOPs |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["runs"]:
+            unet = "–" if r["unet_seconds_per_frame"] is None else f"{r['unet_seconds_per_frame']:.2f}"
+            db = "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+            lines.append(f"| {r['case']} ({r['dtype']}) | {db} | {r['ssim']:.4f} | "
+                         f"{r['max_abs_pixel_diff']} | {r['seconds_per_frame']:.2f} | {unet} | "
+                         f"{1 / r['unet_flop_ratio']:.2f}× |")
+    return lines + [""]
+
+
 # The smaller benchmarks' sections of RESULTS.md, in this order: (result format, section builder).
 SMALL_BENCHES = ((HOST_FORMAT, host_section), (BOUNDARY_FORMAT, boundary_section),
                  (REGRESSION_FORMAT, regression_section),
                  (CONSISTENCY_FORMAT, consistency_section), (LORA_FORMAT, lora_section), (VAE_FORMAT, vae_section),
                  (CPU_PEER_FORMAT, cpu_peer_section), (TOY_FORMAT, toy_quality_section),
                  (STEP_CACHE_FORMAT, step_cache_section), (STARTUP_FORMAT, startup_section),
-                 (SERVE_FORMAT, serve_section), (FP16_RANGE_FORMAT, fp16_range_section))
+                 (SERVE_FORMAT, serve_section), (FP16_RANGE_FORMAT, fp16_range_section),
+                 (LOSSY_ARCH_FORMAT, lossy_arch_section))
 
 
 def knob_section() -> list[str]:

@@ -3,10 +3,14 @@
 What is quantized: every nn.Linear, and every 1x1 nn.Conv2d, inside the UNet's transformer blocks ("attentions"
 of the down, mid and up blocks) whose input and output widths are multiples of 16 (torch._scaled_mm's constraint):
 the attention Q/K/V/out projections (and diffusers' fused QKV where it is fused), the feed-forward (GEGLU) layers,
-and proj_in/proj_out (Linear on SDXL, 1x1 convolutions on SD 1.x). That is where the UNet's matmul FLOPs are.
+and proj_in/proj_out (Linear on SDXL, 1x1 convolutions on SD 1.x). Those layers hold 32% of a full UNet step's
+FLOPs on SD 1.5 at 512² and 64% on SDXL at 1024² (the rest: 3x3 convolutions and the attention products; counted
+by `python -m movielm_fast.bench.lossy_arch`), which bounds what FP8 can gain: if time follows FLOPs, even at twice
+the fp16 rate on those layers a step takes at least 84% (SD 1.5) / 68% (SDXL) of its fp16 time.
 Weights: e4m3 with one scale per output channel, quantized once at load (and again for the layers a LoRA switch
-writes); activations: e4m3 with one scale per row (token), computed at run time. Products accumulate in fp32 and
-come out in the model's dtype.
+writes); activations: e4m3 with one scale per row (token), computed at run time on the device (amax / 448: no
+host sync, so the layers capture into CUDA graphs). Products accumulate in fp32, come out of torch._scaled_mm in
+bf16 (its row-wise mode's output) and are cast to the model's dtype before the bias is added.
 
 What stays in fp16 (the model's dtype), and why:
 - the time embedding, SDXL's added (pooled text, size) embedding and every resnet's time_emb_proj: matmuls of one
@@ -22,9 +26,11 @@ What stays in fp16 (the model's dtype), and why:
 Each layer keeps its fp16 weight: a LoRA merges into it (engine.lora.TorchMerger) and only the layers whose weight
 was written are quantized again (`requantize_changed`); with gradients on (style training), the layers run the
 fp16 weight, so learned tokens do not depend on --quantize. FP8 runs through torch._scaled_mm on CUDA GPUs of
-compute capability 8.9 or more (Ada, Hopper, Blackwell); `fp8-emulated` rounds weights and activations to e4m3
+compute capability 8.9 or more (Ada, Hopper, Blackwell); `fp8-emulated` rounds weights, activations and products
 exactly as the GPU path does and multiplies in fp32 anywhere (slower than plain fp32: it measures, it does not
-accelerate).
+accelerate). The CPU build of torch runs torch._scaled_mm too (dequantize, fp32 GEMM, round): the tests run the
+GPU path's code there by setting a layer's `emulate` to False, which users cannot do (--quantize fp8 is refused
+on the CPU: it would be slower than fp32 and no more exact than the emulation).
 """
 
 from __future__ import annotations
@@ -70,17 +76,26 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+# torch._scaled_mm's row-wise scaling has long returned only bf16 on CUDA (fp16 and fp32 outputs came later, and
+# depend on the kernel torch picks), so the GPU path asks for bf16 and the twin rounds its sums to bf16 too.
+OUT_DTYPE = torch.bfloat16
+
+
 def fp8_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """The emulated path and the GPU path's twin: (M, K) activations x (N, K) e4m3 weights with (1, N) scales ->
-    (M, N) fp32, rounding the activations per row exactly as `fp8_matmul` does."""
+    (M, N) in OUT_DTYPE. Same rounding as `fp8_matmul` at every point -- activations to e4m3 with the same per-row
+    scales, the same e4m3 weights and scales, products summed in fp32, the sum rounded to bf16 -- so only the
+    order of the fp32 sums differs from the GPU's. (The CPU build's torch._scaled_mm computes exactly this.)"""
     xq, x_scale = quantize_rows(x)
-    return (xq.float() * x_scale) @ (w.float() * w_scale.t()).t()
+    return ((xq.float() * x_scale) @ (w.float() * w_scale.t()).t()).to(OUT_DTYPE)
 
 
 def fp8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """FP8 tensor cores: row-wise scaled e4m3 GEMM (torch._scaled_mm; its row-wise scaling returns bf16)."""
+    """FP8 tensor cores: row-wise scaled e4m3 GEMM through torch._scaled_mm, which wants the activations row-major
+    (a 1x1 convolution's NCHW input at batch 1 gives a column-major (H*W, C) view) and the weight column-major
+    (w.t() of the row-major (N, K) copy). The scales stay on the device: no host sync, CUDA-graph capturable."""
     xq, x_scale = quantize_rows(x)
-    return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    return torch._scaled_mm(xq.contiguous(), w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=OUT_DTYPE)
 
 
 class _Fp8Weight:
