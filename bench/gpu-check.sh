@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu-check.sh --prepare     # here, with registry access: the missing wheels into wheels/ (git-ignored)
 #   bash bench/gpu-check.sh [--quick]     # there, from the repository root, with wheels/ carried along
+#   bash bench/gpu-check.sh --lossy       # there, as a call of its own: FP8 and step caching (issue 25)
 #
 # Steps, each under its own time limit (490 s in all at most, inside one 10-minute device call, so a device
 # session's 15 minutes leave room for the machine's start), the ones that must not be lost first: environment;
@@ -46,6 +47,23 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 RES="$OUT/results"
 mkdir -p "$RES"
+if [ "${1:-}" = "--lossy" ]; then
+    # The opt-in lossy accelerators on the GPU: their GPU tests, images/s with FP8 beside fp16 at the best batch,
+    # and PSNR/SSIM of FP8 and step caching against the fp16 render of the full-size architectures.
+    step env 15 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(), \
+torch.cuda.get_device_capability())'"
+    step tests-lossy 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py tests/test_step_cache.py
+    step fp8-sdxl 120 "$PY" -m movielm_fast.bench.gpu --model sdxl-arch --peer-compile off --out "$RES" \
+        --backend torch,torch+quantize=fp8 --batch-sizes 4,8 --repeats 2
+    step fp8-sd15 90 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile off --out "$RES" \
+        --backend torch,torch+quantize=fp8 --batch-sizes 8,16 --repeats 2
+    step lossy-sd15 60 "$PY" -m movielm_fast.bench.lossy_arch --model sd15-arch --size 512 --steps 20 --prompts 4 \
+        --device cuda --results "$RES"
+    step lossy-sdxl 120 "$PY" -m movielm_fast.bench.lossy_arch --model sdxl-arch --size 1024 --steps 20 \
+        --prompts 2 --device cuda --results "$RES"
+    echo "done $(date -u +%T)" >> "$OUT/steps.log"
+    exit 0
+fi
 step env 15 bash -c "nvidia-smi; $PY -c 'import torch, diffusers, transformers; print(torch.__version__, \
 torch.version.cuda, diffusers.__version__, transformers.__version__, torch.cuda.get_device_name())'"
 SD15_ARGS="--batch-sizes 1,8 --repeats 2"; [ -n "$QUICK" ] && SD15_ARGS="$QUICK"

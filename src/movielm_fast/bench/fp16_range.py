@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run it on a GPU machine "
+                 "or with --device cpu")
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "fp16": torch.float16,
                                                   "bf16": torch.bfloat16}[args.dtype]
     load_start = load_average()

@@ -83,8 +83,8 @@ class EngineConfig:
     2.55x (SD 1.5, 512²) / 2.86x (SDXL, 1024²) fewer UNet FLOPs; 2.4x less UNet time on the demo model on a CPU
     (python -m movielm_fast.bench.step_cache). Cost: each cached step reads features up to N-1 steps old, so fine
     detail drifts while the layout stays: on the demo model at 50 steps 44-45 dB PSNR / 0.99 SSIM against the
-    uncached render and the toy judge's conditioning rate 0.94 against 0.96; at 20 steps 36.6 dB and 0.92
-    (bench.toy_quality, 50 captions).
+    uncached render and the toy judge's conditioning rate 0.94 against 0.96; at 20 steps 35.6 dB and 0.94 against
+    0.98 (bench.toy_quality, 50 captions; README has the table).
     Pointless at 8 steps or fewer: few steps can be skipped, and neighbouring steps differ more. None or 1: off.
     Recorded in each frame's resume key and the manifest; torch backend only; refused with consistency mode
     (anchor attention records and reads every attention layer at every step)."""
@@ -98,9 +98,10 @@ class EngineConfig:
     load, activations per token at run time -- through torch._scaled_mm on GPUs of compute capability 8.9+ (Ada,
     Hopper); refused elsewhere. fp8-emulated: the same rounding, multiplied in fp32, on any device: slower than
     fp32, for measuring quality. Time embeddings, conv_in/conv_out, 3x3 convolutions, norms, the text encoders and
-    the VAE stay in the model's dtype (why: engine/fp8.py). Cost (emulated, demo model, 20 steps): 44 dB PSNR and
-    0.994 SSIM against fp32, the toy judge's conditioning rate 0.94 against 0.96 (bench.toy_quality); the GPU
-    speed-up is not measured yet. The fp16 weights stay beside the e4m3 copy (LoRAs merge into them): memory grows
+    the VAE stay in the model's dtype (why: engine/fp8.py). Cost (emulated, demo model, 20 steps): 43.5 dB PSNR and
+    0.993 SSIM against fp32, the toy judge's conditioning rate 0.98 as for fp32 (bench.toy_quality); 42.1 dB /
+    44.4 dB on sd15-arch / sdxl-arch at 256² (bench.lossy_arch). The GPU speed-up is not measured yet; the layers
+    it quantizes hold 32% (SD 1.5, 512²) and 64% (SDXL, 1024²) of a UNet step's FLOPs, which bounds it. The fp16 weights stay beside the e4m3 copy (LoRAs merge into them): memory grows
     by half of those layers' fp16 weights. Composes with LoRA (only the layers a switch writes are quantized
     again), CUDA graphs and --step-cache. Recorded in each frame's resume key and the manifest; torch backend
     only."""
