@@ -354,6 +354,11 @@ REGRESSION_FORMAT = "movielm-bench-regression/1"
 LORA_FORMAT = "movielm-bench-lora/1"
 VAE_FORMAT = "movielm-bench-vae-decode/1"
 FP16_RANGE_FORMAT = "movielm-bench-fp16-range/1"
+TOY_FORMAT = "movielm-bench-toy-quality/1"
+STEP_CACHE_FORMAT = "movielm-step-cache-v1"
+STARTUP_FORMAT = "movielm-fast-startup-v1"
+SERVE_FORMAT = "movielm-bench-serve/1"
+LOSSY_ARCH_FORMAT = "movielm-bench-lossy-arch/1"
 
 
 def save_result(results_dir: Path, prefix: str, result: dict[str, Any]) -> Path:
@@ -550,9 +555,6 @@ def cpu_peer_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-TOY_FORMAT = "movielm-bench-toy-quality/1"
-
-
 def _rate(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.0f}%"
 
@@ -642,11 +644,6 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-STEP_CACHE_FORMAT = "movielm-step-cache-v1"
-STARTUP_FORMAT = "movielm-fast-startup-v1"
-SERVE_FORMAT = "movielm-bench-serve/1"
-
-
 def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
@@ -733,11 +730,6 @@ def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
         said = f"; its image {res['psnr_vs_fp32']} dB from diffusers' fp32 one" if res.get("psnr_vs_fp32") else ""
         lines.append(f"\n{model}, {dtype} on {device} ({res['created']}): {res['verdict']}{said}.\n")
     return lines
-
-
-
-
-LOSSY_ARCH_FORMAT = "movielm-bench-lossy-arch/1"
 
 
 def lossy_arch_section(results: list[dict[str, Any]]) -> list[str]:
