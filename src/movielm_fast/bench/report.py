@@ -713,14 +713,14 @@ def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
     if not latest:
         return []
     lines = ["## fp16 range: the largest activation per component (`python -m movielm_fast.bench.fp16_range`)", "",
-             "diffusers' pipeline run once with a forward hook on every module (in fp32 on the CPU; in fp16 on a GPU "
-             "with `--dtype fp16`); *over*: modules whose output passed 65504 (fp16 overflows there), *near*: within "
+             "diffusers' pipeline run once with a forward hook on every module, in fp32, or in fp16 with `--dtype fp16` "
+             "(then also once in fp32 without hooks, for the PSNR of its fp16 image); *over*: modules whose output passed 65504 (fp16 overflows there), *near*: within "
              "2x of it; *first*: the first such module in call order (where an overflow starts); *inf/NaN*: modules "
-             "whose output held one (a low-precision run).", "",
-             "| model | run | size, steps | component | max \\|activation\\| | over | near | inf/NaN | first over "
-             "(or near) |", "|---|---|---|---|---|---|---|---|---|"]
+             "whose output held one (a low-precision run)."]
     for (model, dtype, device), res in sorted(latest.items()):
         st = res["settings"]
+        lines += ["", "| model | run | size, steps | component | max \\|activation\\| | over | near | inf/NaN | "
+                  "first over (or near) |", "|---|---|---|---|---|---|---|---|---|"]
         for p in res["components"]:
             first = (p["first_over"] or p["first_near"] or [None])[0]
             where = f"`{first['module']}` ({first['class']}, {first['max_abs']:.3g})" if first else "–"
@@ -728,8 +728,8 @@ def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
                          f"{p['component']} | {p['max_abs']:.3g} | {p['over_fp16']} | {p['near_fp16']} | "
                          f"{p.get('nonfinite', '–')} | {where} |")
         said = f"; its image {res['psnr_vs_fp32']} dB from diffusers' fp32 one" if res.get("psnr_vs_fp32") else ""
-        lines.append(f"\n{model}, {dtype} on {device} ({res['created']}): {res['verdict']}{said}.\n")
-    return lines
+        lines += ["", f"{model}, {dtype} on {device} ({res['created']}): {res['verdict']}{said}."]
+    return lines + [""]
 
 
 def lossy_arch_section(results: list[dict[str, Any]]) -> list[str]:
