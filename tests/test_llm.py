@@ -24,7 +24,13 @@ from movielm_fast.data.llm.client import (  # noqa: E402
     extract_json,
     resolve_config,
 )
-from movielm_fast.data.llm.planner import PLAN_SCHEMA, PlanRequest, build_requests, generate_plans, slugify  # noqa: E402
+from movielm_fast.data.llm.planner import (  # noqa: E402
+    PLAN_SCHEMA,
+    PlanRequest,
+    build_requests,
+    generate_plans,
+    slugify,
+)
 from movielm_fast.data.llm.qa import QAJob, check_llm_qa, generate_qa  # noqa: E402
 from movielm_fast.engine.plan import (  # noqa: E402
     SAFE_ID,

@@ -275,8 +275,8 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
     llm = ScriptedLLM()
     env = dict(os.environ)
     with FakeOpenAIServer(llm) as server:
-        argv = [sys.executable, "-m", "movielm_fast.cli.main", *make_args(out, server.url, tmp_path / "cache", "--quiet",
-                                                                      *video)]
+        argv = [sys.executable, "-m", "movielm_fast.cli.main",
+                *make_args(out, server.url, tmp_path / "cache", "--quiet", *video)]
         runs: list[dict] = []
 
         def start():

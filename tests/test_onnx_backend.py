@@ -91,7 +91,8 @@ def test_sdxl_frames_match_torch_backend(tiny_sdxl, sdxl_artifacts):
 def test_backend_sessions_are_created_once(tiny_sd, sd_artifacts):
     r = Renderer(EngineConfig(model=str(tiny_sd), backend="onnxruntime"))
     sessions = {c: id(g.session) for c, g in r.backend.graphs.items()}
-    render_batch(r.model, r.backend, r.encoder, [FrameJob("m", "f", PROMPT, "", 1)], BatchSettings(64, 64, 2, 5.0, "ddim"))
+    render_batch(r.model, r.backend, r.encoder, [FrameJob("m", "f", PROMPT, "", 1)],
+                 BatchSettings(64, 64, 2, 5.0, "ddim"))
     assert {c: id(g.session) for c, g in r.backend.graphs.items()} == sessions
     assert r.backend.graphs["unet"].session.get_session_options().intra_op_num_threads >= 1
 

@@ -26,8 +26,8 @@ def _diffusers(cls, model_path, scheduler, steps, guidance, seed, negative=NEGAT
     pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     # An empty negative prompt in a plan means "none", which is diffusers' negative_prompt=None.
-    out = pipe(prompt, negative_prompt=negative or None, guidance_scale=guidance, num_inference_steps=steps, height=size,
-               width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    out = pipe(prompt, negative_prompt=negative or None, guidance_scale=guidance, num_inference_steps=steps,
+               height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
     return (out * 255).round().astype(np.int16)
 
 

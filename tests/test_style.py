@@ -175,7 +175,8 @@ def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
 
 def test_library_hit_and_miss(sd_renderer, images, trained_sd):
     result, *_, out = trained_sd
-    again = immobilize_style(sd_renderer.scene_renderer, STYLE, StyleSettings(), images=images, out=out)  # eval size: not in key
+    # eval size: not in key
+    again = immobilize_style(sd_renderer.scene_renderer, STYLE, StyleSettings(), images=images, out=out)
     assert again.cache_hit and again.path == result.path and again.token == result.token
     other = Style(name="Gothic", description="cold blue moonlight")
     miss = immobilize_style(sd_renderer.scene_renderer, other, FAST, images=images, out=out)
@@ -209,7 +210,8 @@ def test_reproducible_and_micro_batches_give_the_same_vector(sd_renderer, images
     a = immobilize_style(sd_renderer.scene_renderer, STYLE, s, images=images, out=tmp_path / "a")
     b = immobilize_style(sd_renderer.scene_renderer, STYLE, s, images=images, out=tmp_path / "b")
     # micro_batch is how an out-of-memory retry splits the batch; it must not change what is learned.
-    c = immobilize_style(sd_renderer.scene_renderer, STYLE, replace(s, micro_batch=1), images=images, out=tmp_path / "c")
+    c = immobilize_style(sd_renderer.scene_renderer, STYLE, replace(s, micro_batch=1), images=images,
+                         out=tmp_path / "c")
     va, vb, vc = (load_embedding(x.path).vectors["single"] for x in (a, b, c))
     assert torch.equal(va, vb)
     assert a.key == c.key and c.report["micro_batch"] == 1
@@ -243,7 +245,8 @@ def test_bad_inputs(sd_renderer, tmp_path):
     with pytest.raises(UserError, match="cannot read image .*bad.png"):
         immobilize_style(sd_renderer.scene_renderer, STYLE, FAST, images=broken, out=tmp_path / "lib")
     with pytest.raises(UserError, match="already a word"):
-        immobilize_style(sd_renderer.scene_renderer, Style(name="Castle", token="castle"), FAST, images=broken, out=tmp_path)
+        immobilize_style(sd_renderer.scene_renderer, Style(name="Castle", token="castle"), FAST, images=broken,
+                         out=tmp_path)
     with pytest.raises(UserError, match="no letters or digits"):
         immobilize_style(sd_renderer.scene_renderer, Style(name="???"), FAST, out=tmp_path)
     with pytest.raises(UserError, match="multiple of 8"):

@@ -13,8 +13,8 @@ variance) are not seen.
 
 With `--dtype fp16` (on a GPU) the hooked run is in fp16 and also records the first module whose output holds an
 inf or NaN; the same pipeline runs once more in fp32 without hooks, and the PSNR of the fp16 image against it says
-whether diffusers' own fp16 loses the image (and the hooks, where). Results go to bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report`
-summarises them in bench/RESULTS.md.
+whether diffusers' own fp16 loses the image (and the hooks, where). Results go to
+bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report` summarises them in bench/RESULTS.md.
 """
 
 from __future__ import annotations

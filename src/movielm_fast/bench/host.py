@@ -1,6 +1,7 @@
 """Host-side throughput: the real engine on the zero-cost `null` backend, so only the engine's own work is left.
 
-    python -m movielm_fast.bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8] [--repeats 3]
+    python -m movielm_fast.bench.host [--frames 64] [--sizes 256,512] [--formats png,jpg] [--steps 20] [--batch 8]
+                                      [--repeats 3]
     movielm-fast bench --host ...
 
 For each size x format, and for the write stage pipelined (writer threads, the default) and sequential (threads=0,

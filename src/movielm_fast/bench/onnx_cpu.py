@@ -106,7 +106,8 @@ def main() -> None:
             t1 = time.perf_counter()
             r.backend.denoise(x, t, UNetCond(ehs))
             ort_times.append(time.perf_counter() - t1)
-    res["unet_32x32_b2"] = {"torch_eager_s": [round(v, 3) for v in pt_times], "onnxruntime_s": [round(v, 3) for v in ort_times],
+    res["unet_32x32_b2"] = {"torch_eager_s": [round(v, 3) for v in pt_times],
+                            "onnxruntime_s": [round(v, 3) for v in ort_times],
                             "torch_median_s": round(median(pt_times), 3), "ort_median_s": round(median(ort_times), 3),
                             "speedup": round(median(pt_times) / median(ort_times), 2),
                             "ort_gflops": round(UNET_TFLOP_32 * 1e3 / median(ort_times), 1),
@@ -146,7 +147,8 @@ def main() -> None:
     diff = int(np.abs(img.astype(int) - (ref_img * 255).round().astype(int)).max())
     res["frame_256_steps"] = {"steps": args.steps, "diffusers_s": [round(v, 2) for v in d_times],
                               "onnxruntime_s": [round(v, 2) for v in o_times],
-                              "diffusers_median_s": round(median(d_times), 2), "ort_median_s": round(median(o_times), 2),
+                              "diffusers_median_s": round(median(d_times), 2),
+                              "ort_median_s": round(median(o_times), 2),
                               "speedup": round(median(d_times) / median(o_times), 2),
                               "max_pixel_diff_vs_diffusers": diff}
     if args.steps == 4:

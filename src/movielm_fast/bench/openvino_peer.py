@@ -205,7 +205,8 @@ def frame_rows(path: Path, bf16: bool, repeats: int, steps: int, log) -> dict[st
     return rows
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.openvino_peer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.openvino_peer",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sd15-arch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mine = res["frame"].get("torch bf16", {})
         if "psnr_vs_fp32" in mine and features.native_bf16:
             cpu.record_bf16_measurement(features.model, mine["speedup_vs_fp32"], mine["psnr_vs_fp32"],
-                                        f"{args.model} 256² {args.steps}-step frame", "python -m movielm_fast.bench.openvino_peer")
+                                        f"{args.model} 256² {args.steps}-step frame",
+                                        "python -m movielm_fast.bench.openvino_peer")
             log(f"stored for --dtype auto's hint: {cpu.measurements_file()}")
     res["machine"]["load_avg_end"] = load_average()
     atomic_write_text(out, json.dumps(res, indent=2) + "\n")

@@ -6,8 +6,9 @@
 The host-side work of issue 15 (write stage, uint8 on the device, token-id cache) must not slow down a render whose
 time is all UNet and VAE. The base revision is checked out into a temporary git worktree; each round renders the
 same plan (batch 1, no style training) once with the base and once with this tree, in alternating order, each in a
-fresh process. Per run: wall seconds of the process and the render's own seconds per frame (its JSON summary's `seconds` over `rendered`),
-the median over rounds per side, and their ratio. Results go to bench/results/regression-<stamp>.json.
+fresh process. Per run: wall seconds of the process and the render's own seconds per frame (its JSON summary's
+`seconds` over `rendered`), the median over rounds per side, and their ratio. Results go to
+bench/results/regression-<stamp>.json.
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dty
     UNet and VAE, fused QKV projections, and the UNet and the VAE decode compiled with torch.compile (fullgraph) and
     the guide's inductor settings. Each new shape compiles on its first call: `Bench` reports that call apart."""
     if mode not in PEER_COMPILE_MODES:
-        raise UserError(f"unknown compile mode {mode!r} for the diffusers peer", f"use {' or '.join(PEER_COMPILE_MODES)}")
+        raise UserError(f"unknown compile mode {mode!r} for the diffusers peer",
+                        f"use {' or '.join(PEER_COMPILE_MODES)}")
     pipe = diffusers_pipeline(model, scheduler, device, dtype)
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)

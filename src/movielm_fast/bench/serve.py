@@ -4,10 +4,10 @@
 
 Starts `movielm-fast serve` as its own process on 127.0.0.1 (a free port, a temporary output root), waits until it
 answers /health (the model loaded: the start-up a `render` pays every time), then sends `--plans` copies of the plan
-one after another (each into its own output folder, so none resumes another) and times, for each, submission -> its first
-frame file on disk and submission -> its record says done. The first plan after start-up is the one the issue's goal
-names ("a second plan sent to serve": every plan after the server started is one). Only HTTP and the files are used:
-what a user of the server sees. Results go to bench/results/serve-<stamp>.json.
+one after another (each into its own output folder, so none resumes another) and times, for each, submission -> its
+first frame file on disk and submission -> its record says done. The first plan after start-up is the one the issue's
+goal names ("a second plan sent to serve": every plan after the server started is one). Only HTTP and the files are
+used: what a user of the server sees. Results go to bench/results/serve-<stamp>.json.
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ def check_style(r: Renderer, args, scenes) -> dict:
             # token has to carry the look, and the word neon is in no caption.
             (folder / f"{i:03d}.txt").write_text(scene.caption(with_style=False))
         t0 = time.perf_counter()
-        res = immobilize_style(r.scene_renderer, Style(name="Glow"), StyleSettings(steps=args.style_steps, batch_size=8),
+        res = immobilize_style(r.scene_renderer, Style(name="Glow"),
+                               StyleSettings(steps=args.style_steps, batch_size=8),
                                images=folder, out=Path(tmp) / "library")
         train_s = time.perf_counter() - t0
     r.encoder.add_token(res.token, list(res.vectors), str(res.path))
@@ -196,7 +197,8 @@ def check_consistency(r: Renderer, args) -> dict:
                     total += 1
                     colour_ok += got.colours[pos] == CAST[name].colour
                     shape_ok += got.colours[pos] == CAST[name].colour and got.shapes[pos] == CAST[name].shape
-        out[mode] = {"movie_seeds": args.story_seeds, "character_appearances": total, "colour_at_position": colour_ok / total,
+        out[mode] = {"movie_seeds": args.story_seeds, "character_appearances": total,
+                     "colour_at_position": colour_ok / total,
                      "colour_and_shape_at_position": shape_ok / total}
     return out
 
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     r = Renderer(EngineConfig(model=args.model))
     scenes = held_out_scenes(args.n)
-    result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(torch.device("cpu")),
+    result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "machine": machine_info(torch.device("cpu")),
               "settings": {"model": args.model, "model_hash": r.model.content_hash, "n": args.n, "steps": args.steps,
                            "guidance": args.guidance, "scheduler": "dpmpp", "size": 64}}
     fp32_images = issue_images = None

@@ -6,7 +6,8 @@ Both decoders at their real architectures (SD 1.x/SDXL VAE: AutoencoderKL's SD c
 default config) with random weights: the cost depends on the architecture only. Each is run as the engine runs it
 (the torch backend's decoder graph, the `--vae` path: engine.models.load_vae -> create_backend), interleaved
 repeat by repeat so that the machine's load hits both alike; medians are reported and compared as a ratio.
-Results go to bench/results/vae-decode-<stamp>.json; `python -m movielm_fast.bench.report` puts them in bench/RESULTS.md.
+Results go to bench/results/vae-decode-<stamp>.json; `python -m movielm_fast.bench.report` puts them in
+bench/RESULTS.md.
 """
 
 from __future__ import annotations

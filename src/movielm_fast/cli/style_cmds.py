@@ -20,7 +20,8 @@ def style_group() -> None:
 @click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--name", required=True, help="Style name, e.g. Gothic; the token is <name> unless --token.")
 @click.option("--description", default="", help="Style description, used in the scene prompts.")
-@click.option("--images", type=click.Path(path_type=Path), help="Learn from this folder of images instead (a .txt beside an image is its "
+@click.option("--images", type=click.Path(path_type=Path),
+              help="Learn from this folder of images instead (a .txt beside an image is its "
               "caption: what it shows, without the style).")
 @click.option("--token", help="Token to learn (default <name>); must not be a vocabulary word.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps [30 demo/test models, 150 real].")

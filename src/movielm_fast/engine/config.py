@@ -101,10 +101,10 @@ class EngineConfig:
     the VAE stay in the model's dtype (why: engine/fp8.py). Cost (emulated, demo model, 20 steps): 43.5 dB PSNR and
     0.993 SSIM against fp32, the toy judge's conditioning rate 0.98 as for fp32 (bench.toy_quality); 42.1 dB /
     44.4 dB on sd15-arch / sdxl-arch at 256² (bench.lossy_arch). The GPU speed-up is not measured yet; the layers
-    it quantizes hold 32% (SD 1.5, 512²) and 64% (SDXL, 1024²) of a UNet step's FLOPs, which bounds it. The fp16 weights stay beside the e4m3 copy (LoRAs merge into them): memory grows
-    by half of those layers' fp16 weights. Composes with LoRA (only the layers a switch writes are quantized
-    again), CUDA graphs and --step-cache. Recorded in each frame's resume key and the manifest; torch backend
-    only."""
+    it quantizes hold 32% (SD 1.5, 512²) and 64% (SDXL, 1024²) of a UNet step's FLOPs, which bounds it. The fp16
+    weights stay beside the e4m3 copy (LoRAs merge into them): memory grows by half of those layers' fp16 weights.
+    Composes with LoRA (only the layers a switch writes are quantized again), CUDA graphs and --step-cache. Recorded
+    in each frame's resume key and the manifest; torch backend only."""
     loras: tuple[tuple[str, float], ...] = ()
     """--lora FILE[:SCALE]: (file, scale) merged into every movie, before its style's and its own LoRAs."""
     quiet: bool = False

@@ -121,7 +121,8 @@ BF16_PATHS: dict[str, Bf16Path] = {
     # To be confirmed on AMX: no AMX machine was at hand when this table was written. oneDNN has AMX bf16 kernels
     # for convolutions and matmuls, reached fastest with prepacked NHWC weights; attention runs SDPA's CPU flash
     # kernel in bf16 in every entry (the default `--attention sdpa` dispatches to it for bf16 CPU tensors).
-    # `python -m movielm_fast.bench.openvino_peer` on an AMX machine times eager, channels-last and compiled side by side.
+    # `python -m movielm_fast.bench.openvino_peer` on an AMX machine times eager, channels-last and compiled side by
+    # side.
     "amx": Bf16Path(True, True, False, "AMX bf16 (to be confirmed on AMX): channels-last + inductor with freezing"),
     "avx512_bf16": Bf16Path(True, True, False, "AVX-512-BF16 (to be confirmed on such a CPU): channels-last + "
                                                "inductor with freezing"),

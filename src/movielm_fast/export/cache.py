@@ -177,7 +177,8 @@ def writing(key: ArtifactKey, root: Path | None = None) -> Iterator[Path]:
 
 def commit(folder: Path, key: ArtifactKey, main_file: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest (last, so its presence means every file is complete)."""
-    files = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST}
     manifest = {"format": MANIFEST_FORMAT, "complete": True, **key.as_dict(), "main_file": main_file,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
                 "total_bytes": sum(f["bytes"] for f in files.values()), **extra}

@@ -315,7 +315,8 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
         total_s = time.perf_counter() - t0
         extra = {"spec": {"inputs": {t.name: [list(t.shape), t.dtype] for t in spec.inputs},
                           "outputs": {t.name: [list(t.shape), t.dtype] for t in spec.outputs},
-                          "dynamic_axes": {k: {str(a): d for a, d in v.items()} for k, v in spec.dynamic_axes().items()},
+                          "dynamic_axes": {k: {str(a): d for a, d in v.items()}
+                                           for k, v in spec.dynamic_axes().items()},
                           **spec.consts},
                  "covers": "any batch and any size (multiple of 8 pixels): all axes are dynamic",
                  "requested_profile": (profile.as_dict() if profile else None),

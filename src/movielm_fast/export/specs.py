@@ -42,7 +42,8 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     dtype: str = "float"
     """"float": the artifact's float type (fp32 or fp16); otherwise a fixed type ("float32", "int64") that stays
-    so in every artifact (timesteps and size conditions stay fp32: their sinusoidal embeddings lose accuracy in fp16)."""
+    so in every artifact (timesteps and size conditions stay fp32: their sinusoidal embeddings lose accuracy in
+    fp16)."""
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -95,7 +96,8 @@ class ShapeProfile:
         """A readable name usable in folder names, e.g. "dyn-b1-4-512x512-768x512-c3"."""
         sizes = "-".join(f"{w}x{h}" for w, h in self.sizes)
         batches = "-".join(map(str, self.batch_sizes))
-        return f"{'dyn' if self.dynamic else 'static'}-b{batches}-{sizes}-c{self.max_chunks}{'' if self.cfg else '-nocfg'}"
+        return (f"{'dyn' if self.dynamic else 'static'}-b{batches}-{sizes}-c{self.max_chunks}"
+                f"{'' if self.cfg else '-nocfg'}")
 
     def buckets(self) -> list[ShapeProfile]:
         """One static profile per (batch, size) pair."""
