@@ -30,7 +30,7 @@ import torch
 from movielm_fast.engine.schedulers import make_scheduler
 
 from .hardware import RESULTS, load_average, machine_info
-from .image_quality import psnr
+from .image_quality import psnr, to_uint8
 from .models import ARCH_MODELS, build_arch_pipeline
 from .report import FP16_RANGE_FORMAT, save_result
 
@@ -99,12 +99,6 @@ class RangeRecorder:
                 "max_abs": max((self.peak[k] for k in mine), default=None),
                 "over_fp16": len(over), "near_fp16": len(near), "first_over": rows(over), "first_near": rows(near),
                 "largest": [{"module": k, "class": self.kinds[k], "max_abs": self.peak[k]} for k in top]}
-
-
-def to_uint8(images) -> Any:
-    import numpy as np
-
-    return (np.nan_to_num(np.asarray(images, dtype=np.float32)).clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def components(pipe) -> dict[str, torch.nn.Module]:

@@ -7,6 +7,14 @@ import torch
 import torch.nn.functional as F
 
 
+def to_uint8(images) -> np.ndarray:
+    """Images as uint8: uint8 ones as they are, floats in [0, 1] scaled (NaN as 0, out of range clipped)."""
+    arr = np.asarray(images)
+    if arr.dtype == np.uint8:
+        return arr
+    return (np.nan_to_num(arr.astype(np.float32)) * 255).round().clip(0, 255).astype(np.uint8)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images (or stacks of them), in dB; inf when identical."""
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())

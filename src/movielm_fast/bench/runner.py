@@ -52,6 +52,7 @@ from .hardware import (
     stats,
     timed,
 )
+from .image_quality import to_uint8
 from .models import resolve_model
 from .report import BASELINE, FORMAT, write_csv, write_plot
 
@@ -139,11 +140,6 @@ class BenchRun:
 
 def _scaled(s: dict[str, Any], k: float) -> dict[str, Any]:
     return {**{key: s[key] * k for key in ("min", "median", "max")}, "n": s["n"]}
-
-
-def _uint8(images) -> np.ndarray:
-    arr = np.asarray(images)
-    return arr if arr.dtype == np.uint8 else (arr * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _save_png(image: np.ndarray, path: Path, meta: dict[str, str]) -> None:
@@ -304,7 +300,7 @@ class Bench:
         if e.baseline:
             def call(generators):
                 # negative_prompt=None is diffusers' "no negative prompt", which an empty plan negative means.
-                return _uint8(e.impl(prompt=[j.prompt for j in jobs], negative_prompt=None, height=height,
+                return to_uint8(e.impl(prompt=[j.prompt for j in jobs], negative_prompt=None, height=height,
                                      width=width, num_inference_steps=self.s.steps, guidance_scale=self.s.guidance,
                                      generator=generators, output_type="np").images)
 
@@ -314,7 +310,7 @@ class Bench:
         # A fresh prompt encoder per call: in a render every frame has its own prompt, so its cache never hits
         # (diffusers encodes every call too).
         return (lambda: PromptEncoder(self.model, e.impl)), \
-            (lambda enc: _uint8(np.stack(render_batch(self.model, e.impl, enc, jobs, s))))
+            (lambda enc: to_uint8(np.stack(render_batch(self.model, e.impl, enc, jobs, s))))
 
     def _stage_calls(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, tuple]:
         """(setup, call) per stage -- text encoding (cold cache), one UNet step on the CFG batch, one VAE decode --

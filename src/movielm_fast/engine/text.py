@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from movielm_fast.errors import UserError
+from movielm_fast.export.specs import TOKENS
 
 from .plan import limit, limit_hint
 
-CHUNK = 75  # tokens per window, without BOS/EOS
-TOKENS = CHUNK + 2  # a window with BOS and EOS
+CHUNK = TOKENS - 2  # tokens per window, without BOS/EOS
 # Encoded prompts kept per encoder (least recently used dropped first): they live on the UNet's device, 77 x D x 4
 # bytes a window (SDXL: 0.6 MB); the negative prompt, reused by every batch, always stays.
 CACHE_ENTRIES = 256
