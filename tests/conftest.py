@@ -63,7 +63,7 @@ def one_torch_thread():
 
 
 def _save_tiny(tmp_path_factory, kind: str, **kwargs):
-    from movielm_fast.engine.demo import build_tiny_pipeline
+    from movielm_fast.testing import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp(f"tiny-{kind}")
     build_tiny_pipeline(kind, **kwargs).save_pretrained(path, safe_serialization=True)

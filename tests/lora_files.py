@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from movielm_fast.engine.demo import make_random_lora
+from movielm_fast.testing import make_random_lora
 
 
 def make_lora(path: Path, pipe, fmt: str = "kohya", **kw) -> Path:

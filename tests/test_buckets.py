@@ -4,14 +4,14 @@ render of a short batch that reuses the full batch's compiled graph."""
 import numpy as np
 import pytest
 import torch
+from test_cpu_bf16 import needs_compiler
 
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.buckets import pad_rows, padded_bucket, unet_bucket
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
-
-from test_cpu_bf16 import needs_compiler
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
+from movielm_fast.run.renderer import Renderer
 
 
 def test_bucket_key_is_rows_size_windows_dtype():

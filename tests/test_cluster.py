@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.cluster import ClusterOptions, RayExecutor, render_on_ray
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
 from movielm_fast.errors import UserError
+from movielm_fast.run.cluster import ClusterOptions, RayExecutor, render_on_ray
+from movielm_fast.run.driver import render
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 5}

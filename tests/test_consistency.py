@@ -10,10 +10,10 @@ import torch
 
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.consistency import token_subset
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.renderer import Renderer
 from movielm_fast.errors import UserError
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import load_png, write_plan
 
 MODE = {"mode": "anchor_attention"}

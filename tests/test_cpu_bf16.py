@@ -19,8 +19,9 @@ import torch
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.torch_backend import Fp32FallbackDecoder
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
+from movielm_fast.run.renderer import Renderer
 
 XEON_AMX = """processor\t: 0
 vendor_id\t: GenuineIntel

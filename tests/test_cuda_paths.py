@@ -155,8 +155,9 @@ def test_the_step_loop_never_waits_for_the_gpu(tiny_sd):
     queues every step without waiting. The first pass captures the graph; the second runs under torch's sync
     debug mode, where any synchronizing call raises."""
     from movielm_fast.engine.backends.base import create_backend
+    from movielm_fast.engine.jobs import BatchSettings, FrameJob
     from movielm_fast.engine.models import load_model
-    from movielm_fast.engine.pipeline import BatchSettings, FrameJob, _Clock, _conditioning, _denoise
+    from movielm_fast.engine.pipeline import _Clock, _conditioning, _denoise
     from movielm_fast.engine.schedulers import make_scheduler, make_steps
     from movielm_fast.engine.text import PromptEncoder
 

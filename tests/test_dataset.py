@@ -13,9 +13,9 @@ from PIL import Image
 from movielm_fast.cli.llm_cmds import dataset_cmd
 from movielm_fast.data.dataset import MANIFEST_FORMAT, DatasetOptions, export_dataset, validate_record, write_video
 from movielm_fast.data.llm.qa import derived_qa
-from movielm_fast.engine.plan import parse_plan
 from movielm_fast.errors import UserError
 from movielm_fast.paths import sha256_file
+from movielm_fast.plan import parse_plan
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 

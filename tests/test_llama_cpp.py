@@ -22,8 +22,8 @@ from movielm_fast.bench.llama_cpp import model_path, serve, server_binary
 from movielm_fast.cli.llm_cmds import plan_cmd, qa_cmd
 from movielm_fast.data.llm.client import LLMClient, LLMConfig, complete_json, extract_json
 from movielm_fast.data.llm.planner import PLAN_SCHEMA
-from movielm_fast.engine.plan import load_plan
 from movielm_fast.errors import UserError
+from movielm_fast.plan import load_plan
 
 pytestmark = pytest.mark.llama_cpp
 # Resolved at collection, from the user's $MOVIELM_CACHE: conftest points it at a per-session folder later.

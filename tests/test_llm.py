@@ -32,12 +32,12 @@ from movielm_fast.data.llm.planner import (  # noqa: E402
     slugify,
 )
 from movielm_fast.data.llm.qa import QAJob, check_llm_qa, generate_qa  # noqa: E402
-from movielm_fast.engine.plan import (  # noqa: E402
+from movielm_fast.errors import UserError  # noqa: E402
+from movielm_fast.plan import (  # noqa: E402
     SAFE_ID,
     SHOTS,  # noqa: E402
     load_plan,
 )
-from movielm_fast.errors import UserError  # noqa: E402
 
 FRAMES, CHARACTERS = 3, 2
 
@@ -588,7 +588,7 @@ def test_llm_qa_request_is_sized_and_wrapped_answers_need_no_repair(tmp_path):
 
 def test_qa_prompt_names_the_speaker(tmp_path):
     from movielm_fast.data.llm.qa import qa_messages
-    from movielm_fast.engine.plan import parse_plan
+    from movielm_fast.plan import parse_plan
 
     movie = parse_plan({"id": "m", "style": {"name": "s"}, "characters": [{"name": "Ann", "appearance": "a"}],
                         "frames": [{"id": "1", "description": "Ann waves.", "dialogue": "Hi", "speaker": "Ann"}]}

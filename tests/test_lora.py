@@ -13,15 +13,16 @@ from movielm_fast.cli.main import cli
 from movielm_fast.cli.options import parse_lora
 from movielm_fast.engine import lora
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.demo import build_tiny_pipeline
-from movielm_fast.engine.driver import collect_plans, make_batches, render
-from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.outputs import read_manifest
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.errors import UserError
+from movielm_fast.run.driver import collect_plans, make_batches, render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.outputs import read_manifest
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.testing import build_tiny_pipeline
 from tests.helpers import load_png, movie, write_plan
 from tests.lora_files import make_lora
 

@@ -20,12 +20,12 @@ from PIL import Image
 from movielm_fast.cli.main import cli
 from movielm_fast.engine import cpu
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import STAGES, render
-from movielm_fast.engine.executors import LocalExecutor
 from movielm_fast.engine.models import DEFAULTS_FILE, content_hash, model_defaults, size_warning
-from movielm_fast.engine.plan import RenderSettings, parse_plan
-from movielm_fast.engine.renderer import Renderer
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings, parse_plan
+from movielm_fast.run.driver import STAGES, render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import movie, write_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

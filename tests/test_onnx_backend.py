@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.errors import UserError
 from movielm_fast.export import cache
 from movielm_fast.export.artifacts import export_onnx_set
 from movielm_fast.export.onnx_export import parity
 from movielm_fast.export.specs import model_specs
+from movielm_fast.run.renderer import Renderer
 
 pytest.importorskip("onnxruntime")
 

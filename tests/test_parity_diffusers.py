@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
+from movielm_fast.run.renderer import Renderer
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry, low quality"
@@ -79,7 +80,7 @@ def test_guidance_distilled_lcm_unet_matches_diffusers(tmp_path):
     """LCM-distilled UNets take the guidance as an embedding (timestep_cond) instead of a CFG batch."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from movielm_fast.engine.demo import build_tiny_pipeline
+    from movielm_fast.testing import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd")
     torch.manual_seed(3)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from movielm_fast.engine.plan import SHOTS, load_plan, normalise_shot, parse_plan
 from movielm_fast.errors import PlanError
+from movielm_fast.plan import SHOTS, load_plan, normalise_shot, parse_plan
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from movielm_fast.cli.llm_cmds import qa_cmd
 from movielm_fast.data.llm.qa import QA_KINDS, derived_qa, movie_record
-from movielm_fast.engine.plan import parse_plan
+from movielm_fast.plan import parse_plan
 
 SCENES = [
     "Anna opens the bakery at dawn.",

@@ -11,11 +11,12 @@ from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, switch_index
-from movielm_fast.engine.plan import RenderSettings
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import switch_index
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import SpyBackend, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -24,7 +25,7 @@ NEGATIVE = "blurry, low quality"
 
 @pytest.fixture(scope="module")
 def tiny_refiner(tmp_path_factory):
-    from movielm_fast.engine.demo import build_tiny_pipeline
+    from movielm_fast.testing import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny-refiner")
     build_tiny_pipeline("sdxl_refiner").save_pretrained(path, safe_serialization=True)
@@ -218,7 +219,7 @@ def test_refiner_setting_is_validated():
 def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
     """A style token is bound to the refiner's one text encoder (SDXL's second) with the second encoder's vectors,
     whether the refiner is loaded before or after the token is bound."""
-    from movielm_fast.engine.renderer import StyleToken
+    from movielm_fast.run.tasks import StyleToken
 
     r = Renderer(EngineConfig(model=str(tiny_sdxl)))
     token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")

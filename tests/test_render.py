@@ -18,11 +18,11 @@ from movielm_fast import paths as paths_mod
 from movielm_fast.cli.main import cli
 from movielm_fast.engine import outputs as outputs_mod
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.plan import RenderSettings
-from movielm_fast.engine.renderer import Renderer
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "guidance": 7.5, "seed": 11}

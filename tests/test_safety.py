@@ -19,15 +19,15 @@ from movielm_fast.cli.main import cli
 from movielm_fast.data.dataset import DatasetOptions, export_dataset
 from movielm_fast.engine import outputs as outputs_mod
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor, reason
 from movielm_fast.engine.frames import OVERFLOW
-from movielm_fast.engine.outputs import anchor_file, storyboard
-from movielm_fast.engine.plan import RenderSettings, load_plan
-from movielm_fast.engine.renderer import Renderer
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.export import cache
 from movielm_fast.paths import cache_root
+from movielm_fast.plan import RenderSettings, load_plan
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor, reason
+from movielm_fast.run.outputs import anchor_file, storyboard
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
@@ -405,7 +405,7 @@ def test_a_folder_where_a_frame_goes_is_a_clean_error(tmp_path):
 
 
 def test_a_non_utf8_caption_file_is_a_clean_error(tmp_path):
-    from movielm_fast.engine.style import load_images
+    from movielm_fast.style.immobilize import load_images
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 \xff\xfe")

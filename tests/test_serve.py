@@ -286,8 +286,7 @@ def test_render_server_refuses_flags_it_cannot_honour(tmp_path, flag):
 
 
 def test_every_render_flag_has_a_server_rule():
-    from movielm_fast.cli.options import (CLIENT_SIDE, REFUSED_ON_SERVER, RENDER_KEYS, SERVED_OPTIONS,
-                                          SERVED_SETTINGS)
+    from movielm_fast.cli.options import CLIENT_SIDE, REFUSED_ON_SERVER, RENDER_KEYS, SERVED_OPTIONS, SERVED_SETTINGS
 
     rules = [*SERVED_SETTINGS, *SERVED_OPTIONS, *CLIENT_SIDE, *REFUSED_ON_SERVER]
     assert sorted(rules) == sorted(RENDER_KEYS)  # each flag exactly once: a new flag needs a rule here

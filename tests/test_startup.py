@@ -4,13 +4,13 @@
 import pytest
 import torch
 
-from movielm_fast.engine.batching import first_frame_alone, ramp_first_batch, throughput_batch
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.renderer import Renderer
-from movielm_fast.engine.startup import StartupClock
+from movielm_fast.run.batching import first_frame_alone, ramp_first_batch, throughput_batch
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.run.startup import StartupClock
 from tests.helpers import cli_json, load_png, movie, write_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

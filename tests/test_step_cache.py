@@ -12,13 +12,14 @@ from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.step_cache import CachedUNet, StepCache, check_step_cache
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import UNetGraph
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import movie, write_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

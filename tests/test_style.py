@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.plan import Style
-from movielm_fast.engine.renderer import Renderer
-from movielm_fast.engine.style import StyleSettings, immobilize_style, list_styles
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import UserError
+from movielm_fast.plan import Style
+from movielm_fast.run.driver import render
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.style.immobilize import StyleSettings, immobilize_style, list_styles
 from tests.helpers import movie, write_plan
 
 STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
@@ -93,7 +93,7 @@ def test_substituted_lookup_matches_a_resized_text_encoder(sd_renderer):
     encoder's embedding table, write the row, run it on input ids): same hidden states, same gradient."""
     import copy
 
-    from movielm_fast.engine.style import _Frozen, _Trainer
+    from movielm_fast.style.immobilize import _Frozen, _Trainer
 
     model = sd_renderer.model
     s = StyleSettings().resolve(model)
@@ -274,7 +274,7 @@ def test_cli_train_and_list(tiny_sd, images, tmp_path):
 
 
 def test_caption_files_say_what_user_images_show(tmp_path):
-    from movielm_fast.engine.style import load_images
+    from movielm_fast.style.immobilize import load_images
     folder = tmp_path / "imgs"
     _write_images(folder, sizes=((64, 64), (64, 64)))
     names = sorted(p.stem for p in folder.glob("*.png"))

@@ -5,12 +5,12 @@ import torch
 from safetensors.torch import save_file
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.plan import parse_plan
-from movielm_fast.engine.prompts import frame_prompt, substitute_characters
-from movielm_fast.engine.renderer import Renderer
 from movielm_fast.engine.text import CHUNK, parse_emphasis
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import UserError
+from movielm_fast.plan import parse_plan
+from movielm_fast.run.prompts import frame_prompt, substitute_characters
+from movielm_fast.run.renderer import Renderer
 
 
 def test_parse_emphasis_a1111_rules():

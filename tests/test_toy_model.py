@@ -5,11 +5,11 @@ the trained ones and are wired as "demo"."""
 import pytest
 import torch
 
+from movielm_fast.bench.toy import judge as J
 from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob
-from movielm_fast.engine.renderer import Renderer
-from movielm_fast.engine.toy import judge as J
+from movielm_fast.run.renderer import Renderer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

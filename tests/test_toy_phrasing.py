@@ -1,4 +1,4 @@
-"""The phrasing check's captions (engine.toy.phrasing) mean the scenes they are scored against, are phrased in forms
+"""The phrasing check's captions (bench.toy.phrasing) mean the scenes they are scored against, are phrased in forms
 the toy model never trains on, and the bench builds its prompts as a render does. No rendering."""
 
 import re
@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from movielm_fast.engine.toy import phrasing as P
-from movielm_fast.engine.toy import ship
-from movielm_fast.engine.toy import world as W
+from movielm_fast.bench.toy import phrasing as P
+from movielm_fast.bench.toy import ship
+from movielm_fast.bench.toy import world as W
 
 pytest.importorskip("torch")  # bench.toy_quality imports the renderer
 

@@ -4,8 +4,8 @@ images back (near-perfectly: it is the reference every quality figure of the toy
 import numpy as np
 import pytest
 
-from movielm_fast.engine.toy import judge as J
-from movielm_fast.engine.toy import world as W
+from movielm_fast.bench.toy import judge as J
+from movielm_fast.bench.toy import world as W
 
 
 def _u8(img):
@@ -109,6 +109,6 @@ def test_world_and_judge_do_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, movielm_fast.engine.toy.world, movielm_fast.engine.toy.judge; print('torch' in sys.modules)"
+    code = "import sys, movielm_fast.bench.toy.world, movielm_fast.bench.toy.judge; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.demo import build_tiny_autoencoder_tiny
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.schedulers import make_scheduler
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.testing import build_tiny_autoencoder_tiny
 from tests.helpers import cli_json, movie, write_plan
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

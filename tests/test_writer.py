@@ -16,10 +16,10 @@ from PIL import Image
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.outputs import read_frame_metadata, read_manifest
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.outputs import read_frame_metadata, read_manifest
+from movielm_fast.run.renderer import Renderer
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
@@ -122,7 +122,7 @@ def _sheet_oracle(frames, columns=4, thumb=256):
     bands): the pixels a band-encoded storyboard.png must decode to."""
     from PIL import ImageDraw
 
-    from movielm_fast.engine.outputs import CAPTION_H, _font
+    from movielm_fast.run.outputs import CAPTION_H, _font
     cols = min(columns, len(frames))
     rows = -(-len(frames) // cols)
     cell_w, cell_h = thumb + 16, thumb + CAPTION_H + 16
@@ -138,7 +138,7 @@ def _sheet_oracle(frames, columns=4, thumb=256):
 
 
 def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_path):
-    from movielm_fast.engine.outputs import Storyboard, read_thumbnail, thumbnail
+    from movielm_fast.run.outputs import Storyboard, read_thumbnail, thumbnail
     rng = np.random.default_rng(3)
     ids = [f"{i:03d}" for i in range(10)]
     dialogue = {fid: ("" if i % 3 == 0 else f"Line {i}, which is long enough to wrap onto a second line or more.")
@@ -201,7 +201,7 @@ def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"quality": 90})])
 def test_frames_encoded_through_an_in_memory_file_are_pillows_bytes(fmt, kw):
-    from movielm_fast.engine.outputs import _saved
+    from movielm_fast.run.outputs import _saved
     img = Image.fromarray((np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
@@ -212,7 +212,7 @@ def test_frames_encoded_through_an_in_memory_file_are_pillows_bytes(fmt, kw):
 def test_writer_threads_run_below_the_render_thread():
     import os
 
-    from movielm_fast.engine.writer import WRITER_NICENESS, Writer
+    from movielm_fast.run.writer import WRITER_NICENESS, Writer
     writer = Writer({}, None, encoding=("png", None), threads=2)
     try:
         nice = writer.pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()

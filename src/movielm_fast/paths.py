@@ -20,7 +20,6 @@ from typing import Iterator
 
 from movielm_fast.errors import UserError
 
-
 CACHE_HINT = "set MOVIELM_CACHE to a writable folder (or unset it for ~/.cache/movielm-fast)"
 
 

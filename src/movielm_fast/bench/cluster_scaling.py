@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from movielm_fast.engine.cluster import ClusterOptions, RayExecutor
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
+from movielm_fast.run.cluster import ClusterOptions, RayExecutor
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
 
 from .hardware import RESULTS
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.plan import parse_plan
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.plan import parse_plan
+from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS, load_average, machine_info
 from .models import resolve_model

@@ -15,8 +15,9 @@ from typing import Any, Callable
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 

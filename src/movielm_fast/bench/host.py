@@ -40,10 +40,10 @@ from typing import Any
 import torch
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import render
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.plan import RenderSettings
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.plan import RenderSettings
+from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS, load_average, machine_info, source_state
 from .models import resolve_model

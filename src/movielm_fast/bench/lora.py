@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from movielm_fast.engine import lora
     from movielm_fast.engine.config import EngineConfig
-    from movielm_fast.engine.demo import make_random_lora
-    from movielm_fast.engine.pipeline import BatchSettings, FrameJob
-    from movielm_fast.engine.renderer import Renderer
+    from movielm_fast.engine.jobs import BatchSettings, FrameJob
+    from movielm_fast.run.renderer import Renderer
+    from movielm_fast.testing import make_random_lora
 
     load_start = load_average()
     t0 = time.perf_counter()

@@ -32,10 +32,10 @@ from diffusers import UNet2DConditionModel
 
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.fp8 import FP8_CAPABILITY, fp8_candidates
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
+from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim

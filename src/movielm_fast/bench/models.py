@@ -21,8 +21,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from movielm_fast.engine.demo import build_tiny_pipeline, clip_tokenizer
+from movielm_fast.engine.demo import clip_tokenizer
 from movielm_fast.paths import atomic_dir, cache_root
+from movielm_fast.testing import build_tiny_pipeline
 
 ARCH_VERSION = "v1"  # bump when a config below changes, so a stale cached folder is never timed by mistake
 ARCH_MODELS = ("sd15-arch", "sdxl-arch", "tiny-sd")

@@ -30,12 +30,13 @@ from diffusers import StableDiffusionPipeline
 from movielm_fast.engine.backends.base import UNetCond
 from movielm_fast.engine.backends.onnx_backend import cpu_threads
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.outputs import png_bytes
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.export.cache import list_entries
 from movielm_fast.paths import cache_root
+from movielm_fast.run.outputs import png_bytes
+from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS
 from .models import arch_model_path

@@ -34,8 +34,9 @@ from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.base import UNetCond, create_backend
 from movielm_fast.engine.backends.onnx_backend import cpu_threads
 from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import graph_modules

@@ -589,7 +589,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)", "",
              f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
              f"guidance {st['guidance']}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic judge "
-             f"(`engine/toy/judge.py`); {_load(res)}; {res['created']}."]
+             f"(`bench/toy/judge.py`); {_load(res)}; {res['created']}."]
     if "image" in res:
         lines += ["", f"![first 16 held-out captions](results/{res['image']})"]
     c = res.get("conditioning")
@@ -604,7 +604,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {k.replace('_', ' ')} | {_rate(r[k])} | {_rate(t[k])} |")
     ph = res.get("phrasing")
     if ph:
-        lines += ["", "**Phrasing** the model never trained on (`engine/toy/phrasing.py`: hand-written sentence forms, "
+        lines += ["", "**Phrasing** the model never trained on (`bench/toy/phrasing.py`: hand-written sentence forms, "
                   "and the issue's eight captions), frames of a style-plain plan; each attribute as the judge reads "
                   "it:", "", "| captions | images | conditioning | background | colour | shape | size | empty |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -31,15 +31,16 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from movielm_fast.engine.backends.base import backend_names, create_backend
 from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.oom import is_oom
-from movielm_fast.engine.outputs import png_bytes
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch, stack_conditioning
+from movielm_fast.engine.pipeline import render_batch, stack_conditioning
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 from movielm_fast.export.specs import VAE_DECODER, component_dtype
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text
+from movielm_fast.run.outputs import png_bytes
 
 from .hardware import (
     PeakMemory,

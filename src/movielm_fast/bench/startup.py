@@ -9,7 +9,7 @@ that folder every 5 ms for the first frame file, and records:
 
 - first_frame_seconds: process start -> the first frame file on disk, seen from outside (the goal's figure);
 - total_seconds: process start -> exit;
-- the run's own start-up report (`render --json` "startup": seconds per phase, engine/startup.py), which also
+- the run's own start-up report (`render --json` "startup": seconds per phase, run/startup.py), which also
   splits `imports` (interpreter, torch, diffusers) from everything after.
 
 One more run under `python -X importtime` splits the imports by top-level package (each module's own time, summed:

@@ -8,7 +8,7 @@
 - demo: the toy demo model renders `--frames` held-out toy captions at `--steps` DPM++ steps, uncached and cached
   (interleaved, `--repeats` rounds, medians): UNet seconds (the renderer's stage clock), whole-render seconds,
   PSNR / SSIM of the cached frames against the uncached ones (same prompts, same seeds), and the analytic judge's
-  conditioning rate of both (engine.toy.judge, as bench.toy_quality);
+  conditioning rate of both (bench.toy.judge, as bench.toy_quality);
 - arch timing: sd15-arch's UNet (random weights, fp32) at 256² on this CPU: median seconds of a full and of a
   cached step, and the `--steps` render time they imply.
 Results go to bench/results/step_cache-<stamp>.json.
@@ -28,10 +28,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
+from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim

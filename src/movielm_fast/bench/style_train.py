@@ -35,12 +35,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.outputs import png_bytes, storyboard
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob, render_batch
-from movielm_fast.engine.plan import Style
-from movielm_fast.engine.renderer import Renderer
-from movielm_fast.engine.style import StyleSettings, immobilize_style, render_scenes
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
+from movielm_fast.plan import Style
+from movielm_fast.run.outputs import png_bytes, storyboard
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.style.immobilize import StyleSettings, immobilize_style, render_scenes
 
 from .hardware import RESULTS, load_average, machine_info, matmul_ceiling, stats
 from .models import resolve_model

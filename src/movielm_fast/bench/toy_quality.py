@@ -1,13 +1,13 @@
-"""What the toy demo model's images mean, as read by the analytic judge (engine.toy.judge).
+"""What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
     python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,style,consistency,lossy]
         [--n 100]
 
-Every prompt is built by the engine from a plan, as a render builds it (engine.prompts: "<style> style, <frame>").
+Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
 - conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
   world.caption in a plan of its style: background and every named shape's colour at its named position right (the
   issue's criterion), plus the judge's other rates (shape, size at position, ...);
-- phrasing: hand-written captions in sentence forms the model never trained on (engine.toy.phrasing.HELD_OUT) and
+- phrasing: hand-written captions in sentence forms the model never trained on (bench.toy.phrasing.HELD_OUT) and
   the issue's eight (ISSUE), frames of a style-"plain" plan, `--phrasing-seeds` seeds each: the judge's rates per
   attribute against the scenes they mean, and the same scenes captioned by world.caption for comparison;
 - style: a textual-inversion token learned by the engine's trainer from neon scenes, each with a caption file of
@@ -34,19 +34,19 @@ import torch
 from PIL import Image
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.pipeline import BatchSettings, FrameJob
-from movielm_fast.engine.plan import Style, parse_plan
-from movielm_fast.engine.prompts import frame_prompt
-from movielm_fast.engine.renderer import Renderer
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.step_cache import StepCache
-from movielm_fast.engine.style import StyleSettings, immobilize_style
-from movielm_fast.engine.toy import judge as J
-from movielm_fast.engine.toy import phrasing as P
-from movielm_fast.engine.toy import world as W
+from movielm_fast.plan import Style, parse_plan
+from movielm_fast.run.prompts import frame_prompt
+from movielm_fast.run.renderer import Renderer
+from movielm_fast.style.immobilize import StyleSettings, immobilize_style
 
 from .hardware import RESULTS, load_average, machine_info
 from .image_quality import psnr, ssim
 from .report import TOY_FORMAT, save_result
+from .toy import judge as J
+from .toy import phrasing as P
+from .toy import world as W
 
 HELD_OUT_SEED = 1_000_000
 

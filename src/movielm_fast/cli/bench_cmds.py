@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from movielm_fast.engine.schedulers import SCHEDULERS
 from movielm_fast.errors import UserError
+from movielm_fast.plan import SCHEDULERS
 
 
 @click.command("bench", help="Time the render engine against diffusers and the hardware's matmul ceiling; write "

@@ -12,8 +12,8 @@ import click
 from movielm_fast.data.dataset import DatasetOptions, export_dataset
 from movielm_fast.data.llm import planner, qa
 from movielm_fast.data.llm.client import LLMClient
-from movielm_fast.engine.plan import load_plan
 from movielm_fast.errors import UserError
+from movielm_fast.plan import load_plan
 
 from .options import dataset_options, llm_client, llm_options, plan_request_options, plan_requests, qa_options
 

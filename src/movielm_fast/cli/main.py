@@ -83,13 +83,13 @@ def render_cmd(plans, out, server, token, **kw):
         as_json, quiet = kw["as_json"], kw["quiet"]
         return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.engine.driver import render
-    from movielm_fast.engine.startup import StartupClock
+    from movielm_fast.run.driver import render
+    from movielm_fast.run.startup import StartupClock
 
     clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
     config, cluster, as_json = engine_config(out, kw)
     if cluster is not None:
-        from movielm_fast.engine.cluster import render_on_ray  # Ray's executor: only for --cluster
+        from movielm_fast.run.cluster import render_on_ray  # Ray's executor: only for --cluster
 
         summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
     else:

@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 from pydantic import ValidationError
 
-from movielm_fast.engine.outputs import IMAGE_FORMATS
-from movielm_fast.engine.plan import CONSISTENCY_MODES, RenderSettings
-from movielm_fast.engine.schedulers import SCHEDULERS, TIMESTEP_SPACINGS
 from movielm_fast.errors import UserError
+from movielm_fast.plan import CONSISTENCY_MODES, SCHEDULERS, TIMESTEP_SPACINGS, RenderSettings
+from movielm_fast.run.outputs import IMAGE_FORMATS
 
 if TYPE_CHECKING:
     from movielm_fast.data.llm.client import LLMClient
@@ -170,9 +169,9 @@ def parse_lora(value: str) -> tuple[str, float]:
 def engine_config(out: Path, kw: dict[str, Any]):
     """The render flags (removed from `kw`) -> (EngineConfig, ClusterOptions or None for a local run, --json)."""
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.engine.cluster import ClusterOptions
     from movielm_fast.engine.config import EngineConfig
     from movielm_fast.engine.models import check_refiner, vae_folder
+    from movielm_fast.run.cluster import ClusterOptions
 
     f = {k: kw.pop(k) for k in RENDER_KEYS}
     # Folders from flags are relative to the working directory (a plan's own are relative to the plan file).

@@ -10,7 +10,7 @@ LABELS = {"validate": "checking the plans", "load": "loading the model", "styles
 
 
 class RenderDisplay:
-    """The engine's progress object (engine.driver.Progress): called with frames, told stages and steps."""
+    """The engine's progress object (run.driver.Progress): called with frames, told stages and steps."""
 
     def __init__(self, bar):
         self.bar = bar

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from movielm_fast.engine.outputs import DamagedManifest, read_manifest
-from movielm_fast.engine.plan import parse_plan
-from movielm_fast.engine.prompts import frame_characters
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
+from movielm_fast.plan import parse_plan
+from movielm_fast.run.outputs import DamagedManifest, read_manifest
+from movielm_fast.run.prompts import frame_characters
 
 log = logging.getLogger("movielm_fast")
 

@@ -1,6 +1,6 @@
 """`make`: themes in, a finished dataset out, as one streaming, resumable job.
 
-    plan (LLM pool) -> style + keyframes (the one driver, engine.driver.render, on one long-lived executor)
+    plan (LLM pool) -> style + keyframes (the one driver, run.driver.render, on one long-lived executor)
                     -> QA (LLM pool) -> dataset export over every finished movie; OUT/index.html and OUT/make.json
 
 The caller's thread renders ready plans, one movie per `render()` call, on the one executor (the model loads
@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import check_output_folder, render
-from movielm_fast.engine.executors import Executor, LocalExecutor, reason
-from movielm_fast.engine.plan import Movie, load_plan
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
+from movielm_fast.plan import Movie, load_plan
+from movielm_fast.run.driver import check_output_folder, render
+from movielm_fast.run.executors import Executor, LocalExecutor, reason
 
 from .dataset import DatasetOptions, export_dataset
 from .gallery import write_gallery
@@ -211,7 +211,7 @@ def open_executor(config: EngineConfig, cluster=None) -> Iterator[Executor]:
     if cluster is None:
         yield LocalExecutor(config)
         return
-    from movielm_fast.engine.cluster import (
+    from movielm_fast.run.cluster import (
         RayExecutor,  # Ray is optional (the [cluster] extra); only Ray runs import it
     )
 

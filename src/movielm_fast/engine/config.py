@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from movielm_fast.errors import UserError
-
-from .plan import RenderSettings
+from movielm_fast.plan import RenderSettings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,7 +20,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class EngineConfig:
     model: str = "demo"
-    """"demo" (the small model trained on the toy world, engine/toy: 64x64 scenes of coloured shapes), a diffusers
+    """"demo" (the small model trained on the toy world, bench/toy: 64x64 scenes of coloured shapes), a diffusers
     folder, or a .safetensors file."""
     out: Path = Path("out")
     backend: str = "torch"

@@ -23,38 +23,14 @@ host memory and moves it per use.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .plan import ConsistencySettings
+from movielm_fast.plan import ConsistencySettings
 
-if TYPE_CHECKING:  # the pipeline imports this module for its attention processors
-    from .pipeline import BatchSettings
-
-
-@dataclass(frozen=True)
-class AnchorSpec:
-    """What determines one character's anchor render and record; `key` is its digest."""
-
-    movie_id: str
-    character: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    settings: BatchSettings  # what the anchor renders with (the settings of the frames that use it)
-    consistency: ConsistencySettings
-    model_hash: str
-
-    @property
-    def key(self) -> str:
-        src = {"prompt": self.prompt, "negative": self.negative_prompt, "seed": self.seed,
-               "settings": list(self.settings.key()), "consistency": self.consistency.model_dump(),
-               "model": self.model_hash}
-        return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
+from .jobs import AnchorSpec
 
 
 def anchor_seed(movie_seed: int, character: str) -> int:

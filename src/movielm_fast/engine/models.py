@@ -13,8 +13,8 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -52,7 +52,7 @@ class ModelBundle:
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
     latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
-    load_seconds: dict[str, float] = field(default_factory=dict)  # engine.startup: weights, tokenizers, hash
+    load_seconds: dict[str, float] = field(default_factory=dict)  # run.startup: weights, tokenizers, hash
 
     @property
     def vae_scale_factor(self) -> int:
@@ -128,7 +128,7 @@ def _own_defaults(model: ModelBundle) -> dict[str, Any]:
 
 def model_defaults(model: ModelBundle) -> dict[str, Any]:
     """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
-    the steps and guidance of its own `movielm_defaults.json` where it ships one (engine.plan's cascade puts these
+    the steps and guidance of its own `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these
     between the plan and the built-in defaults)."""
     native = native_size(model)
     own = _own_defaults(model)

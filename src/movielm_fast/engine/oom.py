@@ -1,7 +1,7 @@
 """Out-of-memory: how to recognise it and the one policy for it (halve the work, retry, never below one).
 
-Every place that sizes work by memory -- the render queue (engine.driver), style scenes, VAE encoding and training
-micro-batches (engine.style), benchmarks -- uses these two functions instead of its own loop.
+Every place that sizes work by memory -- the render queue (run.driver), style scenes, VAE encoding and training
+micro-batches (style), benchmarks -- uses these two functions instead of its own loop.
 """
 
 from __future__ import annotations

@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .backends.base import Backend, UNetCond
-from .consistency import Anchors, AnchorSpec
+from .consistency import Anchors
 from .frames import Frames
-from .lora import LoraLibrary, LoraSet
+from .jobs import BatchSettings, FrameJob
+from .lora import LoraLibrary
 from .schedulers import make_scheduler, make_steps
 from .seeds import initial_latents
-from .step_cache import StepCache, StepCacheRun
+from .step_cache import StepCacheRun
 from .text import PromptEncoder
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """What frames in one batch must share."""
-
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    scheduler: str
-    timestep_spacing: str | None = None  # None: as the model's scheduler config says
-    refiner: str | None = None  # SDXL refiner folder (resolved path); None: the base model denoises to the end
-    refiner_switch: float = 0.8  # fraction of the schedule the base denoises (diffusers' denoising_end)
-    vae: str | None = None  # VAE folder that decodes instead of the model's own (resolved path)
-    loras: LoraSet = ()  # the LoRA set merged into the weights (engine.lora): one set per batch
-    step_cache: StepCache | None = None  # DeepCache-style step caching (engine.step_cache; lossy); None: off
-
-    def key(self) -> tuple:
-        """These settings as a tuple for digests (an anchor's key), trailing defaults left out: an anchor keyed
-        before a field existed keeps its key, so its earlier renders still resume."""
-        values = list(astuple(self))
-        defaults = [f.default for f in fields(self)]
-        while values and values[-1] == defaults[len(values) - 1]:
-            values.pop()
-        return tuple(values)
 
 
 @dataclass
@@ -54,16 +29,6 @@ class Expert:
 
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning: diffusers' defaults
-
-
-@dataclass
-class FrameJob:
-    movie_id: str
-    frame_id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    anchors: tuple[AnchorSpec, ...] = ()  # the characters whose anchors it attends to (consistency mode)
 
 
 def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool,

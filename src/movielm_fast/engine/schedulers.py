@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from movielm_fast.errors import UserError
+from movielm_fast.plan import SCHEDULERS, TIMESTEP_SPACINGS
 
 log = logging.getLogger("movielm_fast")
 
+# Every name of the plan format (movielm_fast.plan.SCHEDULERS) but "default", the model's own class.
 _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmpp_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -31,8 +33,6 @@ _CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "tcd": ("TCDScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
-SCHEDULERS = (*_CLASSES, "default")  # "default": the model's own scheduler class
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
 def make_scheduler(name: str, model_config: dict[str, Any], timestep_spacing: str | None = None):

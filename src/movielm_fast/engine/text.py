@@ -18,8 +18,7 @@ import torch
 
 from movielm_fast.errors import UserError
 from movielm_fast.export.specs import TOKENS
-
-from .plan import limit, limit_hint
+from movielm_fast.plan import limit, limit_hint
 
 CHUNK = TOKENS - 2  # tokens per window, without BOS/EOS
 # Encoded prompts kept per encoder (least recently used dropped first): they live on the UNet's device, 77 x D x 4

@@ -1,5 +1,5 @@
 """`movielm-fast serve`: a resident renderer. The model loads once and stays warm; plans arrive over HTTP, wait in a
-queue that survives a killed server, and render through the one driver (engine.driver) with the same outputs,
+queue that survives a killed server, and render through the one driver (run.driver) with the same outputs,
 manifests and resume rules as `render`. A front end, like cli: it imports engine, never the other way round.
 
     queue.py   the persistent queue: each accepted plan and its state as files under OUT/.movielm-serve/

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.driver import Job, render_job, take_startup
-from movielm_fast.engine.executors import LocalExecutor
-from movielm_fast.engine.plan import merge_settings
-from movielm_fast.engine.startup import StartupClock
 from movielm_fast.errors import UserError
+from movielm_fast.plan import merge_settings
+from movielm_fast.run.driver import Job, render_job, take_startup
+from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.startup import StartupClock
 
 from .options import PlanOptions, confine_paths, split_request
 from .queue import PlanQueue, output_folder

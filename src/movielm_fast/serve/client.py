@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from movielm_fast.engine.plan import absolute_plan_paths
 from movielm_fast.errors import UserError
+from movielm_fast.plan import absolute_plan_paths
 
 
 def _call(url: str, token: str | None, data: bytes | None = None) -> dict[str, Any]:

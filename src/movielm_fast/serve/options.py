@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from movielm_fast.engine.plan import PATH_SETTINGS, RenderSettings, absolute_plan_paths
 from movielm_fast.errors import UserError
+from movielm_fast.plan import PATH_SETTINGS, RenderSettings, absolute_plan_paths
 
 OPTION_KEYS = ("plan", "options")
 

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from movielm_fast.engine.plan import SAFE_ID, SHOTS, parse_plan
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_text
+from movielm_fast.plan import SAFE_ID, SHOTS, parse_plan
 
 from .client import LLMClient, complete_json, prompt
 

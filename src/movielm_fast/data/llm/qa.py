@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from movielm_fast.engine.plan import Movie
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
+from movielm_fast.plan import Movie
 
 from .client import LLMClient, complete_json, prompt
 from .planner import count_range

@@ -24,8 +24,8 @@ from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
 from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
-from ..step_cache import CachedUNet, StepCacheRun
 from ..oom import is_oom
+from ..step_cache import CachedUNet, StepCacheRun
 from .base import UNetCond, register
 from .buckets import Bucket, pad_rows, padded_bucket, unet_bucket
 from .cuda_graph import GraphedCallable

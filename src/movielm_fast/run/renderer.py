@@ -1,6 +1,6 @@
 """What a worker holds: the loaded model, its backend and the prompt encoder -- and what it does with them.
 
-One `Renderer` lives in the local process (local runs) or in each Ray worker. The driver (engine.driver) talks to it
+One `Renderer` lives in the local process (local runs) or in each Ray worker. The driver (run.driver) talks to it
 only through an executor; every method here does one thing: bind style tokens, plan frames, render a batch, train
 a style, measure a batch size.
 """
@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from movielm_fast.errors import UserError
-
-from .backends.base import create_backend
-from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, throughput_batch
-from .config import EngineConfig
-from .consistency import AnchorRecord, Anchors, AnchorSpec, anchor_seed
-from .fp8 import check_quantize
-from .frames import Frames
-from .lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
-from .models import (
+from movielm_fast.engine.backends.base import create_backend
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.consistency import AnchorRecord, Anchors, anchor_seed
+from movielm_fast.engine.fp8 import check_quantize
+from movielm_fast.engine.frames import Frames
+from movielm_fast.engine.jobs import AnchorSpec, BatchSettings, FrameJob
+from movielm_fast.engine.lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
+from movielm_fast.engine.models import (
     load_model,
     load_refiner,
     load_vae,
@@ -34,53 +32,20 @@ from .models import (
     size_warning,
     style_training_note,
 )
-from .pipeline import BatchSettings, Expert, FrameJob, render_batch
-from .plan import LoadedMovie, RenderSettings, Style
+from movielm_fast.engine.pipeline import Expert, render_batch
+from movielm_fast.engine.seeds import frame_seed
+from movielm_fast.engine.step_cache import check_step_cache
+from movielm_fast.engine.text import PromptEncoder
+from movielm_fast.errors import UserError
+from movielm_fast.plan import LoadedMovie, RenderSettings, Style
+from movielm_fast.style.immobilize import SceneRenderer, immobilize_style
+
+from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, throughput_batch
 from .prompts import frame_characters, frame_prompt, style_prefix
-from .seeds import frame_seed
 from .startup import timed
-from .step_cache import check_step_cache
-from .style import SceneRenderer, immobilize_style
-from .text import PromptEncoder
+from .tasks import FrameTask, ModelInfo, StyleToken
 
 log = logging.getLogger("movielm_fast")
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What manifests and resume keys record about the loaded model."""
-
-    model_id: str
-    content_hash: str
-    kind: str
-    dtype: str
-    backend: str
-    defaults: dict[str, Any] = field(default_factory=dict, compare=False)
-    """The model's own render defaults (engine.models.model_defaults): native size, its steps and guidance."""
-    no_style_training: str | None = None
-    """Why style training cannot help this model (engine.models.style_training_note); None: it can."""
-
-    def resolved(self, lm: LoadedMovie, overrides: RenderSettings | None) -> RenderSettings:
-        """A movie's settings on this model: command line > plan > the model's defaults > built-ins."""
-        return lm.resolved(overrides, RenderSettings(**self.defaults))
-
-
-@dataclass(frozen=True)
-class StyleToken:
-    """A style's learned token, in memory: one (n, D_i) tensor per text encoder. `source` names where the vectors
-    came from (an embedding file or a style-library entry); binding the same source twice is a no-op."""
-
-    token: str
-    vectors: tuple[torch.Tensor, ...]
-    source: str
-
-
-@dataclass
-class FrameTask:
-    job: FrameJob
-    settings: BatchSettings
-    chunks: int
-    key: dict[str, Any]  # everything that determines the pixels; a manifest entry must match it to be reused
-    dialogue: str
 
 
 class Renderer:
@@ -98,7 +63,7 @@ class Renderer:
                         "(or --dtype auto); fp16 is for --device cuda")
         self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
         check_quantize(config.quantize, config.backend, config.torch_device)
-        self.startup: dict[str, float] = {}  # engine.startup phases of this renderer's set-up
+        self.startup: dict[str, float] = {}  # run.startup phases of this renderer's set-up
         with timed(self.startup, "model_load"):
             # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
             # (ONNX Runtime, TensorRT) trace float32 modules on the host.
@@ -300,7 +265,7 @@ class Renderer:
         return StyleToken(result.token, tuple(result.vectors), str(result.path))
 
     def auto_batch_size(self, s: BatchSettings) -> int:
-        """engine.batching: on a GPU, what fits in memory capped by the model's throughput knee."""
+        """run.batching: on a GPU, what fits in memory capped by the model's throughput knee."""
         if self.backend.device.type != "cuda":
             return CPU_AUTO_BATCH
         return throughput_batch(self.model.kind, s.width, s.height, self._batch_fits(s))

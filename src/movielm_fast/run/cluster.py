@@ -1,4 +1,4 @@
-"""Rendering on a Ray cluster: `RayExecutor`, the executor the one driver (engine.driver) uses for Ray runs.
+"""Rendering on a Ray cluster: `RayExecutor`, the executor the one driver (run.driver) uses for Ray runs.
 
 Ray is imported here and nowhere else; it is the optional extra ``movielm-fast[cluster]``.
 
@@ -31,15 +31,16 @@ from typing import Any
 
 import torch
 
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings
+from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings, Style
 
-from .config import EngineConfig
 from .driver import Job, Progress, Summary, render_job, report_stage
-from .executors import Batch, Failed, PlanItem, Rendered, plan_movies, reason, run_batch
-from .oom import is_oom
-from .pipeline import BatchSettings
-from .plan import RenderSettings, Style
-from .renderer import FrameTask, ModelInfo, Renderer, StyleToken
+from .executors import plan_movies, reason, run_batch
+from .renderer import Renderer
+from .tasks import Batch, Failed, FrameTask, ModelInfo, PlanItem, Rendered, StyleToken
 
 log = logging.getLogger("movielm_fast")
 
@@ -214,7 +215,7 @@ def _worker_shape(ray, config: EngineConfig, opts: ClusterOptions) -> tuple[int,
 
 class RayExecutor:
     """Started workers (model loaded, engine warm) behind the driver's executor interface; reusable for several
-    jobs (`engine.driver.render(config, plans, executor=...)`), so workers start once.
+    jobs (`run.driver.render(config, plans, executor=...)`), so workers start once.
 
         with RayExecutor(config, ClusterOptions(workers=4)) as ex:
             render(config, ["plans/"], executor=ex)

@@ -30,9 +30,9 @@ from PIL import Image
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_bytes
 
-from .executors import Batch, Rendered, reason
+from .executors import reason
 from .outputs import MovieOutputs, encode_image, thumbnail
-from .renderer import ModelInfo
+from .tasks import Batch, ModelInfo, Rendered
 
 log = logging.getLogger("movielm_fast")
 
@@ -79,7 +79,7 @@ class Writer:
     def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, *, encoding: tuple[str, int | None],
                  threads: int, max_batches: int = 2, on_image: Callable[[], None] | None = None):
         """`encoding`: (image format, quality) as the driver resolved them (outputs.resolve_quality). `on_image`:
-        called after each frame file is on disk (engine.startup's time to first image)."""
+        called after each frame file is on disk (run.startup's time to first image)."""
         self.outputs, self.info = outputs, info
         self.on_image = on_image
         self.image_format, self.quality = encoding

@@ -32,9 +32,10 @@ from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text, remove_stale_temporaries, sha256_file
 
 if TYPE_CHECKING:
-    from .consistency import AnchorSpec
-    from .plan import LoadedMovie
-    from .renderer import FrameTask, ModelInfo
+    from movielm_fast.engine.jobs import AnchorSpec
+    from movielm_fast.plan import LoadedMovie
+
+    from .tasks import FrameTask, ModelInfo
 
 MANIFEST_FORMAT = "movielm-fast/manifest@1"
 IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}

@@ -1,4 +1,4 @@
-"""Executors: where batches run. The driver (engine.driver) sees only this small interface, so a local run and a
+"""Executors: where batches run. The driver (run.driver) sees only this small interface, so a local run and a
 Ray run are the same loop.
 
     info                    the loaded model (manifests, resume keys)
@@ -21,59 +21,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-import numpy as np
-
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.jobs import BatchSettings
+from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings, Style
 
-from .config import EngineConfig
-from .consistency import AnchorSpec
-from .frames import Frames
-from .oom import is_oom
 from .outputs import encode_image
-from .pipeline import BatchSettings
-from .plan import LoadedMovie, RenderSettings, Style
-from .renderer import FrameTask, ModelInfo, Renderer, StyleToken
+from .renderer import Renderer
+from .tasks import Batch, Failed, FrameTask, ModelInfo, PlanItem, Rendered, StyleToken
 
 log = logging.getLogger("movielm_fast")
-
-
-@dataclass
-class Batch:
-    """Frames that share settings and window count, with the style tokens their prompts use."""
-
-    tasks: list[FrameTask]
-    tokens: list[StyleToken]
-    encoding: tuple[str, int | None] = ("png", None)  # (image format, quality) for workers that encode frames
-    want_anchors: frozenset[str] = frozenset()  # anchors whose images the driver has not saved yet
-
-    @property
-    def settings(self) -> BatchSettings:
-        return self.tasks[0].settings
-
-
-@dataclass
-class Rendered:
-    """A finished batch: its frames' images (engine.frames, read by the writer threads), or the frame files already
-    encoded by the worker."""
-
-    images: Frames | None
-    encoded: list[bytes] | None
-    seconds: float
-    anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # anchors rendered for it
-    lora_seconds: float = 0.0  # of `seconds`: merging its LoRA set into the weights (0 when the set was in place)
-    prompt_seconds: float = 0.0  # of `seconds`: encoding its prompts (engine.startup reports the first batch's)
-
-
-@dataclass
-class Failed:
-    reason: str
-    oom: bool = False
-
-
-PlanItem = tuple[LoadedMovie, StyleToken | None]
 
 
 class Executor(Protocol):
@@ -152,7 +112,7 @@ class LocalExecutor:
         if on_step is not None:  # per-step progress of the batch in flight (a Ray run reports whole batches)
             self.renderer.on_step = on_step
         self.info = self.renderer.info
-        self.startup = self.renderer.startup  # engine.startup phases of the model load (the driver takes them)
+        self.startup = self.renderer.startup  # run.startup phases of the model load (the driver takes them)
         self._queue: deque[Batch] = deque()
 
     def train_style(self, style: Style) -> StyleToken:

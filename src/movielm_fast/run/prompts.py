@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .plan import Frame, Movie
+from movielm_fast.plan import Frame, Movie
 
 
 def style_prefix(movie: Movie, style_token: str | None) -> str:

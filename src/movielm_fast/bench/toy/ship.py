@@ -1,4 +1,4 @@
-"""Copy a trained toy model into the package as the demo model: `python -m movielm_fast.engine.toy.ship TRAINED_DIR`.
+"""Copy a trained toy model into the package as the demo model: `python -m movielm_fast.bench.toy.ship TRAINED_DIR`.
 
 What ships is small (about 11 MB on disk, less in git): weights as float16 safetensors (loaded back as float32, or
 whatever dtype the engine asks for), and the text encoder's rows for tokens the toy world never uses set to zero --
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from movielm_fast.engine.demo import TOY_MODEL_DIR, clip_tokenizer
+from movielm_fast.engine.models import DEFAULTS_FILE
 from movielm_fast.paths import replace_dir
 
-from ..demo import clip_tokenizer
-from ..models import DEFAULTS_FILE
 from . import world as W
 
-DEST = Path(__file__).parent / "demo_model"
+DEST = TOY_MODEL_DIR  # the package data the demo loader (engine.demo) reads
 _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
             "text_encoder": "model.safetensors"}
 

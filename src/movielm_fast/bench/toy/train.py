@@ -1,4 +1,4 @@
-"""Train the toy model from scratch on the toy world, on a CPU: `python -m movielm_fast.engine.toy.train --out DIR`.
+"""Train the toy model from scratch on the toy world, on a CPU: `python -m movielm_fast.bench.toy.train --out DIR`.
 
 Two phases, each with a wall-clock budget (so the run fits its time box on whatever machine it runs on):
 1. the VAE, on whole images with an L1 + MSE loss on the reconstruction of the posterior mean and a tiny KL term;
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from movielm_fast.engine.demo import clip_tokenizer
 from movielm_fast.paths import atomic_write_text, replace_dir
 
-from ..demo import clip_tokenizer
 from . import model as M
 from . import world as W
 

@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from movielm_fast.errors import PlanError
 
-from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
-
+SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "tcd", "pndm", "default")
+"""The sampling algorithms a plan may name (engine.schedulers builds each from the model's own scheduler config);
+"default" is the model's own scheduler class."""
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEED_MODES = ("per_frame", "shared")
 CONSISTENCY_MODES = ("none", "anchor_attention")

@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.lora import check_lora_file, set_key
+from movielm_fast.engine.oom import smaller
+from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
+from movielm_fast.plan import LoadedMovie, load_plan
 
 from .batching import first_frame_alone, ramp_first_batch
-from .config import EngineConfig
-from .executors import Batch, Executor, LocalExecutor, Rendered, reason
-from .lora import check_lora_file, set_key
-from .oom import smaller
+from .executors import Executor, LocalExecutor, reason
 from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
-from .plan import LoadedMovie, load_plan
-from .renderer import FrameTask, StyleToken
 from .startup import StartupClock
-from .textual_inversion import load_embedding, vectors_for_model
+from .tasks import Batch, FrameTask, Rendered, StyleToken
 from .writer import Writer
 
 log = logging.getLogger("movielm_fast")
@@ -69,7 +69,7 @@ class Summary:
     startup_seconds: float = 0.0
     write: dict[str, float] = field(default_factory=dict)
     lora_seconds: float = 0.0  # merging LoRA sets into the weights (ONNX Runtime: recreating sessions)
-    startup: dict[str, Any] = field(default_factory=dict)  # engine.startup: seconds per phase, time to first image
+    startup: dict[str, Any] = field(default_factory=dict)  # run.startup: seconds per phase, time to first image
 
     @property
     def images_per_second(self) -> float:
@@ -128,7 +128,10 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
 
 def check_plan_folders(lm: LoadedMovie) -> None:
     """A movie's render.refiner / render.vae folders must be what they claim, before any model loads."""
-    from .models import check_refiner, vae_folder  # diffusers: imported only when a plan names such a folder
+    from movielm_fast.engine.models import (  # diffusers: imported only when a plan names such a folder
+        check_refiner,
+        vae_folder,
+    )
 
     for key, check in (("refiner", check_refiner), ("vae", vae_folder)):
         path = getattr(lm.settings, key)
@@ -178,7 +181,7 @@ class Job:
     movies: list[LoadedMovie]
     encoding: tuple[str, int | None]  # (image format, encoder quality; None for PNG)
     started: float = field(default_factory=time.perf_counter)  # the summary's seconds count from here
-    clock: StartupClock = field(default_factory=StartupClock)  # engine.startup: phases, time to first image
+    clock: StartupClock = field(default_factory=StartupClock)  # run.startup: phases, time to first image
 
     @classmethod
     def load(cls, config: EngineConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
@@ -309,7 +312,7 @@ class _Run:
         self.failures: dict[str, str] = {}  # movie id -> why it is not complete
         self.tokens: dict[str, StyleToken | None] = {}
         self.outputs: dict[str, MovieOutputs] = {}
-        self.first_result: float | None = None  # when the first batch came back (engine.startup's first_write)
+        self.first_result: float | None = None  # when the first batch came back (run.startup's first_write)
 
     def execute(self) -> None:
         config, summary, clock = self.config, self.summary, self.job.clock

@@ -40,14 +40,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import save
 
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.oom import is_oom, map_halving, smaller
+from movielm_fast.engine.text import PromptEncoder, is_vocab_word, select_outputs
+from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import TextEncoderGraph
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text, cache_root
-
-from .oom import is_oom, map_halving, smaller
-from .pipeline import BatchSettings, FrameJob
-from .text import PromptEncoder, is_vocab_word, select_outputs
-from .textual_inversion import load_embedding, vectors_for_model
 
 log = logging.getLogger("movielm_fast")
 
@@ -300,7 +299,7 @@ def scene_prompt(name: str, description: str, subject: str) -> str:
 @dataclass(frozen=True)
 class SceneRenderer:
     """What style training needs of a loaded renderer, and nothing more: its model, its device, and a way to render
-    scenes (`render(jobs, settings)` -> (H, W, 3) uint8 images). `engine.renderer.Renderer.scene_renderer` makes
+    scenes (`render(jobs, settings)` -> (H, W, 3) uint8 images). `run.renderer.Renderer.scene_renderer` makes
     one; passing this instead of the renderer keeps this module from calling back into the renderer that uses it."""
 
     model: Any
@@ -572,7 +571,7 @@ def embedding_state_dict(kind: str, token: str, vectors: list[torch.Tensor]) -> 
 def immobilize_style(renderer: SceneRenderer, style, settings: StyleSettings | None = None, *,
                      images: str | Path | None = None, out: str | Path | None = None, token: str | None = None,
                      on_step: Callable[[int, float], None] | None = None) -> StyleResult:
-    """Learn (or find in the library) the token of `style` (an engine.plan.Style) for renderer's model."""
+    """Learn (or find in the library) the token of `style` (an movielm_fast.plan.Style) for renderer's model."""
     t_start = time.perf_counter()
     model = renderer.model
     s = (settings or StyleSettings()).resolve(model)
