@@ -115,7 +115,7 @@ def test_clear_errors(ray_local, plans, tiny_sd, tmp_path):
 
 
 def test_ray_not_installed(plans, tmp_path, monkeypatch):
-    from movielm_fast.engine import cluster
+    from movielm_fast.run import cluster
 
     # A None entry makes `import ray` fail as it does where Ray is not installed.
     monkeypatch.setitem(sys.modules, "ray", None)

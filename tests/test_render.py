@@ -16,7 +16,7 @@ from PIL import Image
 
 from movielm_fast import paths as paths_mod
 from movielm_fast.cli.main import cli
-from movielm_fast.engine import outputs as outputs_mod
+from movielm_fast.run import outputs as outputs_mod
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings

@@ -17,7 +17,7 @@ from movielm_fast.cli.export_cmds import export_cmd
 from movielm_fast.cli.llm_cmds import dataset_cmd
 from movielm_fast.cli.main import cli
 from movielm_fast.data.dataset import DatasetOptions, export_dataset
-from movielm_fast.engine import outputs as outputs_mod
+from movielm_fast.run import outputs as outputs_mod
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.frames import OVERFLOW
 from movielm_fast.errors import PlanError, UserError
