@@ -25,10 +25,10 @@ def test_torch_backend_reports_a_bad_attention_choice_as_a_user_error(tiny_sd):
     # kernels/ knows nothing of the engine: the backend that installs the processor turns its error into the
     # message + fix the CLI prints.
     from movielm_fast.engine.backends.base import create_backend
-    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.config import BackendConfig
     from movielm_fast.engine.models import load_model
     from movielm_fast.errors import UserError
 
-    with pytest.raises(UserError, match="unknown attention implementation 'flash3'") as info:
-        create_backend("torch", load_model(tiny_sd), EngineConfig(attention="flash3"))
+    with pytest.raises(UserError, match="--attention: unknown value 'flash3'") as info:
+        create_backend("torch", load_model(tiny_sd), BackendConfig(attention="flash3"))
     assert "sdpa, xformers" in info.value.hint

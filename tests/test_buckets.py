@@ -8,7 +8,7 @@ from test_cpu_bf16 import needs_compiler
 
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.buckets import pad_rows, padded_bucket, unet_bucket
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.run.renderer import Renderer
@@ -49,14 +49,14 @@ def _jobs(n):
 @needs_compiler
 def test_short_batch_is_padded_into_the_compiled_bucket(tiny_sd):
     s = BatchSettings(64, 64, 2, 7.5, "dpmpp")
-    compiled = Renderer(EngineConfig(model=str(tiny_sd), compile_unet=True))
+    compiled = Renderer(ModelConfig(model=str(tiny_sd), compile_unet=True))
     step = compiled.backend._unet_step
     assert isinstance(step, cpu.CompiledCpu)
     render_batch(compiled.model, compiled.backend, compiled.encoder, _jobs(4), s)
     short = render_batch(compiled.model, compiled.backend, compiled.encoder, _jobs(3), s)
     # The batch of 3 (6 CFG rows) ran in the batch of 4's graph (8 rows): one compile in all.
     assert len(step.buckets) == 1 and compiled.backend.buckets == {(8, 8, 8, 1, torch.float32)}
-    eager = Renderer(EngineConfig(model=str(tiny_sd)))
+    eager = Renderer(ModelConfig(model=str(tiny_sd)))
     assert eager.backend._unet_step is eager.backend.unet and not eager.backend.buckets  # the plain path: no padding
     ref = render_batch(eager.model, eager.backend, eager.encoder, _jobs(3), s)
     assert len(short) == 3

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
-from movielm_fast.run.cluster import ClusterOptions, RayExecutor, render_on_ray
+from movielm_fast.run.cluster import RayExecutor, render_on_ray
+from movielm_fast.run.config import ClusterOptions, RunConfig
 from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 5}
@@ -68,13 +70,17 @@ def _frames(out):
 @pytest.fixture(scope="module")
 def reference(plans, tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    summary = render(EngineConfig(model=str(tiny_sd), out=out, batch_size=2), [plans])
+    summary = render(RunConfig(out=out, batch_size=2, style_training=False), [plans], executor=LocalExecutor(ModelConfig(model=str(tiny_sd))))
     assert summary.frames_rendered == 27
     return out
 
 
-def _config(tiny_sd, out):
-    return EngineConfig(model=str(tiny_sd), out=out, batch_size=2)
+def _model(tiny_sd):
+    return ModelConfig(model=str(tiny_sd))
+
+
+def _config(out):
+    return RunConfig(out=out, batch_size=2, style_training=False)
 
 
 def _assert_same_as_reference(out, reference, movies=None):
@@ -102,15 +108,16 @@ def _assert_same_as_reference(out, reference, movies=None):
 def test_clear_errors(ray_local, plans, tiny_sd, tmp_path):
     # First in the module: the failed start below needs a free CPU, which the shared pool holds once it exists.
     with pytest.raises(UserError, match="more than the cluster can host") as exc:
-        render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=3))
+        render_on_ray(_model(tiny_sd), _config(tmp_path), [plans], ClusterOptions(workers=3))
     assert "--workers 2" in exc.value.hint
-    gpu = EngineConfig(model=str(tiny_sd), out=tmp_path, device="cuda")
+    gpu = ModelConfig(model=str(tiny_sd), device="cuda")
     with pytest.raises(UserError, match="no worker can fit the model: the Ray cluster has no GPUs"):
-        render_on_ray(gpu, [plans], ClusterOptions())
+        render_on_ray(gpu, _config(tmp_path), [plans], ClusterOptions())
     with pytest.raises(UserError, match="no worker can fit the model: 3 cores per worker"):
-        render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(cpus_per_worker=3))
+        render_on_ray(_model(tiny_sd), _config(tmp_path), [plans], ClusterOptions(cpus_per_worker=3))
     with pytest.raises(UserError, match="could not load the model: model not found"):
-        render_on_ray(EngineConfig(model=str(tmp_path / "nope"), out=tmp_path), [plans], ClusterOptions(workers=1))
+        render_on_ray(ModelConfig(model=str(tmp_path / "nope")), _config(tmp_path), [plans],
+                      ClusterOptions(workers=1))
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing written by failed starts
 
 
@@ -127,14 +134,14 @@ def test_ray_not_installed(plans, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def pool(ray_local, tiny_sd, tmp_path_factory):
     """Two 1-core workers for the rest of the module: starting workers (process, imports, model) is the slow part."""
-    with RayExecutor(_config(tiny_sd, tmp_path_factory.mktemp("unused")), ClusterOptions(workers=2)) as p:
+    with RayExecutor(_model(tiny_sd), ClusterOptions(workers=2)) as p:
         yield p
 
 
 def test_render_on_ray_same_output_as_local_run(ray_local, plans, reference, tiny_sd, tmp_path):
     """The CLI's entry point, end to end: start workers, render, stop them."""
     ticks = []
-    summary = render_on_ray(_config(tiny_sd, tmp_path), [plans], ClusterOptions(workers=2),
+    summary = render_on_ray(_model(tiny_sd), _config(tmp_path), [plans], ClusterOptions(workers=2),
                             progress=lambda done, total: ticks.append((done, total)))
     _assert_same_as_reference(tmp_path, reference)
     assert summary.frames_total == summary.frames_rendered == 27 and summary.failures == []
@@ -158,7 +165,7 @@ def test_bad_movie_fails_alone(pool, plans, reference, tiny_sd, tmp_path):
     bad["style"] = {"name": "Broken", "embedding": "broken.safetensors"}
     write_plan(bad_dir / "c.json", [bad], SMALL)
     out = tmp_path / "out"
-    summary = render(_config(tiny_sd, out), [plans, bad_dir], executor=pool)
+    summary = render(_config(out), [plans, bad_dir], executor=pool)
     assert [f["movie"] for f in summary.failures] == ["broken"]
     assert "cannot read embedding" in summary.failures[0]["reason"]
     assert summary.failures[0]["frames_missing"] == 3 and summary.frames_failed == 3
@@ -173,10 +180,10 @@ def test_interrupted_driver_resumes_with_missing_frames_only(pool, plans, refere
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        render(_config(tiny_sd, tmp_path), [plans], interrupt, executor=pool)
+        render(_config(tmp_path), [plans], interrupt, executor=pool)
     written = len(_frames(tmp_path))
     assert 2 <= written < 27  # the first batch was saved before the interrupt
-    summary = render(_config(tiny_sd, tmp_path), [plans], executor=pool)  # the rerun
+    summary = render(_config(tmp_path), [plans], executor=pool)  # the rerun
     assert summary.frames_skipped == written and summary.frames_rendered == 27 - written
     _assert_same_as_reference(tmp_path, reference)
 
@@ -190,7 +197,7 @@ def test_killed_worker_frames_rendered_elsewhere_exactly_once(pool, plans, refer
             killed.append(pool.worker_pids[0])
             os.kill(killed[0], signal.SIGKILL)
 
-    summary = render(_config(tiny_sd, tmp_path), [plans], kill_after_first_batch, executor=pool)
+    summary = render(_config(tmp_path), [plans], kill_after_first_batch, executor=pool)
     assert killed
     # Every frame written once by the driver: no frame lost, none rendered twice into the results.
     assert summary.frames_rendered == 27 and sum(w["frames"] for w in summary.workers) == 27
@@ -211,8 +218,8 @@ def test_consistency_mode_on_ray_equals_the_local_run(pool, tiny_sd, tmp_path):
     m["frames"][0]["description"] = "an empty room"
     m["frames"][3]["description"] = "Rosa and Tom"
     plan = write_plan(tmp_path / "plan.json", [m], SMALL)
-    local = render(_config(tiny_sd, tmp_path / "local"), [plan])
-    ray_run = render(_config(tiny_sd, tmp_path / "ray"), [plan], executor=pool)
+    local = render(_config(tmp_path / "local"), [plan], executor=LocalExecutor(_model(tiny_sd)))
+    ray_run = render(_config(tmp_path / "ray"), [plan], executor=pool)
     assert local.frames_rendered == ray_run.frames_rendered == 4 and ray_run.failures == []
     for name in ("Rosa", "Tom"):  # 1-thread workers vs a 2-thread local run: float sums differ in the last bits
         a = load_png(tmp_path / "ray" / "anchored" / "anchors" / f"{name}.png")

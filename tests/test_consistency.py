@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.consistency import token_subset
 from movielm_fast.errors import UserError
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -38,13 +39,13 @@ def _frames(out, movie_id="c"):
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def renderer(request, tiny_sd, tiny_sdxl):
-    return Renderer(EngineConfig(model=str(tiny_sd if request.param == "sd" else tiny_sdxl)))
+    return Renderer(ModelConfig(model=str(tiny_sd if request.param == "sd" else tiny_sdxl)))
 
 
 def _render(renderer, tmp_path, name, movies, batch_size=4, **cfg):
     plan = write_plan(tmp_path / f"{name}.json", movies)
     out = tmp_path / name
-    summary = render(EngineConfig(model="x", out=out, batch_size=batch_size, **cfg), [plan],
+    summary = render(RunConfig(out=out, batch_size=batch_size, style_training=False, **cfg), [plan],
                      executor=LocalExecutor(renderer=renderer))
     return summary, out
 
@@ -116,7 +117,7 @@ def test_settings_bound_the_record_and_are_checked(renderer, tmp_path):
     assert len(idx) == 32 and bool((idx[1:] > idx[:-1]).all()) and idx.equal(token_subset(64, 0.5))
     with pytest.raises(UserError, match="token_fraction"):
         write_plan(tmp_path / "bad.json", [_movie(consistency={**MODE, "token_fraction": 2})])
-        render(EngineConfig(model="x", out=tmp_path / "bad"), [tmp_path / "bad.json"],
+        render(RunConfig(out=tmp_path / "bad", style_training=False), [tmp_path / "bad.json"],
                executor=LocalExecutor(renderer=renderer))
 
 
@@ -160,7 +161,7 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
 
 def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
     pytest.importorskip("onnxruntime")
-    ort = Renderer(EngineConfig(model=str(tiny_sd), backend="onnxruntime"))
+    ort = Renderer(ModelConfig(model=str(tiny_sd), backend="onnxruntime"))
     s, _ = _render(ort, tmp_path, "ort", [_movie(consistency=MODE)])
     assert [f["movie"] for f in s.failures] == ["c"] and "needs --backend torch" in s.failures[0]["reason"]
     assert s.frames_rendered == 1  # the frame without characters renders; the movie is reported incomplete

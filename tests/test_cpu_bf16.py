@@ -18,7 +18,7 @@ import torch
 
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.torch_backend import Fp32FallbackDecoder
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig, ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.run.renderer import Renderer
@@ -132,15 +132,15 @@ def _render(renderer: Renderer, steps: int = 2, size: int = 64, seed: int = 11) 
 
 @pytest.fixture(scope="module")
 def fp32_frame(tiny_sd):
-    return _render(Renderer(EngineConfig(model=str(tiny_sd), dtype="fp32")))
+    return _render(Renderer(ModelConfig(model=str(tiny_sd), dtype="fp32")))
 
 
-# EngineConfig's quality bar for half-precision dtypes; the tiny model measured ~48 dB in bf16 (2 steps, 64²).
+# The config's quality bar for half-precision dtypes; the tiny model measured ~48 dB in bf16 (2 steps, 64²).
 BF16_PSNR_DB = 35.0
 
 
 def test_bf16_frame_within_tolerance_of_fp32(tiny_sd, fp32_frame):
-    r = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16"))
+    r = Renderer(ModelConfig(model=str(tiny_sd), dtype="bf16"))
     assert r.backend.dtype == torch.bfloat16 and next(r.backend.unet.parameters()).dtype == torch.bfloat16
     frame = _render(r)
     assert fp32_frame.std() > 1 and frame.shape == fp32_frame.shape
@@ -149,7 +149,7 @@ def test_bf16_frame_within_tolerance_of_fp32(tiny_sd, fp32_frame):
 
 
 def test_bf16_attention_runs_sdpa_cpu_flash_kernel(tiny_sd):
-    r = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16"))
+    r = Renderer(ModelConfig(model=str(tiny_sd), dtype="bf16"))
     x = torch.randn(2, 4, 8, 8)
     cond = r.encoder.encode_pair(PROMPT, "")
     from movielm_fast.engine.backends.base import UNetCond
@@ -162,7 +162,7 @@ def test_bf16_attention_runs_sdpa_cpu_flash_kernel(tiny_sd):
 
 
 def test_vae_falls_back_to_fp32_on_a_bf16_overflow(tiny_sd, fp32_frame, caplog):
-    r = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16"))
+    r = Renderer(ModelConfig(model=str(tiny_sd), dtype="bf16"))
     decoder = r.backend._decode
     assert isinstance(decoder, Fp32FallbackDecoder)
     clean = _render(r)
@@ -207,8 +207,8 @@ needs_compiler = pytest.mark.skipif(_compiler_missing() is not None, reason=_com
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_bf16_unet_matches_eager_bf16(tiny_sd):
-    eager = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16"))
-    compiled = Renderer(EngineConfig(model=str(tiny_sd), dtype="bf16", compile_unet=True))
+    eager = Renderer(ModelConfig(model=str(tiny_sd), dtype="bf16"))
+    compiled = Renderer(ModelConfig(model=str(tiny_sd), dtype="bf16", compile_unet=True))
     step = compiled.backend._unet_step
     assert isinstance(step, cpu.CompiledCpu)
     a, b = _render(eager, steps=1), _render(compiled, steps=1)
@@ -303,8 +303,9 @@ def test_backend_wiring_on_a_fake_amx_cpu(tiny_sd, monkeypatch, caplog, tmp_path
     monkeypatch.setenv("MOVIELM_CACHE", str(tmp_path))
     cpu._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="movielm_fast"):
-        be = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="bf16"))
-        auto = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), dtype="auto"))
+        be = create_backend("torch", load_model(tiny_sd), BackendConfig(dtype="bf16"))
+        auto = create_backend("torch", load_model(tiny_sd), BackendConfig(dtype="auto"))
+        cpu.print_auto_dtype_hint("auto", auto.device)  # what the CLI says when it builds an auto-dtype config
     assert isinstance(be._unet_step, cpu.CompiledCpu) and isinstance(be._decode, Fp32FallbackDecoder)
     assert isinstance(be._decode.fast, cpu.CompiledCpu)
     conv = be.unet.unet.conv_in.weight

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from movielm_fast.bench.knobs import build_table, knob_rows
 from movielm_fast.engine import cuda_knobs
 from movielm_fast.engine.backends.torch_backend import Fp32FallbackDecoder, vae_decode_dtype
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.kernels.attention import AttentionChoiceError, sdpa_context
 
 
@@ -143,10 +143,11 @@ def test_torch_backend_knobs_on_the_cpu(tiny_sd):
     from movielm_fast.engine.models import load_model
     from movielm_fast.errors import UserError
 
-    be = create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd)))
+    be = create_backend("torch", load_model(tiny_sd), BackendConfig())
     assert be.knobs == {"cuda_graphs": False, "sdpa_backend": "auto", "cudnn_benchmark": False}
-    with pytest.raises(UserError, match="unknown SDPA backend 'flash3'"):
-        create_backend("torch", load_model(tiny_sd), EngineConfig(model=str(tiny_sd), sdpa_backend="flash3"))
+    with pytest.raises(UserError, match="--sdpa-backend: unknown value 'flash3'") as info:
+        create_backend("torch", load_model(tiny_sd), BackendConfig(sdpa_backend="flash3"))
+    assert "flash, cudnn, efficient, math" in info.value.hint
 
 
 @pytest.mark.gpu
@@ -162,7 +163,7 @@ def test_the_step_loop_never_waits_for_the_gpu(tiny_sd):
     from movielm_fast.engine.text import PromptEncoder
 
     model = load_model(tiny_sd)
-    be = create_backend("torch", model, EngineConfig(model=str(tiny_sd), device="cuda"))
+    be = create_backend("torch", model, BackendConfig(device="cuda"))
     assert be.knobs["cuda_graphs"] is True
     s = BatchSettings(64, 64, 4, 7.5, "dpmpp")
     cond = _conditioning(model, PromptEncoder(model, be), [FrameJob("m", "f", "a red circle", "", 1)], s, True)

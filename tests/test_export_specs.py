@@ -156,10 +156,10 @@ def test_tensorrt_missing_is_a_clear_error(sd):
     except ImportError:
         pass
     from movielm_fast.engine.backends.base import create_backend
-    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.config import BackendConfig
 
     with pytest.raises(UserError) as e:
-        create_backend("tensorrt", sd, EngineConfig(backend="tensorrt", device="cuda"))
+        create_backend("tensorrt", sd, BackendConfig(device="cuda"))
     assert e.value.message == "TensorRT is not installed" and "--backend onnxruntime" in e.value.hint
 
 
@@ -179,10 +179,10 @@ def test_tensorrt_runner_shape_check(sd):
 def test_torch_backend_runs_the_exported_graph_modules(sdxl):
     # Parity between an exported graph and the torch backend holds by construction: both run export/graphs.py.
     from movielm_fast.engine.backends.base import create_backend
-    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.config import BackendConfig
     from movielm_fast.export.graphs import TextEncoderGraph, UNetGraph, VaeDecoderGraph
 
-    backend = create_backend("torch", sdxl, EngineConfig())
+    backend = create_backend("torch", sdxl, BackendConfig())
     assert [type(e) for e in backend.encoders] == [TextEncoderGraph, TextEncoderGraph]
     assert isinstance(backend.unet, UNetGraph) and backend._unet_step is backend.unet
     assert isinstance(backend.vae, VaeDecoderGraph)
@@ -190,8 +190,8 @@ def test_torch_backend_runs_the_exported_graph_modules(sdxl):
 
 def test_unknown_backend(sd):
     from movielm_fast.engine.backends.base import create_backend
-    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.config import BackendConfig
 
     with pytest.raises(UserError) as e:
-        create_backend("openvino", sd, EngineConfig())
+        create_backend("openvino", sd, BackendConfig())
     assert "onnxruntime" in e.value.hint and "tensorrt" in e.value.hint

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.run.renderer import Renderer
@@ -56,7 +56,7 @@ RECIPES = [("euler", "EulerDiscreteScheduler", "trailing", 4, 0.0),
 def test_few_step_recipes_match_diffusers(tiny_sd, name, cls_name, spacing, steps, guidance):
     from diffusers import StableDiffusionPipeline
 
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
     s = BatchSettings(64, 64, steps, guidance, name, timestep_spacing=spacing)
     ours = r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 21)], s)[0][0].astype(np.int16)
     ref = _diffusers(StableDiffusionPipeline, tiny_sd, cls_name, spacing, steps, guidance, seed=21)
@@ -67,7 +67,7 @@ def test_few_step_recipes_match_diffusers(tiny_sd, name, cls_name, spacing, step
 def test_sdxl_lightning_recipe_matches_diffusers(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     s = BatchSettings(64, 64, 4, 0.0, "euler", timestep_spacing="trailing")
     ours = r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 4)], s)[0][0].astype(np.int16)
     ref = _diffusers(StableDiffusionXLPipeline, tiny_sdxl, "EulerDiscreteScheduler", "trailing", 4, 0.0, seed=4)
@@ -88,7 +88,7 @@ def test_trailing_starts_at_the_last_training_timestep(tiny_sd):
 
 @pytest.mark.parametrize("guidance,doubled", [(0.0, False), (1.0, False), (1.5, True)])
 def test_guidance_at_most_one_runs_no_cfg_batch(tiny_sd, guidance, doubled):
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
     counting = CountingBackend(r.backend)
     r.backend = counting
     r.render([FrameJob("m", "a", PROMPT, NEGATIVE, 1), FrameJob("m", "b", PROMPT, NEGATIVE, 2)],

@@ -13,11 +13,13 @@ from safetensors.torch import save_file
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine import fp8
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.lora import combine
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.errors import UserError
+from movielm_fast.kernels import scaled_mm
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -33,7 +35,7 @@ def test_round_trip_within_e4m3_rounding():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 256, generator=g) * torch.logspace(-3, 2, 64)[:, None]  # rows of very different ranges
     x[3, 5] = 0.0
-    q, scale = fp8.quantize_rows(x)
+    q, scale = scaled_mm.quantize_rows(x)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
     back = q.float() * scale
     # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of the value for normal numbers, and 2^-10 of the scale
@@ -47,8 +49,8 @@ def test_round_trip_within_e4m3_rounding():
 def test_matmul_twin_close_to_fp32():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(128, 320, generator=g), torch.randn(640, 320, generator=g) / 20
-    wq, ws = fp8.quantize_rows(w)
-    y = fp8.fp8_matmul_ref(x, wq, ws.t())
+    wq, ws = scaled_mm.quantize_rows(w)
+    y = scaled_mm.fp8_matmul_ref(x, wq, ws.t())
     exact = x @ w.t()
     rel = (y - exact).norm() / exact.norm()
     assert 1e-3 < rel < 0.05  # really rounded, and by about what 3 mantissa bits on both sides give (~2-3%)
@@ -65,13 +67,13 @@ def test_scaled_mm_on_the_cpu_is_the_twin():
     the CPU build of torch, which dequantizes and multiplies in fp32: it must give the twin's numbers."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(640, 320, generator=g) / 20
-    wq, ws = fp8.quantize_rows(w)
+    wq, ws = scaled_mm.quantize_rows(w)
     ws = ws.t().contiguous()  # (1, N), as _Fp8Weight keeps it
     x = torch.randn(128, 320, generator=g)
     nchw = torch.randn(1, 320, 8, 8, generator=g)  # a 1x1 convolution's input at batch 1: a column-major view
     for a in (x, x.half(), nchw.permute(0, 2, 3, 1).reshape(-1, 320)):
-        fast, ref = fp8.fp8_matmul(a, wq, ws), fp8.fp8_matmul_ref(a, wq, ws)
-        assert fast.dtype == ref.dtype == fp8.OUT_DTYPE
+        fast, ref = scaled_mm.fp8_matmul(a, wq, ws), scaled_mm.fp8_matmul_ref(a, wq, ws)
+        assert fast.dtype == ref.dtype == scaled_mm.OUT_DTYPE
         assert _within_one_bf16_ulp(fast, ref)
         exact = a.float() @ w.t()
         assert 1e-3 < (fast.float() - exact).norm() / exact.norm() < 0.05  # really e4m3 (see the twin's test)
@@ -113,7 +115,7 @@ def test_fp8_forward_has_no_host_sync():
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def quantized(request, tiny_sd, tiny_sdxl):
     path = str(tiny_sd if request.param == "sd" else tiny_sdxl)
-    return Renderer(EngineConfig(model=path, quantize="fp8-emulated"))
+    return Renderer(ModelConfig(model=path, quantize="fp8-emulated"))
 
 
 def test_layer_selection(quantized):
@@ -142,7 +144,7 @@ def _frame(renderer, loras=(), seed=3):
 def test_emulated_render_close_to_plain(quantized):
     from movielm_fast.bench.image_quality import psnr
 
-    plain = Renderer(EngineConfig(model=quantized.config.model))
+    plain = Renderer(ModelConfig(model=quantized.config.model))
     a, b = _frame(plain), _frame(quantized)
     assert not np.array_equal(a, b)  # the rounding is really applied
     assert psnr(a, b) > 30.0  # the issue's bar; tiny random-weight models measured 41.8 (sd) and 39.4 dB (sdxl)
@@ -184,7 +186,7 @@ def test_gpu_code_path_on_the_cpu(quantized):
     # e4m3's 3 mantissa bits (2-3% per matmul, test_matmul_twin_close_to_fp32), diluted by the fp32 layers.
     assert 1e-2 < rel(real, exact) < 0.1, rel(real, exact)  # measured 0.034 (sd), 0.043 (sdxl)
     assert np.abs(real_frame.astype(int) - emulated_frame.astype(int)).max() <= 1
-    assert psnr(real_frame, _frame(Renderer(EngineConfig(model=quantized.config.model)))) > 30.0
+    assert psnr(real_frame, _frame(Renderer(ModelConfig(model=quantized.config.model)))) > 30.0
 
 
 def _lora_on(path, unet, layer: str, seed=0):
@@ -207,7 +209,7 @@ def test_lora_switch_requantizes_only_touched_layers(tmp_path, quantized):
     with_lora = _frame(r, lora)
     assert r.backend.fp8_requantized == [target]  # merged, then only that layer quantized again
     merged = unet.get_submodule(target)
-    assert torch.equal(merged.weight_fp8, fp8.quantize_rows(merged.weight)[0])  # the merged weights, quantized
+    assert torch.equal(merged.weight_fp8, scaled_mm.quantize_rows(merged.weight)[0])  # the merged weights, quantized
     assert not torch.equal(merged.weight_fp8, before[target])
     assert torch.equal(unet.get_submodule(other).weight_fp8, before[other])
     assert not np.array_equal(with_lora, plain)
@@ -257,11 +259,11 @@ def test_cli_refuses_fp8_on_cpu(tmp_path):
 
 def test_keys_and_manifest(tmp_path, tiny_sd):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 2)], SMALL)
-    base = Renderer(EngineConfig(model=str(tiny_sd)))
-    quant = Renderer(EngineConfig(model=str(tiny_sd), quantize="fp8-emulated"))
+    base = Renderer(ModelConfig(model=str(tiny_sd)))
+    quant = Renderer(ModelConfig(model=str(tiny_sd), quantize="fp8-emulated"))
 
     def run(renderer):
-        return render(EngineConfig(model="x", out=tmp_path / "out"), [plan], executor=LocalExecutor(renderer=renderer))
+        return render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(renderer=renderer))
 
     run(base)
     manifest = json.loads((tmp_path / "out" / "m" / "manifest.json").read_text())
@@ -280,9 +282,9 @@ def test_scaled_mm_matches_its_twin_on_fp8_gpus():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(300, 640, device="cuda", generator=g, dtype=torch.float16)
     w = torch.randn(1280, 640, device="cuda", generator=g, dtype=torch.float16) / 25
-    wq, ws = fp8.quantize_rows(w)
-    fast = fp8.fp8_matmul(x, wq, ws.t().contiguous()).float()
-    ref = fp8.fp8_matmul_ref(x.float(), wq, ws.t().contiguous())
+    wq, ws = scaled_mm.quantize_rows(w)
+    fast = scaled_mm.fp8_matmul(x, wq, ws.t().contiguous()).float()
+    ref = scaled_mm.fp8_matmul_ref(x.float(), wq, ws.t().contiguous())
     # Same rounding of inputs and outputs; the tensor cores sum in another order (and, on Hopper, keep fewer bits).
     assert ((fast - ref.float()).norm() / ref.float().norm()) < 1e-2
 
@@ -294,9 +296,9 @@ def test_fp8_render_on_gpu(tiny_sd):
         pytest.skip("no FP8 tensor cores")
     from movielm_fast.bench.image_quality import psnr
 
-    plain = Renderer(EngineConfig(model=str(tiny_sd), device="cuda"))
-    quant = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", quantize="fp8"))
-    graphed = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", quantize="fp8", cuda_graphs=True))
+    plain = Renderer(ModelConfig(model=str(tiny_sd), device="cuda"))
+    quant = Renderer(ModelConfig(model=str(tiny_sd), device="cuda", quantize="fp8"))
+    graphed = Renderer(ModelConfig(model=str(tiny_sd), device="cuda", quantize="fp8", cuda_graphs=True))
     a, b, c = _frame(plain), _frame(quant), _frame(graphed)
     assert quant.backend.fp8_layers and psnr(a, b) > 30.0
     assert np.abs(b.astype(int) - c.astype(int)).max() <= 1

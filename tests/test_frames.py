@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.frames import Frames
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.outputs import read_manifest
@@ -83,11 +84,11 @@ class _OverflowOnce:
 def test_a_movie_with_an_overflowed_frame_fails_alone(tmp_path, threads):
     small = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
     plan = write_plan(tmp_path / "plan.json", [movie("calm", 2), movie("loud", 2)], small)
-    base = Renderer(EngineConfig(model="demo", backend="null"))
+    base = Renderer(ModelConfig(model="demo", backend="null"))
     backend = _OverflowOnce(base.backend, call=0, frame=2)  # batch 1 = calm/000, calm/001, loud/000
     r = Renderer(base.config, model=base.model, backend=backend)
     out = tmp_path / "out"
-    s = render(EngineConfig(model="demo", backend="null", out=out, batch_size=3, writer_threads=threads), [plan],
+    s = render(RunConfig(out=out, batch_size=3, writer_threads=threads, style_training=False), [plan],
                executor=LocalExecutor(renderer=r))
     assert backend.calls == 2  # nothing rendered twice: the batch's good frames were kept as they were
     assert [f["movie"] for f in s.failures] == ["loud"]
@@ -99,7 +100,7 @@ def test_a_movie_with_an_overflowed_frame_fails_alone(tmp_path, threads):
     assert [f["id"] for f in read_manifest(out / "loud" / "manifest.json")["frames"]] == ["001"]
     assert (out / "calm" / "storyboard.png").exists() and not (out / "loud" / "storyboard.png").exists()
     # The rerun renders just the missing frame, and the movie completes.
-    s2 = render(EngineConfig(model="demo", backend="null", out=out, batch_size=3, writer_threads=threads), [plan],
+    s2 = render(RunConfig(out=out, batch_size=3, writer_threads=threads, style_training=False), [plan],
                 executor=LocalExecutor(renderer=base))
     assert (s2.frames_rendered, s2.frames_skipped, s2.failures) == (1, 3, [])
     assert (out / "loud" / "storyboard.png").exists()

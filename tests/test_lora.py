@@ -10,14 +10,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from movielm_fast.cli.main import cli
-from movielm_fast.cli.options import parse_lora
 from movielm_fast.engine import lora
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig, parse_lora
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import collect_plans, make_batches, render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.outputs import read_manifest
@@ -39,7 +40,7 @@ def pipes():
 @pytest.fixture(scope="module")
 def demo_renderer(tiny_sd):
     # The tiny random SD model: the same weights as pipes["sd"], so diffusers is the oracle (not the toy demo model).
-    return Renderer(EngineConfig(model=str(tiny_sd)))
+    return Renderer(ModelConfig(model=str(tiny_sd)))
 
 
 def _ours(renderer, loras=(), seed=42, steps=4, guidance=7.5, scheduler="dpmpp", prompt=PROMPT):
@@ -96,7 +97,7 @@ def test_torch_render_with_lora_matches_diffusers_fuse_lora(tmp_path, tiny_sd, t
 
     folder = tiny_sd if kind == "sd" else tiny_sdxl
     f = make_lora(tmp_path / "l.safetensors", pipes[kind], fmt, seed=3)
-    r = Renderer(EngineConfig(model=str(folder)))
+    r = Renderer(ModelConfig(model=str(folder)))
     plain = _ours(r)
     ours = _ours(r, lora.combine([(f, 0.8)]))
 
@@ -116,7 +117,7 @@ def test_torch_render_with_lora_matches_diffusers_fuse_lora(tmp_path, tiny_sd, t
 def test_text_encoder_only_lora_changes_the_prompt_encoding(tmp_path, tiny_sd, pipes):
     """A text-encoder LoRA reaches the image: encoded prompts are cached per LoRA set, not once per prompt."""
     f = make_lora(tmp_path / "te.safetensors", pipes["sd"], unet=False)
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
     plain = _ours(r)
     with_te = _ours(r, lora.combine([(f, 1.0)]))
     assert np.abs(with_te - plain).max() > 5
@@ -152,11 +153,11 @@ def test_two_movies_with_different_loras_in_one_run(tmp_path, pipes, demo_render
     plan = write_plan(tmp_path / "plan.json", [styled, own, movie("plain", 2)], SMALL)
     out = tmp_path / "out"
     ex = LocalExecutor(renderer=demo_renderer)
-    summary = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
+    summary = render(RunConfig(out=out, batch_size=8, style_training=False), [plan], executor=ex)
     assert summary.frames_rendered == 6 and not summary.failures
 
     # Frames of different sets never share a batch, even when everything else agrees and the batch would fit.
-    tasks = [t for lm in collect_plans([plan]) for t in demo_renderer.tasks(lm, None, EngineConfig().overrides)]
+    tasks = [t for lm in collect_plans([plan]) for t in demo_renderer.plan(lm, None, RenderSettings()).tasks]
     batches = make_batches(tasks, 8)
     assert len(batches) == 3 and all(len({t.settings.loras for t in b}) == 1 for b in batches)
 
@@ -171,11 +172,11 @@ def test_two_movies_with_different_loras_in_one_run(tmp_path, pipes, demo_render
     assert np.abs(imgs["styled"] - imgs["plain"]).max() > 10 and np.abs(imgs["own"] - imgs["plain"]).max() > 10
 
     # Same command again: all done. A different scale is a different frame.
-    again = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
+    again = render(RunConfig(out=out, batch_size=8, style_training=False), [plan], executor=ex)
     assert again.frames_skipped == 6 and again.frames_rendered == 0
     styled["style"]["loras"][0]["scale"] = 0.5
     plan = write_plan(tmp_path / "plan.json", [styled, own, movie("plain", 2)], SMALL)
-    third = render(EngineConfig(model=demo_renderer.config.model, out=out, batch_size=8), [plan], executor=ex)
+    third = render(RunConfig(out=out, batch_size=8, style_training=False), [plan], executor=ex)
     assert third.frames_rendered == 2 and third.frames_skipped == 4
 
 
@@ -233,10 +234,10 @@ def test_shape_mismatch_names_the_layer(tmp_path, pipes, tiny_sd):
 def test_plan_lora_is_validated_before_the_model_loads(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 1, loras=[{"file": "gone.safetensors", "scale": 2}])])
     with pytest.raises(UserError, match="gone.safetensors: file not found"):
-        render(EngineConfig(model="/nonexistent/model", out=tmp_path / "out"), [plan])
+        render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="/nonexistent/model")))
     bad = write_plan(tmp_path / "bad.json", [movie("m", 1, loras=[{"file": "x.safetensors", "strength": 1}])])
     with pytest.raises(UserError, match="unknown key 'strength'"):
-        render(EngineConfig(out=tmp_path / "out"), [bad])
+        render(RunConfig(out=tmp_path / "out", style_training=False), [bad], executor=LocalExecutor(ModelConfig()))
 
 
 # --- ONNX Runtime: no re-export -------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_onnx_with_lora_matches_torch_without_reexport(tmp_path, pipes, demo_ren
 
     # The torch backend merges into the model it shares with this one: plain weights before anything is exported.
     demo_renderer.backend.set_loras((), demo_renderer.loras)
-    o = Renderer(EngineConfig(model=demo_renderer.config.model, backend="onnxruntime"), model=demo_renderer.model)
+    o = Renderer(ModelConfig(model=demo_renderer.config.model, backend="onnxruntime"), model=demo_renderer.model)
     plain = _ours(o)
     before = _cache_state()
     # kohya with conv layers (3x3 and 1x1) and text-encoder layers; two files with their own scales

@@ -19,10 +19,11 @@ from PIL import Image
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine import cpu
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.models import DEFAULTS_FILE, content_hash, model_defaults, size_warning
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings, parse_plan
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import STAGES, render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -35,7 +36,7 @@ SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 4.0, "seed": 5}
 
 @pytest.fixture(scope="module")
 def demo():
-    return Renderer(EngineConfig(model="demo"))
+    return Renderer(ModelConfig(model="demo"))
 
 
 def _cli(*args):
@@ -45,7 +46,7 @@ def _cli(*args):
 def _render(renderer, tmp_path, movies, defaults=None, progress=None, **cfg):
     plan = write_plan(tmp_path / "plan.json", movies, defaults)
     out = tmp_path / "out"
-    summary = render(EngineConfig(model="demo", out=out, **cfg), [plan], progress=progress,
+    summary = render(RunConfig(out=out, **{"style_training": False, **cfg}), [plan], progress=progress,
                      executor=LocalExecutor(renderer=renderer))
     return summary, out
 
@@ -145,7 +146,7 @@ class Recorder:
 def test_progress_reports_stages_and_steps(tmp_path):
     rec = Recorder()
     plan = write_plan(tmp_path / "plan.json", [movie("p", 2)], {**SMALL, "steps": 3})
-    render(EngineConfig(model="demo", out=tmp_path / "out", batch_size=2), [plan], progress=rec)
+    render(RunConfig(out=tmp_path / "out", batch_size=2, style_training=False), [plan], progress=rec, executor=LocalExecutor(ModelConfig(model="demo")))
     stages = [e[1] for e in rec.events if e[0] == "stage"]
     assert stages == list(STAGES) == ["validate", "load", "styles", "render", "write"]
     steps = [e[1:] for e in rec.events if e[0] == "step"]
@@ -348,7 +349,7 @@ def test_every_plan_problem_at_once(tmp_path):
 
 def test_fp16_on_the_cpu_warns_with_the_fix(tiny_sd, caplog):
     with caplog.at_level(logging.WARNING, logger="movielm_fast"):
-        Renderer(EngineConfig(model=str(tiny_sd), dtype="fp16"))
+        Renderer(ModelConfig(model=str(tiny_sd), dtype="fp16"))
     assert any("--dtype fp16 on the CPU" in r.message and "--dtype fp32" in r.message for r in caplog.records)
 
 

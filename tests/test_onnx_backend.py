@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig, ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.pipeline import render_batch
@@ -63,7 +63,7 @@ def test_cache_hit_is_logged_and_reused(sd_artifacts, caplog):
 
 
 def _render(model_path, backend, prompt=PROMPT, size=64, guidance=7.5, steps=3, seeds=(11,)):
-    r = Renderer(EngineConfig(model=str(model_path), backend=backend))
+    r = Renderer(ModelConfig(model=str(model_path), backend=backend))
     jobs = [FrameJob("m", f"f{i}", prompt, "blurry", s) for i, s in enumerate(seeds)]
     return [im.astype(np.int16) for im in render_batch(r.model, r.backend, r.encoder, jobs,
                                                        BatchSettings(size, size, steps, guidance, "dpmpp"))]
@@ -79,8 +79,8 @@ def test_sd_frames_match_torch_backend(tiny_sd, sd_artifacts):
 
 def test_sdxl_frames_match_torch_backend(tiny_sdxl, sdxl_artifacts):
     # Non-square, with a latent side (9) that is not a multiple of the UNet's downsampling.
-    r_ort = Renderer(EngineConfig(model=str(tiny_sdxl), backend="onnxruntime"))
-    r_pt = Renderer(EngineConfig(model=str(tiny_sdxl), backend="torch"))
+    r_ort = Renderer(ModelConfig(model=str(tiny_sdxl), backend="onnxruntime"))
+    r_pt = Renderer(ModelConfig(model=str(tiny_sdxl), backend="torch"))
     s = BatchSettings(72, 64, 3, 6.0, "euler")
     job = [FrameJob("m", "f", PROMPT, "", 7)]
     a = render_batch(r_ort.model, r_ort.backend, r_ort.encoder, job, s)[0].astype(np.int16)
@@ -90,7 +90,7 @@ def test_sdxl_frames_match_torch_backend(tiny_sdxl, sdxl_artifacts):
 
 
 def test_backend_sessions_are_created_once(tiny_sd, sd_artifacts):
-    r = Renderer(EngineConfig(model=str(tiny_sd), backend="onnxruntime"))
+    r = Renderer(ModelConfig(model=str(tiny_sd), backend="onnxruntime"))
     sessions = {c: id(g.session) for c, g in r.backend.graphs.items()}
     render_batch(r.model, r.backend, r.encoder, [FrameJob("m", "f", PROMPT, "", 1)],
                  BatchSettings(64, 64, 2, 5.0, "ddim"))
@@ -103,8 +103,8 @@ def test_new_embedding_works_with_existing_artifact(which, tiny_sd, tiny_sdxl, s
     """Textual inversion: the text encoder graph takes inputs_embeds, so a token added after export needs no
     re-export, and ORT encodes it exactly as torch does."""
     path = tiny_sd if which == "sd" else tiny_sdxl
-    r_ort = Renderer(EngineConfig(model=str(path), backend="onnxruntime"))
-    r_pt = Renderer(EngineConfig(model=str(path), backend="torch"))
+    r_ort = Renderer(ModelConfig(model=str(path), backend="onnxruntime"))
+    r_pt = Renderer(ModelConfig(model=str(path), backend="torch"))
     mtimes = {c: g.session for c, g in r_ort.backend.graphs.items()}
     g = torch.Generator().manual_seed(0)
     vectors = [torch.randn(2, t.shape[1], generator=g) * 0.5 for t in r_pt.encoder.tables]
@@ -155,10 +155,10 @@ def test_missing_execution_provider_and_dtype(sd_artifacts):
     model, _ = sd_artifacts
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(UserError) as e:
-            create_backend("onnxruntime", model, EngineConfig(backend="onnxruntime", device="cuda"))
+            create_backend("onnxruntime", model, BackendConfig(device="cuda"))
         assert "CUDAExecutionProvider" in e.value.message and "onnxruntime-gpu" in e.value.hint
     with pytest.raises(UserError) as e:
-        create_backend("onnxruntime", model, EngineConfig(backend="onnxruntime", dtype="bf16"))
+        create_backend("onnxruntime", model, BackendConfig(dtype="bf16"))
     assert "fp32" in e.value.hint
     with pytest.raises(UserError):
         from movielm_fast.export.onnx_export import export_component
@@ -178,7 +178,7 @@ def test_guidance_distilled_unet_is_refused_before_any_export(sd_artifacts, tmp_
                   content_hash="lcm-variant")
     monkeypatch.setenv("MOVIELM_CACHE", str(tmp_path))
     with pytest.raises(UserError) as e:
-        create_backend("onnxruntime", lcm, EngineConfig(backend="onnxruntime"))
+        create_backend("onnxruntime", lcm, BackendConfig())
     assert "guidance-distilled (LCM)" in e.value.message and "--backend torch" in e.value.hint
     assert not any(tmp_path.rglob("*.onnx"))  # refused up front, not after exporting the text encoder
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
@@ -16,7 +16,7 @@ NEGATIVE = "blurry, low quality"
 
 
 def _ours(model_path, scheduler, steps, guidance, seed, negative=NEGATIVE, size=64, prompt=PROMPT):
-    r = Renderer(EngineConfig(model=str(model_path)))
+    r = Renderer(ModelConfig(model=str(model_path)))
     img = render_batch(r.model, r.backend, r.encoder, [FrameJob("m", "f", prompt, negative, seed)],
                        BatchSettings(size, size, steps, guidance, scheduler))[0]
     return img.astype(np.int16)
@@ -64,7 +64,7 @@ def test_sdxl_matches_diffusers(tiny_sdxl, scheduler, negative):
 def test_non_square_matches_diffusers(tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
     ours = render_batch(r.model, r.backend, r.encoder, [FrameJob("m", "f", PROMPT, NEGATIVE, 5)],
                         BatchSettings(96, 64, 3, 7.5, "dpmpp"))[0].astype(np.int16)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import switch_index
 from movielm_fast.engine.schedulers import make_scheduler
@@ -54,7 +54,7 @@ def _settings(refiner, scheduler="euler", steps=6, guidance=5.0, switch=0.8):
 
 @pytest.mark.parametrize("scheduler,guidance,switch", [("euler", 5.0, 0.8), ("dpmpp", 1.0, 0.5)])
 def test_refiner_matches_diffusers(tiny_sdxl, tiny_refiner, scheduler, guidance, switch):
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     ours = r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 11)],
                     _settings(tiny_refiner, scheduler, 6, guidance, switch))[0][0].astype(np.int16)
     ref = _diffusers(tiny_sdxl, tiny_refiner, scheduler, 6, guidance, switch, seed=11)
@@ -80,7 +80,7 @@ def test_refiner_unet_inputs_equal_diffusers(tiny_sdxl, tiny_refiner):
     what each UNet call is given -- timesteps, time ids (aesthetic 6.0, negatives 2.5), pooled and token states."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     expert = r._refiner(str(tiny_refiner))
     base_rec, ref_rec = Recording(r.backend), Recording(expert.backend)
     r.backend, expert.backend = base_rec, ref_rec
@@ -127,7 +127,7 @@ def test_switch_splits_the_schedule_like_diffusers():
 
 
 def test_refiner_batches_like_the_base(tiny_sdxl, tiny_refiner):
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     jobs = [FrameJob("m", "a", PROMPT, NEGATIVE, 1), FrameJob("m", "b", "a red door", "", 2)]
     s = _settings(tiny_refiner, steps=4)
     together = r.render(jobs, s)[0].numpy().astype(np.int16)
@@ -139,8 +139,8 @@ def test_onnxruntime_refiner_matches_torch(tiny_sdxl, tiny_refiner):
     pytest.importorskip("onnxruntime")
     job = FrameJob("m", "f", PROMPT, NEGATIVE, 5)
     s = _settings(tiny_refiner, steps=4)
-    torch_img = Renderer(EngineConfig(model=str(tiny_sdxl))).render([job], s)[0][0].astype(np.int16)
-    ort = Renderer(EngineConfig(model=str(tiny_sdxl), backend="onnxruntime"))
+    torch_img = Renderer(ModelConfig(model=str(tiny_sdxl))).render([job], s)[0][0].astype(np.int16)
+    ort = Renderer(ModelConfig(model=str(tiny_sdxl), backend="onnxruntime"))
     ort_img = ort.render([job], s)[0][0].astype(np.int16)
     assert np.abs(torch_img - ort_img).max() <= 2
     from movielm_fast.export.onnx_export import META_MODEL_HASH
@@ -221,7 +221,7 @@ def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
     whether the refiner is loaded before or after the token is bound."""
     from movielm_fast.run.tasks import StyleToken
 
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")
     r.bind([token])
     expert = r._refiner(str(tiny_refiner))

@@ -16,10 +16,11 @@ from PIL import Image
 
 from movielm_fast import paths as paths_mod
 from movielm_fast.cli.main import cli
-from movielm_fast.run import outputs as outputs_mod
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings
+from movielm_fast.run import outputs as outputs_mod
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -30,11 +31,11 @@ SMALL = {"width": 64, "height": 64, "steps": 3, "guidance": 7.5, "seed": 11}
 
 @pytest.fixture(scope="module")
 def demo_renderer():
-    return Renderer(EngineConfig(model="demo"))
+    return Renderer(ModelConfig(model="demo"))
 
 
 def _config(out, **kw):
-    return EngineConfig(model="demo", out=out, **kw)
+    return RunConfig(out=out, style_training=False, **kw)
 
 
 def test_outputs_match_design(tmp_path, demo_renderer):
@@ -281,8 +282,8 @@ def test_single_file_without_offline_config_explains_conversion(tmp_path):
 
 def test_bf16_render_is_close_to_fp32(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("bf", 1)], SMALL)
-    render(EngineConfig(model="demo", out=tmp_path / "fp32", dtype="fp32"), [plan])
-    render(EngineConfig(model="demo", out=tmp_path / "bf16", dtype="bf16"), [plan])
+    render(RunConfig(out=tmp_path / "fp32", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo", dtype="fp32")))
+    render(RunConfig(out=tmp_path / "bf16", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo", dtype="bf16")))
     a = load_png(tmp_path / "fp32" / "bf" / "frames" / "000.png").astype(np.float64)
     b = load_png(tmp_path / "bf16" / "bf" / "frames" / "000.png").astype(np.float64)
     psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-9))

@@ -17,13 +17,14 @@ from movielm_fast.cli.export_cmds import export_cmd
 from movielm_fast.cli.llm_cmds import dataset_cmd
 from movielm_fast.cli.main import cli
 from movielm_fast.data.dataset import DatasetOptions, export_dataset
-from movielm_fast.run import outputs as outputs_mod
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.frames import OVERFLOW
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.export import cache
 from movielm_fast.paths import cache_root
 from movielm_fast.plan import RenderSettings, load_plan
+from movielm_fast.run import outputs as outputs_mod
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor, reason
 from movielm_fast.run.outputs import anchor_file, storyboard
@@ -36,16 +37,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def null_renderer():
-    return Renderer(EngineConfig(model="demo", backend="null"))
+    return Renderer(ModelConfig(model="demo", backend="null"))
 
 
 @pytest.fixture(scope="module")
 def demo_renderer():
-    return Renderer(EngineConfig(model="demo"))
+    return Renderer(ModelConfig(model="demo"))
 
 
 def _render(renderer, out, plan, **cfg):
-    return render(EngineConfig(model="demo", out=out, **cfg), [plan], executor=LocalExecutor(renderer=renderer))
+    return render(RunConfig(out=out, style_training=False, **cfg), [plan], executor=LocalExecutor(renderer=renderer))
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

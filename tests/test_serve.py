@@ -286,7 +286,18 @@ def test_render_server_refuses_flags_it_cannot_honour(tmp_path, flag):
 
 
 def test_every_render_flag_has_a_server_rule():
-    from movielm_fast.cli.options import CLIENT_SIDE, REFUSED_ON_SERVER, RENDER_KEYS, SERVED_OPTIONS, SERVED_SETTINGS
+    """Each render flag is sent with the plan (as a render setting or an option), used by the client, or refused
+    with its reason; the rules, the server's PlanOptions and the flags all come from the settings' declarations."""
+    from movielm_fast.cli.main import render_cmd
+    from movielm_fast.cli.options import RENDER_SETTINGS, server_rule, setting_flags
+    from movielm_fast.serve.options import PlanOptions
+    from movielm_fast.settings import CLIENT, PER_PLAN
 
-    rules = [*SERVED_SETTINGS, *SERVED_OPTIONS, *CLIENT_SIDE, *REFUSED_ON_SERVER]
-    assert sorted(rules) == sorted(RENDER_KEYS)  # each flag exactly once: a new flag needs a rule here
+    flags = setting_flags(*RENDER_SETTINGS)
+    assert {p.name for p in render_cmd.params} - {"plans", "out", "server", "token", "as_json"} == \
+        {name for _, name in flags}  # every render flag is a declared setting
+    rules = {name: server_rule(model, name) for model, name in flags}
+    for name, rule in rules.items():
+        assert rule in ("render", PER_PLAN, CLIENT) or (isinstance(rule, tuple) and all(rule)), name
+    assert set(PlanOptions.model_fields) == {"render"} | {n for n, r in rules.items() if r == PER_PLAN}
+    assert {n for n, r in rules.items() if r == PER_PLAN} == {"image_format", "quality", "replace", "style_training"}

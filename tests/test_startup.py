@@ -4,9 +4,10 @@
 import pytest
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.models import load_model
-from movielm_fast.run.batching import first_frame_alone, ramp_first_batch, throughput_batch
+from movielm_fast.run.batching import first_frame_alone, ramp_first_batch, shape_cost, throughput_batch
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -22,7 +23,7 @@ RUN_PHASES = {"plan", "styles", "tasks", "first_batch", "first_prompt_encode", "
 
 def test_summary_reports_every_phase_and_the_first_image(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("s", 2)], TINY)
-    summary = render(EngineConfig(model="demo", out=tmp_path / "out"), [plan])  # loads the model itself
+    summary = render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo")))  # loads the model itself
     startup = summary.as_dict()["startup"]
     assert LOAD_PHASES | RUN_PHASES <= set(startup["phases"])
     assert all(v >= 0 for v in startup["phases"].values())
@@ -32,10 +33,10 @@ def test_summary_reports_every_phase_and_the_first_image(tmp_path):
 
 
 def test_a_resident_executor_charges_its_model_load_to_the_first_job_only(tmp_path):
-    executor = LocalExecutor(EngineConfig(model="demo"))
+    executor = LocalExecutor(ModelConfig(model="demo"))
     plan = write_plan(tmp_path / "plan.json", [movie("r", 1)], TINY)
-    first = render(EngineConfig(model="demo", out=tmp_path / "a"), [plan], executor=executor)
-    second = render(EngineConfig(model="demo", out=tmp_path / "b"), [plan], executor=executor)
+    first = render(RunConfig(out=tmp_path / "a", style_training=False), [plan], executor=executor)
+    second = render(RunConfig(out=tmp_path / "b", style_training=False), [plan], executor=executor)
     assert LOAD_PHASES <= set(first.startup["phases"])
     assert not LOAD_PHASES & set(second.startup["phases"])
     assert second.startup["time_to_first_image"] is not None
@@ -43,9 +44,9 @@ def test_a_resident_executor_charges_its_model_load_to_the_first_job_only(tmp_pa
 
 def test_nothing_rendered_means_no_first_image(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("d", 1)], TINY)
-    executor = LocalExecutor(EngineConfig(model="demo"))
-    render(EngineConfig(model="demo", out=tmp_path / "out"), [plan], executor=executor)
-    again = render(EngineConfig(model="demo", out=tmp_path / "out"), [plan], executor=executor)
+    executor = LocalExecutor(ModelConfig(model="demo"))
+    render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=executor)
+    again = render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=executor)
     assert again.frames_skipped == 1 and again.startup["time_to_first_image"] is None
     assert "first_batch" not in again.startup["phases"]
 
@@ -91,9 +92,9 @@ def test_a_force_upcast_vae_stays_float32(tiny_sd):
 
 
 def test_renderer_loads_for_the_torch_backend_only_in_its_dtype():
-    r = Renderer(EngineConfig(model="demo", dtype="bf16"))
+    r = Renderer(ModelConfig(model="demo", dtype="bf16"))
     assert next(r.model.unet.parameters()).dtype == torch.bfloat16
-    null = Renderer(EngineConfig(model="demo", dtype="bf16", backend="null"))
+    null = Renderer(ModelConfig(model="demo", dtype="bf16", backend="null"))
     assert next(null.model.unet.parameters()).dtype == torch.float32  # exporters and null: as the files say
 
 
@@ -110,21 +111,22 @@ def test_first_batch_ramp_policy():
     assert first_frame_alone([[1, 2, 3, 4], [5, 6]]) == [[1], [2, 3, 4], [5, 6]]
     assert first_frame_alone([[1], [2, 3]]) == [[1], [2, 3]]
     assert first_frame_alone([]) == []
-    assert ramp_first_batch(EngineConfig())
-    assert not ramp_first_batch(EngineConfig(batch_size=4))  # a size the user chose is kept
-    assert not ramp_first_batch(EngineConfig(cuda_graphs=True))  # a new size would cost a graph capture
-    assert not ramp_first_batch(EngineConfig(device="cuda"))  # graphs are the torch backend's default on CUDA
-    assert ramp_first_batch(EngineConfig(device="cuda", cuda_graphs=False))
-    assert not ramp_first_batch(EngineConfig(compile_unet=True))
-    assert not ramp_first_batch(EngineConfig(dtype="bf16"))  # the CPU's bf16 path compiles per shape
+    assert ramp_first_batch("auto", shape_cost(ModelConfig()))
+    assert not ramp_first_batch(4, shape_cost(ModelConfig()))  # a size the user chose is kept
+    assert not shape_cost(ModelConfig(cuda_graphs=True))  # a new size would cost a graph capture
+    assert shape_cost(ModelConfig(device="cuda"))  # graphs are the torch backend's default on CUDA
+    assert not shape_cost(ModelConfig(device="cuda", cuda_graphs=False))
+    assert shape_cost(ModelConfig(compile_unet=True))
+    assert shape_cost(ModelConfig(dtype="bf16"))  # the CPU's bf16 path compiles per shape
+    assert not ramp_first_batch("auto", True)
 
 
 def test_auto_renders_one_frame_first_and_the_same_pixels(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("p", 5)], TINY)
-    executor = LocalExecutor(EngineConfig(model="demo"))
+    executor = LocalExecutor(ModelConfig(model="demo"))
     sizes: dict[str, list[int]] = {"auto": [], "4": []}
     for name, bs in (("auto", "auto"), ("4", 4)):
-        render(EngineConfig(model="demo", out=tmp_path / name, batch_size=bs), [plan], executor=executor,
+        render(RunConfig(out=tmp_path / name, batch_size=bs, style_training=False), [plan], executor=executor,
                progress=lambda n, total, name=name: sizes[name].append(n))
     assert sizes == {"auto": [0, 1, 3, 1], "4": [0, 4, 1]}
     for i in range(5):

@@ -11,12 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.step_cache import CachedUNet, StepCache, check_step_cache
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import UNetGraph
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -29,7 +30,7 @@ SMALL = {"width": 64, "height": 64, "steps": 6, "guidance": 7.5, "seed": 11}
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
 def renderer(request, tiny_sd, tiny_sdxl):
-    return Renderer(EngineConfig(model=str(tiny_sd if request.param == "sd" else tiny_sdxl)))
+    return Renderer(ModelConfig(model=str(tiny_sd if request.param == "sd" else tiny_sdxl)))
 
 
 def _unet_inputs(unet, batch=2, h=8, w=6):
@@ -137,11 +138,11 @@ def test_batch_and_cfg_invariance(renderer):
 
 def test_keys_manifest_and_resume(tmp_path, tiny_sd):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 2)], SMALL)
-    base = Renderer(EngineConfig(model=str(tiny_sd)))
-    cached = Renderer(EngineConfig(model=str(tiny_sd), step_cache=3, step_cache_depth=1), model=base.model)
+    base = Renderer(ModelConfig(model=str(tiny_sd)))
+    cached = Renderer(ModelConfig(model=str(tiny_sd), step_cache=3, step_cache_depth=1), model=base.model)
 
     def run(renderer, **cfg):
-        return render(EngineConfig(model="x", out=tmp_path / "out", **cfg), [plan],
+        return render(RunConfig(out=tmp_path / "out", style_training=False, **cfg), [plan],
                       executor=LocalExecutor(renderer=renderer))
 
     assert run(base).frames_rendered == 2
@@ -163,8 +164,8 @@ def test_keys_manifest_and_resume(tmp_path, tiny_sd):
 def test_consistency_mode_refused(tmp_path, tiny_sd):
     m = movie("c", 2, render={"consistency": {"mode": "anchor_attention"}})
     plan = write_plan(tmp_path / "plan.json", [m], SMALL)
-    r = Renderer(EngineConfig(model=str(tiny_sd), step_cache=3))
-    summary = render(EngineConfig(model="x", out=tmp_path / "out"), [plan], executor=LocalExecutor(renderer=r))
+    r = Renderer(ModelConfig(model=str(tiny_sd), step_cache=3))
+    summary = render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(renderer=r))
     assert summary.frames_rendered == 0 and len(summary.failures) == 1
     assert "consistency mode cannot run with --step-cache" in summary.failures[0]["reason"]
 
@@ -181,8 +182,8 @@ def test_cli_flags(tmp_path):
 @pytest.mark.gpu
 def test_cuda_graphs_replay_both_steps(tiny_sd):
     """The full and the cached step are captured as two graphs; the features cross between them unchanged."""
-    eager = Renderer(EngineConfig(model=str(tiny_sd), device="cuda"))
-    graphed = Renderer(EngineConfig(model=str(tiny_sd), device="cuda", cuda_graphs=True))
+    eager = Renderer(ModelConfig(model=str(tiny_sd), device="cuda"))
+    graphed = Renderer(ModelConfig(model=str(tiny_sd), device="cuda", cuda_graphs=True))
     s = BatchSettings(64, 64, 7, 7.5, "dpmpp", step_cache=StepCache(3, 0))
     a, b = _frame(eager, s), _frame(graphed, s)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -12,11 +12,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import UserError
 from movielm_fast.plan import Style
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
+from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.style.immobilize import StyleSettings, immobilize_style, list_styles
 from tests.helpers import movie, write_plan
@@ -43,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def sd_renderer(tiny_sd):
-    return Renderer(EngineConfig(model=str(tiny_sd)))
+    return Renderer(ModelConfig(model=str(tiny_sd)))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def test_diffusers_loads_the_file_and_encodes_like_us(tiny_sd, sd_renderer, trai
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
     pipe.load_textual_inversion(str(path))  # the token comes from the file, as for any diffusers embedding
     ref = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
-    r = Renderer(EngineConfig(model=str(tiny_sd)))  # fresh tokenizers: binding a token changes them
+    r = Renderer(ModelConfig(model=str(tiny_sd)))  # fresh tokenizers: binding a token changes them
     r.encoder.add_token(token, vectors_for_model(load_embedding(path), "sd"), str(path))
     ours = r.encoder.encode(prompt).hidden
     assert ours.shape == ref.shape == (1, 77, 32)
@@ -147,7 +149,7 @@ def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     before = [{k: v.clone() for k, v in enc.state_dict().items()} for enc in r.model.text_encoders]
     s = StyleSettings(steps=4, scenes=2, batch_size=2, scene_steps=2, eval_samples=2)
     result = immobilize_style(r.scene_renderer, STYLE, s, out=tmp_path)
@@ -166,7 +168,7 @@ def test_sdxl_generated_scenes_both_encoders_and_diffusers(tiny_sdxl, tmp_path):
                                 tokenizer=pipe.tokenizer_2)
     ref_hidden, _, ref_pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
-    fresh = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    fresh = Renderer(ModelConfig(model=str(tiny_sdxl)))
     fresh.encoder.add_token(token, vectors_for_model(load_embedding(result.path), "sdxl"), str(result.path))
     ours = fresh.encoder.encode(prompt)
     torch.testing.assert_close(ours.hidden, ref_hidden.float(), atol=1e-5, rtol=1e-5)
@@ -197,7 +199,7 @@ def test_two_styles_with_one_token_name_both_render(tmp_path, tiny_sd):
         movie("warm", 1, style={"name": "Gothic", "description": "soft sepia"}),
         movie("cold", 1, style={"name": "Gothic", "description": "cold blue moonlight"})],
         {"width": 64, "height": 64, "steps": 2, "seed": 3})
-    summary = render(EngineConfig(model=str(tiny_sd), out=tmp_path / "out", style_training=True), [plan])
+    summary = render(RunConfig(out=tmp_path / "out", style_training=True), [plan], executor=LocalExecutor(ModelConfig(model=str(tiny_sd))))
     assert summary.frames_rendered == 2 and summary.failures == []
     prompts = {m: json.loads((tmp_path / "out" / m / "manifest.json").read_text())["frames"][0]["prompt"]
                for m in ("warm", "cold")}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.text import CHUNK, parse_emphasis
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import UserError
@@ -39,7 +39,7 @@ def test_character_substitution_whole_words_longest_first():
 
 @pytest.fixture(scope="module")
 def sd_renderer(tiny_sd):
-    return Renderer(EngineConfig(model=str(tiny_sd)))
+    return Renderer(ModelConfig(model=str(tiny_sd)))
 
 
 def test_plain_prompt_equals_diffusers_encode_prompt(tiny_sd, sd_renderer):
@@ -101,7 +101,7 @@ _BATCH = [("a castle in the fog", "ugly"), ("a (red:1.4) door, ((rain))", "ugly"
 def test_batched_encoding_equals_one_prompt_at_a_time(kind, tiny_sd, tiny_sdxl):
     from movielm_fast.engine.text import PromptEncoder
 
-    r = Renderer(EngineConfig(model=str(tiny_sd if kind == "sd" else tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sd if kind == "sd" else tiny_sdxl)))
     torch.manual_seed(3)
     vectors = [torch.randn(2, t.shape[1]) for t in r.encoder.tables]  # a two-vector textual-inversion token
     encoders = [PromptEncoder(r.model, _CountingBackend(r.backend)) for _ in range(2)]
@@ -171,7 +171,7 @@ def test_sd1_textual_inversion_matches_diffusers(tiny_sd, tmp_path, fmt):
     prompt = "a ballroom, <gothic>, candles"
     ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
 
-    r = Renderer(EngineConfig(model=str(tiny_sd)))
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
     emb = load_embedding(file)
     r.encoder.add_token("<gothic>", vectors_for_model(emb, "sd"), str(file))
     ours = r.encoder.encode(prompt).hidden
@@ -193,7 +193,7 @@ def test_sdxl_textual_inversion_matches_diffusers(tiny_sdxl, tmp_path):
     prompt = "<sx> a harbour at night"
     ref, _, ref_pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
 
-    r = Renderer(EngineConfig(model=str(tiny_sdxl)))
+    r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     r.encoder.add_token("<sx>", vectors_for_model(load_embedding(file), "sdxl"), str(file))
     ours = r.encoder.encode(prompt)
     assert torch.allclose(ours.hidden, ref, atol=1e-5)

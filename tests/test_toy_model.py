@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from movielm_fast.bench.toy import judge as J
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.run.renderer import Renderer
@@ -23,7 +23,7 @@ def test_demo_is_the_toy_model():
 
 
 def test_demo_draws_the_background_and_colours_it_is_asked_for():
-    r = Renderer(EngineConfig(model="demo"))
+    r = Renderer(ModelConfig(model="demo"))
     captions = ["a big red circle on the left, on grass", "a big yellow square in the centre, at night",
                 "a big white circle on the right, at sunset", "a big blue square in the centre, in the sky"]
     jobs = [FrameJob("t", str(i), c, "", 100 + i) for i, c in enumerate(captions)]

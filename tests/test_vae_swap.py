@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.run.renderer import Renderer
@@ -59,7 +59,7 @@ def test_swapped_vae_matches_diffusers(request, vaes, kind, name):
 
     model = request.getfixturevalue("tiny_sd" if kind == "sd" else "tiny_sdxl")
     vae = (AutoencoderTiny if name == "taesd" else AutoencoderKL).from_pretrained(vaes / name)
-    r = Renderer(EngineConfig(model=str(model)))
+    r = Renderer(ModelConfig(model=str(model)))
     ours = _ours(r, vaes / name)
     ref = _diffusers(StableDiffusionPipeline if kind == "sd" else StableDiffusionXLPipeline, model, vae)
     assert np.abs(ours - ref).max() <= 2
@@ -79,8 +79,8 @@ def test_fp16_fix_vae_decodes_in_fp16(tiny_sdxl, vaes):
 
 def test_onnxruntime_swapped_vae_matches_torch(tiny_sd, vaes):
     pytest.importorskip("onnxruntime")
-    ours = _ours(Renderer(EngineConfig(model=str(tiny_sd))), vaes / "taesd")
-    ort = Renderer(EngineConfig(model=str(tiny_sd), backend="onnxruntime"))
+    ours = _ours(Renderer(ModelConfig(model=str(tiny_sd))), vaes / "taesd")
+    ort = Renderer(ModelConfig(model=str(tiny_sd), backend="onnxruntime"))
     assert np.abs(_ours(ort, vaes / "taesd") - ours).max() <= 2
     decoder = ort.decoders[str(vaes / "taesd")]
     assert list(decoder.graphs) == ["vae_decoder"]  # its own export: nothing of the model is exported again

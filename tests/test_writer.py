@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from movielm_fast.cli.main import cli
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.outputs import read_frame_metadata, read_manifest
@@ -27,7 +28,7 @@ SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
 
 @pytest.fixture(scope="module")
 def null_renderer():
-    return Renderer(EngineConfig(model="demo", backend="null"))
+    return Renderer(ModelConfig(model="demo", backend="null"))
 
 
 def _files(out):
@@ -42,12 +43,12 @@ def _without_seconds(manifest: bytes) -> dict:
 
 
 def test_pipelined_writer_gives_the_same_files_as_the_sequential_one(tmp_path):
-    renderer = Renderer(EngineConfig(model="demo"))  # real pixels: every frame differs
+    renderer = Renderer(ModelConfig(model="demo"))  # real pixels: every frame differs
     plan = write_plan(tmp_path / "plan.json", [movie("a", 7), movie("b", 3)], SMALL)
     outs = {}
     for threads in (0, 2):
         out = tmp_path / f"t{threads}"
-        cfg = EngineConfig(model="demo", out=out, batch_size=3, writer_threads=threads)
+        cfg = RunConfig(out=out, batch_size=3, writer_threads=threads, style_training=False)
         summary = render(cfg, [plan], executor=LocalExecutor(renderer=renderer))
         assert summary.frames_rendered == 10 and summary.write["frames"] == 10
         outs[threads] = _files(out)
@@ -65,7 +66,7 @@ def test_pipelined_writer_gives_the_same_files_as_the_sequential_one(tmp_path):
 def test_lossy_formats_keep_metadata_and_are_recorded(tmp_path, null_renderer, fmt, quality):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 2)], SMALL)
     out = tmp_path / "out"
-    cfg = EngineConfig(model="demo", out=out, backend="null", image_format=fmt, image_quality=quality)
+    cfg = RunConfig(out=out, image_format=fmt, quality=quality, style_training=False)
     render(cfg, [plan], executor=LocalExecutor(renderer=null_renderer))
     manifest = json.loads((out / "m" / "manifest.json").read_text())
     assert manifest["settings"]["image_format"] == fmt
@@ -78,7 +79,7 @@ def test_lossy_formats_keep_metadata_and_are_recorded(tmp_path, null_renderer, f
     with Image.open(out / "m" / entry["file"]) as im:
         assert im.format == {"jpg": "JPEG", "webp": "WEBP"}[fmt] and im.size == (64, 64)
     # Another format is another output: the frames are made again, not taken for done.
-    again = render(EngineConfig(model="demo", out=out, backend="null"), [plan],
+    again = render(RunConfig(out=out, style_training=False), [plan],
                    executor=LocalExecutor(renderer=null_renderer))
     assert again.frames_rendered == 2
     assert json.loads((out / "m" / "manifest.json").read_text())["frames"][0]["file"] == "frames/000.png"
@@ -87,7 +88,7 @@ def test_lossy_formats_keep_metadata_and_are_recorded(tmp_path, null_renderer, f
 def test_journal_entries_count_until_the_manifest_is_rewritten(tmp_path, null_renderer):
     plan = write_plan(tmp_path / "plan.json", [movie("j", 3)], SMALL)
     out = tmp_path / "out"
-    render(EngineConfig(model="demo", out=out, backend="null"), [plan], executor=LocalExecutor(renderer=null_renderer))
+    render(RunConfig(out=out, style_training=False), [plan], executor=LocalExecutor(renderer=null_renderer))
     manifest_path = out / "j" / "manifest.json"
     full = json.loads(manifest_path.read_text())
     # As a killed run leaves it: manifest.json with one frame, the other two in the journal, the last line cut.
@@ -97,7 +98,7 @@ def test_journal_entries_count_until_the_manifest_is_rewritten(tmp_path, null_re
     journal.write_text("".join(json.dumps(e) + "\n" for e in rest) + '{"id": "00')
     merged = read_manifest(manifest_path)
     assert [f["id"] for f in merged["frames"]] == ["000", "001", "002"]
-    resumed = render(EngineConfig(model="demo", out=out, backend="null"), [plan],
+    resumed = render(RunConfig(out=out, style_training=False), [plan],
                      executor=LocalExecutor(renderer=null_renderer))
     assert resumed.frames_rendered == 0 and resumed.frames_skipped == 3
     assert not journal.exists() and len(json.loads(manifest_path.read_text())["frames"]) == 3
@@ -179,11 +180,11 @@ def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_pa
 def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
     """Frames of the earlier run are read back from their files into the sheet, this run's come from its pixels:
     the same file either way."""
-    renderer = Renderer(EngineConfig(model="demo"))
+    renderer = Renderer(ModelConfig(model="demo"))
     plan = write_plan(tmp_path / "plan.json", [movie("s", 7)], SMALL)
 
     def run(out, progress=None):
-        cfg = EngineConfig(model="demo", out=out, batch_size=3, writer_threads=2)
+        cfg = RunConfig(out=out, batch_size=3, writer_threads=2, style_training=False)
         return render(cfg, [plan], progress, executor=LocalExecutor(renderer=renderer))
 
     def interrupt(done, total):

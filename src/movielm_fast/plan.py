@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from movielm_fast.errors import PlanError
+from movielm_fast.settings import setting
 
 SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "tcd", "pndm", "default")
 """The sampling algorithms a plan may name (engine.schedulers builds each from the model's own scheduler config);
@@ -125,27 +126,31 @@ class ConsistencySettings(BaseModel):
 
 
 class RenderSettings(_Strict):
-    """Per-frame rendering settings. Every field is optional here so that layers can cascade."""
+    """Per-frame rendering settings. Every field is optional here so that layers can cascade; the fields with a
+    help text are also command-line flags (--width, --steps, ...), which win over every plan."""
 
-    width: int | None = Field(default=None, ge=64, le=4096)
-    height: int | None = Field(default=None, ge=64, le=4096)
-    steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance: float | None = Field(default=None, ge=0.0, le=50.0)
-    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
-    negative_prompt: str | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    width: int | None = setting(None, "Frame width in pixels (default: the model's native size).", ge=64, le=4096)
+    height: int | None = setting(None, "Frame height in pixels (default: the model's native size).", ge=64, le=4096)
+    steps: int | None = setting(None, "Denoising steps.", ge=1, le=1000)
+    guidance: float | None = setting(None, "Classifier-free guidance scale (1 or less: none; guidance-distilled "
+                                           "models embed it).", ge=0.0, le=50.0)
+    scheduler: Literal[SCHEDULERS] | None = setting(  # type: ignore[valid-type]
+        None, "Sampling algorithm, built from the model's own scheduler config (default: dpmpp; 'default': the "
+              "model's own class).")
+    negative_prompt: str | None = setting(None, "Negative prompt of every frame.")
+    seed: int | None = setting(None, "Image seed of every movie (default: each plan's own).", ge=0, lt=2**63)
     seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
     consistency: ConsistencySettings | None = None
-    timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = None  # type: ignore[valid-type]
-    """How the steps are spread over the training timesteps; None: as the model's scheduler config says. Few-step
-    models (SDXL-Lightning, Hyper-SD) need "trailing"."""
-    refiner: str | None = None
-    """A diffusers SDXL refiner folder (relative to the plan file) that takes over the last part of the schedule."""
-    refiner_switch: float | None = Field(default=None, gt=0.0, lt=1.0)
-    """Fraction of the schedule the base model denoises before the refiner takes over (diffusers' denoising_end)."""
-    vae: str | None = None
-    """A diffusers AutoencoderKL or AutoencoderTiny folder (relative to the plan file) that decodes instead of the
-    model's own VAE."""
+    timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = setting(  # type: ignore[valid-type]
+        None, "How the steps are spread over the training timesteps (few-step models such as SDXL-Lightning and "
+              "Hyper-SD: trailing). Default: as the model's scheduler config says.")
+    refiner: str | None = setting(None, "SDXL refiner folder that denoises the end of the schedule (base + refiner, "
+                                        "as MovieLLM); in a plan, relative to the plan file.")
+    refiner_switch: float | None = setting(None, "Fraction of the schedule the base model denoises before the "
+                                                 "refiner takes over (diffusers' denoising_end) [0.8].", gt=0.0, lt=1.0)
+    vae: str | None = setting(None, "VAE folder (AutoencoderKL, e.g. the fp16-fix SDXL VAE, or AutoencoderTiny for "
+                                    "fast drafts) that decodes instead of the model's own; in a plan, relative to the "
+                                    "plan file.")
 
     @field_validator("width", "height")
     @classmethod

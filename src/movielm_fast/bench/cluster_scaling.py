@@ -21,7 +21,6 @@ Results: bench/results/cluster-<timestamp>.json, with one rendered storyboard be
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -33,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from movielm_fast.engine.config import EngineConfig
-from movielm_fast.run.cluster import ClusterOptions, RayExecutor
+from movielm_fast.engine.config import ModelConfig
+from movielm_fast.run.cluster import RayExecutor
+from movielm_fast.run.config import ClusterOptions, RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 
@@ -52,11 +52,11 @@ def _plans(folder: Path, movies: int, frames: int, size: int, steps: int, prefix
     return folder
 
 
-def _local_reference(config, plans: Path) -> dict:
+def _local_reference(model: ModelConfig, config: RunConfig, plans: Path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one worker gets
     try:
-        executor = LocalExecutor(config)
+        executor = LocalExecutor(model)
         render(config, [plans], executor=executor)  # warm-up
         shutil.rmtree(config.out)
         s = render(config, [plans], executor=executor)
@@ -66,17 +66,18 @@ def _local_reference(config, plans: Path) -> dict:
             "seconds_per_frame": round(s.render_seconds / max(1, s.frames_rendered), 4)}
 
 
-def _case(config, workers: int, plans: Path, warm: Path, reps: int, scratch: Path) -> dict:
-    cpu = not config.device.startswith("cuda")
-    opts = ClusterOptions(address="local", workers=workers, cpus_per_worker=1 if cpu else None)
-    with RayExecutor(config, opts) as executor:
+def _case(model: ModelConfig, config: RunConfig, workers: int, plans: Path, warm: Path, reps: int,
+          scratch: Path) -> dict:
+    cpu = not model.device.startswith("cuda")
+    opts = ClusterOptions(cluster="ray", address="local", workers=workers, cpus_per_worker=1 if cpu else None)
+    with RayExecutor(model, opts) as executor:
         startup = executor.startup_seconds
         loads = [s["load_seconds"][0] for s in executor.worker_stats()]
-        warm_config = dataclasses.replace(config, out=scratch / "warm")
+        warm_config = config.changed(out=scratch / "warm")
         render(warm_config, [warm], executor=executor)
         runs = []
         for r in range(reps):
-            run_config = dataclasses.replace(config, out=scratch / f"w{workers}-r{r}")
+            run_config = config.changed(out=scratch / f"w{workers}-r{r}")
             runs.append(render(run_config, [plans], executor=executor).as_dict())
     best = sorted(runs, key=lambda d: d["images_per_second"])[len(runs) // 2]  # the median run
     return {"workers": workers, "startup_seconds": round(startup, 3), "model_load_seconds": loads,
@@ -118,13 +119,14 @@ def main(argv: list[str] | None = None) -> None:
         for size in (int(s) for s in args.size.split(",")):
             plans = _plans(scratch / f"plans-{size}", args.movies, args.frames, size, args.steps)
             warm = _plans(scratch / f"warm-{size}", max(workers), 4, size, args.steps, prefix="warm")
-            config = EngineConfig(model=args.model, device=args.device, batch_size=batch, out=scratch / "unused")
+            model = ModelConfig(model=args.model, device=args.device)
+            config = RunConfig(batch_size=batch, out=scratch / "unused", style_training=False)
             local = None
             if not args.device.startswith("cuda"):
-                local = _local_reference(EngineConfig(model=args.model, batch_size=batch,
-                                                      out=scratch / f"local-{size}"), plans)
+                local = _local_reference(ModelConfig(model=args.model), config.changed(out=scratch / f"local-{size}"),
+                                         plans)
             for n in workers:
-                case = {"size": size, "steps": args.steps, **_case(config, n, plans, warm, args.reps, scratch)}
+                case = {"size": size, "steps": args.steps, **_case(model, config, n, plans, warm, args.reps, scratch)}
                 case["local_1_thread"] = local
                 cases.append(case)
                 print(json.dumps({k: v for k, v in case.items() if k != "storyboard"}), flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.plan import parse_plan
 from movielm_fast.run.renderer import Renderer
 
@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    r = Renderer(EngineConfig(model=resolve_model(args.model)))
+    r = Renderer(ModelConfig(model=resolve_model(args.model)))
     load_start = load_average()
     cases = {"plain": (0, "none"), **{f"{k} character(s)": (k, "anchor_attention") for k in (1, 2, 3)}}
     tasks = {}
     for name, (chars, mode) in cases.items():
         lm = parse_plan(_movie(chars, args.frames, args.size, args.steps, mode))[0]
-        tasks[name] = r.tasks(lm, None, lm.settings.__class__())
+        tasks[name] = r.plan(lm, None, lm.settings.__class__()).tasks
     # Anchors once each, timed alone; their records are what every anchored frame reads.
     anchor_seconds, anchor_bytes = [], []
     for spec in {a.key: a for ts in tasks.values() for t in ts for a in t.job.anchors}.values():

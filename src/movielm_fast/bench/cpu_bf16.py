@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.base import create_backend
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.pipeline import render_batch
@@ -41,7 +41,7 @@ def measure(model: str = "sd15-arch", size: int = 256, steps: int = 4, repeats: 
     calls = {}
     for dt in ("fp32", "bf16"):  # each its own model: the bf16 path changes module layouts (channels-last)
         m = load_model(path)
-        be = create_backend("torch", m, EngineConfig(model=str(path), dtype=dt, quiet=True))
+        be = create_backend("torch", m, BackendConfig(dtype=dt))
         calls[dt] = lambda m=m, be=be: render_batch(m, be, PromptEncoder(m, be), job, s)[0]
     log(f"{features.model} ({features.tier}): {model}, one {size}x{size} frame, {steps} steps, fp32 and bf16")
     rows = interleaved(calls, repeats, log)

@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.plan import RenderSettings
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
@@ -96,8 +97,8 @@ def run_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str, ste
     shutil.rmtree(out, ignore_errors=True)
     renderer.encoder.clear_cache()  # each run encodes its prompts, as a fresh process would
     renderer.times.clear()
-    config = EngineConfig(model=renderer.config.model, out=out, backend="null", batch_size=batch, image_format=fmt,
-                          writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
+    config = RunConfig(out=out, batch_size=batch, image_format=fmt, writer_threads=threads, style_training=False,
+                       overrides=RenderSettings(width=size, height=size, steps=steps))
     t0 = time.perf_counter()
     s = render(config, [plan], executor=LocalExecutor(renderer=renderer))
     wall = time.perf_counter() - t0
@@ -141,8 +142,8 @@ def boundary_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str
     """One multi-movie run: the render thread's gaps between batches, at movie boundaries and elsewhere."""
     shutil.rmtree(out, ignore_errors=True)
     renderer.encoder.clear_cache()
-    config = EngineConfig(model=renderer.config.model, out=out, backend="null", batch_size=batch, image_format=fmt,
-                          writer_threads=threads, overrides=RenderSettings(width=size, height=size, steps=steps))
+    config = RunConfig(out=out, batch_size=batch, image_format=fmt, writer_threads=threads, style_training=False,
+                       overrides=RenderSettings(width=size, height=size, steps=steps))
     executor = _TimedExecutor(renderer)
     t0 = time.perf_counter()
     s = render(config, [plan], executor=executor)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--model", default="tiny-sd", help="tiny-sd (default), demo, sd15-arch, or a model folder")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
+    ap.add_argument("--threads", type=int, default=RunConfig.model_fields["writer_threads"].default, help="writer threads (pipelined)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
     ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     # The tiny SD model: 1/8 latents as in every real SD model, so the scheduler's host work is what a real run's
     # is (the toy demo model's 1/4 latents would quadruple it).
-    renderer = Renderer(EngineConfig(model=resolve_model(args.model), backend="null"))
+    renderer = Renderer(ModelConfig(model=resolve_model(args.model), backend="null"))
     work = Path(tempfile.mkdtemp(prefix="movielm-host-"))
     load_start = load_average()
     runs = []

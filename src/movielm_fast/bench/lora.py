@@ -48,25 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MOVIELM_CACHE"] = str(work / "cache")  # a fresh artifact cache: the export is timed
 
     from movielm_fast.engine import lora
-    from movielm_fast.engine.config import EngineConfig
+    from movielm_fast.engine.config import ModelConfig
     from movielm_fast.engine.jobs import BatchSettings, FrameJob
     from movielm_fast.run.renderer import Renderer
     from movielm_fast.testing import make_random_lora
 
     load_start = load_average()
     t0 = time.perf_counter()
-    torch_r = Renderer(EngineConfig(model=model_spec))
+    torch_r = Renderer(ModelConfig(model=model_spec))
     load_seconds = time.perf_counter() - t0
     model = torch_r.model
     files = [make_random_lora(work / f"{n}.safetensors", model.unet, model.text_encoders, rank=8, seed=i)
              for i, n in enumerate("ab")]
     set_a, set_b = lora.combine([(files[0], 0.8)]), lora.combine([(files[1], 1.0)])
     t0 = time.perf_counter()
-    onnx_r = Renderer(EngineConfig(model=model_spec, backend="onnxruntime"), model=model)
+    onnx_r = Renderer(ModelConfig(model=model_spec, backend="onnxruntime"), model=model)
     export_seconds = time.perf_counter() - t0  # export of every component + session creation
     # A session created from the artifacts already exported: what applying a set is compared with as well.
     t0 = time.perf_counter()
-    Renderer(EngineConfig(model=model_spec, backend="onnxruntime"), model=model)
+    Renderer(ModelConfig(model=model_spec, backend="onnxruntime"), model=model)
     sessions_seconds = time.perf_counter() - t0
 
     jobs = [FrameJob("bench", f"{i:03d}", f"a lighthouse on a cliff, scene {i}", "blurry", 100 + i)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.fp8 import FP8_CAPABILITY, fp8_candidates
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.step_cache import CachedUNet, StepCache
@@ -121,7 +121,7 @@ def measure(args) -> dict[str, Any]:
         if quantize not in renderers:
             renderers.clear()  # one model in memory at a time (sdxl-arch is ~10 GB in fp32)
             gc.collect()
-            renderers[quantize] = Renderer(EngineConfig(model=path, device=args.device, quantize=quantize))
+            renderers[quantize] = Renderer(ModelConfig(model=path, device=args.device, quantize=quantize))
         r = renderers[quantize]
         if flops is None:
             flops = unet_flops(dict(r.model.unet.config), args.size // r.model.vae_scale_factor, args.interval,

@@ -29,7 +29,7 @@ from diffusers import StableDiffusionPipeline
 
 from movielm_fast.engine.backends.base import UNetCond
 from movielm_fast.engine.backends.onnx_backend import cpu_threads
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
@@ -85,7 +85,7 @@ def main() -> None:
 
     # --- export (timed, fresh cache) and the UNet micro-benchmark --------------------------------------------
     t0 = time.perf_counter()
-    r = Renderer(EngineConfig(model=str(model_dir), backend="onnxruntime", device="cpu", dtype="fp32"))
+    r = Renderer(ModelConfig(model=str(model_dir), backend="onnxruntime", device="cpu", dtype="fp32"))
     res["export_and_session_seconds"] = round(time.perf_counter() - t0, 1)
     res["artifacts"] = {e.manifest["component"]: {"bytes": e.manifest["total_bytes"],
                                                   "export_seconds": e.manifest["export_seconds"],

@@ -33,7 +33,7 @@ import torch
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.base import UNetCond, create_backend
 from movielm_fast.engine.backends.onnx_backend import cpu_threads
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.pipeline import render_batch
@@ -111,7 +111,7 @@ def unet_rows(model, path: Path, features: cpu.CpuFeatures, bf16: bool, repeats:
     calls: dict[str, Callable[[], torch.Tensor]] = {}
     notes: dict[str, str] = {}
 
-    fp32 = create_backend("torch", model, EngineConfig(model=str(path), dtype="fp32"))
+    fp32 = create_backend("torch", model, BackendConfig(dtype="fp32"))
     calls["torch fp32 eager"] = lambda: fp32.denoise(x, t, cond).float()
     if bf16:
         # Each bf16 variant alone, on its own copy of the UNet (channels-last and freezing change modules).
@@ -130,13 +130,12 @@ def unet_rows(model, path: Path, features: cpu.CpuFeatures, bf16: bool, repeats:
         calls["torch bf16 eager"] = variant(False, False)
         calls["torch bf16 channels-last"] = variant(True, False)
         calls["torch bf16 compiled"] = variant(True, True)
-        ours = create_backend("torch", load_model(path), EngineConfig(model=str(path), dtype="bf16"))
+        ours = create_backend("torch", load_model(path), BackendConfig(dtype="bf16"))
         chosen = cpu.bf16_path(features)
         notes["torch bf16 (--dtype bf16)"] = chosen.why
         calls["torch bf16 (--dtype bf16)"] = lambda: ours.denoise(x, t, cond).float()
     try:
-        ort = create_backend("onnxruntime", model, EngineConfig(model=str(path), backend="onnxruntime",
-                                                                dtype="fp32"))
+        ort = create_backend("onnxruntime", model, BackendConfig(dtype="fp32"))
         calls["onnxruntime fp32"] = lambda: ort.denoise(x, t, cond).float()
     except (UserError, ImportError) as exc:
         notes["onnxruntime fp32"] = str(exc)
@@ -187,7 +186,7 @@ def frame_rows(path: Path, bf16: bool, repeats: int, steps: int, log) -> dict[st
                        output_type="np").images[0]
             return (np.asarray(img, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
         calls[f"diffusers {dt}"] = diffusers_frame
-        be = create_backend("torch", ours_model, EngineConfig(model=str(path), dtype=dt))
+        be = create_backend("torch", ours_model, BackendConfig(dtype=dt))
         # A fresh prompt encoder per frame: diffusers encodes the prompt every call too.
         calls[f"torch {dt}"] = lambda m=ours_model, be=be: render_batch(m, be, PromptEncoder(m, be), job, s)[0]
     log(f"frame 256², {steps} steps, batch 1:")

@@ -30,7 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from movielm_fast.engine.backends.base import backend_names, create_backend
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
 from movielm_fast.engine.oom import is_oom
@@ -68,7 +68,7 @@ PROMPTS = [
 
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """"torch+cuda_graphs+sdpa_backend=flash+no-fuse_qkv" -> ("torch", {cuda_graphs: True, sdpa_backend: "flash",
-    fuse_qkv: False}); the options are EngineConfig fields. ``dtype=bf16`` runs one entry in another dtype than
+    fuse_qkv: False}); the options are engine.config.BackendConfig fields. ``dtype=bf16`` runs one entry in another dtype than
     the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
     allowed = {"attention", "sdpa_backend", "channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_qkv",
@@ -194,15 +194,14 @@ def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dty
 class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print):
         self.log = log
-        probe = EngineConfig(device=settings.device, dtype=settings.dtype)
+        probe = BackendConfig(device=settings.device, dtype=settings.dtype)
         self.device, self.dtype, self.dtype_name = probe.torch_device, probe.torch_dtype, probe.dtype_name
         self.model_path = resolve_model(settings.model)
         log(f"loading {settings.model} ...")
         self.model = load_model(self.model_path)
         native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
         self.s = settings.resolved(self.device, native)
-        self.engine_config = lambda backend, **opts: EngineConfig(
-            model=self.model_path, backend=backend, device=settings.device, **{"dtype": settings.dtype, **opts})
+        self.backend_config = lambda **opts: BackendConfig(device=settings.device, **{"dtype": settings.dtype, **opts})
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine
@@ -232,7 +231,7 @@ class Bench:
             try:
                 # A variant changes modules in place (attention processors, fused QKV): give it its own copy.
                 model = load_model(self.model_path) if opts else self.model
-                impl = create_backend(base, model, self.engine_config(base, **opts))
+                impl = create_backend(base, model, self.backend_config(**opts))
             except Exception as exc:  # noqa: BLE001 - one backend failing to start must not lose the others' run
                 kind = "" if isinstance(exc, (UserError, ImportError)) else f"{type(exc).__name__}: "
                 self._skip(name, kind + str(exc).replace("\n", " ")[:300])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
@@ -81,7 +81,7 @@ def measure_flops(interval: int, steps: int) -> dict[str, Any]:
 def measure_demo(args) -> dict[str, Any]:
     captions = [s.caption() for s in held_out_scenes(args.frames)]
     conditioning = {}
-    plain = Renderer(EngineConfig(model="demo"))
+    plain = Renderer(ModelConfig(model="demo"))
     cache = StepCache(args.interval, args.depth)
     settings = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
     runs: dict[str, dict[str, list]] = {"uncached": {"unet": [], "total": []}, "cached": {"unet": [], "total": []}}

@@ -34,7 +34,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = EngineConfig(model=resolve_model(args.model), device=args.device, dtype=args.dtype, quiet=True)
+    config = ModelConfig(model=resolve_model(args.model), device=args.device, dtype=args.dtype)
     device = config.torch_device
     info = machine_info(device)
     t0 = time.perf_counter()

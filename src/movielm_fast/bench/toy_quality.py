@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.step_cache import StepCache
 from movielm_fast.plan import Style, parse_plan
@@ -189,7 +189,7 @@ def check_consistency(r: Renderer, args) -> dict:
         colour_ok = shape_ok = total = 0
         for seed in range(args.story_seeds):
             lm = parse_plan(story_plan(mode, args.steps, args.guidance, seed))[0]
-            tasks = r.tasks(lm, None, lm.settings.__class__())
+            tasks = r.plan(lm, None, lm.settings.__class__()).tasks
             images = np.concatenate([r.render([t.job], t.settings)[0] for t in tasks])
             for img, (_, cast) in zip(images, STORY):
                 got = J.read(img)
@@ -203,7 +203,7 @@ def check_consistency(r: Renderer, args) -> dict:
     return out
 
 
-LOSSY_CASES = [  # name, EngineConfig fields, BatchSettings fields (besides the reference's)
+LOSSY_CASES = [  # name, ModelConfig fields, BatchSettings fields (besides the reference's)
     ("bf16", {"dtype": "bf16"}, {}), ("fp16", {"dtype": "fp16"}, {}),
     ("dpmpp 8 steps", {}, {"steps": 8}), ("dpmpp 4 steps", {}, {"steps": 4}),
     ("lcm 4 steps", {}, {"steps": 4, "scheduler": "lcm"}),
@@ -228,7 +228,7 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
             continue
         t0 = time.perf_counter()
         try:
-            r = Renderer(EngineConfig(model=model, **config))
+            r = Renderer(ModelConfig(model=model, **config))
             images = render_prompts(r, captions, replace(reference, **settings))
         except Exception as exc:  # fp16 convolutions are missing on some CPU builds: report, go on
             out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = set(args.checks.split(","))
 
     load_start = load_average()
-    r = Renderer(EngineConfig(model=args.model))
+    r = Renderer(ModelConfig(model=args.model))
     scenes = held_out_scenes(args.n)
     result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": machine_info(torch.device("cpu")),
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         result["style"] = check_style(r, args, scenes[:args.lossy_n])
         print("style", {k: v for k, v in result["style"].items() if isinstance(v, dict)})
     if "consistency" in checks:
-        result["consistency"] = check_consistency(Renderer(EngineConfig(model=args.model)), args)
+        result["consistency"] = check_consistency(Renderer(ModelConfig(model=args.model)), args)
         print("consistency", result["consistency"])
     if "lossy" in checks:
         result["lossy"] = check_lossy(args.model, args, scenes[:args.lossy_n], fp32_images[:args.lossy_n])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from movielm_fast.engine.backends.base import create_backend
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.models import load_vae
 
 from .hardware import RESULTS, load_average, machine_info, synchronize
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    config = EngineConfig(device=args.device)
+    config = BackendConfig(device=args.device)
     device = config.torch_device
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .clean_errors import CleanErrors
-from .options import engine_config, render_options
+from .options import render_configs, render_options
 
 DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture model trained on this project's toy "
              "world: 64x64 scenes of coloured circles, squares and triangles on five backgrounds in five styles "
@@ -72,7 +72,7 @@ def _quiet_libraries() -> None:
                                "--image-format, --replace, ...) go with each plan; flags of the resident model "
                                "(--model, --device, --lora, ...) are refused: they are the server's.")
 @click.option("--token", envvar="MOVIELM_SERVE_TOKEN", help="The server's token (env MOVIELM_SERVE_TOKEN).")
-@render_options
+@render_options()
 def render_cmd(plans, out, server, token, **kw):
     if server:
         from .options import server_options
@@ -80,20 +80,23 @@ def render_cmd(plans, out, server, token, **kw):
         ctx = click.get_current_context()
         given = {p.name: p.opts[0] for p in ctx.command.params if p.name in kw and ctx.get_parameter_source(
             p.name) not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
-        as_json, quiet = kw["as_json"], kw["quiet"]
+        as_json, quiet = kw.pop("as_json"), kw["quiet"]
         return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.run.driver import render
+    from movielm_fast.run.driver import Job, render_job, report_stage
+    from movielm_fast.run.executors import open_executor
     from movielm_fast.run.startup import StartupClock
 
-    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
-    config, cluster, as_json = engine_config(out, kw)
-    if cluster is not None:
-        from movielm_fast.run.cluster import render_on_ray  # Ray's executor: only for --cluster
+    from .progress import progress_display
 
-        summary = _with_progress(config, lambda cb: render_on_ray(config, list(plans), cluster, progress=cb))
-    else:
-        summary = _with_progress(config, lambda cb: render(config, list(plans), progress=cb, clock=clock))
+    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
+    model, run, cluster, as_json = render_configs(out, kw)
+    with progress_display(run.quiet) as progress:
+        report_stage(progress, "validate")
+        job = Job.load(run, list(plans), clock)  # every plan checked before the model loads
+        report_stage(progress, "load")
+        with open_executor(model, cluster, on_step=getattr(progress, "step", None)) as executor:
+            summary = render_job(job, executor, progress)
     d = summary.as_dict()
     failures = d.get("failures", [])
     if as_json:
@@ -159,12 +162,6 @@ def _render_on_server(server, token, plans, out, as_json, quiet, options):
                        f"{d['seconds']:.1f} s; first image after {d['startup']['time_to_first_image']} s")
     if failed:
         sys.exit(1)
-
-
-def _with_progress(config, run):
-    from .progress import with_progress
-
-    return with_progress(config, run)
 
 
 if __name__ == "__main__":  # pragma: no cover

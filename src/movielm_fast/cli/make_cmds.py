@@ -13,12 +13,12 @@ from movielm_fast.data.dataset import DatasetOptions
 
 from .options import (
     dataset_options,
-    engine_config,
     llm_client,
     llm_options,
     plan_request_options,
     plan_requests,
     qa_options,
+    render_configs,
     render_options,
 )
 
@@ -30,7 +30,7 @@ from .options import (
               help="job folder: plans/, movies/, dataset/, index.html, make.json")
 @qa_options
 @dataset_options
-@render_options
+@render_options()
 @llm_options(own_model_flag=False)
 def make_cmd(themes, out, qa_source, plot_questions, derived_limit, fmt, video, seconds_per_frame, fps, max_tries,
              **kw):
@@ -38,19 +38,20 @@ def make_cmd(themes, out, qa_source, plot_questions, derived_limit, fmt, video, 
     dataset export, streaming and resumable (rerun the same command after an interruption). --model is the image
     model, --llm-model the LLM's."""
     # Here, not at the top: torch and diffusers take seconds to import, and `--help` needs neither.
-    from movielm_fast.data.make import MakeJob, make, open_executor
+    from movielm_fast.data.make import MakeJob, make
+    from movielm_fast.run.executors import open_executor
 
     job = MakeJob(out, plan_requests(themes, kw), max_tries, qa_source, plot_questions, derived_limit,
                   DatasetOptions(fmt, video, seconds_per_frame, fps))
-    config, cluster, as_json = engine_config(out / "movies", kw)
+    model, run, cluster, as_json = render_configs(out / "movies", kw)
     client = llm_client(kw)
     # User errors (no themes, no endpoint, a bad model) end here with exit code 2, before any LLM request.
-    with open_executor(config, cluster) as executor:
-        if config.quiet:
-            report = make(job, config, client, executor,
+    with open_executor(model, cluster) as executor:
+        if run.quiet:
+            report = make(job, run, client, executor,
                           on_failure=lambda f: click.echo(f"FAILED {_where(f)}: {f['reason']}", err=True))
         else:
-            report = _live(job, config, client, executor)
+            report = _live(job, run, client, executor)
     d = report.as_dict()
     if as_json:
         click.echo(json.dumps(d))
@@ -65,7 +66,7 @@ def _where(f: dict) -> str:
     return f"{f['stage']} {what}{version}".rstrip()
 
 
-def _live(job, config, client, executor):
+def _live(job, run, client, executor):
     """One live table, a line per stage, redrawn from the job's counters four times a second."""
     from rich.console import Console
     from rich.live import Live
@@ -92,7 +93,7 @@ def _live(job, config, client, executor):
         return t
 
     with Live(get_renderable=table, console=console, refresh_per_second=4, transient=False):
-        return make(job, config, client, executor, progress,
+        return make(job, run, client, executor, progress,
                     on_failure=lambda f: console.print(f"FAILED {_where(f)}: {f['reason']}", style="red",
                                                        markup=False, highlight=False))
 

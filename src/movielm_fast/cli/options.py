@@ -1,22 +1,27 @@
 """Click option groups shared by several commands, and the one place each group becomes its config object.
 
-`render` and `make` take the render flags; `plan`, `qa` and `make` take the LLM flags; `plan` and `make` the plan
-request flags; `qa` and `make` the QA flags; `dataset` and `make` the dataset flags. Each flag is declared once
-here, so a name, default or help text cannot drift between commands.
+`render`, `make` and `serve` take the render flags, made from the settings' declarations (movielm_fast.settings);
+`plan`, `qa` and `make` take the LLM flags; `plan` and `make` the plan request flags; `qa` and `make` the QA flags;
+`dataset` and `make` the dataset flags. Each flag is declared once, so a name, default or help text cannot drift
+between commands.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
 
 import click
 from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
-from movielm_fast.plan import CONSISTENCY_MODES, SCHEDULERS, TIMESTEP_SPACINGS, RenderSettings
-from movielm_fast.run.outputs import IMAGE_FORMATS
+from movielm_fast.plan import PATH_SETTINGS, RenderSettings
+from movielm_fast.run.config import ClusterOptions, RunConfig
+from movielm_fast.settings import PER_PLAN, flag_of, meta, validation_error
 
 if TYPE_CHECKING:
     from movielm_fast.data.llm.client import LLMClient
@@ -28,178 +33,132 @@ def _group(options: list[Callable]) -> Callable:
 
 
 # --- rendering ---------------------------------------------------------------------------------------------------
+# The render flags are made from the settings' own declarations (movielm_fast.settings): a flag's name, type,
+# choices, default and help are those of its setting, and `serve` reads the same declarations.
 
-render_options = _group([
-    click.option("--model", default="demo", show_default=True,
-                 help="Image model: 'demo', a diffusers folder or a .safetensors file."),
-    click.option("--backend", default="torch", show_default=True,
-                 help="torch | onnxruntime | tensorrt | null (measures the engine's own work; no real images)"),
-    click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N"),
-    click.option("--dtype", default="auto", show_default=True, help="auto | fp32 | fp16 | bf16"),
-    click.option("--batch-size", default="auto", show_default=True, help="Frames per batch, or 'auto'."),
-    click.option("--attention", default="sdpa", show_default=True, help="sdpa | xformers"),
-    click.option("--sdpa-backend", default="auto", show_default=True,
-                 help="SDPA kernel of the UNet: auto | flash | cudnn | efficient | math (all exact)."),
-    click.option("--cuda-graphs/--no-cuda-graphs", default=None,
-                 help="Replay the UNet step as a CUDA graph per (batch, size) bucket [default: on with --device "
-                      "cuda wherever valid]."),
-    click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=None,
-                 help="cuDNN's per-shape convolution algorithm search on CUDA [default: as measured, else off]."),
-    click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet step (slow first call)."),
-    click.option("--steps", type=int),
-    click.option("--width", type=int),
-    click.option("--height", type=int),
-    click.option("--guidance", type=float),
-    click.option("--scheduler", type=click.Choice(SCHEDULERS)),
-    click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS),
-                 help="Spread of the steps over the training timesteps (few-step LoRAs: trailing). Default: the "
-                      "model's scheduler config."),
-    click.option("--refiner", type=click.Path(path_type=Path),
-                 help="SDXL refiner folder: it denoises the end of the schedule (base + refiner, as MovieLLM)."),
-    click.option("--refiner-switch", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-                 help="Fraction of the schedule the base model denoises before the refiner [0.8]."),
-    click.option("--vae", type=click.Path(path_type=Path),
-                 help="Decode with this VAE folder (AutoencoderKL, e.g. the fp16-fix SDXL VAE, or AutoencoderTiny "
-                      "for fast drafts) instead of the model's own."),
-    click.option("--seed", type=int, help="Image seed of every movie (default: each plan's own)."),
-    click.option("--negative-prompt"),
-    click.option("--image-format", type=click.Choice(sorted(IMAGE_FORMATS)), default="png", show_default=True,
-                 help="Frame files: png (lossless) | jpg | webp (lossy, ~10x smaller, ~15x faster to encode)."),
-    click.option("--quality", type=click.IntRange(1, 100), help="JPEG/WebP quality [95 jpg, 90 webp]."),
-    click.option("--consistency", type=click.Choice(CONSISTENCY_MODES),
-                 help="Consistent characters for every movie (anchor_attention: frames attend to their characters' "
-                      "anchor renders; torch backend). Default: as each plan says."),
-    click.option("--quantize", type=click.Choice(["fp8", "fp8-emulated"]),
-                 help="LOSSY: the UNet's attention-block matmuls in FP8 e4m3 (GPUs of compute capability 8.9+: "
-                      "Ada, Hopper). fp8-emulated: the same rounding in fp32 on any device, to measure quality."),
-    click.option("--step-cache", type=click.IntRange(1), metavar="N",
-                 help="LOSSY: run the whole UNet every N-th step and only its shallow layers in between, reusing "
-                      "the deep features (DeepCache; ~2.5x fewer UNet FLOPs at N=3; for 20+ steps). Default: off."),
-    click.option("--step-cache-depth", type=click.IntRange(0), default=0, show_default=True,
-                 help="Skip branch cached by --step-cache: 0 is the fastest and most lossy; higher recomputes more."),
-    click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-                 help="Merge a LoRA (.safetensors; kohya/A1111 or diffusers/PEFT) into every movie at SCALE "
-                      "[1.0]; repeatable. Plans add their own in style.loras / loras."),
-    click.option("--force", is_flag=True, help="Re-render frames even if they are already done."),
-    click.option("--replace", is_flag=True, help="Render over a movie of the same id from another plan in OUT "
-                                                 "(refused without it)."),
-    click.option("--no-style-training", is_flag=True, help="Do not immobilize styles that have no embedding; use "
-                 "the style name and description as text instead."),
-    click.option("--cluster", type=click.Choice(["ray"]), help="Spread the work over a Ray cluster."),
-    click.option("--address", default="auto", show_default=True, help="Ray address: auto | ray://host:10001 | local"),
-    click.option("--workers", type=int, help="Ray workers (default: one per GPU, or per CPU core group)."),
-    click.option("--gpus-per-worker", type=float, default=1.0, show_default=True),
-    click.option("--quiet", is_flag=True, help="No progress display; only errors and the summary."),
-    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts)."),
-])
-
-RENDER_KEYS = ("model", "backend", "device", "dtype", "batch_size", "attention", "sdpa_backend", "cuda_graphs",
-               "cudnn_benchmark", "compile_unet",
-               "steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner", "refiner_switch",
-               "vae", "seed", "negative_prompt", "image_format", "quality", "consistency", "quantize", "step_cache",
-               "step_cache_depth", "loras", "force", "replace",
-               "no_style_training", "cluster", "address", "workers",
-               "gpus_per_worker", "quiet", "as_json")
+RENDER_SETTINGS = (ModelConfig, RenderSettings, RunConfig, ClusterOptions)
+"""Where each render flag is declared, in --help order: the model, the plan's render settings, the run, the
+cluster."""
 
 
-# `render --server`: what each render flag becomes for a served plan (serve.options). None of them is ignored:
-# settings travel with the plan, the display flags stay here, and the rest are refused with what to do instead.
-SERVED_SETTINGS = ("steps", "width", "height", "guidance", "scheduler", "timestep_spacing", "refiner",
-                   "refiner_switch", "vae", "seed", "negative_prompt")
-SERVED_OPTIONS = {"image_format": "image_format", "quality": "quality", "replace": "replace",
-                  "no_style_training": "style_training"}
-CLIENT_SIDE = ("quiet", "as_json")
-_RESIDENT = ("is the server's: its model is loaded once, with the settings it was started with",
-             "start the server with `movielm-fast serve {flag} ...`, or drop {flag} here")
-REFUSED_ON_SERVER = {
-    **{k: _RESIDENT for k in ("model", "backend", "device", "dtype", "batch_size", "attention", "sdpa_backend",
-                              "cuda_graphs", "cudnn_benchmark", "compile_unet", "quantize", "step_cache",
-                              "step_cache_depth")},
-    "loras": ("applies to a server's every plan", "name the LoRA in the plan (loras or style.loras), or start the "
-                                                  "server with --lora"),
-    "consistency": ("applies to a server's every plan", "set consistency in the plan, or start the server with "
-                                                        "--consistency"),
-    "force": ("cannot be sent to a server: a served plan resumed after a restart must skip what it already "
-              "rendered", "delete the frames to render again from the server's output, or render without --server"),
-    **{k: ("is for a local run: the server renders in its own process", "drop {flag}, or render without --server")
-       for k in ("cluster", "address", "workers", "gpus_per_worker")},
-}
+def _flag_option(name: str, field: Any) -> Callable:
+    """The click option of one setting, from its type, default, help and flag spelling."""
+    spelling = meta(field, "flag") or "--" + name.replace("_", "-")
+    annotation = field.annotation
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+    base = args[0] if len(args) == 1 else str  # int | Literal["auto"] (--batch-size): parsed by the setting
+    default = None if field.default is PydanticUndefined else field.default
+    kw: dict[str, Any] = {"help": field.description, "metavar": meta(field, "metavar")}
+    if base is bool and "/" not in spelling:
+        kw.update(is_flag=True, default=bool(default))
+    elif base is bool:
+        kw.update(default=default, show_default=default is not None)
+    elif get_origin(base) is tuple:  # --lora: repeatable, each FILE[:SCALE] parsed by the setting
+        kw.update(multiple=True)
+    else:
+        choices = get_args(base) if get_origin(base) is Literal else None
+        kind = click.Choice(choices) if choices else {int: click.INT, float: click.FLOAT, Path: click.Path(
+            path_type=Path)}.get(base, click.STRING)
+        kw.update(type=kind, default=default, show_default=default is not None)
+    return click.option(spelling, name, **kw)
+
+
+def setting_flags(*models: type) -> list[tuple[type, str]]:
+    """(model, field name) of every setting of `models` that has a flag, each model's own fields first."""
+    out = []
+    for model in models:
+        own = [n for n in model.model_fields if n in model.__annotations__]
+        for name in own + [n for n in model.model_fields if n not in own]:
+            field = model.model_fields[name]
+            if field.json_schema_extra is not None and meta(field, "flag") is not None:
+                out.append((model, name))
+    return out
+
+
+def settings_options(model: type, *names: str) -> Callable:
+    """The flags of some of `model`'s settings, for a command that takes only those (`style train`: the model's)."""
+    return _group([_flag_option(name, model.model_fields[name]) for name in names])
+
+
+def render_options(cluster: bool = True, json: bool = True) -> Callable:
+    """Every render flag: the model's, the render settings, the run's, with `cluster` the Ray flags, and with `json`
+    --json (a command that prints a summary)."""
+    models = RENDER_SETTINGS if cluster else RENDER_SETTINGS[:-1]
+    flags = [_flag_option(name, model.model_fields[name]) for model, name in setting_flags(*models)]
+    if json:
+        flags.append(click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts)."))
+    return _group(flags)
+
+
+def _settings(model: type, kw: dict[str, Any]) -> dict[str, Any]:
+    """The values of `model`'s flags, removed from `kw` (flags a command does not offer are left out)."""
+    return {name: kw.pop(name) for m, name in setting_flags(model) if name in kw}
+
+
+def render_configs(out: Path, kw: dict[str, Any]) -> tuple[ModelConfig, RunConfig, ClusterOptions, bool]:
+    """The render flags (removed from `kw`) -> the model's config, the run's, where its batches go, and --json
+    (which makes the run quiet: the summary is the only output)."""
+    as_json = kw.pop("as_json", False)
+    try:
+        overrides = RenderSettings(**_settings(RenderSettings, kw))
+    except ValidationError as exc:
+        raise validation_error(exc, RenderSettings) from None
+    # Folders from flags are relative to the working directory (a plan's own are relative to the plan file).
+    folders = {k: str(Path(v).resolve()) for k in PATH_SETTINGS if (v := getattr(overrides, k))}
+    if folders:
+        from movielm_fast.engine.models import check_refiner, vae_folder  # diffusers: only when a folder is named
+
+        if "refiner" in folders:
+            check_refiner(folders["refiner"])
+        if "vae" in folders:
+            vae_folder(folders["vae"])
+    model = ModelConfig(**_settings(ModelConfig, kw))
+    run = RunConfig(out=out, overrides=overrides.model_copy(update=folders), **{**_settings(RunConfig, kw),
+                                                                                  **({"quiet": True} if as_json else {})})
+    cluster = ClusterOptions(**_settings(ClusterOptions, kw))
+    if cluster.cluster is None:
+        given = [flag_of(ClusterOptions, k) for k in ("address", "workers", "gpus_per_worker")
+                 if getattr(cluster, k) != ClusterOptions.model_fields[k].default]
+        if given:
+            raise UserError(f"{given[0]} is a Ray setting; this run is local", f"add --cluster ray, or drop {given[0]}")
+    if not run.quiet:  # --dtype auto on a CPU with native bf16: say what it may gain (once per machine)
+        from movielm_fast.engine.cpu import print_auto_dtype_hint
+
+        print_auto_dtype_hint(model.dtype, model.torch_device)
+    return model, run, cluster, as_json
+
+
+def server_rule(model: type, name: str) -> str | tuple[str, str]:
+    """What `render --server` does with a render flag: "render" (sent as the plan's render setting), PER_PLAN (sent
+    as an option of the plan), CLIENT (used here), or the (why, hint) of its refusal."""
+    if model is RenderSettings:
+        return "render"
+    return meta(model.model_fields[name], "served") or model.served
 
 
 def server_options(kw: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
     """The render flags (removed from `kw`) of `render --server` -> the submission's options (serve.options).
     `given`: the flags set on the command line, name -> the flag as typed (--lora); a flag a server cannot take
     per plan is a UserError naming it."""
-    f = {k: kw.pop(k) for k in RENDER_KEYS}
+    rules = {name: (model, server_rule(model, name)) for model, name in setting_flags(*RENDER_SETTINGS)}
+    values = {name: kw.pop(name) for name in rules if name in kw}
     for name, flag in given.items():
-        if name in REFUSED_ON_SERVER:
-            why, hint = REFUSED_ON_SERVER[name]
+        rule = rules[name][1] if name in rules else None
+        if isinstance(rule, tuple):
+            why, hint = rule
             raise UserError(f"{flag} {why.format(flag=flag)}", hint.format(flag=flag))
-    render = {k: f[k] for k in SERVED_SETTINGS if k in given}
-    for k in ("refiner", "vae"):  # relative to the working directory, as for `render`
+    render = {k: values[k] for k in given if rules.get(k, (None, None))[1] == "render"}
+    try:
+        RenderSettings(**render)
+    except ValidationError as exc:
+        raise validation_error(exc, RenderSettings) from None
+    for k in PATH_SETTINGS:  # relative to the working directory, as for `render`
         if k in render:
             render[k] = str(Path(render[k]).resolve())
     options: dict[str, Any] = {"render": render} if render else {}
-    for name, key in SERVED_OPTIONS.items():
-        if name in given:
-            options[key] = not f[name] if name == "no_style_training" else f[name]
+    options.update({k: values[k] for k in given if rules.get(k, (None, None))[1] == PER_PLAN})
     return options
-
-
-def _batch_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise click.BadParameter("must be a positive integer or 'auto'", param_hint="--batch-size")
-    return int(value)
-
-
-def parse_lora(value: str) -> tuple[str, float]:
-    """FILE[:SCALE] -> (FILE, SCALE). Only a number after the last ':' is a scale, so C:\\x.safetensors or a
-    path with colons in it stays whole."""
-    head, sep, tail = value.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return value, 1.0
-
-
-def engine_config(out: Path, kw: dict[str, Any]):
-    """The render flags (removed from `kw`) -> (EngineConfig, ClusterOptions or None for a local run, --json)."""
-    # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
-    from movielm_fast.engine.config import EngineConfig
-    from movielm_fast.engine.models import check_refiner, vae_folder
-    from movielm_fast.run.cluster import ClusterOptions
-
-    f = {k: kw.pop(k) for k in RENDER_KEYS}
-    # Folders from flags are relative to the working directory (a plan's own are relative to the plan file).
-    folders = {k: str(f[k].resolve()) for k in ("refiner", "vae") if f[k] is not None}
-    if "refiner" in folders:
-        check_refiner(folders["refiner"])
-    if "vae" in folders:
-        vae_folder(folders["vae"])
-    try:
-        overrides = RenderSettings(steps=f["steps"], width=f["width"], height=f["height"], guidance=f["guidance"],
-                                   scheduler=f["scheduler"], seed=f["seed"], negative_prompt=f["negative_prompt"],
-                                   timestep_spacing=f["timestep_spacing"], refiner_switch=f["refiner_switch"],
-                                   **folders)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}") from None
-    config = EngineConfig(model=f["model"], out=out, backend=f["backend"], device=f["device"], dtype=f["dtype"],
-                          batch_size=_batch_size(f["batch_size"]), attention=f["attention"],
-                          sdpa_backend=f["sdpa_backend"], cuda_graphs=f["cuda_graphs"],
-                          cudnn_benchmark=f["cudnn_benchmark"], compile_unet=f["compile_unet"], overrides=overrides,
-                          skip_existing=not f["force"], replace=f["replace"], style_training=not f["no_style_training"],
-                          image_format=f["image_format"], image_quality=f["quality"], consistency=f["consistency"],
-                          quantize=f["quantize"], step_cache=f["step_cache"], step_cache_depth=f["step_cache_depth"],
-                          loras=tuple(parse_lora(v) for v in f["loras"]), quiet=f["quiet"] or f["as_json"])
-    cluster = None
-    if f["cluster"] == "ray":
-        cluster = ClusterOptions(address=f["address"], workers=f["workers"], gpus_per_worker=f["gpus_per_worker"])
-    return config, cluster, f["as_json"]
 
 
 # --- the LLM -----------------------------------------------------------------------------------------------------

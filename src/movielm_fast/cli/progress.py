@@ -4,6 +4,8 @@ the batch in flight, as diffusers, A1111 and ComfyUI show them. `--quiet` and `-
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 LABELS = {"validate": "checking the plans", "load": "loading the model", "styles": "preparing styles",
           "render": "rendering", "write": "writing files"}
@@ -46,16 +48,18 @@ class RenderDisplay:
                                    f"{time.perf_counter() - self.started:.1f} s")
 
 
-def with_progress(config, run):
-    """run(progress) with the display, or run(None) under --quiet / --json."""
-    if config.quiet:
-        return run(None)
+@contextmanager
+def progress_display(quiet: bool) -> Iterator[RenderDisplay | None]:
+    """The display for a render (the driver's progress object), or None under --quiet / --json."""
+    if quiet:
+        yield None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=False) as bar:
         display = RenderDisplay(bar)
         try:
-            return run(display)
+            yield display
         finally:
             display.close()

@@ -1,4 +1,5 @@
-"""`movielm-fast serve`: flags -> EngineConfig -> serve.app. The server itself lives in movielm_fast.serve."""
+"""`movielm-fast serve`: flags -> the resident model's config and the server's run settings -> serve.app. The server
+itself lives in movielm_fast.serve."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import engine_config, render_options
+from .options import render_configs, render_options
 
 
 @click.command("serve", help="A resident renderer: load the model once, keep it warm, and render plans POSTed to "
@@ -23,10 +24,10 @@ from .options import engine_config, render_options
 @click.option("--allow-files", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER",
               help="Folders whose files (style embeddings, LoRAs, refiner and VAE folders) submitted plans may name; "
                    "repeatable; relative paths in a plan are relative to the first [default: the current folder].")
-@render_options
+@render_options(cluster=False, json=False)
 def serve_cmd(out, host, port, token, allow_files, **kw):
     from movielm_fast.serve.app import serve
 
-    config, _, _ = engine_config(out, kw)
+    model, run, _, _ = render_configs(out, kw)
     click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
-    serve(config, host=host, port=port, token=token, allow_files=tuple(allow_files))
+    serve(model, run, host=host, port=port, token=token, allow_files=tuple(allow_files))

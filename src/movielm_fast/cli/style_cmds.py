@@ -1,4 +1,4 @@
-"""`style train` and `style list`: parse flags -> EngineConfig + StyleSettings -> style."""
+"""`style train` and `style list`: parse flags -> ModelConfig + StyleSettings -> style."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from movielm_fast.engine.config import ModelConfig
+
 from .clean_errors import CleanErrors
+from .options import settings_options
 
 
 @click.group("style", cls=CleanErrors, help="Style immobilization: learn one textual-inversion token per style.")
@@ -17,7 +20,7 @@ def style_group() -> None:
 
 @style_group.command("train", help="Learn a style token: from rendered scenes of the style (default) or from "
                                    "--images. A style already in the library is reused, not retrained.")
-@click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
+@settings_options(ModelConfig, "model")
 @click.option("--name", required=True, help="Style name, e.g. Gothic; the token is <name> unless --token.")
 @click.option("--description", default="", help="Style description, used in the scene prompts.")
 @click.option("--images", type=click.Path(path_type=Path),
@@ -34,15 +37,13 @@ def style_group() -> None:
 @click.option("--init-word", help="Word the vector starts from [first vocabulary word of --name, else 'style'].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Style library folder [~/.cache/movielm-fast/styles].")
-@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
-@click.option("--dtype", default="auto", show_default=True, help="Model weights: auto | fp32 | fp16 | bf16")
+@settings_options(ModelConfig, "device", "dtype")
 @click.option("--amp", default="auto", show_default=True, help="Training autocast: auto | fp32 | bf16 | fp16")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (pays off on long runs only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train_cmd(model, name, description, images, token, steps, scenes, resolution, batch_size, lr, num_vectors,
               init_word, out, device, dtype, amp, compile_, seed, as_json):
-    from movielm_fast.engine.config import EngineConfig
     from movielm_fast.plan import Style
     from movielm_fast.run.renderer import Renderer
     from movielm_fast.style.immobilize import StyleSettings, immobilize_style
@@ -50,7 +51,7 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
     settings = StyleSettings(steps=steps, scenes=scenes, resolution=resolution, batch_size=batch_size, lr=lr,
                              num_vectors=num_vectors, init_word=init_word, seed=seed, amp=amp, compile=compile_)
     style = Style(name=name, description=description)
-    renderer = Renderer(EngineConfig(model=model, device=device, dtype=dtype, quiet=True))
+    renderer = Renderer(ModelConfig(model=model, device=device, dtype=dtype))
     result = immobilize_style(renderer.scene_renderer, style, settings, images=images, out=out, token=token)
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "token": result.token, "cache_hit": result.cache_hit,

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from movielm_fast.engine.config import EngineConfig
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
 from movielm_fast.plan import Movie, load_plan
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import check_output_folder, render
-from movielm_fast.run.executors import Executor, LocalExecutor, reason
+from movielm_fast.run.executors import Executor, reason
 
 from .dataset import DatasetOptions, export_dataset
 from .gallery import write_gallery
@@ -205,35 +205,21 @@ def _qa_digest(movie: Movie, job: MakeJob) -> str:
 # --- the job ------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def open_executor(config: EngineConfig, cluster=None) -> Iterator[Executor]:
-    """The one executor of a job: the model loads once (locally, or once per Ray worker)."""
-    if cluster is None:
-        yield LocalExecutor(config)
-        return
-    from movielm_fast.run.cluster import (
-        RayExecutor,  # Ray is optional (the [cluster] extra); only Ray runs import it
-    )
-
-    with RayExecutor(config, cluster) as executor:
-        yield executor
-
-
-def make(job: MakeJob, config: EngineConfig, client: LLMClient, executor: Executor,
+def make(job: MakeJob, run: RunConfig, client: LLMClient, executor: Executor,
          progress: MakeProgress | None = None, on_failure: Callable[[dict[str, Any]], None] | None = None
          ) -> MakeReport:
     """Run the whole job (see the module docstring); failures are isolated per movie and listed in the report
-    (and in OUT/make.json). `config.out` is replaced by OUT/movies."""
-    return _Make(job, config, client, executor, progress or MakeProgress(), on_failure).run()
+    (and in OUT/make.json). `run.out` is replaced by OUT/movies."""
+    return _Make(job, run, client, executor, progress or MakeProgress(), on_failure).run()
 
 
 class _Make:
-    def __init__(self, job: MakeJob, config: EngineConfig, client: LLMClient, executor: Executor,
+    def __init__(self, job: MakeJob, run: RunConfig, client: LLMClient, executor: Executor,
                  progress: MakeProgress, on_failure: Callable[[dict[str, Any]], None] | None):
         self.job, self.client, self.executor, self.progress = job, client, executor, progress
         self.out = Path(job.out)
         self.movies_dir = self.out / "movies"
-        self.config = dataclasses.replace(config, out=self.movies_dir)
+        self.run = run.changed(out=self.movies_dir)
         self.report = MakeReport(self.out, requested=len(job.requests))
         self.on_failure = on_failure
         self.events: queue.Queue[tuple[str, Any, Future]] = queue.Queue()
@@ -303,7 +289,7 @@ class _Make:
 
         try:
             with self.progress.working("render"):
-                summary = render(self.config, [path for _, path in group], frames_done, self.executor)
+                summary = render(self.run, [path for _, path in group], frames_done, executor=self.executor)
             failures = {f["movie"]: f["reason"] for f in summary.failures}
         except UserError as exc:  # the whole group (e.g. out of memory at batch size 1)
             failures = {m.id: str(exc) for m in movies}

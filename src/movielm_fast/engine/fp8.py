@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from movielm_fast.errors import UserError
+from movielm_fast.kernels.scaled_mm import E4M3, fp8_matmul, fp8_matmul_ref, quantize_rows
 
-MODES = ("fp8", "fp8-emulated")
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+from .config import QUANTIZE_MODES
+
 FP8_CAPABILITY = (8, 9)
 
 
@@ -51,8 +51,8 @@ def check_quantize(mode: str | None, backend: str, device: torch.device) -> None
     """Refuse --quantize where it cannot run, before any model loads."""
     if mode is None:
         return
-    if mode not in MODES:
-        raise UserError(f"unknown --quantize {mode!r}", f"use one of: {', '.join(MODES)}")
+    if mode not in QUANTIZE_MODES:
+        raise UserError(f"unknown --quantize {mode!r}", f"use one of: {', '.join(QUANTIZE_MODES)}")
     if backend != "torch":
         raise UserError(f"--quantize {mode} needs --backend torch", "use --backend torch, or drop --quantize")
     if mode == "fp8-emulated":
@@ -67,35 +67,6 @@ def check_quantize(mode: str | None, backend: str, device: torch.device) -> None
         name = torch.cuda.get_device_name(device)
         raise UserError(f"--quantize fp8 needs FP8 tensor cores (compute capability 8.9+); {name} has "
                         f"{capability[0]}.{capability[1]}", "drop --quantize on this GPU (fp16 is its fastest path)")
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (e4m3 values (M, K), fp32 scales (M, 1)), one scale per row: x ~= values * scales."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-# torch._scaled_mm's row-wise scaling has long returned only bf16 on CUDA (fp16 and fp32 outputs came later, and
-# depend on the kernel torch picks), so the GPU path asks for bf16 and the twin rounds its sums to bf16 too.
-OUT_DTYPE = torch.bfloat16
-
-
-def fp8_matmul_ref(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """The emulated path and the GPU path's twin: (M, K) activations x (N, K) e4m3 weights with (1, N) scales ->
-    (M, N) in OUT_DTYPE. Same rounding as `fp8_matmul` at every point -- activations to e4m3 with the same per-row
-    scales, the same e4m3 weights and scales, products summed in fp32, the sum rounded to bf16 -- so only the
-    order of the fp32 sums differs from the GPU's. (The CPU build's torch._scaled_mm computes exactly this.)"""
-    xq, x_scale = quantize_rows(x)
-    return ((xq.float() * x_scale) @ (w.float() * w_scale.t()).t()).to(OUT_DTYPE)
-
-
-def fp8_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """FP8 tensor cores: row-wise scaled e4m3 GEMM through torch._scaled_mm, which wants the activations row-major
-    (a 1x1 convolution's NCHW input at batch 1 gives a column-major (H*W, C) view) and the weight column-major
-    (w.t() of the row-major (N, K) copy). The scales stay on the device: no host sync, CUDA-graph capturable."""
-    xq, x_scale = quantize_rows(x)
-    return torch._scaled_mm(xq.contiguous(), w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=OUT_DTYPE)
 
 
 class _Fp8Weight:

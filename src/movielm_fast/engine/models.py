@@ -241,15 +241,14 @@ def _vae_load_dtype(path: Path, dtype):
         return None
     from movielm_fast.export.specs import VAE_DECODER, component_dtype
 
-    from .config import DTYPES
+    from .config import dtype_name, torch_dtype
 
     try:
         config = json.loads((path / "vae" / "config.json").read_text())
     except (OSError, ValueError):
         config = {}  # the VAE's own load names the problem
-    name = {v: k for k, v in DTYPES.items()}[dtype]
     stub = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(**config)))
-    return DTYPES[component_dtype(stub, VAE_DECODER, name)]
+    return torch_dtype(component_dtype(stub, VAE_DECODER, dtype_name(dtype)))
 
 
 def _is_refiner(index: dict[str, Any]) -> bool:
@@ -341,6 +340,26 @@ def load_vae(path: str | os.PathLike, dtype=None) -> ModelBundle:
                         _load_hint(exc, "the folder is incomplete or corrupt: re-download or re-convert it")) from None
     return ModelBundle(kind="vae", model_id=Path(path).name, path=folder, content_hash=content_hash(folder),
                        unet=None, vae=vae, text_encoders=[], tokenizers=[], scheduler_config={})
+
+
+PARTS = {"refiner": load_refiner, "vae": load_vae}
+"""The parts a run may add to a loaded model, by role: each loads as a partial bundle."""
+
+
+def load_part(role: str, path: str | os.PathLike, base: ModelBundle) -> ModelBundle:
+    """A refiner or a VAE (`role`) for the loaded model `base`: loaded, then checked against it, with one message
+    for every part that does not fit."""
+    if role == "refiner" and base.kind != "sdxl":
+        raise UserError(f"the refiner {path} is for SDXL; the model {base.model_id} is "
+                        f"{'SD 1.x/2.x' if base.kind == 'sd' else base.kind}",
+                        "use an SDXL base model with --refiner, or render without the refiner")
+    part = PARTS[role](path)
+    if (part.latent_channels, part.vae_scale_factor) != (base.latent_channels, base.vae_scale_factor):
+        raise UserError(f"the {role} {path} works on {part.latent_channels}-channel latents at 1/"
+                        f"{part.vae_scale_factor} scale; the model {base.model_id} makes {base.latent_channels}-"
+                        f"channel latents at 1/{base.vae_scale_factor}",
+                        f"use a {role} of the model's family (SD 1.x/2.x and SDXL: 4 channels, 1/8)")
+    return part
 
 
 def _from_single_file(path: Path, dtype) -> ModelBundle:

@@ -1,6 +1,10 @@
-"""Attention for the UNet and the VAE: the processors that `--attention` installs through diffusers' own API.
+"""Low-level compute choices, each importable without the rest of the project (kernels are leaves):
 
-The rule for any kernel that ships here: a plain-PyTorch `*_ref` twin and a test that compares them. The Triton
-flash-attention kernel that lived here was removed: on an H200 it was slower than PyTorch's SDPA at every measured
-size (bench/results/h200-20261204/), so `--attention sdpa` with its backends (`--sdpa-backend`) is the fast path.
+    attention   which attention kernel runs: the processor `--attention` installs through diffusers' own API, and
+                the SDPA backend `--sdpa-backend` pins for the UNet's calls
+    scaled_mm   the row-wise scaled FP8 matmul behind `--quantize fp8`, and `fp8_matmul_ref`, its plain-PyTorch twin
+
+The rule for any kernel that ships here: a plain-PyTorch `*_ref` twin and a test that compares them. A Triton
+flash-attention kernel lived here once and was removed: PyTorch's SDPA was faster at every size measured on a GPU
+(bench/RESULTS.md), so `--attention sdpa` with its backends is the fast path.
 """

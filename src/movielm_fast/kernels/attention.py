@@ -1,24 +1,26 @@
-"""Attention processors: how the UNet and VAE run attention, chosen by `--attention sdpa|xformers`.
+"""Which attention kernels run: the processor `--attention sdpa|xformers` installs, and the SDPA backend
+`--sdpa-backend` pins for the UNet's calls.
 
-Everything is installed through diffusers' own `set_attn_processor`; no library code is patched.
+Everything is installed through diffusers' own `set_attn_processor` and PyTorch's `sdpa_kernel` context; no
+library code is patched. The names are importable without torch or diffusers (the CLI builds its choices from
+them); the libraries load when a choice is applied.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
-from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
-from diffusers.utils import is_xformers_available
-from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+if TYPE_CHECKING:
+    from torch import nn
 
 ATTENTION_CHOICES = ("sdpa", "xformers")
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 """`--sdpa-backend` values besides "auto" (PyTorch picks per call): the kernel every SDPA call of the UNet uses.
 All are exact attention (lossless up to rounding); which is fastest depends on the GPU, head size and token count,
 so `bench.gpu` times each (``torch+sdpa_backend=flash``)."""
+_SDP_BACKEND_NAMES = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                      "math": "MATH"}  # ours -> torch.nn.attention.SDPBackend's
 
 
 class AttentionChoiceError(ValueError):
@@ -33,6 +35,9 @@ class AttentionChoiceError(ValueError):
 
 def attention_processor(name: str):
     """A fresh processor for `--attention NAME`; AttentionChoiceError if NAME cannot run here."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+    from diffusers.utils import is_xformers_available
+
     if name == "sdpa":
         return AttnProcessor2_0()
     if name == "xformers":
@@ -56,4 +61,7 @@ def sdpa_context(name: str) -> Callable[[], ContextManager]:
         return contextlib.nullcontext
     if name not in SDPA_BACKENDS:
         raise AttentionChoiceError(f"unknown SDPA backend {name!r}", f"use auto or one of: {', '.join(SDPA_BACKENDS)}")
-    return lambda: sdpa_kernel([SDPA_BACKENDS[name]])
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _SDP_BACKEND_NAMES[name])
+    return lambda: sdpa_kernel([backend])

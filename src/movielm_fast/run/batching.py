@@ -34,15 +34,19 @@ def throughput_batch(kind: str, width: int, height: int, fits: int) -> int:
     return max(1, min(fits, knee, MAX_AUTO_BATCH))
 
 
-def ramp_first_batch(config) -> bool:
-    """Whether the run's first batch is a single frame (its file lands after one frame's work): with "auto" batch
-    sizes only (a size the user gave is kept), and not where a new batch size costs a CUDA graph capture or a
-    compile of its own: CUDA graphs (asked for, or the torch backend's default on CUDA: engine/cuda_knobs.py),
-    --compile, and bf16 on the CPU (engine/cpu.py compiles there by itself)."""
+def shape_cost(config) -> bool:
+    """Whether a batch of a new size costs a CUDA graph capture or a compile of its own (engine.config.ModelConfig
+    `config`): CUDA graphs (asked for, or the torch backend's default on CUDA: engine/cuda_knobs.py), --compile,
+    and bf16 on the CPU (engine/cpu.py compiles there by itself)."""
     cpu_bf16 = config.dtype == "bf16" and config.device == "cpu"
     default_graphs = config.cuda_graphs is None and config.backend == "torch" and config.device.startswith("cuda")
-    graphs = bool(config.cuda_graphs) or default_graphs
-    return config.batch_size == "auto" and not (graphs or config.compile_unet or cpu_bf16)
+    return bool(config.cuda_graphs) or default_graphs or config.compile_unet or cpu_bf16
+
+
+def ramp_first_batch(batch_size: int | str, shape_cost: bool) -> bool:
+    """Whether the run's first batch is a single frame (its file lands after one frame's work): with "auto" batch
+    sizes only (a size the user gave is kept), and not where a new batch size costs a capture or a compile."""
+    return batch_size == "auto" and not shape_cost
 
 
 def first_frame_alone(batches: list[list[T]]) -> list[list[T]]:

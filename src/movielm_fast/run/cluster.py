@@ -25,56 +25,30 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings, Style
 
+from .config import CPU_CORES_PER_WORKER, ClusterOptions, RunConfig
 from .driver import Job, Progress, Summary, render_job, report_stage
 from .executors import plan_movies, reason, run_batch
 from .renderer import Renderer
-from .tasks import Batch, Failed, FrameTask, ModelInfo, PlanItem, Rendered, StyleToken
+from .tasks import Batch, Failed, ModelInfo, MoviePlan, PlanItem, Rendered, StyleToken
 
 log = logging.getLogger("movielm_fast")
 
-CPU_CORES_PER_WORKER = 4
-"""Default CPU cores (= torch threads) per worker on CPU clusters when --workers is not given."""
 
 # Ray reads this when it is imported: "0" makes a local instance use the loopback address for every server it
 # starts (GCS, raylet, object manager, workers) instead of the machine's network address. A private local
 # cluster must not be reachable from the network.
 _RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@dataclass
-class ClusterOptions:
-    address: str = "auto"
-    """"auto": the running cluster (RAY_ADDRESS or the one `ray start` recorded), else a private local one;
-    "local": always a private local one (bound to 127.0.0.1); "ray://host:10001" (Ray Client, needs
-    ``ray[client]``) or "host:6379" for a remote cluster."""
-    workers: int | None = None
-    """Number of workers; default: one per GPU (device cuda), or one per `CPU_CORES_PER_WORKER` cores."""
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: int | None = None
-    """CPU workers only: cores and torch threads per worker; default: cores / workers, or CPU_CORES_PER_WORKER."""
-    in_flight_per_worker: int = 2
-    """Batches queued at each worker, so it starts the next while the driver writes the previous one's files."""
-    max_restarts: int = 8
-    """How often Ray restarts a worker whose process died."""
-    max_task_retries: int = 2
-    """How often Ray re-runs a batch whose worker died while it was running (on the restarted worker); a batch
-    that outlives this is treated as the cause and its movie is reported failed."""
-    start_timeout_s: float = 600.0
-    """How long to wait for workers to be placed and load the model."""
-    runtime_env: dict[str, Any] | None = None
-    """Passed to the worker actors (e.g. {"pip": [...]} when the cluster lacks movielm-fast)."""
 
 
 # --- the worker ----------------------------------------------------------------------------------------------
@@ -83,7 +57,7 @@ class RenderWorker:
     """One long-lived Ray actor around a `Renderer`. Its methods return errors as data, so the driver can tell a
     bad movie (report it, go on) from a dead worker (Ray raises RayActorError)."""
 
-    def __init__(self, config: EngineConfig, threads: int | None):
+    def __init__(self, config: ModelConfig, threads: int | None):
         t0 = time.perf_counter()
         self.error: dict[str, str] | None = None
         self.renderer: Renderer | None = None
@@ -109,7 +83,7 @@ class RenderWorker:
         except Exception as exc:
             return reason(exc)
 
-    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]:
         return plan_movies(self.renderer, items, overrides)
 
     def batch_size(self, settings: BatchSettings) -> int:
@@ -171,7 +145,7 @@ def _connect(opts: ClusterOptions):
     return ray, True
 
 
-def _worker_shape(ray, config: EngineConfig, opts: ClusterOptions) -> tuple[int, dict[str, Any], int | None]:
+def _worker_shape(ray, config: ModelConfig, opts: ClusterOptions) -> tuple[int, dict[str, Any], int | None]:
     """(number of workers, actor resource options, torch threads); clear errors when the cluster can't host them."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if opts.workers is not None and opts.workers < 1:
@@ -215,13 +189,13 @@ def _worker_shape(ray, config: EngineConfig, opts: ClusterOptions) -> tuple[int,
 
 class RayExecutor:
     """Started workers (model loaded, engine warm) behind the driver's executor interface; reusable for several
-    jobs (`run.driver.render(config, plans, executor=...)`), so workers start once.
+    jobs (`run.driver.render(run, plans, executor=...)`), so workers start once.
 
-        with RayExecutor(config, ClusterOptions(workers=4)) as ex:
-            render(config, ["plans/"], executor=ex)
+        with RayExecutor(model, ClusterOptions(workers=4)) as ex:
+            render(run, ["plans/"], executor=ex)
     """
 
-    def __init__(self, config: EngineConfig, opts: ClusterOptions | None = None):
+    def __init__(self, config: ModelConfig, opts: ClusterOptions | None = None):
         t0 = time.perf_counter()
         self.opts = opts or ClusterOptions()
         self.ray, self._started_ray = _connect(self.opts)
@@ -230,7 +204,7 @@ class RayExecutor:
         try:
             n, resources, threads = _worker_shape(self.ray, config, self.opts)
             # Ray shows a GPU worker only its own device(s), as cuda:0.
-            worker_config = replace(config, device="cuda") if config.device.startswith("cuda") else config
+            worker_config = config.changed(device="cuda") if config.device.startswith("cuda") else config
             actor = self.ray.remote(max_restarts=self.opts.max_restarts, max_task_retries=self.opts.max_task_retries,
                                     runtime_env=self.opts.runtime_env, **resources)(RenderWorker)
             self._start([actor.remote(worker_config, threads) for _ in range(n)])
@@ -336,14 +310,14 @@ class RayExecutor:
             raise UserError(result)
         return result
 
-    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]:
         self._new_job()
         # Chunks of movies spread over the workers (they hold the tokenizers and bind the tokens), in parallel.
         live = self._live()
         per = max(1, min(64, -(-len(items) // len(live))))
         chunks = [items[k:k + per] for k in range(0, len(items), per)]
         refs = [self.handles[live[j % len(live)]].plan.remote(c, overrides) for j, c in enumerate(chunks)]
-        out: list[list[FrameTask] | str] = []
+        out: list[MoviePlan | str] = []
         for chunk, ref in zip(chunks, refs):
             try:
                 out += self.ray.get(ref)
@@ -426,13 +400,11 @@ class RayExecutor:
         self.shutdown()
 
 
-def render_on_ray(config: EngineConfig, plan_paths: list[str | Path], opts: ClusterOptions | None = None,
-                  progress: Progress | None = None) -> Summary:
+def render_on_ray(model: ModelConfig, run: RunConfig, plan_paths: list[str | Path],
+                  opts: ClusterOptions | None = None, progress: Progress | None = None) -> Summary:
     """Start workers, render every frame of every movie with the one driver, stop the workers."""
     report_stage(progress, "validate")
-    job = Job.load(config, plan_paths)  # every plan valid, and the output folder writable, before a worker starts
+    job = Job.load(run, plan_paths)  # every plan valid, and the output folder writable, before a worker starts
     report_stage(progress, "load")
-    with RayExecutor(config, opts) as executor:
-        summary = render_job(job, progress=progress, executor=executor)
-    summary.startup_seconds = executor.startup_seconds
-    return summary
+    with RayExecutor(model, opts) as executor:
+        return render_job(job, executor, progress)

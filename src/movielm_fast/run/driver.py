@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from movielm_fast.engine.config import EngineConfig
-from movielm_fast.engine.lora import check_lora_file, set_key
+from movielm_fast.engine.lora import check_lora_file
 from movielm_fast.engine.oom import smaller
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import PlanError, UserError
@@ -30,10 +29,11 @@ from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
 from movielm_fast.plan import LoadedMovie, load_plan
 
 from .batching import first_frame_alone, ramp_first_batch
-from .executors import Executor, LocalExecutor, reason
+from .config import RunConfig
+from .executors import Executor, reason
 from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
 from .startup import StartupClock
-from .tasks import Batch, FrameTask, Rendered, StyleToken
+from .tasks import Batch, Failed, FrameTask, Rendered, StyleToken
 from .writer import Writer
 
 log = logging.getLogger("movielm_fast")
@@ -153,17 +153,17 @@ def check_output_folder(out: Path) -> None:
                         "choose a writable folder with --out") from None
 
 
-def check_movie_owners(config: EngineConfig, movies: list[LoadedMovie]) -> None:
+def check_movie_owners(run: RunConfig, movies: list[LoadedMovie]) -> None:
     """A movie id already in OUT must hold the same movie (id, title and plan file: outputs.movie_identity), or
     this render would overwrite its frames; refused before anything is touched, unless --replace. Manifests from
     before identities were recorded are adopted."""
     clashes = []
     for lm in movies:
-        theirs = stored_identity(Path(config.out) / lm.movie.id / "manifest.json")
+        theirs = stored_identity(run.out / lm.movie.id / "manifest.json")
         if theirs and theirs["identity"] != movie_identity(lm):
-            clashes.append(f"{Path(config.out) / lm.movie.id} holds {theirs['title']!r} from {theirs['plan']}, "
+            clashes.append(f"{run.out / lm.movie.id} holds {theirs['title']!r} from {theirs['plan']}, "
                            f"not {lm.movie.title!r} from {lm.source}")
-    if clashes and not config.replace:
+    if clashes and not run.replace:
         more = f" (and {len(clashes) - 1} more movie(s))" if len(clashes) > 1 else ""
         raise UserError(f"another movie with the same id is already rendered there: {clashes[0]}{more}",
                         "render into another --out, give the movie another id, or pass --replace to render over "
@@ -175,16 +175,16 @@ def check_movie_owners(config: EngineConfig, movies: list[LoadedMovie]) -> None:
 @dataclass
 class Job:
     """A render job, validated and resolved once, at the top, before any model loads or worker starts: every movie
-    of every plan file, --lora files checked, the output folder writable, the image encoding resolved."""
+    of every plan file, the output folder writable, the image encoding resolved."""
 
-    config: EngineConfig
+    run: RunConfig
     movies: list[LoadedMovie]
     encoding: tuple[str, int | None]  # (image format, encoder quality; None for PNG)
     started: float = field(default_factory=time.perf_counter)  # the summary's seconds count from here
     clock: StartupClock = field(default_factory=StartupClock)  # run.startup: phases, time to first image
 
     @classmethod
-    def load(cls, config: EngineConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
+    def load(cls, run: RunConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
              source: str | None = None) -> Job:
         """`source`: where the movies come from, for their identity in OUT (outputs.movie_identity), when the plan
         files are copies (serve's queue keeps each submission in a file of its own); default: the plan files."""
@@ -194,26 +194,19 @@ class Job:
             movies = collect_plans(plan_paths)  # 1. plans
             if source is not None:
                 movies = [lm.model_copy(update={"source": source}) for lm in movies]
-            for path, _ in config.loras:
-                check_lora_file(Path(path), "--lora")
-            check_movie_owners(config, movies)  # before anything is written to OUT
-            check_output_folder(config.out)
-            remove_stale_temporaries(config.out)  # a killed run's (movies' own folders: MovieOutputs)
-        return cls(config, movies, (config.image_format, resolve_quality(config.image_format, config.image_quality)),
-                   started, clock)
+            check_movie_owners(run, movies)  # before anything is written to OUT
+            check_output_folder(run.out)
+            remove_stale_temporaries(run.out)  # a killed run's (movies' own folders: MovieOutputs)
+        return cls(run, movies, (run.image_format, resolve_quality(run.image_format, run.quality)), started, clock)
 
 
-def render(config: EngineConfig, plan_paths: list[str | Path], progress: Progress | None = None,
-           executor: Executor | None = None, clock: StartupClock | None = None) -> Summary:
-    """Render every frame of every movie; frames already rendered with identical settings are skipped. Without an
-    executor, renders in this process (LocalExecutor). `clock`: where start-up phases count from (the CLI's: the
-    process start); by default, this call.
-
-    The model loads after the plans are validated, not beside them: validation takes milliseconds, and a load left
-    running after a bad plan would keep accelerate's process-wide empty-weights patch active while the caller (a
-    test session, `serve`) builds other modules."""
+def render(run: RunConfig, plan_paths: list[str | Path], progress: Progress | None = None, *, executor: Executor,
+           clock: StartupClock | None = None) -> Summary:
+    """Render every frame of every movie on `executor` (its model loaded: run.executors.open_executor); frames
+    already rendered with identical settings are skipped. `clock`: where start-up phases count from (the CLI's:
+    the process start); by default, this call. The plans are validated first (`Job.load`)."""
     report_stage(progress, "validate")
-    return render_job(Job.load(config, plan_paths, clock), progress=progress, executor=executor)
+    return render_job(Job.load(run, plan_paths, clock), executor, progress)
 
 
 def take_startup(executor: Executor) -> dict[str, float]:
@@ -225,31 +218,32 @@ def take_startup(executor: Executor) -> dict[str, float]:
     return taken
 
 
-def render_job(job: Job, *, progress: Progress | None = None, executor: Executor | None = None) -> Summary:
-    """`render` for a job already loaded (`Job.load`): the Ray path validates before its workers start."""
-    if executor is None:
-        report_stage(progress, "load")
-        executor = LocalExecutor(job.config, on_step=getattr(progress, "step", None))
+def render_job(job: Job, executor: Executor, progress: Progress | None = None) -> Summary:
+    """The stages of a job already validated (`Job.load`) on a loaded executor: 2. styles, 3. tasks, 4.-6.
+    batches to files. Movies that fail are in the summary; the others complete."""
     job.clock.update(take_startup(executor))  # the model's phases, for the job that waited for its load
     run = _Run(job, executor, progress)
     try:
-        run.execute()
+        todo = run.prepare()  # 2.-3.
+        run.render(todo)  # 4.-6.
     finally:
         run.executor.cancel()  # after an interrupt: nothing of this job keeps running
+    run.summarize()
+    run.summary.startup_seconds = getattr(executor, "startup_seconds", 0.0)  # Ray's workers: their start
     run.summary.seconds = time.perf_counter() - job.started
     run.summary.startup = job.clock.as_dict()
     return run.summary
 
 
-def prepare_styles(config: EngineConfig, movies: list[LoadedMovie], executor: Executor,
+def prepare_styles(run: RunConfig, movies: list[LoadedMovie], executor: Executor,
                    failures: dict[str, str]) -> dict[str, StyleToken | None]:
     """2. styles: movie id -> its style token (None: the style is written out as text). Each embedding file is read
     once; each style without one is immobilized once (MovieLLM), however many movies share it."""
     by_source: dict[tuple, StyleToken | str] = {}
     tokens: dict[str, StyleToken | None] = {}
-    train = config.style_training and not executor.info.no_style_training
-    if config.style_training and not train and any(not lm.movie.style.embedding for lm in movies):
-        (log.info if config.quiet else log.warning)(
+    train = run.style_training and not executor.info.no_style_training
+    if run.style_training and not train and any(not lm.movie.style.embedding for lm in movies):
+        (log.info if run.quiet else log.warning)(
             "style training skipped (styles are written out as text): %s", executor.info.no_style_training)
     for lm in movies:
         st = lm.movie.style
@@ -307,21 +301,23 @@ class _Run:
     why movies failed), so each stage is a method rather than a function of eight parameters."""
 
     def __init__(self, job: Job, executor: Executor, progress: Progress | None):
-        self.job, self.config, self.executor, self.progress = job, job.config, executor, progress
+        self.job, self.run, self.executor, self.progress = job, job.run, executor, progress
         self.summary = Summary(movies=len(job.movies), frames_total=sum(len(lm.movie.frames) for lm in job.movies))
         self.failures: dict[str, str] = {}  # movie id -> why it is not complete
         self.tokens: dict[str, StyleToken | None] = {}
         self.outputs: dict[str, MovieOutputs] = {}
+        self.writer: Writer | None = None
         self.first_result: float | None = None  # when the first batch came back (run.startup's first_write)
 
-    def execute(self) -> None:
-        config, summary, clock = self.config, self.summary, self.job.clock
+    def prepare(self) -> list[FrameTask]:
+        """2. styles and 3. tasks: the frames still to render (finished ones skipped), each movie's outputs ready."""
+        summary, clock = self.summary, self.job.clock
         report_stage(self.progress, "styles")
         with clock.phase("styles"):
-            self.tokens = prepare_styles(config, self.job.movies, self.executor, self.failures)  # 2. styles
+            self.tokens = prepare_styles(self.run, self.job.movies, self.executor, self.failures)  # 2. styles
         with clock.phase("tasks"):
             tasks = self.plan_tasks()  # 3. tasks
-        todo = [t for t in tasks if not (config.skip_existing and self.outputs[t.job.movie_id].is_done(t))]
+        todo = [t for t in tasks if self.run.force or not self.outputs[t.job.movie_id].is_done(t)]
         summary.frames_skipped = len(tasks) - len(todo)
         if (skipped := getattr(self.progress, "skipped", None)) is not None:
             skipped(summary.frames_skipped)
@@ -331,113 +327,115 @@ class _Run:
         for movie_id, mo in self.outputs.items():
             mo.save()  # drops entries of frames no longer in the plan
             mo.expect(rendering.get(movie_id, ()))
-        writer = Writer(self.outputs, self.executor.info, encoding=self.job.encoding, threads=config.writer_threads,
-                        on_image=clock.image_written)
+        return todo
+
+    def plan_tasks(self) -> list[FrameTask]:
+        """3. Every frame of every movie that can be planned; each such movie's outputs (manifest, anchors)."""
+        image_format, quality = self.job.encoding
+        good = [lm for lm in self.job.movies if lm.movie.id not in self.failures]
+        tasks: list[FrameTask] = []
+        items = [(lm, self.tokens[lm.movie.id]) for lm in good]
+        for lm, planned in zip(good, self.executor.plan(items, self.run.overrides)):
+            if isinstance(planned, str):
+                self.failures[lm.movie.id] = planned
+                continue
+            settings = {**planned.settings, "image_format": image_format, "quality": quality}
+            mo = self.outputs[lm.movie.id] = MovieOutputs(self.run.out, lm, self.executor.info, settings, image_format)
+            anchors = {a.character: a for t in planned.tasks for a in t.job.anchors}
+            mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
+            if image_format != "png":  # another file is another output; PNG keys stay, so old runs resume
+                for t in planned.tasks:
+                    t.key.update(image_format=image_format, quality=quality)
+            tasks += planned.tasks
+        return tasks
+
+    def render(self, todo: list[FrameTask]) -> None:
+        """4.-6. Batches to the executor, results to the writer threads, until nothing is left or in flight; every
+        rendered frame reaches the disk, after Ctrl-C too."""
+        executor, summary = self.executor, self.summary
+        self.writer = Writer(self.outputs, executor.info, encoding=self.job.encoding, threads=self.run.writer_threads,
+                             on_image=self.job.clock.image_written)
+        report_stage(self.progress, "render")
+        size = self.run.batch_size
+        if size == "auto":
+            size = executor.batch_size(todo[0].settings) if todo else 1
+        summary.batch_size = size
+        if self.progress:
+            self.progress(0, len(todo))
+        queue = deque(make_batches(todo, size))
+        if ramp_first_batch(self.run.batch_size, executor.info.shape_cost):
+            queue = deque(first_frame_alone(list(queue)))  # the first file after one frame's work, not a batch's
+        t0 = time.perf_counter()
         try:
-            report_stage(self.progress, "render")
-            self.render(writer, todo)  # 4.-6.
+            while queue or executor.pending:
+                while queue and executor.has_room():
+                    executor.submit(self.batch(queue.popleft()))
+                batch, result = executor.next_result()
+                if self.first_result is None:
+                    self.first_result = time.perf_counter()
+                    self.job.clock.add("first_batch", self.first_result - t0)
+                    if isinstance(result, Rendered):
+                        self.job.clock.add("first_prompt_encode", result.prompt_seconds)
+                queue = self.take(batch, result, queue, len(todo))
         finally:
+            summary.render_seconds = time.perf_counter() - t0
             report_stage(self.progress, "write")
-            summary.workers = self.executor.worker_stats()
+            summary.workers = executor.worker_stats()
             summary.resubmitted_batches = sum(w.get("rerun_batches", 0) for w in summary.workers)
             try:
-                writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
+                self.writer.close()  # every rendered frame reaches the disk, after Ctrl-C too
             finally:
                 for mo in self.outputs.values():
                     mo.save()
-                for movie_id, why in writer.failures.items():
+                for movie_id, why in self.writer.failures.items():
                     self.failures.setdefault(movie_id, why)
+
+    def batch(self, frames: list[FrameTask]) -> Batch:
+        """4. A batch of frames, with the style tokens their prompts use and the anchors not saved yet."""
+        used = {tok.source: tok for t in frames if (tok := self.tokens[t.job.movie_id])}
+        want = frozenset(a.key for t in frames for a in t.job.anchors) - self.writer.anchors_saved
+        return Batch(frames, list(used.values()), self.job.encoding, want)
+
+    def take(self, batch: Batch, result: Rendered | Failed, queue: deque, frames: int) -> deque:
+        """5. A batch's result: its frames to the writer, or the failure policy (out of memory: re-cut what is left
+        smaller; anything else: its frames alone, then the movie fails). Returns the queue to go on with."""
+        summary = self.summary
+        if isinstance(result, Rendered):
+            self.writer.put(batch, result)
+            summary.frames_rendered += len(batch.tasks)
+            summary.lora_seconds += result.lora_seconds
+            summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
+            if self.progress:
+                self.progress(len(batch.tasks), frames)
+        elif result.oom:
+            if len(batch.tasks) == 1:
+                raise UserError("out of memory even at batch size 1",
+                                "use a smaller --width/--height, --dtype fp16, or a larger device")
+            size = summary.batch_size = min(summary.batch_size, smaller(len(batch.tasks)))
+            log.warning("out of memory at batch %d; continuing with batches of %d", len(batch.tasks), size)
+            # Re-cut everything still to do, so later batches do not each fail once before shrinking.
+            return deque(make_batches([t for b in [batch.tasks, *queue] for t in b], size))
+        elif len(batch.tasks) > 1:
+            # Render its frames alone, so one bad movie cannot take the other movies of its batch with it.
+            queue.extendleft([t] for t in reversed(batch.tasks))
+        else:
+            self.failures.setdefault(batch.tasks[0].job.movie_id, result.reason)
+        return queue
+
+    def summarize(self) -> None:
+        """The summary's storyboards, write times and failures, once every file is written."""
+        summary, clock = self.summary, self.job.clock
         if self.first_result is not None and clock.first_image is not None:
             clock.add("first_write", max(0.0, clock.first_image - self.first_result))
-        written = set(writer.times.storyboards)
+        written = set(self.writer.times.storyboards) if self.writer else set()
         for mo in self.outputs.values():
             if mo.complete():  # complete before this run too: its dialogue may have changed
                 path = str(mo.storyboard_path)
                 summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
-        summary.write = writer.times.as_dict()
+        summary.write = self.writer.times.as_dict() if self.writer else {}
         for movie_id, why in self.failures.items():
             frames = next(lm.movie.frames for lm in self.job.movies if lm.movie.id == movie_id)
             done = self.outputs[movie_id].entries if movie_id in self.outputs else {}
             missing = sum(f.id not in done for f in frames)
             summary.failures.append({"movie": movie_id, "reason": why, "frames_missing": missing})
             summary.frames_failed += missing
-
-    def plan_tasks(self) -> list[FrameTask]:
-        """3. Every frame of every movie that can be planned; each such movie's outputs (manifest, anchors)."""
-        config, info = self.config, self.executor.info
-        image_format, quality = self.job.encoding
-        good = [lm for lm in self.job.movies if lm.movie.id not in self.failures]
-        tasks: list[FrameTask] = []
-        items = [(lm, self.tokens[lm.movie.id]) for lm in good]
-        for lm, planned in zip(good, self.executor.plan(items, config.overrides)):
-            if isinstance(planned, str):
-                self.failures[lm.movie.id] = planned
-                continue
-            settings = {**info.resolved(lm, config.overrides).model_dump(), "dtype": info.dtype,
-                        "backend": info.backend, "image_format": image_format, "quality": quality}
-            if planned and planned[0].settings.loras:
-                settings["loras"] = set_key(planned[0].settings.loras)
-            if planned and planned[0].settings.step_cache:
-                settings["step_cache"] = planned[0].settings.step_cache.key()
-            if planned and "quantize" in planned[0].key:  # as the renderer (maybe a remote worker) set it
-                settings["quantize"] = planned[0].key["quantize"]
-            mo = self.outputs[lm.movie.id] = MovieOutputs(config.out, lm, info, settings, image_format)
-            anchors = {a.character: a for t in planned for a in t.job.anchors}
-            mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
-            if image_format != "png":  # another file is another output; PNG keys stay, so old runs resume
-                for t in planned:
-                    t.key.update(image_format=image_format, quality=quality)
-            tasks += planned
-        return tasks
-
-    def render(self, writer: Writer, todo: list[FrameTask]) -> None:
-        """4.-6. Batches to the executor, results to the writer, until nothing is left or in flight."""
-        executor, summary, progress = self.executor, self.summary, self.progress
-        size = self.config.batch_size
-        if size == "auto":
-            size = executor.batch_size(todo[0].settings) if todo else 1
-        summary.batch_size = size
-        if progress:
-            progress(0, len(todo))
-        queue = deque(make_batches(todo, size))
-        if ramp_first_batch(self.config):
-            queue = deque(first_frame_alone(list(queue)))  # the first file after one frame's work, not a batch's
-        t0 = time.perf_counter()
-        first = True
-        try:
-            while queue or executor.pending:
-                while queue and executor.has_room():
-                    frames = queue.popleft()
-                    used = {tok.source: tok for t in frames if (tok := self.tokens[t.job.movie_id])}
-                    want = frozenset(a.key for t in frames for a in t.job.anchors) - writer.anchors_saved
-                    executor.submit(Batch(frames, list(used.values()), self.job.encoding, want))
-                batch, result = executor.next_result()
-                if first:
-                    first = False
-                    self.first_result = time.perf_counter()
-                    self.job.clock.add("first_batch", self.first_result - t0)
-                    if isinstance(result, Rendered):
-                        self.job.clock.add("first_prompt_encode", result.prompt_seconds)
-                if isinstance(result, Rendered):
-                    writer.put(batch, result)
-                    summary.frames_rendered += len(batch.tasks)
-                    summary.lora_seconds += result.lora_seconds
-                    summary.unet_steps += batch.settings.steps  # UNet evaluations (each over the whole batch)
-                    if progress:
-                        progress(len(batch.tasks), len(todo))
-                elif result.oom:
-                    if len(batch.tasks) == 1:
-                        raise UserError("out of memory even at batch size 1",
-                                        "use a smaller --width/--height, --dtype fp16, or a larger device")
-                    size = min(size, smaller(len(batch.tasks)))
-                    log.warning("out of memory at batch %d; continuing with batches of %d", len(batch.tasks), size)
-                    summary.batch_size = size
-                    # Re-cut everything still to do, so later batches do not each fail once before shrinking.
-                    queue = deque(make_batches([t for b in [batch.tasks, *queue] for t in b], size))
-                elif len(batch.tasks) > 1:
-                    # Render its frames alone, so one bad movie cannot take the other movies of its batch with it.
-                    queue.extendleft([t] for t in reversed(batch.tasks))
-                else:
-                    self.failures.setdefault(batch.tasks[0].job.movie_id, result.reason)
-        finally:
-            summary.render_seconds = time.perf_counter() - t0

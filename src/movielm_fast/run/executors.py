@@ -3,7 +3,7 @@ Ray run are the same loop.
 
     info                    the loaded model (manifests, resume keys)
     train_style(style)      -> StyleToken          (raises UserError)
-    plan(items, overrides)  -> per movie: [FrameTask] or a failure reason
+    plan(items, overrides)  -> per movie: MoviePlan (its tasks and manifest settings) or a failure reason
     batch_size(settings)    -> int                 ("auto" batch size)
     has_room()              whether another batch may be submitted now
     submit(batch)           start a batch
@@ -21,17 +21,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Protocol
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings, Style
 
+from .config import ClusterOptions
 from .outputs import encode_image
 from .renderer import Renderer
-from .tasks import Batch, Failed, FrameTask, ModelInfo, PlanItem, Rendered, StyleToken
+from .tasks import Batch, Failed, ModelInfo, MoviePlan, PlanItem, Rendered, StyleToken
 
 log = logging.getLogger("movielm_fast")
 
@@ -41,7 +43,7 @@ class Executor(Protocol):
 
     def train_style(self, style: Style) -> StyleToken: ...
 
-    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]: ...
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]: ...
 
     def batch_size(self, settings: BatchSettings) -> int: ...
 
@@ -69,14 +71,14 @@ def reason(exc: BaseException, dtype: str | None = None) -> str:
     return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
-def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
-    """Bind each movie's style token and list its frames; a movie whose input is bad fails alone."""
-    out: list[list[FrameTask] | str] = []
+def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]:
+    """Bind each movie's style token and plan its frames; a movie whose input is bad fails alone."""
+    out: list[MoviePlan | str] = []
     for lm, token in items:
         try:
             if token is not None:
                 renderer.bind([token])
-            out.append(renderer.tasks(lm, token.token if token else None, overrides))
+            out.append(renderer.plan(lm, token.token if token else None, overrides))
         except Exception as exc:
             out.append(reason(exc))
     return out
@@ -106,7 +108,7 @@ class LocalExecutor:
     """Renders in this process, one batch at a time, when the driver asks for the result. The driver's writer
     threads encode and write the previous batch's files meanwhile."""
 
-    def __init__(self, config: EngineConfig | None = None, renderer: Renderer | None = None,
+    def __init__(self, config: ModelConfig | None = None, renderer: Renderer | None = None,
                  on_step: Callable[[int, int], None] | None = None):
         self.renderer = renderer or Renderer(config)
         if on_step is not None:  # per-step progress of the batch in flight (a Ray run reports whole batches)
@@ -118,7 +120,7 @@ class LocalExecutor:
     def train_style(self, style: Style) -> StyleToken:
         return self.renderer.train_style(style)
 
-    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[list[FrameTask] | str]:
+    def plan(self, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]:
         return plan_movies(self.renderer, items, overrides)
 
     def batch_size(self, settings: BatchSettings) -> int:
@@ -143,3 +145,18 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         self._queue.clear()
+
+
+@contextmanager
+def open_executor(model: ModelConfig, cluster: ClusterOptions | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> Iterator[Executor]:
+    """The executor of a run, for every way of running: the model loads once, in this process or once per Ray
+    worker (`cluster.cluster == "ray"`: run/cluster.py, which imports Ray); closed (workers stopped) on exit.
+    `on_step`: per-step progress of the batch in flight (local runs; a Ray run reports whole batches)."""
+    if cluster is None or cluster.cluster is None:
+        yield LocalExecutor(model, on_step=on_step)
+        return
+    from .cluster import RayExecutor  # Ray is optional (the [cluster] extra): only Ray runs import it
+
+    with RayExecutor(model, cluster) as executor:
+        yield executor

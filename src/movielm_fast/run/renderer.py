@@ -17,16 +17,15 @@ import numpy as np
 import torch
 
 from movielm_fast.engine.backends.base import create_backend
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.consistency import AnchorRecord, Anchors, anchor_seed
 from movielm_fast.engine.fp8 import check_quantize
 from movielm_fast.engine.frames import Frames
 from movielm_fast.engine.jobs import AnchorSpec, BatchSettings, FrameJob
-from movielm_fast.engine.lora import LoraLibrary, LoraSet, combine, lora_ref, set_key
+from movielm_fast.engine.lora import LoraLibrary, LoraSet, check_lora_file, combine, lora_ref, set_key
 from movielm_fast.engine.models import (
     load_model,
-    load_refiner,
-    load_vae,
+    load_part,
     model_defaults,
     native_size,
     size_warning,
@@ -40,111 +39,101 @@ from movielm_fast.errors import UserError
 from movielm_fast.plan import LoadedMovie, RenderSettings, Style
 from movielm_fast.style.immobilize import SceneRenderer, immobilize_style
 
-from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, throughput_batch
+from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, shape_cost, throughput_batch
 from .prompts import frame_characters, frame_prompt, style_prefix
 from .startup import timed
-from .tasks import FrameTask, ModelInfo, StyleToken
+from .tasks import FrameTask, ModelInfo, MoviePlan, StyleToken
 
 log = logging.getLogger("movielm_fast")
 
 
 class Renderer:
-    """Holds the loaded model, backend and prompt cache; renders any number of movies.
+    """Holds the loaded model, its backend and prompt cache (and any refiner or VAE a movie adds); renders any
+    number of movies.
 
-    `model` and `backend` may be passed in (tests wrap a backend, benchmarks reuse a loaded model); by default
-    they are loaded from `config`."""
+    `config` is handed down once: the model loads as it says, and every backend gets its backend part. `model` and
+    `backend` may be passed in (tests wrap a backend, benchmarks reuse a loaded model)."""
 
-    def __init__(self, config: EngineConfig, model=None, backend=None):
+    def __init__(self, config: ModelConfig, model=None, backend=None):
         self.config = config
-        config.torch_device  # fail fast on a bad device before loading gigabytes
-        if config.torch_device.type == "cpu" and config.torch_dtype == torch.float16:
-            # CPUs have no fp16 matrix units PyTorch uses: every op converts, measured 6x slower than fp32 here.
+        device = config.torch_device  # fail fast on a bad device, --lora file or option before loading gigabytes
+        for path, _ in config.loras:
+            check_lora_file(Path(path), "--lora")
+        if device.type == "cpu" and config.dtype_name == "fp16":
+            # CPUs have no fp16 matrix units PyTorch uses: every op converts (bench/RESULTS.md has the cost).
             log.warning("--dtype fp16 on the CPU is emulated and several times slower than fp32: use --dtype fp32 "
                         "(or --dtype auto); fp16 is for --device cuda")
         self.step_cache = check_step_cache(config.step_cache, config.step_cache_depth, config.backend)
-        check_quantize(config.quantize, config.backend, config.torch_device)
+        check_quantize(config.quantize, config.backend, device)
         self.startup: dict[str, float] = {}  # run.startup phases of this renderer's set-up
+        self.tokens: dict[str, StyleToken] = {}  # bound so far: a refiner loaded later binds them too
+        self.parts: dict[tuple[str, str], Expert] = {}  # (role, resolved folder) -> a refiner or VAE, on first use
         with timed(self.startup, "model_load"):
             # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
             # (ONNX Runtime, TensorRT) trace float32 modules on the host.
-            target = (config.torch_dtype, config.torch_device) if config.backend == "torch" else None
+            target = (config.torch_dtype, device) if config.backend == "torch" else None
             self.model = model or load_model(config.model, target=target)
         self.startup.update(self.model.load_seconds if model is None else {})
         with timed(self.startup, "backend_setup"):
-            self.backend = backend or create_backend(config.backend, self.model, config)
-        self.encoder = PromptEncoder(self.model, self.backend)
+            self.base = self._expert(self.model, backend)
+        self.backend, self.encoder = self.base.backend, self.base.encoder
         self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
-        self.tokens: dict[str, StyleToken] = {}  # bound so far: a refiner loaded later binds them too
-        self.refiners: dict[str, Expert] = {}  # by resolved folder, loaded on first use
-        self.decoders: dict[str, Any] = {}  # swapped VAEs' backends, by resolved folder
-        self.vae_hashes: dict[str, str] = {}
         self.defaults = model_defaults(self.model)
         self._size_warned: set[tuple[int, int]] = set()
         self.on_step: Callable[[int, int], None] | None = None  # (done, steps) of the batch rendering now
-        # Given as flags, a bad refiner or VAE fails the run here, before any frame (in a plan: the movie fails).
-        if config.overrides.refiner:
-            self._refiner(config.overrides.refiner)
-        if config.overrides.vae:
-            self._decoder(config.overrides.vae)
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(self.model.model_id, self.model.content_hash, self.model.kind, self.config.dtype_name,
-                         self.config.backend, self.defaults, style_training_note(self.model))
+        c = self.config
+        lossy = {"quantize": c.quantize} if c.quantize else {}
+        if self.step_cache:
+            lossy["step_cache"] = self.step_cache.key()
+        return ModelInfo(self.model.model_id, self.model.content_hash, self.model.kind, c.dtype_name, c.backend,
+                         self.defaults, style_training_note(self.model), lossy, shape_cost(c))
+
+    def _expert(self, bundle, backend=None) -> Expert:
+        """One way to make a loaded bundle (the model, a refiner, a VAE) renderable: its backend, made from this
+        config's backend part, and a prompt encoder that knows the bound style tokens if it has text encoders."""
+        backend = backend or create_backend(self.config.backend, bundle, self.config.backend_config)
+        expert = Expert(bundle, backend, PromptEncoder(bundle, backend) if bundle.text_encoders else None)
+        self._bind(expert, self.tokens.values())
+        return expert
+
+    @staticmethod
+    def _bind(expert: Expert, tokens) -> None:
+        """A token carries one vector set per text encoder of the model it was learned for; a part with fewer
+        encoders (the SDXL refiner has only SDXL's second) binds the last ones."""
+        n = len(expert.model.text_encoders)
+        for t in tokens if n else ():
+            expert.encoder.add_token(t.token, list(t.vectors[-n:]), t.source)
 
     def bind(self, tokens: list[StyleToken]) -> None:
-        """Make the style tokens known to the prompt encoder (already bound ones are skipped)."""
-        for t in tokens:
-            self.encoder.add_token(t.token, list(t.vectors), t.source)
-            self.tokens[t.token] = t
-            for r in self.refiners.values():
-                r.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)  # its one encoder is SDXL's second
+        """Make the style tokens known to every prompt encoder (already bound ones are skipped)."""
+        for expert in [self.base, *self.parts.values()]:
+            self._bind(expert, tokens)
+        self.tokens.update((t.token, t) for t in tokens)
 
-    def _refiner(self, path: str) -> Expert:
-        """The SDXL refiner in `path`, loaded, checked against the base model and given a backend, once."""
-        if path not in self.refiners:
-            if self.model.kind != "sdxl":
-                raise UserError(f"the refiner {path} is for SDXL; the model {self.model.model_id} is "
-                                f"{'SD 1.x/2.x' if self.model.kind == 'sd' else self.model.kind}",
-                                "use an SDXL base model with --refiner, or render without the refiner")
-            bundle = load_refiner(path)
-            if bundle.latent_channels != self.model.latent_channels or \
-                    bundle.vae_scale_factor != self.model.vae_scale_factor:
-                raise UserError(f"the refiner {path} works on {bundle.latent_channels}-channel latents at 1/"
-                                f"{bundle.vae_scale_factor} scale; the model's are {self.model.latent_channels}-"
-                                f"channel at 1/{self.model.vae_scale_factor}", "use the refiner of this base model")
-            backend = create_backend(self.config.backend, bundle, self.config)
-            expert = Expert(bundle, backend, PromptEncoder(bundle, backend))
-            for t in self.tokens.values():
-                expert.encoder.add_token(t.token, list(t.vectors[-1:]), t.source)
-            self.refiners[path] = expert
-        return self.refiners[path]
+    def _part(self, role: str, path: str) -> Expert:
+        """The refiner or VAE (`role`) in `path`: loaded, checked against the model and made renderable, once."""
+        if (role, path) not in self.parts:
+            self.parts[role, path] = self._expert(load_part(role, path, self.model))
+        return self.parts[role, path]
 
-    def _decoder(self, path: str):
-        """A backend that decodes with the VAE in `path` (checked against the model's latents), made once."""
-        if path not in self.decoders:
-            bundle = load_vae(path)
-            if bundle.latent_channels != self.model.latent_channels or \
-                    bundle.vae_scale_factor != self.model.vae_scale_factor:
-                raise UserError(f"the VAE {path} decodes {bundle.latent_channels}-channel latents at 1/"
-                                f"{bundle.vae_scale_factor} scale; the model {self.model.model_id} makes "
-                                f"{self.model.latent_channels}-channel latents at 1/{self.model.vae_scale_factor}",
-                                "use a VAE of this model family (SD 1.x/2.x and SDXL: 4 channels, 1/8)")
-            self.decoders[path] = create_backend(self.config.backend, bundle, self.config)
-            self.vae_hashes[path] = bundle.content_hash
-        return self.decoders[path]
-
-    def anchor_specs(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> dict[str, AnchorSpec]:
-        """Character name -> its anchor (consistency mode), or {} when the movie's mode is off."""
-        s = self.info.resolved(lm, overrides)
+    def anchor_specs(self, lm: LoadedMovie, token: str | None, s: RenderSettings, bs: BatchSettings
+                     ) -> dict[str, AnchorSpec]:
+        """Character name -> its anchor (consistency mode), or {} when the movie's mode is off. `s`: the movie's
+        resolved settings; `bs`: its batch settings (an anchor renders with those of the frames that use it)."""
         cons = s.consistency
         if self.config.consistency is not None:
             cons = cons.model_copy(update={"mode": self.config.consistency})
-        if cons.mode == "none":
+        if cons.mode == "none" or not lm.movie.characters:
             return {}
-        bs = batch_settings(s, self.lora_set(lm))
+        if self.step_cache:
+            raise UserError(f"movie {lm.movie.id!r}: consistency mode cannot run with --step-cache (anchor attention "
+                            "records and reads every attention layer at every step; cached steps skip the deep ones)",
+                            "drop --step-cache, or render this movie with --consistency none")
         return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
                                    s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
                 for c in lm.movie.characters}
@@ -158,19 +147,16 @@ class Renderer:
             self.loras.layers(lora_ref(path, scale), f"{what} LoRA")
         return combine([(path, scale) for _, path, scale in named])
 
-    def tasks(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> list[FrameTask]:
-        """Every frame of one movie as a task. `token`: the movie's bound style token, if any."""
+    def plan(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> MoviePlan:
+        """One movie on this model: every frame as a task, and the settings its manifest records. `token`: the
+        movie's bound style token, if any; `overrides`: the run's command-line settings."""
         s = self.info.resolved(lm, overrides)
         self._check_size(s)
         loras = self.lora_set(lm)
         bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
-        self._experts(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
-        extra = self._expert_key(bs)
-        anchors = self.anchor_specs(lm, token, overrides)
-        if anchors and self.step_cache:
-            raise UserError(f"movie {lm.movie.id!r}: consistency mode cannot run with --step-cache (anchor attention "
-                            "records and reads every attention layer at every step; cached steps skip the deep ones)",
-                            "drop --step-cache, or render this movie with --consistency none")
+        extra = self._expert_key(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
+        anchors = self.anchor_specs(lm, token, s, bs)
+        lossy = self.info.lossy
         tasks = []
         for frame in lm.movie.frames:
             prompt = frame_prompt(lm.movie, frame, token)
@@ -182,14 +168,14 @@ class Renderer:
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
             if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
                 key["loras"] = set_key(loras)
-            if bs.step_cache:  # lossy: its frames differ; frames rendered without it keep their keys
-                key["step_cache"] = bs.step_cache.key()
-            if self.config.quantize:  # lossy, likewise
-                key["quantize"] = self.config.quantize
+            key.update(lossy)  # lossy speed-ups change the pixels; frames rendered without them keep their keys
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
-        return tasks
+        settings = {**s.model_dump(), "dtype": self.config.dtype_name, "backend": self.config.backend}
+        if loras:
+            settings["loras"] = set_key(loras)
+        return MoviePlan(tasks, {**settings, **lossy})
 
     def _check_size(self, s: RenderSettings) -> None:
         """Warn once per size that is far from the model's native one (given by the plan or a flag: the model's own
@@ -208,11 +194,10 @@ class Renderer:
         if bs.timestep_spacing:
             extra["timestep_spacing"] = bs.timestep_spacing
         if bs.refiner:
-            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._refiner(bs.refiner).model.content_hash,
+            extra["refiner"] = {"id": Path(bs.refiner).name, "hash": self._part("refiner", bs.refiner).model.content_hash,
                                 "switch": bs.refiner_switch}
         if bs.vae:
-            self._decoder(bs.vae)
-            extra["vae"] = {"id": Path(bs.vae).name, "hash": self.vae_hashes[bs.vae]}
+            extra["vae"] = {"id": Path(bs.vae).name, "hash": self._part("vae", bs.vae).model.content_hash}
         return extra
 
     def render(self, jobs: list[FrameJob], settings: BatchSettings, want_anchors: frozenset[str] = frozenset()
@@ -250,8 +235,9 @@ class Renderer:
         return record
 
     def _experts(self, s: BatchSettings) -> tuple[Expert | None, Any]:
-        """(refiner, decoder) for a batch with settings `s`."""
-        return (self._refiner(s.refiner) if s.refiner else None), (self._decoder(s.vae) if s.vae else None)
+        """(refiner, decoder backend) for a batch with settings `s`."""
+        return (self._part("refiner", s.refiner) if s.refiner else None), \
+            (self._part("vae", s.vae).backend if s.vae else None)
 
     @property
     def scene_renderer(self) -> SceneRenderer:

@@ -30,6 +30,10 @@ class ModelInfo:
     """The model's own render defaults (engine.models.model_defaults): native size, its steps and guidance."""
     no_style_training: str | None = None
     """Why style training cannot help this model (engine.models.style_training_note); None: it can."""
+    lossy: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The lossy speed-ups the model runs with (--quantize, --step-cache): what frame keys and manifests record."""
+    shape_cost: bool = field(default=False, compare=False)
+    """Whether a batch of a new size costs a CUDA graph capture or a compile (run.batching.shape_cost)."""
 
     def resolved(self, lm: LoadedMovie, overrides: RenderSettings | None) -> RenderSettings:
         """A movie's settings on this model: command line > plan > the model's defaults > built-ins."""
@@ -53,6 +57,14 @@ class FrameTask:
     chunks: int
     key: dict[str, Any]  # everything that determines the pixels; a manifest entry must match it to be reused
     dialogue: str
+
+
+@dataclass
+class MoviePlan:
+    """One movie planned on the loaded model: its frames' tasks, and the settings its manifest records."""
+
+    tasks: list[FrameTask]
+    settings: dict[str, Any]
 
 
 @dataclass

@@ -24,13 +24,13 @@ import logging
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from movielm_fast.engine.config import EngineConfig
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
 from movielm_fast.plan import merge_settings
+from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import Job, render_job, take_startup
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.startup import StartupClock
@@ -45,13 +45,15 @@ MAX_BODY_BYTES = 8 * 2**20
 
 
 class Server:
-    """The warm model (one LocalExecutor), the queue and the render thread."""
+    """The warm model (one LocalExecutor), the queue and the render thread. `run`: the server's own run settings,
+    which a submission's options replace for its plan."""
 
-    def __init__(self, config: EngineConfig, token: str | None = None, allow_files: tuple[Path, ...] = ()):
-        self.config, self.token = config, token
+    def __init__(self, model: ModelConfig, run: RunConfig, token: str | None = None,
+                 allow_files: tuple[Path, ...] = ()):
+        self.run, self.token = run, token
         self.allow_files = tuple(Path(p).resolve() for p in allow_files) or (Path.cwd(),)
-        self.queue = PlanQueue(config.out)
-        self.executor = LocalExecutor(config)  # the model loads once, here
+        self.queue = PlanQueue(run.out)
+        self.executor = LocalExecutor(model)  # the model loads once, here
         self.startup = take_startup(self.executor)  # the server's own start, charged to no plan (GET /health)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._render_loop, name="movielm-serve-render", daemon=True)
@@ -74,13 +76,13 @@ class Server:
         progress = _Progress(self.queue, job_id)
         try:
             options = PlanOptions.model_validate(rec.get("options") or {})
-            config = self.plan_config(output_folder(self.config.out, rec["out"]), options)
+            run = self.plan_run(output_folder(self.run.out, rec["out"]), options)
             # The time to first image counts from the plan's arrival: its wait in the queue is a phase of its own.
             waited = max(0.0, time.time() - rec["submitted"])
             clock = StartupClock(time.perf_counter() - waited)
             clock.add("queued", waited)
-            job = Job.load(config, [self.queue.plan_path(job_id)], clock, source=SERVED)
-            summary = render_job(job, progress=progress, executor=self.executor).as_dict()
+            job = Job.load(run, [self.queue.plan_path(job_id)], clock, source=SERVED)
+            summary = render_job(job, self.executor, progress).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
                               error=None, done=summary["skipped"] + summary["rendered"])
         except UserError as exc:
@@ -89,13 +91,11 @@ class Server:
             log.exception("plan %s failed", job_id)
             self.queue.update(job_id, state="failed", error={"error": f"{type(exc).__name__}: {exc}", "hint": ""})
 
-    def plan_config(self, out: Path, options: PlanOptions) -> EngineConfig:
-        """The server's config with a submission's options: each one given replaces the server's own setting."""
-        c = self.config
-        return replace(c, out=out, quiet=True, overrides=merge_settings(options.render, c.overrides),
-                       image_format=options.image_format or c.image_format,
-                       image_quality=c.image_quality if options.quality is None else options.quality,
-                       replace=c.replace or options.replace, style_training=c.style_training and options.style_training)
+    def plan_run(self, out: Path, options: PlanOptions) -> RunConfig:
+        """The server's run settings with a submission's options: each one given replaces the server's own."""
+        given = {k: v for k, v in options.model_dump(exclude={"render"}).items() if v is not None}
+        return self.run.changed(out=out, quiet=True, overrides=merge_settings(options.render, self.run.overrides),
+                                **given)
 
     def check_plan(self, data: Any, out: Path) -> tuple[str, PlanOptions, int]:
         """A submission's JSON -> (the plan's text with absolute paths, its options, its number of frames); a
@@ -112,7 +112,7 @@ class Server:
         with tempfile.TemporaryDirectory(prefix="movielm-serve-check-") as tmp:
             path = Path(tmp) / "plan.json"
             path.write_text(text)
-            job = Job.load(self.plan_config(out, options), [path], source=SERVED)
+            job = Job.load(self.plan_run(out, options), [path], source=SERVED)
         return text, options, sum(len(lm.movie.frames) for lm in job.movies)
 
 
@@ -218,7 +218,7 @@ def _too_large():
                   hint="split it into several plans")
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+def serve(model: ModelConfig, run: RunConfig, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
           allow_files: tuple[Path, ...] = ()) -> None:
     """Load the model, resume the queue, and answer HTTP until interrupted."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
@@ -228,7 +228,7 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8765, token
         import uvicorn
     except ImportError:
         raise UserError("serve needs starlette and uvicorn", "pip install 'movielm-fast[serve]'") from None
-    server = Server(config, token, allow_files)
+    server = Server(model, run, token, allow_files)
     server.start()
     try:
         uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

@@ -9,8 +9,10 @@ A request body is a plan, or ``{"plan": PLAN, "options": OPTIONS}``. OPTIONS (ev
     replace         true: render over another movie of the same id in OUT (--replace)
     style_training  false: write styles out as text (--no-style-training)
 
-Everything else of a render run (model, backend, device, dtype, batch size, attention, compile, CUDA graphs,
-quantization, step cache, --lora, --consistency) belongs to the resident model and is set when the server starts.
+These are the run settings declared `served=PER_PLAN` (run.config.RunConfig): `PlanOptions` is made from those
+declarations. Everything else of a render run (model, backend, device, dtype, batch size, attention, compile, CUDA
+graphs, quantization, step cache, --lora, --consistency) belongs to the resident model, or the server, and is set
+when the server starts; each setting's declaration says why (`render --server` refuses it with that reason).
 
 Files: a plan names files by path (style.embedding, LoRA files, a refiner or VAE folder). A submitted plan travels
 without its folder, so `render --server` sends them absolute, resolved against the plan file's folder as `render`
@@ -21,25 +23,34 @@ is refused with a 422 that says which.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from movielm_fast.errors import UserError
 from movielm_fast.plan import PATH_SETTINGS, RenderSettings, absolute_plan_paths
+from movielm_fast.run.config import RunConfig
+from movielm_fast.settings import PER_PLAN, meta
 
 OPTION_KEYS = ("plan", "options")
 
 
-class PlanOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _plan_options() -> type[BaseModel]:
+    """The options of a submission: `render` (a plan's render settings), and every run setting declared PER_PLAN
+    (run.config.RunConfig), optional here: unset means the server's own."""
+    fields: dict[str, Any] = {"render": (RenderSettings, Field(default_factory=RenderSettings))}
+    for name, field in RunConfig.model_fields.items():
+        if meta(field, "served") == PER_PLAN:
+            optional = copy.copy(field)
+            optional.default = None
+            fields[name] = (field.annotation | None, optional)
+    return create_model("PlanOptions", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
-    render: RenderSettings = Field(default_factory=RenderSettings)
-    image_format: Literal["png", "jpg", "webp"] | None = None
-    quality: int | None = Field(default=None, ge=1, le=100)
-    replace: bool = False
-    style_training: bool = True
+
+PlanOptions = _plan_options()
+OPTION_NAMES = tuple(PlanOptions.model_fields)
 
 
 def split_request(data: Any) -> tuple[Any, PlanOptions]:
@@ -53,8 +64,8 @@ def split_request(data: Any) -> tuple[Any, PlanOptions]:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise UserError(f"options.{where}: {err['msg'].removeprefix('Value error, ')}",
-                        "options take render (a plan's render settings), image_format, quality, replace and "
-                        "style_training; everything else is set when the server starts") from None
+                        f"options take {', '.join(OPTION_NAMES)} (render: a plan's render settings); everything else "
+                        "is set when the server starts") from None
 
 
 def confine_paths(plan: Any, options: PlanOptions, roots: tuple[Path, ...]) -> tuple[Any, PlanOptions]:

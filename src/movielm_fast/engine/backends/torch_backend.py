@@ -19,7 +19,7 @@ from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, text_e
 from movielm_fast.kernels.attention import AttentionChoiceError, install_attention, sdpa_context
 
 from .. import cpu, cuda_knobs
-from ..config import DTYPES
+from ..config import torch_dtype
 from ..consistency import AnchorState
 from ..consistency import install as install_anchor_attention
 from ..fp8 import quantize_unet, requantize_changed
@@ -78,7 +78,7 @@ class TorchBackend:
         for component, graph in graphs.items():
             dtype = vae_decode_dtype(model, self.device, config.dtype_name) if component == VAE_DECODER else \
                 component_dtype(model, component, config.dtype_name)
-            graph.to(self.device, DTYPES[dtype]).eval()
+            graph.to(self.device, torch_dtype(dtype)).eval()
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
         self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
@@ -86,7 +86,6 @@ class TorchBackend:
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
         self.fast = cpu.cpu_fast_path(self.device, self.dtype)
-        cpu.print_auto_dtype_hint(config.dtype, self.device, config.quiet)
         channels_last = config.channels_last and (self.device.type == "cuda" or self.fast.channels_last)
         self.anchor_state: AnchorState | None = None  # installed on the first batch with character anchors
         self.cached_steps: dict[int, tuple] = {}  # step cache: depth -> (full step, shallow step), made on first use
@@ -101,7 +100,7 @@ class TorchBackend:
         except AttentionChoiceError as exc:
             raise UserError(exc.message, exc.hint) from None
         if self.vae is not None:
-            self.vae_dtype = DTYPES[vae_decode_dtype(model, self.device, config.dtype_name)]
+            self.vae_dtype = torch_dtype(vae_decode_dtype(model, self.device, config.dtype_name))
             if channels_last:
                 self.vae.to(memory_format=torch.channels_last)
             self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
