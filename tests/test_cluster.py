@@ -70,7 +70,7 @@ def _frames(out):
 @pytest.fixture(scope="module")
 def reference(plans, tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    summary = render(RunConfig(out=out, batch_size=2, style_training=False), [plans], executor=LocalExecutor(ModelConfig(model=str(tiny_sd))))
+    summary = render(RunConfig(out=out, batch_size=2, style_training=False), [plans], model=ModelConfig(model=str(tiny_sd)))
     assert summary.frames_rendered == 27
     return out
 
@@ -218,7 +218,7 @@ def test_consistency_mode_on_ray_equals_the_local_run(pool, tiny_sd, tmp_path):
     m["frames"][0]["description"] = "an empty room"
     m["frames"][3]["description"] = "Rosa and Tom"
     plan = write_plan(tmp_path / "plan.json", [m], SMALL)
-    local = render(_config(tmp_path / "local"), [plan], executor=LocalExecutor(_model(tiny_sd)))
+    local = render(_config(tmp_path / "local"), [plan], model=_model(tiny_sd))
     ray_run = render(_config(tmp_path / "ray"), [plan], executor=pool)
     assert local.frames_rendered == ray_run.frames_rendered == 4 and ray_run.failures == []
     for name in ("Rosa", "Tom"):  # 1-thread workers vs a 2-thread local run: float sums differ in the last bits

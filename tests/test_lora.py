@@ -234,10 +234,10 @@ def test_shape_mismatch_names_the_layer(tmp_path, pipes, tiny_sd):
 def test_plan_lora_is_validated_before_the_model_loads(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("m", 1, loras=[{"file": "gone.safetensors", "scale": 2}])])
     with pytest.raises(UserError, match="gone.safetensors: file not found"):
-        render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="/nonexistent/model")))
+        render(RunConfig(out=tmp_path / "out", style_training=False), [plan], model=ModelConfig(model="/nonexistent/model"))
     bad = write_plan(tmp_path / "bad.json", [movie("m", 1, loras=[{"file": "x.safetensors", "strength": 1}])])
     with pytest.raises(UserError, match="unknown key 'strength'"):
-        render(RunConfig(out=tmp_path / "out", style_training=False), [bad], executor=LocalExecutor(ModelConfig()))
+        render(RunConfig(out=tmp_path / "out", style_training=False), [bad], model=ModelConfig())
 
 
 # --- ONNX Runtime: no re-export -------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class Recorder:
 def test_progress_reports_stages_and_steps(tmp_path):
     rec = Recorder()
     plan = write_plan(tmp_path / "plan.json", [movie("p", 2)], {**SMALL, "steps": 3})
-    render(RunConfig(out=tmp_path / "out", batch_size=2, style_training=False), [plan], progress=rec, executor=LocalExecutor(ModelConfig(model="demo")))
+    render(RunConfig(out=tmp_path / "out", batch_size=2, style_training=False), [plan], progress=rec, model=ModelConfig(model="demo"))
     stages = [e[1] for e in rec.events if e[0] == "stage"]
     assert stages == list(STAGES) == ["validate", "load", "styles", "render", "write"]
     steps = [e[1:] for e in rec.events if e[0] == "step"]

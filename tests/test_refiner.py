@@ -81,7 +81,7 @@ def test_refiner_unet_inputs_equal_diffusers(tiny_sdxl, tiny_refiner):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     r = Renderer(ModelConfig(model=str(tiny_sdxl)))
-    expert = r._refiner(str(tiny_refiner))
+    expert = r._part("refiner", str(tiny_refiner))
     base_rec, ref_rec = Recording(r.backend), Recording(expert.backend)
     r.backend, expert.backend = base_rec, ref_rec
     r.render([FrameJob("m", "f", PROMPT, NEGATIVE, 11)], _settings(tiny_refiner, "euler", 10, 5.0, 0.75))
@@ -145,7 +145,7 @@ def test_onnxruntime_refiner_matches_torch(tiny_sdxl, tiny_refiner):
     assert np.abs(torch_img - ort_img).max() <= 2
     from movielm_fast.export.onnx_export import META_MODEL_HASH
 
-    expert = ort.refiners[str(tiny_refiner)]
+    expert = ort.parts["refiner", str(tiny_refiner)]
     unet = expert.backend.graphs["unet"]
     assert unet.session.get_modelmeta().custom_metadata_map[META_MODEL_HASH] == expert.model.content_hash
     assert [i.shape[1] for i in unet.session.get_inputs() if i.name == "time_ids"] == [5]  # its own spec
@@ -224,7 +224,7 @@ def test_style_tokens_reach_the_refiner_encoder(tiny_sdxl, tiny_refiner):
     r = Renderer(ModelConfig(model=str(tiny_sdxl)))
     token = StyleToken("<gothic-x>", (torch.randn(1, 32), torch.randn(1, 32) * 0.05), "test-source")
     r.bind([token])
-    expert = r._refiner(str(tiny_refiner))
+    expert = r._part("refiner", str(tiny_refiner))
     assert "<gothic-x>" in expert.encoder.token_sources
     table = expert.encoder.tables[0]
     tid = expert.encoder.tokenizers[0].convert_tokens_to_ids("<gothic-x>")

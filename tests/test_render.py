@@ -225,7 +225,7 @@ def test_cli_render_demo_json_summary(tmp_path):
     (["--device", "cuda"], "no usable CUDA device"),
     (["--width", "100"], "multiple of 8"),
     (["--backend", "nope"], "unknown backend"),
-    (["--dtype", "fp8"], "unknown dtype"),
+    (["--dtype", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
 ])
 def test_cli_user_errors_exit_2(tmp_path, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -282,8 +282,8 @@ def test_single_file_without_offline_config_explains_conversion(tmp_path):
 
 def test_bf16_render_is_close_to_fp32(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("bf", 1)], SMALL)
-    render(RunConfig(out=tmp_path / "fp32", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo", dtype="fp32")))
-    render(RunConfig(out=tmp_path / "bf16", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo", dtype="bf16")))
+    render(RunConfig(out=tmp_path / "fp32", style_training=False), [plan], model=ModelConfig(model="demo", dtype="fp32"))
+    render(RunConfig(out=tmp_path / "bf16", style_training=False), [plan], model=ModelConfig(model="demo", dtype="bf16"))
     a = load_png(tmp_path / "fp32" / "bf" / "frames" / "000.png").astype(np.float64)
     b = load_png(tmp_path / "bf16" / "bf" / "frames" / "000.png").astype(np.float64)
     psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-9))

@@ -23,7 +23,7 @@ RUN_PHASES = {"plan", "styles", "tasks", "first_batch", "first_prompt_encode", "
 
 def test_summary_reports_every_phase_and_the_first_image(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("s", 2)], TINY)
-    summary = render(RunConfig(out=tmp_path / "out", style_training=False), [plan], executor=LocalExecutor(ModelConfig(model="demo")))  # loads the model itself
+    summary = render(RunConfig(out=tmp_path / "out", style_training=False), [plan], model=ModelConfig(model="demo"))  # loads the model itself
     startup = summary.as_dict()["startup"]
     assert LOAD_PHASES | RUN_PHASES <= set(startup["phases"])
     assert all(v >= 0 for v in startup["phases"].values())
@@ -113,7 +113,7 @@ def test_first_batch_ramp_policy():
     assert first_frame_alone([]) == []
     assert ramp_first_batch("auto", shape_cost(ModelConfig()))
     assert not ramp_first_batch(4, shape_cost(ModelConfig()))  # a size the user chose is kept
-    assert not shape_cost(ModelConfig(cuda_graphs=True))  # a new size would cost a graph capture
+    assert shape_cost(ModelConfig(cuda_graphs=True))  # a new size would cost a graph capture
     assert shape_cost(ModelConfig(device="cuda"))  # graphs are the torch backend's default on CUDA
     assert not shape_cost(ModelConfig(device="cuda", cuda_graphs=False))
     assert shape_cost(ModelConfig(compile_unet=True))

@@ -18,7 +18,6 @@ from movielm_fast.errors import UserError
 from movielm_fast.plan import Style
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
-from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.style.immobilize import StyleSettings, immobilize_style, list_styles
 from tests.helpers import movie, write_plan
@@ -199,7 +198,7 @@ def test_two_styles_with_one_token_name_both_render(tmp_path, tiny_sd):
         movie("warm", 1, style={"name": "Gothic", "description": "soft sepia"}),
         movie("cold", 1, style={"name": "Gothic", "description": "cold blue moonlight"})],
         {"width": 64, "height": 64, "steps": 2, "seed": 3})
-    summary = render(RunConfig(out=tmp_path / "out", style_training=True), [plan], executor=LocalExecutor(ModelConfig(model=str(tiny_sd))))
+    summary = render(RunConfig(out=tmp_path / "out", style_training=True), [plan], model=ModelConfig(model=str(tiny_sd)))
     assert summary.frames_rendered == 2 and summary.failures == []
     prompts = {m: json.loads((tmp_path / "out" / m / "manifest.json").read_text())["frames"][0]["prompt"]
                for m in ("warm", "cold")}

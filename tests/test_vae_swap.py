@@ -82,7 +82,7 @@ def test_onnxruntime_swapped_vae_matches_torch(tiny_sd, vaes):
     ours = _ours(Renderer(ModelConfig(model=str(tiny_sd))), vaes / "taesd")
     ort = Renderer(ModelConfig(model=str(tiny_sd), backend="onnxruntime"))
     assert np.abs(_ours(ort, vaes / "taesd") - ours).max() <= 2
-    decoder = ort.decoders[str(vaes / "taesd")]
+    decoder = ort.parts["vae", str(vaes / "taesd")].backend
     assert list(decoder.graphs) == ["vae_decoder"]  # its own export: nothing of the model is exported again
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.lora import check_lora_file
 from movielm_fast.engine.oom import smaller
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
@@ -30,7 +31,7 @@ from movielm_fast.plan import LoadedMovie, load_plan
 
 from .batching import first_frame_alone, ramp_first_batch
 from .config import RunConfig
-from .executors import Executor, reason
+from .executors import Executor, open_executor, reason
 from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
 from .startup import StartupClock
 from .tasks import Batch, Failed, FrameTask, Rendered, StyleToken
@@ -200,13 +201,20 @@ class Job:
         return cls(run, movies, (run.image_format, resolve_quality(run.image_format, run.quality)), started, clock)
 
 
-def render(run: RunConfig, plan_paths: list[str | Path], progress: Progress | None = None, *, executor: Executor,
+def render(run: RunConfig, plan_paths: list[str | Path], progress: Progress | None = None, *,
+           executor: Executor | None = None, model: ModelConfig | None = None,
            clock: StartupClock | None = None) -> Summary:
-    """Render every frame of every movie on `executor` (its model loaded: run.executors.open_executor); frames
-    already rendered with identical settings are skipped. `clock`: where start-up phases count from (the CLI's:
-    the process start); by default, this call. The plans are validated first (`Job.load`)."""
+    """Render every frame of every movie; frames already rendered with identical settings are skipped. The plans
+    are validated first (`Job.load`); then `executor` renders them, or, without one, a local executor that loads
+    `model` here (after the plans are checked). `clock`: where start-up phases count from (the CLI's: the process
+    start); by default, this call."""
     report_stage(progress, "validate")
-    return render_job(Job.load(run, plan_paths, clock), executor, progress)
+    job = Job.load(run, plan_paths, clock)
+    if executor is not None:
+        return render_job(job, executor, progress)
+    report_stage(progress, "load")
+    with open_executor(model or ModelConfig(), on_step=getattr(progress, "step", None)) as local:
+        return render_job(job, local, progress)
 
 
 def take_startup(executor: Executor) -> dict[str, float]:

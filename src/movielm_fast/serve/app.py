@@ -178,7 +178,7 @@ def create_app(server: Server):
         out_sub = request.query_params.get("out")
         try:
             data = json.loads(text)
-            out = output_folder(server.config.out, out_sub)
+            out = output_folder(server.run.out, out_sub)
         except ValueError as exc:
             return _error(400, message=f"the request body is not valid JSON: {exc}",
                           hint="send the contents of a plan.json")
