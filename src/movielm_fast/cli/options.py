@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from movielm_fast.errors import UserError
 from movielm_fast.plan import CONSISTENCY_MODES, SCHEDULERS, TIMESTEP_SPACINGS, RenderSettings
-from movielm_fast.run.outputs import IMAGE_FORMATS
+from movielm_fast.run.images import IMAGE_FORMATS
 
 if TYPE_CHECKING:
     from movielm_fast.data.llm.client import LLMClient

@@ -29,7 +29,7 @@ from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings, Style
 
-from .outputs import encode_image
+from .images import encode_image
 from .renderer import Renderer
 from .tasks import Batch, Failed, FrameTask, ModelInfo, PlanItem, Rendered, StyleToken
 
