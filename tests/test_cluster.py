@@ -20,7 +20,6 @@ from movielm_fast.errors import UserError
 from movielm_fast.run.cluster import RayExecutor, render_on_ray
 from movielm_fast.run.config import ClusterOptions, RunConfig
 from movielm_fast.run.driver import render
-from movielm_fast.run.executors import LocalExecutor
 from tests.helpers import load_png, movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 5}

@@ -10,7 +10,7 @@ from movielm_fast.engine.frames import Frames
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
-from movielm_fast.run.outputs import read_manifest
+from movielm_fast.run.manifest import read_manifest
 from movielm_fast.run.renderer import Renderer
 from tests.helpers import movie, write_plan
 

@@ -21,7 +21,7 @@ from movielm_fast.plan import RenderSettings
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import collect_plans, make_batches, render
 from movielm_fast.run.executors import LocalExecutor
-from movielm_fast.run.outputs import read_manifest
+from movielm_fast.run.manifest import read_manifest
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.testing import build_tiny_pipeline
 from tests.helpers import load_png, movie, write_plan

@@ -138,7 +138,7 @@ def frame_mtimes(out: Path) -> dict[str, int]:
 
 def recorded_frames(out: Path) -> dict[str, int]:
     """Frames whose manifest entry (manifest.json or its journal) is on disk: a rerun must not render them."""
-    from movielm_fast.run.outputs import read_manifest
+    from movielm_fast.run.manifest import read_manifest
 
     done = {}
     for m in (out / "movies").glob("*/manifest.json"):
@@ -164,7 +164,7 @@ def assert_same_frames(a: Path, b: Path) -> None:
 
 def dataset_of(out: Path) -> tuple:
     """What must be identical between runs: the dataset, the QA, and every frame's pixels (by hash)."""
-    from movielm_fast.run.outputs import read_manifest
+    from movielm_fast.run.manifest import read_manifest
 
     hashes = {m.parent.name: [(f["id"], f["sha256"]) for f in read_manifest(m)["frames"]]
               for m in sorted((out / "movies").glob("*/manifest.json"))}

@@ -74,7 +74,7 @@ def test_the_shim_hides_packages_like_an_uninstalled_one():
 def rendered(tmp_path_factory):
     """What `render` leaves behind, made by hand (no model): one movie, two frames."""
     from movielm_fast.paths import sha256_file
-    from movielm_fast.run.outputs import MANIFEST_FORMAT
+    from movielm_fast.run.manifest import MANIFEST_FORMAT
 
     out = tmp_path_factory.mktemp("rendered")
     movie = {"id": "m", "style": {"name": "Flat"}, "characters": [{"name": "Ada", "appearance": "a woman"}],

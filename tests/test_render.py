@@ -19,10 +19,10 @@ from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings
-from movielm_fast.run import outputs as outputs_mod
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
+from movielm_fast.run.manifest import read_manifest
 from movielm_fast.run.renderer import Renderer
 from tests.helpers import load_png, movie, write_plan
 
@@ -131,13 +131,13 @@ def test_killed_process_resumes_without_duplicates(tmp_path):
     manifest = out / "kill" / "manifest.json"
     deadline = time.time() + 600  # generous: on a loaded 2-core machine the first frames can take minutes
     while time.time() < deadline:
-        data = outputs_mod.read_manifest(manifest)
+        data = read_manifest(manifest)
         if data and len(data["frames"]) >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = outputs_mod.read_manifest(manifest)
+    before = read_manifest(manifest)
     assert before is not None and 2 <= len(before["frames"]) < 6
     result = subprocess.run(cmd[:-1] + ["--json"], cwd=Path(__file__).parents[1], capture_output=True, text=True,
                             timeout=300)
@@ -201,7 +201,7 @@ def test_disk_full_is_a_clean_error_and_keeps_finished_frames(tmp_path, demo_ren
     with pytest.raises(UserError, match="disk full"):
         render(_config(out, batch_size=1), [plan], executor=LocalExecutor(renderer=demo_renderer))
     monkeypatch.undo()
-    kept = outputs_mod.read_manifest(out / "full" / "manifest.json")
+    kept = read_manifest(out / "full" / "manifest.json")
     assert [f["id"] for f in kept["frames"]] == ["000", "001"]
     assert not list((out / "full" / "frames").glob("*.tmp"))
 

@@ -23,12 +23,13 @@ from movielm_fast.errors import PlanError, UserError
 from movielm_fast.export import cache
 from movielm_fast.paths import cache_root
 from movielm_fast.plan import RenderSettings, load_plan
-from movielm_fast.run import outputs as outputs_mod
+from movielm_fast.run import storyboard as storyboard_mod
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor, reason
-from movielm_fast.run.outputs import anchor_file, storyboard
+from movielm_fast.run.outputs import anchor_file
 from movielm_fast.run.renderer import Renderer
+from movielm_fast.run.storyboard import storyboard
 from tests.helpers import movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
@@ -309,7 +310,7 @@ def test_an_emphasis_overflow_says_what_overflowed_not_use_fp32(tmp_path, demo_r
 # --- 11. storyboards of long movies -----------------------------------------------------------------------------
 
 def test_a_long_movie_gets_storyboard_pages_with_an_index(tmp_path, null_renderer, monkeypatch):
-    monkeypatch.setattr(outputs_mod, "FRAMES_PER_PAGE", 8)  # stands for 256: the same code path, fewer frames
+    monkeypatch.setattr(storyboard_mod, "FRAMES_PER_PAGE", 8)  # stands for 256: the same code path, fewer frames
     out = tmp_path / "out"
     plan = write_plan(tmp_path / "plan.json", [movie("epic", 10)], SMALL)
     summary = _render(null_renderer, out, plan)

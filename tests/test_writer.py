@@ -19,7 +19,8 @@ from movielm_fast.engine.config import ModelConfig
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
-from movielm_fast.run.outputs import read_frame_metadata, read_manifest
+from movielm_fast.run.images import read_frame_metadata
+from movielm_fast.run.manifest import read_manifest
 from movielm_fast.run.renderer import Renderer
 from tests.helpers import load_png, movie, write_plan
 
@@ -123,7 +124,7 @@ def _sheet_oracle(frames, columns=4, thumb=256):
     bands): the pixels a band-encoded storyboard.png must decode to."""
     from PIL import ImageDraw
 
-    from movielm_fast.run.outputs import CAPTION_H, _font
+    from movielm_fast.run.storyboard import CAPTION_H, _font
     cols = min(columns, len(frames))
     rows = -(-len(frames) // cols)
     cell_w, cell_h = thumb + 16, thumb + CAPTION_H + 16
@@ -139,7 +140,7 @@ def _sheet_oracle(frames, columns=4, thumb=256):
 
 
 def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_path):
-    from movielm_fast.run.outputs import Storyboard, read_thumbnail, thumbnail
+    from movielm_fast.run.storyboard import Storyboard, read_thumbnail, thumbnail
     rng = np.random.default_rng(3)
     ids = [f"{i:03d}" for i in range(10)]
     dialogue = {fid: ("" if i % 3 == 0 else f"Line {i}, which is long enough to wrap onto a second line or more.")
@@ -202,7 +203,7 @@ def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {"quality": 95}), ("WEBP", {"quality": 90})])
 def test_frames_encoded_through_an_in_memory_file_are_pillows_bytes(fmt, kw):
-    from movielm_fast.run.outputs import _saved
+    from movielm_fast.run.images import _saved
     img = Image.fromarray((np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

@@ -35,7 +35,7 @@ from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.export.cache import list_entries
 from movielm_fast.paths import cache_root
-from movielm_fast.run.outputs import png_bytes
+from movielm_fast.run.images import png_bytes
 from movielm_fast.run.renderer import Renderer
 
 from .hardware import RESULTS

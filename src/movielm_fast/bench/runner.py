@@ -40,7 +40,7 @@ from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 from movielm_fast.export.specs import VAE_DECODER, component_dtype
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text
-from movielm_fast.run.outputs import png_bytes
+from movielm_fast.run.images import png_bytes
 
 from .hardware import (
     PeakMemory,

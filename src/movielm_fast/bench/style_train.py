@@ -39,8 +39,9 @@ from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.plan import Style
-from movielm_fast.run.outputs import png_bytes, storyboard
+from movielm_fast.run.images import png_bytes
 from movielm_fast.run.renderer import Renderer
+from movielm_fast.run.storyboard import storyboard
 from movielm_fast.style.immobilize import StyleSettings, immobilize_style, render_scenes
 
 from .hardware import RESULTS, load_average, machine_info, matmul_ceiling, stats

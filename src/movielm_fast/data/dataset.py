@@ -26,7 +26,7 @@ from movielm_fast.errors import PlanError, UserError
 from movielm_fast.optional import require
 from movielm_fast.paths import atomic_write_text, sha256_file
 from movielm_fast.plan import Movie, parse_plan
-from movielm_fast.run.outputs import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
+from movielm_fast.run.manifest import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
 
 from .llm.qa import QA_KINDS, derived_qa, movie_record
 

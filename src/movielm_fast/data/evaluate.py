@@ -28,7 +28,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
 from movielm_fast.plan import parse_plan
-from movielm_fast.run.outputs import DamagedManifest, read_manifest
+from movielm_fast.run.manifest import DamagedManifest, read_manifest
 from movielm_fast.run.prompts import frame_characters
 
 log = logging.getLogger("movielm_fast")

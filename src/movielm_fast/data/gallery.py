@@ -15,7 +15,8 @@ from urllib.parse import quote
 
 from movielm_fast.paths import atomic_write_text
 from movielm_fast.plan import Movie
-from movielm_fast.run.outputs import FRAMES_PER_PAGE, DamagedManifest, read_manifest
+from movielm_fast.run.manifest import DamagedManifest, read_manifest
+from movielm_fast.run.storyboard import FRAMES_PER_PAGE
 
 _CSS = """
 body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
@@ -42,7 +43,7 @@ def _qa_count(record: dict[str, Any]) -> int:
 
 
 def _storyboard_images(movie: Movie) -> str:
-    """storyboard.png, or the pages of a long movie's (run.outputs.MovieOutputs.write_storyboard)."""
+    """storyboard.png, or the pages of a long movie's (run.storyboard.StoryboardPages.write)."""
     pages = (len(movie.frames) + FRAMES_PER_PAGE - 1) // FRAMES_PER_PAGE
     names = ["storyboard.png"] if pages == 1 else [f"storyboard-{n:03d}.png" for n in range(1, pages + 1)]
     return "".join(f"<img class=storyboard src='{_src('movies', movie.id, name)}' alt='storyboard of "

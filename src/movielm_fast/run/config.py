@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from movielm_fast.plan import RenderSettings
 from movielm_fast.settings import CLIENT, LOCAL_RUN, PER_PLAN, RESIDENT, Settings, setting
 
-from .outputs import IMAGE_FORMATS
+from .images import IMAGE_FORMATS
 
 
 class RunConfig(Settings):

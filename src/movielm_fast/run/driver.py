@@ -32,7 +32,9 @@ from movielm_fast.plan import LoadedMovie, load_plan
 from .batching import first_frame_alone, ramp_first_batch
 from .config import RunConfig
 from .executors import Executor, open_executor, reason
-from .outputs import MovieOutputs, movie_identity, resolve_quality, stored_identity
+from .images import resolve_quality
+from .manifest import movie_identity, stored_identity
+from .outputs import MovieOutputs
 from .startup import StartupClock
 from .tasks import Batch, Failed, FrameTask, Rendered, StyleToken
 from .writer import Writer
@@ -155,7 +157,7 @@ def check_output_folder(out: Path) -> None:
 
 
 def check_movie_owners(run: RunConfig, movies: list[LoadedMovie]) -> None:
-    """A movie id already in OUT must hold the same movie (id, title and plan file: outputs.movie_identity), or
+    """A movie id already in OUT must hold the same movie (id, title and plan file: manifest.movie_identity), or
     this render would overwrite its frames; refused before anything is touched, unless --replace. Manifests from
     before identities were recorded are adopted."""
     clashes = []
@@ -187,7 +189,7 @@ class Job:
     @classmethod
     def load(cls, run: RunConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
              source: str | None = None) -> Job:
-        """`source`: where the movies come from, for their identity in OUT (outputs.movie_identity), when the plan
+        """`source`: where the movies come from, for their identity in OUT (manifest.movie_identity), when the plan
         files are copies (serve's queue keeps each submission in a file of its own); default: the plan files."""
         started = time.perf_counter()
         clock = clock or StartupClock(started)
@@ -438,8 +440,8 @@ class _Run:
         written = set(self.writer.times.storyboards) if self.writer else set()
         for mo in self.outputs.values():
             if mo.complete():  # complete before this run too: its dialogue may have changed
-                path = str(mo.storyboard_path)
-                summary.storyboards.append(path if path in written else str(mo.write_storyboard()))
+                path = str(mo.storyboard.path)
+                summary.storyboards.append(path if path in written else str(mo.storyboard.write()))
         summary.write = self.writer.times.as_dict() if self.writer else {}
         for movie_id, why in self.failures.items():
             frames = next(lm.movie.frames for lm in self.job.movies if lm.movie.id == movie_id)

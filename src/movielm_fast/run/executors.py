@@ -31,7 +31,7 @@ from movielm_fast.errors import UserError
 from movielm_fast.plan import RenderSettings, Style
 
 from .config import ClusterOptions
-from .outputs import encode_image
+from .images import encode_image
 from .renderer import Renderer
 from .tasks import Batch, Failed, ModelInfo, MoviePlan, PlanItem, Rendered, StyleToken
 

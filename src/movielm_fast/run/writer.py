@@ -4,7 +4,7 @@ thread.
 The driver hands each finished batch to `Writer.put` and goes straight back to rendering; a bounded pool of
 threads does the files, starting with each frame's uint8 pixels (engine.frames: the GPU's copy waited for, or the
 CPU's floats converted). numpy, zlib (PNG), libwebp, libjpeg (when it writes to a file descriptor: see
-`outputs._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
+`images._saved`) and sha256 release the GIL while they work, so the threads run in parallel with each other and
 with the render loop; they run at a lower priority than it. Backpressure: at most `max_batches` batches wait or are
 being written; `put` blocks beyond that, so memory stays bounded however fast the GPU is. A batch's slot frees once
 its frames are written: a movie's manifest and storyboard, due after its last frame, are written outside it, so the
@@ -31,7 +31,9 @@ from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_bytes
 
 from .executors import reason
-from .outputs import MovieOutputs, encode_image, thumbnail
+from .images import encode_image
+from .outputs import MovieOutputs
+from .storyboard import thumbnail
 from .tasks import Batch, ModelInfo, Rendered
 
 log = logging.getLogger("movielm_fast")
@@ -78,7 +80,7 @@ class WriteTimes:
 class Writer:
     def __init__(self, outputs: dict[str, MovieOutputs], info: ModelInfo, *, encoding: tuple[str, int | None],
                  threads: int, max_batches: int = 2, on_image: Callable[[], None] | None = None):
-        """`encoding`: (image format, quality) as the driver resolved them (outputs.resolve_quality). `on_image`:
+        """`encoding`: (image format, quality) as the driver resolved them (images.resolve_quality). `on_image`:
         called after each frame file is on disk (run.startup's time to first image)."""
         self.outputs, self.info = outputs, info
         self.on_image = on_image
@@ -172,7 +174,7 @@ class Writer:
             self.on_image()
         # 4. Its storyboard thumbnail, from the pixels at hand (frames from workers are read back from their files);
         # the sheet encodes each row of thumbnails as soon as it is complete.
-        mo.add_thumbnail(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
+        mo.storyboard.add(task.job.frame_id, thumbnail(Image.fromarray(image)) if image is not None else None)
         t4 = time.perf_counter()
         # 5. Only now its manifest entry: a frame is in the manifest once its file is on disk.
         mo.record(task, sha, result.seconds / len(batch.tasks))
@@ -193,7 +195,7 @@ class Writer:
     def finish_movie(self, mo: MovieOutputs) -> None:
         t0 = time.perf_counter()
         mo.save()
-        path = mo.write_storyboard()
+        path = mo.storyboard.write()
         with self._lock:
             self.times.storyboard += time.perf_counter() - t0
             self.times.storyboards.append(str(path))
