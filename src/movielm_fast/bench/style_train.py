@@ -41,7 +41,9 @@ from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_mo
 from movielm_fast.plan import Style
 from movielm_fast.run.outputs import png_bytes, storyboard
 from movielm_fast.run.renderer import Renderer
-from movielm_fast.style.immobilize import StyleSettings, immobilize_style, render_scenes
+from movielm_fast.style.immobilize import immobilize_style
+from movielm_fast.style.scenes import render_scenes
+from movielm_fast.style.training import StyleSettings
 
 from .hardware import RESULTS, load_average, machine_info, matmul_ceiling, stats
 from .models import resolve_model
