@@ -17,13 +17,13 @@ from movielm_fast.cli.export_cmds import export_cmd
 from movielm_fast.cli.llm_cmds import dataset_cmd
 from movielm_fast.cli.main import cli
 from movielm_fast.data.dataset import DatasetOptions, export_dataset
-from movielm_fast.run import outputs as outputs_mod
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.frames import OVERFLOW
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.export import cache
 from movielm_fast.paths import cache_root
 from movielm_fast.plan import RenderSettings, load_plan
+from movielm_fast.run import outputs as outputs_mod
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor, reason
 from movielm_fast.run.outputs import anchor_file, storyboard
