@@ -407,7 +407,7 @@ def test_a_folder_where_a_frame_goes_is_a_clean_error(tmp_path):
 
 
 def test_a_non_utf8_caption_file_is_a_clean_error(tmp_path):
-    from movielm_fast.style.immobilize import load_images
+    from movielm_fast.style.images import load_images
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 \xff\xfe")

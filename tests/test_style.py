@@ -19,7 +19,9 @@ from movielm_fast.plan import Style
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.renderer import Renderer
-from movielm_fast.style.immobilize import StyleSettings, immobilize_style, list_styles
+from movielm_fast.style.immobilize import immobilize_style
+from movielm_fast.style.library import list_styles
+from movielm_fast.style.training import StyleSettings
 from tests.helpers import movie, write_plan
 
 STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
@@ -94,13 +96,13 @@ def test_substituted_lookup_matches_a_resized_text_encoder(sd_renderer):
     encoder's embedding table, write the row, run it on input ids): same hidden states, same gradient."""
     import copy
 
-    from movielm_fast.style.immobilize import _Frozen, _Trainer
+    from movielm_fast.style.training import Frozen, Trainer
 
     model = sd_renderer.model
     s = StyleSettings().resolve(model)
     vec = torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 0.02
-    with _Frozen(model):
-        trainer = _Trainer(model, torch.device("cpu"), s, [vec])
+    with Frozen(model):
+        trainer = Trainer(model, torch.device("cpu"), s, [vec])
         (ids, eos), = trainer.caption_ids("a castle in the style of {}, at night")
         hidden, _ = trainer.encode_text([ids[None]], [torch.tensor([eos])])
         hidden.square().mean().backward()
@@ -275,7 +277,7 @@ def test_cli_train_and_list(tiny_sd, images, tmp_path):
 
 
 def test_caption_files_say_what_user_images_show(tmp_path):
-    from movielm_fast.style.immobilize import load_images
+    from movielm_fast.style.images import load_images
     folder = tmp_path / "imgs"
     _write_images(folder, sizes=((64, 64), (64, 64)))
     names = sorted(p.stem for p in folder.glob("*.png"))

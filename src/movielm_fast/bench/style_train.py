@@ -42,7 +42,9 @@ from movielm_fast.plan import Style
 from movielm_fast.run.images import png_bytes
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.run.storyboard import storyboard
-from movielm_fast.style.immobilize import StyleSettings, immobilize_style, render_scenes
+from movielm_fast.style.immobilize import immobilize_style
+from movielm_fast.style.scenes import render_scenes
+from movielm_fast.style.training import StyleSettings
 
 from .hardware import RESULTS, load_average, machine_info, matmul_ceiling, stats
 from .models import resolve_model

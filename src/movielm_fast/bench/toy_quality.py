@@ -39,7 +39,8 @@ from movielm_fast.engine.step_cache import StepCache
 from movielm_fast.plan import Style, parse_plan
 from movielm_fast.run.prompts import frame_prompt
 from movielm_fast.run.renderer import Renderer
-from movielm_fast.style.immobilize import StyleSettings, immobilize_style
+from movielm_fast.style.immobilize import immobilize_style
+from movielm_fast.style.training import StyleSettings
 
 from .hardware import RESULTS, load_average, machine_info
 from .image_quality import psnr, ssim

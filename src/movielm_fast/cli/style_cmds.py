@@ -46,7 +46,8 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
               init_word, out, device, dtype, amp, compile_, seed, as_json):
     from movielm_fast.plan import Style
     from movielm_fast.run.renderer import Renderer
-    from movielm_fast.style.immobilize import StyleSettings, immobilize_style
+    from movielm_fast.style.immobilize import immobilize_style
+    from movielm_fast.style.training import StyleSettings
 
     settings = StyleSettings(steps=steps, scenes=scenes, resolution=resolution, batch_size=batch_size, lr=lr,
                              num_vectors=num_vectors, init_word=init_word, seed=seed, amp=amp, compile=compile_)
@@ -74,7 +75,7 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
               help="Style library folder [~/.cache/movielm-fast/styles].")
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(out, as_json):
-    from movielm_fast.style.immobilize import default_library, list_styles
+    from movielm_fast.style.library import default_library, list_styles
 
     root = out or default_library()
     entries = list_styles(root)

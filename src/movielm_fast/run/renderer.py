@@ -37,7 +37,8 @@ from movielm_fast.engine.step_cache import check_step_cache
 from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 from movielm_fast.plan import LoadedMovie, RenderSettings, Style
-from movielm_fast.style.immobilize import SceneRenderer, immobilize_style
+from movielm_fast.style.immobilize import immobilize_style
+from movielm_fast.style.scenes import SceneRenderer
 
 from .batching import CPU_AUTO_BATCH, MAX_AUTO_BATCH, shape_cost, throughput_batch
 from .prompts import frame_characters, frame_prompt, style_prefix
