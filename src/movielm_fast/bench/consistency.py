@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,9 +22,11 @@ from movielm_fast.engine.config import EngineConfig
 from movielm_fast.plan import parse_plan
 from movielm_fast.run.renderer import Renderer
 
+from .formats import Section, load_note, save_result
 from .hardware import RESULTS, load_average, machine_info
 from .models import resolve_model
-from .report import CONSISTENCY_FORMAT, save_result
+
+CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 
 NAMES = ("Rosa", "Tom", "Ada")
 
@@ -82,6 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"anchor: {result['anchor_seconds']:.3f} s each; record {result['record_mb_per_character']} MB/character")
     save_result(args.results, "consistency", result)
     return 0
+
+
+def consistency_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Consistent characters: cost (`python -m movielm_fast.bench.consistency`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch {st['batch']}, guidance {st['guidance']}, "
+             f"fp32 on {m['cpu_model']} ({m['cpu_cores_logical']} cores); medians over {st['repeats']} interleaved "
+             f"repeats of {st['frames']} frames; {load_note(res)}; {res['created']}. Anchors were rendered beforehand "
+             f"(each {res['anchor_seconds']:.2f} s, once per character and worker); the record takes "
+             f"{res['record_mb_per_character']} MB per character.", "",
+             "| case | s/frame | vs plain |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['case']} | {r['seconds_per_frame']:.3f} | {r['vs_plain']:.2f}× |")
+    return lines + [""]
+
+
+SECTIONS = (Section(CONSISTENCY_FORMAT, consistency_section),)
 
 
 if __name__ == "__main__":

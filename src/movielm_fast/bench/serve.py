@@ -25,9 +25,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .formats import Section, load_note, save_result
 from .hardware import RESULTS, load_average
-from .report import SERVE_FORMAT, save_result
 from .startup import first_frame
+
+SERVE_FORMAT = "movielm-bench-serve/1"
 
 
 def free_port() -> int:
@@ -113,6 +115,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           ", ".join(f"{s:.2f} s" for s in firsts))
     save_result(args.results, "serve", result)
     return result
+
+
+def serve_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    firsts = ", ".join(f"{p['first_frame_seconds']:.2f}" for p in res["plans"])
+    dones = ", ".join(f"{p['done_seconds']:.2f}" for p in res["plans"])
+    return ["## A warm server (`python -m movielm_fast.bench.serve`)", "",
+            f"`movielm-fast serve --model {res['model']} --device {res['device']}` on 127.0.0.1, then "
+            f"{len(res['plans'])} copies of `{res['plan']}` ({res['plans'][0]['frames']} frames each) POSTed one "
+            f"after another; {res['cpu_count']} CPUs; {load_note(res)}; {res['created']}. The server answered /health "
+            f"{res['server_ready_seconds']:.2f} s after its process started (the model load every `render` pays). "
+            f"Submission to the plan's first frame file on disk: **{firsts} s**; to the plan done: {dones} s.", ""]
+
+
+SECTIONS = (Section(SERVE_FORMAT, serve_section),)
 
 
 if __name__ == "__main__":

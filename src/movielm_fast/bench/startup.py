@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .formats import Section
 from .hardware import RESULTS, load_average
-from .report import STARTUP_FORMAT
+
+STARTUP_FORMAT = "movielm-fast-startup-v1"
 
 FRAME_SUFFIXES = (".png", ".jpg", ".webp")
 
@@ -122,6 +124,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"imports by package (one -X importtime run): {imports}")
     print(f"results: {path}")
     return result
+
+
+def startup_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    best = min(res["runs"], key=lambda r: r["first_frame_seconds"])
+    phases = (best.get("startup") or {}).get("phases", {})
+    ff, tot = res["first_frame_seconds"], res["total_seconds"]
+    lines = ["## Time to first frame (`python -m movielm_fast.bench.startup`)", "",
+             f"`movielm-fast render {res['plan']} {' '.join(res['render_args'])}` as a fresh process, "
+             f"{len(res['runs'])} timed runs after an untimed one; {res['cpu_count']} CPUs, load average "
+             f"{res['load_avg'][0]:.2f} at the start; {res['created']}. Process start to the first frame file on "
+             f"disk: **best {ff['best']:.2f} s**, median {ff['median']:.2f} s; whole run best {tot['best']:.2f} s.",
+             "", "Phases of the best run (seconds, as the run's own `--json` reports them):", "",
+             "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
+             "| " + " | ".join(f"{v:.2f}" for v in phases.values()) + " |"]
+    return lines + [""]
+
+
+SECTIONS = (Section(STARTUP_FORMAT, startup_section),)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
 from movielm_fast.run.renderer import Renderer
 
+from .formats import Section, load_note, rate, save_result
 from .hardware import RESULTS, count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import SD15_UNET, SDXL_UNET
-from .report import STEP_CACHE_FORMAT, save_result
 from .toy_quality import held_out_scenes, judged, render_prompts
+
+STEP_CACHE_FORMAT = "movielm-step-cache-v1"
 
 CPU = torch.device("cpu")
 
@@ -149,6 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average"]["end"] = load_average()
     save_result(args.results, "step_cache", result)
     return 0
+
+
+def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, demo = res["settings"], res["demo"]
+    lines = ["## Step caching: FLOPs, time, pixels (`python -m movielm_fast.bench.step_cache`)", "",
+             f"`--step-cache {st['interval']}` (a full UNet step every {st['interval']}, the shallow blocks only in "
+             f"between), branch depth {st['depth']}, {st['steps']} steps; {res['machine']['cpu_model']}, torch threads "
+             f"{st['threads']}; {load_note(res)}; {res['created']}. FLOPs counted by torch's FlopCounterMode on "
+             "the meta "
+             "device at CFG batch 2.", "",
+             "| model | full step TFLOP | cached step TFLOP | UNet FLOPs of the render, uncached / cached |",
+             "|---|---|---|---|"]
+    for name, f in res["flops"].items():
+        d = f["depths"][str(st["depth"])]
+        lines.append(f"| {name} | {f['full_step_tflop']:.3f} | {d['cached_step_tflop']:.3f} | "
+                     f"**{d['render_flops_ratio']:.2f}×** |")
+    cond = demo["judge_conditioning"]
+    lines += ["", f"The toy demo model, {demo['frames']} held-out captions, medians of {demo['repeats']} interleaved "
+              f"rounds: UNet time **{demo['unet_time_ratio']:.2f}×** shorter, whole render "
+              f"{demo['render_time_ratio']:.2f}×; PSNR {demo['psnr_db']} dB, SSIM {demo['ssim']} against the uncached "
+              f"frames (max pixel difference {demo['max_abs_pixel_diff']}/255); judged conditioning "
+              f"{rate(cond['uncached'])} uncached, {rate(cond['cached'])} cached."]
+    arch = res.get("sd15_arch_time")
+    if arch:
+        lines += ["", f"{arch['model']}: a full step {arch['full_step_seconds']} s, a cached step "
+                  f"{arch['cached_step_seconds']} s (medians of {arch['repeats']}): a {st['steps']}-step render "
+                  f"{arch['render_time_ratio']:.2f}× shorter in UNet time."]
+    return lines + [""]
+
+
+SECTIONS = (Section(STEP_CACHE_FORMAT, step_cache_section),)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,8 +25,10 @@ from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.models import load_vae
 
+from .formats import Section, load_note, save_result
 from .hardware import RESULTS, load_average, machine_info, synchronize
-from .report import VAE_FORMAT, save_result
+
+VAE_FORMAT = "movielm-bench-vae-decode/1"
 
 
 def _decoders(root: Path) -> dict[str, Path]:
@@ -78,6 +81,25 @@ def main(argv: list[str] | None = None) -> None:
     for r in runs:
         print(f"{r['decoder']}: {r['seconds_per_frame']:.4f} s/frame ({r['vs_autoencoder_kl']:.3f}x)")
     save_result(args.results, "vae-decode", result)
+
+
+def vae_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## VAE swap: decode cost (`python -m movielm_fast.bench.vae_decode`)", "",
+             f"Decode of one {st['size']}² frame (batch {st['batch']}, {st['dtype']}, {st['device']}, "
+             f"{st['threads']} threads) through the `--vae` path, real architectures with random weights; medians of "
+             f"{st['repeats']} interleaved repeats on {m['cpu_model']} ({m['cpu_cores_logical']} cores); "
+             f"{load_note(res)}; "
+             f"{res['created']}.", "", "| decoder | s/frame | vs AutoencoderKL |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['decoder']} | {r['seconds_per_frame']:.4f} | {r['vs_autoencoder_kl']:.3f}× |")
+    return lines + [""]
+
+
+SECTIONS = (Section(VAE_FORMAT, vae_section),)
 
 
 if __name__ == "__main__":
