@@ -226,6 +226,19 @@ def test_host_bench_reports_median_runs_and_same_files(tmp_path):
     assert "the median of 2 interleaved runs" in section and section.count("| 64x64 |") == 4
 
 
+def test_entry_points_build_their_parsers_with_the_shared_flags(capsys):
+    from movielm_fast.bench.args import bench_parser
+
+    ap = bench_parser("x", "First paragraph.\n\nMore.", model="demo", device=True, steps=4, results="--out")
+    args = ap.parse_args(["--steps", "2"])
+    assert (args.model, args.device, args.steps, args.out.as_posix()) == ("demo", "cpu", 2, "bench/results")
+    assert (ap.prog, ap.description) == ("python -m movielm_fast.bench.x", "First paragraph.")
+    for parse, bad in ((ap.parse_args, "--size"), (report_main, "--nope")):  # a flag not asked for: a usage error
+        with pytest.raises(SystemExit) as exit_:
+            parse([bad, "1"])
+        assert exit_.value.code == 2 and f"unrecognized arguments: {bad} 1" in capsys.readouterr().err
+
+
 def test_every_benchmark_with_a_section_is_listed_once():
     """A module that declares SECTIONS but is missing from report's list would silently drop out of RESULTS.md;
     two sections of one format would print its results twice."""

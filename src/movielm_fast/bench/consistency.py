@@ -10,10 +10,8 @@ cases are interleaved over the repeats and the median taken. Results go to bench
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +20,9 @@ from movielm_fast.engine.config import EngineConfig
 from movielm_fast.plan import parse_plan
 from movielm_fast.run.renderer import Renderer
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, load_average, machine_info
+from .hardware import load_average, machine_info
 from .models import resolve_model
 
 CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
@@ -40,13 +39,8 @@ def _movie(chars: int, frames: int, size: int, steps: int, mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.consistency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap = bench_parser("consistency", __doc__, model="sd15-arch", size=256, steps=4, frames=2, repeats=2,
+                      results="--results")
     args = ap.parse_args(argv)
 
     r = Renderer(EngineConfig(model=resolve_model(args.model)))

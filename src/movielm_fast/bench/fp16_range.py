@@ -19,18 +19,17 @@ bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report` sum
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from movielm_fast.engine.schedulers import make_scheduler
 
+from .args import bench_parser, require_device
 from .formats import Section, save_result
-from .hardware import RESULTS, load_average, machine_info
+from .hardware import load_average, machine_info
 from .image_quality import psnr, to_uint8
 from .models import ARCH_MODELS, build_arch_pipeline
 
@@ -124,20 +123,14 @@ def verdict(parts: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.fp16_range", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("fp16_range", __doc__, device=True, steps=4, guidance=7.5, scheduler="dpmpp",
+                      results="--results")
     ap.add_argument("--model", default="sd15-arch", choices=ARCH_MODELS)
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (small: this runs in fp32 on a CPU)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--scheduler", default="dpmpp")
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run it on a GPU machine "
-                 "or with --device cpu")
+    require_device(ap, args.device)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "fp16": torch.float16,
                                                   "bf16": torch.bfloat16}[args.dtype]
     load_start = load_average()

@@ -29,7 +29,6 @@ Results go to bench/results/host-<stamp>.json; `python -m movielm_fast.bench.rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -45,8 +44,9 @@ from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, load_average, machine_info, source_state
+from .hardware import load_average, machine_info, source_state
 from .models import resolve_model
 
 HOST_FORMAT = "movielm-bench-host/1"
@@ -177,17 +177,14 @@ def boundary_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.host", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=64)
+    ap = bench_parser("host", __doc__, model="tiny-sd", steps=20, frames=64, repeats=3, results="--results",
+                      helps={"model": "tiny-sd (default), demo, sd15-arch, or a model folder",
+                             "repeats": "runs per case, interleaved; the median run is reported"})
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--formats", default="png,jpg")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--model", default="tiny-sd", help="tiny-sd (default), demo, sd15-arch, or a model folder")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=EngineConfig.writer_threads, help="writer threads (pipelined)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--movies", type=int, help="measure movie boundaries: this many movies of --frames frames each")
     args = ap.parse_args(argv)
 

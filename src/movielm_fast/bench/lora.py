@@ -12,7 +12,6 @@ interleaved over the repeats (drift on a shared machine hits both alike); median
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -22,8 +21,9 @@ from typing import Any
 
 import torch
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, load_average, machine_info
+from .hardware import load_average, machine_info
 from .models import resolve_model
 
 LORA_FORMAT = "movielm-bench-lora/1"
@@ -34,13 +34,7 @@ def _median(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.lora", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap = bench_parser("lora", __doc__, model="demo", size=256, steps=4, frames=2, repeats=3, results="--results")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     model_spec = resolve_model(args.model)

@@ -18,12 +18,10 @@ on both measures for the same perturbation. Results go to bench/results/lossy_ar
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +35,9 @@ from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
 from movielm_fast.run.renderer import Renderer
 
+from .args import bench_parser, require_device
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, count_flops, load_average, machine_info, timed
+from .hardware import count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import resolve_model
 from .step_cache import render_flops, unet_inputs
@@ -146,25 +145,18 @@ def measure(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.lossy_arch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch", help="sd15-arch, sdxl-arch (bench.models) or a model folder")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--scheduler", default="dpmpp")
+    ap = bench_parser("lossy_arch", __doc__, model="sd15-arch", device=True, size=256, steps=20, guidance=7.5,
+                      scheduler="dpmpp", results="--results",
+                      helps={"model": "sd15-arch, sdxl-arch (bench.models) or a model folder"})
     ap.add_argument("--prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1), metavar="1-4")
     ap.add_argument("--interval", type=int, default=3, help="step cache: a full UNet every N steps")
     ap.add_argument("--depths", type=lambda s: [int(d) for d in s.split(",")], default=[0, 2],
                     help="step cache branch depths, comma-separated (the first is also run with FP8)")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run it on a GPU machine "
-                 "or with --device cpu")
+    require_device(ap, args.device)
     device = torch.device(args.device)
     result: dict[str, Any] = {
         "format": LOSSY_ARCH_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(device),

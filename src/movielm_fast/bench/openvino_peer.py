@@ -20,7 +20,6 @@ row says so. Writes bench/results/cpu-peer-<timestamp>.json and regenerates benc
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -44,8 +43,9 @@ from movielm_fast.export.onnx_export import export_component
 from movielm_fast.export.specs import UNET, model_specs
 from movielm_fast.paths import atomic_write_text
 
+from .args import bench_parser
 from .formats import Section, median_text, save_result
-from .hardware import RESULTS, load_average, stats
+from .hardware import load_average, stats
 from .image_quality import psnr
 from .models import resolve_model
 from .report import write_results_md
@@ -209,14 +209,9 @@ def frame_rows(path: Path, bf16: bool, repeats: int, steps: int, log) -> dict[st
     return rows
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.openvino_peer",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4)
+    ap = bench_parser("openvino_peer", __doc__, model="sd15-arch", steps=4, repeats=3, results="--results")
     ap.add_argument("--no-frames", action="store_true", help="only the GEMM ceilings and the UNet step")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 (very slow)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-report", action="store_true", help="do not regenerate RESULTS.md")
     args = ap.parse_args(argv)
 

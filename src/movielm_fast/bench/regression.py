@@ -13,7 +13,6 @@ bench/results/regression-<stamp>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,8 +25,9 @@ from typing import Any
 
 import torch
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, ROOT, load_average, machine_info
+from .hardware import ROOT, load_average, machine_info
 from .models import resolve_model
 
 REGRESSION_FORMAT = "movielm-bench-regression/1"
@@ -61,14 +61,9 @@ def _run(tree: Path, plan: Path, model: str, out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.regression", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("regression", __doc__, model="sd15-arch", size=256, steps=4, frames=3, results="--results")
     ap.add_argument("--base", default="88a8603", help="the revision to compare with (default: before issue 15)")
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     model = str(resolve_model(args.model))

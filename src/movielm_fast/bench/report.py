@@ -9,7 +9,6 @@ only where a result was measured on a GPU.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import io
@@ -20,6 +19,7 @@ from typing import Any
 
 from movielm_fast.paths import atomic_write_text
 
+from .args import bench_parser
 from .formats import Section, median_text
 from .hardware import RESULTS
 
@@ -404,8 +404,7 @@ def write_results_md(results_dir: Path, md_path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON files")
+    ap = bench_parser("report", __doc__, results="--results")
     ap.add_argument("--out", type=Path, default=RESULTS.parent / "RESULTS.md")
     args = ap.parse_args(argv)
     print(write_results_md(args.results, args.out))

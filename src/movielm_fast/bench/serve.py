@@ -12,7 +12,6 @@ used: what a user of the server sees. Results go to bench/results/serve-<stamp>.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -25,8 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, load_average
+from .hardware import load_average
 from .startup import first_frame
 
 SERVE_FORMAT = "movielm-bench-serve/1"
@@ -79,13 +79,10 @@ def send(base: str, out: Path, plan: dict[str, Any], name: str, timeout: float) 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.serve", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("serve", __doc__, model="demo", device=True, results="--results")
     ap.add_argument("--plan", type=Path, default=Path("examples/plan.json"))
     ap.add_argument("--plans", type=int, default=3, help="plans sent one after another to the warm server")
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one step")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     plan = json.loads(args.plan.read_text())
     port = free_port()

@@ -24,7 +24,6 @@ with the first-frame-alone ramp off). No test asserts these timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .args import bench_parser
 from .formats import Section
-from .hardware import RESULTS, load_average
+from .hardware import load_average
 
 STARTUP_FORMAT = "movielm-fast-startup-v1"
 
@@ -96,12 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser("startup", __doc__, model="demo", device=True, repeats=3, results="--results")
     ap.add_argument("--plan", type=Path, default=Path("examples/plan.json"))
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     extra = ["--model", args.model, "--device", args.device, *extra]
     run_once(args.plan, extra)  # untimed: the demo model assembled in the cache, files in the page cache

@@ -16,11 +16,9 @@ Results go to bench/results/step_cache-<stamp>.json.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +31,9 @@ from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
 from movielm_fast.run.renderer import Renderer
 
+from .args import bench_parser
 from .formats import Section, load_note, rate, save_result
-from .hardware import RESULTS, count_flops, load_average, machine_info, timed
+from .hardware import count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import SD15_UNET, SDXL_UNET
 from .toy_quality import held_out_scenes, judged, render_prompts
@@ -125,17 +124,13 @@ def measure_arch_time(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.step_cache", description=__doc__.split("\n\n")[0])
+    # --guidance: the toy model's own (bench.toy_quality's default)
+    ap = bench_parser("step_cache", __doc__, steps=50, frames=8, repeats=3, guidance=4.0, results="--results")
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--guidance", type=float, default=4.0)  # the toy model's own (bench.toy_quality's default)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arch-repeats", type=int, default=3)
     ap.add_argument("--no-arch-timing", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"format": STEP_CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -23,7 +23,6 @@ Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders bes
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import replace
@@ -42,8 +41,9 @@ from movielm_fast.run.prompts import frame_prompt
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.style.immobilize import StyleSettings, immobilize_style
 
+from .args import bench_parser
 from .formats import Section, load_note, rate, save_result
-from .hardware import RESULTS, load_average, machine_info
+from .hardware import load_average, machine_info
 from .image_quality import psnr, ssim
 from .toy import judge as J
 from .toy import phrasing as P
@@ -247,12 +247,9 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.toy_quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo")
+    ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
     ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
     ap.add_argument("--style-images", type=int, default=16)
     ap.add_argument("--style-steps", type=int, default=150)
@@ -261,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     checks = set(args.checks.split(","))

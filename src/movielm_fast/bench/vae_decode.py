@@ -12,7 +12,6 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -25,8 +24,9 @@ from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import EngineConfig
 from movielm_fast.engine.models import load_vae
 
+from .args import bench_parser
 from .formats import Section, load_note, save_result
-from .hardware import RESULTS, load_average, machine_info, synchronize
+from .hardware import load_average, machine_info, synchronize
 
 VAE_FORMAT = "movielm-bench-vae-decode/1"
 
@@ -44,12 +44,8 @@ def _decoders(root: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.vae_decode", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=256)
+    ap = bench_parser("vae_decode", __doc__, device=True, size=256, repeats=5, results="--results")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     config = EngineConfig(device=args.device)
     device = config.torch_device
