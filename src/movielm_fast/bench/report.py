@@ -306,9 +306,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                 shot = path.parent / r["image"] if r.get("image") else None
                 image = f"[png]({rel(shot)})" if shot and shot.exists() else ""
                 cells = [r["backend"], r["size"], r["batch"], median_text(s["frame"], True),
-                         f"{r['images_per_s']:.3f}",
-                         median_text(s.get("unet_step"), True), steps_per_s, median_text(s.get("vae_decode"), True),
-                         median_text(s.get("text_encode"), True), "–" if sp is None else f"{sp:.2f}×",
+                         f"{r['images_per_s']:.3f}", median_text(s.get("unet_step"), True), steps_per_s,
+                         median_text(s.get("vae_decode"), True), median_text(s.get("text_encode"), True),
+                         "–" if sp is None else f"{sp:.2f}×",
                          _pct(mfu.get("unet_step")), _pct(mfu.get("vae_decode")), _pct(mfu["frame"]), mem,
                          "–" if diff is None else diff, image]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
