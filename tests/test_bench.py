@@ -211,7 +211,7 @@ def test_diffusers_speed_recipe_peer_is_timed_beside_ours(tmp_path):
 
 def test_host_bench_reports_median_runs_and_same_files(tmp_path):
     from movielm_fast.bench import host
-    from movielm_fast.bench.report import host_section
+    from movielm_fast.bench.host import host_section
     assert host.main(["--frames", "4", "--sizes", "64", "--formats", "png,jpg", "--steps", "2", "--batch", "2",
                       "--repeats", "2", "--results", str(tmp_path)]) == 0
     [path] = tmp_path.glob("host-*.json")
@@ -226,17 +226,49 @@ def test_host_bench_reports_median_runs_and_same_files(tmp_path):
     assert "the median of 2 interleaved runs" in section and section.count("| 64x64 |") == 4
 
 
+def test_entry_points_build_their_parsers_with_the_shared_flags(capsys):
+    from movielm_fast.bench.args import bench_parser
+
+    ap = bench_parser("x", "First paragraph.\n\nMore.", model="demo", device=True, steps=4, results="--out")
+    args = ap.parse_args(["--steps", "2"])
+    assert (args.model, args.device, args.steps, args.out.as_posix()) == ("demo", "cpu", 2, "bench/results")
+    assert (ap.prog, ap.description) == ("python -m movielm_fast.bench.x", "First paragraph.")
+    for parse, bad in ((ap.parse_args, "--size"), (report_main, "--nope")):  # a flag not asked for: a usage error
+        with pytest.raises(SystemExit) as exit_:
+            parse([bad, "1"])
+        assert exit_.value.code == 2 and f"unrecognized arguments: {bad} 1" in capsys.readouterr().err
+
+
+def test_every_benchmark_with_a_section_is_listed_once():
+    """A module that declares SECTIONS but is missing from report's list would silently drop out of RESULTS.md;
+    two sections of one format would print its results twice."""
+    import re
+    from pathlib import Path
+
+    from movielm_fast.bench import report
+
+    bench = Path(report.__file__).parent
+    declaring = {p.stem for p in bench.glob("*.py") if re.search(r"^SECTIONS = ", p.read_text(), re.M)}
+    assert declaring == set(report.SECTION_MODULES) and len(report.SECTION_MODULES) == len(declaring)
+    formats = [s.format for s in report.bench_sections()]
+    assert len(formats) == len(set(formats)) == 13 and report.FORMAT not in formats
+
+
 def test_small_bench_sections_come_from_their_json(tmp_path):
     """Step cache and start-up results get their sections; toy lossy cases measured in separate runs join the
     table of their own reference (same steps and captions) and never one of another step count."""
     from movielm_fast.bench import report
+    from movielm_fast.bench.serve import SERVE_FORMAT
+    from movielm_fast.bench.startup import STARTUP_FORMAT
+    from movielm_fast.bench.step_cache import STEP_CACHE_FORMAT
+    from movielm_fast.bench.toy_quality import TOY_FORMAT
 
     results = tmp_path / "results"
     results.mkdir()
     machine = {"cpu_model": "Test CPU"}
     depth = {"cached_step_tflop": 0.1, "cached_over_full": 0.1, "render_flops_ratio": 2.51}
     (results / "step_cache-1.json").write_text(json.dumps({
-        "format": report.STEP_CACHE_FORMAT, "created": "2026-01-01T00:00:00", "machine": machine,
+        "format": STEP_CACHE_FORMAT, "created": "2026-01-01T00:00:00", "machine": machine,
         "settings": {"interval": 3, "depth": 0, "steps": 50, "threads": 1},
         "flops": {"sd15-arch 512²": {"full_step_tflop": 1.6, "depths": {"0": depth}}},
         "demo": {"frames": 8, "repeats": 3, "unet_time_ratio": 2.37, "render_time_ratio": 2.3, "psnr_db": 44.1,
@@ -244,12 +276,12 @@ def test_small_bench_sections_come_from_their_json(tmp_path):
     run = {"first_frame_seconds": 3.21, "total_seconds": 5.0,
            "startup": {"phases": {"imports": 2.5, "model_load": 0.4}}}
     (results / "startup-1.json").write_text(json.dumps({
-        "format": report.STARTUP_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "render_args": [],
+        "format": STARTUP_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "render_args": [],
         "load_avg": [1.0, 1.0, 1.0], "cpu_count": 2, "first_frame_seconds": {"best": 3.21, "median": 4.0},
         "total_seconds": {"best": 5.0, "median": 6.0}, "runs": [run]}))
 
     (results / "serve-1.json").write_text(json.dumps({
-        "format": report.SERVE_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "model": "demo",
+        "format": SERVE_FORMAT, "created": "2026-01-01T00:00:00", "plan": "p.json", "model": "demo",
         "device": "cpu", "cpu_count": 2, "server_ready_seconds": 6.5,
         "plans": [{"first_frame_seconds": 0.71, "done_seconds": 3.0, "frames": 9}]}))
 
@@ -257,7 +289,7 @@ def test_small_bench_sections_come_from_their_json(tmp_path):
         case = {"conditioning": 0.9, "delta_vs_fp32": -0.06, "same_reading_as_fp32": 0.8, "max_abs_pixel_diff": 3,
                 "mean_abs_pixel_diff": 0.1}
         (results / f"toy_quality-{name}.json").write_text(json.dumps({
-            "format": report.TOY_FORMAT, "created": f"2026-01-0{name}T00:00:00", "machine": machine,
+            "format": TOY_FORMAT, "created": f"2026-01-0{name}T00:00:00", "machine": machine,
             "settings": {"model": "demo", "model_hash": "h", "steps": steps, "size": 64, "scheduler": "dpmpp",
                          "guidance": 4.0},
             "lossy": {"fp32_conditioning": 0.96, "captions": 50, "cases": {c: case for c in cases}}}))

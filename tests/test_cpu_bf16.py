@@ -318,7 +318,7 @@ def test_backend_wiring_on_a_fake_amx_cpu(tiny_sd, monkeypatch, caplog, tmp_path
 
 
 def test_cpu_peer_section_names_the_cpu_and_every_row():
-    from movielm_fast.bench.report import cpu_peer_section
+    from movielm_fast.bench.openvino_peer import cpu_peer_section
 
     def sec(median):
         return {"min": median, "median": median, "max": median, "n": 1}

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_lossy_arch_bench_on_a_tiny_model(tmp_path, tiny_sd):
     from movielm_fast.bench import lossy_arch
-    from movielm_fast.bench.report import lossy_arch_section
+    from movielm_fast.bench.lossy_arch import lossy_arch_section
 
     assert lossy_arch.main(["--model", str(tiny_sd), "--size", "64", "--steps", "6", "--prompts", "2",
                             "--depths", "0,1", "--results", str(tmp_path)]) == 0

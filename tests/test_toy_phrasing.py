@@ -96,12 +96,10 @@ def test_bench_prompts_are_the_engines():
 
 
 def test_report_shows_the_phrasing_rates():
-    from movielm_fast.bench.report import toy_quality_section
-
     rates = {"images": 90, "conditioning": 0.5, "background": 0.9, "colour_at_position": 0.75,
              "shape_at_position": 0.25, "size_at_position": 0.6, "empty_positions": 1.0}
     res = {"settings": {"model": "demo", "model_hash": "h", "size": 64, "steps": 20, "scheduler": "dpmpp",
                         "guidance": 4.0}, "machine": {"cpu_model": "cpu"}, "created": "now",
            "phrasing": {"held_out": {"rates": rates}}}
-    text = "\n".join(toy_quality_section([res]))
+    text = "\n".join(TQ.toy_quality_section([res]))
     assert "| held-out forms | 90 | 50% | 90% | 75% | 25% | 60% | 100% |" in text

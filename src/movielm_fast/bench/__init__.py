@@ -6,5 +6,7 @@
 
 `runner` runs the protocol and writes the files, `models` builds the real SD 1.5 / SDXL architectures with random
 weights, `hardware` holds timing, FLOP counting, memory and machine metadata, `report` turns result JSON files into
-CSV, a plot and RESULTS.md. Tests run the protocol on the demo model but never assert timings.
+CSV, a plot and RESULTS.md. Every other benchmark module owns its result format and its section of RESULTS.md
+(`formats`), and builds its command line with `args`. Tests run the protocol on the demo model but never assert
+timings.
 """

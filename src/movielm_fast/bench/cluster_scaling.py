@@ -1,7 +1,8 @@
 """Scaling of `render_on_ray`: images/s with 1, 2, ... workers, per-worker model-load time, scheduling overhead.
 
-    python bench/cluster_scaling.py [--workers 1,2] [--model demo] [--size 64,256] [--steps 2]
-                                    [--movies 8 --frames 4] [--reps 3] [--device cpu|cuda] [--out bench/results]
+    python -m movielm_fast.bench.cluster_scaling [--workers 1,2] [--model demo] [--size 64,256] [--steps 2]
+                                                 [--movies 8 --frames 4] [--reps 3] [--device cpu|cuda]
+                                                 [--out bench/results]
 
 A private Ray instance bound to 127.0.0.1 is started here. On CPU each worker gets one core and one torch thread
 (`cpus_per_worker=1`), so N workers need N free cores; on CUDA one worker per GPU. For every (size, workers) case:
@@ -20,7 +21,6 @@ Results: bench/results/cluster-<timestamp>.json, with one rendered storyboard be
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -38,7 +38,7 @@ from movielm_fast.run.config import ClusterOptions, RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 
-from .hardware import RESULTS
+from .args import bench_parser
 
 
 def _plans(folder: Path, movies: int, frames: int, size: int, steps: int, prefix: str = "m") -> Path:
@@ -91,17 +91,12 @@ def _case(model: ModelConfig, config: RunConfig, workers: int, plans: Path, warm
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser("cluster_scaling", __doc__, model="demo", device=True, steps=2, frames=4, results="--out")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", default="64,256", help="image sizes to run, comma-separated")
-    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--movies", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     # A private Ray instance for the benchmark, reachable from this machine only (read when Ray is imported).

@@ -10,10 +10,9 @@ cases are interleaved over the repeats and the median taken. Results go to bench
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,9 +20,12 @@ from movielm_fast.engine.config import ModelConfig
 from movielm_fast.plan import parse_plan
 from movielm_fast.run.renderer import Renderer
 
-from .hardware import RESULTS, load_average, machine_info
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import load_average, machine_info
 from .models import resolve_model
-from .report import CONSISTENCY_FORMAT, save_result
+
+CONSISTENCY_FORMAT = "movielm-bench-consistency/1"
 
 NAMES = ("Rosa", "Tom", "Ada")
 
@@ -37,13 +39,8 @@ def _movie(chars: int, frames: int, size: int, steps: int, mode: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.consistency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap = bench_parser("consistency", __doc__, model="sd15-arch", size=256, steps=4, frames=2, repeats=2,
+                      results="--results")
     args = ap.parse_args(argv)
 
     r = Renderer(ModelConfig(model=resolve_model(args.model)))
@@ -82,6 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"anchor: {result['anchor_seconds']:.3f} s each; record {result['record_mb_per_character']} MB/character")
     save_result(args.results, "consistency", result)
     return 0
+
+
+def consistency_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Consistent characters: cost (`python -m movielm_fast.bench.consistency`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch {st['batch']}, guidance {st['guidance']}, "
+             f"fp32 on {m['cpu_model']} ({m['cpu_cores_logical']} cores); medians over {st['repeats']} interleaved "
+             f"repeats of {st['frames']} frames; {load_note(res)}; {res['created']}. Anchors were rendered beforehand "
+             f"(each {res['anchor_seconds']:.2f} s, once per character and worker); the record takes "
+             f"{res['record_mb_per_character']} MB per character.", "",
+             "| case | s/frame | vs plain |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['case']} | {r['seconds_per_frame']:.3f} | {r['vs_plain']:.2f}× |")
+    return lines + [""]
+
+
+SECTIONS = (Section(CONSISTENCY_FORMAT, consistency_section),)
 
 
 if __name__ == "__main__":

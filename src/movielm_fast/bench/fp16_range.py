@@ -19,20 +19,21 @@ bench/results/fp16_range-<stamp>.json; `python -m movielm_fast.bench.report` sum
 
 from __future__ import annotations
 
-import argparse
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from movielm_fast.engine.schedulers import make_scheduler
 
-from .hardware import RESULTS, load_average, machine_info
+from .args import bench_parser, require_device
+from .formats import Section, save_result
+from .hardware import load_average, machine_info
 from .image_quality import psnr, to_uint8
 from .models import ARCH_MODELS, build_arch_pipeline
-from .report import FP16_RANGE_FORMAT, save_result
+
+FP16_RANGE_FORMAT = "movielm-bench-fp16-range/1"
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 NEAR = FP16_MAX / 2  # within 2x of overflowing
@@ -122,20 +123,14 @@ def verdict(parts: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.fp16_range", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("fp16_range", __doc__, device=True, steps=4, guidance=7.5, scheduler="dpmpp",
+                      results="--results")
     ap.add_argument("--model", default="sd15-arch", choices=ARCH_MODELS)
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (small: this runs in fp32 on a CPU)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--scheduler", default="dpmpp")
-    ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run it on a GPU machine "
-                 "or with --device cpu")
+    require_device(ap, args.device)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "fp16": torch.float16,
                                                   "bf16": torch.bfloat16}[args.dtype]
     load_start = load_average()
@@ -184,6 +179,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{args.dtype} image against diffusers' fp32 image of the same seed: PSNR {result['psnr_vs_fp32']} dB")
     save_result(args.results, "fp16_range", result)
     return result
+
+
+def fp16_range_section(results: list[dict[str, Any]]) -> list[str]:
+    """The latest fp16-range result per (model, dtype, device): which component's activations leave fp16's range."""
+    latest = {(r["settings"]["model"], r["settings"].get("dtype", "fp32"), r["machine"].get("device", "cpu")): r
+              for r in results}
+    if not latest:
+        return []
+    lines = ["## fp16 range: the largest activation per component (`python -m movielm_fast.bench.fp16_range`)", "",
+             "diffusers' pipeline run once with a forward hook on every module, in fp32, or in fp16 with "
+             "`--dtype fp16` "
+             "(then also once in fp32 without hooks, for the PSNR of its fp16 image); *over*: modules whose output "
+             "passed 65504 (fp16 overflows there), *near*: within "
+             "2x of it; *first*: the first such module in call order (where an overflow starts); *inf/NaN*: modules "
+             "whose output held one (a low-precision run)."]
+    for (model, dtype, device), res in sorted(latest.items()):
+        st = res["settings"]
+        lines += ["", "| model | run | size, steps | component | max \\|activation\\| | over | near | inf/NaN | "
+                  "first over (or near) |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in res["components"]:
+            first = (p["first_over"] or p["first_near"] or [None])[0]
+            where = f"`{first['module']}` ({first['class']}, {first['max_abs']:.3g})" if first else "–"
+            lines.append(f"| {model} | {dtype}, {device} | {st['size']}², {st['steps']} {st['scheduler']} | "
+                         f"{p['component']} | {p['max_abs']:.3g} | {p['over_fp16']} | {p['near_fp16']} | "
+                         f"{p.get('nonfinite', '–')} | {where} |")
+        said = f"; its image {res['psnr_vs_fp32']} dB from diffusers' fp32 one" if res.get("psnr_vs_fp32") else ""
+        lines += ["", f"{model}, {dtype} on {device} ({res['created']}): {res['verdict']}{said}."]
+    return lines + [""]
+
+
+SECTIONS = (Section(FP16_RANGE_FORMAT, fp16_range_section),)
 
 
 if __name__ == "__main__":

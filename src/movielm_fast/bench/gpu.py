@@ -17,7 +17,6 @@ short table and the quality table last.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
 
-from .hardware import RESULTS
+from .args import bench_parser
 from .report import load_results, short_table, write_results_md
 from .runner import BenchSettings, run_bench
 
@@ -53,7 +52,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.gpu", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("gpu", __doc__, steps=20, repeats=3, results="--out")
     ap.add_argument("--model", action="append", help="benchmark only this model (repeatable): sd15-arch, sdxl-arch, "
                     "demo or a local folder (default: sd15-arch and sdxl-arch)")
     ap.add_argument("--dtype", default="fp16", help="fp16 | bf16 | fp32 (default fp16)")
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="diffusers' speed recipe, compiled in this torch.compile mode (default: max-autotune, the "
                          "recipe's; its compile time is reported apart); off: not timed")
     ap.add_argument("--batch-sizes", type=_ints, help="e.g. 1,2,4,8 (default per model)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run")
-    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--goals", action="store_true", help="only print the goals table from the latest GPU results "
                     "in --out (no benchmark run)")
     ap.add_argument("--render-json", type=Path, help="with --goals: the output of `render --json` of a second "

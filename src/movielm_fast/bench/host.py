@@ -29,7 +29,6 @@ Results go to bench/results/host-<stamp>.json; `python -m movielm_fast.bench.rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -46,9 +45,13 @@ from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
 
-from .hardware import RESULTS, load_average, machine_info, source_state
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import load_average, machine_info, source_state
 from .models import resolve_model
-from .report import BOUNDARY_FORMAT, HOST_FORMAT, save_result
+
+HOST_FORMAT = "movielm-bench-host/1"
+BOUNDARY_FORMAT = "movielm-bench-host-boundaries/1"
 
 RENDER_STAGES = ("prompt", "latents", "scheduler", "unet", "decode")
 WRITE_STAGES = ("pixels", "encode", "hash", "write", "manifest", "storyboard")
@@ -175,17 +178,14 @@ def boundary_case(renderer: Renderer, plan: Path, out: Path, size: int, fmt: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.host", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=64)
+    ap = bench_parser("host", __doc__, model="tiny-sd", steps=20, frames=64, repeats=3, results="--results",
+                      helps={"model": "tiny-sd (default), demo, sd15-arch, or a model folder",
+                             "repeats": "runs per case, interleaved; the median run is reported"})
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--formats", default="png,jpg")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--model", default="tiny-sd", help="tiny-sd (default), demo, sd15-arch, or a model folder")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=RunConfig.model_fields["writer_threads"].default, help="writer threads (pipelined)")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads of the render thread")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; the median run is reported")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--movies", type=int, help="measure movie boundaries: this many movies of --frames frames each")
     args = ap.parse_args(argv)
 
@@ -264,6 +264,61 @@ def _boundaries(args, renderer: Renderer, work: Path, load_start) -> int:
               "runs": runs}
     save_result(args.results, "host", result)
     return 0
+
+
+def host_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Host-side throughput (`python -m movielm_fast.bench.host`)", "",
+             f"The real engine on the zero-cost `null` backend: {st['frames']} frames per case"
+             f"{', the median of %d interleaved runs' % st['repeats'] if st.get('repeats', 1) > 1 else ''}, "
+             f"{st['steps']} "
+             f"{st['scheduler']} steps, batch {st['batch']}, torch threads {st.get('torch_threads')}; "
+             f"{m['cpu_model']}, "
+             f"{m['cpu_cores_logical']} logical cores; {load_note(res)}; {res['created']}. *render thread*: the render "
+             "loop's time minus its waits for a free writer slot, per frame (what a GPU would wait for); *end to "
+             "end*: frames over the whole run (planning, the write drain and the storyboard included). Sequential = "
+             "every file written on the render thread (writer threads 0), pipelined = the write stage on its "
+             "threads; *same files*: frames and storyboard byte-identical, manifests equal but for timings.", "",
+             "| size | format | writer threads | render thread ms/frame | end to end frames/s | same files | "
+             "split ms/frame (prompt, latents, scheduler, decode · pixels, encode, hash, write, manifest, "
+             "storyboard) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        sp = r["split_ms_per_frame"]
+        split = ", ".join(f"{sp[k]:g}" for k in ("prompt", "latents", "scheduler", "decode")) + " · " + \
+            ", ".join(f"{sp[k]:g}" if k in sp else "–" for k in (
+                "pixels", "encode", "hash", "write", "manifest", "storyboard"))
+        lines.append(f"| {r['size']} | {r['format']} | {r['writer_threads']} | {r['render_thread_ms_per_frame']:.1f} "
+                     f"| {r['frames_per_s']:.1f} | {'yes' if r['same_files_as_sequential'] else 'NO'} | {split} |")
+    return lines + [""]
+
+
+def boundary_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## Movie boundaries on the render thread (`python -m movielm_fast.bench.host --movies N`)", "",
+             f"{st['movies']} movies of {st['frames_per_movie']} frames, batch {st['batch']}, {st['steps']} steps, "
+             f"null backend, {st['writer_threads']} writer threads, the median of {st['repeats']} runs; "
+             f"{m['cpu_model']}, {m['cpu_cores_logical']} logical cores; {load_note(res)}; {res['created']}. "
+             "*gap*: the "
+             "render thread's time between one batch and the next (a GPU's idle time there), after a batch that "
+             "completes a movie vs after the others: its own CPU time (work on the render thread) and wall time "
+             "(with its waits for a free writer slot, which on 2 cores dominate).", "",
+             "| size | format | batch CPU ms | gap CPU ms at a boundary / elsewhere | excess CPU ms per boundary | "
+             "gap wall ms at a boundary / elsewhere | frames/s |", "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['size']} | {r['format']} | {r['batch_cpu_ms']} | {r['gap_cpu_ms_at_boundary']} / "
+                     f"{r['gap_cpu_ms_elsewhere']} | {r['excess_cpu_ms_per_boundary']} | "
+                     f"{r['gap_wall_ms_at_boundary']} / {r['gap_wall_ms_elsewhere']} | {r['frames_per_s']} |")
+    return lines + [""]
+
+
+SECTIONS = (Section(HOST_FORMAT, host_section), Section(BOUNDARY_FORMAT, boundary_section))
 
 
 if __name__ == "__main__":

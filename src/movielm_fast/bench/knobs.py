@@ -11,7 +11,6 @@ Later results replace earlier rows of the same GPU, model, size and batch. `benc
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from movielm_fast.engine.cuda_knobs import BUILT_IN, TABLE, TABLE_FORMAT
 from movielm_fast.paths import atomic_write_text
 
-from .hardware import RESULTS
+from .args import bench_parser
 from .report import load_results
 from .runner import backend_variant
 
@@ -69,8 +68,7 @@ def build_table(results_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.knobs", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap = bench_parser("knobs", __doc__, results="--results")
     ap.add_argument("--table", type=Path, default=TABLE, help="where to write the table (default: the package's)")
     args = ap.parse_args(argv)
     table = build_table(args.results)

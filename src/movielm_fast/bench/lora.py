@@ -12,18 +12,21 @@ interleaved over the repeats (drift on a shared machine hits both alike); median
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .hardware import RESULTS, load_average, machine_info
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import load_average, machine_info
 from .models import resolve_model
-from .report import LORA_FORMAT, save_result
+
+LORA_FORMAT = "movielm-bench-lora/1"
 
 
 def _median(xs: list[float]) -> float:
@@ -31,13 +34,7 @@ def _median(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.lora", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap = bench_parser("lora", __doc__, model="demo", size=256, steps=4, frames=2, repeats=3, results="--results")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     model_spec = resolve_model(args.model)
@@ -115,6 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnxruntime: export {export_seconds:.1f} s, sessions from cached artifacts {sessions_seconds:.2f} s")
     save_result(args.results, "lora", result)
     return 0
+
+
+def lora_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## LoRA: per-frame cost, switching sets, ONNX Runtime without re-export "
+             "(`python -m movielm_fast.bench.lora`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch {st['batch']}, guidance {st['guidance']}, "
+             f"fp32 on {m['cpu_model']} ({m['cpu_cores_logical']} cores); LoRA: {st['lora']} at scale 0.8; medians "
+             f"over {st['repeats']} interleaved repeats of {st['frames']} frames; {load_note(res)}; {res['created']}. "
+             "*switch*: the backend's `set_loras` alone (torch: merge in place / restore from the kept copies; "
+             "ONNX Runtime: new sessions of the affected components with overridden initializers). ONNX Runtime: "
+             f"exporting every component took **{res['onnx_export_seconds']:.1f} s**, creating the sessions from "
+             f"the cached artifacts {res['onnx_sessions_seconds']:.2f} s.", "",
+             "| backend | plain s/frame | with LoRA s/frame | ratio | switch plain → A | A → B | B → plain |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        sw = r["switch_seconds"]
+        lines.append(f"| {r['backend']} | {r['plain_seconds_per_frame']:.3f} | {r['lora_seconds_per_frame']:.3f} | "
+                     f"{r['lora_vs_plain']:.2f}× | {sw['plain -> A']:.3f} s | {sw['A -> B']:.3f} s | "
+                     f"{sw['B -> plain']:.3f} s |")
+    return lines + [""]
+
+
+SECTIONS = (Section(LORA_FORMAT, lora_section),)
 
 
 if __name__ == "__main__":

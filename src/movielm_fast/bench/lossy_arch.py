@@ -18,12 +18,10 @@ on both measures for the same perturbation. Results go to bench/results/lossy_ar
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,11 +35,14 @@ from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
 from movielm_fast.run.renderer import Renderer
 
-from .hardware import RESULTS, count_flops, load_average, machine_info, timed
+from .args import bench_parser, require_device
+from .formats import Section, load_note, save_result
+from .hardware import count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import resolve_model
-from .report import LOSSY_ARCH_FORMAT, save_result
 from .step_cache import render_flops, unet_inputs
+
+LOSSY_ARCH_FORMAT = "movielm-bench-lossy-arch/1"
 
 PROMPTS = ("a lighthouse on a cliff at dusk, oil painting",
            "a young woman with auburn hair in lavender stands at the entrance of a candle-lit ballroom",
@@ -144,25 +145,18 @@ def measure(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.lossy_arch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch", help="sd15-arch, sdxl-arch (bench.models) or a model folder")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--scheduler", default="dpmpp")
+    ap = bench_parser("lossy_arch", __doc__, model="sd15-arch", device=True, size=256, steps=20, guidance=7.5,
+                      scheduler="dpmpp", results="--results",
+                      helps={"model": "sd15-arch, sdxl-arch (bench.models) or a model folder"})
     ap.add_argument("--prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1), metavar="1-4")
     ap.add_argument("--interval", type=int, default=3, help="step cache: a full UNet every N steps")
     ap.add_argument("--depths", type=lambda s: [int(d) for d in s.split(",")], default=[0, 2],
                     help="step cache branch depths, comma-separated (the first is also run with FP8)")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; run it on a GPU machine "
-                 "or with --device cpu")
+    require_device(ap, args.device)
     device = torch.device(args.device)
     result: dict[str, Any] = {
         "format": LOSSY_ARCH_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(device),
@@ -176,6 +170,39 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average"]["end"] = load_average()
     save_result(args.results, "lossy_arch", result)
     return 0
+
+
+def lossy_arch_section(results: list[dict[str, Any]]) -> list[str]:
+    """The newest result of each model and size."""
+    newest = {(r["settings"]["model"], r["settings"]["size"], r["machine"]["device"]): r for r in results}
+    if not newest:
+        return []
+    lines = ["## Lossy speed-ups on the real architectures (`python -m movielm_fast.bench.lossy_arch`)", "",
+             "FP8 (`--quantize`) and step caching (`--step-cache`) against the exact render of the same prompts and "
+             "seeds (batch 1). Random weights: the images are structured noise, so PSNR/SSIM say how far an option "
+             "moves a full-size UNet's pixels, not how a trained model's pictures look. *UNet FLOPs*: the render's "
+             "UNet FLOPs over the reference's (FP8 runs the same FLOPs at a faster rate on GPUs that have it). Seconds "
+             "are one run each, under the machine's load at the time (see the load averages)."]
+    for (model, size, _), res in newest.items():
+        st, m = res["settings"], res["machine"]
+        where = m["gpu_model"] or f"{m['cpu_model']} ({m['cpu_cores_logical']} cores)"
+        lines += ["", f"**{model}, {size}²**, {st['steps']} {st['scheduler']} steps, guidance {st['guidance']}, "
+                  f"{st['prompts']} prompt{'s' if st['prompts'] > 1 else ''} (seeds 1000+), on {where}; reference: "
+                  f"{res['reference']}; "
+                  f"{100 * res['flops']['fp8_flop_share']:.0f}% of a full UNet step's FLOPs are in the layers FP8 "
+                  f"quantizes; {load_note(res)}; {res['created']}.", "",
+                  "| case | PSNR dB | SSIM | max pixel diff | s/frame | UNet s/frame | UNet FLOPs |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["runs"]:
+            unet = "–" if r["unet_seconds_per_frame"] is None else f"{r['unet_seconds_per_frame']:.2f}"
+            db = "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}"
+            lines.append(f"| {r['case']} ({r['dtype']}) | {db} | {r['ssim']:.4f} | "
+                         f"{r['max_abs_pixel_diff']} | {r['seconds_per_frame']:.2f} | {unet} | "
+                         f"{1 / r['unet_flop_ratio']:.2f}× |")
+    return lines + [""]
+
+
+SECTIONS = (Section(LOSSY_ARCH_FORMAT, lossy_arch_section),)
 
 
 if __name__ == "__main__":

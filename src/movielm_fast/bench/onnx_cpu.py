@@ -1,6 +1,6 @@
 """ONNX Runtime (CPU) against torch eager and diffusers, on an SD 1.5-architecture model with random weights.
 
-    python bench/onnx_cpu.py [--steps 4] [--repeats 3]
+    python -m movielm_fast.bench.onnx_cpu [--steps 4] [--repeats 3]
 
 Measures, in one process on the same machine:
   1. the fp32 matmul ceiling (GFLOP/s) with the threads the backends use;
@@ -14,7 +14,6 @@ Random weights: images are noise, timings are what matters. FLOP counts are DESI
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -38,6 +37,7 @@ from movielm_fast.paths import cache_root
 from movielm_fast.run.images import png_bytes
 from movielm_fast.run.renderer import Renderer
 
+from .args import bench_parser
 from .hardware import RESULTS
 from .models import arch_model_path
 
@@ -63,9 +63,7 @@ def median(xs):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = bench_parser("onnx_cpu", __doc__, steps=4, repeats=3)
     # Models and artifacts are gigabytes: they live in the cache folder, not in the repository.
     ap.add_argument("--work", type=Path, default=cache_root() / "bench-onnx-cpu")
     args = ap.parse_args()

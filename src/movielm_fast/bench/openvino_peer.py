@@ -20,7 +20,6 @@ row says so. Writes bench/results/cpu-peer-<timestamp>.json and regenerates benc
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -44,11 +43,15 @@ from movielm_fast.export.onnx_export import export_component
 from movielm_fast.export.specs import UNET, model_specs
 from movielm_fast.paths import atomic_write_text
 
-from .hardware import RESULTS, load_average, stats
+from .args import bench_parser
+from .formats import Section, median_text, save_result
+from .hardware import load_average, stats
 from .image_quality import psnr
 from .models import resolve_model
-from .report import CPU_PEER_FORMAT, save_result, write_results_md
+from .report import write_results_md
 from .runner import PROMPTS, diffusers_pipeline
+
+CPU_PEER_FORMAT = "movielm-bench-cpu-peer/1"
 
 
 def require_openvino():
@@ -205,14 +208,9 @@ def frame_rows(path: Path, bf16: bool, repeats: int, steps: int, log) -> dict[st
     return rows
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.openvino_peer",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4)
+    ap = bench_parser("openvino_peer", __doc__, model="sd15-arch", steps=4, repeats=3, results="--results")
     ap.add_argument("--no-frames", action="store_true", help="only the GEMM ceilings and the UNet step")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 (very slow)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--no-report", action="store_true", help="do not regenerate RESULTS.md")
     args = ap.parse_args(argv)
 
@@ -265,6 +263,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_report:
         log(f"report: {write_results_md(args.results, args.results.parent / 'RESULTS.md')}")
     return res
+
+
+def cpu_peer_section(results: list[dict[str, Any]]) -> list[str]:
+    """The CPU bf16 path beside OpenVINO and ONNX Runtime, latest run per CPU and model."""
+    if not results:
+        return []
+    latest = {(res["machine"]["cpu_model"], res["settings"]["model"]): res for res in results}
+    lines = ["## CPU bf16 against its peers (`python -m movielm_fast.bench.openvino_peer`)", "",
+             "One process per CPU, rows interleaved; medians (min–max) over the repeats. UNet step: CFG batch 2, "
+             "256² (32×32 latent), the same inputs for every row; *first call* includes any compile. The bf16 fast "
+             "path's AMX entries are **to be confirmed on AMX** until a run below names an AMX CPU. "
+             "On a loaded machine "
+             "(see each run's load average) torch's OpenMP threads lose most to oversubscription: compare rows "
+             "within one run, never across runs.", ""]
+    for (model, _), res in latest.items():
+        m, st = res["machine"], res["settings"]
+        la0, la1 = m.get("load_avg_start"), m.get("load_avg_end")
+        ability = "AMX" if m["amx"] else ("AVX-512-BF16" if m["avx512_bf16"]
+                                          else f"{m['tier']}, no AMX, no native bf16")
+        gemm = res["gemm"]
+        lines += [f"### {model} ({ability}), {m['threads']} threads, {st['model']}, {res['created']}", "",
+                  f"Load average {la0[0] if la0 else '?'} at the start, {la1[0] if la1 else '?'} at the end. "
+                  f"GEMM ceilings (torch.matmul): fp32 {gemm['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                  f"({gemm['fp32']['n']}²), bf16 {gemm['bf16']['flops_per_s'] / 1e9:.2f} GFLOP/s "
+                  f"({gemm['bf16']['n']}²). Chosen `--dtype bf16` path here: {res['chosen_bf16_path']['why']}.", ""]
+        lines += [f"- {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
+        fp32 = res["unet_step"].get("torch fp32 eager", {}).get("seconds", {}).get("median")
+        lines += ["| UNet step | s | vs torch fp32 | first call s | max rel diff vs fp32 | note |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in res["unet_step"].items():
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']} | | | | {r.get('note', '')} |")
+                continue
+            sec = r["seconds"]
+            lines.append(f"| {name} | {median_text(sec, True)} | {fp32 / sec['median']:.2f}× | "
+                         f"{r['first_call_s']:.1f} | "
+                         f"{r.get('max_rel_diff_vs_torch_fp32', 0):.1e} | {r.get('note', '')} |")
+        if res.get("frame"):
+            lines += ["", f"| {st['steps']}-step frame, batch 1 | s/frame | vs fp32 twin | PSNR vs fp32 | "
+                      "max diff |", "|---|---|---|---|---|"]
+            for name, r in res["frame"].items():
+                if r["status"] != "ok":
+                    lines.append(f"| {name} | {r['status']}: {r.get('note', '')} | | | |")
+                    continue
+                sp, ps = r.get("speedup_vs_fp32"), r.get("psnr_vs_fp32")
+                lines.append(f"| {name} | {median_text(r['seconds'], True)} | "
+                             f"{'–' if sp is None else f'{sp:.2f}×'} | "
+                             f"{'–' if ps is None else f'{ps:.1f} dB'} | {r.get('max_abs_diff_vs_fp32', '–')} |")
+        lines.append("")
+    return lines
+
+
+SECTIONS = (Section(CPU_PEER_FORMAT, cpu_peer_section),)
+
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ bench/results/regression-<stamp>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,9 +25,12 @@ from typing import Any
 
 import torch
 
-from .hardware import RESULTS, ROOT, load_average, machine_info
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import ROOT, load_average, machine_info
 from .models import resolve_model
-from .report import REGRESSION_FORMAT, save_result
+
+REGRESSION_FORMAT = "movielm-bench-regression/1"
 
 
 def _plan(path: Path, frames: int, size: int, steps: int) -> Path:
@@ -59,14 +61,9 @@ def _run(tree: Path, plan: Path, model: str, out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.regression", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("regression", __doc__, model="sd15-arch", size=256, steps=4, frames=3, results="--results")
     ap.add_argument("--base", default="88a8603", help="the revision to compare with (default: before issue 15)")
-    ap.add_argument("--model", default="sd15-arch")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     model = str(resolve_model(args.model))
@@ -98,6 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median s/frame: base {med['base']:.3f}, head {med['head']:.3f} (head/base {result['head_over_base']})")
     save_result(args.results, "regression", result)
     return 0
+
+
+def regression_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m, med = res["settings"], res["machine"], res["median_seconds_per_frame"]
+    lines = ["## A real CPU render against an earlier revision (`python -m movielm_fast.bench.regression`)", "",
+             f"{st['model']}, {st['size']}², {st['steps']} steps, batch 1, fp32 on {m['cpu_model']} "
+             f"({m['cpu_cores_logical']} cores); revision {st['base']} and this tree in alternating order, each run a "
+             f"fresh process rendering {st['frames']} frames; medians over {st['rounds']} rounds; {load_note(res)}; "
+             f"{res['created']}.", "",
+             "| code | render s/frame (median) | runs (s/frame) |", "|---|---|---|"]
+    for side in ("base", "head"):
+        runs = ", ".join(f"{r['render_seconds_per_frame']:.3f}" for r in res["runs"][side])
+        lines.append(f"| {st['base'] if side == 'base' else 'this tree'} | {med[side]:.3f} | {runs} |")
+    return lines + ["", f"This tree / base: **{res['head_over_base']:.3f}**.", ""]
+
+
+SECTIONS = (Section(REGRESSION_FORMAT, regression_section),)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ used: what a user of the server sees. Results go to bench/results/serve-<stamp>.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -25,9 +24,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .hardware import RESULTS, load_average
-from .report import SERVE_FORMAT, save_result
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import load_average
 from .startup import first_frame
+
+SERVE_FORMAT = "movielm-bench-serve/1"
 
 
 def free_port() -> int:
@@ -77,13 +79,10 @@ def send(base: str, out: Path, plan: dict[str, Any], name: str, timeout: float) 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.serve", description=__doc__.split("\n\n")[0])
+    ap = bench_parser("serve", __doc__, model="demo", device=True, results="--results")
     ap.add_argument("--plan", type=Path, default=Path("examples/plan.json"))
     ap.add_argument("--plans", type=int, default=3, help="plans sent one after another to the warm server")
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one step")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     plan = json.loads(args.plan.read_text())
     port = free_port()
@@ -113,6 +112,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           ", ".join(f"{s:.2f} s" for s in firsts))
     save_result(args.results, "serve", result)
     return result
+
+
+def serve_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    firsts = ", ".join(f"{p['first_frame_seconds']:.2f}" for p in res["plans"])
+    dones = ", ".join(f"{p['done_seconds']:.2f}" for p in res["plans"])
+    return ["## A warm server (`python -m movielm_fast.bench.serve`)", "",
+            f"`movielm-fast serve --model {res['model']} --device {res['device']}` on 127.0.0.1, then "
+            f"{len(res['plans'])} copies of `{res['plan']}` ({res['plans'][0]['frames']} frames each) POSTed one "
+            f"after another; {res['cpu_count']} CPUs; {load_note(res)}; {res['created']}. The server answered /health "
+            f"{res['server_ready_seconds']:.2f} s after its process started (the model load every `render` pays). "
+            f"Submission to the plan's first frame file on disk: **{firsts} s**; to the plan done: {dones} s.", ""]
+
+
+SECTIONS = (Section(SERVE_FORMAT, serve_section),)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ with the first-frame-alone ramp off). No test asserts these timings.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,8 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .hardware import RESULTS, load_average
-from .report import STARTUP_FORMAT
+from .args import bench_parser
+from .formats import Section
+from .hardware import load_average
+
+STARTUP_FORMAT = "movielm-fast-startup-v1"
 
 FRAME_SUFFIXES = (".png", ".jpg", ".webp")
 
@@ -94,12 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_parser("startup", __doc__, model="demo", device=True, repeats=3, results="--results")
     ap.add_argument("--plan", type=Path, default=Path("examples/plan.json"))
-    ap.add_argument("--model", default="demo")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     extra = ["--model", args.model, "--device", args.device, *extra]
     run_once(args.plan, extra)  # untimed: the demo model assembled in the cache, files in the page cache
@@ -122,6 +120,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"imports by package (one -X importtime run): {imports}")
     print(f"results: {path}")
     return result
+
+
+def startup_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    best = min(res["runs"], key=lambda r: r["first_frame_seconds"])
+    phases = (best.get("startup") or {}).get("phases", {})
+    ff, tot = res["first_frame_seconds"], res["total_seconds"]
+    lines = ["## Time to first frame (`python -m movielm_fast.bench.startup`)", "",
+             f"`movielm-fast render {res['plan']} {' '.join(res['render_args'])}` as a fresh process, "
+             f"{len(res['runs'])} timed runs after an untimed one; {res['cpu_count']} CPUs, load average "
+             f"{res['load_avg'][0]:.2f} at the start; {res['created']}. Process start to the first frame file on "
+             f"disk: **best {ff['best']:.2f} s**, median {ff['median']:.2f} s; whole run best {tot['best']:.2f} s.",
+             "", "Phases of the best run (seconds, as the run's own `--json` reports them):", "",
+             "| " + " | ".join(phases) + " |", "|" + "---|" * len(phases),
+             "| " + " | ".join(f"{v:.2f}" for v in phases.values()) + " |"]
+    return lines + [""]
+
+
+SECTIONS = (Section(STARTUP_FORMAT, startup_section),)
 
 
 if __name__ == "__main__":

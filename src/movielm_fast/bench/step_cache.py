@@ -16,11 +16,9 @@ Results go to bench/results/step_cache-<stamp>.json.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +31,14 @@ from movielm_fast.engine.step_cache import CachedUNet, StepCache
 from movielm_fast.export.graphs import UNetGraph
 from movielm_fast.run.renderer import Renderer
 
-from .hardware import RESULTS, count_flops, load_average, machine_info, timed
+from .args import bench_parser
+from .formats import Section, load_note, rate, save_result
+from .hardware import count_flops, load_average, machine_info, timed
 from .image_quality import psnr, ssim
 from .models import SD15_UNET, SDXL_UNET
-from .report import STEP_CACHE_FORMAT, save_result
 from .toy_quality import held_out_scenes, judged, render_prompts
+
+STEP_CACHE_FORMAT = "movielm-step-cache-v1"
 
 CPU = torch.device("cpu")
 
@@ -123,17 +124,13 @@ def measure_arch_time(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.step_cache", description=__doc__.split("\n\n")[0])
+    # --guidance: the toy model's own (bench.toy_quality's default)
+    ap = bench_parser("step_cache", __doc__, steps=50, frames=8, repeats=3, guidance=4.0, results="--results")
     ap.add_argument("--interval", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--guidance", type=float, default=4.0)  # the toy model's own (bench.toy_quality's default)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arch-repeats", type=int, default=3)
     ap.add_argument("--no-arch-timing", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"format": STEP_CACHE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -149,6 +146,40 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average"]["end"] = load_average()
     save_result(args.results, "step_cache", result)
     return 0
+
+
+def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, demo = res["settings"], res["demo"]
+    lines = ["## Step caching: FLOPs, time, pixels (`python -m movielm_fast.bench.step_cache`)", "",
+             f"`--step-cache {st['interval']}` (a full UNet step every {st['interval']}, the shallow blocks only in "
+             f"between), branch depth {st['depth']}, {st['steps']} steps; {res['machine']['cpu_model']}, torch threads "
+             f"{st['threads']}; {load_note(res)}; {res['created']}. FLOPs counted by torch's FlopCounterMode on "
+             "the meta "
+             "device at CFG batch 2.", "",
+             "| model | full step TFLOP | cached step TFLOP | UNet FLOPs of the render, uncached / cached |",
+             "|---|---|---|---|"]
+    for name, f in res["flops"].items():
+        d = f["depths"][str(st["depth"])]
+        lines.append(f"| {name} | {f['full_step_tflop']:.3f} | {d['cached_step_tflop']:.3f} | "
+                     f"**{d['render_flops_ratio']:.2f}×** |")
+    cond = demo["judge_conditioning"]
+    lines += ["", f"The toy demo model, {demo['frames']} held-out captions, medians of {demo['repeats']} interleaved "
+              f"rounds: UNet time **{demo['unet_time_ratio']:.2f}×** shorter, whole render "
+              f"{demo['render_time_ratio']:.2f}×; PSNR {demo['psnr_db']} dB, SSIM {demo['ssim']} against the uncached "
+              f"frames (max pixel difference {demo['max_abs_pixel_diff']}/255); judged conditioning "
+              f"{rate(cond['uncached'])} uncached, {rate(cond['cached'])} cached."]
+    arch = res.get("sd15_arch_time")
+    if arch:
+        lines += ["", f"{arch['model']}: a full step {arch['full_step_seconds']} s, a cached step "
+                  f"{arch['cached_step_seconds']} s (medians of {arch['repeats']}): a {st['steps']}-step render "
+                  f"{arch['render_time_ratio']:.2f}× shorter in UNet time."]
+    return lines + [""]
+
+
+SECTIONS = (Section(STEP_CACHE_FORMAT, step_cache_section),)
 
 
 if __name__ == "__main__":

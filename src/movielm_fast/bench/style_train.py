@@ -1,8 +1,8 @@
 """Seconds to immobilize one style (render scenes -> VAE-encode once -> learn the token), at the default settings.
 
-    python bench/style_train.py                                   # demo model on the CPU (a few seconds a style)
-    python bench/style_train.py --model sd15-arch --device cuda   # SD 1.5 architecture, random weights, 512 px
-    python bench/style_train.py --model sdxl-arch --device cuda --dtype bf16   # SDXL architecture, 1024 px
+    python -m movielm_fast.bench.style_train                             # demo model on the CPU (a few seconds a style)
+    python -m movielm_fast.bench.style_train --model sd15-arch --device cuda   # SD 1.5 architecture, 512 px
+    python -m movielm_fast.bench.style_train --model sdxl-arch --device cuda --dtype bf16   # SDXL architecture, 1024 px
 
 Protocol: the matmul ceiling in the training precision; one cold run (first-call costs: kernel selection, allocator,
 compile when --compile); then `--repeats` timed runs, each into an empty library so every one really trains; then
@@ -20,7 +20,6 @@ from (contact sheet) and one frame rendered with the learned token.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -46,7 +45,8 @@ from movielm_fast.style.immobilize import immobilize_style
 from movielm_fast.style.scenes import render_scenes
 from movielm_fast.style.training import StyleSettings
 
-from .hardware import RESULTS, load_average, machine_info, matmul_ceiling, stats
+from .args import bench_parser
+from .hardware import load_average, machine_info, matmul_ceiling, stats
 from .models import resolve_model
 
 COMMON_RECIPE_S = (600, 1500)  # 10-25 min per style on a 24 GB GPU (DESIGN.md reference figures)
@@ -70,12 +70,10 @@ def _train_flops(renderer, style, settings, images: Path, device: torch.device) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo", help="demo | sd15-arch | sdxl-arch | a local diffusers folder")
-    ap.add_argument("--device", default="cpu")
+    ap = bench_parser("style_train", __doc__, model="demo", device=True, repeats=3, results="--out",
+                      helps={"model": "demo | sd15-arch | sdxl-arch | a local diffusers folder"})
     ap.add_argument("--dtype", default="auto", help="model weights: auto (fp16 on CUDA) | fp32 | fp16 | bf16")
     ap.add_argument("--amp", default="auto", help="training autocast: auto | fp32 | bf16 | fp16")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, help="training steps (default: the engine's default for the model)")
     ap.add_argument("--scenes", type=int)
     ap.add_argument("--resolution", type=int)
@@ -84,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice). On a shared CPU, 1 "
                     "avoids OpenMP threads spin-waiting for each other")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (two extra short runs)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
     if args.threads:

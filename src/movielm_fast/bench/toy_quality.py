@@ -23,11 +23,11 @@ Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders bes
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,12 +42,15 @@ from movielm_fast.run.renderer import Renderer
 from movielm_fast.style.immobilize import immobilize_style
 from movielm_fast.style.training import StyleSettings
 
-from .hardware import RESULTS, load_average, machine_info
+from .args import bench_parser
+from .formats import Section, load_note, rate, save_result
+from .hardware import load_average, machine_info
 from .image_quality import psnr, ssim
-from .report import TOY_FORMAT, save_result
 from .toy import judge as J
 from .toy import phrasing as P
 from .toy import world as W
+
+TOY_FORMAT = "movielm-bench-toy-quality/1"
 
 HELD_OUT_SEED = 1_000_000
 
@@ -245,12 +248,9 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.toy_quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="demo")
+    ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
     ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
     ap.add_argument("--style-images", type=int, default=16)
     ap.add_argument("--style-steps", type=int, default=150)
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     checks = set(args.checks.split(","))
@@ -301,6 +300,94 @@ def main(argv: list[str] | None = None) -> int:
         result["phrasing"]["issue"]["image"] = image.name
     save_result(args.results, "toy_quality", result)
     return 0
+
+
+def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
+    # the newest model measured.
+    res = dict(results[-1])
+    same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
+    for key in ("conditioning", "phrasing", "style", "consistency", "image"):
+        for r in reversed(same_model):
+            if key in r:
+                res[key] = r[key]
+                break
+    # Lossy cases may be measured a few at a time (--lossy-cases): those against the same reference (steps,
+    # captions) form one table, the newest measurement of each case winning.
+    lossy: dict[tuple, dict[str, Any]] = {}
+    for r in same_model:
+        if "lossy" in r:
+            part = r["lossy"]
+            key = (r["settings"]["steps"], part.get("captions"), part["fp32_conditioning"])
+            lossy.setdefault(key, {**part, "steps": key[0], "cases": {}})["cases"].update(part["cases"])
+    st, m = res["settings"], res["machine"]
+    lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)", "",
+             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
+             f"guidance {st['guidance']}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic judge "
+             f"(`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
+    if "image" in res:
+        lines += ["", f"![first 16 held-out captions](results/{res['image']})"]
+    c = res.get("conditioning")
+    if c:
+        r, t = c["rates"], c["judge_on_ground_truth"]
+        lines += ["", f"**Conditioning** on {r['images']} held-out captions (layouts never trained on): background "
+                  f"and every named shape's colour at its named position right in **{rate(r['conditioning'])}** of "
+                  "the images (the issue's bar: 80%).", "",
+                  "| rate | model | world's own images |", "|---|---|---|"]
+        for k in ("conditioning", "strict", "background", "style", "colour_at_position", "shape_at_position",
+                  "size_at_position", "empty_positions"):
+            lines.append(f"| {k.replace('_', ' ')} | {rate(r[k])} | {rate(t[k])} |")
+    ph = res.get("phrasing")
+    if ph:
+        lines += ["", "**Phrasing** the model never trained on (`bench/toy/phrasing.py`: hand-written sentence forms, "
+                  "and the issue's eight captions), frames of a style-plain plan; each attribute as the judge reads "
+                  "it:", "", "| captions | images | conditioning | background | colour | shape | size | empty |",
+                  "|---|---|---|---|---|---|---|---|"]
+        names = {"held_out": "held-out forms", "held_out_scenes_as_world_captions": "the same scenes, world.caption",
+                 "issue": "the issue's eight"}
+        for k, label in names.items():
+            if k in ph:
+                r = ph[k]["rates"]
+                lines.append(f"| {label} | {r['images']} | {rate(r['conditioning'])} | {rate(r['background'])} | "
+                             f"{rate(r['colour_at_position'])} | {rate(r['shape_at_position'])} | "
+                             f"{rate(r['size_at_position'])} | {rate(r['empty_positions'])} |")
+    sty = res.get("style")
+    if sty:
+        lines += ["", f"**Style immobilization**: token {sty['token']} learned by the engine's trainer from "
+                  f"{sty['images']} neon scenes ({sty['steps']} steps, {sty['train_seconds']} s), each with a caption "
+                  "file of what it shows that never says neon; held-out captions without a style word (the first "
+                  f"{sty.get('captions', 'few')}):", "",
+                  "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
+        for k in ("without token", "with token", "with the words 'neon style'"):
+            lines.append(f"| {k} | {rate(sty[k]['judged_neon'])} | {rate(sty[k]['conditioning_ignoring_style'])} |")
+    con = res.get("consistency")
+    if con:
+        lines += ["", "**Consistency**: a movie of 8 frames whose three characters change places and backgrounds "
+                  "(over one or more movie seeds); each appearance judged at its named place:", "",
+                  "| consistency mode | appearances | colour right | colour and shape right |", "|---|---|---|---|"]
+        for k, v in con.items():
+            lines.append(f"| {k} | {v['character_appearances']} | {rate(v['colour_at_position'])} | "
+                         f"{rate(v['colour_and_shape_at_position'])} |")
+    for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
+        lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
+                  f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
+                  f"{lossy.get('captions', 'few')}):", "",
+                  "| option | conditioning | change | same reading as fp32 | max / mean pixel diff | PSNR / SSIM |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in lossy["cases"].items():
+            if "error" in v:
+                lines.append(f"| {k} | does not run: {v['error']} | | | | |")
+            else:
+                lines.append(f"| {k} | {rate(v['conditioning'])} | {100 * v['delta_vs_fp32']:+.0f} points | "
+                             f"{rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
+                             f"{v['mean_abs_pixel_diff']} | " + (f"{v['psnr_db_vs_fp32']} dB / {v['ssim_vs_fp32']}"
+                                                                 if "psnr_db_vs_fp32" in v else "—") + " |")
+    return lines + [""]
+
+
+SECTIONS = (Section(TOY_FORMAT, toy_quality_section),)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,8 +24,11 @@ from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.models import load_vae
 
-from .hardware import RESULTS, load_average, machine_info, synchronize
-from .report import VAE_FORMAT, save_result
+from .args import bench_parser
+from .formats import Section, load_note, save_result
+from .hardware import load_average, machine_info, synchronize
+
+VAE_FORMAT = "movielm-bench-vae-decode/1"
 
 
 def _decoders(root: Path) -> dict[str, Path]:
@@ -41,12 +44,8 @@ def _decoders(root: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m movielm_fast.bench.vae_decode", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=256)
+    ap = bench_parser("vae_decode", __doc__, device=True, size=256, repeats=5, results="--results")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     config = BackendConfig(device=args.device)
     device = config.torch_device
@@ -78,6 +77,25 @@ def main(argv: list[str] | None = None) -> None:
     for r in runs:
         print(f"{r['decoder']}: {r['seconds_per_frame']:.4f} s/frame ({r['vs_autoencoder_kl']:.3f}x)")
     save_result(args.results, "vae-decode", result)
+
+
+def vae_section(results: list[dict[str, Any]]) -> list[str]:
+    if not results:
+        return []
+    res = results[-1]
+    st, m = res["settings"], res["machine"]
+    lines = ["## VAE swap: decode cost (`python -m movielm_fast.bench.vae_decode`)", "",
+             f"Decode of one {st['size']}² frame (batch {st['batch']}, {st['dtype']}, {st['device']}, "
+             f"{st['threads']} threads) through the `--vae` path, real architectures with random weights; medians of "
+             f"{st['repeats']} interleaved repeats on {m['cpu_model']} ({m['cpu_cores_logical']} cores); "
+             f"{load_note(res)}; "
+             f"{res['created']}.", "", "| decoder | s/frame | vs AutoencoderKL |", "|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['decoder']} | {r['seconds_per_frame']:.4f} | {r['vs_autoencoder_kl']:.3f}× |")
+    return lines + [""]
+
+
+SECTIONS = (Section(VAE_FORMAT, vae_section),)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the random demo model always did.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from movielm_fast.engine.demo import TOY_MODEL_DIR, clip_tokenizer
 from movielm_fast.engine.models import DEFAULTS_FILE
 from movielm_fast.paths import replace_dir
 
+from ..args import bench_parser
 from . import world as W
 
 DEST = TOY_MODEL_DIR  # the package data the demo loader (engine.demo) reads
@@ -79,7 +79,7 @@ def ship(src: Path, dest: Path = DEST, vae_weights: Path | None = None) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser("toy.ship", __doc__)
     ap.add_argument("src", type=Path)
     ap.add_argument("--dest", type=Path, default=DEST)
     ap.add_argument("--vae-weights", type=Path, default=None,

@@ -10,7 +10,6 @@ A checkpoint -- a complete diffusers folder with the EMA weights -- replaces DIR
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -24,6 +23,7 @@ import torch
 from movielm_fast.engine.demo import clip_tokenizer
 from movielm_fast.paths import atomic_write_text, replace_dir
 
+from ..args import bench_parser
 from . import model as M
 from . import world as W
 
@@ -155,7 +155,7 @@ def save_model(out: Path, vae, unet, text_encoder, extra: dict) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser("toy.train", __doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae-minutes", type=float, default=6.0)
     ap.add_argument("--unet-minutes", type=float, default=45.0)
