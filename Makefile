@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/movielm-fast render examples/plan.json --no-style-training
 
 test: install
-	# The layers of DESIGN.md first (contracts in pyproject.toml): a broken one fails the target.
+	# The layers of docs/design.md first (contracts in pyproject.toml): a broken one fails the target.
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

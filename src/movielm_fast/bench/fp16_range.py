@@ -3,7 +3,8 @@
     python -m movielm_fast.bench.fp16_range --model sd15-arch [--size 256] [--steps 4]
     python -m movielm_fast.bench.fp16_range --model sd15-arch --size 512 --steps 20 --device cuda --dtype fp16
 
-diffusers' fp16 images of sd15-arch (random weights) came out 13.5 dB from the fp32 image on an H200. This runs
+diffusers' fp16 images of sd15-arch (random weights) came out far from the fp32 image on a GPU (bench/RESULTS.md,
+"fp16 range"). This runs
 diffusers' own text-to-image pipeline once in fp32 on the CPU (text encoders, every UNet call of a short DPM++
 schedule with CFG, the VAE decode) with a forward hook on every module that records the largest |output| it
 produced. A module whose output passes 65504 (fp16's largest finite value) overflows in fp16; within 2x of it, a

@@ -37,9 +37,9 @@ def synchronize(device: torch.device) -> None:
 
 def settle(device: torch.device, seconds: float = 0.1) -> None:
     """Let the previous entry's thread pools go idle before the next one is timed. ONNX Runtime's CPU workers
-    spin for a while after each run: a torch call started right after one ran 1.9x slower on a 2-core machine
-    (measured: VAE decode of the demo model 0.071 s alone, 0.136 s right after an ORT call, 0.079 s after a 50 ms
-    pause), which would charge one backend for another's idle spinning."""
+    spin for a while after each run: on a 2-core machine a torch call (the demo model's VAE decode) started right
+    after one ran much slower than alone or after a short pause, which would charge one backend for another's
+    idle spinning."""
     if device.type == "cpu":
         time.sleep(seconds)
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The render thread is one thread: on a GPU box the scheduler's tensors live on the GPU and torch's CPU thread
     # pool idles. Here they live on the CPU, and a 2-thread pool for tiny elementwise ops would fight the writer
-    # threads for the two cores (measured: 5x slower scheduler steps under load).
+    # threads for the two cores (scheduler steps ran several times slower under load when it did).
     torch.set_num_threads(args.torch_threads)
     # The tiny SD model: 1/8 latents as in every real SD model, so the scheduler's host work is what a real run's
     # is (the toy demo model's 1/4 latents would quadruple it).

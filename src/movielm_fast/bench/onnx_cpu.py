@@ -9,7 +9,7 @@ Measures, in one process on the same machine:
   3. one 256x256 frame at --steps steps: diffusers' StableDiffusionPipeline vs `render_batch` on onnxruntime;
   4. export time and artifact sizes (a fresh artifact cache under the bench folder).
 Writes bench/results/onnx-cpu-<timestamp>.json and the rendered frame beside it, and prints a table.
-Random weights: images are noise, timings are what matters. FLOP counts are DESIGN.md's reference figures.
+Random weights: images are noise, timings are what matters. FLOP counts are docs/design.md's reference figures.
 """
 
 from __future__ import annotations

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"torch": torch.__version__}, "chosen_bf16_path": cpu.bf16_path(features).__dict__}
     log(f"{features.model}: {features.tier}, {threads} threads, load {load_average()}")
     res["gemm"] = {"fp32": gemm(torch.float32, 2048, 5)}
-    # Emulated bf16 (no native bf16) is ~600x slower: a smaller matrix says the same in seconds, not minutes.
+    # Emulated bf16 (no native bf16) is orders of magnitude slower: a smaller matrix says the same in seconds.
     res["gemm"]["bf16"] = gemm(torch.bfloat16, 2048 if features.native_bf16 else 512, 5 if features.native_bf16
                                else 2)
     for k, v in res["gemm"].items():

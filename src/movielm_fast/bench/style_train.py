@@ -49,7 +49,7 @@ from .args import bench_parser
 from .hardware import load_average, machine_info, matmul_ceiling, stats
 from .models import resolve_model
 
-COMMON_RECIPE_S = (600, 1500)  # 10-25 min per style on a 24 GB GPU (DESIGN.md reference figures)
+COMMON_RECIPE_S = (600, 1500)  # 10-25 min per style on a 24 GB GPU (docs/design.md, reference figures)
 STYLE = dict(name="Gothic", description="((Victorian elegance)), soft sepia, dimly lit rooms, lavish ballrooms")
 
 

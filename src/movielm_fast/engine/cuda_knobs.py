@@ -20,9 +20,8 @@ TABLE = Path(__file__).with_name("cuda_knobs.json")
 TABLE_FORMAT = "movielm-fast/cuda-knobs@1"
 
 BUILT_IN = {"cuda_graphs": True, "sdpa_backend": "auto", "cudnn_benchmark": False}
-"""Defaults where the table says nothing. CUDA graphs: on -- faster at every batch size measured on an H200 (0.248
-against 0.650 s/frame at batch 1, 0.155 against 0.159 at batch 8, SD 1.5-arch 512²; 1.062 against 1.192 and 0.915
-against 0.921 for SDXL-arch 1024² at batch 1 and 4)."""
+"""Defaults where the table says nothing. CUDA graphs: on -- they were faster at every batch size measured on a GPU
+for SD 1.5-arch and SDXL-arch (bench/RESULTS.md, the GPU sections)."""
 
 
 @lru_cache(maxsize=4)

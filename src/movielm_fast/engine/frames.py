@@ -7,8 +7,8 @@
   a frame waits for that event only: the render thread never waits for the GPU to finish a batch, so it queues
   the next batch's work while the GPU still decodes this one, and the GPU does not idle between batches.
 - on the CPU it keeps the floats; each writer thread converts the frame it writes (numpy releases the GIL, so the
-  writers convert in parallel with each other and with the render loop) -- 2.4 ms per 512^2 frame that the render
-  thread no longer spends.
+  writers convert in parallel with each other and with the render loop) -- time the render thread no longer
+  spends (bench/RESULTS.md, the host section).
 
 The pixels are the same either way, and the same as diffusers' `(image * 255).round()`. A frame whose image holds
 NaN (a numeric overflow: clamping leaves nothing else) raises FloatingPointError when it is read, so the writer

@@ -54,7 +54,7 @@ def make_scheduler(name: str, model_config: dict[str, Any], timestep_spacing: st
                             f"choose one of: {', '.join(TIMESTEP_SPACINGS)}")
         extra = {**extra, "timestep_spacing": timestep_spacing}
     # A fresh scheduler per batch (schedulers keep per-run state), copied from one built per configuration:
-    # from_config costs 1.5-3 ms (diffusers' config machinery), a copy a tenth of that.
+    # from_config runs diffusers' config machinery, a copy is much cheaper.
     key = json.dumps([name, cls_name, dict(model_config), extra], sort_keys=True, default=repr)
     if key not in _BUILT:
         _BUILT[key] = cls.from_config(dict(model_config), **extra)
@@ -66,7 +66,7 @@ _BUILT: dict[str, Any] = {}
 
 # --- Stepping: the denoise loop's scheduler arithmetic --------------------------------------------------------------
 #
-# diffusers' step() costs about 0.3 ms of Python per call whatever the batch (sigma lookups, order bookkeeping,
+# diffusers' step() costs a fixed amount of Python per call whatever the batch (sigma lookups, order bookkeeping,
 # small tensor ops), plus a dozen passes over the latents. Every deterministic sampler among ours (DPM++ 2M,
 # Euler, DDIM, UniPC, PNDM), however it is configured, is linear: each next sample is a fixed combination of the
 # last few samples and model outputs. So the combination is read off diffusers itself, once per schedule, by

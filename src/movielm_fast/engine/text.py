@@ -119,7 +119,7 @@ class PromptEncoder:
         self.multi_vector: dict[str, list[str]] = {}
         self._cache: dict[str, Conditioning] = {}  # in use order, oldest first
         # Token ids per (tokenizer, prompt): batching asks for a prompt's window count before it is encoded, and
-        # the slow tokenizers cost ~0.1 ms per fragment on the render thread.
+        # the slow tokenizers cost render-thread time per fragment.
         self._ids: dict[tuple[int, str], tuple[list[int], list[float]]] = {}
 
     # --- textual inversion ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One shape/IO declaration per exported component (DESIGN.md, "ModelSpec").
+"""One shape/IO declaration per exported component (docs/design.md, "The main interfaces").
 
 Export (input/output names, dynamic axes, sample inputs), graph optimization, the TensorRT engine build
 (min/opt/max profiles) and the runtimes (output buffer shapes, coverage checks) all read a `ModelSpec`; nothing

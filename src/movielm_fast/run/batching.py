@@ -1,9 +1,8 @@
 """How many frames go into a batch: `--batch-size auto` for throughput, and a first batch of one frame.
 
-A batch larger than the device needs to be busy buys little throughput and delays every file by the whole batch:
-on an H200 (2026-12-04, ../shared/gpu-h200-20261204), SD 1.5-arch 512², 20 steps, fp16, a batch of 8 gave
-6.44 images/s in bench.gpu and the batch of 64 that the memory-only rule chose 6.92 in the render summary (7% more)
-while its first file waited for 64 frames' work; SDXL 1024² went from 1.062 s/frame at batch 1 to 0.915 at 4.
+A batch larger than the device needs to be busy buys little throughput and delays every file by the whole batch
+(the GPU measurements behind the knees below are in bench/RESULTS.md: a batch of 64 that fitted in memory gained
+a few percent of images/s over 8 for SD 1.5-arch at 512², while its first file waited for 64 frames' work).
 So "auto" takes the smallest of: what fits in memory, the throughput knee of the architecture scaled to the
 frame size (the knee is a number of latent pixels in flight), and 64.
 """
@@ -17,7 +16,7 @@ T = TypeVar("T")
 MAX_AUTO_BATCH = 64
 
 THROUGHPUT_KNEE: dict[str, tuple[int, int]] = {
-    "sd": (8, 512 * 512),  # SD 1.x/2.x: 8 frames of 512²; beyond it under 8% more images/s (H200 above)
+    "sd": (8, 512 * 512),  # SD 1.x/2.x: 8 frames of 512²; beyond it little more images/s (bench/RESULTS.md)
     "sdxl": (4, 1024 * 1024),  # SDXL: 4 frames of 1024²
 }
 """Model kind -> (frames, at this many pixels per frame) where a CUDA GPU's images/s stops growing with batch."""

@@ -135,7 +135,7 @@ class MovieOutputs:
                 # No fsync: a kill -9 keeps what was written (the page cache survives the process), and a line lost
                 # to a power cut only re-renders a frame whose file is already there; a cut line is ignored on
                 # reading. The frame file itself was fsynced first, so a line never outlives its file. (An fsync
-                # here, under the lock, serialised the writer threads: ~1 ms per frame.)
+                # here, under the lock, serialised the writer threads.)
                 with open(journal_path(self.manifest_path), "ab") as fp:
                     fp.write(line)
             except OSError as exc:

@@ -38,8 +38,8 @@ def thumbnail(im: Image.Image) -> Image.Image:
     if max(im.size) * 2 <= THUMB:  # tiny frames (the 64² demo model) are enlarged by a whole factor, pixels kept
         k = THUMB // max(im.size)
         return im.resize((im.width * k, im.height * k), Image.NEAREST)
-    # reducing_gap=1: an integer factor (512 -> 256) is a box-filter reduce, 3.5x cheaper than Pillow's default
-    # bicubic pass over the full frame; any remainder is still resampled bicubically.
+    # reducing_gap=1: an integer factor (512 -> 256) is a box-filter reduce, several times cheaper than Pillow's
+    # default bicubic pass over the full frame; any remainder is still resampled bicubically.
     im.thumbnail((THUMB, THUMB), reducing_gap=1.0)
     return im
 

@@ -41,9 +41,9 @@ log = logging.getLogger("movielm_fast")
 
 # How much lower the writer threads' scheduling priority is than the render thread's. Where cores are scarce the
 # render thread (which feeds the GPU) must not queue behind image encoders; the writers still get every cycle it
-# leaves, and backpressure stops them falling behind for good. Measured on 2 cores (512², null backend): the
-# render thread's time per PNG frame 12.6 -> 9.3 ms at niceness 5, the same at 10; 5 starves the writers less
-# when other processes compete for the cores.
+# leaves, and backpressure stops them falling behind for good. On 2 cores (512², null backend, bench.host) the
+# render thread's time per PNG frame fell as much at niceness 5 as at 10; 5 starves the writers less when other
+# processes compete for the cores.
 WRITER_NICENESS = 5
 
 
