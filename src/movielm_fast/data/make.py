@@ -219,7 +219,7 @@ class _Make:
         self.job, self.client, self.executor, self.progress = job, client, executor, progress
         self.out = Path(job.out)
         self.movies_dir = self.out / "movies"
-        self.run = run.changed(out=self.movies_dir)
+        self.run_config = run.changed(out=self.movies_dir)
         self.report = MakeReport(self.out, requested=len(job.requests))
         self.on_failure = on_failure
         self.events: queue.Queue[tuple[str, Any, Future]] = queue.Queue()
@@ -289,7 +289,7 @@ class _Make:
 
         try:
             with self.progress.working("render"):
-                summary = render(self.run, [path for _, path in group], frames_done, executor=self.executor)
+                summary = render(self.run_config, [path for _, path in group], frames_done, executor=self.executor)
             failures = {f["movie"]: f["reason"] for f in summary.failures}
         except UserError as exc:  # the whole group (e.g. out of memory at batch size 1)
             failures = {m.id: str(exc) for m in movies}
