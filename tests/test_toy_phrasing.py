@@ -61,12 +61,16 @@ def test_the_sets_are_what_the_docstring_says():
 
 
 def test_training_paraphrases_never_produce_a_held_out_caption():
+    from movielm_fast.bench.toy.train import training_captions
+
     held = {c for c, _ in P.HELD_OUT}
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(30):
         for _, sc in P.HELD_OUT:
             seen.add(W.paraphrase(sc, rng, with_style=False))
+        # what train.py feeds the model: paraphrases and world captions, attributes left open
+        seen.update(training_captions(rng, [sc for _, sc in P.HELD_OUT], augment=0.6, p_open=0.3))
     assert len(seen) > 500  # the paraphraser does vary
     assert not seen & held
     # Nor the sentence forms' marks: colons, parentheses, "there is", "background", "coloured", "side".
@@ -80,7 +84,7 @@ def test_shipped_vocabulary_covers_every_training_paraphrase():
     tok = ship.clip_tokenizer()
     rng = np.random.default_rng(1)
     for _ in range(300):
-        sc = W.random_scene(rng)
+        sc = W.describe(W.random_scene(rng), rng, 0.3)
         text = W.paraphrase(sc, rng, style_first=bool(rng.random() < 0.5))
         missing = set(tok(text).input_ids) - keep
         assert not missing, (text, tok.convert_ids_to_tokens(sorted(missing)))

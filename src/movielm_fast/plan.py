@@ -123,6 +123,10 @@ class ConsistencySettings(BaseModel):
     which hold over half of the record); None: every up-block self-attention layer."""
     offload: bool = False
     """Keep records in host memory and move each to the device when used: less device memory, a copy per use."""
+    blocks: tuple[Literal["down", "mid", "up"], ...] = ("up",)
+    """The UNet blocks whose self-attention layers record and attend to anchors."""
+    anchor_bias: float = 0.0
+    """Added to the attention logits of the anchors' tokens: each weighs e**anchor_bias times more."""
 
 
 class RenderSettings(_Strict):

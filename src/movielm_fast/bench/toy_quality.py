@@ -23,6 +23,7 @@ Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders bes
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -167,43 +168,108 @@ def check_style(r: Renderer, args, scenes) -> dict:
     return out
 
 
-CAST = {"Rosa": W.Character("circle", "red", "big"), "Blu": W.Character("triangle", "blue", "big"),
-        "Sunny": W.Character("square", "yellow", "small")}
-STORY = [  # (background, {position: name})
-    ("grass", {"left": "Rosa", "right": "Blu"}), ("grass", {"centre": "Rosa"}), ("sea", {"left": "Blu",
-     "right": "Rosa"}), ("sunset", {"left": "Sunny", "centre": "Blu"}), ("night", {"right": "Sunny"}),
-    ("sky", {"left": "Rosa", "centre": "Sunny", "right": "Blu"}), ("sea", {"centre": "Blu"}),
-    ("sunset", {"left": "Blu", "right": "Rosa"}),
+OPEN = [  # (the attribute left open, a description that leaves it open, where it is drawn)
+    ("colour", W.Character("circle", None, "big"), "in the centre, on grass"),
+    ("size", W.Character("circle", "red", None), "in the centre, on grass"),
+    ("shape", W.Character(None, "red", "big"), "in the centre, on grass"),
+]
+
+
+def _entropy_share(counts: dict[str, int], values: int) -> float:
+    """The entropy of a distribution as a share of the largest possible over `values` values."""
+    p = np.array([c for c in counts.values() if c], float)
+    p /= max(p.sum(), 1)
+    return float(-(p * np.log(p)).sum() / np.log(values)) if len(p) else 0.0
+
+
+def check_open(r: Renderer, args) -> dict:
+    """What the model draws for what a caption leaves open: each description of OPEN as a frame of a plain plan,
+    --open-seeds seeds; the open attribute's distribution over the pure readings, its entropy as a share of the
+    largest possible, how often the colour read is pure (not a blend), and how often the stated attributes are
+    right."""
+    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    out = {}
+    for attribute, described, where in OPEN:
+        [prompt] = engine_prompts([f"{described.phrase} {where}"], "plain")
+        images = render_prompts(r, [prompt] * args.open_seeds, s, seed0=900)
+        drawn = [J.read(img).character("centre") for img in images]
+        values = [getattr(d, attribute) for d in drawn if d is not None]
+        counts = {v: values.count(v) for v in {"colour": W.COLOURS, "size": W.RADIUS, "shape": W.SHAPES}[attribute]}
+        out[attribute] = {"prompt": prompt, "images": len(images), "counts": counts,
+                          "entropy_share": _entropy_share(counts, len(counts)),
+                          "pure": sum(d is not None for d in drawn) / len(images),
+                          "stated_right": sum(J.open_values(d, described) is not None for d in drawn) / len(images)}
+    return out
+
+
+CAST = {"Rosa": W.Character("circle", None, "big"), "Tom": W.Character("square", None, "small")}
+STORY = [  # (background, {position: name}): each character in 8 frames, 4 of them together
+    ("grass", {"left": "Rosa"}), ("sea", {"right": "Tom"}), ("night", {"centre": "Rosa"}),
+    ("sunset", {"left": "Tom", "right": "Rosa"}), ("sky", {"right": "Rosa"}), ("grass", {"centre": "Tom"}),
+    ("sea", {"left": "Rosa", "centre": "Tom"}), ("night", {"left": "Tom"}), ("sunset", {"centre": "Rosa"}),
+    ("sky", {"left": "Rosa", "right": "Tom"}), ("grass", {"right": "Tom"}), ("night", {"centre": "Tom", "right": "Rosa"}),
 ]
 _POS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 
 
-def story_plan(mode: str, steps: int, guidance: float, seed: int) -> dict:
+def story_plan(consistency: dict, steps: int, guidance: float, seed: int) -> dict:
     frames = [{"id": f"{i:03d}", "description": " and ".join(f"{n} {_POS[p]}" for p, n in cast.items()) +
                f", {W.BACKGROUND_PHRASES[bg]}"} for i, (bg, cast) in enumerate(STORY)]
-    return {"id": f"story-{mode}", "style": {"name": "plain"},
+    return {"id": "story", "style": {"name": "plain"},
             "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
             "render": {"width": 64, "height": 64, "steps": steps, "guidance": guidance, "scheduler": "dpmpp",
-                       "seed": seed, "negative_prompt": ""}, "consistency": {"mode": mode}}
+                       "seed": seed, "negative_prompt": ""}, "consistency": consistency}
+
+
+def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading]]:
+    """One movie of STORY: each character's anchor read as the character (its open values), and every frame read.
+    The anchors are consistency mode's, rendered plainly when the mode is off (the same pixels: an anchor render
+    only records)."""
+    def tasks(cons):
+        lm = parse_plan(story_plan(cons, args.steps, args.guidance, seed))[0]
+        return r.plan(lm, None, lm.settings.__class__()).tasks
+
+    specs = {a.character: a for t in tasks({**consistency, "mode": "anchor_attention"}) for a in t.job.anchors}
+    anchors = {}
+    for name, spec in specs.items():
+        job = FrameJob(spec.movie_id, f"anchor-{name}", spec.prompt, spec.negative_prompt, spec.seed)
+        anchors[name] = J.anchor_values(J.read(r.render([job], spec.settings)[0][0]), CAST[name])
+    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks(consistency)]
 
 
 def check_consistency(r: Renderer, args) -> dict:
+    """STORY's two characters leave their colour open; over --story-seeds movie seeds, per consistency setting:
+    each character's open-attribute agreement with its anchor and with its most common appearance (judge.agreement,
+    averaged over characters and seeds), how often its stated attributes are right, and how often, in frames with
+    both, a character shows the other's anchor colour instead of its own (leak)."""
+    variants = {"none": {"mode": "none"}, "anchor_attention": {"mode": "anchor_attention"}}
+    variants.update(json.loads(args.consistency_variants) if args.consistency_variants else {})
     out = {}
-    for mode in ("none", "anchor_attention"):
-        colour_ok = shape_ok = total = 0
+    for label, consistency in variants.items():
+        t0 = time.perf_counter()
+        groups, stated, appearances, leaks, shared = [], 0, 0, 0, 0
         for seed in range(args.story_seeds):
-            lm = parse_plan(story_plan(mode, args.steps, args.guidance, seed))[0]
-            tasks = r.plan(lm, None, lm.settings.__class__()).tasks
-            images = np.concatenate([r.render([t.job], t.settings)[0] for t in tasks])
-            for img, (_, cast) in zip(images, STORY):
-                got = J.read(img)
+            anchors, readings = story_readings(r, consistency, args, seed)
+            seen: dict[str, list] = {n: [] for n in CAST}
+            for g, (_, cast) in zip(readings, STORY):
                 for pos, name in cast.items():
-                    total += 1
-                    colour_ok += got.colours[pos] == CAST[name].colour
-                    shape_ok += got.colours[pos] == CAST[name].colour and got.shapes[pos] == CAST[name].shape
-        out[mode] = {"movie_seeds": args.story_seeds, "character_appearances": total,
-                     "colour_at_position": colour_ok / total,
-                     "colour_and_shape_at_position": shape_ok / total}
+                    v = J.open_values(g.character(pos), CAST[name])
+                    seen[name].append(v)
+                    appearances += 1
+                    stated += v is not None
+                    others = {anchors[o] for o in cast.values() if o != name} - {anchors[name], None}
+                    if len(cast) > 1:
+                        shared += 1
+                        leaks += v in others
+            groups += [J.agreement(seen[n], anchors[n]) for n in CAST]
+        out[label] = {"consistency": consistency, "movie_seeds": args.story_seeds, "appearances": appearances,
+                      "with_anchor": float(np.mean([g["with_anchor"] for g in groups])),
+                      "with_most_common": float(np.mean([g["with_most_common"] for g in groups])),
+                      "anchors_read": sum(g["anchor"] is not None for g in groups) / len(groups),
+                      "stated_right": stated / appearances, "leak": leaks / max(shared, 1),
+                      "shared_appearances": shared, "per_character": groups,
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        print(label, {k: v for k, v in out[label].items() if k != "per_character"}, flush=True)
     return out
 
 
@@ -249,12 +315,16 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
-    ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
+    ap.add_argument("--checks", default="conditioning,phrasing,open,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
     ap.add_argument("--style-images", type=int, default=16)
     ap.add_argument("--style-steps", type=int, default=150)
-    ap.add_argument("--story-seeds", type=int, default=3)
+    ap.add_argument("--open-seeds", type=int, default=50)
+    ap.add_argument("--story-seeds", type=int, default=6)
+    ap.add_argument("--consistency-variants", default="",
+                    help='more consistency settings to measure beside none and anchor_attention, as JSON: '
+                         '{"label": {"mode": "anchor_attention", "token_fraction": 1.0}, ...}')
     ap.add_argument("--lossy-n", type=int, default=50)
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
@@ -277,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if "phrasing" in checks:
         result["phrasing"], issue_images = check_phrasing(r, args)
         print("phrasing", {k: v["rates"] for k, v in result["phrasing"].items() if isinstance(v, dict)})
+    if "open" in checks:
+        result["open"] = check_open(r, args)
+        print("open", result["open"])
     if "style" in checks:
         result["style"] = check_style(r, args, scenes[:args.lossy_n])
         print("style", {k: v for k, v in result["style"].items() if isinstance(v, dict)})
