@@ -194,6 +194,12 @@ def test_unpack_refuses_what_it_cannot_place_and_moves_nothing(tmp_path, capsys)
     with pytest.raises(UserError, match="records no commit") as exc:
         gpu_check.unpack(_archive(tmp_path / "b", commit=None), results)
     assert "--commit" in str(exc.value)
+    odd = _archive(tmp_path / "c")  # its date and card would name a folder: the date must be the script's
+    work = tmp_path / "c" / "work"
+    (work / gpu_check.PROVENANCE).write_text(json.dumps({"card": "x", "date": "../../elsewhere", "commit": "0123abc"}))
+    gpu_check.pack(work, odd.parent)
+    with pytest.raises(UserError, match="holds no readable provenance.json"):
+        gpu_check.unpack(odd, results)
     assert [p.name for p in results.iterdir()] == ["20261210-100000-cuda-nvidia-h200.csv"]
 
     (tmp_path / "not.tgz").write_text("plain text")

@@ -69,18 +69,18 @@ def _run(*cmd: str) -> str:
 def start(work: Path, mode: str) -> dict[str, Any]:
     """WORK/provenance.json: the card (nvidia-smi's name for the first GPU), the date, the commit (git's, else the
     GIT_COMMIT variable: a device may get the tree without its .git) and whether the tree had uncommitted changes."""
-    commit = _run("git", "rev-parse", "HEAD") or os.environ.get("GIT_COMMIT") or None
+    commit = _run("git", "rev-parse", "HEAD")
     cards = _run("nvidia-smi", "--query-gpu=name", "--format=csv,noheader").splitlines()
     prov = {"card": cards[0].strip() if cards else None, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": commit, "mode": mode,
+            "commit": commit or os.environ.get("GIT_COMMIT") or None, "mode": mode,
             "dirty": bool(_run("git", "status", "--porcelain", "--untracked-files=no")) if commit else None}
     atomic_write_text(work / PROVENANCE, json.dumps(prov, indent=1) + "\n")
     return prov
 
 
 def _sweep(out: Path, work: Path) -> None:
-    """Every file of OUT into WORK at the same relative path, but the archive; the at-once files are copied and
-    stay (OUT has the only copy of them that the script writes to)."""
+    """Every file of OUT into WORK at the same relative path, but the archive. The at-once files are copied and
+    stay: the script goes on appending to them there."""
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out)
         if rel.as_posix() == ARCHIVE or rel.name.startswith(f".{ARCHIVE}."):  # the archive, or its temporary
@@ -112,7 +112,7 @@ def pack(work: Path, out: Path, frames: bool = False) -> dict[str, str]:
             if _is_frame(rel) and not frames:
                 left_out[str(rel)] = "a frame (FRAMES=1 packs frames)"
             elif total + size > BUDGET:
-                left_out[str(rel)] = f"{size} bytes: over the archive's budget of {BUDGET >> 20} MiB"
+                left_out[str(rel)] = f"{size} bytes: over the archive's budget ({BUDGET} bytes uncompressed)"
             else:
                 tar.add(path, arcname=str(rel), recursive=False)
                 total += size
@@ -130,11 +130,15 @@ def _slug(text: str) -> str:
 
 
 def _provenance(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
+    """The archive's provenance.json, checked: its date and card become a folder's name."""
     try:
-        return json.load(tar.extractfile(PROVENANCE))  # type: ignore[arg-type]
+        prov = json.load(tar.extractfile(PROVENANCE))  # type: ignore[arg-type]
     except (KeyError, ValueError):
+        prov = None
+    if not isinstance(prov, dict) or not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(prov.get("date"))):
         raise UserError(f"{archive} holds no readable {PROVENANCE}: it was not made by bench/gpu-check.sh",
-                        "unpack the gpu-check.tgz that a run of bench/gpu-check.sh left in its OUT folder") from None
+                        "unpack the gpu-check.tgz that a run of bench/gpu-check.sh left in its OUT folder")
+    return prov
 
 
 def unpack(archive: Path, results: Path, commit: str | None = None) -> Path:
