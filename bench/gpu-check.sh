@@ -51,8 +51,10 @@ pack() {  # all made so far, and whatever a step left in $OUT, into $OUT/gpu-che
     return $rc
 }
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, never stop the script; the log is $OUT/NAME.log while
-    local name=$1 limit=$2; shift 2  # it runs (a call killed now still returns it), then it goes into the archive
+# step NAME SECONDS COMMAND...: run with a limit, never stop the script. The log is $OUT/NAME.log while the step
+# runs (a call killed then still returns it); the packing after the step moves it into the archive.
+step() {
+    local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$OUT/steps.log"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "   exit $? $(date -u +%T)" | tee -a "$OUT/steps.log"
