@@ -206,7 +206,7 @@ def _provenance_md(prov: dict[str, Any], archive: Path, moved: list[str]) -> str
         f"# bench/gpu-check.sh on {prov.get('card') or 'an unnamed card'}, {prov['date']}: provenance", "",
         f"- card: {prov.get('card') or 'not recorded (nvidia-smi gave no name)'}",
         f"- date (UTC, the run's start): {prov['date']}",
-        f"- commit: {prov['commit']}{dirty[prov.get('dirty')]}",
+        f"- commit: {prov['commit']}{dirty.get(prov.get('dirty'), '')}",
         f"- mode: {prov.get('mode')}",
         f"- archive: {archive.name}, sha256 {sha256_file(archive)}", "",
         "Unpacked with `python -m movielm_fast.bench.gpu_check unpack`. The benchmark results were moved one folder "
