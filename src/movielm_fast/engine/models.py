@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion model (SD 1.x, SD 2.x, SDXL) from a local folder or single file -- never a hub.
+"""Loading a model (SD 1.x, SD 2.x, SDXL; FLUX.1 and FLUX.2 [klein] through their families, engine.families) from a
+local folder or single file -- never a hub.
 
 Components are loaded one by one (not through `DiffusionPipeline`) so that unused parts such as the safety checker
 are never read, and so a broken component is named in the error.
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from movielm_fast.errors import UserError
+from movielm_fast.export.specs import DIT_SAMPLE_SIZE
 from movielm_fast.paths import atomic_write_text, cache_root
 
 from .demo import demo_model_path
@@ -40,7 +42,7 @@ class ModelBundle:
     A bundle may be partial: an SDXL refiner has no VAE (the base model's decodes), a swapped VAE is a bundle with
     only a VAE. Each has its own id and content hash, so its exported artifacts are cached under its own name."""
 
-    kind: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    kind: str  # "sd" (SD 1.x/2.x), "sdxl", "flux1" or "flux2-klein" (engine.families), "vae" (a VAE alone)
     model_id: str
     path: Path
     content_hash: str
@@ -53,6 +55,15 @@ class ModelBundle:
     requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
     latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
     load_seconds: dict[str, float] = field(default_factory=dict)  # run.startup: weights, tokenizers, hash
+    transformer: Any = None  # the denoiser of the transformer families (FLUX.1, FLUX.2), which have no UNet
+    distilled: bool = False  # FLUX.2 [klein]: step-wise distilled (model_index.json is_distilled): no CFG
+
+    @property
+    def family(self):
+        """The model family (engine.families) that renders this bundle."""
+        from .families import family_of
+
+        return family_of(self)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -110,7 +121,9 @@ def content_hash(path: Path) -> str:
 
 def native_size(model: ModelBundle) -> int:
     """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
-    768 SD 2.x-768, 1024 SDXL, 64 the demo model)."""
+    768 SD 2.x-768, 1024 SDXL, 64 the demo model); a transformer family's own default (engine.families)."""
+    if model.unet is None and model.transformer is not None:
+        return DIT_SAMPLE_SIZE * model.vae_scale_factor  # the FLUX pipelines' default_sample_size: 1024 px
     return int(model.unet.config.sample_size) * model.vae_scale_factor
 
 
@@ -130,15 +143,15 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
     the steps and guidance of its own `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these
     between the plan and the built-in defaults)."""
-    native = native_size(model)
     own = _own_defaults(model)
-    return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    return {**model.family.defaults(model), **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
 
 
 def style_training_note(model: ModelBundle) -> str | None:
-    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training"), or None."""
+    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training", or its
+    family's reason), or None."""
     note = _own_defaults(model).get("skip_style_training")
-    return note if isinstance(note, str) and note else None
+    return note if isinstance(note, str) and note else model.family.no_style_training
 
 
 def size_warning(width: int, height: int, native: int) -> str | None:
@@ -173,23 +186,36 @@ def _load(cls, path: Path, subfolder: str, dtype, device=None):
                         ) from None
 
 
-def _load_tokenizer(path: Path, subfolder: str):
+def _load_tokenizer(path: Path, subfolder: str, cls=CLIPTokenizer):
+    """`cls`: CLIP's tokenizer class, or transformers' AutoTokenizer (T5's and Qwen3's, by their folder's config)."""
     folder = Path(path) / subfolder
     if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-            and (folder / "merges.txt").is_file()):
+            and (folder / "merges.txt").is_file() or (folder / "spiece.model").is_file()):
         # transformers would build a tokenizer with an empty vocabulary here, without a word of warning, and every
         # prompt would become the same unknown tokens.
         raise UserError(f"{folder} has no tokenizer (no tokenizer.json, nor vocab.json and merges.txt)",
                         "copy the tokenizer folder of the model's original release into it")
     try:
-        return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+        return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
                         "the folder needs the tokenizer files as diffusers saves them") from None
 
 
 def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
-    index = json.loads((path / "model_index.json").read_text())
+    from .families import loader_for
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except ValueError as exc:
+        raise UserError(f"{path / 'model_index.json'} is not valid JSON ({exc})",
+                        "the model folder is damaged: download or save it again") from None
+    family = loader_for(index.get("_class_name", ""))
+    return (family.load if family is not None else load_sd_folder)(path, index, model_id, dtype, device)
+
+
+def load_sd_folder(path: Path, index: dict[str, Any], model_id: str, dtype, device=None) -> ModelBundle:
+    """A Stable Diffusion (1.x, 2.x, SDXL) diffusers folder; any other pipeline class is refused here."""
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
         kind = "sdxl"
@@ -200,7 +226,8 @@ def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
         kind = "sd"
     else:
         raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline; movielm-fast renders Stable Diffusion "
-                        "1.x/2.x and SDXL text-to-image models", "pass a folder saved by StableDiffusion(XL)Pipeline")
+                        "1.x/2.x, SDXL, FLUX.1 and FLUX.2 [klein] text-to-image models",
+                        "pass a folder saved by StableDiffusion(XL)Pipeline, FluxPipeline or Flux2KleinPipeline")
     tokenizer_folders = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     seconds: dict[str, float] = {}
     # The content hash (file reads, hashlib releases the GIL) and the tokenizers (JSON) run beside the weights;
@@ -403,6 +430,20 @@ def _check_safetensors(path: Path) -> None:
         raise UserError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:200]}): it is "
                         "truncated or damaged", "download it again (compare its size or sha256 with the source's), "
                         "then pass it to --model") from None
+
+
+def model_family(spec: str | os.PathLike):
+    """The family (engine.families) of the model `spec` names, from its model_index.json alone: one small file,
+    read before any weights load. Stable Diffusion for the demo, single files and folders it cannot read (loading
+    then says what is wrong with them)."""
+    from .families import loader_for
+    from .families.sd import SD
+
+    try:
+        index = json.loads((Path(spec).expanduser() / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return SD
+    return loader_for(index.get("_class_name", "") if isinstance(index, dict) else "") or SD
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -15,7 +15,7 @@ import torch
 
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import graph_modules
-from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
+from movielm_fast.export.specs import TRANSFORMER, UNET, VAE_DECODER, component_dtype, text_encoder_component
 from movielm_fast.kernels.attention import AttentionChoiceError, install_attention, sdpa_context
 
 from .. import cpu, cuda_knobs
@@ -26,7 +26,7 @@ from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
 from ..oom import is_oom
 from ..step_cache import CachedUNet, StepCacheRun
-from .base import UNetCond, register
+from .base import DiTCond, UNetCond, register
 from .buckets import Bucket, pad_rows, padded_bucket, unet_bucket
 from .cuda_graph import GraphedCallable
 
@@ -80,8 +80,9 @@ class TorchBackend:
                 component_dtype(model, component, config.dtype_name)
             graph.to(self.device, torch_dtype(dtype)).eval()
         self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
-        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
-        self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
+        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet. `unet` is the
+        # denoiser's graph: a UNet's, or a transformer family's (FLUX: engine.families).
+        self.unet, self.vae = graphs.get(UNET, graphs.get(TRANSFORMER)), graphs.get(VAE_DECODER)
         self.graphs = graphs
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
@@ -116,13 +117,15 @@ class TorchBackend:
     def _setup_unet(self, config, channels_last: bool) -> None:
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
+        # The diffusers UNet inside the graph: attention and QKV fusion are set on it. A transformer's graph has
+        # none: its family refuses other attention kernels, and its QKV projections stay apart (not yet measured).
+        unet = getattr(self.unet, "unet", None)
         if config.attention != "sdpa":
             try:
                 install_attention(unet, config.attention)
             except AttentionChoiceError as exc:
                 raise UserError(exc.message, exc.hint) from None
-        if self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
+        if unet is not None and self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
             # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches. diffusers installs its
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             unet.fuse_qkv_projections()
@@ -171,20 +174,23 @@ class TorchBackend:
         return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
 
     @torch.inference_mode()
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
         def cast(x):
             return None if x is None else x.to(self.device, self.dtype)
+
+        def place(x):
+            return None if x is None else x.to(self.device)
 
         if cond.anchors is not None:
             return self._denoise_anchored(cast(latents), t, cond, cast)
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
-        args = (cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
-                cast(cond.timestep_cond))
+        args = (cast(latents), t, *cond.graph_inputs(cast, place))
         rows = latents.shape[0]
         bucket = None
         if self._unet_step is not self.unet:  # captured or compiled: pad up to a bucket made before (backends/buckets)
             bucket = padded_bucket(unet_bucket(args[0], args[2]), self.buckets)
-            args = pad_rows(args, bucket[0])
+            batched = len(args) - cond.unbatched  # position ids have no rows to pad
+            args = pad_rows(args[:batched], bucket[0]) + args[batched:]
         try:
             with self._sdpa():
                 noise = self._denoise_cached(args, cond.cache) if cond.cache is not None else self._unet_step(*args)
