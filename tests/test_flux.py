@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from movielm_fast.engine.config import ModelConfig
+from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
-from movielm_fast.engine.models import load_model, model_defaults, model_family
+from movielm_fast.engine.models import load_model, model_defaults
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.errors import UserError
 from movielm_fast.run.renderer import Renderer
@@ -146,7 +147,7 @@ def test_schedule_shift_is_diffusers(tiny_flux_dev):
 # --- loading: recognised from model_index.json, a missing or mismatched part named ------------------------------
 
 def test_recognised_from_model_index(tiny_flux_dev, tiny_klein_distilled):
-    assert model_family(tiny_flux_dev).name == "FLUX.1" and model_family(tiny_klein_distilled).name == "FLUX.2 [klein]"
+    assert family_of_spec(tiny_flux_dev).name == "FLUX.1" and family_of_spec(tiny_klein_distilled).name == "FLUX.2 [klein]"
     flux, klein = load_model(str(tiny_flux_dev)), load_model(str(tiny_klein_distilled))
     assert (flux.kind, klein.kind, klein.distilled) == ("flux1", "flux2-klein", True)
     assert flux.unet is None and type(flux.transformer).__name__ == "FluxTransformer2DModel"

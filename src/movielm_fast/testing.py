@@ -244,3 +244,50 @@ def build_tiny_flux2_klein(distilled: bool = False, seed: int = 0):
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
                               vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
                               is_distilled=distilled)
+
+
+# kohya's names of FLUX.1 layers (BFL's own module names) -> the diffusers modules each one changes; a fused qkv is
+# one LoRA over the concatenated projections. (linear1 of the single blocks is left out: diffusers' converter splits
+# it at the full-size model's widths.)
+KOHYA_FLUX_DOUBLE = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+                     "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+                     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                     "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+                     "txt_mlp_2": ("ff_context.net.2",)}
+KOHYA_FLUX_SINGLE = {"linear2": ("proj_out",)}
+
+
+def make_random_dit_lora(path: Path, transformer, text_encoder=None, fmt: str = "diffusers", rank: int = 4,
+                         alpha: float | None = 2.0, seed: int = 0, std: float = 0.3) -> Path:
+    """A LoRA with random factors for a transformer family's transformer (every linear layer of its blocks) and,
+    if given, its CLIP text encoder. diffusers: `transformer.<name>.lora_A.weight` (PEFT names, alpha = rank);
+    kohya (FLUX.1 only): BFL's block names (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.alpha`)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    if fmt == "diffusers":
+        blocks = [(n, m) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                  and "transformer_blocks." in n]
+        for name, m in blocks:
+            sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = \
+                _lora_factors(m, rank, g, std)
+        for name, m in _lora_targets(text_encoder, LORA_TE_LAYERS) if text_encoder is not None else []:
+            sd[f"text_encoder.{name}.lora_A.weight"], sd[f"text_encoder.{name}.lora_B.weight"] = \
+                _lora_factors(m, rank, g, std)
+    else:
+        groups = [(f"double_blocks_{i}_{k}", [f"transformer_blocks.{i}.{m}" for m in mods])
+                  for i in range(len(transformer.transformer_blocks)) for k, mods in KOHYA_FLUX_DOUBLE.items()]
+        groups += [(f"single_blocks_{i}_{k}", [f"single_transformer_blocks.{i}.{m}" for m in mods])
+                   for i in range(len(transformer.single_transformer_blocks)) for k, mods in KOHYA_FLUX_SINGLE.items()]
+        targets = [(f"lora_unet_{name}", [transformer.get_submodule(m) for m in mods]) for name, mods in groups]
+        if text_encoder is not None:
+            targets += [("lora_te1_" + ("text_model." + n).replace(".", "_"), [m])
+                        for n, m in _lora_targets(text_encoder, LORA_TE_LAYERS)]
+        for base, mods in targets:
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, mods[0].in_features, generator=g) * std
+            sd[f"{base}.lora_up.weight"] = torch.randn(sum(m.out_features for m in mods), rank, generator=g) * std
+            if alpha is not None:
+                sd[f"{base}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path))
+    return path

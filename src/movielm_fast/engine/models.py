@@ -122,7 +122,7 @@ def content_hash(path: Path) -> str:
 def native_size(model: ModelBundle) -> int:
     """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
     768 SD 2.x-768, 1024 SDXL, 64 the demo model); a transformer family's own default (engine.families)."""
-    if model.unet is None and model.transformer is not None:
+    if getattr(model, "transformer", None) is not None:
         return DIT_SAMPLE_SIZE * model.vae_scale_factor  # the FLUX pipelines' default_sample_size: 1024 px
     return int(model.unet.config.sample_size) * model.vae_scale_factor
 
@@ -140,11 +140,15 @@ def _own_defaults(model: ModelBundle) -> dict[str, Any]:
 
 
 def model_defaults(model: ModelBundle) -> dict[str, Any]:
-    """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
-    the steps and guidance of its own `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these
-    between the plan and the built-in defaults)."""
+    """Render settings the model brings for what neither the command line nor the plan sets: its native size, a
+    transformer family's steps, guidance and scheduler (engine.families), and the steps and guidance of its own
+    `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these between the plan and the
+    built-in defaults)."""
+    native = native_size(model)
+    family = getattr(model, "family", None)  # (a stand-in bundle may have none)
+    kind = family.defaults(model) if family is not None else {}
     own = _own_defaults(model)
-    return {**model.family.defaults(model), **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    return {"width": native, "height": native, **kind, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
 
 
 def style_training_note(model: ModelBundle) -> str | None:
@@ -430,20 +434,6 @@ def _check_safetensors(path: Path) -> None:
         raise UserError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:200]}): it is "
                         "truncated or damaged", "download it again (compare its size or sha256 with the source's), "
                         "then pass it to --model") from None
-
-
-def model_family(spec: str | os.PathLike):
-    """The family (engine.families) of the model `spec` names, from its model_index.json alone: one small file,
-    read before any weights load. Stable Diffusion for the demo, single files and folders it cannot read (loading
-    then says what is wrong with them)."""
-    from .families import loader_for
-    from .families.sd import SD
-
-    try:
-        index = json.loads((Path(spec).expanduser() / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return SD
-    return loader_for(index.get("_class_name", "") if isinstance(index, dict) else "") or SD
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -19,6 +19,7 @@ import torch
 from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.consistency import AnchorRecord, Anchors, anchor_seed
+from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.fp8 import check_quantize
 from movielm_fast.engine.frames import Frames
 from movielm_fast.engine.jobs import AnchorSpec, BatchSettings, FrameJob
@@ -27,7 +28,6 @@ from movielm_fast.engine.models import (
     load_model,
     load_part,
     model_defaults,
-    model_family,
     native_size,
     size_warning,
     style_training_note,
@@ -56,13 +56,13 @@ class Renderer:
     `backend` may be passed in (tests wrap a backend, benchmarks reuse a loaded model)."""
 
     def __init__(self, config: ModelConfig, model=None, backend=None):
-        family = model.family if model is not None else model_family(config.model)
+        family = model.family if model is not None else family_of_spec(config.model)
         family.check_config(config)  # fail fast on an option the model's family cannot run
         config = self._auto_dtype(config, family)
         self.config = config
         device = config.torch_device  # fail fast on a bad device, --lora file or option before loading gigabytes
         for path, _ in config.loras:
-            check_lora_file(Path(path), "--lora")
+            check_lora_file(Path(path), "--lora", family)
         if device.type == "cpu" and config.dtype_name == "fp16":
             # CPUs have no fp16 matrix units PyTorch uses: every op converts (bench/RESULTS.md has the cost).
             log.warning("--dtype fp16 on the CPU is emulated and several times slower than fp32: use --dtype fp32 "

@@ -13,6 +13,8 @@ laid out, how the result is handed to the decoder. Loading and checking a folder
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ class Family(Protocol):
         """The folder as a ModelBundle; a UserError naming a missing or mismatched part."""
 
     def defaults(self, model) -> dict[str, Any]:
-        """Render settings of the model's kind (native size, steps, guidance, scheduler): the cascade's
+        """Render settings of the model's kind beyond its native size (steps, guidance, scheduler): the cascade's
         model layer, below the model folder's own movielm_defaults.json."""
 
     def check_config(self, config) -> None:
@@ -70,6 +72,15 @@ class Family(Protocol):
     def unpack(self, model, latents: torch.Tensor, s: BatchSettings) -> torch.Tensor:
         """The denoised latents as the VAE decoder graph takes them: (B, C, h, w)."""
 
+    lora_prefixes: tuple[tuple[str, ...], tuple[str, ...]]
+    """The key prefixes of its LoRA files: (kohya/A1111 names, diffusers/PEFT names), engine.lora."""
+    lora_folds_alphas: bool  # diffusers' converter of its kohya files applies their alphas itself
+
+    def lora_state_dict(self, state: dict[str, torch.Tensor], model) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, float]]:
+        """A LoRA file's tensors converted by diffusers' loader of the family to "component.module.lora_X" names,
+        and the alphas diffusers returned by module name (or none)."""
+
     def a1111(self, settings: dict[str, Any]) -> dict[str, Any] | None:
         """A frame's sampler and guidance as the web UIs write them in their "parameters" text (a frame's settings
         as run.images records them), in their order; None: AUTOMATIC1111's own Stable Diffusion pairs."""
@@ -86,6 +97,21 @@ def family_by_kind(kind: str) -> Family:
         if kind in family.kinds:
             return family
     raise ValueError(f"no model family serves kind {kind!r}")
+
+
+def family_of_spec(spec) -> Family:
+    """The family of the model `spec` names (--model), from its model_index.json alone: one small file, read
+    before any weights load. Stable Diffusion for the demo, single files and folders it cannot read (loading then
+    says what is wrong with them)."""
+    try:
+        index = json.loads((Path(spec).expanduser() / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    return loader_for(index.get("_class_name", "") if isinstance(index, dict) else "") or family_by_kind("sd")
+
+
+def all_families() -> tuple[Family, ...]:
+    return _families()
 
 
 def loader_for(class_name: str) -> Family | None:

@@ -146,11 +146,8 @@ class FlowFamily:
 
     # --- settings ---------------------------------------------------------------------------------------------------
     def defaults(self, model) -> dict[str, Any]:
-        from ..models import native_size
-
-        native = native_size(model)
         steps, guidance = self._steps_and_guidance(model)
-        return {"width": native, "height": native, "steps": steps, "guidance": guidance, "scheduler": "default"}
+        return {"steps": steps, "guidance": guidance, "scheduler": "default"}
 
     def _steps_and_guidance(self, model) -> tuple[int, float]:
         raise NotImplementedError
@@ -252,6 +249,17 @@ class FlowFamily:
     def unpack(self, model, latents, s):
         return self._unpack(latents, *self._token_grid(model, s))
 
+    # kohya: BFL's block names (lora_unet_double_blocks_0_img_attn_qkv), or diffusers' (lora_transformer_...)
+    lora_prefixes = (("lora_unet_", "lora_te_", "lora_te1_", "lora_transformer_"), ("transformer.", "text_encoder."))
+    lora_folds_alphas = True  # diffusers' FLUX converters scale kohya factors by alpha / r themselves (some in place)
+
+    def lora_state_dict(self, state, model):
+        converted = self._lora_mixin().lora_state_dict(state, **self._lora_kwargs)
+        converted, alphas = converted if isinstance(converted, tuple) else (converted, {})
+        return converted, {k.removesuffix(".alpha"): float(v) for k, v in (alphas or {}).items()}
+
+    _lora_kwargs: dict[str, Any] = {}
+
     def a1111(self, settings):
         # As Forge writes FLUX frames: its Euler sampler on the model's shifted ("Simple") schedule.
         return {"Sampler": "Euler", "Schedule type": "Simple", "CFG scale": settings["guidance"]}
@@ -277,6 +285,13 @@ class Flux1Family(FlowFamily):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
 
         return FluxTransformer2DModel, AutoencoderKL
+
+    _lora_kwargs = {"return_alphas": True}
+
+    def _lora_mixin(self):
+        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+        return FluxLoraLoaderMixin
 
     def _text_width(self, config, role):
         return config.get("hidden_size") if role.pooled else config.get("d_model")
@@ -344,6 +359,11 @@ class Flux2KleinFamily(FlowFamily):
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
         return Flux2Transformer2DModel, AutoencoderKLFlux2
+
+    def _lora_mixin(self):
+        from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
+
+        return Flux2LoraLoaderMixin
 
     def _text_width(self, config, role):
         layers = config.get("num_hidden_layers", 0)

@@ -7,6 +7,7 @@ import torch
 
 from ..backends.base import UNetCond
 from ..jobs import BatchSettings, FrameJob
+from ..lora import DIFFUSERS_PREFIXES, KOHYA_PREFIXES
 from ..schedulers import make_scheduler, make_steps
 from ..seeds import initial_latents
 from ..text import PromptEncoder
@@ -70,10 +71,7 @@ class SDFamily:
         return load_sd_folder(path, index, model_id, dtype, device)
 
     def defaults(self, model) -> dict:
-        from ..models import native_size
-
-        native = native_size(model)
-        return {"width": native, "height": native}
+        return {}  # the native size (engine.models) is all they bring
 
     def check_config(self, config) -> None:
         pass  # every option of ModelConfig was made for these
@@ -108,6 +106,18 @@ class SDFamily:
 
     def a1111(self, settings):
         return None
+
+    lora_prefixes = (KOHYA_PREFIXES, DIFFUSERS_PREFIXES)
+    lora_folds_alphas = False
+
+    def lora_state_dict(self, state, model):
+        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+        xl = model.kind == "sdxl"
+        mixin = StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin
+        # The diffusers SDXL pipeline passes its UNet config so that sgm (input_blocks...) names are remapped.
+        converted, _ = mixin.lora_state_dict(state, **({"unet_config": model.unet.config} if xl else {}))
+        return converted, {}
 
 
 SD = SDFamily()
