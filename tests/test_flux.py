@@ -283,3 +283,59 @@ def test_long_prompt_cut_warning_says_how_much(tiny_flux_schnell, caplog):
     cut = [rec.getMessage() for rec in caplog.records if "is cut" in rec.getMessage()]
     assert len(cut) == 1 and cut[0].startswith("a prompt of 102 CLIP tokens is cut to the encoder's 77: 25 tokens "
                                                  "are lost")
+
+
+# --- textual inversion: a token in each encoder's table, no re-export ---------------------------------------------
+
+def test_flux1_textual_inversion_matches_diffusers(tiny_flux_dev, tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import save_file
+
+    from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
+
+    torch.manual_seed(1)
+    clip_l, t5 = torch.randn(2, 32), torch.randn(2, 32)  # two vectors each: <sx> and <sx>_1
+    file = tmp_path / "style.safetensors"
+    save_file({"clip_l": clip_l, "t5": t5}, str(file))
+    pipe = _pipe(FluxPipeline, tiny_flux_dev)
+    pipe.load_textual_inversion(clip_l, token="<sx>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(t5, token="<sx>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    prompt = "<sx> a lighthouse at night"
+    ref, ref_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=torch.device("cpu"))
+
+    r = _renderer(tiny_flux_dev)
+    r.encoder.add_token("<sx>", vectors_for_model(load_embedding(file), "flux1"), str(file))
+    ours = r.encoder.encode(prompt)
+    # T5's states reach ~3 here: 1e-4 is float32 rounding of a different op order (seen: 1.3e-5)
+    assert torch.allclose(ours.hidden, ref, atol=1e-4) and torch.allclose(ours.pooled, ref_pooled, atol=1e-5)
+    assert not torch.allclose(ours.hidden, r.encoder.encode("a lighthouse at night").hidden, atol=1e-3)
+    # The encoders themselves are unchanged (one exported graph serves any token): their tables have no new rows.
+    assert [e.get_input_embeddings().weight.shape[0] for e in r.model.text_encoders] == [49408, 85]
+    with pytest.raises(UserError, match="has no t5 vectors"):
+        save_file({"clip_l": clip_l, "clip_g": clip_l.clone()}, str(tmp_path / "xl.safetensors"))
+        vectors_for_model(load_embedding(tmp_path / "xl.safetensors"), "flux1")
+
+
+def test_klein_textual_inversion_matches_transformers(tiny_klein, tmp_path):
+    """Flux2KleinPipeline has no textual-inversion loader: the token is added the way transformers adds one (a new
+    tokenizer entry, a new embedding row), and its encode_prompt is the oracle."""
+    from diffusers import Flux2KleinPipeline
+    from safetensors.torch import save_file
+
+    from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
+
+    torch.manual_seed(2)
+    vector = torch.randn(1, 16)
+    file = tmp_path / "style.safetensors"
+    save_file({"qwen3": vector}, str(file))
+    pipe = _pipe(Flux2KleinPipeline, tiny_klein)
+    pipe.tokenizer.add_tokens(["<kx>"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<kx>")] = vector[0]
+    prompt = "a garden at night, <kx>"
+    ref, _ = pipe.encode_prompt(prompt, device=torch.device("cpu"))
+
+    r = _renderer(tiny_klein)
+    r.encoder.add_token("<kx>", vectors_for_model(load_embedding(file), "flux2-klein"), str(file))
+    assert torch.allclose(r.encoder.encode(prompt).hidden, ref, atol=1e-5)

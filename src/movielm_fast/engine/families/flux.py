@@ -274,6 +274,8 @@ class Flux1Family(FlowFamily):
              "text_encoder_2": ("T5EncoderModel",), "tokenizer_2": ("T5TokenizerFast", "T5Tokenizer"),
              "scheduler": ("FlowMatchEulerDiscreteScheduler",)}
 
+    embedding_keys = ("clip_l", "t5")  # a textual-inversion file's tensors, one per text encoder
+
     @property
     def encoders(self):
         from transformers import CLIPTextModel, T5EncoderModel
@@ -347,6 +349,8 @@ class Flux2KleinFamily(FlowFamily):
              "text_encoder": ("Qwen3ForCausalLM", "Qwen3Model"),
              "tokenizer": ("Qwen2TokenizerFast", "Qwen2Tokenizer"), "scheduler": ("FlowMatchEulerDiscreteScheduler",)}
     position_axes = 4
+
+    embedding_keys = ("qwen3",)
 
     @property
     def encoders(self):
