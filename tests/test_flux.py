@@ -339,3 +339,55 @@ def test_klein_textual_inversion_matches_transformers(tiny_klein, tmp_path):
     r = _renderer(tiny_klein)
     r.encoder.add_token("<kx>", vectors_for_model(load_embedding(file), "flux2-klein"), str(file))
     assert torch.allclose(r.encoder.encode(prompt).hidden, ref, atol=1e-5)
+
+
+# --- real sizes: bf16 by default on CUDA, offloaded text encoders, a clear error when weights cannot fit ----------
+
+def test_dtype_auto_is_bf16_for_flux_on_cuda(tiny_flux_dev, tiny_sd, monkeypatch, caplog):
+    """`--dtype auto` resolves by family before anything loads. No GPU here: CUDA is said to be there so that the
+    resolution runs; nothing is put on a device."""
+    from movielm_fast.engine.families import family_of_spec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="movielm_fast"):
+        flux = Renderer._auto_dtype(ModelConfig(model=str(tiny_flux_dev), device="cuda"), family_of_spec(tiny_flux_dev))
+    assert flux.dtype_name == "bf16" and "--dtype auto: bf16 for FLUX.1" in caplog.text
+    sd = Renderer._auto_dtype(ModelConfig(model=str(tiny_sd), device="cuda"), family_of_spec(tiny_sd))
+    assert sd.dtype_name == "fp16"  # unchanged for Stable Diffusion
+    explicit = ModelConfig(model=str(tiny_flux_dev), device="cuda", dtype="fp32")
+    assert Renderer._auto_dtype(explicit, family_of_spec(tiny_flux_dev)) is explicit
+
+
+def test_offloaded_text_encoders_visit_the_device_only_to_encode(tiny_flux_schnell):
+    """Each encoder goes to the backend's device for a batch's new prompts and back to the host right after; the
+    transformer never moves. On this CPU-only machine both places are the CPU: the moves are seen, their effect
+    on GPU memory is not."""
+    plain = _ours(_renderer(tiny_flux_schnell), 2, 0.0, [4])[0]
+    r = _renderer(tiny_flux_schnell, offload_text_encoders=True)
+    moves: list[tuple[int, str]] = []
+    for i, enc in enumerate(r.backend.encoders):
+        def to(*args, _i=i, _to=enc.to, **kwargs):
+            moves.append((_i, str(args[0])))
+            return _to(*args, **kwargs)
+        enc.to = to
+    image = _ours(r, 2, 0.0, [4])[0]
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]  # there (device), back (home): each encoder
+    assert r.backend.encoder_home == torch.device("cpu") and np.array_equal(image, plain)
+    moves.clear()
+    _ours(r, 2, 0.0, [5])  # the prompt is cached: no encoder is needed, none moves
+    assert moves == []
+
+
+def test_weights_that_cannot_fit_get_what_would_make_them_fit(tiny_flux_dev):
+    from movielm_fast.engine.models import fit_problem, weights_bytes
+
+    model = load_model(str(tiny_flux_dev))
+    assert weights_bytes(tiny_flux_dev / "transformer", 4) == 4 * sum(p.numel() for p in model.transformer.parameters())
+    parts = {k: weights_bytes(tiny_flux_dev / k, 2) for k in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    encoders = parts["text_encoder"] + parts["text_encoder_2"]
+    total = sum(parts.values())
+    assert fit_problem("flux", "bfloat16", parts, total, offload=False) is None
+    error = fit_problem("flux", "bfloat16", parts, total - 1, offload=False)
+    assert error.message.startswith("flux needs about") and "for its weights in bfloat16" in error.message
+    assert "--offload-text-encoders" in error.hint and "FP8 weights" in error.hint
+    assert fit_problem("flux", "bfloat16", parts, total - encoders, offload=True) is None  # offloaded: they fit

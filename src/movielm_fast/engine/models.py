@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -206,7 +207,7 @@ def _load_tokenizer(path: Path, subfolder: str, cls=CLIPTokenizer):
                         "the folder needs the tokenizer files as diffusers saves them") from None
 
 
-def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
+def _from_folder(path: Path, model_id: str, dtype, device=None, encoder_device=None) -> ModelBundle:
     from .families import loader_for
 
     try:
@@ -215,11 +216,14 @@ def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
         raise UserError(f"{path / 'model_index.json'} is not valid JSON ({exc})",
                         "the model folder is damaged: download or save it again") from None
     family = loader_for(index.get("_class_name", ""))
-    return (family.load if family is not None else load_sd_folder)(path, index, model_id, dtype, device)
+    return (family.load if family is not None else load_sd_folder)(path, index, model_id, dtype, device,
+                                                                   encoder_device)
 
 
-def load_sd_folder(path: Path, index: dict[str, Any], model_id: str, dtype, device=None) -> ModelBundle:
+def load_sd_folder(path: Path, index: dict[str, Any], model_id: str, dtype, device=None,
+                   encoder_device=None) -> ModelBundle:
     """A Stable Diffusion (1.x, 2.x, SDXL) diffusers folder; any other pipeline class is refused here."""
+    encoder_device = device if encoder_device is None else encoder_device
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
         kind = "sdxl"
@@ -242,9 +246,9 @@ def load_sd_folder(path: Path, index: dict[str, Any], model_id: str, dtype, devi
                                 lambda: [_load_tokenizer(path, sub) for sub in tokenizer_folders])
         t0 = time.perf_counter()
         try:
-            encoders = [_load(CLIPTextModel, path, "text_encoder", dtype, device)]
+            encoders = [_load(CLIPTextModel, path, "text_encoder", dtype, encoder_device)]
             if kind == "sdxl":
-                encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype, device))
+                encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype, encoder_device))
             unet = _load(UNet2DConditionModel, path, "unet", dtype, device)
             vae = _load(AutoencoderKL, path, "vae", _vae_load_dtype(path, dtype), device)
             seconds["model_weights"] = time.perf_counter() - t0
@@ -436,18 +440,76 @@ def _check_safetensors(path: Path) -> None:
                         "then pass it to --model") from None
 
 
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                 "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def weights_bytes(folder: Path, itemsize: int) -> int:
+    """Bytes the safetensors weights in `folder` take once loaded with floating-point tensors of `itemsize` bytes
+    (the others as stored), read from the files' headers alone."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as fp:
+            header = json.loads(fp.read(int.from_bytes(fp.read(8), "little")))
+        for name, t in header.items():
+            if name != "__metadata__":
+                size = itemsize if t["dtype"].startswith(("F", "BF")) else _STORED_BYTES.get(t["dtype"], 4)
+                total += size * int(np.prod(t["shape"], dtype=np.int64))
+    return total
+
+
+def fit_problem(model_id: str, dtype_name: str, parts: dict[str, int], free: int, offload: bool
+                ) -> UserError | None:
+    """The error when the weights of `parts` (folder -> bytes) cannot fit in `free` device bytes, its hint listing
+    what would make them fit; None when they fit. Offloaded text encoders wait in host memory: they do not count."""
+    on_device = {k: v for k, v in parts.items() if not (offload and k.startswith("text_encoder"))}
+    need = sum(on_device.values())
+    if need <= free:
+        return None
+    gib = 2 ** 30
+    listed = ", ".join(f"{k} {v / gib:.1f}" for k, v in sorted(on_device.items(), key=lambda kv: -kv[1]))
+    encoders = sum(v for k, v in on_device.items() if k.startswith("text_encoder"))
+    ways = ([f"--offload-text-encoders (the text encoders wait in host memory: {encoders / gib:.1f} GiB less)"]
+            if encoders else []) + [
+        "FP8 weights (--quantize; not yet for every model family: docs/models.md)",
+        "a GPU with more free memory (other processes may hold some: nvidia-smi)"]
+    return UserError(f"{model_id} needs about {need / gib:.1f} GiB of device memory for its weights in {dtype_name} "
+                     f"({listed} GiB) and {free / gib:.1f} GiB is free; a smaller --batch-size lowers only the "
+                     "activations", "what would make it fit: " + "; ".join(ways))
+
+
+def check_fits(spec: str | os.PathLike, dtype, device, offload: bool) -> None:
+    """Before a folder model loads onto a CUDA device: a UserError listing what would make its weights fit, when
+    they cannot (instead of an out-of-memory error part-way through loading)."""
+    import torch
+
+    path = Path(spec).expanduser()
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # the demo, single files, broken folders: loading says what they are
+    parts = {k: weights_bytes(path / k, torch.finfo(dtype).bits // 8) for k, v in index.items()
+             if isinstance(v, list) and (path / k).is_dir()}
+    free, _ = torch.cuda.mem_get_info(device)
+    problem = fit_problem(path.name, str(dtype).removeprefix("torch."), parts, free, offload)
+    if problem is not None:
+        raise problem
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
     """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file.
 
-    `target`: (torch dtype, torch device) the modules of a folder model run in: each is loaded straight into that
-    dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device, instead of a float32
-    copy on the host that the backend then casts and copies. A single file loads as its pipeline class does."""
-    dtype, device = target if target is not None else (dtype, None)
+    `target`: (torch dtype, torch device[, text encoders' device]) the modules of a folder model run in: each is
+    loaded straight into that dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device,
+    instead of a float32 copy on the host that the backend then casts and copies; the text encoders onto their own
+    device where one is given (offloaded: the host). A single file loads as its pipeline class does."""
+    dtype, device, *home = target if target is not None else (dtype, None)
+    encoder_device = home[0] if home else device
     if str(spec) == "demo":
-        return _from_folder(demo_model_path(), "demo", dtype, device)
+        return _from_folder(demo_model_path(), "demo", dtype, device, encoder_device)
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
@@ -464,4 +526,4 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
     if not (path / "model_index.json").exists():
         raise UserError(f"{path} has no model_index.json, so it is not a diffusers model folder",
                         "pass the folder that contains model_index.json (as saved by save_pretrained)")
-    return _from_folder(path, path.name, dtype, device)
+    return _from_folder(path, path.name, dtype, device, encoder_device)

@@ -25,6 +25,7 @@ from movielm_fast.engine.frames import Frames
 from movielm_fast.engine.jobs import AnchorSpec, BatchSettings, FrameJob
 from movielm_fast.engine.lora import LoraLibrary, LoraSet, check_lora_file, combine, lora_ref, set_key
 from movielm_fast.engine.models import (
+    check_fits,
     load_model,
     load_part,
     model_defaults,
@@ -76,6 +77,10 @@ class Renderer:
             # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
             # (ONNX Runtime, TensorRT) trace float32 modules on the host.
             target = (config.torch_dtype, device) if config.backend == "torch" else None
+            if target and device.type == "cuda" and model is None:
+                check_fits(config.model, config.torch_dtype, device, config.offload_text_encoders)
+            if target and config.offload_text_encoders:  # the text encoders load into host memory and wait there
+                target += (torch.device("cpu"),)
             self.model = model or load_model(config.model, target=target)
         self.startup.update(self.model.load_seconds if model is None else {})
         with timed(self.startup, "backend_setup"):

@@ -75,11 +75,14 @@ class TorchBackend:
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         graphs = graph_modules(model)
+        # --offload-text-encoders: the encoders wait in host memory and visit the device to encode (encode_text).
+        self.offload = config.offload_text_encoders
+        self.encoder_home = torch.device("cpu") if self.offload else self.device
+        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         for component, graph in graphs.items():
             dtype = vae_decode_dtype(model, self.device, config.dtype_name) if component == VAE_DECODER else \
                 component_dtype(model, component, config.dtype_name)
-            graph.to(self.device, torch_dtype(dtype)).eval()
-        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
+            graph.to(self.encoder_home if graph in self.encoders else self.device, torch_dtype(dtype)).eval()
         # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet. `unet` is the
         # denoiser's graph: a UNet's, or a transformer family's (FLUX: engine.families).
         self.unet, self.vae = graphs.get(UNET, graphs.get(TRANSFORMER)), graphs.get(VAE_DECODER)
@@ -171,7 +174,13 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         enc = self.encoders[encoder_index]
-        return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+        if self.offload:
+            enc.to(self.device)
+        try:
+            return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+        finally:
+            if self.offload:  # its outputs stay on the device; the weights leave
+                enc.to(self.encoder_home)
 
     @torch.inference_mode()
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:

@@ -34,8 +34,9 @@ class Family(Protocol):
     cuda_dtype: str  # what --dtype auto means on CUDA ("fp16", or "bf16" where fp16 overflows)
     no_style_training: str | None  # why style immobilization cannot train a token for it; None: it can
 
-    def load(self, path, index: dict[str, Any], model_id: str, dtype, device) -> Any:
-        """The folder as a ModelBundle; a UserError naming a missing or mismatched part."""
+    def load(self, path, index: dict[str, Any], model_id: str, dtype, device, encoder_device=None) -> Any:
+        """The folder as a ModelBundle, its modules loaded in `dtype` onto `device` (the text encoders onto
+        `encoder_device`, default `device`); a UserError naming a missing or mismatched part."""
 
     def defaults(self, model) -> dict[str, Any]:
         """Render settings of the model's kind beyond its native size (steps, guidance, scheduler): the cascade's

@@ -78,9 +78,10 @@ class FlowFamily:
                          "is not done yet (docs/models.md)")
 
     # --- loading ----------------------------------------------------------------------------------------------------
-    def load(self, path: Path, index: dict[str, Any], model_id: str, dtype, device):
+    def load(self, path: Path, index: dict[str, Any], model_id: str, dtype, device, encoder_device=None):
         from .. import models
 
+        encoder_device = device if encoder_device is None else encoder_device
         self._check_index(path, index)
         configs = {part: _read_config(path, part) for part in ("transformer", "vae", *self._encoder_folders())}
         self._check_parts(path, configs)
@@ -92,8 +93,8 @@ class FlowFamily:
                 models._load_tokenizer(path, tok, _tokenizer_class(enc_cls)) for _, tok, enc_cls, _ in self.encoders])
             t0 = time.perf_counter()
             try:
-                encoders = [models._load(enc_cls, path, folder, dtype, device) for folder, _, enc_cls, _ in
-                            self.encoders]
+                encoders = [models._load(enc_cls, path, folder, dtype, encoder_device) for folder, _, enc_cls, _
+                            in self.encoders]
                 transformer = models._load(transformer_cls, path, "transformer", dtype, device)
                 vae = models._load(vae_cls, path, "vae", models._vae_load_dtype(path, dtype), device)
                 seconds["model_weights"] = time.perf_counter() - t0

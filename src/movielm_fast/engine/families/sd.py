@@ -65,10 +65,10 @@ class SDFamily:
     cuda_dtype = "fp16"
     no_style_training = None  # style immobilization trains a CLIP token (style/training.py)
 
-    def load(self, path, index, model_id, dtype, device):
+    def load(self, path, index, model_id, dtype, device, encoder_device=None):
         from ..models import load_sd_folder
 
-        return load_sd_folder(path, index, model_id, dtype, device)
+        return load_sd_folder(path, index, model_id, dtype, device, encoder_device)
 
     def defaults(self, model) -> dict:
         return {}  # the native size (engine.models) is all they bring
