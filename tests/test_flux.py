@@ -147,7 +147,8 @@ def test_schedule_shift_is_diffusers(tiny_flux_dev):
 # --- loading: recognised from model_index.json, a missing or mismatched part named ------------------------------
 
 def test_recognised_from_model_index(tiny_flux_dev, tiny_klein_distilled):
-    assert family_of_spec(tiny_flux_dev).name == "FLUX.1" and family_of_spec(tiny_klein_distilled).name == "FLUX.2 [klein]"
+    assert family_of_spec(tiny_flux_dev).name == "FLUX.1"
+    assert family_of_spec(tiny_klein_distilled).name == "FLUX.2 [klein]"
     flux, klein = load_model(str(tiny_flux_dev)), load_model(str(tiny_klein_distilled))
     assert (flux.kind, klein.kind, klein.distilled) == ("flux1", "flux2-klein", True)
     assert flux.unet is None and type(flux.transformer).__name__ == "FluxTransformer2DModel"
