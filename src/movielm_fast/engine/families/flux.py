@@ -83,7 +83,7 @@ class FlowFamily:
 
         encoder_device = device if encoder_device is None else encoder_device
         self._check_index(path, index)
-        configs = {part: _read_config(path, part) for part in ("transformer", "vae", *self._encoder_folders())}
+        configs = {part: _read_config(path, part) for part in ("transformer", "vae", *(e[0] for e in self.encoders))}
         self._check_parts(path, configs)
         transformer_cls, vae_cls = self._module_classes()
         seconds: dict[str, float] = {}
@@ -105,9 +105,6 @@ class FlowFamily:
             kind=self.kinds[0], model_id=model_id, path=path, content_hash=digest, unet=None, vae=vae,
             text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler_config,
             load_seconds=seconds, transformer=transformer, distilled=bool(index.get("is_distilled", False)))
-
-    def _encoder_folders(self) -> list[str]:
-        return [folder for folder, _, _, _ in self.encoders]
 
     def _check_index(self, path: Path, index: dict[str, Any]) -> None:
         """Every part the pipeline needs is named in model_index.json, with a class of the family, and is there."""
@@ -378,6 +375,7 @@ class Flux2KleinFamily(FlowFamily):
         return Flux2LoraLoaderMixin
 
     def _text_width(self, config, role):
+        # (and the check that the hidden states klein reads exist)
         layers = config.get("num_hidden_layers", 0)
         if layers < max(QWEN3_LAYERS):
             raise UserError(f"the text encoder has {layers} layers; FLUX.2 [klein] reads the hidden states of layers "
