@@ -77,6 +77,8 @@ class SDFamily:
         pass  # every option of ModelConfig was made for these
 
     def check(self, model, s) -> list[str]:
+        if s.true_cfg is not None and s.true_cfg > 1:
+            return [f"true_cfg {s.true_cfg} is for FLUX.1 and is ignored: a UNet's guidance is classifier-free already"]
         return []
 
     def prompt_encoder(self, model, backend) -> PromptEncoder:
