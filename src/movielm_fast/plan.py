@@ -134,6 +134,9 @@ class RenderSettings(_Strict):
     steps: int | None = setting(None, "Denoising steps.", ge=1, le=1000)
     guidance: float | None = setting(None, "Classifier-free guidance scale (1 or less: none; guidance-distilled "
                                            "models embed it).", ge=0.0, le=50.0)
+    true_cfg: float | None = setting(None, "True classifier-free guidance of FLUX.1 against the negative prompt "
+                                           "(diffusers' true_cfg_scale): above 1, a second transformer pass per "
+                                           "step. Default: off.", ge=0.0, le=50.0)
     scheduler: Literal[SCHEDULERS] | None = setting(  # type: ignore[valid-type]
         None, "Sampling algorithm, built from the model's own scheduler config (default: dpmpp; 'default': the "
               "model's own class).")

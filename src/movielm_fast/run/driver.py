@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from movielm_fast.engine.config import ModelConfig
+from movielm_fast.engine.families import family_by_kind, family_of_spec
 from movielm_fast.engine.lora import check_lora_file
 from movielm_fast.engine.oom import smaller
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
@@ -97,8 +98,9 @@ class Summary:
         return d
 
 
-def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
-    """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded."""
+def collect_plans(paths: list[str | Path], family=None) -> list[LoadedMovie]:
+    """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded.
+    `family`: the model's (engine.families), whose LoRAs the plans may name; None: any family's."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.glob("*.json")) if p.is_dir() else [p]
@@ -124,7 +126,7 @@ def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
             raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
                             f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
         for where, path, _ in m.lora_files():
-            check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA")
+            check_lora_file(path, f"movie {m.movie.id!r} {where}: LoRA", family)
         check_plan_folders(m)
     return movies
 
@@ -188,13 +190,14 @@ class Job:
 
     @classmethod
     def load(cls, run: RunConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
-             source: str | None = None) -> Job:
+             source: str | None = None, family=None) -> Job:
         """`source`: where the movies come from, for their identity in OUT (manifest.movie_identity), when the plan
-        files are copies (serve's queue keeps each submission in a file of its own); default: the plan files."""
+        files are copies (serve's queue keeps each submission in a file of its own); default: the plan files.
+        `family`: the model's family (engine.families), where it is known: a LoRA for another family fails here."""
         started = time.perf_counter()
         clock = clock or StartupClock(started)
         with clock.phase("plan"):
-            movies = collect_plans(plan_paths)  # 1. plans
+            movies = collect_plans(plan_paths, family)  # 1. plans
             if source is not None:
                 movies = [lm.model_copy(update={"source": source}) for lm in movies]
             check_movie_owners(run, movies)  # before anything is written to OUT
@@ -211,7 +214,9 @@ def render(run: RunConfig, plan_paths: list[str | Path], progress: Progress | No
     `model` here (after the plans are checked). `clock`: where start-up phases count from (the CLI's: the process
     start); by default, this call."""
     report_stage(progress, "validate")
-    job = Job.load(run, plan_paths, clock)
+    family = family_by_kind(executor.info.kind) if executor is not None else \
+        family_of_spec((model or ModelConfig()).model)
+    job = Job.load(run, plan_paths, clock, family=family)
     if executor is not None:
         return render_job(job, executor, progress)
     report_stage(progress, "load")
