@@ -12,7 +12,6 @@ from .backends.base import Backend, UNetCond
 from .consistency import Anchors
 from .families import family_of
 from .families.sd import conditioning as _conditioning
-from .families.sd import stack_conditioning  # noqa: F401  (bench.runner's diffusers comparison reads it here)
 from .families.sd import uses_cfg as _uses_cfg
 from .frames import Frames
 from .jobs import BatchSettings, FrameJob
