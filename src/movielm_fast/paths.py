@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -115,10 +116,33 @@ def remove_stale_temporaries(folder: Path, older_than: float = STALE_TEMP_SECOND
     return removed
 
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+          (stat.S_ISSOCK, "a socket"))  # a folder: the rename fails, and says so
+
+
+def check_destination(path: Path) -> None:
+    """A UserError when something other than a regular file is at `path`: the rename of an atomic write would
+    replace it (a symlink would become a file and its target get nothing; /dev/full, a FIFO's reader, ...)."""
+    try:
+        st = os.lstat(path)
+    except OSError:  # nothing there (or unreadable: the write itself says why)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): movielm-fast writes a new file and "
+                        "renames it into place, which would replace the link, so it does not write there",
+                        "give the path the link points to, or remove the link")
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
+    if kind is not None:
+        raise UserError(f"{path} is {kind}, not a regular file: movielm-fast writes a new file and renames it into "
+                        "place, which would replace it, so it does not write there",
+                        "give the path of a file (existing or new) instead")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers see the old or the new file,
-    never half of one."""
+    never half of one. Only a regular file (or nothing) is replaced: `check_destination`."""
     path = Path(path)
+    check_destination(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

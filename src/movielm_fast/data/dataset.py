@@ -24,7 +24,7 @@ from PIL import Image
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.optional import require
-from movielm_fast.paths import atomic_write_text, sha256_file
+from movielm_fast.paths import atomic_write_text, check_destination, sha256_file
 from movielm_fast.plan import Movie, parse_plan
 from movielm_fast.run.manifest import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
 
@@ -148,6 +148,7 @@ def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, 
     # yuv420p halves chroma resolution, so both sides must be even.
     width, height = images[0].width // 2 * 2, images[0].height // 2 * 2
     # The encoder writes the file itself, so it gets a temporary name that is renamed into place when complete.
+    check_destination(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     count = 0
     try:
@@ -257,6 +258,7 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     out_dir = Path(out_dir)
     rendered, skipped = find_rendered(out_dir, options.movies)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
+    check_dataset_destination(dest, out_dir, options.qa_path)
     # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +282,21 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     _write_records(dest, records, options.format)
     report.records = len(records)
     return report
+
+
+def check_dataset_destination(dest: Path, out_dir: Path, qa_path: Path | None) -> None:
+    """A UserError when the dataset file would overwrite the render output it is made from (a movie folder's
+    manifest, frames or anything else in it) or the QA file it reads, or is no regular file: before any work."""
+    check_destination(dest)
+    target = dest.resolve()
+    for manifest in out_dir.glob("*/manifest.json"):
+        if target.is_relative_to(manifest.parent.resolve()):
+            raise UserError(f"--dest {dest} is inside the rendered movie folder {manifest.parent}: the dataset file "
+                            "would overwrite what the movie is made of", f"write it elsewhere, e.g. --dest "
+                            f"{out_dir / 'dataset.json'}")
+    if qa_path is not None and target == Path(qa_path).resolve():
+        raise UserError(f"--dest {dest} is the QA file the dataset is made from",
+                        "give the dataset file another name")
 
 
 def _movie_records(item: RenderedMovie, options: DatasetOptions, base: Path,
