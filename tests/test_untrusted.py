@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
+import resource
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
 from movielm_fast.run.renderer import Renderer
 from tests.helpers import movie, write_plan
+
+sys.path.insert(0, str(Path(__file__).parent))  # fake_openai_server, as tests/test_llm.py imports it
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,3 +83,111 @@ def test_dataset_refuses_a_destination_inside_a_movie_folder(rendered, inside):
     res = CliRunner().invoke(cli, ["dataset", str(rendered), "--dest", str(rendered / inside)])
     assert res.exit_code == 2 and "inside the rendered movie folder" in res.output, res.output
     assert {p: p.read_bytes() for p in rendered.rglob("*") if p.is_file()} == before
+
+
+# --- 3. serve under connection abuse; its render loop outlives any failure ----------------------------------------
+
+def _serve_app(tmp_path, **kw):
+    """An in-process server (the demo model on the null backend) and a starlette test client of its app."""
+    from starlette.testclient import TestClient
+
+    from movielm_fast.serve.app import Server, create_app
+
+    server = Server(ModelConfig(model="demo", backend="null"), RunConfig(out=tmp_path / "root", style_training=False),
+                    **kw)
+    return server, TestClient(create_app(server))
+
+
+def _plan_body(movie_id: str, frames: int = 2, **render) -> bytes:
+    return json.dumps({"version": 1, "defaults": {**SMALL, **render}, "movies": [movie(movie_id, frames)]}).encode()
+
+
+def _wait(server, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (rec := server.queue.get(job_id))["state"] not in states:
+        assert time.monotonic() < deadline, rec
+        time.sleep(0.05)
+    return rec
+
+
+def test_serve_survives_connections_that_never_finish_their_headers(tmp_path):
+    from tests.test_serve import ROOT, _http, _port
+
+    port = _port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as err:  # a process allowed 128 files: without the guards, 300 connections exhaust it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "movielm_fast.cli.main", "serve", "--out", str(tmp_path / "root"), "--port",
+             str(port), "--no-style-training", "--batch-size", "1", "--max-connections", "8", "--header-timeout", "1"],
+            cwd=ROOT, stdout=err, stderr=err,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _until(lambda: _http(f"{url}/health")[0] == 200, 300)
+        held = []
+        for _ in range(300):  # each sends half a request and never the rest
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+                s.sendall(b"POST /plans HTTP/1.1\r\nHost: x\r\n")
+                held.append(s)
+            except OSError:
+                pass  # refused or reset: the server sheds them
+        _until(lambda: _http(f"{url}/health")[0] == 200, 30)  # served again within the header timeout
+        status, rec = _http(f"{url}/plans", _plan_body("abused"))
+        assert status == 202
+        _until(lambda: _http(f"{url}/plans/{rec['id']}")[1]["state"] == "done", 300)
+        for s in held:  # every half-sent request was closed by the server
+            s.settimeout(5)
+            try:
+                assert s.recv(16) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert _http(f"{url}/health")[1]["renderer"]["alive"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    assert len(text) < 5000 and text.count("Traceback") <= 1, text
+
+
+def _until(check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_the_render_loop_survives_records_that_cannot_be_saved_and_loop_errors(tmp_path):
+    server, client = _serve_app(tmp_path)
+    first = server.queue.add(_plan_body("a").decode(), None, 2)
+    record = server.queue.dir / f"{first['id']}.json"
+    record.unlink()
+    record.mkdir()  # every save of this record now fails, as with no file handles or a full disk
+    failures = iter([OSError(24, "Too many open files")] * 2)
+    take = server.queue.next
+
+    def flaky_next(timeout=None):  # the loop's own step fails twice, then works
+        if (exc := next(failures, None)) is not None:
+            raise exc
+        return take(timeout)
+
+    server.queue.next = flaky_next
+    server.start()
+    try:
+        assert _wait(server, first["id"])["state"] == "done"
+        second = client.post("/plans", content=_plan_body("b")).json()
+        assert _wait(server, second["id"])["state"] == "done"
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["renderer"]["state"] == "idle"
+    finally:
+        server.stop()
+    server.thread.join(10)
+    health = client.get("/health")  # a render thread that has ended is reported, not hidden behind "ok"
+    assert health.status_code == 503 and health.json()["renderer"]["state"] == "dead"
+

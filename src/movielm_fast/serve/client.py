@@ -61,6 +61,6 @@ def follow(server: str, job_id: str, token: str | None = None, progress: Callabl
         if progress and rec.get("done", 0) > seen:
             progress(rec["done"] - seen, rec.get("total", 0))
             seen = rec["done"]
-        if rec["state"] in ("done", "failed"):
+        if rec["state"] in ("done", "failed", "cancelled"):
             return rec
         time.sleep(poll)
