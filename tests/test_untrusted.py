@@ -191,3 +191,49 @@ def test_the_render_loop_survives_records_that_cannot_be_saved_and_loop_errors(t
     health = client.get("/health")  # a render thread that has ended is reported, not hidden behind "ok"
     assert health.status_code == 503 and health.json()["renderer"]["state"] == "dead"
 
+
+# --- 4. a plan written by an LLM never names files ----------------------------------------------------------------
+
+def _llm_client(server, tmp_path, **overrides):
+    from movielm_fast.data.llm.client import LLMClient, LLMConfig
+
+    config = LLMConfig(base_url=server.url, api_key="test", model="m", timeout=5.0, max_retries=0, concurrency=2,
+                       cache_dir=tmp_path / "llm-cache")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return LLMClient(config)
+
+
+def _plan_reply(title: str = "The Long Night", frames: int = 3, **extra) -> dict:
+    return {"title": title, "overview": "A night.", "style": {"name": "Noir", "description": "dark"},
+            "characters": [{"name": "Ann", "appearance": "a woman"}, {"name": "Bo", "appearance": "a man"}],
+            "frames": [{"description": f"Ann waits {i}", "dialogue": "", "shot": "wide", "camera": "", "speaker": ""}
+                       for i in range(frames)], **extra}
+
+
+def test_an_llm_reply_that_names_files_is_stripped_and_says_so(tmp_path):
+    from fake_openai_server import FakeOpenAIServer, ok, scripted
+
+    from movielm_fast.data.llm.planner import build_requests, generate_plans
+    from movielm_fast.plan import absolute_plan_paths, load_plan
+
+    reply = _plan_reply(loras=[{"file": "/etc/hostname", "scale": 100}], render={"vae": "/etc"})
+    reply["style"].update(loras=[{"file": "/etc/shadow", "scale": 100}], embedding="/etc/passwd", token="<t>")
+    with FakeOpenAIServer(scripted(ok(reply))) as server:
+        report = generate_plans(_llm_client(server, tmp_path), build_requests(["a night"], None, 3, 2, 1),
+                                tmp_path / "plans")
+    [outcome] = report.outcomes
+    data = json.loads(outcome.path.read_text())
+    assert absolute_plan_paths(data, tmp_path)[1] == [] and "/etc" not in outcome.path.read_text()
+    assert data["style"] == {"name": "Noir", "description": "dark", "embedding": None}
+    assert load_plan(outcome.path)[0].lora_files() == []
+    [note] = [w for w in outcome.warnings if "never names files" in w]
+    assert "$.style.loras" in note and "$.style.embedding" in note and "$.loras" in note and "$.render" in note
+
+
+def test_make_plans_again_a_plan_file_that_names_files(tmp_path):
+    from movielm_fast.data.make import _names_files
+
+    plan = write_plan(tmp_path / "p.json", [movie("m", 1, loras=[{"file": "/etc/shadow", "scale": 100}])])
+    assert _names_files(plan)
+    assert not _names_files(write_plan(tmp_path / "q.json", [movie("m", 1)]))

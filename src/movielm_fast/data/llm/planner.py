@@ -135,10 +135,21 @@ def plan_messages(req: PlanRequest) -> list[dict[str, str]]:
     return [{"role": "system", "content": prompt("plan_system")}, {"role": "user", "content": user}]
 
 
-def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
-    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem."""
+STYLE_KEYS = ("name", "description")
+"""What a plan written by an LLM keeps of its style: never an embedding, LoRA or token -- files and models are the
+user's to name, and a reply is untrusted text (it could name /etc/shadow, or a LoRA at scale 100)."""
+
+
+def movie_from_reply(data: Any, req: PlanRequest, dropped: list[str] | None = None) -> dict[str, Any]:
+    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem. Only the keys of
+    PLAN_SCHEMA are taken from the reply; the JSON paths of the others (files or models it tried to name, say) are
+    put in `dropped`."""
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
+    style = data.get("style")
+    if dropped is not None:
+        dropped[:] = [f"$.{k}" for k in data if k not in PLAN_SCHEMA["properties"]] + \
+            [f"$.style.{k}" for k in (style if isinstance(style, dict) else ()) if k not in STYLE_KEYS]
     frames = data.get("frames")
     if isinstance(frames, list):
         frames = [_without_silent_speaker(f) for f in frames]
@@ -147,7 +158,8 @@ def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
         "title": data.get("title", ""),
         "theme": req.theme,
         "overview": data.get("overview", ""),
-        "style": {**data["style"], "embedding": None} if isinstance(data.get("style"), dict) else data.get("style"),
+        "style": {**{k: style[k] for k in STYLE_KEYS if k in style}, "embedding": None} if isinstance(style, dict)
+        else style,
         "characters": data.get("characters"),
         "frames": [_numbered_frame(f, i, len(frames)) for i, f in enumerate(frames)]
         if isinstance(frames, list) else frames,
@@ -305,10 +317,11 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
     if _valid_plan_file(path):
         return PlanOutcome(req, path, skipped=True)
     label = f"plan for {req.theme!r} (version {req.version})"
+    dropped: list[str] = []
     try:
-        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), plan_schema(req),
-                              out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan",
-                              req.max_tokens)
+        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req, dropped),
+                              plan_schema(req), out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries,
+                              "movie_plan", req.max_tokens)
     except UserError as exc:
         return PlanOutcome(req, error=str(exc))
     movie["id"] = ids.claim(movie["id"])
@@ -316,7 +329,9 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
     movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
     parse_plan(movie, source=str(path))
     atomic_write_text(path, json.dumps(movie, indent=2, ensure_ascii=False) + "\n")
-    return PlanOutcome(req, path, warnings=count_warnings(movie, req))
+    notes = [f"the reply also gave {', '.join(dropped)}: left out (a plan written by an LLM never names files or "
+             "models; add them to the plan yourself)"] if dropped else []
+    return PlanOutcome(req, path, warnings=count_warnings(movie, req) + notes)
 
 
 def _valid_plan_file(path: Path) -> bool:
