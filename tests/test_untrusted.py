@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from movielm_fast.cli.main import cli
 from movielm_fast.engine.config import ModelConfig
+from movielm_fast.errors import UserError
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
@@ -237,3 +238,59 @@ def test_make_plans_again_a_plan_file_that_names_files(tmp_path):
     plan = write_plan(tmp_path / "p.json", [movie("m", 1, loras=[{"file": "/etc/shadow", "scale": 100}])])
     assert _names_files(plan)
     assert not _names_files(write_plan(tmp_path / "q.json", [movie("m", 1)]))
+
+
+# --- 5. --allow-files is checked as each file is opened, every time -----------------------------------------------
+
+def _plan_naming(path: Path, movie_id: str) -> bytes:
+    m = movie(movie_id, 2)
+    m["style"]["embedding"] = str(path)
+    return json.dumps({"version": 1, "defaults": SMALL, "movies": [m]}).encode()
+
+
+def test_a_file_swapped_for_a_link_after_acceptance_is_refused_when_it_renders(tmp_path):
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret.safetensors"
+    allowed.mkdir()
+    secret.write_bytes(b"not for the server")
+    emb = allowed / "style.safetensors"
+    emb.write_bytes(b"placeholder")
+    server, client = _serve_app(tmp_path, allow_files=(allowed,))
+    accepted = client.post("/plans", content=_plan_naming(emb, "swapped"))
+    assert accepted.status_code == 202, accepted.json()
+    emb.unlink()
+    emb.symlink_to(secret)  # after the check at submission, before the render
+    server.start()
+    try:
+        rec = _wait(server, accepted.json()["id"])
+    finally:
+        server.stop()
+    assert rec["state"] == "failed" and "outside the folders" in rec["error"]["error"], rec
+    assert str(allowed) in rec["error"]["error"]
+
+
+def test_a_plan_resumed_after_a_restart_is_checked_against_the_new_roots(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "style.safetensors").write_bytes(b"placeholder")
+    server, client = _serve_app(tmp_path, allow_files=(first,))
+    accepted = client.post("/plans", content=_plan_naming(first / "style.safetensors", "resumed")).json()
+    server, _ = _serve_app(tmp_path, allow_files=(second,))  # "restarted" with other roots: the plan is resumed
+    server.start()
+    try:
+        rec = _wait(server, accepted["id"])
+    finally:
+        server.stop()
+    assert rec["state"] == "failed" and "outside the folders" in rec["error"]["error"], rec
+
+
+def test_a_link_inside_an_allowed_folder_is_followed_before_it_is_trusted(tmp_path):
+    from movielm_fast.plan import load_plan
+
+    allowed = tmp_path / "allowed"
+    (allowed / "vae").mkdir(parents=True)
+    (allowed / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(tmp_path / "elsewhere.bin")
+    plan = write_plan(tmp_path / "p.json", [movie("m", 1)], {"vae": str(allowed / "vae")})
+    lm = load_plan(plan)[0].model_copy(update={"file_roots": (allowed.resolve(),)})
+    with pytest.raises(UserError, match="through .*diffusion_pytorch_model"):
+        lm.confined_folders(lm.settings)

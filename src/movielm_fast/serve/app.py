@@ -119,7 +119,8 @@ class Server:
             waited = max(0.0, time.time() - rec["submitted"])
             clock = StartupClock(time.perf_counter() - waited)
             clock.add("queued", waited)
-            job = Job.load(run, [self.queue.plan_path(job_id)], clock, source=SERVED)
+            # Every file the plan names is checked against --allow-files again, as it is opened (links followed).
+            job = Job.load(run, [self.queue.plan_path(job_id)], clock, source=SERVED, file_roots=self.allow_files)
             self.check_work(job)  # again: the limits may be lower than when it was accepted (a restart)
             summary = render_job(job, self.executor, progress).as_dict()
             self.queue.update(job_id, state="failed" if summary["failures"] else "done", summary=summary,
@@ -171,7 +172,7 @@ class Server:
         with tempfile.TemporaryDirectory(prefix="movielm-serve-check-") as tmp:
             path = Path(tmp) / "plan.json"
             path.write_text(text)
-            job = Job.load(self.plan_run(out, options), [path], source=SERVED)
+            job = Job.load(self.plan_run(out, options), [path], source=SERVED, file_roots=self.allow_files)
         self.check_work(job)
         return text, options, sum(len(lm.movie.frames) for lm in job.movies)
 
