@@ -10,6 +10,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -294,3 +295,100 @@ def test_a_link_inside_an_allowed_folder_is_followed_before_it_is_trusted(tmp_pa
     lm = load_plan(plan)[0].model_copy(update={"file_roots": (allowed.resolve(),)})
     with pytest.raises(UserError, match="through .*diffusion_pytorch_model"):
         lm.confined_folders(lm.settings)
+
+
+# --- 6. and 7. an LLM reply is capped in size and in time ---------------------------------------------------------
+
+class _RawLLM:
+    """A chat-completions endpoint on 127.0.0.1 that answers 200 and then sends its body as `body(write)` does."""
+
+    def __init__(self, body, length: int | None = None):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    body(self.wfile.write)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading: what the test wants
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads, self.httpd.block_on_close = True, False
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_an_llm_reply_over_the_size_limit_stops_being_read(tmp_path, monkeypatch):
+    from movielm_fast.data.llm.client import ReplyTooLarge
+
+    monkeypatch.setenv("MOVIELM_MAX_REPLY_BYTES", str(2**20))
+    sent = []
+
+    def megabytes(write):  # announces 400 MB; sends until the client hangs up
+        for _ in range(400):
+            write(b" " * 2**20)
+            sent.append(1)
+
+    server = _RawLLM(megabytes, length=400 * 2**20)
+    try:
+        client = _llm_client(server, tmp_path, max_retries=3)
+        with pytest.raises(ReplyTooLarge, match="larger than 1,048,576 bytes") as err:
+            client.chat([{"role": "user", "content": "hi"}])
+        assert "MOVIELM_MAX_REPLY_BYTES" in err.value.hint
+    finally:
+        server.close()
+    assert len(sent) < 50  # it was not read to the end, nor asked again
+
+
+def test_llm_timeout_is_a_deadline_for_a_trickling_reply(tmp_path):
+    from movielm_fast.data.llm.planner import build_requests, generate_plans
+
+    def trickle(write):  # a byte a second, forever: no single read ever waits the timeout out
+        while True:
+            write(b" ")
+            time.sleep(1)
+
+    server = _RawLLM(trickle)
+    try:
+        t0 = time.monotonic()
+        report = generate_plans(_llm_client(server, tmp_path, timeout=2.0), build_requests(["x"], None, 3, 2, 1),
+                                tmp_path / "plans")
+        seconds = time.monotonic() - t0
+    finally:
+        server.close()
+    [failure] = report.failures
+    assert "timed out" in failure.error and seconds < 30, (failure.error, seconds)
+
+
+def test_an_oversized_image_is_refused_and_an_extreme_shape_stays_small(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from movielm_fast.style.images import load_images
+
+    Image.new("RGB", (150_000, 1), "red").save(tmp_path / "strip.png")  # a few hundred bytes as PNG
+    probe = ("import resource, sys; from movielm_fast.style.images import load_images; "
+             f"load_images({str(tmp_path)!r}, 64); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split()[-1]) < 600_000, res.stdout  # peak KB: the 9600000 x 64 step was 3.5 GB
+    monkeypatch.setenv("MOVIELM_MAX_IMAGE_PIXELS", "100000")
+    with pytest.raises(UserError, match="150000x1: 150,000 pixels, over the limit of 100,000") as err:
+        load_images(tmp_path, 64)
+    assert "MOVIELM_MAX_IMAGE_PIXELS" in err.value.hint
+    monkeypatch.setenv("MOVIELM_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(UserError, match="MOVIELM_MAX_IMAGE_PIXELS='lots' is not a positive whole number"):
+        load_images(tmp_path, 64)

@@ -476,25 +476,35 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
 
 
 # --- size limits -------------------------------------------------------------------------------------------------
-# Plans and LLM answers are untrusted input: each bound is far above any real plan and far below what exhausts a
-# machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, documented in README.
+# Plans, LLM answers and user images are untrusted input: each bound is far above any real input and far below what
+# exhausts a machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, listed in
+# docs/safety.md.
 
 LIMITS = {  # name: (default, environment variable)
     "plan_bytes": (16 * 2**20, "MOVIELM_MAX_PLAN_BYTES"),
     "text_chars": (20_000, "MOVIELM_MAX_TEXT_CHARS"),
     "depth": (32, "MOVIELM_MAX_PLAN_DEPTH"),
     "prompt_windows": (16, "MOVIELM_MAX_PROMPT_WINDOWS"),
+    "reply_bytes": (16 * 2**20, "MOVIELM_MAX_REPLY_BYTES"),  # an LLM's reply, read into memory whole
+    "image_pixels": (8192 * 8192, "MOVIELM_MAX_IMAGE_PIXELS"),  # a user image for style training, decoded
 }
 
 
 def limit(name: str) -> int:
-    """A size limit: its environment override if set to a positive integer, else the default."""
+    """A size limit: its environment override if set, else the default; an override that is not a positive integer
+    is a UserError (ignoring it would leave the user thinking it holds)."""
     default, env = LIMITS[name]
-    try:
-        value = int(os.environ.get(env, "") or default)
-    except ValueError:
+    text = os.environ.get(env, "").strip()
+    if not text:
         return default
-    return value if value > 0 else default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{env}={text[:40]!r} is not a positive whole number",
+                        f"set it to a number such as {default} (the default), or unset it")
+    return value
 
 
 def limit_hint(name: str) -> str:

@@ -15,7 +15,9 @@ import json
 import os
 import re
 import string
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from movielm_fast.errors import UserError
 from movielm_fast.optional import require
 from movielm_fast.paths import atomic_write_text, cache_root
+from movielm_fast.plan import limit, limit_hint
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -185,7 +188,8 @@ class LLMClient:
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self._openai = openai
         self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key, timeout=config.timeout,
-                                     max_retries=config.max_retries)
+                                     max_retries=config.max_retries,
+                                     http_client=bounded_http_client(openai, config.timeout, limit("reply_bytes")))
         # A structured mode's first attempt goes out without retries: a timeout there usually means the model
         # rambles under the grammar, and repeating it would cost minutes before the fallback. Other transport
         # errors then get the remaining retries.
@@ -302,6 +306,51 @@ class LLMClient:
             return UserError(f"model {self.config.model!r} or the endpoint was not found at {where}",
                              "check --model, and that --base-url ends in /v1")
         return UserError(f"the LLM server refused the request: {_server_message(exc)}")
+
+
+class ReplyTooLarge(UserError):
+    """A reply over the size limit: not retried (the openai client passes errors that are not its own through)."""
+
+
+def bounded_http_client(openai: Any, deadline: float, max_bytes: int) -> Any:
+    """openai's default HTTP client, with the two bounds it lacks: `deadline` seconds for a whole request, reply
+    included (the client's timeout holds for each read, so a server sending a byte a second never times out; past
+    the deadline the reply is a timeout, which the openai client retries as any other), and `max_bytes` for a reply,
+    which is read into memory whole."""
+    base = openai.DefaultHttpxClient
+    httpx = sys.modules[base.__mro__[1].__module__.split(".")[0]]  # httpx, or httpx2 for newer openai releases
+
+    class BoundedStream(httpx.SyncByteStream):
+        def __init__(self, inner: Any, request: Any, until: float):
+            self.inner, self.request, self.until, self.size = inner, request, until, 0
+
+        def __iter__(self):
+            for chunk in self.inner:
+                self.size += len(chunk)
+                if self.size > max_bytes:
+                    raise ReplyTooLarge(f"the LLM server's reply is larger than {max_bytes:,} bytes",
+                                        f"check the server (--base-url), {limit_hint('reply_bytes')}")
+                if time.monotonic() > self.until:
+                    raise httpx.ReadTimeout(f"the reply took longer than {deadline:g} s", request=self.request)
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class BoundedClient(base):
+        def send(self, request: Any, *, stream: bool = False, **kwargs: Any) -> Any:
+            until = time.monotonic() + deadline
+            response = super().send(request, stream=True, **kwargs)
+            response.stream = BoundedStream(response.stream, request, until)
+            if not stream:
+                try:
+                    response.read()
+                except BaseException:
+                    response.close()
+                    raise
+            return response
+
+    return BoundedClient(timeout=deadline)
 
 
 def without_array_bounds(schema: Any) -> Any:
