@@ -392,3 +392,51 @@ def test_an_oversized_image_is_refused_and_an_extreme_shape_stays_small(tmp_path
     monkeypatch.setenv("MOVIELM_MAX_IMAGE_PIXELS", "lots")
     with pytest.raises(UserError, match="MOVIELM_MAX_IMAGE_PIXELS='lots' is not a positive whole number"):
         load_images(tmp_path, 64)
+
+
+# --- 8. serve: cancel, and limits on the work of a plan -----------------------------------------------------------
+
+def test_cancel_a_queued_and_a_running_plan_and_neither_resumes(tmp_path):
+    server, client = _serve_app(tmp_path)
+    running = client.post("/plans", content=_plan_body("long", frames=200, steps=100)).json()
+    queued = client.post("/plans", content=_plan_body("later")).json()
+    server.start()
+    try:
+        deadline = time.monotonic() + 120
+        while server.queue.get(running["id"])["done"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.delete(f"/plans/{queued['id']}").json()["state"] == "cancelled"
+        answer = client.delete(f"/plans/{running['id']}")
+        assert answer.status_code == 202 and answer.json()["state"] == "running"
+        rec = _wait(server, running["id"])
+    finally:
+        server.stop()
+    assert rec["state"] == "cancelled" and 2 <= rec["done"] < 200
+    frames = sorted((tmp_path / "root" / "long" / "frames").glob("*.png"))
+    manifest = json.loads((tmp_path / "root" / "long" / "manifest.json").read_text())
+    assert len(frames) == len(manifest["frames"]) >= 2  # what was rendered before the cancel is kept, and recorded
+    assert not (tmp_path / "root" / "later").exists()
+    assert client.delete(f"/plans/{running['id']}").status_code == 409
+    assert client.delete("/plans/nope").status_code == 404
+    restarted, _ = _serve_app(tmp_path)  # a restart resumes neither
+    assert {r["state"] for r in restarted.queue.all()} == {"cancelled"}
+
+
+@pytest.mark.parametrize("render,flag", [({"width": 4096, "height": 4096, "steps": 1000}, "--max-frame-pixels"),
+                                         ({"steps": 1000}, "--max-plan-megapixel-steps")])
+def test_a_plan_over_the_servers_work_limits_is_refused(tmp_path, render, flag):
+    server, client = _serve_app(tmp_path)
+    answer = client.post("/plans", content=_plan_body("huge", frames=100, **render))
+    assert answer.status_code == 422 and flag in answer.json()["hint"], answer.json()
+    assert server.queue.all() == []
+
+
+def test_work_limits_are_flags_with_defaults_from_the_model(tmp_path):
+    from movielm_fast.serve.config import ServeLimits
+
+    assert ServeLimits().for_model(512, 512).max_frame_pixels == 1024 * 1024
+    assert ServeLimits().for_model(512, 512).max_plan_megapixel_steps == 13107.2
+    assert ServeLimits(max_frame_pixels=10**7).for_model(64, 64).max_frame_pixels == 10**7
+    with pytest.raises(UserError, match="--max-connections"):
+        ServeLimits(max_connections=0)
