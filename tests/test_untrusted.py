@@ -440,3 +440,34 @@ def test_work_limits_are_flags_with_defaults_from_the_model(tmp_path):
     assert ServeLimits(max_frame_pixels=10**7).for_model(64, 64).max_frame_pixels == 10**7
     with pytest.raises(UserError, match="--max-connections"):
         ServeLimits(max_connections=0)
+
+
+# --- 9. the content hash memo is keyed on what a copy cannot keep -------------------------------------------------
+
+def test_weights_rewritten_in_place_with_the_same_size_and_mtime_hash_anew(tmp_path):
+    from movielm_fast.engine.models import content_hash
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"A" * 1000)
+    before = content_hash(weights)
+    st = weights.stat()
+    weights.write_bytes(b"B" * 1000)  # as rsync -a, cp -p or tar leave a file: same size, same mtime
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns and weights.stat().st_size == st.st_size
+    assert content_hash(weights) != before
+    assert content_hash(weights) == content_hash(weights)  # and the memo still answers an unchanged file
+
+
+def test_an_artifact_damaged_without_changing_its_size_is_not_used(tmp_path):
+    from types import SimpleNamespace
+
+    from movielm_fast.export import cache
+
+    key = cache.make_key(SimpleNamespace(model_id="m", content_hash="h"), "unet", "ort-cpu", "fp32")
+    with cache.writing(key, tmp_path) as tmp:
+        (tmp / "model.onnx").write_bytes(b"graph")
+        cache.commit(tmp, key, "model.onnx", {})
+    art = cache.lookup(key, tmp_path)
+    assert art is not None
+    (art.path / "model.onnx").write_bytes(b"GRAPH")  # same size
+    assert cache.lookup(key, tmp_path) is None

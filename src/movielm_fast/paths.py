@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -174,9 +175,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fp:
-        for block in iter(lambda: fp.read(1 << 20), b""):
+        for block in iter(lambda: fp.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_files(files: list[Path]) -> list[str]:
+    """The sha256 of each file, memoised in the cache (sha256-memo.json, one entry per path) under what neither a
+    copy nor a rewrite in place can keep: device, inode, size, modification and change time. rsync -a, cp -p and
+    tar restore the modification time; the change time is set by the kernel on every write, and nothing sets it
+    back. Weights are gigabytes: re-hashing them on every run would cost seconds."""
+    memo_path = cache_root() / "sha256-memo.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    digests, changed = [], False
+    for f in files:
+        real = Path(f).resolve()
+        st = real.stat()  # before reading: a write while it is hashed changes the stamp, so the next call hashes again
+        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        entry = memo.get(str(real))
+        if not (isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str)):
+            entry = memo[str(real)] = {"stat": stamp, "sha256": sha256_file(real)}
+            changed = True
+        digests.append(entry["sha256"])
+    if changed:
+        try:
+            atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        except UserError:
+            pass  # the memo is an optimisation only
+    return digests
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import atomic_write_text, cache_root
+from movielm_fast.paths import sha256_files
 
 from .demo import demo_model_path
 
@@ -70,33 +70,12 @@ class ModelBundle:
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
-    """sha256 over (relative name, content) of every weight file; memoised by (size, mtime) since real models
-    are gigabytes and re-hashing them on every run would cost seconds."""
-    memo_path = cache_root() / "hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    """sha256 over (relative name, content) of every weight file (each file's digest memoised: paths.sha256_files)."""
     h = hashlib.sha256()
-    changed = False
-    for f in sorted(files):
-        st = f.stat()
-        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(key)
-        if digest is None:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for block in iter(lambda: fp.read(1 << 22), b""):
-                    fh.update(block)
-            digest = memo[key] = fh.hexdigest()
-            changed = True
+    files = sorted(files)
+    for f, digest in zip(files, sha256_files(files)):
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
         h.update(digest.encode())
-    if changed:
-        try:
-            atomic_write_text(memo_path, json.dumps(memo, indent=0))
-        except OSError:
-            pass  # the memo is an optimisation only
     return h.hexdigest()[:16]
 
 
