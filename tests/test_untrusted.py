@@ -471,3 +471,80 @@ def test_an_artifact_damaged_without_changing_its_size_is_not_used(tmp_path):
     assert art is not None
     (art.path / "model.onnx").write_bytes(b"GRAPH")  # same size
     assert cache.lookup(key, tmp_path) is None
+
+
+# --- 10. wrong results: QA joins, movie ids, the LLM cache, eval's NaN ----------------------------------------------
+
+def test_dataset_attaches_qa_only_to_the_movie_it_was_written_for(rendered, tmp_path):
+    from movielm_fast.data.llm.qa import QAJob, generate_qa, write_qa
+    from movielm_fast.plan import load_plan
+
+    other = load_plan(write_plan(tmp_path / "other.json", [movie("one", 2, title="Another Film")]))[0].movie
+    same = load_plan(write_plan(tmp_path / "same.json", [movie("two", 2)]))[0].movie
+    records, _ = generate_qa([other, same], QAJob(source="derived"), None)
+    write_qa(tmp_path / "qa.json", records)
+    res = CliRunner().invoke(cli, ["dataset", str(rendered), "--qa", str(tmp_path / "qa.json")])
+    assert res.exit_code == 1 and "skipped movie one" in res.output and "another movie" in res.output, res.output
+    ids = {r["id"].rsplit("-", 2)[0] for r in json.loads((rendered / "dataset.json").read_text())}
+    assert ids == {"two"}
+    write_qa(tmp_path / "dup.json", [records[1], records[1]])
+    res = CliRunner().invoke(cli, ["dataset", str(rendered), "--qa", str(tmp_path / "dup.json")])
+    assert res.exit_code == 2 and "entries 0 and 1 are both QA for movie 'two'" in res.output, res.output
+
+
+def test_plan_ids_do_not_depend_on_which_answer_arrives_first(tmp_path):
+    from fake_openai_server import FakeOpenAIServer, ok
+
+    from movielm_fast.data.llm.planner import build_requests, generate_plans
+
+    def same_title(body, n):  # every theme gets the same title; the first request answers last
+        if n == 0:
+            time.sleep(1.0)
+        return ok(_plan_reply("Same Title"))
+
+    ids = []
+    for run in ("a", "b"):
+        with FakeOpenAIServer(same_title) as server:
+            out = tmp_path / run
+            generate_plans(_llm_client(server, tmp_path, concurrency=2, cache_dir=None),
+                           build_requests(["first theme", "second theme"], None, 3, 2, 1), out)
+        ids.append({p.name: json.loads(p.read_text())["id"] for p in out.glob("*.json")})
+    assert ids[0] == ids[1] == {"first-theme-01.json": "first-theme-01", "second-theme-01.json": "second-theme-01"}
+
+
+def test_the_llm_cache_is_per_server(tmp_path):
+    from fake_openai_server import FakeOpenAIServer, ok, scripted
+
+    messages = [{"role": "user", "content": "hi"}]
+    with FakeOpenAIServer(scripted(ok({"from": "a"}))) as a, FakeOpenAIServer(scripted(ok({"from": "b"}))) as b:
+        assert json.loads(_llm_client(a, tmp_path).chat(messages).content) == {"from": "a"}
+        second = _llm_client(b, tmp_path).chat(messages)
+    assert not second.cached and json.loads(second.content) == {"from": "b"}
+
+
+def _tiny_clip(folder: Path) -> Path:
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from movielm_fast.engine.demo import clip_tokenizer
+
+    cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77},
+                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    model = CLIPModel(cfg)
+    with torch.no_grad():
+        model.visual_projection.weight.fill_(float("nan"))  # every image score is NaN
+    model.save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_eval_json_never_holds_a_bare_nan(rendered, tmp_path):
+    clip = _tiny_clip(tmp_path / "clip")
+    res = CliRunner().invoke(cli, ["eval", str(rendered), "--clip", str(clip), "--json"])
+    assert res.exit_code == 0, res.output
+    text = (rendered / "eval.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    report = json.loads(text)
+    assert all(m["clip_t"] is None and m["non_finite_scores"] > 0 for m in report["movies"])

@@ -28,7 +28,7 @@ from movielm_fast.paths import atomic_write_text, check_destination, sha256_file
 from movielm_fast.plan import Movie, parse_plan
 from movielm_fast.run.manifest import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
 
-from .llm.qa import QA_KINDS, derived_qa, movie_record
+from .llm.qa import QA_KINDS, derived_qa, movie_record, story_digest
 
 MEDIA_TOKEN = "<video>"
 Format = Literal["llava", "jsonl"]
@@ -125,6 +125,11 @@ def load_qa_file(path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(records, list) or bad:
         raise UserError(f"{path}: entry {bad[0] if bad else 0} is not a QA record with 'movie_id' and 'QA'",
                         "pass the file written by `movielm-fast qa`")
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if first.setdefault(r["movie_id"], i) != i:
+            raise UserError(f"{path}: entries {first[r['movie_id']]} and {i} are both QA for movie "
+                            f"{r['movie_id']!r}", "keep one of them (or give the movies different ids)")
     return {r["movie_id"]: r for r in records}
 
 
@@ -320,8 +325,20 @@ def _movie_records(item: RenderedMovie, options: DatasetOptions, base: Path,
 
 
 def _qa_for(movie: Movie, qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> dict[str, Any]:
-    if qa_by_id is not None and movie.id in qa_by_id:
-        return qa_by_id[movie.id]["QA"]
+    """The movie's QA from the QA file, if it has QA for this very movie (its story digest, or for older files
+    its title, must match: another film may have the same id), else derived from its plan."""
+    record = (qa_by_id or {}).get(movie.id)
+    if record is not None:
+        digest, title = record.get("story"), record.get("movie_title")
+        if digest:
+            other = digest != story_digest(movie)
+        else:  # a QA file from before the digest: its title is all it says about its movie
+            other = title is not None and title != (movie.title or movie.id)
+        if other:
+            raise UserError(f"the QA file's entry for movie {movie.id!r} ({title!r}) was written for another movie "
+                            f"with that id, or before its plan changed (rendered: {movie.title!r})",
+                            "write its QA again from the plan it was rendered from (`movielm-fast qa PLAN`)")
+        return record["QA"]
     if qa_by_id is not None:
         report.derived_for.append(movie.id)
     return movie_record(movie, derived_qa(movie))["QA"]

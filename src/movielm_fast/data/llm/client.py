@@ -3,8 +3,8 @@
 Transport retries (timeouts, 429, 5xx, refused connections) are the `openai` client's own: ``max_retries`` with
 its exponential back-off and the server's Retry-After. What lives here is what the client does not know: which
 structured-output mode (JSON schema, JSON object, plain) a server supports, sizing replies, and turning a reply
-into valid data with repair round trips. Every response is cached on disk under the sha256 of (model, messages,
-parameters), below ``$MOVIELM_CACHE/llm``: a rerun costs no tokens and an interrupted batch resumes where it
+into valid data with repair round trips. Every response is cached on disk under the sha256 of (server, model,
+messages, parameters), below ``$MOVIELM_CACHE/llm``: a rerun costs no tokens and an interrupted batch resumes where it
 stopped.
 """
 
@@ -207,9 +207,10 @@ class LLMClient:
         limit = self.max_tokens_for(max_tokens)
         params = {"temperature": self.config.temperature, "seed": self.config.seed, "max_tokens": limit,
                   "schema": schema}
-        # The cache key holds what was asked for, not how the server was asked, so a rerun hits the cache
-        # even when this run had to fall back from JSON-schema mode.
-        key = ResponseCache.key({"model": self.config.model, "messages": messages, "params": params})
+        # The cache key holds what was asked for and of which server, not how the server was asked, so a rerun hits
+        # the cache even when this run had to fall back from JSON-schema mode, and another server is asked afresh.
+        key = ResponseCache.key({"base_url": self.config.base_url, "model": self.config.model, "messages": messages,
+                                 "params": params})
         hit = self.cache.get(key) if self.cache else None
         if hit is not None:
             self.usage.add(hit.get("usage"), cached=True)

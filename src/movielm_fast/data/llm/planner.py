@@ -324,7 +324,9 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
                               "movie_plan", req.max_tokens)
     except UserError as exc:
         return PlanOutcome(req, error=str(exc))
-    movie["id"] = ids.claim(movie["id"])
+    # The id is the request's, never the reply's title: a title-made id would depend on which of two plans with the
+    # same title was answered first, and a resumed run would differ from a clean one.
+    movie["id"] = ids.claim(req.stem)
     # Distinct movies get distinct noise even when nobody sets a seed.
     movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
     parse_plan(movie, source=str(path))
