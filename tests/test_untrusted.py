@@ -300,21 +300,22 @@ def test_a_link_inside_an_allowed_folder_is_followed_before_it_is_trusted(tmp_pa
 # --- 6. and 7. an LLM reply is capped in size and in time ---------------------------------------------------------
 
 class _RawLLM:
-    """A chat-completions endpoint on 127.0.0.1 that answers 200 and then sends its body as `body(write)` does."""
+    """A chat-completions endpoint on 127.0.0.1 that answers 200 and then sends its body as `body(write, request)`
+    does (`request`: the JSON the client sent)."""
 
     def __init__(self, body, length: int | None = None):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 if length is not None:
                     self.send_header("Content-Length", str(length))
                 self.end_headers()
                 try:
-                    body(self.wfile.write)
+                    body(self.wfile.write, request)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client stopped reading: what the test wants
 
@@ -337,7 +338,7 @@ def test_an_llm_reply_over_the_size_limit_stops_being_read(tmp_path, monkeypatch
     monkeypatch.setenv("MOVIELM_MAX_REPLY_BYTES", str(2**20))
     sent = []
 
-    def megabytes(write):  # announces 400 MB; sends until the client hangs up
+    def megabytes(write, request):  # announces 400 MB; sends until the client hangs up
         for _ in range(400):
             write(b" " * 2**20)
             sent.append(1)
@@ -356,7 +357,7 @@ def test_an_llm_reply_over_the_size_limit_stops_being_read(tmp_path, monkeypatch
 def test_llm_timeout_is_a_deadline_for_a_trickling_reply(tmp_path):
     from movielm_fast.data.llm.planner import build_requests, generate_plans
 
-    def trickle(write):  # a byte a second, forever: no single read ever waits the timeout out
+    def trickle(write, request):  # a byte a second, forever: no single read ever waits the timeout out
         while True:
             write(b" ")
             time.sleep(1)
@@ -548,3 +549,139 @@ def test_eval_json_never_holds_a_bare_nan(rendered, tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     report = json.loads(text)
     assert all(m["clip_t"] is None and m["non_finite_scores"] > 0 for m in report["movies"])
+
+
+# --- 11. tracebacks become clean errors, and nothing already produced is lost -------------------------------------
+
+def test_a_5000_digit_seed_is_a_clean_error(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(movie("s", 1)).replace('"frames"', '"render": {"seed": ' + "5" * 5000 + '}, "frames"'))
+    res = CliRunner().invoke(cli, ["render", str(plan), "--backend", "null", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "a seed has at most 19 digits" in res.output, res.output
+
+
+def _garbled_for(word: str):
+    """A server that answers requests naming `word` with a 200 whose body is not JSON, and the others properly."""
+    def body(write, request):
+        if word in json.dumps(request).lower():
+            write(b"<html>this is not a chat completion</html>")
+            return
+        reply = _plan_reply(frames=3) if "theme" in json.dumps(request) else \
+            {"overview_qa": [{"question": "q?", "answer": "a."}], "temporal_qa": [{"question": "q?", "answer": "a."}],
+             "plot_qa": [{"question": f"q{i}?", "answer": "a."} for i in range(2)]}
+        write(json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": json.dumps(reply)}}]}).encode())
+    return _RawLLM(body)
+
+
+def test_an_llm_answering_200_with_invalid_json_loses_only_that_item(tmp_path):
+    server = _garbled_for("broken")
+    llm = ["--base-url", server.url, "--api-key", "k", "--cache-dir", str(tmp_path / "cache"), "--max-retries", "0"]
+    try:
+        res = CliRunner().invoke(cli, ["plan", "fine theme", "broken theme", "--frames", "3", "--characters", "2",
+                                       "--out", str(tmp_path / "plans"), *llm])
+        assert res.exit_code == 2 and "not a chat completion" in res.output, res.output
+        assert [p.name for p in (tmp_path / "plans").glob("*.json")] == ["fine-theme-01.json"]
+        plans = [write_plan(tmp_path / f"{m}.json", [movie(m, 2, title=m.title())]) for m in ("kept", "broken")]
+        res = CliRunner().invoke(cli, ["qa", *map(str, plans), "--plot-questions", "2", "--out",
+                                       str(tmp_path / "qa.json"), *llm])
+    finally:
+        server.close()
+    assert res.exit_code == 2 and "FAILED broken" in res.output, res.output
+    assert [r["movie_id"] for r in json.loads((tmp_path / "qa.json").read_text())] == ["kept"]
+
+
+def test_a_themes_file_that_is_not_utf8_is_a_clean_error(tmp_path):
+    (tmp_path / "themes.txt").write_bytes(b"caf\xe9 noir\n")
+    res = CliRunner().invoke(cli, ["plan", "--themes-file", str(tmp_path / "themes.txt"), "--base-url",
+                                   "http://127.0.0.1:9/v1"])
+    assert res.exit_code == 2 and "not UTF-8" in res.output, res.output
+
+
+def test_a_submission_on_a_full_disk_is_503_and_leaves_nothing(tmp_path, monkeypatch):
+    import movielm_fast.serve.queue as queue_mod
+
+    server, client = _serve_app(tmp_path)
+    write = queue_mod.atomic_write_text
+
+    def full(path, text):
+        if not path.name.endswith(".plan.json"):  # the plan file fits, its record does not
+            raise UserError(f"disk full while writing {path}", "free some space")
+        write(path, text)
+
+    monkeypatch.setattr(queue_mod, "atomic_write_text", full)
+    answer = client.post("/plans", content=_plan_body("full"))
+    assert answer.status_code == 503 and "disk full" in answer.json()["error"], answer.json()
+    assert list(server.queue.dir.iterdir()) == [] and server.queue.all() == []
+
+
+def test_stray_files_in_the_queue_folder_do_not_stop_the_server(tmp_path):
+    from movielm_fast.serve.queue import PlanQueue
+
+    folder = tmp_path / "root" / ".movielm-serve"
+    folder.mkdir(parents=True)
+    (folder / "notes.json").write_text("[1, 2]")
+    (folder / "other.json").write_text(json.dumps({"id": "../../x", "out": "", "state": "queued", "submitted": 1,
+                                                   "done": 0, "total": 1}))
+    (folder / "half.json").write_text('{"id": ')
+    assert PlanQueue(tmp_path / "root").all() == []
+    server, client = _serve_app(tmp_path)
+    assert client.get("/plans").json() == {"plans": []}
+
+
+def test_a_second_serve_on_a_busy_port_fails_before_loading_the_model(tmp_path):
+    from tests.test_serve import ROOT
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "movielm_fast.cli.main", "serve", "--out", str(tmp_path),
+                              "--port", str(port), "--model", str(tmp_path / "no-such-model")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # The port is checked first: a model that does not exist is never even looked at.
+    assert res.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in res.stderr, res.stderr
+    assert "model not found" not in res.stderr
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://host:port", "ftp://x", "nonsense"])
+def test_render_server_with_a_malformed_url_is_a_clean_error(tmp_path, url):
+    plan = write_plan(tmp_path / "p.json", [movie("m", 1)])
+    res = CliRunner().invoke(cli, ["render", str(plan), "--server", url])
+    assert res.exit_code == 2 and "URL" in res.output, res.output
+
+
+def test_eval_refuses_a_config_larger_than_its_weights_before_allocating(tmp_path):
+    clip = _tiny_clip(tmp_path / "clip")
+    config = json.loads((clip / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 2**20  # tens of GB of parameters the weights do not hold
+    (clip / "config.json").write_text(json.dumps(config))
+    (tmp_path / "out").mkdir()
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "out"), "--clip", str(clip)])
+    assert res.exit_code == 2 and "describes a CLIP model of" in res.output, res.output
+    config["text_config"]["hidden_size"], config["text_config"]["num_hidden_layers"] = 32, 100_000
+    (clip / "config.json").write_text(json.dumps(config))
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "out"), "--clip", str(clip)])
+    assert res.exit_code == 2 and "asks for 100000 text layers; the weights hold 2" in res.output, res.output
+
+
+def test_style_training_at_an_absurd_resolution_is_refused_first(tmp_path):
+    res = CliRunner().invoke(cli, ["style", "train", "--name", "Noir", "--resolution", "100000", "--out",
+                                   str(tmp_path / "lib")])
+    assert res.exit_code == 2 and "more than twice this model's native size 64" in res.output, res.output
+
+
+def test_a_malformed_meta_json_in_the_style_library_is_left_out(tmp_path):
+    from movielm_fast.style.library import STYLE_FORMAT, list_styles, write_index
+
+    lib = tmp_path / "lib"
+    for name, meta in (("a", [1]), ("b", {"format": STYLE_FORMAT, "file": "embedding.safetensors"}),
+                       ("c", {"format": STYLE_FORMAT, "file": "../../etc/hostname"})):
+        (lib / name).mkdir(parents=True)
+        (lib / name / "embedding.safetensors").write_bytes(b"x")
+        (lib / name / "meta.json").write_text(json.dumps(meta))
+    assert list_styles(lib) == []
+    write_index(lib)  # what a finished training does: it must not fail on another entry
+    res = CliRunner().invoke(cli, ["style", "list", "--out", str(lib)])
+    assert res.exit_code == 0 and "no styles" in res.output, res.output

@@ -566,6 +566,9 @@ def parse_json(text: str, source: str) -> Any:
     except RecursionError:
         raise PlanError(source, [("$", f"nested more than {limit('depth')} levels deep: a plan needs about 5")]) \
             from None
+    except ValueError as exc:  # a number of more digits than Python converts (a 5000-digit seed)
+        raise PlanError(source, [("$", f"not valid JSON: {str(exc).split(':')[0]}: a seed has at most 19 digits")]) \
+            from None
     return data
 
 

@@ -18,10 +18,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from pydantic import ValidationError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from movielm_fast.errors import UserError
 from movielm_fast.paths import sha256_files
+from movielm_fast.plan import RenderSettings
 
 from .demo import demo_model_path
 
@@ -90,7 +92,11 @@ def content_hash(path: Path) -> str:
 def native_size(model: ModelBundle) -> int:
     """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
     768 SD 2.x-768, 1024 SDXL, 64 the demo model)."""
-    return int(model.unet.config.sample_size) * model.vae_scale_factor
+    size = model.unet.config.sample_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"{model.path / 'unet' / 'config.json'}: sample_size {size!r} is not a positive whole number",
+                        "use the config.json the UNet's weights were saved with")
+    return size * model.vae_scale_factor
 
 
 def _own_defaults(model: ModelBundle) -> dict[str, Any]:
@@ -111,7 +117,15 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     between the plan and the built-in defaults)."""
     native = native_size(model)
     own = _own_defaults(model)
-    return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    defaults = {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    try:
+        RenderSettings(**defaults)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = model.path / DEFAULTS_FILE if err["loc"][0] in own else model.path / "unet" / "config.json"
+        raise UserError(f"{where}: {err['loc'][0]} {err['input']!r}: {err['msg'].removeprefix('Value error, ')}",
+                        f"fix it, or delete {DEFAULTS_FILE} (it may hold {', '.join(DEFAULT_KEYS)})") from None
+    return defaults
 
 
 def style_training_note(model: ModelBundle) -> str | None:

@@ -146,9 +146,10 @@ class ResponseCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._path(key).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            entry = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged, not UTF-8, a number too long to read: a miss
             return None
+        return entry if isinstance(entry, dict) and isinstance(entry.get("content"), str) else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False, indent=1))
@@ -278,20 +279,34 @@ class LLMClient:
         try:
             if structured:
                 try:
-                    response = self._client_once.chat.completions.create(**kwargs)
-                    return _content_of(response), _usage_of(response), _finish_of(response)
+                    return self._reply(self._client_once.chat.completions.create(**kwargs))
                 except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
                     if isinstance(exc, oa.APITimeoutError) or self.config.max_retries == 0:
                         raise
                 client = self._client_rest
-            response = client.chat.completions.create(**kwargs)
+            return self._reply(client.chat.completions.create(**kwargs))
         except (oa.BadRequestError, oa.UnprocessableEntityError, oa.APITimeoutError):
             raise  # the caller falls back to another mode, or reports it
         except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
             raise self._transport_failure(_describe_failure(exc), attempts) from None
         except oa.APIStatusError as exc:
             raise self._fatal(exc) from None
-        return _content_of(response), _usage_of(response), _finish_of(response)
+        except (ValueError, oa.APIResponseValidationError) as exc:  # a 200 whose body is not JSON
+            raise self._garbled(exc) from None
+
+    def _reply(self, response: Any) -> tuple[str, dict[str, int] | None, str | None]:
+        """(content, usage, finish reason) of a chat completion; a UserError when the reply is JSON of another
+        shape (a server that answers 200 with something else)."""
+        try:
+            return _content_of(response), _usage_of(response), _finish_of(response)
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError) as exc:
+            raise self._garbled(exc) from None
+
+    def _garbled(self, exc: Exception) -> UserError:
+        return UserError(f"the LLM server at {self.config.base_url or 'api.openai.com'} answered with something "
+                         f"that is not a chat completion ({type(exc).__name__}: {str(exc)[:120]})",
+                         "check that --base-url is an OpenAI-compatible endpoint (it ends in /v1); other requests "
+                         "are kept, and rerunning retries this one")
 
     def _transport_failure(self, what: str, attempts: int) -> UserError:
         return UserError(f"LLM request failed after {attempts} attempt(s): {what}",
@@ -378,7 +393,7 @@ def _usage_of(response: Any) -> dict[str, int] | None:
     usage = getattr(response, "usage", None)
     if usage is None:
         return None
-    return {"prompt_tokens": usage.prompt_tokens or 0, "completion_tokens": usage.completion_tokens or 0}
+    return {"prompt_tokens": int(usage.prompt_tokens or 0), "completion_tokens": int(usage.completion_tokens or 0)}
 
 
 def _server_message(exc: Exception) -> str:

@@ -119,6 +119,9 @@ def read_themes_file(path: Path) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read themes file {path}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"themes file {path} is not UTF-8 text (byte {exc.start})",
+                        "save it as UTF-8, one theme per line") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -135,21 +138,21 @@ def plan_messages(req: PlanRequest) -> list[dict[str, str]]:
     return [{"role": "system", "content": prompt("plan_system")}, {"role": "user", "content": user}]
 
 
-STYLE_KEYS = ("name", "description")
-"""What a plan written by an LLM keeps of its style: never an embedding, LoRA or token -- files and models are the
-user's to name, and a reply is untrusted text (it could name /etc/shadow, or a LoRA at scale 100)."""
+NEVER_FROM_LLM = {"$": ("loras", "render", "consistency"), "$.style": ("embedding", "loras", "token")}
+"""What a plan written by an LLM never takes from its reply: files and models (embeddings, LoRAs, refiner and VAE
+folders) are the user's to name, and a reply is untrusted text (it could name /etc/shadow, or a LoRA at scale 100).
+Other keys outside the schema are reported back to the model for repair, as any invalid answer."""
 
 
 def movie_from_reply(data: Any, req: PlanRequest, dropped: list[str] | None = None) -> dict[str, Any]:
-    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem. Only the keys of
-    PLAN_SCHEMA are taken from the reply; the JSON paths of the others (files or models it tried to name, say) are
-    put in `dropped`."""
+    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem. The JSON paths of
+    what it gave of NEVER_FROM_LLM (left out) are put in `dropped`."""
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
     style = data.get("style")
+    given = {"$": data, "$.style": style if isinstance(style, dict) else {}}
     if dropped is not None:
-        dropped[:] = [f"$.{k}" for k in data if k not in PLAN_SCHEMA["properties"]] + \
-            [f"$.style.{k}" for k in (style if isinstance(style, dict) else ()) if k not in STYLE_KEYS]
+        dropped[:] = [f"{where}.{k}" for where, keys in NEVER_FROM_LLM.items() for k in keys if given[where].get(k)]
     frames = data.get("frames")
     if isinstance(frames, list):
         frames = [_without_silent_speaker(f) for f in frames]
@@ -158,8 +161,8 @@ def movie_from_reply(data: Any, req: PlanRequest, dropped: list[str] | None = No
         "title": data.get("title", ""),
         "theme": req.theme,
         "overview": data.get("overview", ""),
-        "style": {**{k: style[k] for k in STYLE_KEYS if k in style}, "embedding": None} if isinstance(style, dict)
-        else style,
+        "style": {**{k: v for k, v in style.items() if k not in NEVER_FROM_LLM["$.style"]}, "embedding": None}
+        if isinstance(style, dict) else style,
         "characters": data.get("characters"),
         "frames": [_numbered_frame(f, i, len(frames)) for i, f in enumerate(frames)]
         if isinstance(frames, list) else frames,
@@ -302,7 +305,10 @@ def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path
     write = plan_writer(client, out_dir, max_tries)
 
     def run(req: PlanRequest) -> PlanOutcome:
-        outcome = write(req)
+        try:
+            outcome = write(req)
+        except Exception as exc:  # an OS error writing its file, or a bug: this request only, the others are kept
+            outcome = PlanOutcome(req, error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
         if on_done:
             on_done(outcome)
         return outcome

@@ -305,6 +305,8 @@ def generate_qa(movies: list[Movie], job: QAJob,
             return qa_for_movie(movie, job, client)
         except UserError as exc:
             return movie.id, str(exc)
+        except Exception as exc:  # a bug or an OS error: this movie only, the others' QA is kept
+            return movie.id, f"{type(exc).__name__}: {exc}"
 
     workers = client.config.concurrency if client else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
