@@ -685,3 +685,63 @@ def test_a_malformed_meta_json_in_the_style_library_is_left_out(tmp_path):
     write_index(lib)  # what a finished training does: it must not fail on another entry
     res = CliRunner().invoke(cli, ["style", "list", "--out", str(lib)])
     assert res.exit_code == 0 and "no styles" in res.output, res.output
+
+
+# --- Also ---------------------------------------------------------------------------------------------------------
+
+def test_themes_are_checked_before_any_request(tmp_path):
+    from fake_openai_server import FakeOpenAIServer, ok, scripted
+
+    with FakeOpenAIServer(scripted(ok(_plan_reply()))) as server:
+        llm = ["--base-url", server.url, "--api-key", "k", "--out", str(tmp_path / "plans")]
+        res = CliRunner().invoke(cli, ["plan", "x" * 200_000, *llm])
+        assert res.exit_code == 2 and "200,000 characters" in res.output, res.output
+        res = CliRunner().invoke(cli, ["plan", "A love story", "a love story!", *llm])
+        assert res.exit_code == 2 and "'A love story' and 'a love story!'" in res.output, res.output
+        assert server.requests == []
+
+
+def test_export_list_and_clear_see_a_killed_exports_folder(tmp_path, monkeypatch):
+    from movielm_fast.cli.export_cmds import export_cmd
+    from movielm_fast.export import cache
+
+    monkeypatch.setenv("MOVIELM_CACHE", str(tmp_path / "cache"))
+    old, young = cache.artifacts_root() / "m-1234" / ".tmp-unet.x-ab", cache.artifacts_root() / "m-1234" / ".tmp-vae.y"
+    for folder in (old, young):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx.data").write_bytes(b"\0" * 4096)
+    hours_ago = time.time() - 2 * cache.UNFINISHED_SECONDS
+    for path in (old / "model.onnx.data", old):
+        os.utime(path, (hours_ago, hours_ago))
+    res = CliRunner().invoke(export_cmd, ["--list"])
+    assert res.exit_code == 0 and res.output.count("unfinished export (4.0 KB") == 2, res.output
+    res = CliRunner().invoke(export_cmd, ["--clear"])
+    assert res.exit_code == 0 and "1 unfinished export(s)" in res.output and "kept 1" in res.output, res.output
+    assert not old.exists() and young.exists()
+
+
+def test_a_lower_case_bearer_is_accepted(tmp_path):
+    server, client = _serve_app(tmp_path, token="s3cret")
+    assert client.get("/plans", headers={"Authorization": "bearer s3cret"}).status_code == 200
+    assert client.get("/plans", headers={"Authorization": "BEARER wrong"}).status_code == 403
+    assert client.get("/plans", headers={"Authorization": "Basic s3cret"}).status_code == 401
+
+
+def test_a_huge_seconds_per_frame_is_a_clean_error(rendered):
+    res = CliRunner().invoke(cli, ["dataset", str(rendered), "--video", "--seconds-per-frame", "1e9"])
+    assert res.exit_code == 2 and "--seconds-per-frame" in res.output and "Traceback" not in res.output, res.output
+
+
+def test_a_bad_model_config_is_one_line_not_a_pydantic_dump(tmp_path):
+    import shutil
+
+    from movielm_fast.engine.demo import demo_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_path(), model)
+    (model / "movielm_defaults.json").write_text(json.dumps({"steps": "many"}))
+    plan = write_plan(tmp_path / "p.json", [movie("m", 1)])
+    res = CliRunner().invoke(cli, ["render", str(plan), "--model", str(model), "--backend", "null", "--out",
+                                   str(tmp_path / "out"), "--no-style-training"])
+    assert res.exit_code == 2 and "movielm_defaults.json: steps 'many'" in res.output, res.output
+    assert "pydantic" not in res.output and "validation error" not in res.output

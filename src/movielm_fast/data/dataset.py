@@ -136,6 +136,19 @@ def load_qa_file(path: Path) -> dict[str, dict[str, Any]]:
 # --- video ------------------------------------------------------------------------------------------------------
 
 
+MAX_SECONDS_PER_FRAME = 3600.0
+"""A keyframe shown for an hour is the most a video holds; far beyond it the frame rate rounds to 0 (and with --fps,
+the repeats of one keyframe never end)."""
+MAX_FPS = 240.0
+
+
+def check_video_timing(seconds_per_frame: float, fps: float | None) -> None:
+    if not 0 < seconds_per_frame <= MAX_SECONDS_PER_FRAME or fps is not None and not 0 < fps <= MAX_FPS:
+        raise UserError(f"--seconds-per-frame must be above 0 and at most {MAX_SECONDS_PER_FRAME:g}, and --fps above "
+                        f"0 and at most {MAX_FPS:g} (got {seconds_per_frame:g} and {fps})",
+                        "a keyframe is shown for seconds: --seconds-per-frame 2 is usual")
+
+
 def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, fps: float | None = None) -> int:
     """Encode keyframes to an H.264 mp4, each shown for `seconds_per_frame`; returns frames encoded.
 
@@ -143,8 +156,7 @@ def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, 
     With `fps` each keyframe is repeated round(seconds_per_frame * fps) times, for tools that expect a
     conventional frame rate.
     """
-    if seconds_per_frame <= 0:
-        raise UserError("--seconds-per-frame must be positive")
+    check_video_timing(seconds_per_frame, fps)
     # Imported here, not at module top: PyAV is the optional [video] extra, needed only for --video.
     av = require("av", "video", "dataset --video (mp4 encoding)")
     repeat = max(1, round(seconds_per_frame * fps)) if fps else 1
@@ -243,6 +255,10 @@ class DatasetOptions:
     """Dataset file; default OUT/dataset.json (llava) or OUT/dataset.jsonl."""
     movies: list[str] | None = None
     """Only these movie ids, in this order (`make` exports its finished movies); None: every movie in OUT."""
+
+    def __post_init__(self) -> None:
+        if self.video:  # checked before any work (make renders first), not when the first video is encoded
+            check_video_timing(self.seconds_per_frame, self.fps)
 
 
 @dataclass

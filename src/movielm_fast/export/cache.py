@@ -241,6 +241,41 @@ def clear(root: Path | None = None, model_hash: str | None = None) -> int:
     return removed
 
 
+UNFINISHED_SECONDS = 3600
+"""An export's temporary folder unchanged for this long is a killed run's: a live export writes into it (or renames it
+into place) well within that; --clear removes such folders, never younger ones."""
+
+
+def unfinished(root: Path | None = None, model_hash: str | None = None) -> list[tuple[Path, int, float]]:
+    """The temporary folders of exports that never finished (`writing`'s, left by a killed process), of `model_hash`
+    when given: (folder, bytes, seconds since anything in it changed)."""
+    root = root or artifacts_root()
+    out = []
+    for folder in sorted(root.glob("*/.tmp-*")) if root.is_dir() else []:
+        if folder.is_symlink() or not folder.is_dir() or (model_hash and not folder.parent.name.endswith(model_hash)):
+            continue
+        files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+        newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)])
+        out.append((folder, sum(p.stat().st_size for p in files), time.time() - newest))
+    return out
+
+
+def clear_unfinished(root: Path | None = None, model_hash: str | None = None) -> tuple[int, int]:
+    """Remove the unfinished exports' folders older than UNFINISHED_SECONDS; (removed, kept as maybe in progress)."""
+    removed = kept = 0
+    for folder, _, age in unfinished(root, model_hash):
+        if age < UNFINISHED_SECONDS:
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+        try:
+            folder.parent.rmdir()  # only when nothing else is left in it
+        except OSError:
+            pass
+    return removed, kept
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

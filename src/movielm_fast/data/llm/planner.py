@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_text
-from movielm_fast.plan import SAFE_ID, SHOTS, parse_plan
+from movielm_fast.plan import SAFE_ID, SHOTS, limit, limit_hint, parse_plan
 
 from .client import LLMClient, complete_json, prompt
 
@@ -100,13 +100,19 @@ def slugify(text: str, max_len: int = 80) -> str:
 
 def build_requests(themes: list[str], genre: str | None, frames: int, characters: int,
                    count: int, strict_counts: bool = False) -> list[PlanRequest]:
-    seen: set[str] = set()
+    """One request per (theme, version), before any is sent: a theme over the plan text limit, or two different
+    themes whose file names (slugs) would be the same, is a UserError; a theme given twice is asked once."""
+    seen: dict[str, str] = {}
     requests = []
     for theme in (t.strip() for t in themes):
-        # Two themes with the same slug would overwrite each other's files.
-        if not theme or slugify(theme, 100) in seen:
+        if not theme or seen.get(slugify(theme, 100)) == theme:
             continue
-        seen.add(slugify(theme, 100))
+        if len(theme) > limit("text_chars"):
+            raise UserError(f"a theme of {len(theme):,} characters ({theme[:40]!r}...) is over the limit of "
+                            f"{limit('text_chars'):,}", f"shorten it ({limit_hint('text_chars')})")
+        if (other := seen.setdefault(slugify(theme, 100), theme)) != theme:  # their plan files would be one file
+            raise UserError(f"themes {other!r} and {theme!r} both make plan files named {slugify(theme, 100)}-*.json",
+                            "reword one of them, or give it once")
         requests += [PlanRequest(theme, genre, frames, characters, k, count, strict_counts)
                      for k in range(1, count + 1)]
     if not requests:
