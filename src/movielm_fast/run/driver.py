@@ -141,8 +141,9 @@ def check_plan_folders(lm: LoadedMovie) -> None:
     for key, check in (("refiner", check_refiner), ("vae", vae_folder)):
         path = getattr(lm.settings, key)
         if path:
+            folder = lm.confined(Path(path), f"render.{key}")  # outside the run's file roots: its own message
             try:
-                check(lm.confined(Path(path), f"render.{key}"))
+                check(folder)
             except UserError as exc:
                 raise UserError(f"movie {lm.movie.id!r}: render.{key}: {exc.message}",
                                 f"{exc.hint}; paths in a plan are relative to the plan file") from None

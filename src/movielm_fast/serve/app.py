@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
@@ -70,7 +70,7 @@ class Server:
         native = self.executor.info.defaults
         self.limits = (limits or ServeLimits()).for_model(native["width"], native["height"])
         self._stop = threading.Event()
-        self._cancel = threading.Event()  # set: the plan rendering now stops at its next step
+        self._cancelling: str | None = None  # a running plan to stop at its next step (DELETE)
         self.renderer = {"state": "idle", "plan": None, "error": None}  # GET /health; written by the render thread
         self.thread = threading.Thread(target=self._render_loop, name="movielm-serve-render", daemon=True)
 
@@ -110,8 +110,7 @@ class Server:
 
     def _render(self, rec: dict[str, Any]) -> None:
         job_id = rec["id"]
-        self._cancel.clear()
-        progress = _Progress(self.queue, job_id, self._cancel)
+        progress = _Progress(self.queue, job_id, self._check_cancel)
         try:
             options = PlanOptions.model_validate(rec.get("options") or {})
             run = self.plan_run(output_folder(self.run.out, rec["out"]), options)
@@ -134,7 +133,10 @@ class Server:
             self.queue.update(job_id, state="failed", error={"error": f"{type(exc).__name__}: {exc}", "hint": ""})
 
     def _step(self, done: int, steps: int) -> None:
-        if self._cancel.is_set():
+        self._check_cancel()
+
+    def _check_cancel(self) -> None:
+        if self._cancelling is not None and self._cancelling == self.renderer["plan"]:
             raise PlanCancelled()
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
@@ -145,8 +147,8 @@ class Server:
             return None
         if rec["state"] == "queued" and self.queue.cancel_queued(job_id):
             return self.queue.get(job_id)
-        if rec["state"] == "running" and self.renderer["plan"] == job_id:
-            self._cancel.set()  # the record says cancelled once the render thread has stopped
+        if rec["state"] == "running":
+            self._cancelling = job_id  # the record says cancelled once the render thread has stopped
             return self.queue.get(job_id)
         raise UserError(f"plan {job_id} is {self.queue.get(job_id)['state']} already", "nothing to cancel")
 
@@ -200,8 +202,8 @@ class _Progress:
     plan's frames, those already on disk when rendering starts (before a restart, or from an earlier submission)
     included, against its total. A cancel request stops the plan here too, between batches."""
 
-    def __init__(self, queue: PlanQueue, job_id: str, cancel: threading.Event):
-        self.queue, self.job_id, self.cancel = queue, job_id, cancel
+    def __init__(self, queue: PlanQueue, job_id: str, check_cancel: Callable[[], None]):
+        self.queue, self.job_id, self.check_cancel = queue, job_id, check_cancel
 
     def skipped(self, frames: int) -> None:
         self.queue.update(self.job_id, persist=False, done=frames)
@@ -209,8 +211,7 @@ class _Progress:
     def __call__(self, rendered: int, left: int) -> None:
         if rendered:
             self.queue.update(self.job_id, persist=False, done=self.queue.get(self.job_id)["done"] + rendered)
-        if self.cancel.is_set():
-            raise PlanCancelled()
+        self.check_cancel()
 
 
 SERVED = "submitted to movielm-fast serve"
@@ -345,16 +346,19 @@ def serve(model: ModelConfig, run: RunConfig, host: str = "127.0.0.1", port: int
         raise UserError("serve needs starlette and uvicorn", "pip install 'movielm-fast[serve]'") from None
     limits = limits or ServeLimits()
     sock = listening_socket(host, port, limits.max_connections)  # before the model loads: a busy port fails fast
-    server = Server(model, run, token, allow_files, limits)
-    server.start()
-    # The backlog bounds how many connections one wake-up of the event loop accepts before any is closed.
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
-                            backlog=limits.max_connections,
-                            http=guarded_protocol(limits.max_connections, limits.header_timeout))
-    for name in ("uvicorn.error", "asyncio", "movielm_fast.serve"):  # after uvicorn's logging set-up (it resets them)
-        logging.getLogger(name).addFilter(LogThrottle())
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server = Server(model, run, token, allow_files, limits)
+        server.start()
+        # The backlog bounds how many connections one wake-up of the event loop accepts before any is closed.
+        config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
+                                backlog=limits.max_connections,
+                                http=guarded_protocol(limits.max_connections, limits.header_timeout))
+        # After uvicorn's logging set-up, which resets the loggers it configures.
+        for name in ("uvicorn.error", "asyncio", "movielm_fast.serve"):
+            logging.getLogger(name).addFilter(LogThrottle())
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            server.stop()
     finally:
-        server.stop()
         sock.close()
