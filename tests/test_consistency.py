@@ -124,12 +124,10 @@ def test_settings_bound_the_record_and_are_checked(renderer, tmp_path):
 def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
     """`movielm-fast eval` on a tiny random CLIP folder: the numbers mean nothing, the plumbing is what is tested."""
     from click.testing import CliRunner
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
     from movielm_fast.cli.main import cli
     from movielm_fast.engine.demo import clip_tokenizer
-
-    from transformers import Dinov2Config, Dinov2Model
 
     clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
     cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,

@@ -83,6 +83,7 @@ def render_cmd(plans, out, server, token, **kw):
         as_json, quiet = kw.pop("as_json"), kw["quiet"]
         return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
+    from movielm_fast.engine.families import family_of_spec
     from movielm_fast.run.driver import Job, render_job, report_stage
     from movielm_fast.run.executors import open_executor
     from movielm_fast.run.startup import StartupClock
@@ -93,7 +94,8 @@ def render_cmd(plans, out, server, token, **kw):
     model, run, cluster, as_json = render_configs(out, kw)
     with progress_display(run.quiet) as progress:
         report_stage(progress, "validate")
-        job = Job.load(run, list(plans), clock)  # every plan checked before the model loads
+        # Every plan checked before the model loads (its LoRAs against the model's family, from model_index.json).
+        job = Job.load(run, list(plans), clock, family=family_of_spec(model.model))
         report_stage(progress, "load")
         with open_executor(model, cluster, on_step=getattr(progress, "step", None)) as executor:
             summary = render_job(job, executor, progress)
@@ -157,9 +159,12 @@ def _render_on_server(server, token, plans, out, as_json, quiet, options):
         if not (quiet or as_json):
             click.echo(f"submitted {plan} as {rec['id']}", err=True)
         rec = follow(server, rec["id"], token)
-        failed |= rec["state"] == "failed"
+        failed |= rec["state"] != "done"
         if as_json:
             click.echo(json.dumps(rec))
+        elif rec["state"] == "cancelled":
+            click.echo(f"{rec['id']}: cancelled on the server ({rec['done']} of {rec['total']} frame(s) done)",
+                       err=True)
         elif rec["error"]:
             click.echo(f"failed: {rec['error']['error']} ({rec['error']['hint']})", err=True)
         else:
