@@ -1,4 +1,5 @@
-"""Consistent characters (anchor-cached shared attention) on tiny random-weight models."""
+"""Consistent characters (anchor-cached shared attention; a per-character learned token) on tiny random-weight
+models."""
 
 from __future__ import annotations
 
@@ -189,3 +190,42 @@ def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
     s, _ = _render(ort, tmp_path, "ort", [_movie(consistency=MODE)])
     assert [f["movie"] for f in s.failures] == ["c"] and "needs --backend torch" in s.failures[0]["reason"]
     assert s.frames_rendered == 1  # the frame without characters renders; the movie is reported incomplete
+
+
+TOKEN = {"mode": "character_token", "token_steps": 2}
+
+
+def test_character_token_keeps_the_invariants(tiny_sd, tmp_path):
+    """character_token: frames without characters bit-identical to plain; frames with characters carry their
+    tokens; a frame does not depend on its batch or order; the tokens are learned once and read from the library
+    after; the manifest records the method and its settings."""
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
+    _, plain = _render(r, tmp_path, "plain", [_movie()])
+    movie = _movie(consistency=TOKEN)
+    _, b4 = _render(r, tmp_path, "b4", [movie], batch_size=4)
+    learned = dict(r.characters)
+    assert len(learned) == 2 and not any(c.cache_hit for c in learned.values())
+    r.characters.clear()  # as a new process: the tokens come from the library, not from training
+    _, rev = _render(r, tmp_path, "rev", [{**movie, "frames": movie["frames"][::-1]}], batch_size=3)
+    assert all(c.cache_hit for c in r.characters.values())
+    p, f4, fr = _frames(plain), _frames(b4), _frames(rev)
+    assert np.array_equal(p["000"], f4["000"])  # names no character: exactly as without the mode
+    for f in ("001", "002", "003"):
+        assert not np.array_equal(p[f], f4[f]), f
+        assert np.abs(f4[f].astype(int) - fr[f]).max() <= 2, f
+    manifest = json.loads((b4 / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["consistency"]["mode"] == "character_token"
+    assert manifest["settings"]["consistency"]["token_steps"] == 2
+    assert [x["character"] for x in manifest["anchors"]] == ["Rosa", "Tom"]
+    frames = {e["id"]: e["prompt"] for e in manifest["frames"]}
+    tokens = {c.spec.character: c.token for c in learned.values()}
+    assert tokens["Rosa"] in frames["001"] and tokens["Tom"] not in frames["001"]
+    assert tokens["Rosa"] in frames["002"] and tokens["Tom"] in frames["002"] and "<" not in frames["000"]
+
+
+def test_old_anchor_attention_plans_still_render(tiny_sd, tmp_path):
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
+    s, out = _render(r, tmp_path, "old", [_movie(consistency={"mode": "anchor_attention"})])
+    assert s.frames_rendered == 4 and s.failures == []
+    assert json.loads((out / "c" / "manifest.json").read_text())["settings"]["consistency"]["mode"] == \
+        "anchor_attention"

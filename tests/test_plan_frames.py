@@ -107,8 +107,8 @@ def test_shown_names_characters_a_frame_refers_to_otherwise():
     assert [frame_characters(m, f) for f in m.frames] == [["Rosamund", "Thomas"], ["Rosamund"], []]
     tokens = {"Rosamund": "<rosamund-1>", "Thomas": "<thomas-2>"}
     assert frame_prompt(m, m.frames[0], None, tokens) == \
-        "Gothic style, Rosamund in grey <rosamund-1> waits. The detective enters., Thomas in grey <thomas-2>"
-    assert frame_prompt(m, m.frames[1], None, tokens) == "Gothic style, She turns away., Rosamund in grey <rosamund-1>"
+        "Gothic style, <rosamund-1> Rosamund in grey waits. The detective enters., <thomas-2> Thomas in grey"
+    assert frame_prompt(m, m.frames[1], None, tokens) == "Gothic style, She turns away., <rosamund-1> Rosamund in grey"
     assert frame_prompt(m, m.frames[2], None, tokens) == frame_prompt(m, m.frames[2]) == "Gothic style, An empty hall."
     assert frame_prompt(m, m.frames[1]) == "Gothic style, She turns away."
     [(path, message)] = problems(movie({"shown": ["Tomas"]}))

@@ -248,6 +248,8 @@ def check_consistency(r: Renderer, args) -> dict:
     variants.update(json.loads(args.consistency_variants) if args.consistency_variants else {})
     out = {}
     for label, consistency in variants.items():
+        if consistency is None:  # a default left out
+            continue
         t0 = time.perf_counter()
         groups, counts = [], dict.fromkeys(("appearances", "drawn", "shape", "size", "pure", "shared", "leak"), 0)
         for seed in range(args.story_seeds):
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--story-seeds", type=int, default=6)
     ap.add_argument("--consistency-variants", default="",
                     help='more consistency settings to measure beside none and anchor_attention, as JSON: '
-                         '{"label": {"mode": "anchor_attention", "token_fraction": 1.0}, ...}')
+                         '{"label": {"mode": "anchor_attention", "token_fraction": 1.0}, ...}; a label mapped to null '
+                         'leaves that setting out')
     ap.add_argument("--lossy-n", type=int, default=50)
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")

@@ -33,9 +33,10 @@ def _names_pattern(movie: Movie) -> re.Pattern:
 
 
 def _appearances(movie: Movie, tokens: dict[str, str] | None) -> dict[str, str]:
-    """Name -> what replaces it: the appearance, followed by the character's token when it has one."""
+    """Name -> what replaces it: the character's token when it has one, then its appearance (the token before the
+    words it qualifies: CLIP's text encoder is causal, so a token shapes only the words after it)."""
     tokens = tokens or {}
-    return {c.name: f"{c.appearance} {tokens[c.name]}" if c.name in tokens else c.appearance
+    return {c.name: f"{tokens[c.name]} {c.appearance}" if c.name in tokens else c.appearance
             for c in movie.characters}
 
 

@@ -158,11 +158,12 @@ class Renderer:
         prefix = style_prefix(lm.movie, token)
 
         def anchor(c) -> AnchorSpec:
-            before, after = cons.anchor_prompt.split("{appearance}")
-            caption = "".join(x.replace("{", "{{").replace("}", "}}") for x in (prefix + before, c.appearance))
-            return AnchorSpec(lm.movie.id, c.name, prefix + before + c.appearance + after, s.negative_prompt,
-                              anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash, c.appearance,
-                              caption + " {}" + after.replace("{", "{{").replace("}", "}}"))
+            before, after = (x.replace("{", "{{").replace("}", "}}")
+                             for x in (prefix + cons.anchor_prompt).split("{appearance}"))
+            caption = before + "{} " + c.appearance.replace("{", "{{").replace("}", "}}") + after
+            return AnchorSpec(lm.movie.id, c.name, prefix + cons.anchor_prompt.replace("{appearance}", c.appearance),
+                              s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash,
+                              c.appearance, caption)
 
         return {c.name: anchor(c) for c in lm.movie.characters}
 

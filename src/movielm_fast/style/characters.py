@@ -16,6 +16,7 @@ miss), so a re-run or another worker reads the token instead of training it agai
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -64,7 +65,8 @@ def token_name(spec: AnchorSpec) -> str:
 def character_token(renderer: SceneRenderer, spec: AnchorSpec, root: Path | None = None) -> CharacterToken:
     """The character's token: from the library, or learned now (anchor render, then textual inversion)."""
     root = (root or default_characters()).resolve()
-    entry = root / spec.key
+    # The caption is what the token is trained with: another caption is another token.
+    entry = root / hashlib.sha256(f"{spec.key}:{spec.caption}".encode()).hexdigest()[:16]
     token = token_name(spec)
     meta = lookup(entry)
     if meta:
