@@ -207,7 +207,8 @@ STORY = [  # (background, {position: name}): each character in 8 frames, 4 of th
     ("grass", {"left": "Rosa"}), ("sea", {"right": "Tom"}), ("night", {"centre": "Rosa"}),
     ("sunset", {"left": "Tom", "right": "Rosa"}), ("sky", {"right": "Rosa"}), ("grass", {"centre": "Tom"}),
     ("sea", {"left": "Rosa", "centre": "Tom"}), ("night", {"left": "Tom"}), ("sunset", {"centre": "Rosa"}),
-    ("sky", {"left": "Rosa", "right": "Tom"}), ("grass", {"right": "Tom"}), ("night", {"centre": "Tom", "right": "Rosa"}),
+    ("sky", {"left": "Rosa", "right": "Tom"}), ("grass", {"right": "Tom"}),
+    ("night", {"centre": "Tom", "right": "Rosa"}),
 ]
 _POS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 # A toy-world caption needs a place and a background: the anchors show each character alone, in the middle, at night.
@@ -220,7 +221,8 @@ def story_plan(consistency: dict, steps: int, guidance: float, seed: int) -> dic
     return {"id": "story", "style": {"name": "plain"},
             "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
             "render": {"width": 64, "height": 64, "steps": steps, "guidance": guidance, "scheduler": "dpmpp",
-                       "seed": seed, "negative_prompt": ""}, "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
+                       "seed": seed, "negative_prompt": ""},
+            "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
 
 
 def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading]]:
@@ -450,7 +452,8 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                   f"{next(iter(op.values()))['images']} seeds; the open attribute's distribution over the pure "
                   "readings, its entropy as a share of the largest possible (the issue's bar for colour: 80%), how "
                   "often the colour is pure rather than a blend (bar: 90%) and the stated attributes right:", "",
-                  "| open | prompt | distribution | entropy | pure colour | stated right |", "|---|---|---|---|---|---|"]
+                  "| open | prompt | distribution | entropy | pure colour | stated right |",
+                  "|---|---|---|---|---|---|"]
         for k, v in op.items():
             dist = ", ".join(f"{name} {n}" for name, n in v["counts"].items())
             lines.append(f"| {k} | {v['prompt']} | {dist} | {rate(v['entropy_share'])} | {rate(v['pure'])} | "

@@ -34,7 +34,8 @@ def _names_pattern(movie: Movie) -> re.Pattern:
 
 def _appearances(movie: Movie, tokens: dict[str, str] | None) -> dict[str, str]:
     """Name -> what replaces it: the character's token when it has one, then its appearance (the token before the
-    words it qualifies: CLIP's text encoder is causal, so a token shapes only the words after it)."""
+    words it qualifies, as DreamBooth's "a sks dog": CLIP's text encoder is causal, so a token can shape only the
+    words after it; in the toy world either place measured the same, bench/RESULTS.md)."""
     tokens = tokens or {}
     return {c.name: f"{tokens[c.name]} {c.appearance}" if c.name in tokens else c.appearance
             for c in movie.characters}
