@@ -107,3 +107,25 @@ def test_report_shows_the_phrasing_rates():
            "phrasing": {"held_out": {"rates": rates}}}
     text = "\n".join(TQ.toy_quality_section([res]))
     assert "| held-out forms | 90 | 50% | 90% | 75% | 25% | 60% | 100% |" in text
+
+
+def test_report_keeps_the_shipped_model_first_and_joins_consistency_runs():
+    """The section is the shipped demo's; a fine-tune measured after it gets a part of its own, where consistency
+    settings measured in separate runs share one table."""
+    def res(model, created, **parts):
+        return {"settings": {"model": model, "model_hash": model[-2:], "size": 64, "steps": 20, "scheduler": "dpmpp",
+                             "guidance": 4.0}, "machine": {"cpu_model": "cpu"}, "created": created, **parts}
+
+    rates = {k: 1.0 for k in ("conditioning", "strict", "background", "style", "colour_at_position",
+                              "shape_at_position", "size_at_position", "empty_positions")}
+    row = {"movie_seeds": 3, "appearances": 48, "with_anchor": 0.5, "with_most_common": 0.75, "anchors_read": 1.0,
+           "leak": 0.25, "seconds": 1.0}
+    text = "\n".join(TQ.toy_quality_section([
+        res("demo", "1", conditioning={"rates": {**rates, "images": 100}, "judge_on_ground_truth": rates}),
+        res("/x/f1", "2", consistency={"none": {**row, "consistency": {"mode": "none"}}}),
+        res("/x/f1", "3", consistency={"tok": {**row, "with_anchor": 0.875,
+                                               "consistency": {"mode": "character_token", "token_steps": 75}}})]))
+    shipped, fine_tune = text.split("### Not shipped: /x/f1 (hash f1)")
+    assert "Model demo (hash mo)" in shipped and "**Consistency**" not in shipped
+    assert "| none (none) | 48 | 50% | 75% |" in fine_tune
+    assert '| tok (character_token, "token_steps": 75) | 48 | 88% | 75% |' in fine_tune

@@ -390,14 +390,11 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
     # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
-    # the newest model measured.
-    res = dict(results[-1])
+    # the shipped demo model (else the newest model measured); other models (fine-tunes not shipped) follow with
+    # what was measured of them.
+    res = _merged(results, next((r for r in reversed(results) if r["settings"]["model"] == "demo" and
+                                 "conditioning" in r), results[-1]))
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
-    for key in ("conditioning", "phrasing", "open", "style", "consistency", "image"):
-        for r in reversed(same_model):
-            if key in r:
-                res[key] = r[key]
-                break
     # Lossy cases may be measured a few at a time (--lossy-cases): those against the same reference (steps,
     # captions) form one table, the newest measurement of each case winning.
     lossy: dict[tuple, dict[str, Any]] = {}
@@ -446,35 +443,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                   "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
         for k in ("without token", "with token", "with the words 'neon style'"):
             lines.append(f"| {k} | {rate(sty[k]['judged_neon'])} | {rate(sty[k]['conditioning_ignoring_style'])} |")
-    op = res.get("open")
-    if op:
-        lines += ["", "**What the text leaves open**: a description without one attribute, in the centre on grass, "
-                  f"{next(iter(op.values()))['images']} seeds; the open attribute's distribution over the pure "
-                  "readings, its entropy as a share of the largest possible (the issue's bar for colour: 80%), how "
-                  "often the colour is pure rather than a blend (bar: 90%) and the stated attributes right:", "",
-                  "| open | prompt | distribution | entropy | pure colour | stated right |",
-                  "|---|---|---|---|---|---|"]
-        for k, v in op.items():
-            dist = ", ".join(f"{name} {n}" for name, n in v["counts"].items())
-            lines.append(f"| {k} | {v['prompt']} | {dist} | {rate(v['entropy_share'])} | {rate(v['pure'])} | "
-                         f"{rate(v['stated_right'])} |")
-    con = res.get("consistency")
-    if con and "with_anchor" in next(iter(con.values())):
-        first = next(iter(con.values()))
-        lines += ["", f"**Consistency**: a movie of {len(STORY)} frames whose two characters, described without a "
-                  "colour (\"a big circle\", \"a small square\"), change places and backgrounds, over "
-                  f"{first['movie_seeds']} movie seeds; per character, how often its colour equals its anchor's and "
-                  "its most common one's (the issue's bar: 90% with the anchor, and at most 60% without the mode), "
-                  "how often it is drawn at its place with its stated shape and size in a pure colour, and, in frames "
-                  "with both, how often it shows the other's anchor colour (leak):", "",
-                  "| setting | appearances | = anchor | = most common | anchors read | drawn | shape | size | pure "
-                  "| leak | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for k, v in con.items():
-            knobs = {a: b for a, b in v["consistency"].items() if a != "mode"}
-            label = f"{k} ({v['consistency']['mode']}" + (f", {json.dumps(knobs)[1:-1]}" if knobs else "") + ")"
-            lines.append(f"| {label} | {v['appearances']} | {rate(v['with_anchor'])} | {rate(v['with_most_common'])} "
-                         f"| {rate(v['anchors_read'])} | {rate(v['drawn'])} | {rate(v['shape'])} | "
-                         f"{rate(v['size'])} | {rate(v['pure'])} | {rate(v['leak'])} | {v['seconds']} |")
+    lines += _open_lines(res.get("open")) + _consistency_lines(res.get("consistency"))
     for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
         lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
                   f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
@@ -489,7 +458,68 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                              f"{rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
                              f"{v['mean_abs_pixel_diff']} | " + (f"{v['psnr_db_vs_fp32']} dB / {v['ssim_vs_fp32']}"
                                                                  if "psnr_db_vs_fp32" in v else "—") + " |")
+    for other in dict.fromkeys(r["settings"]["model_hash"] for r in results if r["settings"]["model_hash"] !=
+                               res["settings"]["model_hash"]):
+        o = _merged(results, next(r for r in reversed(results) if r["settings"]["model_hash"] == other))
+        parts = _open_lines(o.get("open")) + _consistency_lines(o.get("consistency"))
+        if parts:
+            lines += ["", f"### Not shipped: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
+            lines += parts
     return lines + [""]
+
+
+def _merged(results: list[dict[str, Any]], res: dict[str, Any]) -> dict[str, Any]:
+    """`res` with each check from the newest result of its model that has it; the consistency settings of every
+    result of the model in one table (the newest measurement of each label winning)."""
+    res = dict(res)
+    same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
+    for key in ("conditioning", "phrasing", "open", "style", "image"):
+        for r in reversed(same_model):
+            if key in r:
+                res[key] = r[key]
+                break
+    consistency = {k: v for r in same_model for k, v in r.get("consistency", {}).items()}
+    if consistency:
+        res["consistency"] = consistency
+    return res
+
+
+def _open_lines(op: dict[str, Any] | None) -> list[str]:
+    if not op:
+        return []
+    lines = ["", "**What the text leaves open**: a description without one attribute, in the centre on grass, "
+             f"{next(iter(op.values()))['images']} seeds; the open attribute's distribution over the pure readings, "
+             "its entropy as a share of the largest possible (the issue's bar for colour: 80%), how often the colour "
+             "is pure rather than a blend (bar: 90%) and the stated attributes right:", "",
+             "| open | prompt | distribution | entropy | pure colour | stated right |", "|---|---|---|---|---|---|"]
+    for k, v in op.items():
+        dist = ", ".join(f"{name} {n}" for name, n in v["counts"].items())
+        # + 0.0: results written before _entropy_share added it hold -0.0, shown as "-0%"
+        lines.append(f"| {k} | {v['prompt']} | {dist} | {rate(v['entropy_share'] + 0.0)} | {rate(v['pure'])} | "
+                     f"{rate(v['stated_right'])} |")
+    return lines
+
+
+def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
+    if not con or "with_anchor" not in next(iter(con.values())):
+        return []
+    first = next(iter(con.values()))
+    lines = ["", f"**Consistency**: a movie of {len(STORY)} frames whose two characters, described without a colour "
+             f"(\"a big circle\", \"a small square\"), change places and backgrounds, over {first['movie_seeds']} "
+             "movie seeds; per character, how often its colour equals its anchor's and its most common one's (the "
+             "issue's bar: 90% with the anchor, and at most 60% without the mode; a character whose anchor the judge "
+             "cannot read, a blend, counts 0 with the anchor), how often it is drawn at its place with its stated "
+             "shape and size in a pure colour, and, in frames with both, how often it shows the other's anchor "
+             "colour (leak):", "",
+             "| setting | appearances | = anchor | = most common | anchors read | drawn | shape | size | pure | leak "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, v in con.items():
+        knobs = {a: b for a, b in v["consistency"].items() if a != "mode"}
+        label = f"{k} ({v['consistency']['mode']}" + (f", {json.dumps(knobs)[1:-1]}" if knobs else "") + ")"
+        cells = [rate(v[x]) if x in v else "—" for x in ("drawn", "shape", "size", "pure")]
+        lines.append(f"| {label} | {v['appearances']} | {rate(v['with_anchor'])} | {rate(v['with_most_common'])} | "
+                     f"{rate(v['anchors_read'])} | {' | '.join(cells)} | {rate(v['leak'])} | {v['seconds']} |")
+    return lines
 
 
 SECTIONS = (Section(TOY_FORMAT, toy_quality_section),)
