@@ -109,7 +109,8 @@ class Frame(_Strict):
 
 
 class ConsistencySettings(BaseModel):
-    """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
+    """Consistent characters (character_token: style.characters; anchor_attention: engine.consistency; docs/
+    consistency.md): `consistency` in a movie or in the file's `defaults`;
     `--consistency MODE` on the command line sets the mode and keeps the rest."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -122,14 +123,6 @@ class ConsistencySettings(BaseModel):
     """character_token: training steps of each character's token."""
     token_lr: float | None = Field(default=None, gt=0.0)
     """character_token: the token's learning rate; None: the style trainer's for the model."""
-
-    @field_validator("anchor_prompt")
-    @classmethod
-    def _one_appearance(cls, v: str) -> str:
-        if v.count("{appearance}") != 1:
-            raise ValueError("must contain {appearance} exactly once, where the character's appearance goes "
-                             '(e.g. "{appearance}, full body, plain background")')
-        return v
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
     start_step: int = Field(default=1, ge=0)
@@ -141,10 +134,14 @@ class ConsistencySettings(BaseModel):
     which hold over half of the record); None: every up-block self-attention layer."""
     offload: bool = False
     """Keep records in host memory and move each to the device when used: less device memory, a copy per use."""
-    blocks: tuple[Literal["down", "mid", "up"], ...] = ("up",)
-    """The UNet blocks whose self-attention layers record and attend to anchors."""
-    anchor_bias: float = 0.0
-    """Added to the attention logits of the anchors' tokens: each weighs e**anchor_bias times more."""
+
+    @field_validator("anchor_prompt")
+    @classmethod
+    def _one_appearance(cls, v: str) -> str:
+        if v.count("{appearance}") != 1:
+            raise ValueError("must contain {appearance} exactly once, where the character's appearance goes "
+                             '(e.g. "{appearance}, full body, plain background")')
+        return v
 
 
 class RenderSettings(_Strict):

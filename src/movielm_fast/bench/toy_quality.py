@@ -1,6 +1,6 @@
 """What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,style,consistency,lossy]
+    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,open,style,consistency,lossy]
         [--n 100]
 
 Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
@@ -13,8 +13,10 @@ Every prompt is built by the engine from a plan, as a render builds it (run.prom
 - style: a textual-inversion token learned by the engine's trainer from neon scenes, each with a caption file of
   what it shows and never the word "neon"; renders of captions without a style word, with and without the token
   (and with the words "neon style" for reference), judged neon how often;
-- consistency: a movie whose two characters move between positions and backgrounds over its frames; how often each
-  character is read with its colour (and shape) at its named place, with consistency mode none and anchor_attention;
+- open: descriptions that leave the colour, size or shape open, `--open-seeds` seeds each: what the seed draws;
+- consistency: a movie whose two characters, described without a colour, move between positions and backgrounds;
+  per character, how often its colour equals its anchor's and its most common one, per consistency setting (none,
+  anchor_attention, character_token and `--consistency-variants`), and the colour leaking between them;
 - lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against fp32
   DPM++ at `--steps` on the same captions and seeds: the conditioning rate, how often the judge's reading is
   unchanged, and PSNR / SSIM of the pixels.
@@ -246,7 +248,8 @@ def check_consistency(r: Renderer, args) -> dict:
     averaged over characters and seeds); how often it is drawn at its place, with its stated shape and size, in a
     pure colour; and, in frames with both, how often it shows the other's anchor colour (leak: without the mode,
     chance)."""
-    variants = {"none": {"mode": "none"}, "anchor_attention": {"mode": "anchor_attention"}}
+    variants = {"none": {"mode": "none"}, "anchor_attention": {"mode": "anchor_attention"},
+                "character_token": {"mode": "character_token"}}
     variants.update(json.loads(args.consistency_variants) if args.consistency_variants else {})
     out = {}
     for label, consistency in variants.items():
@@ -333,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-seeds", type=int, default=50)
     ap.add_argument("--story-seeds", type=int, default=6)
     ap.add_argument("--consistency-variants", default="",
-                    help='more consistency settings to measure beside none and anchor_attention, as JSON: '
-                         '{"label": {"mode": "anchor_attention", "token_fraction": 1.0}, ...}; a label mapped to null '
-                         'leaves that setting out')
+                    help='more consistency settings to measure beside none, anchor_attention and character_token, '
+                         'as JSON: {"label": {"mode": "character_token", "token_steps": 75}, ...}; a label mapped to '
+                         'null leaves that setting out')
     ap.add_argument("--lossy-n", type=int, default=50)
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")

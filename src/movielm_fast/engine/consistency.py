@@ -116,8 +116,6 @@ class AnchorAttnProcessor:
         b, st = self.state.batch, self.state
         if b is None or st.t not in b.active or hidden_states.ndim != 3:
             return out
-        if self.name.split("_", 1)[0] not in b.settings.blocks:
-            return out
         n = hidden_states.shape[1]
         if b.settings.max_layer_tokens is not None and n > b.settings.max_layer_tokens:
             return out
@@ -137,11 +135,7 @@ class AnchorAttnProcessor:
                 continue
             h = hidden_states[i:i + 1]  # (1, N, C): keys and values from its own tokens and its characters'
             kv = torch.cat([h, *(e.to(h.device, h.dtype) for e in extra)], dim=1)
-            mask = None
-            if b.settings.anchor_bias:  # (1, 1, keys): added to the logits of the anchors' keys
-                mask = torch.zeros(1, 1, kv.shape[1], device=h.device, dtype=h.dtype)
-                mask[..., n:] = b.settings.anchor_bias
-            rows.append(self.extended(attn, h, encoder_hidden_states=kv, attention_mask=mask))
+            rows.append(self.extended(attn, h, encoder_hidden_states=kv))
         return torch.cat(rows)
 
 
@@ -149,6 +143,6 @@ def install(unet, state: AnchorState) -> None:
     """Wrap every up-block self-attention processor (diffusers' processor mechanism; nothing is patched)."""
     procs = dict(unet.attn_processors)
     for name, proc in procs.items():
-        if ".attn1." in name and not isinstance(proc, AnchorAttnProcessor):
+        if name.startswith("up_blocks.") and ".attn1." in name and not isinstance(proc, AnchorAttnProcessor):
             procs[name] = AnchorAttnProcessor(proc, name, state)
     unet.set_attn_processor(procs)
