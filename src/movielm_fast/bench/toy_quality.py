@@ -1,7 +1,7 @@
 """What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,open,style,consistency,lossy]
-        [--n 100]
+    python -m movielm_fast.bench.toy_quality [--model demo] [--n 100]
+        [--checks conditioning,phrasing,open,style,consistency,lossy]
 
 Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
 - conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
