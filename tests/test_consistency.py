@@ -229,16 +229,3 @@ def test_old_anchor_attention_plans_still_render(tiny_sd, tmp_path):
     assert s.frames_rendered == 4 and s.failures == []
     assert json.loads((out / "c" / "manifest.json").read_text())["settings"]["consistency"]["mode"] == \
         "anchor_attention"
-
-
-def test_subject_weights_balance_a_small_character_against_its_background():
-    from movielm_fast.style.characters import subject_weights
-
-    img = np.full((64, 64, 3), (20, 20, 80), np.uint8)
-    img[28:36, 28:36] = (250, 250, 40)  # an 8 px square: 2 x 2 latent cells at factor 8
-    w = subject_weights(img, 8)[0, 0]
-    subject = torch.zeros(8, 8, dtype=torch.bool)
-    subject[3:5, 3:5] = True
-    assert torch.allclose(w[subject], torch.full((4,), 0.5 / (4 / 64))) and torch.allclose(w.mean(), torch.tensor(1.0))
-    assert torch.allclose(w[subject].sum(), w[~subject].sum())  # half the weight each
-    assert torch.equal(subject_weights(np.full((64, 64, 3), 90, np.uint8), 8), torch.ones(1, 1, 8, 8))

@@ -39,8 +39,6 @@ from movielm_fast.style.training import Frozen, StyleSettings, Trainer, init_vec
 
 log = logging.getLogger("movielm_fast")
 
-SUBJECT_DIFF = 40  # of 255, in the channel that differs most: what counts as not the background
-
 
 @dataclass(frozen=True)
 class CharacterToken:
@@ -62,20 +60,6 @@ def token_name(spec: AnchorSpec) -> str:
     """`<rosa-1a2b3c4d>`: readable in prompts, and one per anchor (a changed anchor is a new token)."""
     name = re.sub(r"[^a-z0-9]+", "-", spec.character.lower()).strip("-")[:32] or "character"
     return f"<{name}-{spec.key[:8]}>"
-
-
-def subject_weights(image: np.ndarray, factor: int) -> torch.Tensor:
-    """(1, 1, h, w) loss weights on the latent grid: the anchor's subject (pixels far from the median colour of its
-    border: the anchor prompt asks for a plain background) and the rest weigh half each, so a small character is not
-    drowned by a background that the words explain already. Without a subject apart from the border: even."""
-    px = image.astype(np.float32)
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    subject = torch.from_numpy(np.abs(px - np.median(border, axis=0)).max(axis=-1) > SUBJECT_DIFF)[None, None]
-    mask = torch.nn.functional.max_pool2d(subject.float(), factor)  # a latent touching the subject is subject
-    share = float(mask.mean())
-    if share in (0.0, 1.0):
-        return torch.ones_like(mask)
-    return mask * (0.5 / share) + (1 - mask) * (0.5 / (1 - share))
 
 
 def character_token(renderer: SceneRenderer, spec: AnchorSpec, root: Path | None = None) -> CharacterToken:
@@ -103,7 +87,6 @@ def character_token(renderer: SceneRenderer, spec: AnchorSpec, root: Path | None
     with torch.inference_mode(False), Frozen(model):
         trainer = Trainer(model, renderer.device, s, init, token)
         trainer.encode_images([TrainingImage(image, None, image.shape[:2], (0, 0))], chunk=1)
-        trainer.weights = subject_weights(image, model.vae_scale_factor).to(renderer.device)
         report = train_token(trainer, [[trainer.caption_ids(spec.caption)]])
     vectors = tuple(v.detach().float().cpu() for v in trainer.vectors)
 

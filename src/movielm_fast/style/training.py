@@ -144,8 +144,6 @@ def init_vectors(model, style_name: str, init_word: str | None, n: int) -> tuple
 class Trainer:
     """The frozen model, the encoded training set, and the trainable vector(s)."""
 
-    weights: torch.Tensor | None = None  # (N, 1, h, w) per-latent loss weights of each image (mean 1); None: even
-
     def __init__(self, model, device: torch.device, s: StyleSettings, token_vectors: list[torch.Tensor],
                  token: str = "<style-in-training>"):
         self.model, self.device, self.s = model, device, s
@@ -243,9 +241,7 @@ class Trainer:
                 added = {"text_embeds": pooled.to(wdtype), "time_ids": self.time_ids[idx.cpu()].to(self.device, wdtype)}
             pred = self.unet_fwd(noisy.to(wdtype), t, encoder_hidden_states=hidden.to(wdtype),
                                  added_cond_kwargs=added, return_dict=False)[0]
-        if self.weights is None:
-            return F.mse_loss(pred.float(), target.float())
-        return (F.mse_loss(pred.float(), target.float(), reduction="none") * self.weights[idx]).mean()
+        return F.mse_loss(pred.float(), target.float())
 
 
 @dataclass
