@@ -70,12 +70,20 @@ def parse_a1111(text: str) -> dict[str, str]:
 
 
 def user_comment(path: Path) -> str:
-    """EXIF UserComment as A1111 (piexif) reads it: an 8-byte character code, then the text."""
+    """The "parameters" text A1111 finds in a JPEG/WebP, read the way its read_info_from_image reads it: Pillow's
+    raw `info["exif"]`, piexif.load, the Exif IFD's UserComment, piexif's UserComment.load (and on a ValueError the
+    comment's bytes decoded as UTF-8: a UserComment of the wrong EXIF type fails there, as it does in A1111)."""
+    import piexif
+    import piexif.helper
+
     with Image.open(path) as im:
+        comment = piexif.load(im.info["exif"])["Exif"].get(piexif.ExifIFD.UserComment, b"")
         raw = im.getexif().get_ifd(0x8769)[0x9286]
-    code, body = raw[:8], raw[8:]
-    assert code == b"UNICODE\0", code
-    return body.decode("utf-16-be")
+    assert raw[:8] == b"UNICODE\0", raw[:8]  # as A1111 writes it: UTF-16 text with its character code
+    try:
+        return piexif.helper.UserComment.load(comment)
+    except ValueError:
+        return comment.decode("utf8", errors="ignore")
 
 
 # --- 1. defaults from the model -------------------------------------------------------------------------------
