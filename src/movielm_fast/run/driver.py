@@ -33,7 +33,7 @@ from .batching import first_frame_alone, ramp_first_batch
 from .config import RunConfig
 from .executors import Executor, open_executor, reason
 from .images import resolve_quality
-from .manifest import movie_identity, stored_identity
+from .manifest import movie_identity, seed_scheme, stored_identity
 from .outputs import MovieOutputs
 from .startup import StartupClock
 from .tasks import Batch, Failed, FrameTask, Rendered, StyleToken
@@ -344,7 +344,8 @@ class _Run:
         image_format, quality = self.job.encoding
         good = [lm for lm in self.job.movies if lm.movie.id not in self.failures]
         tasks: list[FrameTask] = []
-        items = [(lm, self.tokens[lm.movie.id]) for lm in good]
+        items = [(lm, self.tokens[lm.movie.id], seed_scheme(self.run.out / lm.movie.id / "manifest.json",
+                                                             movie_identity(lm))) for lm in good]
         for lm, planned in zip(good, self.executor.plan(items, self.run.overrides)):
             if isinstance(planned, str):
                 self.failures[lm.movie.id] = planned
