@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ export or bench wings on its way to the first frame."""
 
 
 class LazyGroup(CleanErrors):
+    def main(self, *args, **kwargs):
+        # The one place that runs before any command imports torch: OpenMP reads its wait policy when torch loads
+        # it. Idle OpenMP threads spin by default, and on a busy machine a parallel region then waits for threads
+        # whose cores are taken (bench/RESULTS.md, "CPU threads under load"); a policy the user set is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return super().main(*args, **kwargs)
+
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
 
@@ -51,8 +59,6 @@ def cli(verbose: bool) -> None:
 
 def _quiet_libraries() -> None:
     """diffusers/transformers print loading bars and advisory warnings that drown our own progress and summary."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -114,7 +114,8 @@ def native_size(model: ModelBundle) -> int:
     return int(model.unet.config.sample_size) * model.vae_scale_factor
 
 
-def _own_defaults(model: ModelBundle) -> dict[str, Any]:
+def own_defaults(model: ModelBundle) -> dict[str, Any]:
+    """The model's own `movielm_defaults.json` ({} where it ships none)."""
     path = model.path / DEFAULTS_FILE
     if not model.path.is_dir() or not path.is_file():
         return {}
@@ -131,13 +132,13 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     the steps and guidance of its own `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these
     between the plan and the built-in defaults)."""
     native = native_size(model)
-    own = _own_defaults(model)
+    own = own_defaults(model)
     return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
 
 
 def style_training_note(model: ModelBundle) -> str | None:
     """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training"), or None."""
-    note = _own_defaults(model).get("skip_style_training")
+    note = own_defaults(model).get("skip_style_training")
     return note if isinstance(note, str) and note else None
 
 
