@@ -23,7 +23,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results"
     res = CliRunner().invoke(bench_cmd, ["--model", "demo", "--backend", "torch,no-such-backend", "--sizes", "64x64",
                                          "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1", "--warmup", "0",
-                                         "--out", str(out)])
+                                         "--out", str(out), "--report", str(out.parent / "RESULTS.md")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     [path] = out.glob("*.json")
     return out, path, json.loads(path.read_text()), res.output
@@ -84,7 +84,7 @@ def test_csv_plot_and_images_beside_the_json(bench_run):
 
 def test_results_md_is_generated_from_the_json_files(bench_run, tmp_path):
     out, path, result, _ = bench_run
-    md = out.parent / "RESULTS.md"  # the command regenerates it beside the results folder
+    md = out.parent / "RESULTS.md"  # --report regenerates it
     text = md.read_text()
     assert f"## {result['machine']['slug']} (CPU)" in text
     assert "| torch | 64x64 | 2 |" in text and "| diffusers | 64x64 | 1 |" in text
@@ -97,11 +97,33 @@ def test_results_md_is_generated_from_the_json_files(bench_run, tmp_path):
     assert regenerated.read_text().count("| torch | 64x64 |") == 2
 
 
+def test_bench_writes_only_where_told_at_the_models_own_settings(tmp_path):
+    """Issue 33: without --out and --report nothing in the checkout changes (results go to the cache), and the demo
+    model is timed at its own size, steps and guidance."""
+    from movielm_fast.bench.hardware import ROOT
+    from movielm_fast.paths import cache_root
+
+    def checkout():
+        return {p.relative_to(ROOT): p.stat().st_mtime_ns for p in (ROOT / "bench").rglob("*")}
+
+    before = checkout()
+    res = CliRunner().invoke(bench_cmd, ["--backend", "torch", "--batch-sizes", "1", "--repeats", "1", "--warmup",
+                                         "0", "--no-baseline"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert checkout() == before
+    [path] = (cache_root() / "bench").glob("*.json")
+    st = json.loads(path.read_text())["settings"]
+    assert (st["sizes"], st["steps"], st["guidance"]) == (["64x64"], 20, 4.0)  # the demo model's movielm_defaults
+    assert "--report" in res.output
+
+
 def test_bad_flags_are_user_errors():
     res = CliRunner().invoke(bench_cmd, ["--sizes", "100x7"])
     assert res.exit_code == 2 and "multiples of 8" in res.output
     res = CliRunner().invoke(bench_cmd, ["--batch-sizes", "1,x"])
     assert res.exit_code == 2 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(bench_cmd, ["--device", "gpu"])
+    assert res.exit_code == 2 and "unknown device 'gpu'" in res.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")

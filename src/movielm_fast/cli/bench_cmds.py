@@ -58,7 +58,10 @@ RESULTS_HELP = "~/.cache/movielm-fast/bench (or $MOVIELM_CACHE/bench)"
                                                    "fresh process (bench/threads.py; run from the checkout).")
 def bench_cmd(model, backends, device, dtype, threads, sizes, batch_sizes, steps, repeats, warmup, scheduler, guidance,
               no_baseline, out, report, machine, host, cpu_bf16, threads_load):
-    BackendConfig(device=device, dtype=dtype, threads=threads)  # a bad value fails here, before seconds of imports
+    try:
+        BackendConfig(device=device, dtype=dtype, threads=threads)  # a bad value fails here, before the imports
+    except UserError as exc:
+        _fail(exc)
     out = out or cache_root() / "bench"
     if threads_load:
         from movielm_fast.bench import threads as threads_bench
@@ -81,8 +84,7 @@ def bench_cmd(model, backends, device, dtype, threads, sizes, batch_sizes, steps
             measure("sd15-arch" if model == "demo" else model, size, steps or 4, repeats,
                     log=lambda msg: click.echo(msg, err=True))
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         return
     if host:
         argv = ["--results", str(out)] + (["--steps", str(steps)] if steps else [])
@@ -100,12 +102,16 @@ def bench_cmd(model, backends, device, dtype, threads, sizes, batch_sizes, steps
                                  baseline=not no_baseline, out=out, machine=machine)
         run = run_bench(settings, log=lambda msg: click.echo(msg, err=True))
     except UserError as exc:
-        # Standalone use (tests, `python -m`) has no CleanErrors group around it: keep the one-line message.
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc)
     for kind, path in run.files.items():
         click.echo(f"{kind}: {path}")
     _report(out, report)
+
+
+def _fail(exc: UserError) -> None:
+    # Standalone use (tests, `python -m`) has no CleanErrors group around it: keep the one-line message.
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def _report(out: Path, report: Path | None, path: Path | None = None) -> None:
