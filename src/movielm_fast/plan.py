@@ -13,12 +13,13 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from movielm_fast.errors import PlanError
+from movielm_fast.errors import PlanError, UserError
 from movielm_fast.settings import setting
 
 SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "tcd", "pndm", "default")
@@ -535,3 +536,15 @@ def load_plan(path: str | Path) -> list[LoadedMovie]:
     data = parse_json(read_plan_text(path), str(path))
     source = str(path.resolve())
     return [lm.model_copy(update={"source": source}) for lm in parse_plan(data, str(path), path.parent)]
+
+
+def plan_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The plan files that `paths` name, as every command reads them: a file as it is, a folder as all *.json in it
+    (sorted). None at all is a UserError."""
+    paths = list(paths)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    return files

@@ -148,15 +148,20 @@ def eval_cmd(outs, clip_path, device, as_json):
 
 
 def _render_on_server(server, token, plans, out, as_json, quiet, options):
+    from movielm_fast.plan import plan_files
     from movielm_fast.serve.client import follow, submit
 
+    from .progress import progress_display
+
     failed = False
-    files = [f for p in plans for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [p])]  # as render
-    for plan in files:
+    for plan in plan_files(plans):
         rec = submit(server, plan, token, None if out == Path("out") else str(out), options)
         if not (quiet or as_json):
             click.echo(f"submitted {plan} as {rec['id']}", err=True)
-        rec = follow(server, rec["id"], token)
+        with progress_display(quiet or as_json) as progress:  # the server's frames as they are written
+            if progress:
+                progress.stage("render")
+            rec = follow(server, rec["id"], token, progress)
         failed |= rec["state"] == "failed"
         if as_json:
             click.echo(json.dumps(rec))

@@ -11,6 +11,7 @@ from movielm_fast.engine.config import ModelConfig
 
 from .clean_errors import CleanErrors
 from .options import settings_options
+from .progress import step_display
 
 
 @click.group("style", cls=CleanErrors, help="Style immobilization: learn one textual-inversion token per style.")
@@ -53,7 +54,10 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
                              num_vectors=num_vectors, init_word=init_word, seed=seed, amp=amp, compile=compile_)
     style = Style(name=name, description=description)
     renderer = Renderer(ModelConfig(model=model, device=device, dtype=dtype, threads=threads))
-    result = immobilize_style(renderer.scene_renderer, style, settings, images=images, out=out, token=token)
+    steps = settings.resolve(renderer.model).steps
+    with step_display(f"training {token or name}", steps, quiet=as_json) as on_step:
+        result = immobilize_style(renderer.scene_renderer, style, settings, images=images, out=out, token=token,
+                                  on_step=on_step)
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "token": result.token, "cache_hit": result.cache_hit,
                                "key": result.key, "report": result.report}))

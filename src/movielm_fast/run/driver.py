@@ -27,7 +27,7 @@ from movielm_fast.engine.oom import smaller
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
-from movielm_fast.plan import LoadedMovie, load_plan
+from movielm_fast.plan import LoadedMovie, load_plan, plan_files
 
 from .batching import first_frame_alone, ramp_first_batch
 from .config import RunConfig
@@ -99,11 +99,7 @@ class Summary:
 
 def collect_plans(paths: list[str | Path]) -> list[LoadedMovie]:
     """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
-    if not files:
-        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    files = plan_files(paths)
     movies, bad = [], []
     for f in files:  # every file's problems in one report, not one file per run
         try:
