@@ -374,3 +374,38 @@ def test_hub_id_says_how_to_get_a_local_folder(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir" in res.output
     assert "hf download" in res.output and "then pass --model" in res.output
+
+
+# --- issue 33: -v anywhere, flags checked before the heavy imports, defaults shown -----------------------------------
+
+def test_verbose_before_or_after_the_command(tmp_path, monkeypatch):
+    from movielm_fast.cli import main
+
+    seen = []
+    monkeypatch.setattr(main, "configure_logging", seen.append)
+    for args in (["-v", "style", "list"], ["style", "list", "-v"], ["style", "-v", "list"], ["style", "list"]):
+        res = _cli(*args, "--out", tmp_path)
+        assert res.exit_code == 0, res.output
+    assert seen == [True, True, True, False]
+
+
+def test_bad_choices_fail_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    plan = write_plan(tmp_path / "plan.json", [movie("c", 1)], SMALL)
+    code = ("import sys; from movielm_fast.cli.main import cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, e.code)")
+    for flags, message in ((["--device", "gpu"], "unknown device 'gpu'"), (["--backend", "onnx"], "'onnx' is not one"),
+                           (["--dtype", "fp64"], "'fp64' is not one"), (["--threads", "0"], "positive integer")):
+        res = subprocess.run([sys.executable, "-c", code, "render", str(plan), *flags], capture_output=True, text=True)
+        assert res.stdout.split() == ["False", "2"] and message in res.stderr, (flags, res.stdout, res.stderr)
+
+
+def test_render_settings_show_how_their_default_is_found():
+    res = _cli("render", "--help")
+    text = " ".join(res.output.split())
+    assert "Denoising steps. [default: the plan's, else the model's, else 25]" in text
+    assert "Negative prompt of every frame. [default: the plan's, else none]" in text
+    assert "--threads N|auto" in text and "--out PATH Output folder" in text

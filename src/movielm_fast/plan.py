@@ -130,16 +130,17 @@ class RenderSettings(_Strict):
     """Per-frame rendering settings. Every field is optional here so that layers can cascade; the fields with a
     help text are also command-line flags (--width, --steps, ...), which win over every plan."""
 
-    width: int | None = setting(None, "Frame width in pixels (default: the model's native size).", ge=64, le=4096)
-    height: int | None = setting(None, "Frame height in pixels (default: the model's native size).", ge=64, le=4096)
+    width: int | None = setting(None, "Frame width in pixels (the model's default: its native size).", ge=64, le=4096)
+    height: int | None = setting(None, "Frame height in pixels (the model's default: its native size).", ge=64,
+                                 le=4096)
     steps: int | None = setting(None, "Denoising steps.", ge=1, le=1000)
     guidance: float | None = setting(None, "Classifier-free guidance scale (1 or less: none; guidance-distilled "
                                            "models embed it).", ge=0.0, le=50.0)
     scheduler: Literal[SCHEDULERS] | None = setting(  # type: ignore[valid-type]
-        None, "Sampling algorithm, built from the model's own scheduler config (default: dpmpp; 'default': the "
-              "model's own class).")
+        None, "Sampling algorithm, built from the model's own scheduler config ('default': the model's own class).")
     negative_prompt: str | None = setting(None, "Negative prompt of every frame.")
-    seed: int | None = setting(None, "Image seed of every movie (default: each plan's own).", ge=0, lt=2**63)
+    seed: int | None = setting(None, "Image seed of every movie; each frame's is derived from it and the movie and "
+                                     "frame ids.", ge=0, lt=2**63)
     seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
     consistency: ConsistencySettings | None = None
     timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = setting(  # type: ignore[valid-type]
@@ -148,7 +149,7 @@ class RenderSettings(_Strict):
     refiner: str | None = setting(None, "SDXL refiner folder that denoises the end of the schedule (base + refiner, "
                                         "as MovieLLM); in a plan, relative to the plan file.")
     refiner_switch: float | None = setting(None, "Fraction of the schedule the base model denoises before the "
-                                                 "refiner takes over (diffusers' denoising_end) [0.8].", gt=0.0, lt=1.0)
+                                                 "refiner takes over (diffusers' denoising_end).", gt=0.0, lt=1.0)
     vae: str | None = setting(None, "VAE folder (AutoencoderKL, e.g. the fp16-fix SDXL VAE, or AutoencoderTiny for "
                                     "fast drafts) that decodes instead of the model's own; in a plan, relative to the "
                                     "plan file.")
@@ -162,6 +163,8 @@ class RenderSettings(_Strict):
         return v
 
 
+MODEL_SETTINGS = ("width", "height", "steps", "guidance")
+"""The render settings a model brings where neither a flag nor the plan sets them (engine.models.model_defaults)."""
 BUILTIN_RENDER = RenderSettings(
     width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
     seed_mode="per_frame", consistency=ConsistencySettings(), refiner_switch=0.8,

@@ -45,13 +45,40 @@ class LazyGroup(CleanErrors):
         if name in LAZY_COMMANDS and name not in self.commands:
             module, attr = LAZY_COMMANDS[name]
             self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attr), name)
-        return super().get_command(ctx, name)
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _take_verbose(command)
+        return command
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-v before or after a command's name: recorded on the way down (ctx.meta is shared by a command's contexts),
+    applied once the command that runs has read its own flags."""
+    ctx.meta["verbose"] = ctx.meta.get("verbose", False) or value
+    if not isinstance(ctx.command, click.Group):
+        configure_logging(ctx.meta["verbose"])
+
+
+VERBOSE = {"is_flag": True, "expose_value": False, "is_eager": True, "callback": _verbosity,
+           "help": "Log details (cache hits, batch sizes); before or after the command's name."}
+
+
+def _take_verbose(command: click.Command) -> None:
+    """Give a command (and a group's commands) the -v flag, so it works wherever it is typed."""
+    if not any(p.name == "verbose" for p in command.params):
+        command.params.append(click.Option(["-v", "--verbose"], **VERBOSE))
+    for sub in getattr(command, "commands", {}).values():
+        _take_verbose(sub)
 
 
 @click.group(cls=LazyGroup, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
-@click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
+@click.option("-v", "--verbose", **VERBOSE)
 @click.version_option(package_name="movielm-fast", prog_name="movielm-fast", message=VERSION_MESSAGE)
-def cli(verbose: bool) -> None:
+def cli() -> None:
+    pass
+
+
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
         _quiet_libraries()
@@ -72,7 +99,8 @@ def _quiet_libraries() -> None:
 @cli.command("render",
              help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True,
+              help="Output folder: OUT/<movie id>/frames/, manifest.json, storyboard.png.")
 @click.option("--server", help="Send the plans to a running `movielm-fast serve` at this URL and follow them; --out "
                                "is then relative to the server's output root. Render settings (--steps, --seed, "
                                "--image-format, --replace, ...) go with each plan; flags of the resident model "
@@ -88,15 +116,16 @@ def render_cmd(plans, out, server, token, **kw):
             p.name) not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
         as_json, quiet = kw.pop("as_json"), kw["quiet"]
         return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
+    from movielm_fast.run.startup import StartupClock
+
+    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
+    model, run, cluster, as_json = render_configs(out, kw)  # a bad flag fails here, before seconds of imports
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
     from movielm_fast.run.driver import Job, render_job, report_stage
     from movielm_fast.run.executors import open_executor
-    from movielm_fast.run.startup import StartupClock
 
     from .progress import progress_display
 
-    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
-    model, run, cluster, as_json = render_configs(out, kw)
     with progress_display(run.quiet) as progress:
         report_stage(progress, "validate")
         job = Job.load(run, list(plans), clock)  # every plan checked before the model loads

@@ -26,8 +26,8 @@ from .options import render_configs, render_options
                    "repeatable; relative paths in a plan are relative to the first [default: the current folder].")
 @render_options(cluster=False, json=False)
 def serve_cmd(out, host, port, token, allow_files, **kw):
+    model, run, _, _ = render_configs(out, kw)  # a bad flag fails before the server's imports
     from movielm_fast.serve.app import serve
 
-    model, run, _, _ = render_configs(out, kw)
     click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
     serve(model, run, host=host, port=port, token=token, allow_files=tuple(allow_files))

@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text, cache_root
+from movielm_fast.plan import MODEL_SETTINGS
 
 from .demo import demo_model_path
 
@@ -30,7 +31,6 @@ DEFAULTS_FILE = "movielm_defaults.json"
 """A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), and optionally
 "skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
 hash: it changes no pixel of a frame whose settings are given."""
-DEFAULT_KEYS = ("width", "height", "steps", "guidance")
 
 
 @dataclass
@@ -123,7 +123,7 @@ def own_defaults(model: ModelBundle) -> dict[str, Any]:
         own = json.loads(path.read_text())
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON ({exc})",
-                        f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
+                        f"fix it or delete it; it may hold {', '.join(MODEL_SETTINGS)}") from None
     return own if isinstance(own, dict) else {}
 
 
@@ -133,7 +133,7 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     between the plan and the built-in defaults)."""
     native = native_size(model)
     own = own_defaults(model)
-    return {"width": native, "height": native, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    return {"width": native, "height": native, **{k: own[k] for k in MODEL_SETTINGS if own.get(k) is not None}}
 
 
 def style_training_note(model: ModelBundle) -> str | None:
