@@ -370,10 +370,14 @@ def test_version():
 
 def test_hub_id_says_how_to_get_a_local_folder(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("h", 1)], SMALL)
-    res = _cli("render", plan, "--model", "runwayml/stable-diffusion-v1-5", "--out", tmp_path / "o")
+    res = _cli("render", plan, "--model", "stabilityai/sdxl-turbo", "--out", tmp_path / "o")
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir" in res.output
+    assert "huggingface-cli download stabilityai/sdxl-turbo --local-dir models/sdxl-turbo" in res.output
     assert "hf download" in res.output and "then pass --model" in res.output
+    # A repository removed upstream (issue 33) is answered with where its weights are now.
+    res = _cli("render", plan, "--model", "runwayml/stable-diffusion-v1-5", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "was removed from the hub" in res.output
+    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir" in res.output
 
 
 # --- issue 33: -v anywhere, flags checked before the heavy imports, defaults shown -----------------------------------

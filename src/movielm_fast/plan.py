@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.settings import setting
@@ -55,7 +55,8 @@ def normalise_shot(value: str | None) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # Attribute docstrings are the fields' descriptions in the plan's JSON schema (plan_schema).
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, use_attribute_docstrings=True)
 
 
 def _check_id(value: str) -> str:
@@ -110,7 +111,7 @@ class ConsistencySettings(BaseModel):
     """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
     `--consistency MODE` on the command line sets the mode and keeps the rest."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     mode: Literal[CONSISTENCY_MODES] = "none"  # type: ignore[valid-type]
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
@@ -451,7 +452,7 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
 
 # --- size limits -------------------------------------------------------------------------------------------------
 # Plans and LLM answers are untrusted input: each bound is far above any real plan and far below what exhausts a
-# machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, documented in README.
+# machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, documented in docs/plans.md.
 
 LIMITS = {  # name: (default, environment variable)
     "plan_bytes": (16 * 2**20, "MOVIELM_MAX_PLAN_BYTES"),
@@ -551,3 +552,24 @@ def plan_files(paths: Iterable[str | Path]) -> list[Path]:
     if not files:
         raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
     return files
+
+
+SCHEMA_FILE = "docs/plan.schema.json"
+
+
+def plan_schema() -> dict[str, Any]:
+    """plan.json's JSON Schema, made from the models above: a file is one Movie or a PlanFile. SCHEMA_FILE is this,
+    written by `python -m movielm_fast.plan` (a test keeps it current). Validation checks more than a schema can say
+    (ids safe as file names, speakers among the characters, size limits): `parse_plan` is the authority."""
+    schema = TypeAdapter(PlanFile | Movie).json_schema()
+    for model in schema["$defs"].values():
+        for field in model.get("properties", {}).values():
+            for key in ("flag", "served", "metavar"):  # the CLI's and serve's metadata of a setting
+                field.pop(key, None)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "movielm-fast plan.json, version 1",
+            "description": "One movie object, or {\"version\": 1, \"defaults\": {render settings}, \"movies\": [...]}; "
+                           "see docs/plans.md.", **schema}
+
+
+if __name__ == "__main__":  # python -m movielm_fast.plan > docs/plan.schema.json
+    print(json.dumps(plan_schema(), indent=1, ensure_ascii=False))

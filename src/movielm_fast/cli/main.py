@@ -16,7 +16,7 @@ from .options import render_configs, render_options
 
 DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture model trained on this project's toy "
              "world: 64x64 scenes of coloured circles, squares and triangles on five backgrounds in five styles "
-             "(README, 'What the demo model can draw'). It runs offline in seconds; pass --model PATH (a local "
+             "(docs/demo-model.md says what it can draw). It runs offline in seconds; pass --model PATH (a local "
              "diffusers folder) for real images.")
 
 

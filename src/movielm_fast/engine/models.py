@@ -407,6 +407,8 @@ def _check_safetensors(path: Path) -> None:
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+"""Hub repositories that were removed, and where their weights are now."""
 
 
 def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
@@ -421,11 +423,13 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
-            local = f"models/{Path(str(spec)).name}"
+            hub_id = MOVED_HUB_IDS.get(str(spec), str(spec))
+            moved = f" ({spec} was removed from the hub; its weights are at {hub_id})" if hub_id != str(spec) else ""
+            local = f"models/{Path(hub_id).name}"
             raise UserError(f"model not found: {spec} is not a local folder; it looks like a Hugging Face hub id, and "
-                            "movielm-fast never downloads at run time",
-                            f"download it once: `huggingface-cli download {spec} --local-dir {local}` (or `hf download "
-                            f"{spec} --local-dir {local}`), then pass --model {local}")
+                            f"movielm-fast never downloads at run time{moved}",
+                            f"download it once: `huggingface-cli download {hub_id} --local-dir {local}` (or `hf "
+                            f"download {hub_id} --local-dir {local}`), then pass --model {local}")
         raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
