@@ -12,9 +12,10 @@ import pytest
 from movielm_fast.plan import SCHEMA_FILE, parse_plan, plan_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-SETUP = ["make demo   # installs into .venv on first use, then: movielm-fast render examples/plan.json --no-style-training",
-         "make test   # installs into .venv on first use, checks the import layers (lint-imports), runs the tests (CPU, "
-         "offline)"]
+SETUP = ["make demo   # installs into .venv on first use, then: movielm-fast render examples/plan.json "
+         "--no-style-training",
+         "make test   # installs into .venv on first use, checks the import layers (lint-imports), runs the tests "
+         "(CPU, offline)"]
 # Pages other branches of the same round add (issue 33: DiT models, consistency, safety, GPU); linked before they land.
 IN_FLIGHT = {"docs/models.md", "docs/consistency.md", "docs/safety.md", "docs/gpu.md"}
 
