@@ -413,3 +413,12 @@ def test_render_settings_show_how_their_default_is_found():
     assert "Denoising steps. [default: the plan's, else the model's, else 25]" in text
     assert "Negative prompt of every frame. [default: the plan's, else none]" in text
     assert "--threads N|auto" in text and "--out PATH Output folder" in text
+
+
+def test_a_failed_stage_says_so_and_leaves_no_bar(tmp_path):
+    m = movie("f", 1)
+    m["frames"][0]["dialouge"] = "hi"
+    plan = write_plan(tmp_path / "plan.json", [m], SMALL)
+    res = _cli("render", plan, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "checking the plans: failed after" in res.output
+    assert "checking the plans: done" not in res.output and "0/?" not in res.output and "━" not in res.output
