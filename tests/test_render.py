@@ -267,7 +267,7 @@ def test_cli_render_demo_json_summary(tmp_path):
     (["--model", "/nonexistent/model"], "model not found"),
     (["--device", "cuda"], "no usable CUDA device"),
     (["--width", "100"], "multiple of 8"),
-    (["--backend", "nope"], "unknown backend"),
+    (["--backend", "nope"], "'nope' is not one of 'torch', 'onnxruntime', 'tensorrt', 'null'"),
     (["--dtype", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
 ])
 def test_cli_user_errors_exit_2(tmp_path, args, message):
