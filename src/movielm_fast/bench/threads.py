@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,12 +159,6 @@ def main(argv: list[str] | None = None) -> Path:
     return save_result(args.results, "threads", result)
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def summary(res: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """(plan, busy cores) -> per configuration its median render and wall seconds (None: a run timed out or
     failed), and on the render seconds default / fastest, default / one thread."""
@@ -174,7 +169,7 @@ def summary(res: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
         cell["load"] += [run[k] for k in ("load_before", "load_after") if k in run]
     for cell in out.values():
         for key in ("render", "wall"):
-            cell[key] = {c: (_median([r[f"{key}_seconds"] for r in runs]) if all(r["status"] == "ok" for r in runs)
+            cell[key] = {c: (statistics.median([r[f"{key}_seconds"] for r in runs]) if all(r["status"] == "ok" for r in runs)
                              else None) for c, runs in cell["runs"].items()}
         done = [w for w in cell["render"].values() if w is not None]
         default, one = cell["render"].get("default"), cell["render"].get("one thread")
