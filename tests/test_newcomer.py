@@ -410,8 +410,8 @@ def test_bad_choices_fail_before_torch_is_imported(tmp_path):
 def test_render_settings_show_how_their_default_is_found():
     res = _cli("render", "--help")
     text = " ".join(res.output.split())
-    assert "Denoising steps. [default: the plan's, else the model's, else 25]" in text
-    assert "Negative prompt of every frame. [default: the plan's, else none]" in text
+    assert "Denoising steps. [default: (the plan's, else the model's, else 25)]" in text
+    assert "Negative prompt of every frame. [default: (the plan's, else none)]" in text
     assert "--threads N|auto" in text and "--out PATH Output folder" in text
 
 

@@ -61,9 +61,9 @@ def _flag_option(name: str, field: Any, fallback: str | None = None) -> Callable
         choices = get_args(base) if get_origin(base) is Literal else None
         kind = click.Choice(choices) if choices else {int: click.INT, float: click.FLOAT, Path: click.Path(
             path_type=Path)}.get(base, click.STRING)
-        kw.update(type=kind, default=default, show_default=default is not None)
-    if fallback and default is None:  # as click shows a default
-        kw["help"] = f"{field.description}  [default: {fallback}]"
+        # A text instead of a value: click shows it as "[default: (text)]".
+        kw.update(type=kind, default=default, show_default=fallback if default is None and fallback else
+                  default is not None)
     return click.option(spelling, name, **kw)
 
 
