@@ -171,8 +171,8 @@ def summary(res: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
         cell["load"] += [run[k] for k in ("load_before", "load_after") if k in run]
     for cell in out.values():
         for key in ("render", "wall"):
-            cell[key] = {c: (statistics.median([r[f"{key}_seconds"] for r in runs]) if all(r["status"] == "ok" for r in runs)
-                             else None) for c, runs in cell["runs"].items()}
+            cell[key] = {c: statistics.median([r[f"{key}_seconds"] for r in runs])
+                         if all(r["status"] == "ok" for r in runs) else None for c, runs in cell["runs"].items()}
         done = [w for w in cell["render"].values() if w is not None]
         default, one = cell["render"].get("default"), cell["render"].get("one thread")
         cell["vs_best"] = default / min(done) if default and done else None
@@ -190,25 +190,33 @@ def _not_done(runs: list[dict[str, Any]] | None) -> str:
 def threads_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
-    res = results[-1]
-    st, m = res["settings"], res["machine"]
-    sd = st["sd15"]
-    la = res["load_average"]
+    m = results[-1]["machine"]
     lines = ["## CPU threads under load (`movielm-fast bench --threads-load`, `bench/threads.py`)", "",
-             f"{m['cpu_model']}, {m['cpu_cores_logical']} cores; {res['created']}. Each cell: the seconds of a fresh "
-             "`movielm-fast render` process's job as its `--json` summary reports them (plan checks, model load, "
-             "render, files), and in brackets the process's wall seconds (imports too), median of "
-             f"{st['repeats']} run(s), while the given number of cores ran a busy loop each (started and stopped by "
-             "the benchmark); the ratios compare the job's seconds. The machine was shared with other work the benchmark does not control: the load "
-             f"average was {la['start'][0]:.1f} at the start and {la['end'][0]:.1f} at the end; each row gives the "
-             "1-minute load average seen before and after its runs. *demo*: `examples/plan.json` (9 frames, 64x64, "
-             f"the demo model's 20 steps); *sd15-arch*: {sd['frames']} frame(s) of the SD 1.5 architecture (random "
-             f"weights), {sd['size']}x{sd['size']}, {sd['steps']} steps. *default*: `--threads auto` with the CLI's "
-             "passive wait policy; *spinning*: the same threads with libgomp's own wait policy (idle threads spin; "
-             "the default before issue 33); *one thread*: `--threads 1`; *onnxruntime*: `--backend onnxruntime`.", ""]
+             f"{m['cpu_model']}, {m['cpu_cores_logical']} cores. Each cell: the seconds of a fresh `movielm-fast "
+             "render` process's job as its `--json` summary reports them (plan checks, model load, render, files), "
+             "and in brackets the process's wall seconds (imports too), the median of the run's repeats, while the "
+             "given number of cores ran a busy loop each (started and stopped by the benchmark); the ratios compare "
+             "the job's seconds. The machine was shared with other work the benchmark does not control: each row "
+             "gives the 1-minute load average seen before and after its runs. *demo*: `examples/plan.json` (9 "
+             "frames, 64x64, the demo model's 20 steps); *sd15-arch*: the SD 1.5 architecture with random weights. "
+             "*default*: `--threads auto` with the CLI's passive wait policy; *spinning*: the same threads with "
+             "libgomp's own wait policy (idle threads spin: the default before issue 33); *one thread*: "
+             "`--threads 1`; *onnxruntime*: `--backend onnxruntime`.", ""]
+    for res in results:
+        lines += _run_table(res)
+    return lines
+
+
+def _run_table(res: dict[str, Any]) -> list[str]:
+    st, la, sd = res["settings"], res["load_average"], res["settings"]["sd15"]
     configs = st["configs"]
-    lines += ["| plan | busy cores | load avg | " + " | ".join(configs) + " | default / fastest | "
-              "default / one thread |", "|" + "---|" * (len(configs) + 5)]
+    sd15 = f"sd15-arch {sd['frames']} frame(s) at {sd['size']}x{sd['size']}, {sd['steps']} steps; " \
+        if "sd15-arch" in st.get("plans", ["sd15-arch"]) else ""
+    lines = [f"### {res['created']}", "",
+             f"{st['repeats']} run(s) per cell; {sd15}load average {la['start'][0]:.1f} at the start, "
+             f"{la['end'][0]:.1f} at the end.",
+             "", "| plan | busy cores | load avg | " + " | ".join(configs) + " | default / fastest | "
+             "default / one thread |", "|" + "---|" * (len(configs) + 5)]
     cells = summary(res)
     for (plan, busy), cell in sorted(cells.items()):
         walls = [f"{cell['render'][c]:.1f} ({cell['wall'][c]:.0f})" if cell["render"].get(c) else
