@@ -404,3 +404,23 @@ def test_gpu_goals_merge_runs_made_in_separate_steps(tmp_path):
     lines = goals_table([merged]).splitlines()
     assert "131.0 UNet it/s" in lines[1]
     assert "12.00 img/s at batch 8" in lines[2] and "1.35x diffusers+compile" in lines[2]
+
+
+def test_threads_section_judges_the_default_against_the_fastest_and_one_thread():
+    from movielm_fast.bench.threads import THREADS_FORMAT, threads_section
+
+    def run(busy, config, seconds, status="ok"):
+        return {"busy": busy, "plan": "demo", "config": config, "status": status, "wall_seconds": seconds + 30,
+                "render_seconds": seconds, "load_before": 1.0, "load_after": 2.0}
+
+    res = {"format": THREADS_FORMAT, "created": "2026-12-07T16:00:00", "load_average": {"start": [1.0], "end": [2.0]},
+           "machine": {"cpu_model": "a CPU", "cpu_cores_logical": 2},
+           "settings": {"configs": ["default", "one thread", "onnxruntime"], "plans": ["demo"], "repeats": 1,
+                        "goal": 1.2, "sd15": {"frames": 1, "size": 256, "steps": 4}},
+           "runs": [run(0, "default", 10.0), run(0, "one thread", 12.0), run(0, "onnxruntime", 9.0),
+                    run(2, "default", 30.0), run(2, "one thread", 24.0),
+                    run(2, "onnxruntime", 600.0, "timeout")]}
+    text = "\n".join(threads_section([res]))
+    assert "| demo | 0 | 1.0–2.0 | 10.0 (40) | 12.0 (42) | 9.0 (39) | 1.11× | 0.83× |" in text
+    assert "| demo | 2 | 1.0–2.0 | 30.0 (60) | 24.0 (54) | > 630 (stopped) | 1.25× | 1.25× |" in text
+    assert "**not met** (worst 1.25×)" in text and "never slower than one thread: **not met** (up to 1.25×)" in text
