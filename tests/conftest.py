@@ -86,3 +86,41 @@ def tiny_sd_v(tmp_path_factory):
 def tiny_sdxl(tmp_path_factory):
     """A tiny SDXL-architecture model folder (two text encoders, added conditions)."""
     return _save_tiny(tmp_path_factory, "sdxl")
+
+
+def _save_built(tmp_path_factory, name: str, build):
+    path = tmp_path_factory.mktemp(name)
+    build().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tmp_path_factory):
+    """A tiny FLUX.1 [dev]-like folder (guidance embedding, dynamic shift; random weights)."""
+    from movielm_fast.testing import build_tiny_flux
+
+    return _save_built(tmp_path_factory, "tiny-flux-dev", lambda: build_tiny_flux(guidance_embeds=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    """A tiny FLUX.1 [schnell]-like folder (no guidance input, fixed shift)."""
+    from movielm_fast.testing import build_tiny_flux
+
+    return _save_built(tmp_path_factory, "tiny-flux-schnell", lambda: build_tiny_flux(guidance_embeds=False, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory):
+    """A tiny FLUX.2 [klein] base folder (CFG with a negative prompt)."""
+    from movielm_fast.testing import build_tiny_flux2_klein
+
+    return _save_built(tmp_path_factory, "tiny-klein", lambda: build_tiny_flux2_klein(distilled=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_distilled(tmp_path_factory):
+    """A tiny step-distilled FLUX.2 [klein] folder (no guidance)."""
+    from movielm_fast.testing import build_tiny_flux2_klein
+
+    return _save_built(tmp_path_factory, "tiny-klein-distilled", lambda: build_tiny_flux2_klein(True, seed=1))

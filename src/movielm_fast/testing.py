@@ -150,3 +150,144 @@ def make_random_lora(path: Path, unet_model, text_encoders, fmt: str = "kohya", 
 
     save_file(sd, str(path))
     return path
+
+
+# --- the transformer families: tiny FLUX.1 and FLUX.2 [klein] pipelines ---------------------------------------------
+# Tokenizers are built offline from a small vocabulary, deterministically (no trained merges whose ties could fall
+# differently from run to run): T5 a unigram model of whole words and single characters, Qwen a byte-level BPE of
+# single bytes with Qwen3's chat-template markers.
+
+TINY_WORDS = ("a lighthouse on cliff at dusk oil painting woman in lavender stands the ballroom blurry low quality "
+              "duchess and commoner walk through gothic garden night red circle blue square scene rosa soft sepia")
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+"""What Qwen3's own template writes for one user message with add_generation_prompt and thinking off."""
+
+
+def tiny_t5_tokenizer():
+    from transformers.models.t5.tokenization_t5 import T5Tokenizer
+
+    chars = sorted(set(TINY_WORDS.replace(" ", "")) | set("0123456789,.:;!?'()-_<>[]"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(TINY_WORDS.split()))] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_qwen_tokenizer():
+    from tokenizers import pre_tokenizers
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], special_tokens=True)
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def _tiny_vae(cls=None, **extra):
+    from diffusers import AutoencoderKL
+
+    return (cls or AutoencoderKL)(
+        block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        sample_size=256, **extra)
+
+
+def build_tiny_flux(guidance_embeds: bool = True, seed: int = 0):
+    """A tiny FLUX.1 FluxPipeline with random weights: [dev]-like (guidance embedding, dynamic shift) or, with
+    guidance_embeds=False, [schnell]-like (no guidance input, a fixed shift of 1). The VAE has FLUX's 1/8 layout with
+    its shift and scale; the transformer one double and one single block."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    t5_tok = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    vae = _tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True) if guidance_embeds else \
+        FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_text_config(32)),
+                        tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+
+
+def build_tiny_flux2_klein(distilled: bool = False, seed: int = 0):
+    """A tiny FLUX.2 [klein] Flux2KleinPipeline with random weights: a Qwen3 of 28 narrow layers (klein reads the
+    hidden states of layers 9, 18 and 27), FLUX.2's VAE with random batch-norm statistics (so that undoing them
+    shows), and `distilled` as the step-distilled klein says it in model_index.json."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_qwen_tokenizer()
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True))
+    vae = _tiny_vae(AutoencoderKLFlux2)
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                              vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
+                              is_distilled=distilled)
+
+
+# kohya's names of FLUX.1 layers (BFL's own module names) -> the diffusers modules each one changes; a fused qkv is
+# one LoRA over the concatenated projections. (linear1 of the single blocks is left out: diffusers' converter splits
+# it at the full-size model's widths.)
+KOHYA_FLUX_DOUBLE = {"img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+                     "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+                     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                     "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+                     "txt_mlp_2": ("ff_context.net.2",)}
+KOHYA_FLUX_SINGLE = {"linear2": ("proj_out",)}
+
+
+def make_random_dit_lora(path: Path, transformer, text_encoder=None, fmt: str = "diffusers", rank: int = 4,
+                         alpha: float | None = 2.0, seed: int = 0, std: float = 0.3) -> Path:
+    """A LoRA with random factors for a transformer family's transformer (every linear layer of its blocks) and,
+    if given, its CLIP text encoder. diffusers: `transformer.<name>.lora_A.weight` (PEFT names, alpha = rank);
+    kohya (FLUX.1 only): BFL's block names (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.alpha`)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    if fmt == "diffusers":
+        blocks = [(n, m) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                  and "transformer_blocks." in n]
+        for name, m in blocks:
+            sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = \
+                _lora_factors(m, rank, g, std)
+        for name, m in _lora_targets(text_encoder, LORA_TE_LAYERS) if text_encoder is not None else []:
+            sd[f"text_encoder.{name}.lora_A.weight"], sd[f"text_encoder.{name}.lora_B.weight"] = \
+                _lora_factors(m, rank, g, std)
+    else:
+        groups = [(f"double_blocks_{i}_{k}", [f"transformer_blocks.{i}.{m}" for m in mods])
+                  for i in range(len(transformer.transformer_blocks)) for k, mods in KOHYA_FLUX_DOUBLE.items()]
+        groups += [(f"single_blocks_{i}_{k}", [f"single_transformer_blocks.{i}.{m}" for m in mods])
+                   for i in range(len(transformer.single_transformer_blocks)) for k, mods in KOHYA_FLUX_SINGLE.items()]
+        targets = [(f"lora_unet_{name}", [transformer.get_submodule(m) for m in mods]) for name, mods in groups]
+        if text_encoder is not None:
+            targets += [("lora_te1_" + ("text_model." + n).replace(".", "_"), [m])
+                        for n, m in _lora_targets(text_encoder, LORA_TE_LAYERS)]
+        for base, mods in targets:
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, mods[0].in_features, generator=g) * std
+            sd[f"{base}.lora_up.weight"] = torch.randn(sum(m.out_features for m in mods), rank, generator=g) * std
+            if alpha is not None:
+                sd[f"{base}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path))
+    return path

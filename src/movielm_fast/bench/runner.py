@@ -31,10 +31,11 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from movielm_fast.engine.backends.base import backend_names, create_backend
 from movielm_fast.engine.config import BackendConfig
+from movielm_fast.engine.families.sd import stack_conditioning
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model, native_size, own_defaults
 from movielm_fast.engine.oom import is_oom
-from movielm_fast.engine.pipeline import render_batch, stack_conditioning
+from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
 from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError

@@ -121,6 +121,7 @@ def render_cmd(plans, out, server, token, **kw):
     clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
     model, run, cluster, as_json = render_configs(out, kw)  # a bad flag fails here, before seconds of imports
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
+    from movielm_fast.engine.families import family_of_spec
     from movielm_fast.run.driver import Job, render_job, report_stage
     from movielm_fast.run.executors import open_executor
 
@@ -128,7 +129,8 @@ def render_cmd(plans, out, server, token, **kw):
 
     with progress_display(run.quiet) as progress:
         report_stage(progress, "validate")
-        job = Job.load(run, list(plans), clock)  # every plan checked before the model loads
+        # Every plan checked before the model loads (its LoRAs against the model's family, from model_index.json).
+        job = Job.load(run, list(plans), clock, family=family_of_spec(model.model))
         report_stage(progress, "load")
         with open_executor(model, cluster, on_step=getattr(progress, "step", None)) as executor:
             summary = render_job(job, executor, progress)
@@ -191,9 +193,12 @@ def _render_on_server(server, token, plans, out, as_json, quiet, options):
             if progress:
                 progress.stage("render")
             rec = follow(server, rec["id"], token, progress)
-        failed |= rec["state"] == "failed"
+        failed |= rec["state"] != "done"
         if as_json:
             click.echo(json.dumps(rec))
+        elif rec["state"] == "cancelled":
+            click.echo(f"{rec['id']}: cancelled on the server ({rec['done']} of {rec['total']} frame(s) done)",
+                       err=True)
         elif rec["error"]:
             click.echo(f"failed: {rec['error']['error']} ({rec['error']['hint']})", err=True)
         else:

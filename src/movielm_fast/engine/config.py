@@ -71,6 +71,11 @@ class BackendConfig(Settings):
     compile_unet: bool = setting(
         False, "torch.compile the UNet step (slow first call of each shape). On the CPU: inductor with frozen "
                "weights; --dtype bf16 on an AMX / AVX-512-BF16 CPU turns it on by itself.", flag="--compile")
+    offload_text_encoders: bool = setting(
+        False, "Keep the text encoders in host memory and move each onto the device only to encode a batch's new "
+               "prompts: the device holds the denoiser alone while it runs (FLUX's T5 and klein's Qwen3 are large), "
+               "at the cost of a host-to-device copy per batch with new prompts. Lossless.",
+        flag="--offload-text-encoders")
     quantize: Literal[QUANTIZE_MODES] | None = setting(  # type: ignore[valid-type]
         None, "LOSSY: the UNet's attention-block matmuls in FP8 e4m3 (engine/fp8.py; GPUs of compute capability "
               "8.9+: Ada, Hopper). fp8-emulated: the same rounding in fp32 on any device, to measure quality.")

@@ -34,6 +34,7 @@ class BatchSettings:
     vae: str | None = None  # VAE folder that decodes instead of the model's own (resolved path)
     loras: LoraSet = ()  # the LoRA set merged into the weights (engine.lora): one set per batch
     step_cache: StepCache | None = None  # DeepCache-style step caching (engine.step_cache; lossy); None: off
+    true_cfg: float = 1.0  # FLUX.1's true classifier-free guidance scale; 1: off (engine.families.flux)
 
     def key(self) -> tuple:
         """These settings as a tuple for digests (an anchor's key), trailing defaults left out: an anchor keyed

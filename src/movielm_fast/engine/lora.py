@@ -8,9 +8,11 @@ step and no graph is re-exported.
     1. read      safetensors only; the kind is told from the key names: kohya/A1111 (`lora_unet_...`,
                  `lora_te_`/`lora_te1_`/`lora_te2_` with `.lora_down`/`.lora_up`/`.alpha`) or diffusers/PEFT
                  (`unet.`, `text_encoder.`, `text_encoder_2.` with `lora_A`/`lora_B`, or the older `.lora.down`);
-                 LoHa, LoKr, DoRA, OFT, ... are refused by name
-    2. convert   diffusers' `lora_state_dict` (kohya -> diffusers, SDXL's sgm block names) and
-                 `convert_unet_state_dict_to_peft` / `convert_state_dict_to_peft`: one PEFT name per layer
+                 for the transformer families (engine.families) their own prefixes (`transformer.`, kohya's
+                 `lora_unet_double_blocks_...`); LoHa, LoKr, DoRA, OFT, ... are refused by name
+    2. convert   diffusers' `lora_state_dict` of the model's family (kohya -> diffusers, SDXL's sgm block names,
+                 kohya FLUX's fused qkv split per projection) and `convert_unet_state_dict_to_peft` /
+                 `convert_state_dict_to_peft`: one PEFT name per layer
     3. resolve   each layer against the model: (component, parameter name in the component's graph module,
                  export/graphs.py) with its (down, up, alpha / r); a layer the model lacks, or a shape that differs,
                  means the LoRA was made for another model
@@ -31,10 +33,11 @@ from typing import Any, NamedTuple
 import torch
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import sha256_file
+from movielm_fast.paths import sha256_files
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+DENOISERS = ("unet", "transformer")  # LoRA components that are the denoiser (graph component names)
 # Marker in a key -> what kind of file it is. Checked before anything else: these are not plain LoRAs.
 UNSUPPORTED_KINDS = (("hada_", "a LoHa (LyCORIS Hadamard product)"), ("lokr_", "a LoKr (LyCORIS Kronecker product)"),
                      ("dora_scale", "a DoRA (weight-decomposed LoRA)"), ("lora_magnitude_vector", "a DoRA"),
@@ -71,7 +74,7 @@ class LoraLayer:
     """One weight a LoRA changes. `param` names the weight in the component's graph module (export/graphs.py), the
     module the torch backend runs and the ONNX exporter traces. down: (r, in[, kh, kw]); up: (out, r[, 1, 1])."""
 
-    component: str  # "unet" | "text_encoder" | "text_encoder_2"
+    component: str  # "unet" | "transformer" | "text_encoder" | "text_encoder_2"
     param: str
     shape: tuple[int, ...]
     down: torch.Tensor
@@ -109,8 +112,9 @@ def read_header(path: Path, what: str = "LoRA") -> tuple[list[str], dict[str, st
                        "the file is truncated or not a safetensors file: download it again") from None
 
 
-def lora_format(path: Path, keys: list[str], what: str = "LoRA") -> str:
-    """"kohya" or "diffusers", or the UserError saying what else the file is."""
+def lora_format(path: Path, keys: list[str], what: str = "LoRA", family=None) -> str:
+    """"kohya" or "diffusers", or the UserError saying what else the file is. `family` (engine.families): the
+    model's, whose key names are a LoRA; None: any family's (a plan checked before the model is known)."""
     for marker, kind in UNSUPPORTED_KINDS:
         hit = next((k for k in keys if marker in k), None)
         if hit is not None:
@@ -119,41 +123,42 @@ def lora_format(path: Path, keys: list[str], what: str = "LoRA") -> str:
                            "LoRA version of it, or merge it into the model with its own tools")
     if not keys:
         raise _problem(path, what, "holds no tensors", "this is not a LoRA file")
-    if all(k.startswith(KOHYA_PREFIXES) for k in keys) and any("lora_down" in k for k in keys):
-        return "kohya"
-    if all(k.startswith(DIFFUSERS_PREFIXES) for k in keys) and all(any(m in k for m in _MARKERS) for k in keys):
-        return "diffusers"
+    from .families import all_families
+
+    for fam in [family] if family is not None else all_families():
+        kohya, diffusers = fam.lora_prefixes
+        if all(k.startswith(kohya) for k in keys) and any("lora_down" in k for k in keys):
+            return "kohya"
+        if all(k.startswith(diffusers) for k in keys) and all(any(m in k for m in _MARKERS) for k in keys):
+            return "diffusers"
     sample = ", ".join(sorted(keys)[:3])
     if any(m in k for k in keys for m in _MARKERS):
-        return _raise_other_arch(path, what, sample)
+        return _raise_other_arch(path, what, sample, family)
     raise _problem(path, what, f"is not a LoRA (keys such as {sample})",
                    "pass a LoRA in kohya/A1111 (lora_unet_..., lora_te_...) or diffusers/PEFT (unet..., "
                    "text_encoder...) format")
 
 
-def _raise_other_arch(path: Path, what: str, sample: str):
+def _raise_other_arch(path: Path, what: str, sample: str, family=None):
+    made_for = f"{family.name} (the model's family)" if family is not None else \
+        "Stable Diffusion 1.x/2.x, SDXL, FLUX.1 or FLUX.2 [klein] (this engine renders those)"
     raise _problem(path, what, f"is a LoRA for another kind of model (keys such as {sample})",
-                   "use a LoRA made for Stable Diffusion 1.x/2.x or SDXL (this engine renders those)")
+                   f"use a LoRA made for {made_for}")
 
 
-def check_lora_file(path: Path, what: str = "LoRA") -> str:
-    """Before any model loads: the file exists, is safetensors and is a LoRA of a supported kind. Returns the
-    format. Whether it fits the model is checked once the model is loaded (`resolve`)."""
+def check_lora_file(path: Path, what: str = "LoRA", family=None) -> str:
+    """Before any model loads: the file exists, is safetensors and is a LoRA of a supported kind (of `family`, the
+    model's, where it is known). Returns the format. Whether it fits the model is checked once the model is loaded
+    (`resolve`)."""
     keys, _ = read_header(path, what)
-    return lora_format(path, keys, what)
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
+    return lora_format(path, keys, what, family)
 
 
 def lora_ref(path: str | Path, scale: float) -> LoraRef:
-    """A LoRA of a set, its content hashed (memoised per file size and mtime: a set is hashed once per run)."""
+    """A LoRA of a set, its content hashed (memoised by paths.sha256_files: a file rewritten in place is hashed
+    again)."""
     p = Path(path).resolve()
-    st = p.stat()
-    memo = (str(p), st.st_size, st.st_mtime_ns)
-    if memo not in _HASHES:
-        _HASHES[memo] = sha256_file(p)
-    return LoraRef(str(p), _HASHES[memo], float(scale))
+    return LoraRef(str(p), sha256_files([p])[0], float(scale))
 
 
 def combine(entries: list[tuple[str | Path, float]]) -> LoraSet:
@@ -170,9 +175,8 @@ def combine(entries: list[tuple[str | Path, float]]) -> LoraSet:
 
 # --- 2. convert ------------------------------------------------------------------------------------------------------
 
-def _peft_layers(path: Path, kind: str, unet_config, what: str) -> dict[str, dict[str, tuple]]:
+def _peft_layers(path: Path, model, what: str) -> dict[str, dict[str, tuple]]:
     """component -> module name -> (down, up, alpha or None), names as PEFT gives them (diffusers' converters)."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
         convert_state_dict_to_peft,
@@ -180,34 +184,37 @@ def _peft_layers(path: Path, kind: str, unet_config, what: str) -> dict[str, dic
     )
     from safetensors.torch import load_file
 
+    family = model.family
     keys, metadata = read_header(path, what)
-    fmt = lora_format(path, keys, what)
+    fmt = lora_format(path, keys, what, family)
     raw = load_file(str(path))
     alphas: dict[int, float] = {}  # id(down tensor) -> alpha: diffusers' converters move the tensor objects
-    if fmt == "kohya":
+    if fmt == "kohya" and not family.lora_folds_alphas:
         for k in keys:
             if k.endswith(".lora_down.weight") and k.replace(".lora_down.weight", ".alpha") in raw:
                 alphas[id(raw[k])] = float(raw[k.replace(".lora_down.weight", ".alpha")])
-    mixin = StableDiffusionXLLoraLoaderMixin if kind == "sdxl" else StableDiffusionLoraLoaderMixin
     try:
-        # The diffusers SDXL pipeline passes its UNet config so that sgm (input_blocks...) names are remapped.
-        state, _ = mixin.lora_state_dict(dict(raw), **({"unet_config": unet_config} if kind == "sdxl" else {}))
+        state, named_alphas = family.lora_state_dict(dict(raw), model)
         out: dict[str, dict[str, tuple]] = {}
-        for comp in ("unet", "text_encoder", "text_encoder_2"):
+        for comp in (*DENOISERS, "text_encoder", "text_encoder_2"):
             part = {k[len(comp) + 1:]: v for k, v in state.items() if k.startswith(comp + ".")}
             if not part:
                 continue
-            if comp == "unet":
+            if comp in DENOISERS:
                 peft = part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
             else:
                 peft = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            for name, alpha in named_alphas.items():  # alphas diffusers returned by module name (FLUX)
+                down = peft.get(name.removeprefix(comp + ".") + ".lora_A.weight")
+                if name.startswith(comp + ".") and down is not None:
+                    alphas[id(down)] = alpha
             out[comp] = _pairs(peft, alphas, _metadata_alphas(metadata, comp))
     except UserError:
         raise
     except Exception as exc:  # diffusers raises ValueError/KeyError for keys it cannot place
         raise _problem(path, what, f"diffusers cannot convert it ({str(exc).splitlines()[0][:200]})",
-                       "the file is not a LoRA for Stable Diffusion 1.x/2.x/SDXL, or uses a naming this version "
-                       "of diffusers does not know") from None
+                       f"the file is not a LoRA for {family.name}, or uses a naming this version of diffusers does "
+                       "not know") from None
     return out
 
 
@@ -281,15 +288,16 @@ def resolve(model, path: str | Path, what: str = "LoRA") -> list[LoraLayer]:
     """Every weight the LoRA file changes in `model`, checked: a layer the model lacks or a shape that differs is a
     UserError naming the file (a LoRA for another model, e.g. an SDXL LoRA on SD 1.5)."""
     path = Path(path)
-    layers = _peft_layers(path, model.kind, model.unet.config, what)
-    roots = {"unet": model.unet, **{("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): enc
-                                    for i, enc in enumerate(model.text_encoders)}}
+    layers = _peft_layers(path, model, what)
+    roots = {"unet": model.unet, "transformer": model.transformer}
+    roots.update({("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): enc for i, enc in
+                  enumerate(model.text_encoders)})
     names = _graph_names(model)
-    arch = "SDXL" if model.kind == "sdxl" else "SD 1.x/2.x"
+    arch = {"sdxl": "SDXL", "sd": "SD 1.x/2.x"}.get(model.kind, model.family.name)
     other = f"this model is {arch}: use a LoRA made for it"
     out = []
     for comp, mods in layers.items():
-        if comp not in roots:
+        if roots.get(comp) is None:
             raise _problem(path, what, f"has {comp} layers, and this {arch} model has no {comp}", other)
         for module_name, (down, up, alpha) in mods.items():
             module = _submodule(roots[comp], module_name)

@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion model (SD 1.x, SD 2.x, SDXL) from a local folder or single file -- never a hub.
+"""Loading a model (SD 1.x, SD 2.x, SDXL; FLUX.1 and FLUX.2 [klein] through their families, engine.families) from a
+local folder or single file -- never a hub.
 
 Components are loaded one by one (not through `DiffusionPipeline`) so that unused parts such as the safety checker
 are never read, and so a broken component is named in the error.
@@ -17,12 +18,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from pydantic import ValidationError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import atomic_write_text, cache_root
-from movielm_fast.plan import MODEL_SETTINGS
+from movielm_fast.export.specs import DIT_SAMPLE_SIZE
+from movielm_fast.paths import sha256_files
+from movielm_fast.plan import MODEL_SETTINGS, RenderSettings
 
 from .demo import demo_model_path
 
@@ -40,7 +44,7 @@ class ModelBundle:
     A bundle may be partial: an SDXL refiner has no VAE (the base model's decodes), a swapped VAE is a bundle with
     only a VAE. Each has its own id and content hash, so its exported artifacts are cached under its own name."""
 
-    kind: str  # "sd" (SD 1.x/2.x) or "sdxl"
+    kind: str  # "sd" (SD 1.x/2.x), "sdxl", "flux1" or "flux2-klein" (engine.families), "vae" (a VAE alone)
     model_id: str
     path: Path
     content_hash: str
@@ -53,6 +57,15 @@ class ModelBundle:
     requires_aesthetics_score: bool = False  # SDXL refiner: an aesthetic score replaces the target size in time ids
     latent_scale: int = 8  # image pixels per latent pixel, for a bundle without a VAE
     load_seconds: dict[str, float] = field(default_factory=dict)  # run.startup: weights, tokenizers, hash
+    transformer: Any = None  # the denoiser of the transformer families (FLUX.1, FLUX.2), which have no UNet
+    distilled: bool = False  # FLUX.2 [klein]: step-wise distilled (model_index.json is_distilled): no CFG
+
+    @property
+    def family(self):
+        """The model family (engine.families) that renders this bundle."""
+        from .families import family_of
+
+        return family_of(self)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -70,33 +83,12 @@ class ModelBundle:
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
-    """sha256 over (relative name, content) of every weight file; memoised by (size, mtime) since real models
-    are gigabytes and re-hashing them on every run would cost seconds."""
-    memo_path = cache_root() / "hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    """sha256 over (relative name, content) of every weight file (each file's digest memoised: paths.sha256_files)."""
     h = hashlib.sha256()
-    changed = False
-    for f in sorted(files):
-        st = f.stat()
-        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(key)
-        if digest is None:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for block in iter(lambda: fp.read(1 << 22), b""):
-                    fh.update(block)
-            digest = memo[key] = fh.hexdigest()
-            changed = True
+    files = sorted(files)
+    for f, digest in zip(files, sha256_files(files)):
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
         h.update(digest.encode())
-    if changed:
-        try:
-            atomic_write_text(memo_path, json.dumps(memo, indent=0))
-        except OSError:
-            pass  # the memo is an optimisation only
     return h.hexdigest()[:16]
 
 
@@ -110,8 +102,14 @@ def content_hash(path: Path) -> str:
 
 def native_size(model: ModelBundle) -> int:
     """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
-    768 SD 2.x-768, 1024 SDXL, 64 the demo model)."""
-    return int(model.unet.config.sample_size) * model.vae_scale_factor
+    768 SD 2.x-768, 1024 SDXL, 64 the demo model); a transformer family's own default (engine.families)."""
+    if getattr(model, "transformer", None) is not None:
+        return DIT_SAMPLE_SIZE * model.vae_scale_factor  # the FLUX pipelines' default_sample_size: 1024 px
+    size = model.unet.config.sample_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"{model.path / 'unet' / 'config.json'}: sample_size {size!r} is not a positive whole number",
+                        "use the config.json the UNet's weights were saved with")
+    return size * model.vae_scale_factor
 
 
 def own_defaults(model: ModelBundle) -> dict[str, Any]:
@@ -128,18 +126,31 @@ def own_defaults(model: ModelBundle) -> dict[str, Any]:
 
 
 def model_defaults(model: ModelBundle) -> dict[str, Any]:
-    """Render settings the model brings for what neither the command line nor the plan sets: its native size, and
-    the steps and guidance of its own `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these
-    between the plan and the built-in defaults)."""
+    """Render settings the model brings for what neither the command line nor the plan sets: its native size, a
+    transformer family's steps, guidance and scheduler (engine.families), and the steps and guidance of its own
+    `movielm_defaults.json` where it ships one (movielm_fast.plan's cascade puts these between the plan and the
+    built-in defaults)."""
     native = native_size(model)
+    family = getattr(model, "family", None)  # (a stand-in bundle may have none)
+    kind = family.defaults(model) if family is not None else {}
     own = own_defaults(model)
-    return {"width": native, "height": native, **{k: own[k] for k in MODEL_SETTINGS if own.get(k) is not None}}
+    defaults = {"width": native, "height": native, **kind,
+                **{k: own[k] for k in MODEL_SETTINGS if own.get(k) is not None}}
+    try:
+        RenderSettings(**defaults)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = model.path / DEFAULTS_FILE if err["loc"][0] in own else model.path / "unet" / "config.json"
+        raise UserError(f"{where}: {err['loc'][0]} {err['input']!r}: {err['msg'].removeprefix('Value error, ')}",
+                        f"fix it, or delete {DEFAULTS_FILE} (it may hold {', '.join(MODEL_SETTINGS)})") from None
+    return defaults
 
 
 def style_training_note(model: ModelBundle) -> str | None:
-    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training"), or None."""
+    """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training", or its
+    family's reason), or None."""
     note = own_defaults(model).get("skip_style_training")
-    return note if isinstance(note, str) and note else None
+    return note if isinstance(note, str) and note else model.family.no_style_training
 
 
 def size_warning(width: int, height: int, native: int) -> str | None:
@@ -174,23 +185,39 @@ def _load(cls, path: Path, subfolder: str, dtype, device=None):
                         ) from None
 
 
-def _load_tokenizer(path: Path, subfolder: str):
+def _load_tokenizer(path: Path, subfolder: str, cls=CLIPTokenizer):
+    """`cls`: CLIP's tokenizer class, or transformers' AutoTokenizer (T5's and Qwen3's, by their folder's config)."""
     folder = Path(path) / subfolder
     if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-            and (folder / "merges.txt").is_file()):
+            and (folder / "merges.txt").is_file() or (folder / "spiece.model").is_file()):
         # transformers would build a tokenizer with an empty vocabulary here, without a word of warning, and every
         # prompt would become the same unknown tokens.
         raise UserError(f"{folder} has no tokenizer (no tokenizer.json, nor vocab.json and merges.txt)",
                         "copy the tokenizer folder of the model's original release into it")
     try:
-        return CLIPTokenizer.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+        return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer {subfolder!r} from {path}: {str(exc).splitlines()[0][:300]}",
                         "the folder needs the tokenizer files as diffusers saves them") from None
 
 
-def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
-    index = json.loads((path / "model_index.json").read_text())
+def _from_folder(path: Path, model_id: str, dtype, device=None, encoder_device=None) -> ModelBundle:
+    from .families import loader_for
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except ValueError as exc:
+        raise UserError(f"{path / 'model_index.json'} is not valid JSON ({exc})",
+                        "the model folder is damaged: download or save it again") from None
+    family = loader_for(index.get("_class_name", ""))
+    return (family.load if family is not None else load_sd_folder)(path, index, model_id, dtype, device,
+                                                                   encoder_device)
+
+
+def load_sd_folder(path: Path, index: dict[str, Any], model_id: str, dtype, device=None,
+                   encoder_device=None) -> ModelBundle:
+    """A Stable Diffusion (1.x, 2.x, SDXL) diffusers folder; any other pipeline class is refused here."""
+    encoder_device = device if encoder_device is None else encoder_device
     cls_name = index.get("_class_name", "")
     if "XL" in cls_name:
         kind = "sdxl"
@@ -201,7 +228,8 @@ def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
         kind = "sd"
     else:
         raise UserError(f"{path} holds a {cls_name or 'unknown'} pipeline; movielm-fast renders Stable Diffusion "
-                        "1.x/2.x and SDXL text-to-image models", "pass a folder saved by StableDiffusion(XL)Pipeline")
+                        "1.x/2.x, SDXL, FLUX.1 and FLUX.2 [klein] text-to-image models",
+                        "pass a folder saved by StableDiffusion(XL)Pipeline, FluxPipeline or Flux2KleinPipeline")
     tokenizer_folders = ["tokenizer"] + (["tokenizer_2"] if kind == "sdxl" else [])
     seconds: dict[str, float] = {}
     # The content hash (file reads, hashlib releases the GIL) and the tokenizers (JSON) run beside the weights;
@@ -212,9 +240,9 @@ def _from_folder(path: Path, model_id: str, dtype, device=None) -> ModelBundle:
                                 lambda: [_load_tokenizer(path, sub) for sub in tokenizer_folders])
         t0 = time.perf_counter()
         try:
-            encoders = [_load(CLIPTextModel, path, "text_encoder", dtype, device)]
+            encoders = [_load(CLIPTextModel, path, "text_encoder", dtype, encoder_device)]
             if kind == "sdxl":
-                encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype, device))
+                encoders.append(_load(CLIPTextModelWithProjection, path, "text_encoder_2", dtype, encoder_device))
             unet = _load(UNet2DConditionModel, path, "unet", dtype, device)
             vae = _load(AutoencoderKL, path, "vae", _vae_load_dtype(path, dtype), device)
             seconds["model_weights"] = time.perf_counter() - t0
@@ -406,6 +434,62 @@ def _check_safetensors(path: Path) -> None:
                         "then pass it to --model") from None
 
 
+_STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                 "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def weights_bytes(folder: Path, itemsize: int) -> int:
+    """Bytes the safetensors weights in `folder` take once loaded with floating-point tensors of `itemsize` bytes
+    (the others as stored), read from the files' headers alone."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as fp:
+            header = json.loads(fp.read(int.from_bytes(fp.read(8), "little")))
+        for name, t in header.items():
+            if name != "__metadata__":
+                size = itemsize if t["dtype"].startswith(("F", "BF")) else _STORED_BYTES.get(t["dtype"], 4)
+                total += size * int(np.prod(t["shape"], dtype=np.int64))
+    return total
+
+
+def fit_problem(model_id: str, dtype_name: str, parts: dict[str, int], free: int, offload: bool
+                ) -> UserError | None:
+    """The error when the weights of `parts` (folder -> bytes) cannot fit in `free` device bytes, its hint listing
+    what would make them fit; None when they fit. Offloaded text encoders wait in host memory: they do not count."""
+    on_device = {k: v for k, v in parts.items() if not (offload and k.startswith("text_encoder"))}
+    need = sum(on_device.values())
+    if need <= free:
+        return None
+    gib = 2 ** 30
+    listed = ", ".join(f"{k} {v / gib:.1f}" for k, v in sorted(on_device.items(), key=lambda kv: -kv[1]))
+    encoders = sum(v for k, v in on_device.items() if k.startswith("text_encoder"))
+    ways = ([f"--offload-text-encoders (the text encoders wait in host memory: {encoders / gib:.1f} GiB less)"]
+            if encoders else []) + [
+        "FP8 weights (--quantize; not yet for every model family: docs/models.md)",
+        "a GPU with more free memory (other processes may hold some: nvidia-smi)"]
+    return UserError(f"{model_id} needs about {need / gib:.1f} GiB of device memory for its weights in {dtype_name} "
+                     f"({listed} GiB) and {free / gib:.1f} GiB is free; a smaller --batch-size lowers only the "
+                     "activations", "what would make it fit: " + "; ".join(ways))
+
+
+def check_fits(spec: str | os.PathLike, dtype, device, offload: bool) -> None:
+    """Before a folder model loads onto a CUDA device: a UserError listing what would make its weights fit, when
+    they cannot (instead of an out-of-memory error part-way through loading)."""
+    import torch
+
+    path = Path(spec).expanduser()
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # the demo, single files, broken folders: loading says what they are
+    parts = {k: weights_bytes(path / k, torch.finfo(dtype).bits // 8) for k, v in index.items()
+             if isinstance(v, list) and (path / k).is_dir()}
+    free, _ = torch.cuda.mem_get_info(device)
+    problem = fit_problem(path.name, str(dtype).removeprefix("torch."), parts, free, offload)
+    if problem is not None:
+        raise problem
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 """Hub repositories that were removed, and where their weights are now."""
@@ -414,12 +498,14 @@ MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable
 def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
     """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file.
 
-    `target`: (torch dtype, torch device) the modules of a folder model run in: each is loaded straight into that
-    dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device, instead of a float32
-    copy on the host that the backend then casts and copies. A single file loads as its pipeline class does."""
-    dtype, device = target if target is not None else (dtype, None)
+    `target`: (torch dtype, torch device[, text encoders' device]) the modules of a folder model run in: each is
+    loaded straight into that dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device,
+    instead of a float32 copy on the host that the backend then casts and copies; the text encoders onto their own
+    device where one is given (offloaded: the host). A single file loads as its pipeline class does."""
+    dtype, device, *home = target if target is not None else (dtype, None)
+    encoder_device = home[0] if home else device
     if str(spec) == "demo":
-        return _from_folder(demo_model_path(), "demo", dtype, device)
+        return _from_folder(demo_model_path(), "demo", dtype, device, encoder_device)
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
@@ -438,4 +524,4 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
     if not (path / "model_index.json").exists():
         raise UserError(f"{path} has no model_index.json, so it is not a diffusers model folder",
                         "pass the folder that contains model_index.json (as saved by save_pretrained)")
-    return _from_folder(path, path.name, dtype, device)
+    return _from_folder(path, path.name, dtype, device, encoder_device)

@@ -10,11 +10,13 @@ import torch
 
 from .backends.base import Backend, UNetCond
 from .consistency import Anchors
+from .families import family_of
+from .families.sd import conditioning as _conditioning
+from .families.sd import uses_cfg as _uses_cfg
 from .frames import Frames
 from .jobs import BatchSettings, FrameJob
 from .lora import LoraLibrary
 from .schedulers import make_scheduler, make_steps
-from .seeds import initial_latents
 from .step_cache import StepCacheRun
 from .text import PromptEncoder
 
@@ -26,27 +28,6 @@ class Expert:
     model: Any
     backend: Backend
     encoder: PromptEncoder
-
-
-AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning: diffusers' defaults
-
-
-def stack_conditioning(encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool,
-                       aesthetic: bool = False) -> UNetCond:
-    """`aesthetic`: the SDXL refiner's time ids, an aesthetic score in place of the target size."""
-    pairs = encoder.encode_pairs([(j.prompt, j.negative_prompt) for j in jobs], s.loras)
-    conds = ([neg for neg, _ in pairs] if cfg else []) + [pos for _, pos in pairs]  # negatives first, as diffusers
-    hidden = torch.cat([c.hidden for c in conds])  # (B or 2B, 77 * chunks, D)
-    if conds[0].pooled is None:
-        return UNetCond(hidden)
-    pooled = torch.cat([c.pooled for c in conds])  # (B or 2B, P)
-    size = [s.height, s.width, 0, 0]  # original size, crop top-left
-    if aesthetic:
-        rows = [size + [NEGATIVE_AESTHETIC_SCORE]] * (len(conds) - len(jobs)) + [size + [AESTHETIC_SCORE]] * len(jobs)
-    else:
-        rows = [size + [s.height, s.width]] * len(conds)  # and the target size
-    time_ids = torch.tensor(rows, dtype=hidden.dtype, device=hidden.device)  # (B or 2B, 6 or 5)
-    return UNetCond(hidden, pooled, time_ids)
 
 
 def switch_index(scheduler, switch: float, base: bool) -> int:
@@ -63,17 +44,6 @@ def switch_index(scheduler, switch: float, base: bool) -> int:
     return len(timesteps) - n
 
 
-def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
-    """(batch, dim) sinusoidal embedding of (guidance - 1), the extra timestep input of guidance-distilled UNets
-    (LCM): same formula as diffusers' get_guidance_scale_embedding."""
-    w = torch.full((batch,), (guidance - 1.0) * 1000.0)
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]  # (batch, half)
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, dim % 2))
-
-
 def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, *,
                  times: dict[str, float] | None = None, anchors: Anchors | None = None,
                  library: LoraLibrary | None = None, refiner: Expert | None = None, decoder: Backend | None = None,
@@ -86,35 +56,32 @@ def render_batch(model, backend: Backend, encoder: PromptEncoder, jobs: list[Fra
     instead of `backend` (a swapped VAE). `on_step(done, steps)`: after each denoising step is queued (no device
 sync: on a GPU it runs ahead of the device by up to a batch)."""
     clock = _Clock(times)
+    family = family_of(model)  # engine.families: what differs between SD/SDXL, FLUX.1 and FLUX.2 [klein]
 
     # 0. LoRA set: the backend merges it into its weights when it differs from the set it holds (else: nothing).
     backend.set_loras(s.loras, library or LoraLibrary(model))
     clock.lap("lora")
     device = backend.device
-    cfg = _uses_cfg(model, s)
+    guidance = family.cfg_scale(model, s)  # None: no negative batch
 
-    # 1. Encode prompts (each unique prompt once per LoRA set and run: PromptEncoder caches).
-    cond = _conditioning(model, encoder, jobs, s, cfg).to(device)
+    # 1. Encode prompts (each unique prompt once per LoRA set and run: the prompt encoder caches).
+    cond = family.conditioning(model, encoder, jobs, s, guidance is not None).to(device)
     clock.lap("prompt")
 
     # 2. Prepare latents: each frame's own generator, exactly as diffusers draws at batch size 1.
-    scheduler = make_scheduler(s.scheduler, model.scheduler_config, s.timestep_spacing)
-    scheduler.set_timesteps(s.steps, device=device)
+    scheduler = family.scheduler(model, s, device)
     timesteps = scheduler.timesteps
     if refiner is not None:
         timesteps = timesteps[:switch_index(scheduler, s.refiner_switch, base=True)]
-    shape = (model.latent_channels, s.height // model.vae_scale_factor, s.width // model.vae_scale_factor)
-    latents, generators = initial_latents([j.seed for j in jobs], shape)
-    latents = latents.to(device) * scheduler.init_noise_sigma
+    latents, generators = family.initial_latents(model, scheduler, [j.seed for j in jobs], s, device)
     if anchors is not None:
-        cond.anchors = anchors.for_unet(timesteps, cfg)
+        cond.anchors = anchors.for_unet(timesteps, guidance is not None)
     cond.cache = StepCacheRun(s.step_cache) if s.step_cache else None  # each batch starts with a full step
     clock.lap("latents")
 
     # 3. Denoise: CFG as one doubled batch; the scheduler works in float32 whatever the backend's dtype.
-    steps = make_steps(scheduler, timesteps, 0, generators)
-    latents = _denoise(backend, steps, timesteps, latents, cond, s.guidance if cfg else None, clock,
-                       _progress(on_step, 0, s.steps))
+    steps = family.steps(scheduler, timesteps, generators)
+    latents = _denoise(backend, steps, timesteps, latents, cond, guidance, clock, _progress(on_step, 0, s.steps))
 
     # 3b. Refine: the refiner's own scheduler, on the same timesteps, continues where the base stopped (diffusers'
     # ensemble of experts: the base's latents go to the refiner as they are, no noise added).
@@ -134,24 +101,10 @@ sync: on a GPU it runs ahead of the device by up to a batch)."""
 
     # 4. Decode. The frames leave for the writer threads as uint8 without the render thread waiting for them
     # (engine.frames: converted and copied on the GPU, or converted by the writers on the CPU).
-    images = (decoder or backend).decode(latents)  # (B, 3, H, W) in [0, 1]: clamped, so only NaN can remain
+    images = (decoder or backend).decode(family.unpack(model, latents, s))  # (B, 3, H, W) in [0, 1], clamped
     frames = Frames(images)
     clock.lap("decode")
     return frames
-
-
-def _uses_cfg(model, s: BatchSettings) -> bool:
-    """Classifier-free guidance, as diffusers decides it: guidance > 1 and a UNet without a guidance embedding.
-    Guidance <= 1 (few-step LoRAs run at 0 or 1) has no negative batch at all: half the UNet work."""
-    return s.guidance > 1.0 and model.unet.config.time_cond_proj_dim is None
-
-
-def _conditioning(model, encoder: PromptEncoder, jobs: list[FrameJob], s: BatchSettings, cfg: bool) -> UNetCond:
-    cond = stack_conditioning(encoder, jobs, s, cfg, aesthetic=getattr(model, "requires_aesthetics_score", False))
-    guidance_dim = model.unet.config.time_cond_proj_dim  # guidance-distilled UNets (LCM) embed the guidance
-    if guidance_dim is not None:
-        cond.timestep_cond = guidance_embedding(s.guidance, guidance_dim, len(jobs))
-    return cond
 
 
 def _progress(on_step: Callable[[int, int], None] | None, offset: int, total: int

@@ -101,6 +101,14 @@ class DiffusersSteps:
         return self.scheduler.step(eps, self.timesteps[i], x, **self.kwargs, return_dict=False)[0]
 
 
+class FlowSteps(DiffusersSteps):
+    """Flow matching (FLUX): diffusers' own Euler step on the velocity; the model takes the sample unscaled
+    (FlowMatchEulerDiscreteScheduler has no scale_model_input), and draws no noise."""
+
+    def scale(self, x, i: int):
+        return x
+
+
 @dataclass(frozen=True)
 class Combination:
     """One step of a linear sampler: x[i+1] = sum(c * x[j]) + sum(c * e[j]) over the last few steps j."""

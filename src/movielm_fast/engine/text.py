@@ -150,7 +150,7 @@ class PromptEncoder:
             ids = tok.convert_tokens_to_ids(names)
             old = self.tables[i]
             # Always a new table: the first one may share storage with the model's own embedding weights.
-            table = torch.zeros(max(max(ids) + 1, old.shape[0]), old.shape[1])
+            table = torch.zeros(max(max(ids) + 1, old.shape[0]), old.shape[1], dtype=old.dtype)
             table[: old.shape[0]] = old
             table[ids] = vec.detach().float().cpu()
             self.tables[i] = table

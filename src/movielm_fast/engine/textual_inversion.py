@@ -1,4 +1,6 @@
-"""Reading textual-inversion embeddings: diffusers format and AUTOMATIC1111 format, SD 1.x/2.x and SDXL.
+"""Reading textual-inversion embeddings: diffusers format and AUTOMATIC1111 format, SD 1.x/2.x and SDXL; for the
+transformer families one tensor per text encoder, named as the family names its encoders (FLUX.1: clip_l and t5,
+FLUX.2 [klein]: qwen3), as SDXL files name theirs.
 
 Only safetensors or ``torch.load(weights_only=True)``: a downloaded embedding never runs pickled code.
 """
@@ -17,8 +19,11 @@ from movielm_fast.errors import UserError
 @dataclass
 class Embedding:
     token: str | None  # the token stored in the file, if any
-    vectors: dict[str, torch.Tensor]  # "clip_l"/"clip_g" for SDXL files, "single" otherwise; each (n, D)
+    vectors: dict[str, torch.Tensor]  # by encoder ("clip_l"/"clip_g" SDXL, "t5", "qwen3"), else "single"; (n, D)
     source: str
+
+
+ENCODER_KEYS = {"clip_l", "clip_g", "t5", "qwen3"}  # what a file with one tensor per text encoder names them
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -39,8 +44,8 @@ def load_embedding(path: str | Path) -> Embedding:
                         "the file is truncated or not an embedding; re-export it as safetensors") from None
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path} does not contain an embedding dictionary", "use a diffusers or A1111 embedding")
-    if "clip_l" in data and "clip_g" in data:
-        return Embedding(None, {"clip_l": _as_2d(data["clip_l"]), "clip_g": _as_2d(data["clip_g"])}, str(path))
+    if "clip_l" in data and "clip_g" in data or set(data) & {"t5", "qwen3"} and set(data) <= ENCODER_KEYS:
+        return Embedding(None, {k: _as_2d(v) for k, v in data.items() if k in ENCODER_KEYS}, str(path))
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         tensor = params.get("*", next(iter(params.values()))) if isinstance(params, dict) else params
@@ -58,6 +63,16 @@ def load_embedding(path: str | Path) -> Embedding:
 
 def vectors_for_model(emb: Embedding, kind: str) -> list[torch.Tensor]:
     """One (n, D) tensor per text encoder of a model of `kind`."""
+    if kind not in ("sd", "sdxl"):  # the transformer families: one named tensor per encoder
+        from .families import family_by_kind
+
+        family = family_by_kind(kind)
+        missing = [k for k in family.embedding_keys if k not in emb.vectors]
+        if missing:
+            raise UserError(f"{emb.source} has no {' or '.join(missing)} vectors; a {family.name} embedding holds one "
+                            f"tensor per text encoder: {', '.join(family.embedding_keys)}",
+                            "use an embedding trained for this model family (a safetensors file with those keys)")
+        return [emb.vectors[k] for k in family.embedding_keys]
     if kind == "sdxl":
         if "clip_l" not in emb.vectors:
             raise UserError(f"{emb.source} is an SD 1.x/2.x embedding but the model is SDXL",

@@ -15,6 +15,7 @@ backend registry imports this module whether or not they are installed.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import time
@@ -29,7 +30,7 @@ from movielm_fast.optional import require_onnx
 
 from . import cache
 from .graphs import graph_modules
-from .specs import UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
+from .specs import TRANSFORMER, UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
 from .weight_map import build_weight_map, save_weight_map
 
 log = logging.getLogger("movielm_fast")
@@ -63,15 +64,41 @@ def _up_blocks(model) -> int:
 
 
 # --- export / optimize / convert --------------------------------------------------------------------------------
+def graph_args(module: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple:
+    """`inputs` (by spec name) as the positional arguments of the graph module's forward: None for an optional
+    input the spec leaves out (FLUX.2's transformer has no pooled projections), trailing ones dropped."""
+    args = [inputs.get(name) for name in inspect.signature(module.forward).parameters]
+    while args and args[-1] is None:
+        args.pop()
+    return tuple(args)
+
+
+def _rms_norm_symbolic(g, x, shape, weight, eps):
+    """aten::rms_norm (torch.nn.RMSNorm: FLUX's query/key norms) for the TorchScript exporter, which has no symbolic
+    for it at OPSET: x / sqrt(mean(x^2 over the normalized dims) + eps) * weight, as torch defines it."""
+    from torch.onnx import symbolic_helper as sh
+
+    axes = list(range(-len(sh._get_const(shape, "is", "normalized_shape")), 0))
+    eps = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
 def torch_export(module: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = tuple(inputs[n] for n in spec.input_names)
+    # torch's own registration API for exporter symbolics (idempotent): no module of torch is changed.
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    args = graph_args(module, inputs)  # the exporter names the non-None ones in order: the spec's input names
     with warnings.catch_warnings(), torch.no_grad():
         # TracerWarnings about Python-side shape checks are expected: the shapes they test are static per request.
         warnings.simplefilter("ignore")
+        # The exporter's constant folding freezes the transformers' attention reshapes at the traced batch and token
+        # count (their shapes come through a concatenation of text and image tokens); ONNX Runtime folds what is
+        # truly constant when it loads the graph.
         torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
-                          dynamo=False)
+                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET,
+                          do_constant_folding=spec.component != TRANSFORMER, dynamo=False)
 
 
 def _weights_bytes(model_proto) -> int:
@@ -116,15 +143,20 @@ def to_fp16(model_proto, spec: ModelSpec, upcast_attention: bool):
     return m.model
 
 
-def python_fusions_help(component: str, target: str) -> bool:
+def python_fusions_help(spec: ModelSpec, target: str) -> bool:
     """Whether onnxruntime.transformers' graph fusions are worth running.
 
     On CUDA they are (fused attention, GroupNorm, NhwcConv...). On the CPU, the fusions with CPU kernels
     (LayerNorm, GELU, MatMul+bias) are also done by ONNX Runtime itself when a session loads the graph, the UNet
     attention matcher fails on current diffusers graphs, and for an SD UNet the pass holds two copies of a 3.4 GB
     model in memory for minutes (it was OOM-killed on a 23 GB machine): so on the CPU only the small text encoders
-    go through it (SkipLayerNorm/BiasGelu fusions).
+    go through it (SkipLayerNorm/BiasGelu fusions). The transformer families' graphs are left to ONNX Runtime's own
+    session optimizations: its MMDiT fusions are not checked against them yet, and its CLIP patterns fail on T5
+    and Qwen3 (RMS norms).
     """
+    component = spec.component
+    if component == TRANSFORMER or "pooled" not in spec.output_names:  # a transformer, T5, Qwen3
+        return False
     if target == "ort-cuda":
         return True
     return target == "ort-cpu" and component.startswith("text_encoder")
@@ -238,7 +270,8 @@ def parity(model, spec: ModelSpec, path: Path, dims: dict[str, int], providers=(
     """Run the exported graph and the torch module on the same random inputs; per output relative difference."""
     inputs = spec.sample_inputs(dims, torch.float32, seed)
     with torch.no_grad():
-        ref = graph_module(model, spec.component)(*(inputs[n] for n in spec.input_names))
+        module = graph_module(model, spec.component)
+        ref = module(*graph_args(module, inputs))
     ref = ref if isinstance(ref, (tuple, list)) else (ref,)
     sess = ort_session(path, list(providers))
     out = sess.run(spec.output_names, {n: v.numpy() for n, v in inputs.items()})
@@ -275,7 +308,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
         upcast = component == UNET and bool(getattr(model.unet.config, "upcast_attention", False))
         fused: dict = {}
         final = tmp / ONNX_FILE
-        plain_only = not (optimize_graph and python_fusions_help(component, target))
+        plain_only = not (optimize_graph and python_fusions_help(spec, target))
         check: dict = {}
         for attempt in ("optimized", "plain"):
             if attempt == "optimized" and plain_only:

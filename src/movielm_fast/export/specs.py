@@ -8,6 +8,7 @@ Symbolic dimensions:
   B  batch of the component (text encoders: prompt windows; UNet: frames, doubled under CFG; VAE: frames)
   S  UNet cross-attention tokens (77 per prompt window)
   h, w  latent height/width;  H, W  image height/width (= latent * the VAE's scale factor)
+  N  a transformer's image tokens, one per 2x2 latent patch ((h / 2) * (w / 2))
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from movielm_fast.errors import UserError
 
 TOKENS = 77  # CLIP window: BOS + 75 tokens + EOS
 UNET = "unet"
+TRANSFORMER = "transformer"  # the denoiser of the transformer families (FLUX.1, FLUX.2 [klein])
 VAE_DECODER = "vae_decoder"
+DIT_TEXT_TOKENS = 512
+"""T5's (FLUX.1) and Qwen3's (FLUX.2 [klein]) text length: diffusers' max_sequence_length default in FluxPipeline and
+Flux2KleinPipeline; prompts are padded to it, longer ones cut."""
+DIT_SAMPLE_SIZE = 128  # the transformer families' native latent size (diffusers' default_sample_size): 1024 px
+QWEN3_LAYERS = (9, 18, 27)  # the Qwen3 hidden states FLUX.2 [klein] conditions on (Flux2KleinPipeline's default)
 
 
 def text_encoder_component(index: int) -> str:
@@ -148,7 +155,7 @@ class ModelSpec:
         """Concrete symbolic dimensions for one request."""
         batch = {"chunks": chunks, "cfg_frames": frames * (2 if cfg else 1), "frames": frames}[self.batch_role]
         return {"B": batch, "S": TOKENS * chunks, "h": height // self.scale, "w": width // self.scale,
-                "H": height, "W": width}
+                "H": height, "W": width, "N": (height // self.scale // 2) * (width // self.scale // 2)}
 
     def dims_of(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
         """Symbolic dimensions read back from actual input shapes (the runtime's view)."""
@@ -200,6 +207,12 @@ class ModelSpec:
                 value = torch.randint(1, TOKENS, shape, generator=g)
             elif t.name == "timestep":
                 value = torch.full(shape, 999.0)
+            elif t.name == "guidance":
+                value = torch.full(shape, 3.5)
+            elif t.name in ("txt_ids", "img_ids"):  # rotary positions: small whole numbers
+                value = torch.randint(0, 8, shape, generator=g).float()
+            elif t.name == "lengths":
+                value = torch.randint(1, DIT_TEXT_TOKENS + 1, shape, generator=g)
             elif t.name == "time_ids":  # original size, crop top-left, target size (refiner: aesthetic score)
                 row = [dims["H"], dims["W"], 0, 0, dims["H"], dims["W"]] if shape[1] == 6 else \
                     [dims["H"], dims["W"], 0, 0, 6.0]
@@ -222,6 +235,8 @@ def max_size(sizes) -> tuple[int, int]:
 
 def text_encoder_spec(encoder, name: str = "text_encoder") -> ModelSpec:
     cfg = encoder.config
+    if getattr(cfg, "model_type", "") in ("t5", "qwen3"):
+        return _dit_text_encoder_spec(encoder, name)
     pooled = getattr(cfg, "projection_dim", None) if hasattr(encoder, "text_projection") else None
     d, p = int(cfg.hidden_size), int(pooled or cfg.hidden_size)
     return ModelSpec(
@@ -230,6 +245,40 @@ def text_encoder_spec(encoder, name: str = "text_encoder") -> ModelSpec:
         outputs=(TensorSpec("last_hidden", ("B", TOKENS, d)), TensorSpec("penultimate", ("B", TOKENS, d)),
                  TensorSpec("pooled", ("B", p))),
         batch_role="chunks", consts={"hidden": d, "pooled": p})
+
+
+def _dit_text_encoder_spec(encoder, name: str) -> ModelSpec:
+    """T5 (FLUX.1): (inputs_embeds) -> hidden; Qwen3 (FLUX.2 [klein]): (inputs_embeds, lengths) -> the hidden states
+    of QWEN3_LAYERS side by side. Both at the fixed DIT_TEXT_TOKENS."""
+    cfg = encoder.config
+    d = int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+    qwen = cfg.model_type == "qwen3"
+    inputs = (TensorSpec("inputs_embeds", ("B", DIT_TEXT_TOKENS, d)),) + \
+        ((TensorSpec("lengths", ("B",), "int64"),) if qwen else ())
+    out = d * len(QWEN3_LAYERS) if qwen else d
+    return ModelSpec(name, inputs, (TensorSpec("hidden", ("B", DIT_TEXT_TOKENS, out)),), batch_role="chunks",
+                     consts={"hidden": out, "tokens": DIT_TEXT_TOKENS})
+
+
+def transformer_spec(transformer, scale: int) -> ModelSpec:
+    """A flow-matching transformer on packed latents: (hidden_states, timestep, encoder_hidden_states[,
+    pooled_projections][, guidance], txt_ids, img_ids) -> velocity, in the order of export/graphs.TransformerGraph.
+    Position ids are (tokens, 3) for FLUX.1 and (tokens, 4) for FLUX.2."""
+    cfg = transformer.config
+    c, j = int(cfg.in_channels), int(cfg.joint_attention_dim)
+    axes = len(cfg.axes_dims_rope)
+    inputs = [TensorSpec("hidden_states", ("B", "N", c)), TensorSpec("timestep", (1,), "float32"),
+              TensorSpec("encoder_hidden_states", ("B", DIT_TEXT_TOKENS, j))]
+    consts = {"in_channels": c, "joint_attention_dim": j, "text_tokens": DIT_TEXT_TOKENS}
+    if getattr(cfg, "pooled_projection_dim", None):
+        inputs.append(TensorSpec("pooled_projections", ("B", int(cfg.pooled_projection_dim))))
+        consts["pooled"] = int(cfg.pooled_projection_dim)
+    if cfg.guidance_embeds:
+        inputs.append(TensorSpec("guidance", (1,), "float32"))
+    inputs += [TensorSpec("txt_ids", (DIT_TEXT_TOKENS, axes), "float32"), TensorSpec("img_ids", ("N", axes), "float32")]
+    out = int(cfg.out_channels or c)
+    return ModelSpec(TRANSFORMER, tuple(inputs), (TensorSpec("noise", ("B", "N", out)),), batch_role="cfg_frames",
+                     scale=scale, consts=consts)
 
 
 def unet_spec(unet, scale: int, time_ids: int = 6) -> ModelSpec:
@@ -254,7 +303,11 @@ def unet_spec(unet, scale: int, time_ids: int = 6) -> ModelSpec:
 
 
 def vae_decoder_spec(vae, scale: int) -> ModelSpec:
+    """FLUX.2's VAE takes its latents 2x2-patchified (export/graphs.Flux2VaeDecoderGraph): 4x the channels at half
+    the size."""
     c = int(vae.config.latent_channels)
+    if hasattr(vae, "bn"):
+        c, scale = c * 4, scale * 2
     return ModelSpec(VAE_DECODER, (TensorSpec("latents", ("B", c, "h", "w")),),
                      (TensorSpec("images", ("B", 3, "H", "W")),), batch_role="frames", scale=scale,
                      consts={"latent_channels": c})
@@ -270,6 +323,8 @@ def model_specs(model) -> dict[str, ModelSpec]:
         specs[name] = text_encoder_spec(enc, name)
     if model.unet is not None:
         specs[UNET] = unet_spec(model.unet, scale, getattr(model, "time_ids", 6))
+    if getattr(model, "transformer", None) is not None:
+        specs[TRANSFORMER] = transformer_spec(model.transformer, scale)
     if model.vae is not None:
         specs[VAE_DECODER] = vae_decoder_spec(model.vae, scale)
     return specs
@@ -279,4 +334,6 @@ def default_profile(model, batch_sizes=None, sizes=None, dynamic: bool = True) -
     """The model's native size (UNet sample_size x VAE scale) and batch 1-4 unless told otherwise."""
     unet = model.unet if model.unet is not None else model.vae  # a VAE-only bundle: the VAE's own sample size
     native = int(getattr(unet.config, "sample_size", 512)) * (model.vae_scale_factor if unet is model.unet else 1)
+    if getattr(model, "transformer", None) is not None:
+        native = DIT_SAMPLE_SIZE * model.vae_scale_factor
     return ShapeProfile(tuple(batch_sizes or (1, 4)), tuple(sizes or ((native, native),)), dynamic=dynamic)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from movielm_fast.engine.config import ModelConfig
+from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.errors import UserError
@@ -401,7 +402,8 @@ def render_on_ray(model: ModelConfig, run: RunConfig, plan_paths: list[str | Pat
                   opts: ClusterOptions | None = None, progress: Progress | None = None) -> Summary:
     """Start workers, render every frame of every movie with the one driver, stop the workers."""
     report_stage(progress, "validate")
-    job = Job.load(run, plan_paths)  # every plan valid, and the output folder writable, before a worker starts
+    # Every plan valid, and the output folder writable, before a worker starts.
+    job = Job.load(run, plan_paths, family=family_of_spec(model.model))
     report_stage(progress, "load")
     with RayExecutor(model, opts) as executor:
         return render_job(job, executor, progress)

@@ -38,8 +38,8 @@ class RunConfig(Settings):
               "style library) before rendering; --no-style-training writes them out as text instead.",
         flag="--style-training/--no-style-training", served=PER_PLAN)
     image_format: Literal[tuple(IMAGE_FORMATS)] = setting(  # type: ignore[valid-type]
-        "png", "Frame files: png (lossless) | jpg | webp (lossy, about a tenth of the bytes and much faster to "
-               "encode; bench/RESULTS.md). Every format carries the prompt, seed and model in the file.",
+        "png", "Frame files: png (lossless) | jpg | webp (lossy: much smaller files, much faster to encode; "
+               "bench/RESULTS.md). Every format carries the prompt, seed and model in the file.",
         served=PER_PLAN)
     quality: int | None = setting(None, "JPEG/WebP quality [95 jpg, 90 webp].", ge=1, le=100, served=PER_PLAN)
     writer_threads: int = setting(2, "Threads that encode and write frame files while the next batch renders; 0 "

@@ -14,6 +14,7 @@ import piexif
 import piexif.helper
 from PIL import Image, PngImagePlugin
 
+from movielm_fast.engine.families import family_by_kind
 from movielm_fast.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,24 +67,28 @@ def resolve_quality(fmt: str, quality: int | None) -> int | None:
 
 
 LOSSY_KEYS = ("step_cache", "quantize")  # frame-key entries of lossy speed-ups, present only when used
+OPTIONAL_KEYS = ("true_cfg",)  # frame-key entries present only when set (FLUX.1's true CFG)
 
 
 def frame_metadata(task: FrameTask, info: ModelInfo) -> dict[str, str]:
     """What a frame file carries so that it can be reproduced on its own: prompt, negative, seed, model, settings."""
     settings = {k: task.key[k] for k in ("width", "height", "steps", "guidance", "scheduler", "dtype")}
+    settings.update({k: task.key[k] for k in OPTIONAL_KEYS if k in task.key})
     settings.update({k: task.key[k] for k in LOSSY_KEYS if k in task.key})  # opt-in lossy speed-ups, when used
     return {"prompt": task.job.prompt, "negative_prompt": task.job.negative_prompt, "seed": str(task.job.seed),
             "model": info.model_id, "model_hash": info.content_hash, "settings": json.dumps(settings)}
 
 
-def a1111_parameters(meta: dict[str, str]) -> str:
+def a1111_parameters(meta: dict[str, str], kind: str = "sd") -> str:
     """The frame's settings as A1111 writes them (its "parameters" text, which A1111's PNG Info, ComfyUI's and
-    Civitai's readers parse): the prompt, "Negative prompt: ..." when there is one, then "Key: value, ..." pairs.
+    Civitai's readers parse): the prompt, "Negative prompt: ..." when there is one, then "Key: value, ..." pairs;
+    for the transformer families as Forge writes them (engine.families: its sampler, schedule and guidance pairs).
     No "Model hash": A1111's is a hash of the checkpoint file, which ours (of the whole model) is not."""
     s = json.loads(meta["settings"])
-    sampler = A1111_SAMPLERS.get(s["scheduler"], s["scheduler"])
-    pairs = {"Steps": s["steps"], "Sampler": sampler, "CFG scale": s["guidance"], "Seed": meta["seed"],
-             "Size": f"{s['width']}x{s['height']}", "Model": meta["model"], "Version": "movielm-fast"}
+    sampling = family_by_kind(kind).a1111(s) or \
+        {"Sampler": A1111_SAMPLERS.get(s["scheduler"], s["scheduler"]), "CFG scale": s["guidance"]}
+    pairs = {"Steps": s["steps"], **sampling, "Seed": meta["seed"], "Size": f"{s['width']}x{s['height']}",
+             "Model": meta["model"], "Version": "movielm-fast"}
     lines = [meta["prompt"]]
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
@@ -104,7 +109,7 @@ def encode_image(image: np.ndarray, task: FrameTask, info: ModelInfo, fmt: str =
     ImageDescription (readable with any EXIF tool). Both also carry A1111's "parameters" text (a PNG chunk; EXIF
     UserComment in JPEG/WebP, where A1111, ComfyUI and Civitai look). `quality`: as `resolve_quality` gave it."""
     meta = frame_metadata(task, info)
-    parameters = a1111_parameters(meta)
+    parameters = a1111_parameters(meta, info.kind)
     if fmt == "png":
         return png_bytes(image, {**meta, "parameters": parameters})
     # piexif writes the EXIF block because A1111 reads it with piexif: its UserComment must be of type UNDEFINED

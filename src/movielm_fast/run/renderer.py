@@ -19,11 +19,13 @@ import torch
 from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.consistency import AnchorRecord, Anchors
+from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.fp8 import check_quantize
 from movielm_fast.engine.frames import Frames
 from movielm_fast.engine.jobs import AnchorSpec, BatchSettings, FrameJob
 from movielm_fast.engine.lora import LoraLibrary, LoraSet, check_lora_file, combine, lora_ref, set_key
 from movielm_fast.engine.models import (
+    check_fits,
     load_model,
     load_part,
     model_defaults,
@@ -34,7 +36,6 @@ from movielm_fast.engine.models import (
 from movielm_fast.engine.pipeline import Expert, render_batch
 from movielm_fast.engine.seeds import SAFE_SEEDS, SEED_SCHEME, derived_seed, frame_seed
 from movielm_fast.engine.step_cache import check_step_cache
-from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
 from movielm_fast.plan import LoadedMovie, RenderSettings, Style
 from movielm_fast.style.immobilize import immobilize_style
@@ -56,10 +57,13 @@ class Renderer:
     `backend` may be passed in (tests wrap a backend, benchmarks reuse a loaded model)."""
 
     def __init__(self, config: ModelConfig, model=None, backend=None):
+        family = model.family if model is not None else family_of_spec(config.model)
+        family.check_config(config)  # fail fast on an option the model's family cannot run
+        config = self._auto_dtype(config, family)
         self.config = config
         device = config.torch_device  # fail fast on a bad device, --lora file or option before loading gigabytes
         for path, _ in config.loras:
-            check_lora_file(Path(path), "--lora")
+            check_lora_file(Path(path), "--lora", family)
         if device.type == "cpu" and config.dtype_name == "fp16":
             # CPUs have no fp16 matrix units PyTorch uses: every op converts (bench/RESULTS.md has the cost).
             log.warning("--dtype fp16 on the CPU is emulated and several times slower than fp32: use --dtype fp32 "
@@ -73,6 +77,10 @@ class Renderer:
             # The torch backend runs the loaded modules themselves: load them as it will run them. Exporters
             # (ONNX Runtime, TensorRT) trace float32 modules on the host.
             target = (config.torch_dtype, device) if config.backend == "torch" else None
+            if target and device.type == "cuda" and model is None:
+                check_fits(config.model, config.torch_dtype, device, config.offload_text_encoders)
+            if target and config.offload_text_encoders:  # the text encoders load into host memory and wait there
+                target += (torch.device("cpu"),)
             self.model = model or load_model(config.model, target=target)
         self.startup.update(self.model.load_seconds if model is None else {})
         with timed(self.startup, "backend_setup"):
@@ -82,8 +90,17 @@ class Renderer:
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
         self.defaults = model_defaults(self.model)
-        self._size_warned: set[tuple[int, int]] = set()
+        self._warned: set[str] = set()  # settings warnings already shown (each once per run)
         self.on_step: Callable[[int, int], None] | None = None  # (done, steps) of the batch rendering now
+
+    @staticmethod
+    def _auto_dtype(config: ModelConfig, family) -> ModelConfig:
+        """--dtype auto on CUDA is fp16 unless the model's family runs in another dtype there (the transformer
+        families overflow in fp16: bf16), which is then said."""
+        if config.dtype != "auto" or config.torch_device.type != "cuda" or family.cuda_dtype == "fp16":
+            return config
+        log.info("--dtype auto: %s for %s (it overflows in fp16)", family.cuda_dtype, family.name)
+        return config.model_copy(update={"dtype": family.cuda_dtype})
 
     @property
     def info(self) -> ModelInfo:
@@ -98,7 +115,8 @@ class Renderer:
         """One way to make a loaded bundle (the model, a refiner, a VAE) renderable: its backend, made from this
         config's backend part, and a prompt encoder that knows the bound style tokens if it has text encoders."""
         backend = backend or create_backend(self.config.backend, bundle, self.config.backend_config)
-        expert = Expert(bundle, backend, PromptEncoder(bundle, backend) if bundle.text_encoders else None)
+        expert = Expert(bundle, backend, bundle.family.prompt_encoder(bundle, backend) if bundle.text_encoders
+                        else None)
         self._bind(expert, self.tokens.values())
         return expert
 
@@ -154,8 +172,10 @@ class Renderer:
         """One movie on this model: every frame as a task, and the settings its manifest records. `token`: the
         movie's bound style token, if any; `overrides`: the run's command-line settings; `seed_scheme`: how frames
         without a seed get one (engine.seeds; the one its manifest records, for a movie that resumes)."""
-        s = self.info.resolved(lm, overrides)
+        s = lm.confined_folders(self.info.resolved(lm, overrides))  # a refiner or VAE folder: checked as it loads
         self._check_size(s)
+        for warning in self.model.family.check(self.model, s):  # errors for what it cannot render, raised here
+            self._warn_once(warning)
         loras = self.lora_set(lm)
         bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
         extra = self._expert_key(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
@@ -170,6 +190,8 @@ class Renderer:
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
+            if bs.true_cfg > 1:  # frames without it keep the key they always had
+                key["true_cfg"] = bs.true_cfg
             if loras:  # frames without LoRAs keep the key they always had, so earlier outputs still resume
                 key["loras"] = set_key(loras)
             key.update(lossy)  # lossy speed-ups change the pixels; frames rendered without them keep their keys
@@ -181,8 +203,9 @@ class Renderer:
             log.warning("movie %r: frame %s has seed %d, above 2^53 - 1: A1111's web UI, ComfyUI and Civitai round "
                         "it (JavaScript numbers), so they cannot reproduce it; use seeds below %d", lm.movie.id,
                         unsafe[0].frame_id, unsafe[0].seed, SAFE_SEEDS)
-        settings = {**s.model_dump(), "dtype": self.config.dtype_name, "backend": self.config.backend,
-                    "seed_scheme": seed_scheme}
+        # Unset true_cfg is left out: the manifests of models without it stay as they were.
+        settings = {**s.model_dump(exclude=set() if s.true_cfg else {"true_cfg"}), "dtype": self.config.dtype_name,
+                    "backend": self.config.backend, "seed_scheme": seed_scheme}
         if loras:
             settings["loras"] = set_key(loras)
         return MoviePlan(tasks, {**settings, **lossy})
@@ -190,12 +213,14 @@ class Renderer:
     def _check_size(self, s: RenderSettings) -> None:
         """Warn once per size that is far from the model's native one (given by the plan or a flag: the model's own
         default never is)."""
-        native = native_size(self.model)
-        if (s.width, s.height) not in self._size_warned:
-            self._size_warned.add((s.width, s.height))
-            warning = size_warning(s.width, s.height, native)
-            if warning:
-                log.warning(warning)
+        warning = size_warning(s.width, s.height, native_size(self.model))
+        if warning:
+            self._warn_once(warning)
+
+    def _warn_once(self, warning: str) -> None:
+        if warning not in self._warned:
+            self._warned.add(warning)
+            log.warning(warning)
 
     def _expert_key(self, bs: BatchSettings) -> dict[str, Any]:
         """What the few-step, refiner and VAE settings add to a frame's key (nothing when unused, so the keys of
@@ -282,4 +307,4 @@ def batch_settings(s: RenderSettings, loras: LoraSet = ()) -> BatchSettings:
     switch = s.refiner_switch if s.refiner_switch is not None else BatchSettings.refiner_switch
     return BatchSettings(width=s.width, height=s.height, steps=s.steps, guidance=s.guidance, scheduler=s.scheduler,
                          timestep_spacing=s.timestep_spacing, refiner=s.refiner, refiner_switch=switch, vae=s.vae,
-                         loras=loras)
+                         loras=loras, true_cfg=s.true_cfg or 1.0)

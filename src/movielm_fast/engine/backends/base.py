@@ -27,9 +27,57 @@ class UNetCond:
     anchors: Any = None  # engine.consistency.AnchorBatch: character anchors (torch backend only)
     cache: Any = None  # engine.step_cache.StepCacheRun: this batch's step cache (torch backend only)
 
+    unbatched = 0  # trailing graph inputs without a batch axis (none)
+
     def to(self, device) -> "UNetCond":
         return UNetCond(*(None if x is None else x.to(device) for x in (
             self.encoder_hidden_states, self.text_embeds, self.time_ids, self.timestep_cond)))
+
+    def graph_inputs(self, cast: Callable, place: Callable) -> tuple:
+        """The UNet graph's inputs after (sample, timestep), in its order (export/graphs.py): `cast` places a
+        tensor in the model's dtype, `place` only on its device."""
+        return cast(self.encoder_hidden_states), cast(self.text_embeds), cast(self.time_ids), cast(self.timestep_cond)
+
+    def feeds(self) -> dict[str, torch.Tensor]:
+        """The exported UNet's inputs by name, after sample and timestep (export/specs.py)."""
+        feeds = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.text_embeds is not None:
+            feeds.update(text_embeds=self.text_embeds, time_ids=self.time_ids)
+        return feeds
+
+
+@dataclass
+class DiTCond:
+    """Conditioning of one transformer call (FLUX.1, FLUX.2 [klein]), already batched (CFG: negatives first)."""
+
+    encoder_hidden_states: torch.Tensor  # (B, L, D) text tokens (T5's, or Qwen3's three layers side by side)
+    txt_ids: torch.Tensor  # (L, 3 or 4) float32 rotary position ids of the text tokens: no batch axis
+    img_ids: torch.Tensor  # (N, 3 or 4) float32 rotary position ids of the image tokens: no batch axis
+    pooled: torch.Tensor | None = None  # (B, P) FLUX.1: CLIP's pooled embedding
+    guidance: torch.Tensor | None = None  # 0-d float32: FLUX.1 [dev]'s embedded (distilled) guidance
+    anchors: Any = None  # always None: the transformer families refuse consistency mode (engine.families.flux)
+    cache: Any = None  # always None: and the step cache
+
+    unbatched = 2  # txt_ids, img_ids: the last graph inputs
+
+    def to(self, device) -> "DiTCond":
+        return DiTCond(*(None if x is None else x.to(device) for x in (
+            self.encoder_hidden_states, self.txt_ids, self.img_ids, self.pooled, self.guidance)))
+
+    def graph_inputs(self, cast: Callable, place: Callable) -> tuple:
+        """The transformer graph's inputs after (hidden_states, timestep), in its order (export/graphs.py). Position
+        ids and guidance keep float32: bf16 would round the ids of a 512-token text."""
+        return (cast(self.encoder_hidden_states), cast(self.pooled), place(self.guidance), place(self.txt_ids),
+                place(self.img_ids))
+
+    def feeds(self) -> dict[str, torch.Tensor]:
+        """The exported transformer's inputs by name, after hidden_states and timestep (export/specs.py)."""
+        feeds = {"encoder_hidden_states": self.encoder_hidden_states, "txt_ids": self.txt_ids, "img_ids": self.img_ids}
+        if self.pooled is not None:
+            feeds["pooled_projections"] = self.pooled
+        if self.guidance is not None:
+            feeds["guidance"] = self.guidance.reshape(1)
+        return feeds
 
 
 class Backend(Protocol):
@@ -38,12 +86,15 @@ class Backend(Protocol):
     dtype: torch.dtype
 
     def encode_text(self, encoder_index: int, inputs_embeds: torch.Tensor, eos_index: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 77, D) token embeddings -> (last hidden, penultimate hidden, pooled) for text encoder i. B: prompt
+                    ) -> tuple[torch.Tensor, ...]:
+        """(B, tokens, D) token embeddings -> text encoder i's outputs as its spec names them (export/specs.py):
+        CLIP's (last hidden, penultimate hidden, pooled); T5's and Qwen3's (hidden,). `eos_index`: CLIP's EOS
+        position per row; Qwen3's count of real tokens (the rest is padding, masked); T5 reads none. B: prompt
         windows, of several prompts at once (a backend with a `text_rows` attribute takes at most that many)."""
 
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
-        """One UNet evaluation: (B, C, h, w) latents at timestep t -> noise (or v) prediction, same shape."""
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
+        """One denoiser evaluation: a UNet's (B, C, h, w) latents at timestep t -> noise (or v) prediction; a
+        transformer's packed (B, N, C) latents -> velocity; same shape."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, H, W) float images in [0, 1] (clamped), on the backend's device

@@ -22,7 +22,11 @@ Bucket = tuple[int, int, int, int, torch.dtype]
 
 
 def unet_bucket(latents: torch.Tensor, hidden: torch.Tensor) -> Bucket:
-    """The bucket of a UNet call with `latents` (rows, C, h, w) and text states `hidden` (rows, 77 * windows, D)."""
+    """The bucket of a UNet call with `latents` (rows, C, h, w) and text states `hidden` (rows, 77 * windows, D);
+    of a transformer call with packed `latents` (rows, image tokens, C): (rows, image tokens, 1, text tokens)."""
+    if latents.dim() == 3:
+        rows, tokens, _ = latents.shape
+        return rows, tokens, 1, hidden.shape[1], latents.dtype
     rows, _, h, w = latents.shape
     return rows, h, w, hidden.shape[1] // TOKENS, latents.dtype
 

@@ -22,10 +22,17 @@ from movielm_fast.engine.cpu import cpu_threads
 from movielm_fast.errors import UserError
 from movielm_fast.export.artifacts import export_onnx_set, require_ort_provider
 from movielm_fast.export.onnx_export import META_MODEL_HASH, graph_module
-from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, model_specs, text_encoder_component
+from movielm_fast.export.specs import (
+    TRANSFORMER,
+    UNET,
+    VAE_DECODER,
+    component_dtype,
+    model_specs,
+    text_encoder_component,
+)
 from movielm_fast.export.weight_map import initializer_values, load_weight_map, session_source
 
-from .base import UNetCond, refuse_anchors, register
+from .base import DiTCond, UNetCond, refuse_anchors, register
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 log = logging.getLogger("movielm_fast")
@@ -110,6 +117,7 @@ class OnnxRuntimeBackend:
         self.float_dtypes = {c: torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
                              else torch.float32 for c in artifacts}
         self.graphs = {c: self._session(c) for c in artifacts}
+        self.denoiser = UNET if UNET in artifacts else TRANSFORMER  # a UNet's, or a transformer family's
         self.loras: tuple = ()
         self.lora_touched: set[str] = set()  # components whose sessions hold merged weights
         self.weight_maps: dict[str, dict] = {}
@@ -146,17 +154,18 @@ class OnnxRuntimeBackend:
                  ", ".join(sorted(deltas)) or "nothing (plain weights back)", seconds)
 
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
-        out = self.text_graphs[encoder_index](inputs_embeds=inputs_embeds, eos_index=eos_index.long())
-        return out["last_hidden"], out["penultimate"], out["pooled"]
+        graph = self.text_graphs[encoder_index]
+        # CLIP reads the EOS position, Qwen3 the count of real tokens: the same per-row numbers (backends.base)
+        given = {"inputs_embeds": inputs_embeds, "eos_index": eos_index.long(), "lengths": eos_index.long()}
+        out = graph(**{name: given[name] for name in graph.spec.input_names})
+        return tuple(out[name] for name in graph.spec.output_names)
 
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
         # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
         refuse_anchors(cond, self.name)
-        feeds = {"sample": latents, "timestep": torch.as_tensor(t).reshape(1).float(),
-                 "encoder_hidden_states": cond.encoder_hidden_states}
-        if cond.text_embeds is not None:
-            feeds.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids)
-        return self.graphs[UNET](**feeds)["noise"]
+        first = "sample" if self.denoiser == UNET else "hidden_states"
+        feeds = {first: latents, "timestep": torch.as_tensor(t).reshape(1).float(), **cond.feeds()}
+        return self.graphs[self.denoiser](**feeds)["noise"]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graphs[VAE_DECODER](latents=latents)["images"].float().cpu()

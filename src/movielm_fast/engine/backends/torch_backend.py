@@ -15,7 +15,7 @@ import torch
 
 from movielm_fast.errors import UserError
 from movielm_fast.export.graphs import graph_modules
-from movielm_fast.export.specs import UNET, VAE_DECODER, component_dtype, text_encoder_component
+from movielm_fast.export.specs import TRANSFORMER, UNET, VAE_DECODER, component_dtype, text_encoder_component
 from movielm_fast.kernels.attention import AttentionChoiceError, install_attention, sdpa_context
 
 from .. import cpu, cuda_knobs
@@ -26,7 +26,7 @@ from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
 from ..oom import is_oom
 from ..step_cache import CachedUNet, StepCacheRun
-from .base import UNetCond, register
+from .base import DiTCond, UNetCond, register
 from .buckets import Bucket, pad_rows, padded_bucket, unet_bucket
 from .cuda_graph import GraphedCallable
 
@@ -75,13 +75,17 @@ class TorchBackend:
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         graphs = graph_modules(model)
+        # --offload-text-encoders: the encoders wait in host memory and visit the device to encode (encode_text).
+        self.offload = config.offload_text_encoders
+        self.encoder_home = torch.device("cpu") if self.offload else self.device
+        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
         for component, graph in graphs.items():
             dtype = vae_decode_dtype(model, self.device, config.dtype_name) if component == VAE_DECODER else \
                 component_dtype(model, component, config.dtype_name)
-            graph.to(self.device, torch_dtype(dtype)).eval()
-        self.encoders = [graphs[text_encoder_component(i)] for i in range(len(model.text_encoders))]
-        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet.
-        self.unet, self.vae = graphs.get(UNET), graphs.get(VAE_DECODER)
+            graph.to(self.encoder_home if graph in self.encoders else self.device, torch_dtype(dtype)).eval()
+        # A partial bundle (a refiner, a swapped VAE: engine.models) lacks the VAE or the UNet. `unet` is the
+        # denoiser's graph: a UNet's, or a transformer family's (FLUX: engine.families).
+        self.unet, self.vae = graphs.get(UNET, graphs.get(TRANSFORMER)), graphs.get(VAE_DECODER)
         self.graphs = graphs
         self.lora_merger: TorchMerger | None = None  # made on the first LoRA set
         # bf16 on the CPU: the path engine/cpu.py's table gives this CPU's bf16 ability; eager elsewhere.
@@ -116,13 +120,15 @@ class TorchBackend:
     def _setup_unet(self, config, channels_last: bool) -> None:
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        unet = self.unet.unet  # the diffusers module inside the graph: attention and QKV fusion are set on it
+        # The diffusers UNet inside the graph: attention and QKV fusion are set on it. A transformer's graph has
+        # none: its family refuses other attention kernels, and its QKV projections stay apart (not yet measured).
+        unet = getattr(self.unet, "unet", None)
         if config.attention != "sdpa":
             try:
                 install_attention(unet, config.attention)
             except AttentionChoiceError as exc:
                 raise UserError(exc.message, exc.hint) from None
-        if self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
+        if unet is not None and self.device.type == "cuda" and config.fuse_qkv and config.attention == "sdpa":
             # One (3D x D) matmul instead of three: same arithmetic, fewer kernel launches. diffusers installs its
             # own fused SDPA processor for this, so it only combines with --attention sdpa.
             unet.fuse_qkv_projections()
@@ -168,23 +174,32 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         enc = self.encoders[encoder_index]
-        return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+        if self.offload:
+            enc.to(self.device)
+        try:
+            return enc(inputs_embeds.to(self.device, self.dtype), eos_index.to(self.device))
+        finally:
+            if self.offload:  # its outputs stay on the device; the weights leave
+                enc.to(self.encoder_home)
 
     @torch.inference_mode()
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
         def cast(x):
             return None if x is None else x.to(self.device, self.dtype)
+
+        def place(x):
+            return None if x is None else x.to(self.device)
 
         if cond.anchors is not None:
             return self._denoise_anchored(cast(latents), t, cond, cast)
         t = torch.as_tensor(t, device=self.device).float().reshape(())  # 0-d device tensor: no host sync, graphable
-        args = (cast(latents), t, cast(cond.encoder_hidden_states), cast(cond.text_embeds), cast(cond.time_ids),
-                cast(cond.timestep_cond))
+        args = (cast(latents), t, *cond.graph_inputs(cast, place))
         rows = latents.shape[0]
         bucket = None
         if self._unet_step is not self.unet:  # captured or compiled: pad up to a bucket made before (backends/buckets)
             bucket = padded_bucket(unet_bucket(args[0], args[2]), self.buckets)
-            args = pad_rows(args, bucket[0])
+            batched = len(args) - cond.unbatched  # position ids have no rows to pad
+            args = pad_rows(args[:batched], bucket[0]) + args[batched:]
         try:
             with self._sdpa():
                 noise = self._denoise_cached(args, cond.cache) if cond.cache is not None else self._unet_step(*args)
