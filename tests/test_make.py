@@ -412,7 +412,7 @@ def test_make_with_the_demo_planner_runs_offline_end_to_end(tmp_path, monkeypatc
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((out / "make.json").read_text())
-    assert report["finished"] == ["a-heist-demo-plan-1", "a-love-story-demo-plan-1"] and not report["failures"]
+    assert report["finished"] == ["a-heist-01", "a-love-story-01"] and not report["failures"]
     assert report["llm"]["model"] == demo_planner.LABEL and report["llm"]["requests"] == 0
     plans = sorted((out / "plans").glob("*.json"))
     assert [p.name for p in plans] == ["a-heist-01.json", "a-love-story-01.json"]

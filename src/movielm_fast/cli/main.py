@@ -31,12 +31,13 @@ export or bench wings on its way to the first frame."""
 
 
 class LazyGroup(CleanErrors):
-    def main(self, *args, **kwargs):
-        # The one place that runs before any command imports torch: OpenMP reads its wait policy when torch loads
-        # it. Idle OpenMP threads spin by default, and on a busy machine a parallel region then waits for threads
-        # whose cores are taken (bench/RESULTS.md, "CPU threads under load"); a policy the user set is kept.
+    def make_context(self, *args, **kwargs):
+        # The one place that runs before any command imports torch (and off the render's call stack): OpenMP reads
+        # its wait policy when torch loads it. Idle OpenMP threads spin by default, and on a busy machine a parallel
+        # region then waits for threads whose cores are taken (bench/RESULTS.md, "CPU threads under load"); a policy
+        # the user set is kept.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        return super().main(*args, **kwargs)
+        return super().make_context(*args, **kwargs)
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
