@@ -33,7 +33,7 @@ from movielm_fast.engine.backends.base import backend_names, create_backend
 from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.families.sd import stack_conditioning
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
-from movielm_fast.engine.models import load_model
+from movielm_fast.engine.models import load_model, native_size, own_defaults
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
@@ -97,16 +97,20 @@ class BenchSettings:
     ``torch+sdpa_backend=flash``, ``torch+no-channels_last`` (see `backend_variant`)."""
     device: str = "cpu"
     dtype: str = "auto"
+    threads: int | str = "auto"
+    """CPU threads (engine.config.BackendConfig.threads)."""
     sizes: list[tuple[int, int]] | None = None
-    """(width, height) pairs. None: the model's native size on CUDA, 256x256 on CPU (native sizes take minutes
-    per frame on a CPU)."""
+    """(width, height) pairs. None: the model's own size where its movielm_defaults.json gives one (the demo
+    model's 64x64), else the native size on CUDA and 256x256 on the CPU (native sizes take minutes per frame on a
+    CPU)."""
     batch_sizes: list[int] | None = None
     """None: 1, 2, 4, 8 on CUDA; 1, 2 on CPU."""
     steps: int | None = None
-    """None: 20 on CUDA, 4 on CPU."""
+    """None: the model's own, else 20 on CUDA, 4 on CPU."""
     repeats: int = 3
     warmup: int = 1
-    guidance: float = 7.5
+    guidance: float | None = None
+    """None: the model's own, else 7.5."""
     scheduler: str = "dpmpp"
     baseline: bool = True
     peer_compile: str | None = None
@@ -116,13 +120,19 @@ class BenchSettings:
     machine: str | None = None
     """Name used in file names and as the RESULTS.md section; default: derived from the CPU/GPU model."""
 
-    def resolved(self, device: torch.device, native: int) -> "BenchSettings":
+    def resolved(self, device: torch.device, model) -> "BenchSettings":
+        """Every default filled in for `model` (an engine.models.ModelBundle) on `device`."""
         cuda = device.type == "cuda"
+        native = native_size(model)
+        own = own_defaults(model)  # the model's movielm_defaults.json, where it ships one
+        size = (own["width"], own.get("height", own["width"])) if "width" in own else \
+            (native, native) if cuda else (256, 256)
         return BenchSettings(**{
             **asdict(self),
-            "sizes": self.sizes or [(native, native) if cuda else (256, 256)],
+            "sizes": self.sizes or [size],
             "batch_sizes": sorted(set(self.batch_sizes or ([1, 2, 4, 8] if cuda else [1, 2]))),
-            "steps": self.steps or (20 if cuda else 4)})
+            "steps": self.steps or own.get("steps") or (20 if cuda else 4),
+            "guidance": self.guidance if self.guidance is not None else own.get("guidance", 7.5)})
 
 
 @dataclass
@@ -195,14 +205,14 @@ def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dty
 class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print):
         self.log = log
-        probe = BackendConfig(device=settings.device, dtype=settings.dtype)
+        probe = BackendConfig(device=settings.device, dtype=settings.dtype, threads=settings.threads)
         self.device, self.dtype, self.dtype_name = probe.torch_device, probe.torch_dtype, probe.dtype_name
         self.model_path = resolve_model(settings.model)
         log(f"loading {settings.model} ...")
         self.model = load_model(self.model_path)
-        native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
-        self.s = settings.resolved(self.device, native)
-        self.backend_config = lambda **opts: BackendConfig(device=settings.device, **{"dtype": settings.dtype, **opts})
+        self.s = settings.resolved(self.device, self.model)
+        self.backend_config = lambda **opts: BackendConfig(device=settings.device, threads=settings.threads,
+                                                           **{"dtype": settings.dtype, **opts})
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine
