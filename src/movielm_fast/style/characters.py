@@ -3,15 +3,15 @@ style.
 
     character -> anchor render (its appearance, a seed of its own) -> a token learned from that one image -> file
 
-The token is trained on the anchor with the anchor's own prompt around it ("<style>, <appearance> <token>, <rest
+The token is trained on the anchor with the anchor's own prompt around it ("<style>, <token> <appearance>, <rest
 of the anchor prompt>"): what the words say (the place, the background, what the appearance states) they explain
 already, so the token learns what they leave open -- the anchor's colour, face or coat -- and every frame that shows
-the character carries it after the appearance. A frame then depends on its prompt and seed alone: any batch, order,
+the character carries it before the appearance. A frame then depends on its prompt and seed alone: any batch, order,
 worker or backend renders it the same, and frames without characters are untouched.
 
 Entries live in a library of their own (`default_characters()`, the style library's format and helpers): one folder
-per anchor key with the embedding, the anchor image and meta.json (written last, so an interrupted write is a
-miss), so a re-run or another worker reads the token instead of training it again.
+per anchor key and training caption with the embedding, the anchor image and meta.json (written last, so an
+interrupted write is a miss), so a re-run or another worker reads the token instead of training it again.
 """
 
 from __future__ import annotations
