@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (chars, mode) in cases.items():
         consistency = {"mode": mode, **({"token_steps": args.token_steps} if mode == "character_token" else {})}
         lm = parse_plan(_movie(chars, args.frames, args.size, args.steps, consistency))[0]
+        s = r.info.resolved(lm, lm.settings.__class__())  # the model's own guidance and scheduler
         if mode != "none" and mode not in once:  # before planning: planning a token movie learns its tokens
-            s = r.info.resolved(lm, lm.settings.__class__())
             specs = r.anchor_specs(lm, None, s, batch_settings(s)).values()
             once[mode] = _prepare(r, mode, specs)
         tasks[name] = r.plan(lm, None, lm.settings.__class__()).tasks
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"format": CONSISTENCY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine_info(torch.device("cpu")),
               "settings": {"model": args.model, "size": args.size, "steps": args.steps, "frames": args.frames,
-                           "repeats": args.repeats, "batch": 1, "scheduler": "dpmpp", "guidance": 7.5,
+                           "repeats": args.repeats, "batch": 1, "scheduler": s.scheduler, "guidance": s.guidance,
                            "token_steps": args.token_steps},
               "per_character": per_character, "load_average": {"start": load_start, "end": load_average()},
               "runs": rows}
