@@ -14,7 +14,9 @@ from movielm_fast.errors import UserError
                               "and print the artifact folders and manifests. --list / --clear manage the cache.")
 @click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime | tensorrt")
-@click.option("--dtype", default="auto", show_default=True, help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (the model's CUDA dtype on CUDA and for TensorRT: fp16, bf16 for FLUX; else fp32) | fp32 | "
+                   "fp16 | bf16 (TensorRT)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda (onnxruntime execution provider)")
 @click.option("--batch-sizes", default=None, help="Frames per batch to serve, e.g. 1,4,8 (default 1,4).")
 @click.option("--sizes", default=None, help="Image sizes WIDTHxHEIGHT, e.g. 512x512,768x512 (default: native).")
@@ -43,7 +45,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
                        f"{m['profile']:<28} {cache.human_bytes(m['total_bytes']):>9}  {e.path}")
         return
     from movielm_fast.engine.models import check_refiner, load_model, load_refiner, load_vae, vae_folder
-    from movielm_fast.export.artifacts import check_backend, export_for_backend
+    from movielm_fast.export.artifacts import auto_dtype, check_backend, export_for_backend
     from movielm_fast.export.specs import default_profile, parse_batch_sizes, parse_sizes
     from movielm_fast.export.tensorrt import require_tensorrt
 
@@ -56,8 +58,8 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         return
 
     check_backend(backend)  # the checks a user can fail come before loading gigabytes
-    if dtype not in ("auto", "fp32", "fp16"):
-        raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32 or fp16")
+    if dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32, fp16 or bf16")
     if backend == "tensorrt":
         require_tensorrt()
     batches = parse_batch_sizes(batch_sizes) if batch_sizes else None
@@ -67,6 +69,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
     if vae:
         vae_folder(vae)
     bundle = load_model(model)
+    dtype = auto_dtype(bundle, backend, device) if dtype == "auto" else dtype
     profile = default_profile(bundle, batches, shapes, dynamic=bool(dynamic) if backend == "tensorrt" else True)
     artifacts = export_for_backend(bundle, backend, device, dtype, profile)
     # A refiner and a swapped VAE are exported under their own content hash, for the base model's shapes.
