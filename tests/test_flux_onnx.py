@@ -1,7 +1,7 @@
 """ONNX export of the transformer families and the ONNX Runtime backend: one export of each transformer serves any
 batch and size (torch's dynamo exporter), its weights go beside the graph above the external-data threshold, and
 whole frames rendered on ONNX Runtime match our torch backend within 2/255 for FLUX.1 [dev] and FLUX.2 [klein] at
-batch 1 and 2 and two sizes, from one export. The TensorRT build recipe for them (profiles, bf16) is plain Python
+batch 1 and 2 and two sizes, from one export, and with a LoRA merged without re-export. The TensorRT build recipe for them (profiles, bf16) is plain Python
 and tested here; building needs TensorRT and a GPU."""
 
 import numpy as np
@@ -45,6 +45,27 @@ def test_onnxruntime_frames_match_torch_from_one_export(request, fixture, guidan
     transformers = [a for a in cache.list_entries() if a.manifest["model_hash"] == model_hash
                     and a.manifest["component"] == TRANSFORMER]
     assert len(transformers) == 1  # the second batch and size were served by the first export
+
+
+def test_lora_on_onnxruntime_matches_torch(tiny_flux_dev, tmp_path):
+    """A LoRA (transformer and CLIP) merged into the exported graphs' initializers by the weight map, without
+    re-export: the same frame as the torch backend's merge; the plain set brings the exported weights back."""
+    from movielm_fast.engine import lora
+    from movielm_fast.testing import make_random_dit_lora
+
+    ort, ref = (Renderer(ModelConfig(model=str(tiny_flux_dev), backend=b)) for b in ("onnxruntime", "torch"))
+    f = make_random_dit_lora(tmp_path / "l.safetensors", ref.model.transformer, ref.model.text_encoders[0], seed=3,
+                             std=0.2)
+
+    def frame(r, loras=()):
+        s = BatchSettings(64, 64, 3, 3.5, "default", loras=loras)
+        job = FrameJob("m", "f", PROMPT, "", 42)
+        return render_batch(r.model, r.backend, r.encoder, [job], s, library=r.loras)[0].astype(np.int16)
+
+    merged = lora.combine([(f, 0.8)])
+    ours, theirs, plain = frame(ort, merged), frame(ref, merged), frame(ref)
+    assert np.abs(ours - theirs).max() <= 2 and np.abs(ours - plain).max() > 10
+    assert np.abs(frame(ort) - plain).max() <= 2
 
 
 @pytest.mark.parametrize("fixture", ["tiny_flux_schnell", "tiny_klein_distilled"])

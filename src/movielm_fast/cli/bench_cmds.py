@@ -17,7 +17,9 @@ from movielm_fast.plan import SCHEDULERS
                              "model's native size, batch 1,2,4,8, 20 steps.")
 @click.option("--model", default="demo", show_default=True,
               help="demo | sd15-arch | sdxl-arch (real architecture, random weights, built once into the cache) | "
-                   "a local diffusers folder or .safetensors file.")
+                   "flux-arch | klein-arch (FLUX.1 [dev], FLUX.2 [klein] 4B: real architecture, random weights, built "
+                   "in memory on the device) | tiny-flux | tiny-klein | a local diffusers folder or .safetensors "
+                   "file.")
 @click.option("--backend", "backends", default="all", show_default=True,
               help="Comma-separated backends (torch,onnxruntime,...) or 'all' registered ones; missing ones are "
                    "skipped with a note.")
@@ -29,8 +31,10 @@ from movielm_fast.plan import SCHEDULERS
 @click.option("--steps", type=click.IntRange(1), help="Denoising steps per frame.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed repeats per figure.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
-@click.option("--scheduler", default="dpmpp", show_default=True, type=click.Choice(SCHEDULERS))
-@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--scheduler", type=click.Choice(SCHEDULERS),
+              help="Default: the model family's (FLUX: its own flow-matching one), else dpmpp.")
+@click.option("--guidance", type=float, help="Default: the model family's (FLUX.1 [dev] 3.5, FLUX.2 [klein] 4.0, "
+                                            "distilled 1.0), else 7.5.")
 @click.option("--no-baseline", is_flag=True, help="Skip diffusers' pipeline (no speed-up figures).")
 @click.option("--out", default=Path("bench/results"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--machine", help="Name for file names and the RESULTS.md section (default: from the CPU/GPU model).")
