@@ -1,8 +1,11 @@
 """ONNX export of the transformer families and the ONNX Runtime backend: one export of each transformer serves any
 batch and size (torch's dynamo exporter), its weights go beside the graph above the external-data threshold, and
 whole frames rendered on ONNX Runtime match our torch backend within 2/255 for FLUX.1 [dev] and FLUX.2 [klein] at
-batch 1 and 2 and two sizes, from one export, and with a LoRA merged without re-export. The TensorRT build recipe for them (profiles, bf16) is plain Python
-and tested here; building needs TensorRT and a GPU."""
+batch 1 and 2 and two sizes, from one export, and with a LoRA merged without re-export; `export` and `render
+--backend onnxruntime` work from the CLI. The TensorRT build recipe for them (profiles, bf16) is plain Python and
+tested here; building needs TensorRT and a GPU."""
+
+import json
 
 import numpy as np
 import pytest
@@ -98,3 +101,47 @@ def test_tensorrt_recipe_for_a_transformer(tiny_flux_dev):
     static = build_config(model, spec, ShapeProfile((2,), ((1024, 1024),), cfg=False, dynamic=False), "fp32")
     assert (static.bf16, static.fp16, static.static) == (False, False, True)
     assert static.profiles[0]["hidden_states"] == ((2, 4096, 16),) * 3
+
+
+def test_export_and_render_on_onnxruntime_from_the_cli(tiny_flux_schnell, tmp_path):
+    """`export` then `render --backend onnxruntime` on a FLUX folder, end to end through the CLI: the render uses
+    the exported graphs (nothing is exported again) and its frames match `render --backend torch` within 2/255;
+    bf16/fp16 ONNX and TensorRT without TensorRT (or a GPU) are one-line errors."""
+    from click.testing import CliRunner
+
+    from movielm_fast.cli.main import cli
+    from tests.helpers import cli_json, load_png, movie, write_plan
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", "--model", str(tiny_flux_schnell), "--json"])
+    assert res.exit_code == 0, res.output
+    exported = json.loads(res.stdout)
+    assert set(exported) == {"text_encoder", "text_encoder_2", TRANSFORMER, "vae_decoder"}
+    assert all(a["target"] == "ort-cpu" and a["dtype"] == "fp32" for a in exported.values())
+    assert exported[TRANSFORMER]["opset"] == onnx_export.DYNAMO_OPSET
+    before = {str(a.path) for a in cache.list_entries()}
+
+    plan = write_plan(tmp_path / "plan.json", [movie("fx", 2)], {"width": 96, "height": 64, "steps": 2})
+    frames = {}
+    for backend in ("onnxruntime", "torch"):
+        out = tmp_path / backend
+        summary = cli_json(["render", str(plan), "--model", str(tiny_flux_schnell), "--backend", backend,
+                            "--out", str(out), "--json"])
+        assert summary["rendered"] == 2
+        frames[backend] = [load_png(out / "fx" / "frames" / f"{i:03d}.png") for i in range(2)]
+    assert {str(a.path) for a in cache.list_entries()} == before  # the render found every graph in the cache
+    for ours, ref in zip(frames["onnxruntime"], frames["torch"]):
+        assert ours.shape == (64, 96, 3) and ours.std() > 1 and np.abs(ours - ref).max() <= 2
+
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    for args, message in (
+            (["export", "--dtype", "fp16"], "FLUX.1 overflows in fp16"),
+            (["export", "--dtype", "bf16"], "not bf16 (bf16 is for TensorRT engines)"),
+            *([] if has_trt else [(["export", "--backend", "tensorrt"], "TensorRT is not installed")]),
+            (["render", str(plan), "--backend", "tensorrt", "--out", str(tmp_path / "trt")], "runs on CUDA only")):
+        res = runner.invoke(cli, [*args, "--model", str(tiny_flux_schnell)])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)

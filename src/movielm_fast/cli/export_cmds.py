@@ -65,6 +65,9 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
     check_backend(backend)  # the checks a user can fail come before loading gigabytes
     if dtype not in ("auto", "fp32", "fp16", "bf16"):
         raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32, fp16 or bf16")
+    if dtype == "bf16" and backend != "tensorrt":
+        raise UserError("ONNX Runtime graphs are fp32 or fp16, not bf16 (bf16 is for TensorRT engines)",
+                        "use --dtype auto, fp32 or fp16, or --backend tensorrt")
     if backend == "tensorrt":
         require_tensorrt()
     batches = parse_batch_sizes(batch_sizes) if batch_sizes else None
@@ -74,6 +77,9 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
     if vae:
         vae_folder(vae)
     bundle = load_model(model)
+    if dtype == "fp16" and bundle.family.cuda_dtype != "fp16":
+        raise UserError(f"{bundle.family.name} overflows in fp16 (its activations exceed fp16's range)",
+                        "use --dtype auto (bf16 for TensorRT, fp32 for ONNX Runtime)")
     dtype = auto_dtype(bundle, backend, device) if dtype == "auto" else dtype
     profile = default_profile(bundle, batches, shapes, dynamic=bool(dynamic) if backend == "tensorrt" else True)
     artifacts = export_for_backend(bundle, backend, device, dtype, profile)
