@@ -142,6 +142,21 @@ def test_export_and_render_on_onnxruntime_from_the_cli(tiny_flux_schnell, tmp_pa
             (["export", "--dtype", "fp16"], "FLUX.1 overflows in fp16"),
             (["export", "--dtype", "bf16"], "not bf16 (bf16 is for TensorRT engines)"),
             *([] if has_trt else [(["export", "--backend", "tensorrt"], "TensorRT is not installed")]),
-            (["render", str(plan), "--backend", "tensorrt", "--out", str(tmp_path / "trt")], "runs on CUDA only")):
+            (["render", str(plan), "--backend", "tensorrt", "--out", str(tmp_path / "trt")],
+             "runs on CUDA only" if has_trt else "TensorRT is not installed")):
         res = runner.invoke(cli, [*args, "--model", str(tiny_flux_schnell)])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flux_dev", "tiny_klein_distilled"])
+def test_tensorrt_bucket_size_is_read_from_the_image_position_ids(request, fixture):
+    """A static TensorRT engine is built per (batch, size) bucket; a transformer's packed tokens do not say the
+    image size, its image position ids (as the family makes them for a render) do."""
+    from movielm_fast.engine.backends.tensorrt_backend import _image_size
+
+    r = Renderer(ModelConfig(model=str(request.getfixturevalue(fixture))))
+    spec = model_specs(r.model)[TRANSFORMER]
+    for width, height in ((96, 64), (64, 160)):
+        s = BatchSettings(width, height, 2, 1.0, "default")
+        cond = r.model.family.conditioning(r.model, r.encoder, [FrameJob("m", "f", PROMPT, "", 1)], s, False)
+        assert _image_size(spec, {"B": 1}, {"img_ids": cond.img_ids}) == (width, height)

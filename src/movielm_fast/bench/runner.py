@@ -72,8 +72,8 @@ PROMPTS = [
 
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """"torch+cuda_graphs+sdpa_backend=flash+no-fuse_qkv" -> ("torch", {cuda_graphs: True, sdpa_backend: "flash",
-    fuse_qkv: False}); the options are engine.config.BackendConfig fields. ``dtype=bf16`` runs one entry in another dtype than
-    the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
+    fuse_qkv: False}); the options are engine.config.BackendConfig fields. ``dtype=bf16`` runs one entry in another
+    dtype than the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
     allowed = {"attention", "sdpa_backend", "channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_qkv",
                "compile_unet", "dtype", "quantize"}
