@@ -4,6 +4,8 @@
                                                 # 20 steps: ours (default path) beside diffusers and diffusers+compile
     python -m movielm_fast.bench.gpu --knobs    # and each lossless knob on its own; writes the CUDA knob table
     python -m movielm_fast.bench.gpu --quick    # 3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run
+    python -m movielm_fast.bench.gpu --model flux-arch --dtype bf16 --steps 28 --peer-compile off
+                                     --no-fp32-reference   # a DiT row (klein-arch likewise): transformer it/s, MFU
     python -m movielm_fast.bench.gpu --goals [--render-json render.log]   # the goals table from the
                                                 # latest results (and a second render process's --json output)
 
