@@ -23,7 +23,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results"
     res = CliRunner().invoke(bench_cmd, ["--model", "demo", "--backend", "torch,no-such-backend", "--sizes", "64x64",
                                          "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1", "--warmup", "0",
-                                         "--out", str(out)])
+                                         "--out", str(out), "--report", str(out.parent / "RESULTS.md")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     [path] = out.glob("*.json")
     return out, path, json.loads(path.read_text()), res.output
@@ -84,7 +84,7 @@ def test_csv_plot_and_images_beside_the_json(bench_run):
 
 def test_results_md_is_generated_from_the_json_files(bench_run, tmp_path):
     out, path, result, _ = bench_run
-    md = out.parent / "RESULTS.md"  # the command regenerates it beside the results folder
+    md = out.parent / "RESULTS.md"  # --report regenerates it
     text = md.read_text()
     assert f"## {result['machine']['slug']} (CPU)" in text
     assert "| torch | 64x64 | 2 |" in text and "| diffusers | 64x64 | 1 |" in text
@@ -97,11 +97,33 @@ def test_results_md_is_generated_from_the_json_files(bench_run, tmp_path):
     assert regenerated.read_text().count("| torch | 64x64 |") == 2
 
 
+def test_bench_writes_only_where_told_at_the_models_own_settings(tmp_path):
+    """Issue 33: without --out and --report nothing in the checkout changes (results go to the cache), and the demo
+    model is timed at its own size, steps and guidance."""
+    from movielm_fast.bench.hardware import ROOT
+    from movielm_fast.paths import cache_root
+
+    def checkout():
+        return {p.relative_to(ROOT): p.stat().st_mtime_ns for p in (ROOT / "bench").rglob("*")}
+
+    before = checkout()
+    res = CliRunner().invoke(bench_cmd, ["--backend", "torch", "--batch-sizes", "1", "--repeats", "1", "--warmup",
+                                         "0", "--no-baseline"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert checkout() == before
+    [path] = (cache_root() / "bench").glob("*.json")
+    st = json.loads(path.read_text())["settings"]
+    assert (st["sizes"], st["steps"], st["guidance"]) == (["64x64"], 20, 4.0)  # the demo model's movielm_defaults
+    assert "--report" in res.output
+
+
 def test_bad_flags_are_user_errors():
     res = CliRunner().invoke(bench_cmd, ["--sizes", "100x7"])
     assert res.exit_code == 2 and "multiples of 8" in res.output
     res = CliRunner().invoke(bench_cmd, ["--batch-sizes", "1,x"])
     assert res.exit_code == 2 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(bench_cmd, ["--device", "gpu"])
+    assert res.exit_code == 2 and "unknown device 'gpu'" in res.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
@@ -161,7 +183,8 @@ def test_dit_rows_report_transformer_steps_and_its_own_flops(model, kind, tmp_pa
 
     out = tmp_path / "results"
     res = CliRunner().invoke(bench_cmd, ["--model", model, "--backend", "torch", "--sizes", "64x96", "--batch-sizes",
-                                         "1,2", "--steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+                                         "1,2", "--steps", "2", "--repeats", "1", "--warmup", "0", "--out", str(out),
+                                         "--report", str(out.parent / "RESULTS.md")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     [path] = out.glob("*.json")
     result = json.loads(path.read_text())
@@ -457,3 +480,23 @@ def test_gpu_goals_merge_runs_made_in_separate_steps(tmp_path):
     lines = goals_table([merged]).splitlines()
     assert "131.0 UNet it/s" in lines[1]
     assert "12.00 img/s at batch 8" in lines[2] and "1.35x diffusers+compile" in lines[2]
+
+
+def test_threads_section_judges_the_default_against_the_fastest_and_one_thread():
+    from movielm_fast.bench.threads import THREADS_FORMAT, threads_section
+
+    def run(busy, config, seconds, status="ok"):
+        return {"busy": busy, "plan": "demo", "config": config, "status": status, "wall_seconds": seconds + 30,
+                "render_seconds": seconds, "load_before": 1.0, "load_after": 2.0}
+
+    res = {"format": THREADS_FORMAT, "created": "2026-12-07T16:00:00", "load_average": {"start": [1.0], "end": [2.0]},
+           "machine": {"cpu_model": "a CPU", "cpu_cores_logical": 2},
+           "settings": {"configs": ["default", "one thread", "onnxruntime"], "plans": ["demo"], "repeats": 1,
+                        "goal": 1.2, "sd15": {"frames": 1, "size": 256, "steps": 4}},
+           "runs": [run(0, "default", 10.0), run(0, "one thread", 12.0), run(0, "onnxruntime", 9.0),
+                    run(2, "default", 30.0), run(2, "one thread", 24.0),
+                    run(2, "onnxruntime", 600.0, "timeout")]}
+    text = "\n".join(threads_section([res]))
+    assert "| demo | 0 | 1.0–2.0 | 10.0 (40) | 12.0 (42) | 9.0 (39) | 1.11× | 0.83× |" in text
+    assert "| demo | 2 | 1.0–2.0 | 30.0 (60) | 24.0 (54) | > 630 (stopped) | 1.25× | 1.25× |" in text
+    assert "**not met** (worst 1.25×)" in text and "never slower than one thread: **not met** (up to 1.25×)" in text

@@ -279,7 +279,8 @@ def test_bench_bf16_rows_carry_psnr_against_fp32(tmp_path, tiny_sd):
     # image, whose bf16 PSNR is lower (31.9 dB measured).
     res = CliRunner().invoke(bench_cmd, ["--model", str(tiny_sd), "--backend", "torch,torch+dtype=bf16", "--sizes",
                                          "64x64", "--batch-sizes", "1", "--steps", "1", "--repeats", "1",
-                                         "--warmup", "0", "--no-baseline", "--out", str(out)])
+                                         "--warmup", "0", "--no-baseline", "--out", str(out), "--report",
+                                         str(tmp_path / "RESULTS.md")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     [path] = out.glob("*.json")
     runs = {r["backend"]: r for r in json.loads(path.read_text())["runs"]}

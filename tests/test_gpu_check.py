@@ -256,7 +256,6 @@ def test_dit_steps_run_on_the_cpu_at_a_tiny_size(name, model, steps, tmp_path):
     from movielm_fast.bench import gpu
     from movielm_fast.bench.models import dit_arch_bundle
     from movielm_fast.bench.runner import run_bench
-    from movielm_fast.engine.models import native_size
 
     [(_, _, command)] = [s for s in _full_run_steps() if s[0] == name]
     assert command[:3] == ["$PY", "-m", "movielm_fast.bench.gpu"]
@@ -264,7 +263,7 @@ def test_dit_steps_run_on_the_cpu_at_a_tiny_size(name, model, steps, tmp_path):
     assert args.model == [model] and args.no_fp32_reference
     settings = gpu.settings_for(args, model)
     real = dit_arch_bundle(model, torch.device("meta"), torch.bfloat16)
-    resolved = settings.resolved(torch.device("cuda"), native_size(real), real.family.defaults(real))
+    resolved = settings.resolved(torch.device("cuda"), real)
     assert (resolved.sizes, resolved.steps, resolved.batch_sizes, resolved.dtype, resolved.backends) == \
         ([(1024, 1024)], steps, [1], "bf16", ["torch"])
     assert resolved.peer_compile is None and resolved.scheduler == "default"

@@ -393,3 +393,47 @@ def test_gallery_in_a_headless_browser(made, tmp_path):
     assert "Version 1 of a heist: <b>tags</b> & quotes \" stay text." in text
     assert "Rosa: a person called Rosa in a coat" in text and "Gothic" in text
     assert "a doomed theme" in text and "no valid answer" in text
+
+
+# --- make --llm demo: the demo model's built-in planner, offline (issue 33) ----------------------------------------
+
+def test_make_with_the_demo_planner_runs_offline_end_to_end(tmp_path, monkeypatch):
+    from movielm_fast.bench.toy import world as W
+    from movielm_fast.data import demo_planner
+    from movielm_fast.data.llm.planner import PlanRequest
+    from movielm_fast.plan import load_plan
+    from movielm_fast.run.prompts import frame_prompt
+
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL"):  # no LLM anywhere
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+    args = ["make", "a heist", "a love story", "--llm", "demo", "--frames", "4", "--characters", "2",
+            "--steps", "2", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "make.json").read_text())
+    assert report["finished"] == ["a-heist-01", "a-love-story-01"] and not report["failures"]
+    assert report["llm"]["model"] == demo_planner.LABEL and report["llm"]["requests"] == 0
+    plans = sorted((out / "plans").glob("*.json"))
+    assert [p.name for p in plans] == ["a-heist-01.json", "a-love-story-01.json"]
+    for path, movie_id in zip(plans, report["finished"]):
+        [lm] = load_plan(path)
+        assert lm.movie.id == movie_id and "(demo plan 1)" in lm.movie.title and demo_planner.LABEL in lm.movie.overview  # labelled as such
+        for frame in lm.movie.frames:  # every prompt is a caption in the toy world's words
+            scene = W.parse_caption(frame_prompt(lm.movie, frame, None))
+            assert scene.style == lm.movie.style.name.lower() and scene.characters
+        manifest = json.loads((out / "movies" / movie_id / "manifest.json").read_text())
+        assert len(manifest["frames"]) == 4 and manifest["settings"]["width"] == 64
+        qa = json.loads((out / "movies" / movie_id / "qa.json").read_text())["QA"]
+        assert qa["plot_qa"] and qa["overview_qa"] and qa["temporal_qa"]
+        where = next(p for p in qa["plot_qa"] if p["question"].startswith("Where is "))
+        name, scene_no = re.match(r"Where is (\w+) in scene (\d+)\?", where["question"]).groups()
+        assert where["answer"].split(":")[0].lower() in lm.movie.frames[int(scene_no) - 1].description.lower()
+    records = json.loads((out / "dataset" / "dataset.json").read_text())
+    assert all(any(r["id"].startswith(f"{m}-plot-") for r in records) for m in report["finished"])
+    assert (out / "index.html").is_file()
+    # The same themes plan the same movies; a rerun renders nothing.
+    assert demo_planner.demo_movie(PlanRequest("a heist", None, 4, 2)) == \
+        demo_planner.demo_movie(PlanRequest("a heist", None, 4, 2))
+    again = CliRunner().invoke(cli, args + ["--json"])
+    assert again.exit_code == 0 and json.loads(again.output)["stages"]["render"]["frames_rendered"] == 0

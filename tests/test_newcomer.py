@@ -70,12 +70,20 @@ def parse_a1111(text: str) -> dict[str, str]:
 
 
 def user_comment(path: Path) -> str:
-    """EXIF UserComment as A1111 (piexif) reads it: an 8-byte character code, then the text."""
+    """The "parameters" text A1111 finds in a JPEG/WebP, read the way its read_info_from_image reads it: Pillow's
+    raw `info["exif"]`, piexif.load, the Exif IFD's UserComment, piexif's UserComment.load (and on a ValueError the
+    comment's bytes decoded as UTF-8: a UserComment of the wrong EXIF type fails there, as it does in A1111)."""
+    import piexif
+    import piexif.helper
+
     with Image.open(path) as im:
+        comment = piexif.load(im.info["exif"])["Exif"].get(piexif.ExifIFD.UserComment, b"")
         raw = im.getexif().get_ifd(0x8769)[0x9286]
-    code, body = raw[:8], raw[8:]
-    assert code == b"UNICODE\0", code
-    return body.decode("utf-16-be")
+    assert raw[:8] == b"UNICODE\0", raw[:8]  # as A1111 writes it: UTF-16 text with its character code
+    try:
+        return piexif.helper.UserComment.load(comment)
+    except ValueError:
+        return comment.decode("utf8", errors="ignore")
 
 
 # --- 1. defaults from the model -------------------------------------------------------------------------------
@@ -362,7 +370,55 @@ def test_version():
 
 def test_hub_id_says_how_to_get_a_local_folder(tmp_path):
     plan = write_plan(tmp_path / "plan.json", [movie("h", 1)], SMALL)
-    res = _cli("render", plan, "--model", "runwayml/stable-diffusion-v1-5", "--out", tmp_path / "o")
+    res = _cli("render", plan, "--model", "stabilityai/sdxl-turbo", "--out", tmp_path / "o")
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir" in res.output
+    assert "huggingface-cli download stabilityai/sdxl-turbo --local-dir models/sdxl-turbo" in res.output
     assert "hf download" in res.output and "then pass --model" in res.output
+    # A repository removed upstream (issue 33) is answered with where its weights are now.
+    res = _cli("render", plan, "--model", "runwayml/stable-diffusion-v1-5", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "was removed from the hub" in res.output
+    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir" in res.output
+
+
+# --- issue 33: -v anywhere, flags checked before the heavy imports, defaults shown -----------------------------------
+
+def test_verbose_before_or_after_the_command(tmp_path, monkeypatch):
+    from movielm_fast.cli import main
+
+    seen = []
+    monkeypatch.setattr(main, "configure_logging", seen.append)
+    for args in (["-v", "style", "list"], ["style", "list", "-v"], ["style", "-v", "list"], ["style", "list"]):
+        res = _cli(*args, "--out", tmp_path)
+        assert res.exit_code == 0, res.output
+    assert seen == [True, True, True, False]
+
+
+def test_bad_choices_fail_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    plan = write_plan(tmp_path / "plan.json", [movie("c", 1)], SMALL)
+    code = ("import sys; from movielm_fast.cli.main import cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, e.code)")
+    for flags, message in ((["--device", "gpu"], "unknown device 'gpu'"), (["--backend", "onnx"], "'onnx' is not one"),
+                           (["--dtype", "fp64"], "'fp64' is not one"), (["--threads", "0"], "positive integer")):
+        res = subprocess.run([sys.executable, "-c", code, "render", str(plan), *flags], capture_output=True, text=True)
+        assert res.stdout.split() == ["False", "2"] and message in res.stderr, (flags, res.stdout, res.stderr)
+
+
+def test_render_settings_show_how_their_default_is_found():
+    res = _cli("render", "--help")
+    text = " ".join(res.output.split())
+    assert "Denoising steps. [default: (the plan's, else the model's, else 25)]" in text
+    assert "Negative prompt of every frame. [default: (the plan's, else none)]" in text
+    assert "--threads N|auto" in text and "--out PATH Output folder" in text
+
+
+def test_a_failed_stage_says_so_and_leaves_no_bar(tmp_path):
+    m = movie("f", 1)
+    m["frames"][0]["dialouge"] = "hi"
+    plan = write_plan(tmp_path / "plan.json", [m], SMALL)
+    res = _cli("render", plan, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "checking the plans: failed after" in res.output
+    assert "checking the plans: done" not in res.output and "0/?" not in res.output and "━" not in res.output

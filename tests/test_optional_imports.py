@@ -129,7 +129,7 @@ def test_render_and_export_without_their_extra(hidden, extra, args, tmp_path):
 def test_bench_without_matplotlib_runs_and_says_which_extra_plots(tmp_path):
     result = run_cli(["matplotlib"], "bench", "--model", "demo", "--backend", "torch", "--sizes", "64x64",
                      "--batch-sizes", "1", "--steps", "1", "--repeats", "1", "--warmup", "0", "--no-baseline",
-                     "--no-report", "--out", tmp_path / "results", cwd=tmp_path)
+                     "--out", tmp_path / "results", cwd=tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "matplotlib is not installed" in result.stdout + result.stderr
     assert list((tmp_path / "results").glob("*.json")) and not list((tmp_path / "results").glob("*.png"))

@@ -100,6 +100,22 @@ def test_qa_command_derived_needs_no_llm(tmp_path, monkeypatch):
     assert record["QA"] == movie_record(movie(), derived_qa(movie()))["QA"]
 
 
+def test_qa_command_reads_a_folder_of_plans_as_render_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    plans, out = tmp_path / "plans", tmp_path / "qa.json"
+    plans.mkdir()
+    for movie_id in ("b-movie", "a-movie"):
+        (plans / f"{movie_id}.json").write_text(json.dumps({**PLAN, "id": movie_id}))
+    result = CliRunner().invoke(qa_cmd, [str(plans), "--source", "derived", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["movie_id"] for r in json.loads(out.read_text())] == ["a-movie", "b-movie"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(qa_cmd, [str(empty), "--source", "derived", "--out", str(out)])
+    assert result.exit_code != 0 and "no plan files found" in str(result.exception or result.output)
+
+
 # --- speakers and shots (optional plan fields) ------------------------------------------------------------------
 
 SHOTS_PLAN = {

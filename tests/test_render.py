@@ -1,5 +1,6 @@
 """End-to-end rendering: outputs, batch invariance, resume, OOM back-off and clean errors."""
 
+import hashlib
 import json
 import os
 import signal
@@ -81,6 +82,48 @@ def test_seed_modes_and_explicit_seed(tmp_path, demo_renderer):
     render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer))
     frames = json.loads((tmp_path / "out" / "s" / "manifest.json").read_text())["frames"]
     assert [f["seed"] for f in frames] == [11, 77]
+
+
+def test_seeds_carry_the_movie_and_stay_javascript_safe(tmp_path, demo_renderer):
+    # Two movies with the same movie seed and frame ids (issue 33): their frames get different noise.
+    plan = write_plan(tmp_path / "plan.json", [movie("a", 2), movie("b", 2)], SMALL)
+    render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer))
+    manifests = {m: json.loads((tmp_path / "out" / m / "manifest.json").read_text()) for m in "ab"}
+    seeds = {m: [f["seed"] for f in manifests[m]["frames"]] for m in "ab"}
+    assert set(seeds["a"]).isdisjoint(seeds["b"]) and len(set(seeds["a"])) == 2
+    assert all(0 <= s < 2**53 for m in "ab" for s in seeds[m])  # JavaScript's safe integers
+    assert all(manifests[m]["settings"]["seed_scheme"] == 2 for m in "ab")
+    a0 = load_png(tmp_path / "out" / "a" / "frames" / "000.png")
+    b0 = load_png(tmp_path / "out" / "b" / "frames" / "000.png")
+    assert np.abs(a0 - b0).mean() > 5
+    with Image.open(tmp_path / "out" / "a" / "frames" / "000.png") as im:
+        assert f"Seed: {seeds['a'][0]}," in im.text["parameters"]
+
+
+def _scheme_1(movie_seed: int, frame_id: str) -> int:
+    """How frame seeds were derived before issue 33, written out here as the oracle."""
+    digest = hashlib.sha256(f"{movie_seed}:{frame_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def test_a_manifest_keeps_its_seed_scheme_and_resumes_without_rendering(tmp_path, demo_renderer):
+    plan = write_plan(tmp_path / "plan.json", [movie("old", 3)], SMALL)
+    path = tmp_path / "out" / "old" / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": "movielm-fast/manifest@1", "settings": {"seed_scheme": 1}, "frames": []}))
+    assert render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer)).frames_rendered == 3
+    manifest = json.loads(path.read_text())
+    assert [f["seed"] for f in manifest["frames"]] == [_scheme_1(11, f"{i:03d}") for i in range(3)]
+    del manifest["settings"]["seed_scheme"]  # as manifests were written before schemes were recorded
+    path.write_text(json.dumps(manifest))
+    resumed = render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer))
+    assert (resumed.frames_rendered, resumed.frames_skipped) == (0, 3)
+    assert json.loads(path.read_text())["settings"]["seed_scheme"] == 1
+    # A new movie in the same folder gets the current scheme.
+    write_plan(plan, [movie("old", 3), movie("new", 1)], SMALL)
+    render(_config(tmp_path / "out"), [plan], executor=LocalExecutor(renderer=demo_renderer))
+    new = json.loads((tmp_path / "out" / "new" / "manifest.json").read_text())
+    assert new["settings"]["seed_scheme"] == 2 and new["frames"][0]["seed"] != _scheme_1(11, "000")
 
 
 def test_resume_skips_done_and_rerenders_changed(tmp_path, demo_renderer):
@@ -224,7 +267,7 @@ def test_cli_render_demo_json_summary(tmp_path):
     (["--model", "/nonexistent/model"], "model not found"),
     (["--device", "cuda"], "no usable CUDA device"),
     (["--width", "100"], "multiple of 8"),
-    (["--backend", "nope"], "unknown backend"),
+    (["--backend", "nope"], "'nope' is not one of 'torch', 'onnxruntime', 'tensorrt', 'null'"),
     (["--dtype", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
 ])
 def test_cli_user_errors_exit_2(tmp_path, args, message):

@@ -29,7 +29,7 @@ from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor, reason
 from movielm_fast.run.outputs import anchor_file
 from movielm_fast.run.renderer import Renderer
-from movielm_fast.run.storyboard import storyboard
+from movielm_fast.run.storyboard import cells, storyboard
 from tests.helpers import movie, write_plan
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "guidance": 7.5, "seed": 4}
@@ -228,7 +228,7 @@ def test_rerender_with_changed_settings_rebuilds_the_storyboard(tmp_path, demo_r
     assert changed.frames_rendered == 6
     folder = out / "s"
     lm = load_plan(plan)[0]
-    expected = storyboard([(f.id, f.dialogue, folder / f"frames/{f.id}.png") for f in lm.movie.frames])
+    expected = storyboard([(c, folder / f"frames/{c[0]}.png") for c in cells(lm.movie)], title=lm.movie.title)
     assert (folder / "storyboard.png").read_bytes() == expected != first
 
 
@@ -243,7 +243,7 @@ def test_truncated_frames_are_rerendered_not_a_crash(tmp_path, demo_renderer):
     assert again.frames_rendered == 11 and again.frames_skipped == 1
     folder = out / "tr"
     lm = load_plan(plan)[0]
-    expected = storyboard([(f.id, f.dialogue, folder / f"frames/{f.id}.png") for f in lm.movie.frames])
+    expected = storyboard([(c, folder / f"frames/{c[0]}.png") for c in cells(lm.movie)], title=lm.movie.title)
     assert (folder / "storyboard.png").read_bytes() == expected  # made of the re-rendered frames, not the cut ones
 
 

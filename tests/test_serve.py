@@ -294,7 +294,7 @@ def test_every_render_flag_has_a_server_rule():
     from movielm_fast.settings import CLIENT, PER_PLAN
 
     flags = setting_flags(*RENDER_SETTINGS)
-    assert {p.name for p in render_cmd.params} - {"plans", "out", "server", "token", "as_json"} == \
+    assert {p.name for p in render_cmd.params} - {"plans", "out", "server", "token", "as_json", "verbose"} == \
         {name for _, name in flags}  # every render flag is a declared setting
     rules = {name: server_rule(model, name) for model, name in flags}
     for name, rule in rules.items():

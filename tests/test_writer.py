@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -119,22 +118,24 @@ def test_null_backend_runs_the_whole_engine_from_the_cli(tmp_path):
     assert (tmp_path / "out" / "n" / "storyboard.png").is_file()
 
 
-def _sheet_oracle(frames, columns=4, thumb=256):
+def _sheet_oracle(frames, columns=4, thumb=256, title=""):
     """The contact sheet composed as one Pillow image (how storyboards were made before they were encoded in
-    bands): the pixels a band-encoded storyboard.png must decode to."""
+    bands): the pixels a band-encoded storyboard.png must decode to. frames: (cell, thumbnail)."""
     from PIL import ImageDraw
 
-    from movielm_fast.run.storyboard import CAPTION_H, _font
+    from movielm_fast.run.storyboard import CAPTION_H, TITLE_H, _font, cell_lines
     cols = min(columns, len(frames))
     rows = -(-len(frames) // cols)
     cell_w, cell_h = thumb + 16, thumb + CAPTION_H + 16
-    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    top = TITLE_H if title else 0
+    sheet = Image.new("RGB", (cols * cell_w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (fid, dialogue, im) in enumerate(frames):
-        x, y = (i % cols) * cell_w + 8, (i // cols) * cell_h + 8
+    if title:
+        draw.text((8, 10), title, fill="black", font=_font(18))
+    for i, (cell, im) in enumerate(frames):
+        x, y = (i % cols) * cell_w + 8, top + (i // cols) * cell_h + 8
         sheet.paste(im, (x + (thumb - im.width) // 2, y))
-        lines = [f"#{fid}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
-        for k, line in enumerate(lines):
+        for k, line in enumerate(cell_lines(cell)):
             draw.text((x, y + thumb + 4 + 18 * k), line, fill="black", font=_font(14))
     return np.asarray(sheet)
 
@@ -151,10 +152,12 @@ def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_pa
     thumbs = {fid: thumbnail(im) for fid, im in images.items()}
     for fid in ids[:3]:  # frames of an earlier run: read back from their files
         images[fid].save(tmp_path / f"{fid}.png")
-    frames = [(fid, dialogue[fid]) for fid in ids]
+    frames = [(fid, f"Rosa in scene {fid}, which is described at some length", dialogue[fid]) for fid in ids]
+    TITLE = "The Duchess and the Commoner"
 
     def sheet_from(order, threads=1):
-        sheet = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:])
+        sheet = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:],
+                           title=TITLE)
         if threads == 1:
             for fid in order:
                 sheet.add(fid, thumbs[fid])
@@ -163,7 +166,7 @@ def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_pa
                 list(pool.map(lambda fid: sheet.add(fid, thumbs[fid]), order))
         return sheet
 
-    in_order = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:])
+    in_order = Storyboard(frames, lambda fid: read_thumbnail(tmp_path / f"{fid}.png"), pending=ids[3:], title=TITLE)
     for fid in ids[3:8]:
         in_order.add(fid, thumbs[fid])
     assert in_order.band == 2 and len(in_order.thumbs) == 0  # rows 1 and 2 encoded already, thumbnails let go
@@ -175,7 +178,7 @@ def test_storyboard_is_encoded_band_by_band_to_the_same_file_in_any_order(tmp_pa
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         decoded = np.asarray(im.convert("RGB"))
-    assert np.array_equal(decoded, _sheet_oracle([(fid, dialogue[fid], thumbs[fid]) for fid in ids]))
+    assert np.array_equal(decoded, _sheet_oracle([(cell, thumbs[cell[0]]) for cell in frames], title=TITLE))
 
 
 def test_resumed_run_writes_the_storyboard_of_an_uninterrupted_one(tmp_path):
@@ -222,3 +225,17 @@ def test_writer_threads_run_below_the_render_thread():
         writer.close()
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     assert nice == min(19, mine + WRITER_NICENESS) and mine == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_storyboard_cells_show_description_speaker_and_line():
+    from movielm_fast.plan import parse_plan
+    from movielm_fast.run.storyboard import cell_lines, cells
+
+    m = movie("c", 2)
+    m["frames"][0].update(speaker="Rosa")
+    [lm] = parse_plan(m)
+    first, second = cells(lm.movie)
+    assert cell_lines(first) == ["#000 Rosa in scene 0", "Rosa: \u201cline 0\u201d"]
+    assert cell_lines(second) == ["#001 Rosa in scene 1", "\u201cline 1\u201d"]
+    long = cell_lines(("007", "word " * 40, "Rosa: " + "talk " * 60))
+    assert len(long) == 4 and long[1].endswith("\u2026") and long[-1].endswith("\u2026")

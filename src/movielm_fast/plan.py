@@ -13,10 +13,11 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.settings import setting
@@ -54,7 +55,8 @@ def normalise_shot(value: str | None) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # Attribute docstrings are the fields' descriptions in the plan's JSON schema (plan_schema).
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, use_attribute_docstrings=True)
 
 
 def _check_id(value: str) -> str:
@@ -109,7 +111,7 @@ class ConsistencySettings(BaseModel):
     """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
     `--consistency MODE` on the command line sets the mode and keeps the rest."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     mode: Literal[CONSISTENCY_MODES] = "none"  # type: ignore[valid-type]
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
@@ -129,8 +131,9 @@ class RenderSettings(_Strict):
     """Per-frame rendering settings. Every field is optional here so that layers can cascade; the fields with a
     help text are also command-line flags (--width, --steps, ...), which win over every plan."""
 
-    width: int | None = setting(None, "Frame width in pixels (default: the model's native size).", ge=64, le=4096)
-    height: int | None = setting(None, "Frame height in pixels (default: the model's native size).", ge=64, le=4096)
+    width: int | None = setting(None, "Frame width in pixels (the model's default: its native size).", ge=64, le=4096)
+    height: int | None = setting(None, "Frame height in pixels (the model's default: its native size).", ge=64,
+                                 le=4096)
     steps: int | None = setting(None, "Denoising steps.", ge=1, le=1000)
     guidance: float | None = setting(None, "Classifier-free guidance scale (1 or less: none; guidance-distilled "
                                            "models embed it).", ge=0.0, le=50.0)
@@ -138,10 +141,10 @@ class RenderSettings(_Strict):
                                            "(diffusers' true_cfg_scale): above 1, a second transformer pass per "
                                            "step. Default: off.", ge=0.0, le=50.0)
     scheduler: Literal[SCHEDULERS] | None = setting(  # type: ignore[valid-type]
-        None, "Sampling algorithm, built from the model's own scheduler config (default: dpmpp; 'default': the "
-              "model's own class).")
+        None, "Sampling algorithm, built from the model's own scheduler config ('default': the model's own class).")
     negative_prompt: str | None = setting(None, "Negative prompt of every frame.")
-    seed: int | None = setting(None, "Image seed of every movie (default: each plan's own).", ge=0, lt=2**63)
+    seed: int | None = setting(None, "Image seed of every movie; each frame's is derived from it and the movie and "
+                                     "frame ids.", ge=0, lt=2**63)
     seed_mode: Literal[SEED_MODES] | None = None  # type: ignore[valid-type]
     consistency: ConsistencySettings | None = None
     timestep_spacing: Literal[TIMESTEP_SPACINGS] | None = setting(  # type: ignore[valid-type]
@@ -150,7 +153,7 @@ class RenderSettings(_Strict):
     refiner: str | None = setting(None, "SDXL refiner folder that denoises the end of the schedule (base + refiner, "
                                         "as MovieLLM); in a plan, relative to the plan file.")
     refiner_switch: float | None = setting(None, "Fraction of the schedule the base model denoises before the "
-                                                 "refiner takes over (diffusers' denoising_end) [0.8].", gt=0.0, lt=1.0)
+                                                 "refiner takes over (diffusers' denoising_end).", gt=0.0, lt=1.0)
     vae: str | None = setting(None, "VAE folder (AutoencoderKL, e.g. the fp16-fix SDXL VAE, or AutoencoderTiny for "
                                     "fast drafts) that decodes instead of the model's own; in a plan, relative to the "
                                     "plan file.")
@@ -164,6 +167,8 @@ class RenderSettings(_Strict):
         return v
 
 
+MODEL_SETTINGS = ("width", "height", "steps", "guidance")
+"""The render settings a model brings where neither a flag nor the plan sets them (engine.models.model_defaults)."""
 BUILTIN_RENDER = RenderSettings(
     width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,
     seed_mode="per_frame", consistency=ConsistencySettings(), refiner_switch=0.8,
@@ -581,3 +586,36 @@ def load_plan(path: str | Path) -> list[LoadedMovie]:
     data = parse_json(read_plan_text(path), str(path))
     source = str(path.resolve())
     return [lm.model_copy(update={"source": source}) for lm in parse_plan(data, str(path), path.parent)]
+
+
+def plan_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The plan files that `paths` name, as every command reads them: a file as it is, a folder as all *.json in it
+    (sorted). None at all is a UserError."""
+    paths = list(paths)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files:
+        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    return files
+
+
+SCHEMA_FILE = "docs/plan.schema.json"
+
+
+def plan_schema() -> dict[str, Any]:
+    """plan.json's JSON Schema, made from the models above: a file is one Movie or a PlanFile. SCHEMA_FILE is this,
+    written by `python -m movielm_fast.plan` (a test keeps it current). Validation checks more than a schema can say
+    (ids safe as file names, speakers among the characters, size limits): `parse_plan` is the authority."""
+    schema = TypeAdapter(PlanFile | Movie).json_schema()
+    for model in schema["$defs"].values():
+        for field in model.get("properties", {}).values():
+            for key in ("flag", "served", "metavar"):  # the CLI's and serve's metadata of a setting
+                field.pop(key, None)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "movielm-fast plan.json, version 1",
+            "description": "One movie object, or {\"version\": 1, \"defaults\": {render settings}, \"movies\": [...]}; "
+                           "see docs/plans.md.", **schema}
+
+
+if __name__ == "__main__":  # python -m movielm_fast.plan > docs/plan.schema.json
+    print(json.dumps(plan_schema(), indent=1, ensure_ascii=False))

@@ -76,6 +76,17 @@ def validation_error(exc: ValidationError, model: type[BaseModel]) -> UserError:
     return UserError(f"{where}: {message}" if where else message)
 
 
+def positive_or_auto(value: Any) -> Any:
+    """A count setting's value from a flag or a file: a positive integer, or "auto" (pydantic checks the type)."""
+    if isinstance(value, str) and value != "auto":
+        if not value.isdigit():
+            raise ValueError("must be a positive integer or 'auto'")
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ValueError("must be a positive integer or 'auto'")
+    return value
+
+
 class Settings(BaseModel):
     """A settings model: immutable, unknown names refused, and a bad value a `UserError` naming the flag."""
 

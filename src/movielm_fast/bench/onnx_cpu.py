@@ -27,8 +27,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from movielm_fast.engine.backends.base import UNetCond
-from movielm_fast.engine.backends.onnx_backend import cpu_threads
 from movielm_fast.engine.config import ModelConfig
+from movielm_fast.engine.cpu import usable_cores
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
@@ -73,7 +73,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     os.environ["MOVIELM_CACHE"] = str(args.work / f"cache-{stamp}")
 
-    threads = cpu_threads()
+    threads = usable_cores()
     torch.set_num_threads(threads)
     res: dict = {"when": stamp, "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                                            "logical_cpus": os.cpu_count()},

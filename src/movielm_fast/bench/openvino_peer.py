@@ -31,7 +31,6 @@ import torch
 
 from movielm_fast.engine import cpu
 from movielm_fast.engine.backends.base import UNetCond, create_backend
-from movielm_fast.engine.backends.onnx_backend import cpu_threads
 from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.models import load_model
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(msg, flush=True)
 
     features = cpu.host_cpu()
-    threads = cpu_threads()
+    threads = cpu.usable_cores()
     torch.set_num_threads(threads)
     res: dict[str, Any] = {
         "format": CPU_PEER_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -35,7 +35,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from movielm_fast.engine.backends.base import backend_names, create_backend
 from movielm_fast.engine.config import BackendConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
-from movielm_fast.engine.models import native_size
+from movielm_fast.engine.models import native_size, own_defaults
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
@@ -100,19 +100,23 @@ class BenchSettings:
     ``torch+sdpa_backend=flash``, ``torch+no-channels_last`` (see `backend_variant`)."""
     device: str = "cpu"
     dtype: str = "auto"
+    threads: int | str = "auto"
+    """CPU threads (engine.config.BackendConfig.threads)."""
     sizes: list[tuple[int, int]] | None = None
-    """(width, height) pairs. None: the model's native size on CUDA, 256x256 on CPU (native sizes take minutes
-    per frame on a CPU)."""
+    """(width, height) pairs. None: the model's own size where its movielm_defaults.json gives one (the demo
+    model's 64x64), else the native size on CUDA and 256x256 on the CPU (native sizes take minutes per frame on a
+    CPU)."""
     batch_sizes: list[int] | None = None
     """None: 1, 2, 4, 8 on CUDA; 1, 2 on CPU."""
     steps: int | None = None
-    """None: 20 on CUDA, 4 on CPU."""
+    """None: the model's own, else 20 on CUDA, 4 on CPU."""
     repeats: int = 3
     warmup: int = 1
     guidance: float | None = None
-    """None: the model family's (FLUX.1 [dev] 3.5, FLUX.2 [klein] 4.0 or, distilled, 1.0), else 7.5."""
+    """None: the model's own (its movielm_defaults.json; a transformer family's: FLUX.1 [dev] 3.5, FLUX.2 [klein]
+    4.0 or, distilled, 1.0), else 7.5."""
     scheduler: str | None = None
-    """None: the model family's ("default": its own flow-matching scheduler), else dpmpp."""
+    """None: the model family's ("default": a transformer family's own flow-matching scheduler), else dpmpp."""
     baseline: bool = True
     peer_compile: str | None = None
     """Also time diffusers with its own documented speed recipe (`compiled_diffusers_pipeline`), compiled in this
@@ -121,16 +125,21 @@ class BenchSettings:
     machine: str | None = None
     """Name used in file names and as the RESULTS.md section; default: derived from the CPU/GPU model."""
 
-    def resolved(self, device: torch.device, native: int, family: dict[str, Any]) -> "BenchSettings":
-        """`family`: the model family's render defaults (engine.families: guidance, scheduler)."""
+    def resolved(self, device: torch.device, model) -> "BenchSettings":
+        """Every default filled in for `model` (an engine.models.ModelBundle) on `device`."""
         cuda = device.type == "cuda"
+        native = native_size(model)
+        # The model's movielm_defaults.json, where it ships one, over its family's (FLUX: steps, guidance, scheduler)
+        own = {**model.family.defaults(model), **own_defaults(model)}
+        size = (own["width"], own.get("height", own["width"])) if "width" in own else \
+            (native, native) if cuda else (256, 256)
         return BenchSettings(**{
             **asdict(self),
-            "sizes": self.sizes or [(native, native) if cuda else (256, 256)],
+            "sizes": self.sizes or [size],
             "batch_sizes": sorted(set(self.batch_sizes or ([1, 2, 4, 8] if cuda else [1, 2]))),
-            "steps": self.steps or (20 if cuda else 4),
-            "guidance": family.get("guidance", 7.5) if self.guidance is None else self.guidance,
-            "scheduler": self.scheduler or family.get("scheduler", "dpmpp")})
+            "steps": self.steps or own.get("steps") or (20 if cuda else 4),
+            "guidance": self.guidance if self.guidance is not None else own.get("guidance", 7.5),
+            "scheduler": self.scheduler or own.get("scheduler", "dpmpp")})
 
 
 @dataclass
@@ -216,15 +225,16 @@ def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dty
 class Bench:
     def __init__(self, settings: BenchSettings, log: Callable[[str], None] = print):
         self.log = log
-        probe = BackendConfig(device=settings.device, dtype=settings.dtype)
+        probe = BackendConfig(device=settings.device, dtype=settings.dtype, threads=settings.threads)
         self.device, self.dtype, self.dtype_name = probe.torch_device, probe.torch_dtype, probe.dtype_name
         self.settings = settings
         log(f"loading {settings.model} ...")
         self.model = self._load()
-        self.s = settings.resolved(self.device, native_size(self.model), self.model.family.defaults(self.model))
+        self.s = settings.resolved(self.device, self.model)
         # The denoiser's step: the UNet's, or a transformer family's (its stage, FLOPs and it/s are named so).
         self.step = f"{UNET if self.model.unet is not None else TRANSFORMER}_step"
-        self.backend_config = lambda **opts: BackendConfig(device=settings.device, **{"dtype": settings.dtype, **opts})
+        self.backend_config = lambda **opts: BackendConfig(device=settings.device, threads=settings.threads,
+                                                           **{"dtype": settings.dtype, **opts})
         self.machine = machine_info(self.device)
         if settings.machine:
             self.machine["slug"] = settings.machine

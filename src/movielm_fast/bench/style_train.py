@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, im in enumerate(scenes):
         f = scene_dir / f"scene-{i}.png"
         f.write_bytes(png_bytes(im.pixels, {"subject": im.caption_subject or ""}))
-        files.append((f"{i}", im.caption_subject or "", f))
+        files.append(((f"{i}", im.caption_subject or "", ""), f))
     (assets / "scenes.png").write_bytes(storyboard(files, columns=4))  # 256 px cells fit the captions
     step_flops = None if args.no_flops else _train_flops(renderer, style, settings, scene_dir, device)
 

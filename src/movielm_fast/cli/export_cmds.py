@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from movielm_fast.engine.config import BackendConfig
 from movielm_fast.errors import UserError
+
+from .options import settings_options
 
 
 @click.command("export", help="Export a model for the onnxruntime or tensorrt backend (or find it in the cache) "
@@ -27,8 +30,10 @@ from movielm_fast.errors import UserError
 @click.option("--list", "list_", is_flag=True, help="List cached artifacts.")
 @click.option("--clear", is_flag=True, help="Delete cached artifacts (only --model's if given explicitly).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@settings_options(BackendConfig, "threads")
 @click.pass_context
-def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, refiner, vae, list_, clear, as_json):
+def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, refiner, vae, list_, clear, as_json,
+               threads):
     # Imported on use: every `movielm-fast` command (--help too) loads this module, and diffusers takes seconds to
     # import; --list needs only the cache.
     from movielm_fast.export import cache
@@ -47,6 +52,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
             click.echo(f"  unfinished export ({cache.human_bytes(size)}, unchanged for {age / 60:.0f} min; --clear "
                        f"removes it after {cache.UNFINISHED_SECONDS // 60} min)  {folder}")
         return
+    from movielm_fast.engine.cpu import use_threads
     from movielm_fast.engine.models import check_refiner, load_model, load_refiner, load_vae, vae_folder
     from movielm_fast.export.artifacts import auto_dtype, check_backend, export_for_backend
     from movielm_fast.export.specs import default_profile, parse_batch_sizes, parse_sizes
@@ -76,6 +82,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         check_refiner(refiner)
     if vae:
         vae_folder(vae)
+    use_threads(threads)  # tracing and ONNX Runtime's graph optimisation run on the CPU
     bundle = load_model(model)
     if dtype == "fp16" and bundle.family.cuda_dtype != "fp16":
         raise UserError(f"{bundle.family.name} overflows in fp16 (its activations exceed fp16's range)",
@@ -94,8 +101,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         return
     folders = {a.path.parent for a in artifacts.values()}
     click.echo(f"artifacts for {bundle.model_id} ({backend}, {device}): {', '.join(map(str, sorted(folders)))}")
-    for name, a in artifacts.items():
+    for name, a in artifacts.items():  # the whole manifests with --json
         m = a.manifest
-        click.echo(f"\n{name}: {a.path}  ({cache.human_bytes(m['total_bytes'])}; covers {m['covers']})")
-        click.echo(json.dumps({k: m[k] for k in ("component", "target", "dtype", "profile", "model_hash", "key",
-                                                 "versions", "files", "created") if k in m}, indent=2))
+        click.echo(f"{name}: {a.path / cache.MANIFEST} ({cache.human_bytes(m['total_bytes'])}; {m['target']}, "
+                   f"{m['dtype']}, covers {m['covers']})")

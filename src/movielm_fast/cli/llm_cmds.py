@@ -13,7 +13,7 @@ from movielm_fast.data.dataset import DatasetOptions, export_dataset
 from movielm_fast.data.llm import planner, qa
 from movielm_fast.data.llm.client import LLMClient
 from movielm_fast.errors import UserError
-from movielm_fast.plan import load_plan
+from movielm_fast.plan import load_plan, plan_files
 
 from .options import dataset_options, llm_client, llm_options, plan_request_options, plan_requests, qa_options
 
@@ -66,13 +66,16 @@ def plan_cmd(themes, out, as_json, max_tries, **kw):
 
 
 @click.command("qa")
-@click.argument("plans", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("qa.json"), show_default=True)
+@click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("qa.json"), show_default=True,
+              help="the QA file: one record per movie")
 @qa_options
 @llm_options(own_model_flag=True)
 def qa_cmd(plans, out, qa_source, plot_questions, derived_limit, max_tries, **kw):
-    """Write MovieLLM question-answer pairs for the movies in PLANS to one JSON file."""
-    movies = [loaded.movie for path in plans for loaded in load_plan(path)]
+    """Write MovieLLM question-answer pairs for the movies in PLANS (plan files or folders of them) to one JSON
+    file."""
+    files = plan_files(plans)
+    movies = [loaded.movie for path in files for loaded in load_plan(path)]
     client = llm_client(kw) if qa_source != "derived" else None
     job = qa.QAJob(qa_source, plot_questions, derived_limit, max_tries, out.with_name(out.stem + ".failed"))
     records, failures = qa.generate_qa(movies, job, client)

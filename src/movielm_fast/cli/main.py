@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .options import render_configs, render_options
 
 DEMO_NOTE = ("The default model 'demo' is a small Stable-Diffusion-architecture model trained on this project's toy "
              "world: 64x64 scenes of coloured circles, squares and triangles on five backgrounds in five styles "
-             "(README, 'What the demo model can draw'). It runs offline in seconds; pass --model PATH (a local "
+             "(docs/demo-model.md says what it can draw). It runs offline in seconds; pass --model PATH (a local "
              "diffusers folder) for real images.")
 
 
@@ -30,6 +31,14 @@ export or bench wings on its way to the first frame."""
 
 
 class LazyGroup(CleanErrors):
+    def make_context(self, *args, **kwargs):
+        # The one place that runs before any command imports torch (and off the render's call stack): OpenMP reads
+        # its wait policy when torch loads it. Idle OpenMP threads spin by default, and on a busy machine a parallel
+        # region then waits for threads whose cores are taken (bench/RESULTS.md, "CPU threads under load"); a policy
+        # the user set is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return super().make_context(*args, **kwargs)
+
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
 
@@ -37,13 +46,40 @@ class LazyGroup(CleanErrors):
         if name in LAZY_COMMANDS and name not in self.commands:
             module, attr = LAZY_COMMANDS[name]
             self.add_command(getattr(importlib.import_module(f"{__package__}.{module}"), attr), name)
-        return super().get_command(ctx, name)
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _take_verbose(command)
+        return command
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-v before or after a command's name: recorded on the way down (ctx.meta is shared by a command's contexts),
+    applied once the command that runs has read its own flags."""
+    ctx.meta["verbose"] = ctx.meta.get("verbose", False) or value
+    if not isinstance(ctx.command, click.Group):
+        configure_logging(ctx.meta["verbose"])
+
+
+VERBOSE = {"is_flag": True, "expose_value": False, "is_eager": True, "callback": _verbosity,
+           "help": "Log details (cache hits, batch sizes); before or after the command's name."}
+
+
+def _take_verbose(command: click.Command) -> None:
+    """Give a command (and a group's commands) the -v flag, so it works wherever it is typed."""
+    if not any(p.name == "verbose" for p in command.params):
+        command.params.append(click.Option(["-v", "--verbose"], **VERBOSE))
+    for sub in getattr(command, "commands", {}).values():
+        _take_verbose(sub)
 
 
 @click.group(cls=LazyGroup, help="movielm-fast: movie plans -> consistent keyframes -> long-video training data.")
-@click.option("-v", "--verbose", is_flag=True, help="Log details (cache hits, batch sizes).")
+@click.option("-v", "--verbose", **VERBOSE)
 @click.version_option(package_name="movielm-fast", prog_name="movielm-fast", message=VERSION_MESSAGE)
-def cli(verbose: bool) -> None:
+def cli() -> None:
+    pass
+
+
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
         _quiet_libraries()
@@ -51,8 +87,6 @@ def cli(verbose: bool) -> None:
 
 def _quiet_libraries() -> None:
     """diffusers/transformers print loading bars and advisory warnings that drown our own progress and summary."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -66,7 +100,8 @@ def _quiet_libraries() -> None:
 @cli.command("render",
              help="Render every frame of the plan(s): PLAN is a plan.json or a folder of them.\n\n" + DEMO_NOTE)
 @click.argument("plans", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--out", default=Path("out"), type=click.Path(path_type=Path), show_default=True,
+              help="Output folder: OUT/<movie id>/frames/, manifest.json, storyboard.png.")
 @click.option("--server", help="Send the plans to a running `movielm-fast serve` at this URL and follow them; --out "
                                "is then relative to the server's output root. Render settings (--steps, --seed, "
                                "--image-format, --replace, ...) go with each plan; flags of the resident model "
@@ -82,16 +117,17 @@ def render_cmd(plans, out, server, token, **kw):
             p.name) not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
         as_json, quiet = kw.pop("as_json"), kw["quiet"]
         return _render_on_server(server, token, plans, out, as_json, quiet, server_options(kw, given))
+    from movielm_fast.run.startup import StartupClock
+
+    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
+    model, run, cluster, as_json = render_configs(out, kw)  # a bad flag fails here, before seconds of imports
     # Here, not at the top: torch and diffusers take seconds to import, and `--help`, `plan` or `qa` need neither.
     from movielm_fast.engine.families import family_of_spec
     from movielm_fast.run.driver import Job, render_job, report_stage
     from movielm_fast.run.executors import open_executor
-    from movielm_fast.run.startup import StartupClock
 
     from .progress import progress_display
 
-    clock = StartupClock.since_process_start()  # the summary's time to first image counts from the process start
-    model, run, cluster, as_json = render_configs(out, kw)
     with progress_display(run.quiet) as progress:
         report_stage(progress, "validate")
         # Every plan checked before the model loads (its LoRAs against the model's family, from model_index.json).
@@ -144,15 +180,20 @@ def eval_cmd(outs, clip_path, device, as_json):
 
 
 def _render_on_server(server, token, plans, out, as_json, quiet, options):
+    from movielm_fast.plan import plan_files
     from movielm_fast.serve.client import follow, submit
 
+    from .progress import progress_display
+
     failed = False
-    files = [f for p in plans for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [p])]  # as render
-    for plan in files:
+    for plan in plan_files(plans):
         rec = submit(server, plan, token, None if out == Path("out") else str(out), options)
         if not (quiet or as_json):
             click.echo(f"submitted {plan} as {rec['id']}", err=True)
-        rec = follow(server, rec["id"], token)
+        with progress_display(quiet or as_json) as progress:  # the server's frames as they are written
+            if progress:
+                progress.stage("render")
+            rec = follow(server, rec["id"], token, progress)
         failed |= rec["state"] != "done"
         if as_json:
             click.echo(json.dumps(rec))

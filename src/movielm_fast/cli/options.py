@@ -14,12 +14,12 @@ from types import UnionType
 from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
 
 import click
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.errors import UserError
-from movielm_fast.plan import PATH_SETTINGS, RenderSettings
+from movielm_fast.plan import BUILTIN_RENDER, MODEL_SETTINGS, PATH_SETTINGS, RenderSettings
 from movielm_fast.run.config import ClusterOptions, RunConfig
 from movielm_fast.settings import PER_PLAN, flag_of, meta, validation_error
 
@@ -41,8 +41,9 @@ RENDER_SETTINGS = (ModelConfig, RenderSettings, RunConfig, ClusterOptions)
 cluster."""
 
 
-def _flag_option(name: str, field: Any) -> Callable:
-    """The click option of one setting, from its type, default, help and flag spelling."""
+def _flag_option(name: str, field: Any, fallback: str | None = None) -> Callable:
+    """The click option of one setting, from its type, default, help and flag spelling. `fallback`: what --help
+    shows as the default of a setting whose default is none of its own (a render setting's cascade)."""
     spelling = meta(field, "flag") or "--" + name.replace("_", "-")
     annotation = field.annotation
     args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
@@ -60,8 +61,20 @@ def _flag_option(name: str, field: Any) -> Callable:
         choices = get_args(base) if get_origin(base) is Literal else None
         kind = click.Choice(choices) if choices else {int: click.INT, float: click.FLOAT, Path: click.Path(
             path_type=Path)}.get(base, click.STRING)
-        kw.update(type=kind, default=default, show_default=default is not None)
+        # A text instead of a value: click shows it as "[default: (text)]".
+        kw.update(type=kind, default=default, show_default=fallback if default is None and fallback else
+                  default is not None)
     return click.option(spelling, name, **kw)
+
+
+def cascade_default(name: str) -> str | None:
+    """How a render setting no flag sets is resolved (plan.RenderSettings' cascade), for --help: "the plan's, else
+    the model's, else 25"; None where there is no built-in value to end on."""
+    value = getattr(BUILTIN_RENDER, name, None)
+    if value is None or isinstance(value, BaseModel):
+        return None
+    model = "the model's, else " if name in MODEL_SETTINGS else ""
+    return f"the plan's, else {model}{value if value != '' else 'none'}"
 
 
 def setting_flags(*models: type) -> list[tuple[type, str]]:
@@ -85,7 +98,8 @@ def render_options(cluster: bool = True, json: bool = True) -> Callable:
     """Every render flag: the model's, the render settings, the run's, with `cluster` the Ray flags, and with `json`
     --json (a command that prints a summary)."""
     models = RENDER_SETTINGS if cluster else RENDER_SETTINGS[:-1]
-    flags = [_flag_option(name, model.model_fields[name]) for model, name in setting_flags(*models)]
+    flags = [_flag_option(name, model.model_fields[name], cascade_default(name) if model is RenderSettings else None)
+             for model, name in setting_flags(*models)]
     if json:
         flags.append(click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts)."))
     return _group(flags)
@@ -106,13 +120,6 @@ def render_configs(out: Path, kw: dict[str, Any]) -> tuple[ModelConfig, RunConfi
         raise validation_error(exc, RenderSettings) from None
     # Folders from flags are relative to the working directory (a plan's own are relative to the plan file).
     folders = {k: str(Path(v).resolve()) for k in PATH_SETTINGS if (v := getattr(overrides, k))}
-    if folders:
-        from movielm_fast.engine.models import check_refiner, vae_folder  # diffusers: only when a folder is named
-
-        if "refiner" in folders:
-            check_refiner(folders["refiner"])
-        if "vae" in folders:
-            vae_folder(folders["vae"])
     model = ModelConfig(**_settings(ModelConfig, kw))
     run = RunConfig(out=out, overrides=overrides.model_copy(update=folders), **{**_settings(RunConfig, kw),
                                                                                   **({"quiet": True} if as_json else {})})
@@ -122,6 +129,13 @@ def render_configs(out: Path, kw: dict[str, Any]) -> tuple[ModelConfig, RunConfi
                  if getattr(cluster, k) != ClusterOptions.model_fields[k].default]
         if given:
             raise UserError(f"{given[0]} is a Ray setting; this run is local", f"add --cluster ray, or drop {given[0]}")
+    if folders:  # after every flag is checked: this imports diffusers
+        from movielm_fast.engine.models import check_refiner, vae_folder
+
+        if "refiner" in folders:
+            check_refiner(folders["refiner"])
+        if "vae" in folders:
+            vae_folder(folders["vae"])
     if not run.quiet:  # --dtype auto on a CPU with native bf16: say what it may gain (once per machine)
         from movielm_fast.engine.cpu import print_auto_dtype_hint
 

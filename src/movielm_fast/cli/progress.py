@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 LABELS = {"validate": "checking the plans", "load": "loading the model", "styles": "preparing styles",
           "render": "rendering", "write": "writing files"}
@@ -36,16 +36,18 @@ class RenderDisplay:
     def step(self, done: int, total: int) -> None:
         self.bar.update(self.steps, total=total, completed=done, visible=True)
 
-    def close(self) -> None:
-        self._finish()
+    def close(self, outcome: str = "done") -> None:
+        """The last stage's line with its `outcome` (done, failed, interrupted). After a failure nothing half-drawn
+        stays above the error: the bars are hidden."""
+        self._finish(outcome)
         self.current = None
-        self.bar.update(self.frames, description="frames")
+        self.bar.update(self.frames, description="frames", visible=outcome == "done")
         self.bar.update(self.steps, visible=False)
 
-    def _finish(self) -> None:
+    def _finish(self, outcome: str = "done") -> None:
         if self.current is not None:
-            self.bar.console.print(f"{LABELS.get(self.current, self.current)}: done in "
-                                   f"{time.perf_counter() - self.started:.1f} s")
+            self.bar.console.print(f"{LABELS.get(self.current, self.current)}: {outcome} "
+                                   f"{'in' if outcome == 'done' else 'after'} {time.perf_counter() - self.started:.1f} s")
 
 
 @contextmanager
@@ -61,5 +63,25 @@ def progress_display(quiet: bool) -> Iterator[RenderDisplay | None]:
         display = RenderDisplay(bar)
         try:
             yield display
-        finally:
-            display.close()
+        except KeyboardInterrupt:
+            display.close("interrupted")
+            raise
+        except BaseException:
+            display.close("failed")
+            raise
+        display.close()
+
+
+@contextmanager
+def step_display(label: str, total: int, quiet: bool) -> Iterator[Callable[[int, float], None] | None]:
+    """A bar of `total` training steps with the latest loss (style training's `on_step(step, loss)`), or None
+    under --quiet / --json."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda step, loss: bar.update(task, completed=step + 1, description=f"{label} (loss {loss:.4f})")

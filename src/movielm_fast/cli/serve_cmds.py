@@ -29,9 +29,9 @@ from .options import render_configs, render_options, settings_options
 @settings_options(ServeLimits, *ServeLimits.model_fields)
 @render_options(cluster=False, json=False)
 def serve_cmd(out, host, port, token, allow_files, **kw):
+    limits = ServeLimits(**{name: kw.pop(name) for name in ServeLimits.model_fields})
+    model, run, _, _ = render_configs(out, kw)  # a bad flag fails before the server's imports
     from movielm_fast.serve.app import serve
 
-    limits = ServeLimits(**{name: kw.pop(name) for name in ServeLimits.model_fields})
-    model, run, _, _ = render_configs(out, kw)
     click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
     serve(model, run, host=host, port=port, token=token, allow_files=tuple(allow_files), limits=limits)

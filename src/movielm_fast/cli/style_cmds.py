@@ -11,6 +11,7 @@ from movielm_fast.engine.config import ModelConfig
 
 from .clean_errors import CleanErrors
 from .options import settings_options
+from .progress import step_display
 
 
 @click.group("style", cls=CleanErrors, help="Style immobilization: learn one textual-inversion token per style.")
@@ -37,13 +38,13 @@ def style_group() -> None:
 @click.option("--init-word", help="Word the vector starts from [first vocabulary word of --name, else 'style'].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Style library folder [~/.cache/movielm-fast/styles].")
-@settings_options(ModelConfig, "device", "dtype")
+@settings_options(ModelConfig, "device", "dtype", "threads")
 @click.option("--amp", default="auto", show_default=True, help="Training autocast: auto | fp32 | bf16 | fp16")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (pays off on long runs only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train_cmd(model, name, description, images, token, steps, scenes, resolution, batch_size, lr, num_vectors,
-              init_word, out, device, dtype, amp, compile_, seed, as_json):
+              init_word, out, device, dtype, threads, amp, compile_, seed, as_json):
     from movielm_fast.plan import Style
     from movielm_fast.run.renderer import Renderer
     from movielm_fast.style.immobilize import immobilize_style
@@ -52,8 +53,11 @@ def train_cmd(model, name, description, images, token, steps, scenes, resolution
     settings = StyleSettings(steps=steps, scenes=scenes, resolution=resolution, batch_size=batch_size, lr=lr,
                              num_vectors=num_vectors, init_word=init_word, seed=seed, amp=amp, compile=compile_)
     style = Style(name=name, description=description)
-    renderer = Renderer(ModelConfig(model=model, device=device, dtype=dtype))
-    result = immobilize_style(renderer.scene_renderer, style, settings, images=images, out=out, token=token)
+    renderer = Renderer(ModelConfig(model=model, device=device, dtype=dtype, threads=threads))
+    steps = settings.resolve(renderer.model).steps
+    with step_display(f"training {token or name}", steps, quiet=as_json) as on_step:
+        result = immobilize_style(renderer.scene_renderer, style, settings, images=images, out=out, token=token,
+                                  on_step=on_step)
     if as_json:
         click.echo(json.dumps({"path": str(result.path), "token": result.token, "cache_hit": result.cache_hit,
                                "key": result.key, "report": result.report}))

@@ -38,10 +38,11 @@ from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import check_output_folder, render
 from movielm_fast.run.executors import Executor, reason
 
+from . import demo_planner
 from .dataset import DatasetOptions, export_dataset
 from .gallery import write_gallery
 from .llm import planner, qa
-from .llm.client import LLMClient
+from .llm.client import LLMClient, Usage
 
 STAGES = ("plan", "style", "render", "qa", "dataset")
 STYLE_FAILURE = "style training failed: "  # how the driver words a style that could not be immobilized
@@ -63,6 +64,31 @@ class MakeJob:
     def qa_job(self) -> qa.QAJob:
         return qa.QAJob(self.qa_source, self.plot_questions, self.derived_limit, self.max_tries,
                         self.out / ".make" / "qa-failed", any(r.strict_counts for r in self.requests))
+
+
+@dataclass(frozen=True)
+class Writers:
+    """Who writes a job's plans and QA: an LLM (`llm_writers`) or the demo model's built-in planner
+    (`demo_writers`, `make --llm demo`)."""
+
+    plans: Callable[[Path, int], Callable[[planner.PlanRequest], planner.PlanOutcome]]
+    """(plans folder, answers asked per plan) -> a plan writer (data.llm.planner.plan_writer)."""
+    qa: Callable[[Movie, qa.QAJob], dict[str, Any]]
+    """A movie's QA record (data.llm.qa.qa_for_movie)."""
+    concurrency: int
+    usage: Callable[[], dict[str, Any]]
+    """Requests and tokens so far (data.llm.client.Usage.as_dict)."""
+
+
+def llm_writers(client: LLMClient) -> Writers:
+    return Writers(lambda out, tries: planner.plan_writer(client, out, tries),
+                   lambda movie, job: qa.qa_for_movie(movie, job, client if job.source != "derived" else None),
+                   client.config.concurrency, client.usage.as_dict)
+
+
+def demo_writers() -> Writers:
+    return Writers(lambda out, tries: demo_planner.plan_writer(out), demo_planner.qa_for_movie, 1,
+                   Usage(demo_planner.LABEL).as_dict)
 
 
 @dataclass
@@ -213,18 +239,18 @@ def _qa_digest(movie: Movie, job: MakeJob) -> str:
 # --- the job ------------------------------------------------------------------------------------------------------
 
 
-def make(job: MakeJob, run: RunConfig, client: LLMClient, executor: Executor,
+def make(job: MakeJob, run: RunConfig, writers: Writers, executor: Executor,
          progress: MakeProgress | None = None, on_failure: Callable[[dict[str, Any]], None] | None = None
          ) -> MakeReport:
     """Run the whole job (see the module docstring); failures are isolated per movie and listed in the report
     (and in OUT/make.json). `run.out` is replaced by OUT/movies."""
-    return _Make(job, run, client, executor, progress or MakeProgress(), on_failure).run()
+    return _Make(job, run, writers, executor, progress or MakeProgress(), on_failure).run()
 
 
 class _Make:
-    def __init__(self, job: MakeJob, run: RunConfig, client: LLMClient, executor: Executor,
+    def __init__(self, job: MakeJob, run: RunConfig, writers: Writers, executor: Executor,
                  progress: MakeProgress, on_failure: Callable[[dict[str, Any]], None] | None):
-        self.job, self.client, self.executor, self.progress = job, client, executor, progress
+        self.job, self.writers, self.executor, self.progress = job, writers, executor, progress
         self.out = Path(job.out)
         self.movies_dir = self.out / "movies"
         self.run_config = run.changed(out=self.movies_dir)
@@ -241,7 +267,7 @@ class _Make:
         t0 = time.perf_counter()
         check_output_folder(self.out)
         write_plan = self._prepare_plans()
-        self.pool = ThreadPoolExecutor(max_workers=max(1, self.client.config.concurrency), thread_name_prefix="llm")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.writers.concurrency), thread_name_prefix="llm")
         try:
             for req in self.job.requests:
                 self._submit("plan", lambda r=req: write_plan(r), req)
@@ -253,7 +279,7 @@ class _Make:
         self._export()
         self.report.seconds = time.perf_counter() - t0
         self.report.stages = self.progress.snapshot()
-        self.report.llm = self.client.usage.as_dict()
+        self.report.llm = self.writers.usage()
         self._write_gallery()
         atomic_write_text(self.out / "make.json", json.dumps(self.report.as_dict(), indent=2) + "\n")
         return self.report
@@ -272,7 +298,7 @@ class _Make:
                 (plans_dir / f"{req.stem}.json").unlink(missing_ok=True)
             stamps.set(req.stem, digest)
         # After the drops: the writer's registry of taken movie ids must not count the dropped plans.
-        return planner.plan_writer(self.client, plans_dir, self.job.max_tries)
+        return self.writers.plans(plans_dir, self.job.max_tries)
 
     def _plan_done(self, req: planner.PlanRequest, outcome: planner.PlanOutcome) -> None:
         if outcome.error:
@@ -328,8 +354,7 @@ class _Make:
             except (OSError, ValueError):
                 pass
         stamps.drop(movie.id)
-        client = self.client if self.job.qa_source != "derived" else None
-        record = qa.qa_for_movie(movie, self.job.qa_job, client)
+        record = self.writers.qa(movie, self.job.qa_job)
         atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         stamps.set(movie.id, digest)
         return record, False

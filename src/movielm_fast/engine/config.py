@@ -11,6 +11,7 @@ This module imports no torch: the CLI reads it to build its flags before anythin
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
@@ -18,12 +19,14 @@ from pydantic import field_validator
 from movielm_fast.errors import UserError
 from movielm_fast.kernels.attention import ATTENTION_CHOICES, SDPA_BACKENDS
 from movielm_fast.plan import CONSISTENCY_MODES
-from movielm_fast.settings import Settings, setting
+from movielm_fast.settings import Settings, positive_or_auto, setting
 
 if TYPE_CHECKING:
     import torch
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt", "null")
+"""The backends engine.backends.base registers (BUILTIN), named here so that a flag's choices need no torch."""
 QUANTIZE_MODES = ("fp8", "fp8-emulated")
 
 
@@ -42,6 +45,11 @@ class BackendConfig(Settings):
     """Where and how a backend runs a model's modules."""
 
     device: str = setting("cpu", "cpu | cuda | cuda:N")
+    threads: int | Literal["auto"] = setting(
+        "auto", "CPU threads of torch and ONNX Runtime: N, or auto (torch's default or OMP_NUM_THREADS, capped at "
+                "the cores this process may use, one per physical core). Idle threads wait without spinning "
+                "(OMP_WAIT_POLICY=PASSIVE unless set), so a busy machine does not stall them; measured in "
+                "bench/RESULTS.md, 'CPU threads under load'.", metavar="N|auto")
     dtype: Literal[("auto", *DTYPE_NAMES)] = setting(  # type: ignore[valid-type]
         "auto", "auto (fp16 on CUDA, fp32 on the CPU) | fp32 | fp16 | bf16. fp16/bf16 change pixels slightly; the VAE "
                 "stays fp32 where the model says it overflows in fp16.")
@@ -72,6 +80,15 @@ class BackendConfig(Settings):
         None, "LOSSY: the UNet's attention-block matmuls in FP8 e4m3 (engine/fp8.py; GPUs of compute capability "
               "8.9+: Ada, Hopper). fp8-emulated: the same rounding in fp32 on any device, to measure quality.")
 
+    _threads = field_validator("threads", mode="before")(classmethod(lambda cls, v: positive_or_auto(v)))
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}: use cpu, cuda or cuda:N")
+        return value
+
     @property
     def torch_device(self) -> torch.device:
         import torch
@@ -80,8 +97,6 @@ class BackendConfig(Settings):
             raise UserError("--device cuda was requested but this machine has no usable CUDA device "
                             "(or torch was installed without CUDA)", "use --device cpu, or install a CUDA build "
                                                                      "of torch")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"unknown device {self.device!r}", "use --device cpu or --device cuda")
         return torch.device(self.device)
 
     @property
@@ -101,8 +116,8 @@ class ModelConfig(BackendConfig):
 
     model: str = setting("demo", "Image model: 'demo' (a small model trained on the toy world), a diffusers folder "
                                  "or a .safetensors file.")
-    backend: str = setting("torch", "torch | onnxruntime | tensorrt | null (measures the engine's own work; no "
-                                    "real images)")
+    backend: Literal[BACKEND_NAMES] = setting(  # type: ignore[valid-type]
+        "torch", "torch | onnxruntime | tensorrt | null (measures the engine's own work; no real images)")
     step_cache: int | None = setting(
         None, "LOSSY: run the whole UNet every N-th step and only its shallow layers in between, reusing the deep "
               "features (DeepCache; for 20+ steps; torch backend). Default: off.", metavar="N", ge=1)

@@ -22,7 +22,6 @@ host memory and moves it per use.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +30,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from movielm_fast.plan import ConsistencySettings
 
 from .jobs import AnchorSpec
-
-
-def anchor_seed(movie_seed: int, character: str) -> int:
-    digest = hashlib.sha256(f"{movie_seed}:anchor:{character}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
 
 _INDEX_CACHE: dict[tuple[int, float], torch.Tensor] = {}
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 
 from movielm_fast.paths import atomic_write_text, cache_root
@@ -98,6 +99,36 @@ def detect(path: Path | str = CPUINFO, text: str | None = None, torch_capability
 @lru_cache(maxsize=1)
 def host_cpu() -> CpuFeatures:
     return detect()
+
+
+# --- threads -------------------------------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a container's cpuset), at most one per physical
+    core (hyper-threads share the FMA units that convolutions and matmuls keep busy)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        allowed = os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
+
+
+def cpu_threads(threads: int | str = "auto") -> int:
+    """Intra-op threads for `--threads` (engine.config.BackendConfig.threads), torch's and ONNX Runtime's alike.
+    auto: the count torch already runs with (its default, OMP_NUM_THREADS, or what this process set), but never
+    more than the cores it may use: torch's default counts every core of the machine, whatever the affinity."""
+    if threads == "auto":
+        return min(torch.get_num_threads(), usable_cores())
+    return int(threads)
+
+
+def use_threads(threads: int | str = "auto") -> int:
+    """Run torch's CPU work on `cpu_threads(threads)` threads; returns the count."""
+    n = cpu_threads(threads)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
 
 
 # --- the bf16 fast path -------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from movielm_fast.errors import UserError
 from movielm_fast.export.specs import DIT_SAMPLE_SIZE
 from movielm_fast.paths import sha256_files
-from movielm_fast.plan import RenderSettings
+from movielm_fast.plan import MODEL_SETTINGS, RenderSettings
 
 from .demo import demo_model_path
 
@@ -35,7 +35,6 @@ DEFAULTS_FILE = "movielm_defaults.json"
 """A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), and optionally
 "skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
 hash: it changes no pixel of a frame whose settings are given."""
-DEFAULT_KEYS = ("width", "height", "steps", "guidance")
 
 
 @dataclass
@@ -113,7 +112,8 @@ def native_size(model: ModelBundle) -> int:
     return size * model.vae_scale_factor
 
 
-def _own_defaults(model: ModelBundle) -> dict[str, Any]:
+def own_defaults(model: ModelBundle) -> dict[str, Any]:
+    """The model's own `movielm_defaults.json` ({} where it ships none)."""
     path = model.path / DEFAULTS_FILE
     if not model.path.is_dir() or not path.is_file():
         return {}
@@ -121,7 +121,7 @@ def _own_defaults(model: ModelBundle) -> dict[str, Any]:
         own = json.loads(path.read_text())
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON ({exc})",
-                        f"fix it or delete it; it may hold {', '.join(DEFAULT_KEYS)}") from None
+                        f"fix it or delete it; it may hold {', '.join(MODEL_SETTINGS)}") from None
     return own if isinstance(own, dict) else {}
 
 
@@ -133,22 +133,23 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     native = native_size(model)
     family = getattr(model, "family", None)  # (a stand-in bundle may have none)
     kind = family.defaults(model) if family is not None else {}
-    own = _own_defaults(model)
-    defaults = {"width": native, "height": native, **kind, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    own = own_defaults(model)
+    defaults = {"width": native, "height": native, **kind,
+                **{k: own[k] for k in MODEL_SETTINGS if own.get(k) is not None}}
     try:
         RenderSettings(**defaults)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = model.path / DEFAULTS_FILE if err["loc"][0] in own else model.path / "unet" / "config.json"
         raise UserError(f"{where}: {err['loc'][0]} {err['input']!r}: {err['msg'].removeprefix('Value error, ')}",
-                        f"fix it, or delete {DEFAULTS_FILE} (it may hold {', '.join(DEFAULT_KEYS)})") from None
+                        f"fix it, or delete {DEFAULTS_FILE} (it may hold {', '.join(MODEL_SETTINGS)})") from None
     return defaults
 
 
 def style_training_note(model: ModelBundle) -> str | None:
     """Why style training cannot help this model (its `movielm_defaults.json` "skip_style_training", or its
     family's reason), or None."""
-    note = _own_defaults(model).get("skip_style_training")
+    note = own_defaults(model).get("skip_style_training")
     return note if isinstance(note, str) and note else model.family.no_style_training
 
 
@@ -490,6 +491,8 @@ def check_fits(spec: str | os.PathLike, dtype, device, offload: bool) -> None:
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+"""Hub repositories that were removed, and where their weights are now."""
 
 
 def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
@@ -506,11 +509,13 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
-            local = f"models/{Path(str(spec)).name}"
+            hub_id = MOVED_HUB_IDS.get(str(spec), str(spec))
+            moved = f" ({spec} was removed from the hub; its weights are at {hub_id})" if hub_id != str(spec) else ""
+            local = f"models/{Path(hub_id).name}"
             raise UserError(f"model not found: {spec} is not a local folder; it looks like a Hugging Face hub id, and "
-                            "movielm-fast never downloads at run time",
-                            f"download it once: `huggingface-cli download {spec} --local-dir {local}` (or `hf download "
-                            f"{spec} --local-dir {local}`), then pass --model {local}")
+                            f"movielm-fast never downloads at run time{moved}",
+                            f"download it once: `huggingface-cli download {hub_id} --local-dir {local}` (or `hf "
+                            f"download {hub_id} --local-dir {local}`), then pass --model {local}")
         raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):

@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.jobs import BatchSettings
@@ -62,10 +60,9 @@ class RenderWorker:
         t0 = time.perf_counter()
         self.error: dict[str, str] | None = None
         self.renderer: Renderer | None = None
-        if threads:
-            torch.set_num_threads(threads)  # one worker per core group: its threads must not oversubscribe
         try:
-            self.renderer = Renderer(config)
+            # One worker per core group: its threads must not oversubscribe the cores.
+            self.renderer = Renderer(config.changed(threads=threads) if threads else config)
         except Exception as exc:  # reported through info(); the driver decides what it means
             oom = is_oom(exc) or "out of memory" in str(exc).lower()  # loaders wrap OOM into a UserError
             self.error = {"kind": "oom" if oom else "load", "message": reason(exc),

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from movielm_fast.plan import RenderSettings
-from movielm_fast.settings import CLIENT, LOCAL_RUN, PER_PLAN, RESIDENT, Settings, setting
+from movielm_fast.settings import CLIENT, LOCAL_RUN, PER_PLAN, RESIDENT, Settings, positive_or_auto, setting
 
 from .images import IMAGE_FORMATS
 
@@ -46,16 +46,7 @@ class RunConfig(Settings):
                                      "writes on the render thread.", flag=None, ge=0)
     quiet: bool = setting(False, "No progress display; only errors and the summary.", served=CLIENT)
 
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _positive_or_auto(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "auto":
-            if not value.isdigit():
-                raise ValueError("must be a positive integer or 'auto'")
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise ValueError("must be a positive integer or 'auto'")
-        return value
+    _batch_size = field_validator("batch_size", mode="before")(classmethod(lambda cls, v: positive_or_auto(v)))
 
 
 CPU_CORES_PER_WORKER = 4

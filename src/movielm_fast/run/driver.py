@@ -28,13 +28,13 @@ from movielm_fast.engine.oom import smaller
 from movielm_fast.engine.textual_inversion import load_embedding, vectors_for_model
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_bytes, remove_stale_temporaries
-from movielm_fast.plan import LoadedMovie, load_plan
+from movielm_fast.plan import LoadedMovie, load_plan, plan_files
 
 from .batching import first_frame_alone, ramp_first_batch
 from .config import RunConfig
 from .executors import Executor, open_executor, reason
 from .images import resolve_quality
-from .manifest import movie_identity, stored_identity
+from .manifest import movie_identity, seed_scheme, stored_identity
 from .outputs import MovieOutputs
 from .startup import StartupClock
 from .tasks import Batch, Failed, FrameTask, Rendered, StyleToken
@@ -103,11 +103,7 @@ def collect_plans(paths: list[str | Path], family=None, file_roots: tuple[Path, 
     """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded.
     `family`: the model's (engine.families), whose LoRAs the plans may name; None: any family's. `file_roots`: the
     only folders the movies may read files from (LoadedMovie.file_roots)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
-    if not files:
-        raise UserError(f"no plan files found in {', '.join(map(str, paths))}", "pass a plan.json or a folder of them")
+    files = plan_files(paths)
     movies, bad = [], []
     for f in files:  # every file's problems in one report, not one file per run
         try:
@@ -358,7 +354,8 @@ class _Run:
         image_format, quality = self.job.encoding
         good = [lm for lm in self.job.movies if lm.movie.id not in self.failures]
         tasks: list[FrameTask] = []
-        items = [(lm, self.tokens[lm.movie.id]) for lm in good]
+        items = [(lm, self.tokens[lm.movie.id], seed_scheme(self.run.out / lm.movie.id / "manifest.json",
+                                                             movie_identity(lm))) for lm in good]
         for lm, planned in zip(good, self.executor.plan(items, self.run.overrides)):
             if isinstance(planned, str):
                 self.failures[lm.movie.id] = planned

@@ -74,11 +74,11 @@ def reason(exc: BaseException, dtype: str | None = None) -> str:
 def plan_movies(renderer: Renderer, items: list[PlanItem], overrides: RenderSettings) -> list[MoviePlan | str]:
     """Bind each movie's style token and plan its frames; a movie whose input is bad fails alone."""
     out: list[MoviePlan | str] = []
-    for lm, token in items:
+    for lm, token, seed_scheme in items:
         try:
             if token is not None:
                 renderer.bind([token])
-            out.append(renderer.plan(lm, token.token if token else None, overrides))
+            out.append(renderer.plan(lm, token.token if token else None, overrides, seed_scheme))
         except Exception as exc:
             out.append(reason(exc))
     return out

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import piexif
+import piexif.helper
 from PIL import Image, PngImagePlugin
 
 from movielm_fast.engine.families import family_by_kind
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
 IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 DEFAULT_QUALITY = {"jpg": 95, "webp": 90}
 EXIF_IMAGE_DESCRIPTION = 0x010E
-EXIF_SOFTWARE = 0x0131
-EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
 # Our scheduler names as A1111 names its samplers ("DPM++ 2M" is diffusers' dpmsolver++ multistep, order 2).
 A1111_SAMPLERS = {"dpmpp": "DPM++ 2M", "dpmpp_sde": "DPM++ 2M SDE", "euler": "Euler", "euler_a": "Euler a",
                   "ddim": "DDIM", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD", "pndm": "PLMS"}
@@ -112,11 +112,13 @@ def encode_image(image: np.ndarray, task: FrameTask, info: ModelInfo, fmt: str =
     parameters = a1111_parameters(meta, info.kind)
     if fmt == "png":
         return png_bytes(image, {**meta, "parameters": parameters})
-    exif = Image.Exif()
-    exif.endian = ">"  # big-endian, as A1111 (piexif) writes it: readers decode the UTF-16 comment in that order
-    exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(meta)  # ASCII: json escapes everything else
-    exif[EXIF_SOFTWARE] = "movielm-fast"
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    # piexif writes the EXIF block because A1111 reads it with piexif: its UserComment must be of type UNDEFINED
+    # (Pillow writes bytes it has no type for as BYTE, which piexif reads back as a tuple of ints, and A1111's
+    # reader then fails), big-endian with a "UNICODE" code and UTF-16-BE text, as A1111 itself writes it.
+    exif = piexif.dump({
+        "0th": {piexif.ImageIFD.ImageDescription: json.dumps(meta),  # ASCII: json escapes everything else
+                piexif.ImageIFD.Software: "movielm-fast"},
+        "Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(parameters, encoding="unicode")}})
     return _saved(Image.fromarray(image), format="JPEG" if fmt == "jpg" else "WEBP", quality=quality, exif=exif)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from movielm_fast.engine.seeds import SEED_SCHEME
 from movielm_fast.paths import atomic_write_text, sha256_file
 
 from .images import read_frame_metadata
@@ -90,6 +91,20 @@ def stored_identity(path: Path) -> dict[str, str] | None:
         return None
     movie = data.get("movie") if isinstance(data.get("movie"), dict) else {}
     return {"identity": data["identity"], "title": str(movie.get("title", "")), "plan": str(data.get("plan", ""))}
+
+
+def seed_scheme(path: Path, identity: str) -> int:
+    """The seed scheme (engine.seeds) a movie renders with: the one its manifest records, so that a movie resumes
+    with the noise it started with (1 for manifests from before schemes were recorded); the current one for a new
+    movie, for another movie's folder (--replace) and where the manifest cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return SEED_SCHEME
+    if not isinstance(data, dict) or data.get("identity", identity) != identity:
+        return SEED_SCHEME
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    return settings.get("seed_scheme", 1)
 
 
 def movie_identity(lm: LoadedMovie) -> str:

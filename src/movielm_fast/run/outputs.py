@@ -30,7 +30,7 @@ from .manifest import (
     rebuilt_entry,
     write_manifest,
 )
-from .storyboard import StoryboardPages
+from .storyboard import StoryboardPages, cells
 
 if TYPE_CHECKING:
     from movielm_fast.engine.jobs import AnchorSpec
@@ -69,8 +69,9 @@ class MovieOutputs:
                        "model": {"id": info.model_id, "hash": info.content_hash, "kind": info.kind},
                        "settings": settings}
         self.pending: set[str] = {f.id for f in lm.movie.frames}  # frames this run renders, until `expect` says
-        self.storyboard = StoryboardPages(self.dir, [(f.id, f.dialogue) for f in lm.movie.frames],
-                                          lambda frame_id: self.dir / f"frames/{frame_id}{self.suffix}", self.pending)
+        self.storyboard = StoryboardPages(self.dir, cells(lm.movie),
+                                          lambda frame_id: self.dir / f"frames/{frame_id}{self.suffix}", self.pending,
+                                          lm.movie.title or lm.movie.id)
         self.anchor_specs: list[AnchorSpec] = []
         self.anchor_files: dict[str, str] = {}
         self._lock = threading.Lock()

@@ -18,7 +18,7 @@ import torch
 
 from movielm_fast.engine.backends.base import create_backend
 from movielm_fast.engine.config import ModelConfig
-from movielm_fast.engine.consistency import AnchorRecord, Anchors, anchor_seed
+from movielm_fast.engine.consistency import AnchorRecord, Anchors
 from movielm_fast.engine.families import family_of_spec
 from movielm_fast.engine.fp8 import check_quantize
 from movielm_fast.engine.frames import Frames
@@ -34,7 +34,7 @@ from movielm_fast.engine.models import (
     style_training_note,
 )
 from movielm_fast.engine.pipeline import Expert, render_batch
-from movielm_fast.engine.seeds import frame_seed
+from movielm_fast.engine.seeds import SAFE_SEEDS, SEED_SCHEME, derived_seed, frame_seed
 from movielm_fast.engine.step_cache import check_step_cache
 from movielm_fast.errors import UserError
 from movielm_fast.plan import LoadedMovie, RenderSettings, Style
@@ -140,8 +140,8 @@ class Renderer:
             self.parts[role, path] = self._expert(load_part(role, path, self.model))
         return self.parts[role, path]
 
-    def anchor_specs(self, lm: LoadedMovie, token: str | None, s: RenderSettings, bs: BatchSettings
-                     ) -> dict[str, AnchorSpec]:
+    def anchor_specs(self, lm: LoadedMovie, token: str | None, s: RenderSettings, bs: BatchSettings,
+                     seed_scheme: int = SEED_SCHEME) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off. `s`: the movie's
         resolved settings; `bs`: its batch settings (an anchor renders with those of the frames that use it)."""
         cons = s.consistency
@@ -154,7 +154,8 @@ class Renderer:
                             "records and reads every attention layer at every step; cached steps skip the deep ones)",
                             "drop --step-cache, or render this movie with --consistency none")
         return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
-                                   s.negative_prompt, anchor_seed(s.seed, c.name), bs, cons, self.model.content_hash)
+                                   s.negative_prompt, derived_seed(seed_scheme, s.seed, lm.movie.id, "anchor",
+                                                                   c.name), bs, cons, self.model.content_hash)
                 for c in lm.movie.characters}
 
     def lora_set(self, lm: LoadedMovie) -> LoraSet:
@@ -166,9 +167,11 @@ class Renderer:
             self.loras.layers(lora_ref(path, scale), f"{what} LoRA")
         return combine([(path, scale) for _, path, scale in named])
 
-    def plan(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> MoviePlan:
+    def plan(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings,
+             seed_scheme: int = SEED_SCHEME) -> MoviePlan:
         """One movie on this model: every frame as a task, and the settings its manifest records. `token`: the
-        movie's bound style token, if any; `overrides`: the run's command-line settings."""
+        movie's bound style token, if any; `overrides`: the run's command-line settings; `seed_scheme`: how frames
+        without a seed get one (engine.seeds; the one its manifest records, for a movie that resumes)."""
         s = lm.confined_folders(self.info.resolved(lm, overrides))  # a refiner or VAE folder: checked as it loads
         self._check_size(s)
         for warning in self.model.family.check(self.model, s):  # errors for what it cannot render, raised here
@@ -176,12 +179,12 @@ class Renderer:
         loras = self.lora_set(lm)
         bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
         extra = self._expert_key(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
-        anchors = self.anchor_specs(lm, token, s, bs)
+        anchors = self.anchor_specs(lm, token, s, bs, seed_scheme)
         lossy = self.info.lossy
         tasks = []
         for frame in lm.movie.frames:
             prompt = frame_prompt(lm.movie, frame, token)
-            seed = frame_seed(s.seed, frame.id, frame.seed, s.seed_mode)
+            seed = frame_seed(s.seed, lm.movie.id, frame.id, frame.seed, s.seed_mode, seed_scheme)
             own = tuple(anchors[name] for name in frame_characters(lm.movie, frame)) if anchors else ()
             job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, own)
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
@@ -195,9 +198,14 @@ class Renderer:
             if own:  # frames without characters render exactly as without the mode: their key stays the same
                 key["consistency"] = {**own[0].consistency.model_dump(), "anchors": [a.key for a in own]}
             tasks.append(FrameTask(job, bs, self.encoder.pair_chunks(prompt, s.negative_prompt), key, frame.dialogue))
+        unsafe = [t.job for t in tasks if t.job.seed >= SAFE_SEEDS]
+        if unsafe and seed_scheme > 1:  # (scheme 1 derived them so: a movie that resumes keeps them)
+            log.warning("movie %r: frame %s has seed %d, above 2^53 - 1: A1111's web UI, ComfyUI and Civitai round "
+                        "it (JavaScript numbers), so they cannot reproduce it; use seeds below %d", lm.movie.id,
+                        unsafe[0].frame_id, unsafe[0].seed, SAFE_SEEDS)
         # Unset true_cfg is left out: the manifests of models without it stay as they were.
         settings = {**s.model_dump(exclude=set() if s.true_cfg else {"true_cfg"}), "dtype": self.config.dtype_name,
-                    "backend": self.config.backend}
+                    "backend": self.config.backend, "seed_scheme": seed_scheme}
         if loras:
             settings["loras"] = set_key(loras)
         return MoviePlan(tasks, {**settings, **lossy})

@@ -1,5 +1,5 @@
-"""The storyboard: a movie's contact sheet (storyboard.png, or pages of it with an index for a long movie), each
-frame's thumbnail with its id and dialogue, written atomically."""
+"""The storyboard: a movie's contact sheet (storyboard.png, or pages of it with an index for a long movie) under its
+title, each frame's thumbnail with its id, description and who says what, written atomically."""
 
 from __future__ import annotations
 
@@ -44,12 +44,30 @@ def thumbnail(im: Image.Image) -> Image.Image:
     return im
 
 
-CAPTION_H = 4 + 18 * 4  # id and up to three lines of dialogue under each thumbnail
+CAPTION_LINES = 4  # under each thumbnail: its id and description, then who says what
+CAPTION_H = 4 + 18 * CAPTION_LINES
+TITLE_H = 36
+Cell = tuple[str, str, str]
+"""What a storyboard shows of a frame: (id, description, its line as `speaker: "dialogue"`, or "")."""
+
+
+def cells(movie) -> list[Cell]:
+    """A movie's (movielm_fast.plan.Movie) frames as storyboard cells."""
+    return [(f.id, f.description, (f"{f.speaker}: " if f.speaker else "") + f"\u201c{f.dialogue}\u201d"
+             if f.dialogue else "") for f in movie.frames]
+
+
+def cell_lines(cell: Cell) -> list[str]:
+    """The caption lines under a thumbnail: id and description (at most two lines), then the line said."""
+    frame_id, description, said = cell
+    head = textwrap.wrap(f"#{frame_id} {description}".strip(), width=34, max_lines=2, placeholder=" \u2026")
+    return head + (textwrap.wrap(said, width=34, max_lines=CAPTION_LINES - len(head), placeholder=" \u2026")
+                   if said else [])
 
 
 class Storyboard:
-    """A contact sheet (storyboard.png, or one page of a long movie's): each frame's thumbnail with its id and
-    dialogue underneath, in plan order, `columns` to a row.
+    """A contact sheet (storyboard.png, or one page of a long movie's): under `title`, each frame's thumbnail with
+    its caption (`cell_lines`) underneath, in plan order, `columns` to a row.
 
     It is compressed one row of cells (a band) at a time, as soon as every frame of that band is there, on whichever
     writer thread brought the band's last frame: the movie's last frame leaves one band to encode, where encoding
@@ -59,8 +77,8 @@ class Storyboard:
     here: each scanline with the Sub filter, one zlib stream at level 1, the same bytes whatever order the frames
     arrive in."""
 
-    def __init__(self, frames: list[tuple[str, str]], read: Callable[[str], Image.Image],
-                 pending: Iterable[str] = (), columns: int = 4, thumb: int = THUMB):
+    def __init__(self, frames: list[Cell], read: Callable[[str], Image.Image], pending: Iterable[str] = (),
+                 columns: int = 4, thumb: int = THUMB, title: str = ""):
         self.frames, self.read, self.thumb = frames, read, thumb
         self.pending = set(pending)
         self.cols = max(1, min(columns, len(frames)))
@@ -74,6 +92,11 @@ class Storyboard:
         self._lock = threading.Lock()  # guards thumbs and pending
         self._encoding = threading.Lock()  # one thread encodes at a time, bands in order
         self._png: bytes | None = None
+        self.header = TITLE_H if title else 0
+        if title:  # the first band of the file
+            band = Image.new("RGB", (self.cols * self.cell_w, TITLE_H), "white")
+            ImageDraw.Draw(band).text((8, 10), title, fill="black", font=_font(18))
+            self._compress(band)
 
     def add(self, frame_id: str, thumb: Image.Image | None) -> None:
         """A frame of this run is there: its thumbnail, or None when it is to be read back from its file."""
@@ -95,7 +118,8 @@ class Storyboard:
             if self._png is None:
                 while self.band < self.rows:
                     self._encode_band()
-                ihdr = struct.pack(">IIBBBBB", self.cols * self.cell_w, self.rows * self.cell_h, 8, 2, 0, 0, 0)
+                height = self.header + self.rows * self.cell_h
+                ihdr = struct.pack(">IIBBBBB", self.cols * self.cell_w, height, 8, 2, 0, 0, 0)
                 idat = b"".join(self.compressed) + self.deflate.flush()
                 self._png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
                 self.compressed.clear()
@@ -104,27 +128,30 @@ class Storyboard:
     def _ready(self, band: int) -> bool:
         with self._lock:
             return band < self.rows and not any(
-                fid in self.pending for fid, _ in self.frames[band * self.cols:(band + 1) * self.cols])
+                fid in self.pending for fid, *_ in self.frames[band * self.cols:(band + 1) * self.cols])
 
     def _encode_band(self) -> None:
         sheet = Image.new("RGB", (self.cols * self.cell_w, self.cell_h), "white")
         draw = ImageDraw.Draw(sheet)
-        for i, (frame_id, dialogue) in enumerate(self.frames[self.band * self.cols:(self.band + 1) * self.cols]):
+        for i, cell in enumerate(self.frames[self.band * self.cols:(self.band + 1) * self.cols]):
             with self._lock:
-                im = self.thumbs.pop(frame_id, None)
-            im = im if im is not None else self.read(frame_id)
+                im = self.thumbs.pop(cell[0], None)
+            im = im if im is not None else self.read(cell[0])
             x = i * self.cell_w + 8
             sheet.paste(im, (x + (self.thumb - im.width) // 2, 8))
-            lines = [f"#{frame_id}"] + (textwrap.wrap(f"\u201c{dialogue}\u201d", width=34)[:3] if dialogue else [])
-            for k, line in enumerate(lines):
+            for k, line in enumerate(cell_lines(cell)):
                 draw.text((x, 8 + self.thumb + 4 + 18 * k), line, fill="black", font=self.font)
-        rows = np.asarray(sheet).reshape(self.cell_h, -1)
+        self._compress(sheet)
+        self.band += 1
+
+    def _compress(self, sheet: Image.Image) -> None:
+        """A band of the sheet into the PNG's zlib stream."""
+        rows = np.asarray(sheet).reshape(sheet.height, -1)
         filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
         filtered[:, 0] = 1  # PNG filter type Sub: each byte minus the byte one pixel to its left, mod 256
         filtered[:, 1:4] = rows[:, :3]
         np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])
         self.compressed.append(self.deflate.compress(filtered.tobytes()))
-        self.band += 1
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -136,34 +163,37 @@ def read_thumbnail(path: Path) -> Image.Image:
         return thumbnail(im).copy()
 
 
-def storyboard(frames: list[tuple[str, str, Path | Image.Image]], columns: int = 4, thumb: int = THUMB) -> bytes:
-    """A whole contact sheet at once. frames: (id, dialogue, file or a thumbnail made from the frame's pixels)."""
-    sources = {fid: src for fid, _, src in frames}
-    sheet = Storyboard([(fid, dialogue) for fid, dialogue, _ in frames], lambda fid: read_thumbnail(sources[fid]),
-                       pending=[fid for fid, _, src in frames if isinstance(src, Image.Image)], columns=columns,
-                       thumb=thumb)
-    for fid, _, src in frames:
+def storyboard(frames: list[tuple[Cell, Path | Image.Image]], columns: int = 4, thumb: int = THUMB,
+               title: str = "") -> bytes:
+    """A whole contact sheet at once. frames: (cell, file or a thumbnail made from the frame's pixels)."""
+    sources = {cell[0]: src for cell, src in frames}
+    sheet = Storyboard([cell for cell, _ in frames], lambda fid: read_thumbnail(sources[fid]),
+                       pending=[cell[0] for cell, src in frames if isinstance(src, Image.Image)], columns=columns,
+                       thumb=thumb, title=title)
+    for cell, src in frames:
         if isinstance(src, Image.Image):
-            sheet.add(fid, src)
+            sheet.add(cell[0], src)
     return sheet.png()
 
 class StoryboardPages:
     """A movie's storyboard in its output folder: storyboard.png, or for a movie of more than FRAMES_PER_PAGE
-    frames, storyboard-001.png, storyboard-002.png, ... with their index storyboard.json. `frames`: (id, dialogue) in
-    plan order; `frame_path`: where a frame's file is, for those not rendered in this run."""
+    frames, storyboard-001.png, storyboard-002.png, ... with their index storyboard.json. `frames`: the cells in
+    plan order; `frame_path`: where a frame's file is, for those not rendered in this run; `title`: the movie's."""
 
-    def __init__(self, folder: Path, frames: list[tuple[str, str]], frame_path: Callable[[str], Path],
-                 pending: Iterable[str]):
-        self.dir, self.frame_path = folder, frame_path
+    def __init__(self, folder: Path, frames: list[Cell], frame_path: Callable[[str], Path], pending: Iterable[str],
+                 title: str = ""):
+        self.dir, self.frame_path, self.title = folder, frame_path, title
         self.pages = [frames[i:i + FRAMES_PER_PAGE] for i in range(0, len(frames), FRAMES_PER_PAGE)]
-        self.page_of = {fid: n for n, page in enumerate(self.pages) for fid, _ in page}
+        self.page_of = {cell[0]: n for n, page in enumerate(self.pages) for cell in page}
         self.expect(pending)
 
     def expect(self, pending: Iterable[str]) -> None:
         """The frames this run renders: the pages wait for their thumbnails and read the others' files."""
         pending = set(pending)
-        self.sheets = [Storyboard(page, self._read_thumbnail, [fid for fid, _ in page if fid in pending])
-                       for page in self.pages]
+        n = len(self.pages)
+        self.sheets = [Storyboard(page, self._read_thumbnail, [cell[0] for cell in page if cell[0] in pending],
+                                  title=self.title + (f" (page {k} of {n})" if n > 1 and self.title else ""))
+                       for k, page in enumerate(self.pages, 1)]
 
     def _read_thumbnail(self, frame_id: str) -> Image.Image:
         """A frame's thumbnail from its file; a grey tile where the file cannot be read, so a damaged frame on

@@ -100,4 +100,5 @@ class Failed:
     oom: bool = False
 
 
-PlanItem = tuple[LoadedMovie, StyleToken | None]
+PlanItem = tuple[LoadedMovie, StyleToken | None, int]
+"""A movie to plan: the movie, its style token (None: its style is written out as text), its seed scheme."""

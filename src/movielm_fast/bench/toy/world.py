@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The words live below the bench layer, where the demo planner (data) reads them too.
+from movielm_fast.engine.demo_vocabulary import BACKGROUND_PHRASES, BACKGROUNDS, POSITIONS, SHAPES, STYLES
+from movielm_fast.engine.demo_vocabulary import COLOURS as COLOUR_NAMES
+from movielm_fast.engine.demo_vocabulary import POSITION_PHRASES as _POS_PHRASE
+
 SIZE = 64
-POSITIONS = ("left", "centre", "right")
 POS_X = {"left": 11, "centre": 32, "right": 53}
 CENTRE_Y = 34
 RADIUS = {"big": 9, "small": 5}
-SHAPES = ("circle", "square", "triangle")
-COLOURS: dict[str, tuple[float, float, float]] = {
+_RGB = {
     "red": (0.90, 0.10, 0.10),
     "green": (0.10, 0.80, 0.15),
     "blue": (0.10, 0.25, 0.95),
@@ -31,10 +34,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "white": (0.98, 0.98, 0.98),
     "purple": (0.60, 0.10, 0.75),
 }
-BACKGROUNDS = ("sky", "grass", "night", "sunset", "sea")
-BACKGROUND_PHRASES = {"sky": "in the sky", "grass": "on grass", "night": "at night", "sunset": "at sunset",
-                      "sea": "by the sea"}
-STYLES = ("plain", "pastel", "sepia", "neon", "striped")
+COLOURS: dict[str, tuple[float, float, float]] = {name: _RGB[name] for name in COLOUR_NAMES}
 # Rows that no shape ever touches (shapes span CENTRE_Y +- RADIUS["big"] + the neon glow): the judge reads the
 # background and the style there.
 TOP_BAND = slice(0, 20)
@@ -157,9 +157,6 @@ def render(scene: Scene) -> np.ndarray:
 
 
 # --- captions -----------------------------------------------------------------------------------------------------
-
-_POS_PHRASE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
-
 
 def caption(scene: Scene, with_style: bool = True, style_first: bool = False) -> str:
     """"a big red circle on the left and ..., on grass, sepia style". `style_first` puts the style where the

@@ -58,7 +58,8 @@ class LLMConfig:
 
 NO_ENDPOINT_HINT = (
     "set OPENAI_API_KEY (or --api-key) to use OpenAI, or point --base-url / OPENAI_BASE_URL at an "
-    "OpenAI-compatible server such as http://localhost:8000/v1 (vLLM, llama.cpp, Ollama)"
+    "OpenAI-compatible server such as http://localhost:8000/v1 (vLLM, llama.cpp, Ollama); to try `make` without an "
+    "LLM, `make ... --llm demo` uses the demo model's built-in planner"
 )
 
 

@@ -295,6 +295,13 @@ class _IdRegistry:
 def plan_writer(client: LLMClient, out_dir: Path, max_tries: int = 3) -> Callable[[PlanRequest], PlanOutcome]:
     """A function that answers one request into `out_dir` (thread-safe: movie ids stay unique across the folder),
     for callers that schedule requests themselves (`generate_plans`, `make`)."""
+    return plan_writer_with(out_dir, lambda req, path, claim: _generate_one(client, req, path, claim, max_tries))
+
+
+def plan_writer_with(out_dir: Path, write_one: Callable[[PlanRequest, Path, Callable[[str], str]], PlanOutcome]
+                     ) -> Callable[[PlanRequest], PlanOutcome]:
+    """A plan writer around `write_one(request, path, claim)`, which writes one plan file (`claim(id)`: a movie id
+    unique in the folder): a valid plan file already at the request's path is kept."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +309,14 @@ def plan_writer(client: LLMClient, out_dir: Path, max_tries: int = 3) -> Callabl
         raise UserError(f"cannot create {out_dir}: {exc.strerror or exc}", "choose a writable folder with --out") \
             from None
     ids = _IdRegistry(out_dir)
-    return lambda req: _generate_one(client, req, out_dir, ids, max_tries)
+
+    def write(req: PlanRequest) -> PlanOutcome:
+        path = out_dir / f"{req.stem}.json"
+        if _valid_plan_file(path):
+            return PlanOutcome(req, path, skipped=True)
+        return write_one(req, path, ids.claim)
+
+    return write
 
 
 def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path, max_tries: int = 3,
@@ -323,29 +337,31 @@ def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path
         return PlanReport(list(pool.map(run, requests)))
 
 
-def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRegistry,
+def _generate_one(client: LLMClient, req: PlanRequest, path: Path, claim: Callable[[str], str],
                   max_tries: int) -> PlanOutcome:
-    path = out_dir / f"{req.stem}.json"
-    if _valid_plan_file(path):
-        return PlanOutcome(req, path, skipped=True)
     label = f"plan for {req.theme!r} (version {req.version})"
     dropped: list[str] = []
     try:
         movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req, dropped),
-                              plan_schema(req), out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries,
+                              plan_schema(req), path.parent / "failed" / f"{req.stem}.raw.txt", label, max_tries,
                               "movie_plan", req.max_tokens)
     except UserError as exc:
         return PlanOutcome(req, error=str(exc))
-    # The id is the request's, never the reply's title: a title-made id would depend on which of two plans with the
-    # same title was answered first, and a resumed run would differ from a clean one.
-    movie["id"] = ids.claim(req.stem)
+    notes = [f"the reply also gave {', '.join(dropped)}: left out (a plan written by an LLM never names files or "
+             "models; add them to the plan yourself)"] if dropped else []
+    return PlanOutcome(req, save_plan(movie, path, claim), warnings=count_warnings(movie, req) + notes)
+
+
+def save_plan(movie: dict[str, Any], path: Path, claim: Callable[[str], str]) -> Path:
+    """Write a new plan's movie object to `path` under a movie id unique in its folder, with a seed of its own."""
+    # The id is the request's (the file's name), never the reply's title: a title-made id would depend on which of two
+    # plans with the same title was answered first, and a resumed run would differ from a clean one.
+    movie["id"] = claim(path.stem)
     # Distinct movies get distinct noise even when nobody sets a seed.
     movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
     parse_plan(movie, source=str(path))
     atomic_write_text(path, json.dumps(movie, indent=2, ensure_ascii=False) + "\n")
-    notes = [f"the reply also gave {', '.join(dropped)}: left out (a plan written by an LLM never names files or "
-             "models; add them to the plan yourself)"] if dropped else []
-    return PlanOutcome(req, path, warnings=count_warnings(movie, req) + notes)
+    return path
 
 
 def _valid_plan_file(path: Path) -> bool:

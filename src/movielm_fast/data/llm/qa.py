@@ -149,7 +149,7 @@ def _scene(text: str) -> str:
     return _plain(text).rstrip(" .!")
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
     """Up to k indices spread evenly over range(n), so questions cover the whole movie."""
     k = min(k, n)
     if k <= 0:
@@ -170,9 +170,9 @@ def derived_temporal(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
         return []
     out = [pair("How does the movie begin?", f"{scenes[0]}."), pair("How does the movie end?", f"{scenes[-1]}.")]
     out += [pair(f'What happens right after this scene: "{scenes[i]}"?', f"{scenes[i + 1]}.")
-            for i in _spread(n - 1, limit)]
+            for i in spread(n - 1, limit)]
     gap = max(1, n // 3)
-    for m, i in enumerate(_spread(n - gap, limit)):
+    for m, i in enumerate(spread(n - gap, limit)):
         earlier, later = scenes[i], scenes[i + gap]
         # Alternate which option is named first so the answer is not always the first one offered.
         a, b = (later, earlier) if m % 2 == 0 else (earlier, later)
@@ -193,7 +193,7 @@ def derived_shots(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
         out.append(pair("How is the opening scene framed?", f"As {_article(frames[0].shot)} {frames[0].shot} shot."))
     # Pairs of consecutive frames that both name a shot.
     steps = [i for i in range(len(frames) - 1) if frames[i].shot and frames[i + 1].shot]
-    for k in _spread(len(steps), limit):
+    for k in spread(len(steps), limit):
         i = steps[k]
         shot, after = frames[i].shot, frames[i + 1].shot
         out.append(pair(f'The scene "{_scene(frames[i].description)}" is {_article(shot)} {shot} shot. '
@@ -217,7 +217,7 @@ def derived_speakers(movie: Movie, limit: int = 5) -> list[dict[str, str]]:
     lines = [(_line(f.dialogue), f.speaker) for f in movie.frames
              if f.dialogue and f.speaker and len(said[_line(f.dialogue)]) == 1]
     lines = list(dict.fromkeys(lines))  # a line repeated by the same speaker is asked once
-    return [pair(f'Who says "{lines[i][0]}"?', f"{lines[i][1]}.") for i in _spread(len(lines), limit)]
+    return [pair(f'Who says "{lines[i][0]}"?', f"{lines[i][1]}.") for i in spread(len(lines), limit)]
 
 
 def _line(dialogue: str) -> str:

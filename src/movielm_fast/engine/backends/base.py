@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from movielm_fast.engine.cpu import use_threads
 from movielm_fast.errors import UserError
 
 
@@ -152,9 +153,12 @@ def backend_names() -> list[str]:
 
 
 def create_backend(name: str, model, config) -> Backend:
+    """Backend `name` for `model`, configured by `config` (engine.config.BackendConfig). Torch's CPU threads are
+    set here, for every backend: the scheduler and the latents are torch's work whichever backend runs the model."""
     _import_builtin(name)
     if name not in _REGISTRY:
         raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(backend_names())}")
+    use_threads(config.threads)
     return _REGISTRY[name](model, config)
 
 

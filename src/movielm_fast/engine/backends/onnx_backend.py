@@ -13,13 +13,12 @@ session is created again; other components keep theirs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
-import psutil
 import torch
 
+from movielm_fast.engine.cpu import cpu_threads
 from movielm_fast.errors import UserError
 from movielm_fast.export.artifacts import export_onnx_set, require_ort_provider
 from movielm_fast.export.onnx_export import META_MODEL_HASH, graph_module
@@ -39,17 +38,13 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int
 log = logging.getLogger("movielm_fast")
 
 
-def cpu_threads() -> int:
-    """Intra-op threads on the CPU: physical cores (hyper-threads share the FMA units MLAS keeps busy)."""
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 class OrtGraph:
     """One exported component: a session created once, called with torch tensors, returning torch tensors."""
 
     def __init__(self, artifact, spec, model, providers: list[str], device: torch.device, float_dtype: torch.dtype,
-                 overrides: dict[str, np.ndarray] | None = None):
-        """`overrides`: initializer name -> value replacing the exported one (merged LoRA weights)."""
+                 overrides: dict[str, np.ndarray] | None = None, threads: int = 1):
+        """`overrides`: initializer name -> value replacing the exported one (merged LoRA weights); `threads`:
+        intra-op threads on the CPU."""
         import onnxruntime as ort  # optional dependency (the onnx extra); require_ort_provider checked it
 
         artifact.check_model(model)
@@ -59,7 +54,7 @@ class OrtGraph:
         so.log_severity_level = 3
         provider_list: list = list(providers)
         if device.type == "cpu":
-            so.intra_op_num_threads = cpu_threads()
+            so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             # ORT's idle threads otherwise busy-wait after each call and slow the torch scheduler step that runs
@@ -118,6 +113,7 @@ class OnnxRuntimeBackend:
         artifacts = export_onnx_set(model, config.device, config.dtype_name)
         specs = model_specs(model)
         self.model, self.artifacts, self.specs, self.providers = model, artifacts, specs, providers
+        self.threads = cpu_threads(config.threads)  # as many as torch's (engine.backends.base.create_backend)
         self.float_dtypes = {c: torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
                              else torch.float32 for c in artifacts}
         self.graphs = {c: self._session(c) for c in artifacts}
@@ -130,7 +126,7 @@ class OnnxRuntimeBackend:
 
     def _session(self, component: str, overrides: dict[str, np.ndarray] | None = None) -> OrtGraph:
         return OrtGraph(self.artifacts[component], self.specs[component], self.model, self.providers, self.device,
-                        self.float_dtypes[component], overrides)
+                        self.float_dtypes[component], overrides, self.threads)
 
     @property
     def text_graphs(self):
