@@ -230,7 +230,7 @@ def _full_run_steps() -> list[tuple[str, int, list[str]]]:
 
 def test_the_full_run_fits_one_device_call():
     """The steps' limits add up to what the header says, inside the device's 600 s call (the packing after each
-    step needs a few seconds of the rest), and the DiT rows are there: 1024², bf16, [dev] at 28 steps, klein at 4."""
+    step needs a few seconds of the rest), and the DiT rows run before the compile peer that may run out of time."""
     steps = _full_run_steps()
     total = sum(limit for _, limit, _ in steps)
     header = re.search(r"\((\d+) s in all at most", SCRIPT.read_text())
@@ -246,7 +246,7 @@ TINY_TWIN = {"flux-arch": "tiny-flux", "klein-arch": "tiny-klein"}
 @pytest.mark.parametrize("name,model,steps", [("bench-flux", "flux-arch", 28), ("bench-klein", "klein-arch", 4)])
 def test_dit_steps_run_on_the_cpu_at_a_tiny_size(name, model, steps, tmp_path):
     """The script's DiT steps as bench.gpu parses them: on the real architecture (built on the meta device: no
-    memory, no time) they resolve to 1024², bf16, batch 1 at the model's own steps; the same settings with the tiny
+    weights allocated) they resolve to 1024², bf16, batch 1 at the model's own steps; the same settings with the tiny
     twin of the model, on the CPU at 64x64 and 2 steps, give a transformer row with it/s and MFU. The CPU run is in
     fp32: CPUs without bf16 matmul kernels take minutes for the run's bf16 ceiling GEMM alone."""
     import dataclasses
