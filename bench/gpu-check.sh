@@ -11,13 +11,14 @@
 #   bash bench/gpu-check.sh --lossy       # there, as a call of its own: FP8 and step caching (issue 25)
 #   python -m movielm_fast.bench.gpu_check unpack gpu-check.tgz   # here: into bench/results/, RESULTS.md anew
 #
-# Steps, each under its own time limit (520 s in all at most, packing aside, inside one 10-minute device call, so a
+# Steps, each under its own time limit (580 s in all at most, packing aside, inside one 10-minute device call, so a
 # device session's 15 minutes leave room for the machine's start), the ones that must not be lost first: the wheels;
 # environment; bench.gpu for sd15-arch and sdxl-arch, ours beside diffusers eager (and our fp32 reference for PSNR);
 # where an fp16 image goes wrong in diffusers (bench.fp16_range in fp16 with inf/NaN hooks); the GPU tests (pytest
-# -m gpu); a second process's time to first image (compile and graph caches warm); last, diffusers+compile at the
-# best batch (its compile alone took over 150 s on the first H200 run, so it may run out of time: everything before
-# it is kept); then the goals table. Results go to $WORK/results (this run's only), RESULTS.md to $WORK.
+# -m gpu); a second process's time to first image (compile and graph caches warm); the DiT rows (flux-arch,
+# klein-arch); last, diffusers+compile at the best batch (its compile alone took over 150 s on the first H200 run,
+# so it may run out of time: everything before it is kept); then the goals table. Results go to $WORK/results
+# (this run's only), RESULTS.md to $WORK.
 # KNOBS=1 adds each lossless knob to the sd15 run (a longer call: give it its own). FRAMES=1 packs the rendered
 # frames too, as far as the archive's budget goes. GIT_COMMIT=<hash> names the commit where the device's copy of
 # the tree has no .git. `OUT=... WORK=... bash bench/gpu-check.sh --pack` only packs (the CPU test runs that).
@@ -122,7 +123,22 @@ done
 # DiT rows (another issue adds them) go here, before the compile peer that may run out of time: each as
 # `step NAME SECONDS COMMAND` with its results under "$RES" (--out or --results). step() packs them, and
 # `gpu_check unpack` moves what is under "$RES" into bench/results/: nothing else is needed.
-[ -z "$QUICK" ] && step peer-compile 90 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile default \
+
+# Issue 35's DiT rows: FLUX.1 [dev] at its 28 steps and FLUX.2 [klein] 4B step-distilled at its 4, real
+# architectures with random weights built in memory on the GPU (34 and 16 GB of bf16 weights: no disk), 1024²
+# (their native size), bf16, batch 1, beside diffusers' FluxPipeline / Flux2KleinPipeline on the same modules:
+# transformer it/s and its MFU, s/frame. No fp32 reference (fp32 FLUX.1 would not fit beside the bf16 one) and no
+# compile peer (none is written for DiTs). Limits from an estimate, not a measurement (no GPU run yet): flux-arch
+# ~55 s (a step ~125 TFLOP, ~0.3 s eager on an H100; 4 renders of 28 steps ~35 s; start, build, FLOP count and
+# ceilings ~20 s), klein-arch ~20 s (a step ~42 TFLOP; 4 renders of 4 steps ~5 s; the rest as above).
+[ -z "$QUICK" ] && step bench-flux 75 "$PY" -m movielm_fast.bench.gpu --model flux-arch --dtype bf16 --steps 28 \
+    --batch-sizes 1 --repeats 1 --peer-compile off --no-fp32-reference --out "$RES"
+[ -z "$QUICK" ] && step bench-klein 35 "$PY" -m movielm_fast.bench.gpu --model klein-arch --dtype bf16 --steps 4 \
+    --batch-sizes 1 --repeats 2 --peer-compile off --no-fp32-reference --out "$RES"
+
+# (40 s since the DiT rows came: its compile alone took over 150 s on the first H200 run, so within this call it is
+# a try that does not finish either way; a call of its own is needed to time it.)
+[ -z "$QUICK" ] && step peer-compile 40 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile default \
     --out "$RES" --batch-sizes 8 --repeats 2
 
 # Every row of the issue's goals table, from this run's results and the second render's --json output.

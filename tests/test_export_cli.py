@@ -34,7 +34,8 @@ def test_export_list_clear(tiny_sd):
     (["--backend", "openvino"], "cannot export for backend 'openvino'"),
     (["--backend", "tensorrt"], "TensorRT is not installed"),
     (["--sizes", "500x512"], "multiples of 8"),
-    (["--dtype", "bf16"], "unknown dtype"),
+    (["--dtype", "bf17"], "unknown dtype"),
+    (["--dtype", "bf16"], "not bf16 (bf16 is for TensorRT engines)"),
 ])
 def test_bad_input(tiny_sd, args, message):
     if args[:2] == ["--backend", "tensorrt"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,71 @@ def test_unpack_refuses_what_it_cannot_place_and_moves_nothing(tmp_path, capsys)
     assert gpu_check.main(["unpack", str(tmp_path / "not.tgz"), "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read") and "Traceback" not in err
+
+
+def _script_steps(text: str) -> list[tuple[str, int, list[str]]]:
+    """(name, limit, command) of each `step` line of a part of the script, continuation lines joined."""
+    found = []
+    for line in text.replace("\\\n", " ").splitlines():
+        m = re.search(r"(?:^|&& )step (\S+) (\d+) (.*)$", line.strip())
+        if m and not line.lstrip().startswith("#"):
+            found.append((m.group(1).strip('"'), int(m.group(2)), shlex.split(m.group(3))))
+    return found
+
+
+def _full_run_steps() -> list[tuple[str, int, list[str]]]:
+    """The steps of a plain `bash bench/gpu-check.sh`: all but the --lossy branch's, the render loop's twice."""
+    text = SCRIPT.read_text()
+    start = text.index('if [ "$MODE" = lossy ]; then')
+    end = text.index("\nfi\n", start)
+    steps = _script_steps(text[:start] + text[end:])
+    return [s for s in steps for _ in range(2 if "$i" in s[0] else 1)]
+
+
+def test_the_full_run_fits_one_device_call():
+    """The steps' limits add up to what the header says, inside the device's 600 s call (the packing after each
+    step needs a few seconds of the rest), and the DiT rows run before the compile peer that may run out of time."""
+    steps = _full_run_steps()
+    total = sum(limit for _, limit, _ in steps)
+    header = re.search(r"\((\d+) s in all at most", SCRIPT.read_text())
+    assert header and int(header.group(1)) == total and total <= 600 - 15, total
+    assert f"up to {total} s" in (REPO / "docs" / "gpu.md").read_text()
+    names = [name for name, _, _ in steps]
+    assert names.index("bench-flux") < names.index("peer-compile") and "bench-klein" in names
+
+
+TINY_TWIN = {"flux-arch": "tiny-flux", "klein-arch": "tiny-klein"}
+
+
+@pytest.mark.parametrize("name,model,steps", [("bench-flux", "flux-arch", 28), ("bench-klein", "klein-arch", 4)])
+def test_dit_steps_run_on_the_cpu_at_a_tiny_size(name, model, steps, tmp_path):
+    """The script's DiT steps as bench.gpu parses them: on the real architecture (built on the meta device: no
+    weights allocated) they resolve to 1024², bf16, batch 1 at the model's own steps; the same settings with the tiny
+    twin of the model, on the CPU at 64x64 and 2 steps, give a transformer row with it/s and MFU. The CPU run is in
+    fp32: CPUs without bf16 matmul kernels take minutes for the run's bf16 ceiling GEMM alone."""
+    import dataclasses
+
+    import torch
+
+    from movielm_fast.bench import gpu
+    from movielm_fast.bench.models import dit_arch_bundle
+    from movielm_fast.bench.runner import run_bench
+
+    [(_, _, command)] = [s for s in _full_run_steps() if s[0] == name]
+    assert command[:3] == ["$PY", "-m", "movielm_fast.bench.gpu"]
+    args = gpu.parser().parse_args([str(tmp_path) if a == "$RES" else a for a in command[3:]])
+    assert args.model == [model] and args.no_fp32_reference
+    settings = gpu.settings_for(args, model)
+    real = dit_arch_bundle(model, torch.device("meta"), torch.bfloat16)
+    resolved = settings.resolved(torch.device("cuda"), real)
+    assert (resolved.sizes, resolved.steps, resolved.batch_sizes, resolved.dtype, resolved.backends) == \
+        ([(1024, 1024)], steps, [1], "bf16", ["torch"])
+    assert resolved.peer_compile is None and resolved.scheduler == "default"
+
+    tiny = dataclasses.replace(settings, model=TINY_TWIN[model], device="cpu", dtype="fp32", sizes=[(64, 64)],
+                               steps=2)
+    result = run_bench(tiny, log=lambda _: None).result
+    assert result["settings"]["denoiser"] == "transformer" and result["settings"]["steps"] == 2
+    [ours] = [r for r in result["runs"] if r["backend"] == "torch"]
+    assert ours["status"] == "ok" and ours["transformer_steps_per_s"] > 0 and ours["mfu"]["transformer_step"] > 0
+    assert any(r["backend"] == "diffusers" and r["status"] == "ok" for r in result["runs"])

@@ -4,6 +4,8 @@
                                                 # 20 steps: ours (default path) beside diffusers and diffusers+compile
     python -m movielm_fast.bench.gpu --knobs    # and each lossless knob on its own; writes the CUDA knob table
     python -m movielm_fast.bench.gpu --quick    # 3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run
+    python -m movielm_fast.bench.gpu --model flux-arch --dtype bf16 --steps 28 --peer-compile off
+                                     --no-fp32-reference   # a DiT row (klein-arch likewise): transformer it/s, MFU
     python -m movielm_fast.bench.gpu --goals [--render-json render.log]   # the issue's goals table from the
                                                 # latest results (and a second render process's --json output)
 
@@ -17,6 +19,7 @@ short table and the quality table last.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -51,10 +54,10 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = bench_parser("gpu", __doc__, steps=20, repeats=3, results="--out")
     ap.add_argument("--model", action="append", help="benchmark only this model (repeatable): sd15-arch, sdxl-arch, "
-                    "demo or a local folder (default: sd15-arch and sdxl-arch)")
+                    "flux-arch, klein-arch, demo or a local folder (default: sd15-arch and sdxl-arch)")
     ap.add_argument("--dtype", default="fp16", help="fp16 | bf16 | fp32 (default fp16)")
     ap.add_argument("--backend", default="torch", help="comma-separated backends or variants such as "
                     "torch+no-cuda_graphs (default: torch, the default fast path)")
@@ -64,12 +67,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="diffusers' speed recipe, compiled in this torch.compile mode (default: max-autotune, the "
                          "recipe's; its compile time is reported apart); off: not timed")
     ap.add_argument("--batch-sizes", type=_ints, help="e.g. 1,2,4,8 (default per model)")
+    ap.add_argument("--no-fp32-reference", action="store_true", help="skip the fp32 render the PSNR columns compare "
+                    "with (flux-arch in fp32 would need twice the memory and several times the time of its bf16 row)")
     ap.add_argument("--quick", action="store_true", help="3 steps, 2 repeats, batch 1,2, sd15-arch: a smoke run")
     ap.add_argument("--goals", action="store_true", help="only print the goals table from the latest GPU results "
                     "in --out (no benchmark run)")
     ap.add_argument("--render-json", type=Path, help="with --goals: the output of `render --json` of a second "
                     "process on the same model (its first-batch cost is the last row)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def settings_for(args: argparse.Namespace, model: str) -> BenchSettings:
+    """What one --model of a parsed command line benchmarks (bench/gpu-check.sh's steps are tested through this on
+    the CPU)."""
+    size, batches = MODELS.get(model, (None, [1, 2, 4, 8]))
+    return BenchSettings(
+        model=model, backends=args.backend.split(",") + (list(KNOB_VARIANTS) if args.knobs else []), device="cuda",
+        dtype=args.dtype, sizes=[(size, size)] if size else None,
+        batch_sizes=[1, 2] if args.quick else (args.batch_sizes or batches), steps=3 if args.quick else args.steps,
+        repeats=2 if args.quick else args.repeats, out=args.out,
+        peer_compile=None if args.peer_compile == "off" else args.peer_compile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.goals:
         print(goals_table(merged_fp16_results(args.out),
                           _render_record(args.render_json) if args.render_json else None))
@@ -83,24 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     names = args.model or (["sd15-arch"] if args.quick else list(MODELS))
-    steps, repeats = (3, 2) if args.quick else (args.steps, args.repeats)
-    backends = args.backend.split(",") + (list(KNOB_VARIANTS) if args.knobs else [])
     results, references = [], []
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     for model in names:
-        size, batches = MODELS.get(model, (None, [1, 2, 4, 8]))
-        settings = BenchSettings(
-            model=model, backends=backends, device="cuda", dtype=args.dtype, sizes=[(size, size)] if size else None,
-            batch_sizes=[1, 2] if args.quick else (args.batch_sizes or batches), steps=steps, repeats=repeats,
-            out=args.out, peer_compile=None if args.peer_compile == "off" else args.peer_compile)
+        settings = settings_for(args, model)
         try:
             run = run_bench(settings, log=log)
             results.append(run.result)
-            if args.dtype != "fp32":
+            if args.dtype != "fp32" and not args.no_fp32_reference:
                 # The quality bar of the fast path: the same frame in fp32 with the plain torch backend.
                 ref = BenchSettings(model=model, backends=["torch"], device="cuda", dtype="fp32",
-                                    sizes=settings.sizes, batch_sizes=[1], steps=steps, repeats=1, out=args.out,
-                                    baseline=False)
+                                    sizes=settings.sizes, batch_sizes=[1], steps=settings.steps, repeats=1,
+                                    out=args.out, baseline=False)
                 references.append((run, run_bench(ref, log=log).result))
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)

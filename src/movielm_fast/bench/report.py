@@ -26,16 +26,32 @@ from .hardware import RESULTS
 
 FORMAT = "movielm-bench/1"
 BASELINE = "diffusers"
-STAGES = ("text_encode", "unet_step", "vae_decode")
+STAGES = ("text_encode", "unet_step", "transformer_step", "vae_decode")
+DENOISERS = {"unet_step": "UNet", "transformer_step": "transformer"}
+"""The denoiser step's stage: a UNet's, or a transformer family's (FLUX.1, FLUX.2 [klein]), as bench.runner names
+it."""
+
+
+def denoiser_step(measured: dict[str, Any]) -> str | None:
+    """Which denoiser step a run's stages (or MFU, or FLOPs) hold, if any (diffusers' rows time no stages)."""
+    return next((k for k in DENOISERS if k in measured), None)
+
+
+def denoiser_label(result: dict[str, Any]) -> str:
+    """"UNet" or "transformer": the denoiser of a result's model (results from before DiTs name none: a UNet)."""
+    return DENOISERS[f"{result['settings'].get('denoiser', 'unet')}_step"]
+
 
 CSV_FIELDS = [
     "created", "machine", "device", "cpu_model", "gpu_model", "model", "dtype", "steps", "backend", "size", "batch",
     "status", "frame_s_min", "frame_s_median", "frame_s_max", "batch_s_median", "images_per_s", "unet_step_s_min",
-    "unet_step_s_median", "unet_step_s_max", "unet_steps_per_s", "vae_decode_s_min", "vae_decode_s_median",
+    "unet_step_s_median", "unet_step_s_max", "unet_steps_per_s", "transformer_step_s_min", "transformer_step_s_median",
+    "transformer_step_s_max", "transformer_steps_per_s", "vae_decode_s_min", "vae_decode_s_median",
     "vae_decode_s_max", "text_encode_s_min", "text_encode_s_median", "text_encode_s_max", "speedup_vs_diffusers",
-    "flops_frame", "flops_unet_step", "flops_vae_decode", "ceiling_flops_per_s", "achieved_flops_per_s_frame",
-    "mfu_frame", "mfu_unet_step", "mfu_vae_decode", "peak_memory_mb", "memory_kind", "max_abs_diff_vs_diffusers",
-    "psnr_vs_fp32", "max_abs_diff_vs_fp32", "image", "note"]
+    "flops_frame", "flops_unet_step", "flops_transformer_step", "flops_vae_decode", "ceiling_flops_per_s",
+    "achieved_flops_per_s_frame", "mfu_frame", "mfu_unet_step", "mfu_transformer_step", "mfu_vae_decode",
+    "peak_memory_mb", "memory_kind", "max_abs_diff_vs_diffusers", "psnr_vs_fp32", "max_abs_diff_vs_fp32", "image",
+    "note"]
 
 
 def _flops_of(result: dict[str, Any], run: dict[str, Any]) -> dict[str, int]:
@@ -56,7 +72,7 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "note": run.get("note", ""), "ceiling_flops_per_s": run.get("ceiling_flops_per_s")}
         flops = _flops_of(result, run)
         row.update(flops_frame=flops.get("frame"), flops_unet_step=flops.get("unet_step"),
-                   flops_vae_decode=flops.get("vae_decode"))
+                   flops_transformer_step=flops.get("transformer_step"), flops_vae_decode=flops.get("vae_decode"))
         if run["status"] == "ok":
             stages = run["stages"]
             for key in ("frame",) + STAGES:
@@ -65,9 +81,11 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                         row[f"{key}_s_{q}"] = stages[key][q]
             row.update(batch_s_median=stages["batch"]["median"], images_per_s=run["images_per_s"],
                        unet_steps_per_s=run.get("unet_steps_per_s"),
+                       transformer_steps_per_s=run.get("transformer_steps_per_s"),
                        speedup_vs_diffusers=run.get("speedup_vs_diffusers"),
                        achieved_flops_per_s_frame=run["achieved_flops_per_s"]["frame"],
                        mfu_frame=run["mfu"]["frame"], mfu_unet_step=run["mfu"].get("unet_step"),
+                       mfu_transformer_step=run["mfu"].get("transformer_step"),
                        mfu_vae_decode=run["mfu"].get("vae_decode"), peak_memory_mb=run["memory"]["peak_mb"],
                        memory_kind=run["memory"]["kind"],
                        max_abs_diff_vs_diffusers=run.get("max_abs_diff_vs_diffusers"), image=run.get("image"),
@@ -114,17 +132,18 @@ def write_plot(result: dict[str, Any], path: Path) -> Path | None:
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
 
-    # Stage breakdown of one batch, per frame: text + steps x UNet step + VAE decode; "other" is what remains of
+    # Stage breakdown of one batch, per frame: text + steps x denoiser step + VAE decode; "other" is what remains of
     # the end-to-end time (scheduler, latents, copies). diffusers is shown as one bar: its stages are not timed.
     labels = []
-    parts: dict[str, list[float]] = {"text": [], "UNet (all steps)": [], "VAE decode": [], "other": [],
-                                     "diffusers, end to end": []}
+    parts: dict[str, list[float]] = {"text": [], f"{denoiser_label(result)} (all steps)": [], "VAE decode": [],
+                                     "other": [], "diffusers, end to end": []}
     for r in sorted(ok, key=lambda r: (r["size"], r["batch"], r["backend"] != BASELINE, r["backend"])):
         s, b = r["stages"], r["batch"]
         frame = s["frame"]["median"]
         labels.append(f"{r['backend']} {r['size']} b{b}")
-        if "unet_step" in s:
-            text, unet, vae = (s["text_encode"]["median"] / b, st["steps"] * s["unet_step"]["median"] / b,
+        step = denoiser_step(s)
+        if step is not None:
+            text, unet, vae = (s["text_encode"]["median"] / b, st["steps"] * s[step]["median"] / b,
                                s["vae_decode"]["median"] / b)
             vals = [text, unet, vae, max(frame - text - unet - vae, 0.0), 0.0]
         else:
@@ -222,8 +241,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
              "re-run `movielm-fast bench` (or `python -m movielm_fast.bench.gpu` on a GPU machine) and regenerate.", "",
              "How a GPU run is done (`docs/gpu.md` has the details):", "", *HOW_TO, "",
              "Protocol (`bench/runner.py`): warm-up, then each figure is the median over the repeats (min–max in "
-             "brackets), device work synchronized. *vs diffusers* is diffusers' own StableDiffusion(XL)Pipeline "
-             "with the same components, scheduler, steps, size, batch and seeds, measured in the same run; "
+             "brackets), device work synchronized. *vs diffusers* is diffusers' own pipeline of the model's "
+             "family (StableDiffusion(XL)Pipeline, FluxPipeline, Flux2KleinPipeline) with the same components, "
+             "scheduler, steps, size, batch and seeds, measured in the same run; "
              "*MFU* is achieved FLOP/s (FlopCounterMode count: matmuls, convolutions, attention) over the matmul "
              "ceiling measured in the same run (a large GEMM in the same dtype; the highest of its measurements, "
              "so on a loaded machine MFU errs low). MFU above 100% is possible: the ceiling is a measured GEMM, not "
@@ -242,7 +262,7 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
               "Per machine, model and size, from the latest run: our fastest configuration against diffusers' "
               "fastest (images/s, each at its best batch size).", "",
               "| machine | model | dtype | size | steps | ours (backend, batch) | s/frame | diffusers s/frame | "
-              "speed-up | MFU frame | MFU UNet step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "speed-up | MFU frame | MFU denoiser step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     latest: dict[tuple, tuple[Path, dict]] = {}
     for path, res in results:
         latest[(res["machine"]["slug"], res["settings"]["model"], res["settings"]["dtype"])] = (path, res)
@@ -254,7 +274,7 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                 f"| {slug} | {model} | {dtype} | {h['size']} | {res['settings']['steps']} | {b['backend']}, "
                 f"b{b['batch']} | {median_text(b['stages']['frame'])} | "
                 f"{median_text(ref['stages']['frame']) if ref else '–'} | "
-                f"{speedup} | {_pct(b['mfu']['frame'])} | {_pct(b['mfu'].get('unet_step'))} |")
+                f"{speedup} | {_pct(b['mfu']['frame'])} | {_pct(b['mfu'].get(denoiser_step(b['mfu']) or ''))} |")
     lines.append("")
     machines: dict[str, list[tuple[Path, dict]]] = {}
     for path, res in results:
@@ -288,8 +308,9 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                                                                       for b, src in wip.items()), ""]
             if res.get("skipped"):
                 lines += ["Skipped: " + "; ".join(f"{s['backend']} ({s['reason']})" for s in res["skipped"]), ""]
-            lines += ["| backend | size | batch | s/frame | images/s | UNet step s | UNet steps/s | VAE decode s | "
-                      "text s | vs diffusers | MFU UNet | MFU VAE | MFU frame | peak mem MB | Δ vs diffusers | "
+            den = denoiser_label(res)
+            lines += [f"| backend | size | batch | s/frame | images/s | {den} step s | {den} steps/s | VAE decode s | "
+                      f"text s | vs diffusers | MFU {den} | MFU VAE | MFU frame | peak mem MB | Δ vs diffusers | "
                       "image |", "|" + "---|" * 16]
             for r in res["runs"]:
                 if r["status"] != "ok":
@@ -302,16 +323,17 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
                 if "psnr_vs_fp32" in r:  # a bf16/fp16 row: its precision's cost against our fp32 row, same seeds
                     diff = f"{'–' if diff is None else diff}; {r['dtype']} vs fp32: {r['psnr_vs_fp32']:.1f} dB, " \
                            f"max {r['max_abs_diff_vs_fp32']}"
-                steps_per_s = f"{r['unet_steps_per_s']:.2f}" if "unet_steps_per_s" in r else "–"
+                step = denoiser_step(s)
+                steps_per_s = f"{r[f'{step}s_per_s']:.2f}" if step else "–"
                 mem = f"{r['memory']['peak_mb']:.0f} ({'RSS' if r['memory']['kind'] == 'cpu_peak_rss' else 'alloc'})"
                 # Images kept beside the JSON are linked; a run whose images were not kept links none.
                 shot = path.parent / r["image"] if r.get("image") else None
                 image = f"[png]({rel(shot)})" if shot and shot.exists() else ""
                 cells = [r["backend"], r["size"], r["batch"], median_text(s["frame"], True),
-                         f"{r['images_per_s']:.3f}", median_text(s.get("unet_step"), True), steps_per_s,
+                         f"{r['images_per_s']:.3f}", median_text(s.get(step or ""), True), steps_per_s,
                          median_text(s.get("vae_decode"), True), median_text(s.get("text_encode"), True),
                          "–" if sp is None else f"{sp:.2f}×",
-                         _pct(mfu.get("unet_step")), _pct(mfu.get("vae_decode")), _pct(mfu["frame"]), mem,
+                         _pct(mfu.get(step or "")), _pct(mfu.get("vae_decode")), _pct(mfu["frame"]), mem,
                          "–" if diff is None else diff, image]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
             plot = path.with_suffix(".png")
@@ -325,8 +347,8 @@ def render_results_md(results: list[tuple[Path, dict[str, Any]]], md_dir: Path) 
 
 def short_table(results: list[dict[str, Any]]) -> str:
     """A few columns per run, fixed width, for the end of a terminal session."""
-    head = f"{'model':<10} {'backend':<12} {'size':<9} {'batch':>5} {'s/frame':>9} {'img/s':>8} {'UNet it/s':>9} " \
-           f"{'vs diffusers':>12} {'MFU UNet':>8} {'MFU frame':>9}"
+    head = f"{'model':<10} {'backend':<12} {'size':<9} {'batch':>5} {'s/frame':>9} {'img/s':>8} {'step it/s':>9} " \
+           f"{'vs diffusers':>12} {'MFU step':>8} {'MFU frame':>9}"
     lines = [head, "-" * len(head)]
     for res in results:
         for r in res["runs"]:
@@ -335,12 +357,13 @@ def short_table(results: list[dict[str, Any]]) -> str:
                              f"{r['status']}")
                 continue
             sp = r.get("speedup_vs_diffusers")
-            its = r.get("unet_steps_per_s")
+            step = denoiser_step(r["mfu"]) or ""
+            its = r.get(f"{step}s_per_s")
             lines.append(
                 f"{res['settings']['model']:<10} {r['backend']:<12} {r['size']:<9} {r['batch']:>5} "
                 f"{r['stages']['frame']['median']:>9.4f} {r['images_per_s']:>8.3f} "
                 f"{'–' if its is None else f'{its:.2f}':>9} {'–' if sp is None else f'{sp:.2f}x':>12} "
-                f"{_pct(r['mfu'].get('unet_step')):>8} {_pct(r['mfu']['frame']):>9}")
+                f"{_pct(r['mfu'].get(step)):>8} {_pct(r['mfu']['frame']):>9}")
     return "\n".join(lines)
 
 

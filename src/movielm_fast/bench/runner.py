@@ -2,13 +2,15 @@
 
 Once per run: the matmul ceiling (a large GEMM in the run's dtype). Then for each size, for each batch size
 (ascending; a batch that does not fit stops the larger ones for that backend):
-  1. count FLOPs once (text encoders, one UNet step on the CFG batch, one VAE decode) on the real torch modules,
-     and measure the matmul ceiling again (the machine's load can change during a run);
-  2. warm up every entry -- diffusers' StableDiffusion(XL)Pipeline with the same components, scheduler, steps,
-     size, batch and seeds, then each of our backends through `engine.pipeline.render_batch`;
+  1. count FLOPs once (text encoders, one denoiser step on the guidance batch, one VAE decode) on the very torch
+     modules the backends run and export (export/graphs.py), and measure the matmul ceiling again (the machine's
+     load can change during a run);
+  2. warm up every entry -- diffusers' own pipeline of the model's family (StableDiffusion(XL)Pipeline,
+     FluxPipeline, Flux2KleinPipeline) with the same components, scheduler, steps, size, batch and seeds, then each
+     of our backends through `engine.pipeline.render_batch`;
   3. time whole batches end to end, `repeats` rounds, interleaved (round 1 of every entry, then round 2 ...);
-  4. time our stages through the backend, interleaved the same way: text encoding (cold prompt cache), one UNet
-     step, one VAE decode.
+  4. time our stages through the backend, interleaved the same way: text encoding (cold prompt cache), one
+     denoiser step (`unet_step`, or `transformer_step` for the transformer families), one VAE decode.
 MFU divides achieved FLOP/s by the highest ceiling measured in the run (`finalize_mfu`).
 Every figure is min/median/max over the repeats; device work is synchronized before the clock is read.
 
@@ -25,21 +27,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from movielm_fast.engine.backends.base import backend_names, create_backend
 from movielm_fast.engine.config import BackendConfig
-from movielm_fast.engine.families.sd import stack_conditioning
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
-from movielm_fast.engine.models import load_model, native_size, own_defaults
+from movielm_fast.engine.models import native_size, own_defaults
 from movielm_fast.engine.oom import is_oom
 from movielm_fast.engine.pipeline import render_batch
 from movielm_fast.engine.schedulers import make_scheduler
-from movielm_fast.engine.text import PromptEncoder
 from movielm_fast.errors import UserError
-from movielm_fast.export.specs import VAE_DECODER, component_dtype
+from movielm_fast.export.graphs import graph_modules
+from movielm_fast.export.onnx_export import graph_args
+from movielm_fast.export.specs import TRANSFORMER, UNET, VAE_DECODER, component_dtype, model_specs
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text
 from movielm_fast.run.images import png_bytes
 
@@ -55,8 +58,8 @@ from .hardware import (
     timed,
 )
 from .image_quality import to_uint8
-from .models import resolve_model
-from .report import BASELINE, FORMAT, write_csv, write_plot
+from .models import load_bench_model
+from .report import BASELINE, DENOISERS, FORMAT, denoiser_step, write_csv, write_plot
 
 # Movie-like prompts of typical length; the negative prompt is empty, as in a plan's defaults.
 PROMPTS = [
@@ -69,8 +72,8 @@ PROMPTS = [
 
 def backend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """"torch+cuda_graphs+sdpa_backend=flash+no-fuse_qkv" -> ("torch", {cuda_graphs: True, sdpa_backend: "flash",
-    fuse_qkv: False}); the options are engine.config.BackendConfig fields. ``dtype=bf16`` runs one entry in another dtype than
-    the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
+    fuse_qkv: False}); the options are engine.config.BackendConfig fields. ``dtype=bf16`` runs one entry in another
+    dtype than the run's: its rows get PSNR and max difference against the run's first fp32 entry of ours."""
     base, *parts = spec.split("+")
     allowed = {"attention", "sdpa_backend", "channels_last", "cuda_graphs", "cudnn_benchmark", "fuse_qkv",
                "compile_unet", "dtype", "quantize"}
@@ -110,8 +113,10 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     guidance: float | None = None
-    """None: the model's own, else 7.5."""
-    scheduler: str = "dpmpp"
+    """None: the model's own (its movielm_defaults.json; a transformer family's: FLUX.1 [dev] 3.5, FLUX.2 [klein]
+    4.0 or, distilled, 1.0), else 7.5."""
+    scheduler: str | None = None
+    """None: the model family's ("default": a transformer family's own flow-matching scheduler), else dpmpp."""
     baseline: bool = True
     peer_compile: str | None = None
     """Also time diffusers with its own documented speed recipe (`compiled_diffusers_pipeline`), compiled in this
@@ -124,7 +129,8 @@ class BenchSettings:
         """Every default filled in for `model` (an engine.models.ModelBundle) on `device`."""
         cuda = device.type == "cuda"
         native = native_size(model)
-        own = own_defaults(model)  # the model's movielm_defaults.json, where it ships one
+        # The model's movielm_defaults.json, where it ships one, over its family's (FLUX: steps, guidance, scheduler)
+        own = {**model.family.defaults(model), **own_defaults(model)}
         size = (own["width"], own.get("height", own["width"])) if "width" in own else \
             (native, native) if cuda else (256, 256)
         return BenchSettings(**{
@@ -132,7 +138,8 @@ class BenchSettings:
             "sizes": self.sizes or [size],
             "batch_sizes": sorted(set(self.batch_sizes or ([1, 2, 4, 8] if cuda else [1, 2]))),
             "steps": self.steps or own.get("steps") or (20 if cuda else 4),
-            "guidance": self.guidance if self.guidance is not None else own.get("guidance", 7.5)})
+            "guidance": self.guidance if self.guidance is not None else own.get("guidance", 7.5),
+            "scheduler": self.scheduler or own.get("scheduler", "dpmpp")})
 
 
 @dataclass
@@ -164,6 +171,16 @@ def diffusers_pipeline(model, scheduler: str, device: torch.device, dtype: torch
         p = next(module.parameters())
         return module if (p.device, p.dtype) == (device, dtype) else module.to(device, dtype)
 
+    if model.transformer is not None:  # FLUX.1, FLUX.2 [klein]: the family's pipeline, its parts by their names
+        family = model.family
+        parts = {folder: on(enc) for (folder, _, _, _), enc in zip(family.encoders, model.text_encoders)}
+        parts.update({tok: t for (_, tok, _, _), t in zip(family.encoders, model.tokenizers)})
+        extra = {"is_distilled": model.distilled} if model.kind == "flux2-klein" else {}
+        pipe = getattr(diffusers, family.pipelines[0])(
+            **parts, **extra, transformer=on(model.transformer), vae=on(model.vae),
+            scheduler=make_scheduler(scheduler, model.scheduler_config))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     parts = dict(vae=on(model.vae), unet=on(model.unet), text_encoder=on(model.text_encoders[0]),
                  tokenizer=model.tokenizers[0], scheduler=make_scheduler(scheduler, model.scheduler_config))
     if model.kind == "sdxl":
@@ -192,6 +209,9 @@ def compiled_diffusers_pipeline(model, scheduler: str, device: torch.device, dty
     if mode not in PEER_COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r} for the diffusers peer",
                         f"use {' or '.join(PEER_COMPILE_MODES)}")
+    if model.unet is None:
+        raise UserError(f"the compiled diffusers peer is diffusers' UNet recipe; none is written for {model.kind}",
+                        "time this model with --peer-compile off")
     pipe = diffusers_pipeline(model, scheduler, device, dtype)
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)
@@ -207,10 +227,12 @@ class Bench:
         self.log = log
         probe = BackendConfig(device=settings.device, dtype=settings.dtype, threads=settings.threads)
         self.device, self.dtype, self.dtype_name = probe.torch_device, probe.torch_dtype, probe.dtype_name
-        self.model_path = resolve_model(settings.model)
+        self.settings = settings
         log(f"loading {settings.model} ...")
-        self.model = load_model(self.model_path)
+        self.model = self._load()
         self.s = settings.resolved(self.device, self.model)
+        # The denoiser's step: the UNet's, or a transformer family's (its stage, FLOPs and it/s are named so).
+        self.step = f"{UNET if self.model.unet is not None else TRANSFORMER}_step"
         self.backend_config = lambda **opts: BackendConfig(device=settings.device, threads=settings.threads,
                                                            **{"dtype": settings.dtype, **opts})
         self.machine = machine_info(self.device)
@@ -225,12 +247,17 @@ class Bench:
                          "device": self.device.type, "dtype": self.dtype_name, "backends": settings.backends,
                          "sizes": [f"{w}x{h}" for w, h in self.s.sizes], "batch_sizes": self.s.batch_sizes,
                          "steps": self.s.steps, "repeats": self.s.repeats, "warmup": self.s.warmup,
+                         "denoiser": self.step.removesuffix("_step"),
                          "guidance": self.s.guidance, "scheduler": self.s.scheduler,
                          "negative_prompt": "", "attention": "sdpa"},
             "ceiling": None, "configs": [], "runs": [], "skipped": [], "notes": [], "backend_sources": {},
             "bench_source": source_state(Bench)}
 
     # --- set-up ------------------------------------------------------------------------------------------------
+    def _load(self):
+        """The model, loaded (or, for the DiT architectures, built) afresh."""
+        return load_bench_model(self.settings.model, self.device, self.dtype)
+
     def _backends(self) -> list[_Backend]:
         names = self.s.backends or backend_names()
         out = []
@@ -241,7 +268,7 @@ class Bench:
                 continue
             try:
                 # A variant changes modules in place (attention processors, fused QKV): give it its own copy.
-                model = load_model(self.model_path) if opts else self.model
+                model = self._load() if opts else self.model
                 impl = create_backend(base, model, self.backend_config(**opts))
             except Exception as exc:  # noqa: BLE001 - one backend failing to start must not lose the others' run
                 kind = "" if isinstance(exc, (UserError, ImportError)) else f"{type(exc).__name__}: "
@@ -257,93 +284,92 @@ class Bench:
 
     def _peers(self) -> list[_Backend]:
         """diffusers' pipeline as it comes (the baseline), then with its speed recipe if asked for. On CUDA our torch
-        backend changes shared modules in place (channels_last; the VAE's dtype), which would tune the peers too:
-        each peer gets its own copy there. On CPU the plain one shares ours (a second fp32 copy of a model would not
-        fit many machines' memory)."""
+        backend changes a UNet's modules in place (channels_last, fused QKV; the VAE's dtype), which would tune the
+        peers too: each peer gets its own copy there. On CPU the plain one shares ours (a second fp32 copy of a model
+        would not fit many machines' memory), and so does a transformer family's on CUDA: our backend only places
+        its modules (and makes the VAE channels-last), and two copies of FLUX.1 would not fit an 80 GB GPU."""
         peers = []
         if self.s.baseline:
             upcast = component_dtype(self.model, VAE_DECODER, self.dtype_name) != self.dtype_name
-            model = load_model(self.model_path) if self.device.type == "cuda" or upcast else self.model
+            own = (self.device.type == "cuda" and self.model.unet is not None) or upcast
+            model = self._load() if own else self.model
             peers.append(_Backend(BASELINE, diffusers_pipeline(model, self.s.scheduler, self.device, self.dtype),
                                   baseline=True))
         else:
             self.result["notes"].append("diffusers baseline disabled (--no-baseline): no speed-up figures")
         if self.s.peer_compile:
-            pipe = compiled_diffusers_pipeline(load_model(self.model_path), self.s.scheduler, self.device,
+            pipe = compiled_diffusers_pipeline(self._load(), self.s.scheduler, self.device,
                                                self.dtype, self.s.peer_compile)
             peers.append(_Backend(f"{BASELINE}+compile", pipe, baseline=True))
         return peers
 
     # --- FLOPs -------------------------------------------------------------------------------------------------
     def _flops(self, width: int, height: int, batch: int) -> dict[str, int]:
-        """Work of one batch, counted on the model's own torch modules (the same math every backend runs)."""
+        """Work of one batch, counted on the modules every backend runs (export/graphs.py), at the shapes a render
+        hands them (export/specs.py): each prompt of the guidance batch through every text encoder, one denoiser
+        step on the guidance batch, one VAE decode."""
         m = self.model
-        cfg_batch = 2 * batch if self.s.guidance > 1.0 else batch
-        h, w = height // m.vae_scale_factor, width // m.vae_scale_factor
-        text = 0
-        for enc in m.text_encoders:
-            p = next(enc.parameters())
-            ids = torch.full((cfg_batch, 77), 1, dtype=torch.long, device=p.device)
-            text += count_flops(lambda: enc(input_ids=ids), p.device)
-        p = next(m.unet.parameters())
-        sample = torch.randn(cfg_batch, m.latent_channels, h, w, device=p.device, dtype=p.dtype)
-        hidden = torch.randn(cfg_batch, 77, m.unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
-        added = None
-        if m.unet.config.addition_embed_type == "text_time":
-            pooled = m.unet.config.projection_class_embeddings_input_dim - 6 * m.unet.config.addition_time_embed_dim
-            added = {"text_embeds": torch.randn(cfg_batch, pooled, device=p.device, dtype=p.dtype),
-                     "time_ids": torch.ones(cfg_batch, 6, device=p.device, dtype=p.dtype)}
-        unet = count_flops(lambda: m.unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=added),
-                           p.device)
-        p = next(m.vae.parameters())
-        z = torch.randn(batch, m.latent_channels, h, w, device=p.device, dtype=p.dtype)
-        vae = count_flops(lambda: m.vae.decode(z), p.device)
-        total = text + self.s.steps * unet + vae
-        return {"text_encode": text, "unet_step": unet, "vae_decode": vae, "batch": total, "frame": total // batch}
+        cfg = m.family.cfg_scale(m, self._batch_settings(width, height)) is not None
+        graphs, specs = graph_modules(m), model_specs(m)
+
+        def count(component: str, chunks: int = 1) -> int:
+            graph, spec = graphs[component], specs[component]
+            p = next(graph.parameters())
+            inputs = spec.sample_inputs(spec.dims(batch, width, height, chunks, cfg), p.dtype)
+            inputs = {k: v.to(p.device) for k, v in inputs.items()}
+            return count_flops(lambda: graph(*graph_args(graph, inputs)), p.device)
+
+        prompts = 2 * batch if cfg else batch  # one window each
+        text = sum(count(c, chunks=prompts) for c in specs if c.startswith("text_encoder"))
+        step, vae = count(self.step.removesuffix("_step")), count(VAE_DECODER)
+        total = text + self.s.steps * step + vae
+        return {"text_encode": text, self.step: step, "vae_decode": vae, "batch": total, "frame": total // batch}
 
     # --- measurements ------------------------------------------------------------------------------------------
     def _jobs(self, batch: int):
         return [FrameJob("bench", f"{i:03d}", PROMPTS[i % len(PROMPTS)], "", 1000 + i) for i in range(batch)]
+
+    def _batch_settings(self, width: int, height: int) -> BatchSettings:
+        return BatchSettings(width, height, self.s.steps, self.s.guidance, self.s.scheduler)
 
     def _whole_batch(self, e: _Backend, width: int, height: int, batch: int):
         """(setup, call) for one end-to-end batch: `setup()` runs untimed, `call(setup())` returns uint8 images."""
         jobs = self._jobs(batch)
         if e.baseline:
             def call(generators):
-                # negative_prompt=None is diffusers' "no negative prompt", which an empty plan negative means.
-                return to_uint8(e.impl(prompt=[j.prompt for j in jobs], negative_prompt=None, height=height,
-                                     width=width, num_inference_steps=self.s.steps, guidance_scale=self.s.guidance,
+                # No negative prompt: diffusers' default, which an empty plan negative means.
+                return to_uint8(e.impl(prompt=[j.prompt for j in jobs], height=height, width=width,
+                                     num_inference_steps=self.s.steps, guidance_scale=self.s.guidance,
                                      generator=generators, output_type="np").images)
 
             # One generator per frame, as our seeds promise: the same initial latents, so the same images.
             return (lambda: [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]), call
-        s = BatchSettings(width, height, self.s.steps, self.s.guidance, self.s.scheduler)
+        s = self._batch_settings(width, height)
         # A fresh prompt encoder per call: in a render every frame has its own prompt, so its cache never hits
         # (diffusers encodes every call too).
-        return (lambda: PromptEncoder(self.model, e.impl)), \
+        return (lambda: self.model.family.prompt_encoder(self.model, e.impl)), \
             (lambda enc: to_uint8(np.stack(render_batch(self.model, e.impl, enc, jobs, s))))
 
     def _stage_calls(self, e: _Backend, width: int, height: int, batch: int) -> dict[str, tuple]:
-        """(setup, call) per stage -- text encoding (cold cache), one UNet step on the CFG batch, one VAE decode --
-        each through the backend, as the hot path calls it. Timed after the whole-batch warm-up, so all are warm."""
-        m, be, dev = self.model, e.impl, self.device
-        s = BatchSettings(width, height, self.s.steps, self.s.guidance, self.s.scheduler)
+        """(setup, call) per stage -- text encoding (cold cache), one denoiser step on the guidance batch, one VAE
+        decode -- each through the backend, on the inputs the hot path makes for them (the model family's own
+        conditioning, schedule, noise and unpacking, so shapes and order cannot drift). Timed after the whole-batch
+        warm-up, so all are warm."""
+        m, be, dev, family = self.model, e.impl, self.device, self.model.family
+        s = self._batch_settings(width, height)
         jobs = self._jobs(batch)
-        cfg = s.guidance > 1.0
-        fresh = lambda: PromptEncoder(m, be)  # noqa: E731
-        # The conditioning the hot path builds (its own helper, so shapes and order cannot drift), on the device.
-        c = stack_conditioning(fresh(), jobs, s, cfg)
-        cond = c.to(dev)
-        scheduler = make_scheduler(s.scheduler, m.scheduler_config)
-        scheduler.set_timesteps(s.steps, device=dev)
+        guidance = family.cfg_scale(m, s)  # None: no negative batch
+        fresh = lambda: family.prompt_encoder(m, be)  # noqa: E731
+        cond = family.conditioning(m, fresh(), jobs, s, guidance is not None).to(dev)
+        scheduler = family.scheduler(m, s, dev)
+        latents, generators = family.initial_latents(m, scheduler, [j.seed for j in jobs], s, dev)
+        steps = family.steps(scheduler, scheduler.timesteps, generators)
         t = scheduler.timesteps[0]
-        shape = (m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        latents = torch.randn((2 * batch if cfg else batch, *shape), generator=torch.Generator().manual_seed(0))
-        x = scheduler.scale_model_input(latents.to(dev), t)  # (2B, C, h, w): negatives and positives
-        z = latents[:batch].to(dev)  # (B, C, h, w)
+        x = steps.scale(torch.cat([latents, latents]) if guidance is not None else latents, 0)  # negatives first
+        z = family.unpack(m, latents, s)  # (B, C, h, w)
         none = lambda: None  # noqa: E731
-        return {"text_encode": (fresh, lambda enc: enc.encode_pairs([(j.prompt, j.negative_prompt) for j in jobs])),
-                "unet_step": (none, lambda _: be.denoise(x, t, cond)),
+        return {"text_encode": (fresh, lambda enc: family.conditioning(m, enc, jobs, s, guidance is not None)),
+                self.step: (none, lambda _: be.denoise(x, t, cond)),
                 "vae_decode": (none, lambda _: be.decode(z))}
 
     def _interleaved(self, tag: str, what: str, live: list[dict[str, Any]], calls: Callable[[dict], tuple],
@@ -386,9 +412,9 @@ class Bench:
         run.update(stages=stages, images_per_s=batch / whole["median"],
                    memory={"kind": state["memory_kind"], "peak_mb": round(state["peak"] / 2**20, 1)})
         achieved = {"frame": flops["batch"] / whole["median"]}
-        if "unet_step" in stages:
-            run["unet_steps_per_s"] = 1 / stages["unet_step"]["median"]
-            achieved["unet_step"] = flops["unet_step"] / stages["unet_step"]["median"]
+        if self.step in stages:
+            run[f"{self.step}s_per_s"] = 1 / stages[self.step]["median"]
+            achieved[self.step] = flops[self.step] / stages[self.step]["median"]
             achieved["vae_decode"] = flops["vae_decode"] / stages["vae_decode"]["median"]
         run["achieved_flops_per_s"] = achieved
         run["mfu"] = {k: v / ceiling for k, v in achieved.items()}
@@ -488,7 +514,7 @@ class Bench:
         for st in ours:
             st["stage_calls"] = self._stage_calls(st["entry"], width, height, batch)
             st["stage_samples"] = {k: [] for k in st["stage_calls"]}
-        for stage in ("text_encode", "unet_step", "vae_decode"):
+        for stage in ("text_encode", self.step, "vae_decode"):
             self._interleaved(tag, stage.replace("_", " "), ours, lambda st: st["stage_calls"][stage],
                               lambda st, seconds, _: st["stage_samples"][stage].append(seconds), oom)
         live = [st for st in live if not st.get("failed")]
@@ -564,8 +590,9 @@ def _line(run: dict[str, Any]) -> str:
     st = run["stages"]
     parts = [f"  {run['backend']:<12} {st['frame']['median']:.3f} s/frame (min {st['frame']['min']:.3f}, "
              f"max {st['frame']['max']:.3f}), {run['images_per_s']:.3f} images/s"]
-    if "unet_step" in st:
-        parts.append(f"UNet step {st['unet_step']['median']:.3f} s, VAE {st['vae_decode']['median']:.3f} s, "
+    step = denoiser_step(st)
+    if step is not None:
+        parts.append(f"{DENOISERS[step]} step {st[step]['median']:.3f} s, VAE {st['vae_decode']['median']:.3f} s, "
                      f"text {st['text_encode']['median']:.3f} s")
     if "speedup_vs_diffusers" in run:
         parts.append(f"x{run['speedup_vs_diffusers']:.2f} vs diffusers")

@@ -21,12 +21,15 @@ RESULTS_HELP = "~/.cache/movielm-fast/bench (or $MOVIELM_CACHE/bench)"
                              "JSON, CSV, a plot and one image per configuration to --out. Nothing is written into "
                              "the checkout: --report regenerates a RESULTS.md (the tracked bench/RESULTS.md only "
                              "when you name it).\n\nSize, steps and guidance: the model's own where it ships "
-                             "them (the demo model: 64x64, 20 steps, guidance 4); otherwise on the CPU 256x256 and 4 "
+                             "them (the demo model: 64x64, 20 steps, guidance 4; a FLUX model: its kind's steps and "
+                             "guidance); otherwise on the CPU 256x256 and 4 "
                              "steps, on CUDA the native size and 20 steps, guidance 7.5. Batch sizes: 1,2 on the "
                              "CPU, 1,2,4,8 on CUDA.")
 @click.option("--model", default="demo", show_default=True,
               help="demo | sd15-arch | sdxl-arch (real architecture, random weights, built once into the cache) | "
-                   "a local diffusers folder or .safetensors file.")
+                   "flux-arch | klein-arch (FLUX.1 [dev], FLUX.2 [klein] 4B: real architecture, random weights, built "
+                   "in memory on the device) | tiny-flux | tiny-klein | a local diffusers folder or .safetensors "
+                   "file.")
 @click.option("--backend", "backends", default="all", show_default=True,
               help="Comma-separated backends (torch,onnxruntime,...) or 'all' registered ones; missing ones are "
                    "skipped with a note.")
@@ -37,8 +40,10 @@ RESULTS_HELP = "~/.cache/movielm-fast/bench (or $MOVIELM_CACHE/bench)"
 @click.option("--steps", type=click.IntRange(1), help="Denoising steps per frame.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed repeats per figure.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
-@click.option("--scheduler", default="dpmpp", show_default=True, type=click.Choice(SCHEDULERS))
-@click.option("--guidance", type=float, help="Classifier-free guidance scale [the model's own, else 7.5].")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS),
+              help="Sampler [the model family's: a transformer family's own flow-matching one, else dpmpp].")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale [the model's own (FLUX.1 [dev] 3.5, "
+                                            "FLUX.2 [klein] 4.0, distilled 1.0), else 7.5].")
 @click.option("--no-baseline", is_flag=True, help="Skip diffusers' pipeline (no speed-up figures).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help=f"Folder for the results [{RESULTS_HELP}].")

@@ -17,7 +17,9 @@ from .options import settings_options
                               "and print the artifact folders and manifests. --list / --clear manage the cache.")
 @click.option("--model", default="demo", show_default=True, help="'demo', a diffusers folder or a .safetensors file.")
 @click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime | tensorrt")
-@click.option("--dtype", default="auto", show_default=True, help="auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (the model's CUDA dtype on CUDA and for TensorRT: fp16, bf16 for FLUX; else fp32) | fp32 | "
+                   "fp16 | bf16 (TensorRT)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda (onnxruntime execution provider)")
 @click.option("--batch-sizes", default=None, help="Frames per batch to serve, e.g. 1,4,8 (default 1,4).")
 @click.option("--sizes", default=None, help="Image sizes WIDTHxHEIGHT, e.g. 512x512,768x512 (default: native).")
@@ -52,7 +54,7 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         return
     from movielm_fast.engine.cpu import use_threads
     from movielm_fast.engine.models import check_refiner, load_model, load_refiner, load_vae, vae_folder
-    from movielm_fast.export.artifacts import check_backend, export_for_backend
+    from movielm_fast.export.artifacts import auto_dtype, check_backend, export_for_backend
     from movielm_fast.export.specs import default_profile, parse_batch_sizes, parse_sizes
     from movielm_fast.export.tensorrt import require_tensorrt
 
@@ -67,8 +69,11 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         return
 
     check_backend(backend)  # the checks a user can fail come before loading gigabytes
-    if dtype not in ("auto", "fp32", "fp16"):
-        raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32 or fp16")
+    if dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise UserError(f"unknown dtype {dtype!r} for export", "use auto, fp32, fp16 or bf16")
+    if dtype == "bf16" and backend != "tensorrt":
+        raise UserError("ONNX Runtime graphs are fp32 or fp16, not bf16 (bf16 is for TensorRT engines)",
+                        "use --dtype auto, fp32 or fp16, or --backend tensorrt")
     if backend == "tensorrt":
         require_tensorrt()
     batches = parse_batch_sizes(batch_sizes) if batch_sizes else None
@@ -79,6 +84,10 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         vae_folder(vae)
     use_threads(threads)  # tracing and ONNX Runtime's graph optimisation run on the CPU
     bundle = load_model(model)
+    if dtype == "fp16" and bundle.family.cuda_dtype != "fp16":
+        raise UserError(f"{bundle.family.name} overflows in fp16 (its activations exceed fp16's range)",
+                        "use --dtype auto (bf16 for TensorRT, fp32 for ONNX Runtime)")
+    dtype = auto_dtype(bundle, backend, device) if dtype == "auto" else dtype
     profile = default_profile(bundle, batches, shapes, dynamic=bool(dynamic) if backend == "tensorrt" else True)
     artifacts = export_for_backend(bundle, backend, device, dtype, profile)
     # A refiner and a swapped VAE are exported under their own content hash, for the base model's shapes.

@@ -45,11 +45,20 @@ def check_backend(backend: str) -> None:
                                                                   "(the torch backend needs no export)")
 
 
+def auto_dtype(model, backend: str, device: str) -> str:
+    """What `--dtype auto` exports: the model family's CUDA dtype for TensorRT and for CUDA (fp16; bf16 for the
+    transformer families, which overflow fp16), fp32 on the CPU and for the families whose CUDA dtype ONNX Runtime
+    has no graphs for (bf16)."""
+    cuda = model.family.cuda_dtype
+    if backend == "tensorrt" or (device.startswith("cuda") and cuda == "fp16"):
+        return cuda
+    return "fp32"
+
+
 def export_for_backend(model, backend: str, device: str, dtype: str, profile: ShapeProfile | None = None
                        ) -> dict[str, cache.Artifact]:
+    """`dtype`: fp32, fp16 or (TensorRT) bf16; `auto_dtype` resolves auto."""
     check_backend(backend)
-    if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") or backend == "tensorrt" else "fp32"
     profile = profile or default_profile(model)
     if backend == "onnxruntime":
         require_ort_provider(device)

@@ -23,12 +23,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
 
 from movielm_fast.errors import UserError
 from movielm_fast.paths import cache_root, make_dirs, sha256_files, umask
+
+from .specs import DYNAMO_COMPONENTS
 
 log = logging.getLogger("movielm_fast")
 
@@ -97,6 +99,11 @@ class ArtifactKey:
 
 def make_key(model, component: str, target: str, dtype: str, profile_id: str = "dynamic") -> ArtifactKey:
     versions = tool_versions(target)
+    if component in DYNAMO_COMPONENTS:  # their graphs are written by onnxscript (export/onnx_export.dynamo_export)
+        try:
+            versions["onnxscript"] = version("onnxscript")
+        except PackageNotFoundError:  # then the export stops with the one-line error naming the extra
+            pass
     return ArtifactKey(model.model_id, model.content_hash, component, target, dtype, profile_id,
                        tuple(sorted(versions.items())))
 

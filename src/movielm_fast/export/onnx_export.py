@@ -1,8 +1,9 @@
 """ONNX export of each component, checked, graph-optimized for its target, converted to fp16 for GPUs.
 
 Every graph is declared by its `ModelSpec` (export/specs.py): names, dynamic axes and the sample inputs used for
-tracing. The TorchScript exporter (`dynamo=False`) is used: it needs no extra packages and traces diffusers' UNet
-and CLIP cleanly; the dynamo exporter needs onnxscript.
+tracing. Two exporters of torch's, chosen per component (`DYNAMO_COMPONENTS`): the TorchScript one (`dynamo=False`)
+for the UNet families' graphs, which it traces cleanly and quickly; the dynamo one (torch.export + onnxscript) for
+the transformer families' denoiser, whose attention reshapes the TorchScript tracer freezes (`dynamo_export`).
 
 Targets:
   ort-cpu   fp32, ONNX Runtime transformer fusions that have CPU kernels (attention, LayerNorm, GELU)
@@ -26,16 +27,17 @@ import torch
 from torch import nn
 
 from movielm_fast.errors import UserError
-from movielm_fast.optional import require_onnx
+from movielm_fast.optional import require, require_onnx
 
 from . import cache
 from .graphs import graph_modules
-from .specs import TRANSFORMER, UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
+from .specs import DYNAMO_COMPONENTS, TRANSFORMER, UNET, VAE_DECODER, ModelSpec, ShapeProfile, model_specs
 from .weight_map import build_weight_map, save_weight_map
 
 log = logging.getLogger("movielm_fast")
 
 OPSET = 17
+DYNAMO_OPSET = 18  # the first opset onnxscript's torch library writes natively (older ones go through a converter)
 # Protobuf cannot hold more than 2 GB; above this we write weights to one external file beside the graph.
 EXTERNAL_DATA_BYTES = 1 << 30
 ONNX_FILE = "model.onnx"
@@ -73,32 +75,38 @@ def graph_args(module: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple(args)
 
 
-def _rms_norm_symbolic(g, x, shape, weight, eps):
-    """aten::rms_norm (torch.nn.RMSNorm: FLUX's query/key norms) for the TorchScript exporter, which has no symbolic
-    for it at OPSET: x / sqrt(mean(x^2 over the normalized dims) + eps) * weight, as torch defines it."""
-    from torch.onnx import symbolic_helper as sh
+def opset(spec: ModelSpec) -> int:
+    return DYNAMO_OPSET if spec.component in DYNAMO_COMPONENTS else OPSET
 
-    axes = list(range(-len(sh._get_const(shape, "is", "normalized_shape")), 0))
-    eps = torch.finfo(torch.float32).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
-    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
-    out = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
-    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+def dynamo_export(module: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor], path: Path) -> None:
+    """Export through torch.export: each symbolic dimension of the spec is one `torch.export.Dim`, shared by every
+    input that has it (the batch of the latents and of the text states is one B), so the graph serves any batch and
+    image token count. The inputs go in by name; those a variant lacks (FLUX.2's pooled projections) stay out."""
+    require("onnxscript", "onnx", f"exporting the {spec.component} of a transformer family to ONNX")
+    # min=1: a batch of one frame (no CFG) and any size are valid; the trace itself runs at batch 2 (trace_dims)
+    dims = {d: torch.export.Dim(d, min=1) for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    shapes = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None
+              for t in spec.inputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # deprecation notes of torch.export's internals: nothing a user can act on
+        program = torch.onnx.export(module, (), kwargs=inputs, dynamic_shapes=shapes, input_names=spec.input_names,
+                                    output_names=spec.output_names, opset_version=DYNAMO_OPSET, dynamo=True,
+                                    optimize=True, verbose=False)
+    program.save(str(path))  # weights beside the graph in one .data file when they pass protobuf's 2 GB
 
 
 def torch_export(module: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # torch's own registration API for exporter symbolics (idempotent): no module of torch is changed.
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+    if spec.component in DYNAMO_COMPONENTS:
+        dynamo_export(module, spec, inputs, path)
+        return
     args = graph_args(module, inputs)  # the exporter names the non-None ones in order: the spec's input names
     with warnings.catch_warnings(), torch.no_grad():
         # TracerWarnings about Python-side shape checks are expected: the shapes they test are static per request.
         warnings.simplefilter("ignore")
-        # The exporter's constant folding freezes the transformers' attention reshapes at the traced batch and token
-        # count (their shapes come through a concatenation of text and image tokens); ONNX Runtime folds what is
-        # truly constant when it loads the graph.
         torch.onnx.export(module, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET,
-                          do_constant_folding=spec.component != TRANSFORMER, dynamo=False)
+                          dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, dynamo=False)
 
 
 def _weights_bytes(model_proto) -> int:
@@ -353,7 +361,7 @@ def export_component(model, component: str, target: str, dtype: str = "fp32",
                           **spec.consts},
                  "covers": "any batch and any size (multiple of 8 pixels): all axes are dynamic",
                  "requested_profile": (profile.as_dict() if profile else None),
-                 "opset": OPSET, "fused_ops": fused, "self_check_relative_diff": check,
+                 "opset": opset(spec), "fused_ops": fused, "self_check_relative_diff": check,
                  "weight_map": {"file": "weights.json", "weights": len(weight_map)},
                  "export_seconds": round(export_s, 2), "total_seconds": round(total_s, 2)}
         manifest = cache.commit(tmp, key, ONNX_FILE, extra)

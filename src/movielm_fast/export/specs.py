@@ -23,6 +23,12 @@ TOKENS = 77  # CLIP window: BOS + 75 tokens + EOS
 UNET = "unet"
 TRANSFORMER = "transformer"  # the denoiser of the transformer families (FLUX.1, FLUX.2 [klein])
 VAE_DECODER = "vae_decoder"
+DYNAMO_COMPONENTS = (TRANSFORMER,)
+"""Components exported with torch's dynamo exporter. FLUX's attention (diffusers' FluxAttnProcessor, Flux2's) splits
+heads with `unflatten(-1, (-1, head_dim))` and its rotary embedding reshapes with the sizes it reads: the TorchScript
+tracer records those sizes as constants, so its graph runs at the traced batch and token count only, while
+torch.export keeps them symbolic. diffusers' own processors are exported as they are, so nothing here re-implements
+their attention."""
 DIT_TEXT_TOKENS = 512
 """T5's (FLUX.1) and Qwen3's (FLUX.2 [klein]) text length: diffusers' max_sequence_length default in FluxPipeline and
 Flux2KleinPipeline; prompts are padded to it, longer ones cut."""

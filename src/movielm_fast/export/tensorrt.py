@@ -59,6 +59,9 @@ class TrtBuildConfig:
     static: bool
     keep_fp32_attention: bool = False
     """Pin attention scores (Q·K^T, softmax) to fp32: models that need upcast attention (SD 2.x) overflow in fp16."""
+    bf16: bool = False
+    """bf16 kernels allowed (the transformer families: FLUX's activations overflow fp16). The engine's inputs and
+    outputs keep the ONNX file's fp32 either way."""
     builder_optimization_level: int = 3
     workspace_bytes: int | None = None
     timing_cache: str | None = None
@@ -87,7 +90,8 @@ def timing_cache_path() -> Path:
 def build_config(model, spec: ModelSpec, profile: ShapeProfile, dtype: str, timing_cache: str | None = None
                  ) -> TrtBuildConfig:
     """The whole build recipe for one engine, from the ModelSpec and the requested profile."""
-    fp16 = component_dtype(model, spec.component, dtype) == "fp16"
+    precision = component_dtype(model, spec.component, dtype)
+    fp16 = precision == "fp16"
     upcast = spec.component == UNET and bool(getattr(model.unet.config, "upcast_attention", False))
     if profile.dynamic or spec.batch_role == "chunks":
         # Text encoders are cheap and their batch is the prompt's window count: one dynamic profile serves all.
@@ -98,7 +102,7 @@ def build_config(model, spec: ModelSpec, profile: ShapeProfile, dtype: str, timi
         profiles = tuple(spec.input_profiles(b) for b in profile.buckets())
         static = True
     return TrtBuildConfig(spec.component, fp16, profiles, static, keep_fp32_attention=upcast and fp16,
-                          timing_cache=timing_cache)
+                          bf16=precision == "bf16", timing_cache=timing_cache)
 
 
 def engine_profiles(spec: ModelSpec, profile: ShapeProfile) -> list[ShapeProfile]:
@@ -124,6 +128,8 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: TrtBuildConfig) -> Non
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_bytes)
     if cfg.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if cfg.bf16:
+        config.set_flag(trt.BuilderFlag.BF16)
     if cfg.refit:
         config.set_flag(trt.BuilderFlag.REFIT)
     if cfg.keep_fp32_attention:

@@ -28,6 +28,7 @@ class UNetCond:
     cache: Any = None  # engine.step_cache.StepCacheRun: this batch's step cache (torch backend only)
 
     unbatched = 0  # trailing graph inputs without a batch axis (none)
+    latents_input = "sample"  # the exported UNet's name for the latents
 
     def to(self, device) -> "UNetCond":
         return UNetCond(*(None if x is None else x.to(device) for x in (
@@ -59,6 +60,7 @@ class DiTCond:
     cache: Any = None  # always None: and the step cache
 
     unbatched = 2  # txt_ids, img_ids: the last graph inputs
+    latents_input = "hidden_states"  # the exported transformer's name for the packed latents
 
     def to(self, device) -> "DiTCond":
         return DiTCond(*(None if x is None else x.to(device) for x in (
@@ -106,7 +108,21 @@ class Backend(Protocol):
         when the set is the one already merged."""
 
 
-def refuse_anchors(cond: UNetCond, backend: str) -> None:
+def text_feeds(input_names: list[str], inputs_embeds: torch.Tensor, eos_index: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """An exported text encoder's inputs by its spec's names: CLIP reads the EOS position, Qwen3 the count of real
+    tokens (the same per-row numbers, see `Backend.encode_text`), T5 neither."""
+    given = {"inputs_embeds": inputs_embeds, "eos_index": eos_index.long(), "lengths": eos_index.long()}
+    return {name: given[name] for name in input_names}
+
+
+def denoise_feeds(latents: torch.Tensor, t, cond: UNetCond | DiTCond) -> dict[str, torch.Tensor]:
+    """An exported denoiser's inputs by name (export/specs.py): the latents, the timestep as (1,) float32, and the
+    conditioning's own."""
+    return {cond.latents_input: latents, "timestep": torch.as_tensor(t).reshape(1).float(), **cond.feeds()}
+
+
+def refuse_anchors(cond: UNetCond | DiTCond, backend: str) -> None:
     """Exported graphs have no anchor-attention variant (yet): say so instead of silently rendering without."""
     if cond.anchors is not None:
         raise UserError(f"consistency mode (anchor attention) needs --backend torch; {backend} has no such graph",

@@ -32,7 +32,7 @@ from movielm_fast.export.specs import (
 )
 from movielm_fast.export.weight_map import initializer_values, load_weight_map, session_source
 
-from .base import DiTCond, UNetCond, refuse_anchors, register
+from .base import DiTCond, UNetCond, denoise_feeds, refuse_anchors, register, text_feeds
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 log = logging.getLogger("movielm_fast")
@@ -109,7 +109,7 @@ class OnnxRuntimeBackend:
         self.dtype = config.torch_dtype
         if self.dtype not in (torch.float32, torch.float16):
             raise UserError(f"the onnxruntime backend runs fp32 or fp16, not {config.dtype_name}",
-                            "use --dtype fp32 (CPU) or --dtype fp16 (CUDA)")
+                            "use --dtype fp32 (or, on CUDA, --dtype fp16 for a model that runs in fp16)")
         artifacts = export_onnx_set(model, config.device, config.dtype_name)
         specs = model_specs(model)
         self.model, self.artifacts, self.specs, self.providers = model, artifacts, specs, providers
@@ -155,17 +155,13 @@ class OnnxRuntimeBackend:
 
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
         graph = self.text_graphs[encoder_index]
-        # CLIP reads the EOS position, Qwen3 the count of real tokens: the same per-row numbers (backends.base)
-        given = {"inputs_embeds": inputs_embeds, "eos_index": eos_index.long(), "lengths": eos_index.long()}
-        out = graph(**{name: given[name] for name in graph.spec.input_names})
+        out = graph(**text_feeds(graph.spec.input_names, inputs_embeds, eos_index))
         return tuple(out[name] for name in graph.spec.output_names)
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
         # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
         refuse_anchors(cond, self.name)
-        first = "sample" if self.denoiser == UNET else "hidden_states"
-        feeds = {first: latents, "timestep": torch.as_tensor(t).reshape(1).float(), **cond.feeds()}
-        return self.graphs[self.denoiser](**feeds)["noise"]
+        return self.graphs[self.denoiser](**denoise_feeds(latents, t, cond))["noise"]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.graphs[VAE_DECODER](latents=latents)["images"].float().cpu()

@@ -14,6 +14,7 @@ import torch
 from movielm_fast.errors import UserError
 from movielm_fast.export.onnx_export import export_component, graph_module
 from movielm_fast.export.specs import (
+    TRANSFORMER,
     UNET,
     VAE_DECODER,
     ShapeProfile,
@@ -24,7 +25,7 @@ from movielm_fast.export.specs import (
 from movielm_fast.export.tensorrt import TrtBuildConfig, engine_artifact, refit_engine, refit_plan, require_tensorrt
 from movielm_fast.export.weight_map import load_weight_map
 
-from .base import UNetCond, refuse_anchors, register
+from .base import DiTCond, UNetCond, denoise_feeds, refuse_anchors, register, text_feeds
 
 
 def check_within(cfg, shapes: dict[str, tuple[int, ...]], covers: str) -> int:
@@ -99,6 +100,16 @@ class TrtRunner:
         return {t.name: bufs[t.name].clone() for t in self.spec.outputs}
 
 
+def _image_size(spec, dims: dict[str, int], inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(width, height) of the images a request renders: a UNet's latents say it; a transformer's packed tokens do
+    not, its image position ids do ((0, row, column[, 0]) per token of a 2x2 latent patch)."""
+    if "W" in dims:
+        return dims["W"], dims["H"]
+    ids = inputs["img_ids"]  # (N, axes)
+    rows, columns = (int(ids[:, axis].max()) + 1 for axis in (1, 2))
+    return columns * 2 * spec.scale, rows * 2 * spec.scale
+
+
 def _torch_dtype(trt, dt) -> torch.dtype:
     return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
             trt.int32: torch.int32}[dt]
@@ -120,9 +131,8 @@ class TensorRTBackend:
             raise UserError("the tensorrt backend runs on CUDA only", "use --device cuda, or --backend onnxruntime "
                                                                       "on the CPU")
         self.dtype = config.torch_dtype
-        if self.dtype not in (torch.float16, torch.float32):
-            raise UserError(f"TensorRT engines are fp16 or fp32, not {config.dtype_name}", "use --dtype fp16")
         self.specs = model_specs(model)
+        self.denoiser = UNET if UNET in self.specs else TRANSFORMER  # a UNet's, or a transformer family's
         self.runners: dict[str, list[TrtRunner]] = {c: [] for c in self.specs}
         self._default = default_profile(model)
         # Prompt windows one text-encoder call may carry (PromptEncoder splits a batch's prompts to fit): what the
@@ -168,9 +178,9 @@ class TensorRTBackend:
             d = self._default
             profile = ShapeProfile(d.batch_sizes, d.sizes, max(d.max_chunks, dims["B"]), d.cfg, dynamic=True)
         else:
-            # An engine for exactly this bucket. The UNet's batch already includes CFG's doubling: ask for it as is.
-            frames = dims["B"]
-            profile = ShapeProfile((frames,), ((dims["W"], dims["H"]),), max(1, dims.get("S", 77) // 77),
+            # An engine for exactly this bucket. The denoiser's batch already includes CFG's doubling: ask for it
+            # as is.
+            profile = ShapeProfile((dims["B"],), (_image_size(spec, dims, inputs),), max(1, dims.get("S", 77) // 77),
                                    cfg=False, dynamic=False)
         art = engine_artifact(self.model, component, self.config.dtype_name, profile)
         runner = TrtRunner(art, spec, self.model, self.device, self.config.cuda_graphs)
@@ -182,19 +192,17 @@ class TensorRTBackend:
 
     @torch.inference_mode()
     def encode_text(self, encoder_index, inputs_embeds, eos_index):
-        out = self._run(text_encoder_component(encoder_index), inputs_embeds=inputs_embeds.to(self.device),
-                        eos_index=eos_index.to(self.device).long())
-        return out["last_hidden"], out["penultimate"], out["pooled"]
+        component = text_encoder_component(encoder_index)
+        spec = self.specs[component]
+        out = self._run(component, **text_feeds(spec.input_names, inputs_embeds.to(self.device),
+                                                eos_index.to(self.device)))
+        return tuple(out[name] for name in spec.output_names)
 
     @torch.inference_mode()
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: UNetCond | DiTCond) -> torch.Tensor:
         # cond.timestep_cond is always None: guidance-distilled UNets have no exported spec, so no backend here
         refuse_anchors(cond, self.name)
-        feeds = {"sample": latents, "timestep": torch.as_tensor(t, device=self.device).reshape(1).float(),
-                 "encoder_hidden_states": cond.encoder_hidden_states}
-        if cond.text_embeds is not None:
-            feeds.update(text_embeds=cond.text_embeds, time_ids=cond.time_ids.float())
-        return self._run(UNET, **feeds)["noise"]
+        return self._run(self.denoiser, **denoise_feeds(latents, t, cond))["noise"]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -158,13 +158,6 @@ class FlowFamily:
             if used:
                 raise UserError(f"{flag} is not available for {self.name} yet (docs/models.md has what each model "
                                 "family supports)", f"drop {flag.split()[0]} for this model")
-        if config.backend in ("onnxruntime", "tensorrt"):
-            # The export itself works (export/graphs.py, tests/test_flux_onnx.py), but torch's TorchScript exporter
-            # loses the sizes after diffusers' unflatten in FLUX attention: the graph runs at its traced batch and
-            # image size only. TensorRT engines would also need bf16 builds.
-            raise UserError(f"--backend {config.backend} is not available for {self.name} yet: its exported "
-                            "transformer is fixed to the batch and size it was traced at (docs/models.md)",
-                            "use --backend torch")
         if config.dtype == "fp16":
             raise UserError(f"{self.name} overflows in fp16 (its transformer's activations exceed fp16's range)",
                             "use --dtype bf16, or --dtype auto (bf16 on CUDA, fp32 on the CPU)")
