@@ -1,4 +1,5 @@
-"""Consistent characters (anchor-cached shared attention) on tiny random-weight models."""
+"""Consistent characters (anchor-cached shared attention; a per-character learned token) on tiny random-weight
+models."""
 
 from __future__ import annotations
 
@@ -124,12 +125,12 @@ def test_settings_bound_the_record_and_are_checked(renderer, tmp_path):
 def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
     """`movielm-fast eval` on a tiny random CLIP folder: the numbers mean nothing, the plumbing is what is tested."""
     from click.testing import CliRunner
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
 
     from movielm_fast.cli.main import cli
     from movielm_fast.engine.demo import clip_tokenizer
 
-    clip_dir = tmp_path / "clip"
+    clip_dir, dino_dir = tmp_path / "clip", tmp_path / "dino"
     cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37,
                                   "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77},
                      vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -138,6 +139,8 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(clip_dir)
     clip_tokenizer().save_pretrained(clip_dir)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                             image_size=32, patch_size=8)).save_pretrained(dino_dir)
     plan = write_plan(tmp_path / "plan.json", [_movie()])
     plan_a = write_plan(tmp_path / "plan_a.json", [_movie(consistency=MODE)])
     runner = CliRunner()
@@ -145,7 +148,7 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
         res = runner.invoke(cli, ["render", str(p), "--out", str(tmp_path / out), "--no-style-training", "--quiet"])
         assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), str(tmp_path / "anch"), "--clip", str(clip_dir),
-                              "--json"])
+                              "--dino", str(dino_dir), "--json"])
     assert res.exit_code == 0, res.output
     plain, anch = json.loads(res.output.strip().splitlines()[-1])
     for report, mode in ((plain, "none"), (anch, "anchor_attention")):
@@ -154,9 +157,31 @@ def test_eval_scores_renders_with_and_without_the_mode(tmp_path):
         assert -1 <= m["clip_t"] <= 1 and -1 <= m["clip_i_shared"] <= 1
         assert m["shared_pairs"] == 2  # 001-002 share Rosa, 002-003 share Tom
         assert m["anchor_pairs"] == 4  # Rosa (001, 002) + Tom (002, 003); the plain render borrows the anchors
+        assert set(m["characters"]) == {"Rosa", "Tom"}
+        for c in m["characters"].values():
+            assert c["frames"] == 2 and -1 <= c["clip_t"] <= 1
+            for k in ("clip_i_anchor", "clip_i_typical", "dino_anchor", "dino_typical"):
+                assert -1 <= c[k] <= 1, (k, c)
+        assert set(report["overall"]["characters"]) == {"clip_t", "clip_i_anchor", "clip_i_typical", "dino_anchor",
+                                                        "dino_typical"}
         assert json.loads((tmp_path / ("plain" if mode == "none" else "anch") / "eval.json").read_text())
     res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), "--clip", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no CLIP model folder" in res.output
+    res = runner.invoke(cli, ["eval", str(tmp_path / "plain"), "--clip", str(clip_dir), "--dino", str(clip_dir)])
+    assert res.exit_code == 2 and "not a DINO-style vision transformer" in res.output, res.output
+
+
+def test_character_agreement_on_known_embeddings():
+    """Frames equal to the anchor agree fully; the most typical frame is the one nearest the others."""
+    from movielm_fast.data.evaluate import character_agreement
+
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert character_agreement(torch.stack([a, a, a]), a) == {"anchor": 1.0, "typical": 1.0}
+    assert character_agreement(torch.stack([a, b]), a) == {"anchor": 0.5, "typical": 0.0}
+    # Two frames like a, one like b: the typical frame is an a-frame (mean similarity 0.5 to the others, against
+    # 0 for the b-frame), compared with the other two: (1 + 0) / 2.
+    assert character_agreement(torch.stack([a, b, a]), None) == {"anchor": None, "typical": 0.5}
+    assert character_agreement(a[None], b)["typical"] is None
 
 
 def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
@@ -165,3 +190,42 @@ def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
     s, _ = _render(ort, tmp_path, "ort", [_movie(consistency=MODE)])
     assert [f["movie"] for f in s.failures] == ["c"] and "needs --backend torch" in s.failures[0]["reason"]
     assert s.frames_rendered == 1  # the frame without characters renders; the movie is reported incomplete
+
+
+TOKEN = {"mode": "character_token", "token_steps": 2}
+
+
+def test_character_token_keeps_the_invariants(tiny_sd, tmp_path):
+    """character_token: frames without characters bit-identical to plain; frames with characters carry their
+    tokens; a frame does not depend on its batch or order; the tokens are learned once and read from the library
+    after; the manifest records the method and its settings."""
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
+    _, plain = _render(r, tmp_path, "plain", [_movie()])
+    movie = _movie(consistency=TOKEN)
+    _, b4 = _render(r, tmp_path, "b4", [movie], batch_size=4)
+    learned = dict(r.characters)
+    assert len(learned) == 2 and not any(c.cache_hit for c in learned.values())
+    r.characters.clear()  # as a new process: the tokens come from the library, not from training
+    _, rev = _render(r, tmp_path, "rev", [{**movie, "frames": movie["frames"][::-1]}], batch_size=3)
+    assert all(c.cache_hit for c in r.characters.values())
+    p, f4, fr = _frames(plain), _frames(b4), _frames(rev)
+    assert np.array_equal(p["000"], f4["000"])  # names no character: exactly as without the mode
+    for f in ("001", "002", "003"):
+        assert not np.array_equal(p[f], f4[f]), f
+        assert np.abs(f4[f].astype(int) - fr[f]).max() <= 2, f
+    manifest = json.loads((b4 / "c" / "manifest.json").read_text())
+    assert manifest["settings"]["consistency"]["mode"] == "character_token"
+    assert manifest["settings"]["consistency"]["token_steps"] == 2
+    assert [x["character"] for x in manifest["anchors"]] == ["Rosa", "Tom"]
+    frames = {e["id"]: e["prompt"] for e in manifest["frames"]}
+    tokens = {c.spec.character: c.token for c in learned.values()}
+    assert tokens["Rosa"] in frames["001"] and tokens["Tom"] not in frames["001"]
+    assert tokens["Rosa"] in frames["002"] and tokens["Tom"] in frames["002"] and "<" not in frames["000"]
+
+
+def test_old_anchor_attention_plans_still_render(tiny_sd, tmp_path):
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
+    s, out = _render(r, tmp_path, "old", [_movie(consistency={"mode": "anchor_attention"})])
+    assert s.frames_rendered == 4 and s.failures == []
+    assert json.loads((out / "c" / "manifest.json").read_text())["settings"]["consistency"]["mode"] == \
+        "anchor_attention"

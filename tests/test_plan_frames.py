@@ -93,3 +93,23 @@ def test_stored_manifests_round_trip():
     [loaded] = parse_plan(movie({"shot": "wide", "dialogue": "Hi.", "speaker": "Thomas"}))
     dumped = json.loads(json.dumps(loaded.movie.model_dump(mode="json")))
     assert parse_plan(dumped)[0].movie == loaded.movie
+
+
+def test_shown_names_characters_a_frame_refers_to_otherwise():
+    """ "she", "the detective": the plan says who by `shown` (and by `speaker`); consistency mode gives the frame
+    their tokens, appended where the description does not name them. Without the mode the prompt is unchanged."""
+    from movielm_fast.run.prompts import frame_characters, frame_prompt
+
+    [loaded] = parse_plan(movie({"description": "Rosamund waits. The detective enters.", "shown": ["Thomas"]},
+                                {"description": "She turns away.", "dialogue": "Go.", "speaker": "Rosamund"},
+                                {"description": "An empty hall."}))
+    m = loaded.movie
+    assert [frame_characters(m, f) for f in m.frames] == [["Rosamund", "Thomas"], ["Rosamund"], []]
+    tokens = {"Rosamund": "<rosamund-1>", "Thomas": "<thomas-2>"}
+    assert frame_prompt(m, m.frames[0], None, tokens) == \
+        "Gothic style, <rosamund-1> Rosamund in grey waits. The detective enters., <thomas-2> Thomas in grey"
+    assert frame_prompt(m, m.frames[1], None, tokens) == "Gothic style, She turns away., <rosamund-1> Rosamund in grey"
+    assert frame_prompt(m, m.frames[2], None, tokens) == frame_prompt(m, m.frames[2]) == "Gothic style, An empty hall."
+    assert frame_prompt(m, m.frames[1]) == "Gothic style, She turns away."
+    [(path, message)] = problems(movie({"shown": ["Tomas"]}))
+    assert path == "$.frames[0].shown[0]" and message == "unknown character 'Tomas': did you mean 'Thomas'?"

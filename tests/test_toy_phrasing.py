@@ -61,12 +61,16 @@ def test_the_sets_are_what_the_docstring_says():
 
 
 def test_training_paraphrases_never_produce_a_held_out_caption():
+    from movielm_fast.bench.toy.train import training_captions
+
     held = {c for c, _ in P.HELD_OUT}
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(30):
         for _, sc in P.HELD_OUT:
             seen.add(W.paraphrase(sc, rng, with_style=False))
+        # what train.py feeds the model: paraphrases and world captions, attributes left open
+        seen.update(training_captions(rng, [sc for _, sc in P.HELD_OUT], augment=0.6, p_open=0.3))
     assert len(seen) > 500  # the paraphraser does vary
     assert not seen & held
     # Nor the sentence forms' marks: colons, parentheses, "there is", "background", "coloured", "side".
@@ -80,7 +84,7 @@ def test_shipped_vocabulary_covers_every_training_paraphrase():
     tok = ship.clip_tokenizer()
     rng = np.random.default_rng(1)
     for _ in range(300):
-        sc = W.random_scene(rng)
+        sc = W.describe(W.random_scene(rng), rng, 0.3)
         text = W.paraphrase(sc, rng, style_first=bool(rng.random() < 0.5))
         missing = set(tok(text).input_ids) - keep
         assert not missing, (text, tok.convert_ids_to_tokens(sorted(missing)))
@@ -103,3 +107,25 @@ def test_report_shows_the_phrasing_rates():
            "phrasing": {"held_out": {"rates": rates}}}
     text = "\n".join(TQ.toy_quality_section([res]))
     assert "| held-out forms | 90 | 50% | 90% | 75% | 25% | 60% | 100% |" in text
+
+
+def test_report_keeps_the_shipped_model_first_and_joins_consistency_runs():
+    """The section is the shipped demo's; a fine-tune measured after it gets a part of its own, where consistency
+    settings measured in separate runs share one table."""
+    def res(model, created, **parts):
+        return {"settings": {"model": model, "model_hash": model[-2:], "size": 64, "steps": 20, "scheduler": "dpmpp",
+                             "guidance": 4.0}, "machine": {"cpu_model": "cpu"}, "created": created, **parts}
+
+    rates = {k: 1.0 for k in ("conditioning", "strict", "background", "style", "colour_at_position",
+                              "shape_at_position", "size_at_position", "empty_positions")}
+    row = {"movie_seeds": 3, "appearances": 48, "with_anchor": 0.5, "with_most_common": 0.75, "anchors_read": 1.0,
+           "leak": 0.25, "seconds": 1.0}
+    text = "\n".join(TQ.toy_quality_section([
+        res("demo", "1", conditioning={"rates": {**rates, "images": 100}, "judge_on_ground_truth": rates}),
+        res("/x/f1", "2", consistency={"none": {**row, "consistency": {"mode": "none"}}}),
+        res("/x/f1", "3", consistency={"tok": {**row, "with_anchor": 0.875,
+                                               "consistency": {"mode": "character_token", "token_steps": 75}}})]))
+    shipped, fine_tune = text.split("### Not shipped: /x/f1 (hash f1)")
+    assert "Model demo (hash mo)" in shipped and "**Consistency**" not in shipped
+    assert "| none (none) | 48 | 50% | 75% |" in fine_tune
+    assert '| tok (character_token, "token_steps": 75) | 48 | 88% | 75% |' in fine_tune

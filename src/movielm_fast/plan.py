@@ -28,7 +28,7 @@ SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEED_MODES = ("per_frame", "shared")
-CONSISTENCY_MODES = ("none", "anchor_attention")
+CONSISTENCY_MODES = ("none", "character_token", "anchor_attention")
 
 # Shot sizes a frame may name (film-crew vocabulary, as LLM keyframe planners use it). Case, '_' / '-' / spaces and
 # a trailing " shot" are normalised ("Close_Up shot" -> "close-up"); anything else is a plan error listing these.
@@ -101,6 +101,9 @@ class Frame(_Strict):
     """Free text: angle, lens or movement ("low angle", "35mm"); goes into the prompt after the shot."""
     speaker: str = ""
     """Name of the character who says `dialogue`; empty when nobody speaks."""
+    shown: list[str] = Field(default_factory=list)
+    """Characters the frame shows that its description does not name ("she", "the detective"), by name: consistency
+    mode gives them their identity (the speaker counts as shown too)."""
     seed: int | None = Field(default=None, ge=0, lt=2**63)
 
     _id = field_validator("id")(classmethod(lambda cls, v: _check_id(v)))
@@ -108,12 +111,20 @@ class Frame(_Strict):
 
 
 class ConsistencySettings(BaseModel):
-    """Consistent characters (engine.consistency): `consistency` in a movie or in the file's `defaults`;
+    """Consistent characters (character_token: style.characters; anchor_attention: engine.consistency; docs/
+    consistency.md): `consistency` in a movie or in the file's `defaults`;
     `--consistency MODE` on the command line sets the mode and keeps the rest."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     mode: Literal[CONSISTENCY_MODES] = "none"  # type: ignore[valid-type]
+    anchor_prompt: str = "{appearance}"
+    """The anchor's prompt after the style prefix; {appearance} is the character's appearance. Name a setting that
+    shows the character whole and plainly (a toy-world character needs a place and a background)."""
+    token_steps: int = Field(default=150, ge=1)
+    """character_token: training steps of each character's token."""
+    token_lr: float | None = Field(default=None, gt=0.0)
+    """character_token: the token's learning rate; None: the style trainer's for the model."""
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
     start_step: int = Field(default=1, ge=0)
@@ -125,6 +136,14 @@ class ConsistencySettings(BaseModel):
     which hold over half of the record); None: every up-block self-attention layer."""
     offload: bool = False
     """Keep records in host memory and move each to the device when used: less device memory, a copy per use."""
+
+    @field_validator("anchor_prompt")
+    @classmethod
+    def _one_appearance(cls, v: str) -> str:
+        if v.count("{appearance}") != 1:
+            raise ValueError("must contain {appearance} exactly once, where the character's appearance goes "
+                             '(e.g. "{appearance}, full body, plain background")')
+        return v
 
 
 class RenderSettings(_Strict):
@@ -401,6 +420,10 @@ def _semantic_problems(movies: list[Movie], paths: list[str]) -> list[tuple[str,
             elif frame.speaker and frame.speaker not in names:
                 problems.append((f"{fpath}.speaker", f"unknown character {frame.speaker!r} as speaker: "
                                                      f"{_name_fix(frame.speaker, names, 'or leave speaker empty')}"))
+            for k, name in enumerate(frame.shown):
+                if name not in names:
+                    problems.append((f"{fpath}.shown[{k}]", f"unknown character {name!r}: "
+                                                            f"{_name_fix(name, names, 'or remove it from shown')}"))
     return problems
 
 
@@ -432,8 +455,8 @@ def _salvaged_movie(data: Any, index: int) -> Movie:
                                                appearance=""))
     frames = []
     for i, f in enumerate(data.get("frames") if isinstance(data.get("frames"), list) else []):
-        frames.append(_salvage(Frame, f) or Frame.model_construct(id=f"<frame {i}>", description="", dialogue="",
-                                                                    camera="", speaker="", shot=None, seed=None))
+        frames.append(_salvage(Frame, f) or Frame.model_construct(
+            id=f"<frame {i}>", description="", dialogue="", camera="", speaker="", shown=[], shot=None, seed=None))
     movie_id = data.get("id") if isinstance(data.get("id"), str) else f"<movie {index}>"
     return Movie.model_construct(id=movie_id, style=None, characters=chars, frames=frames, render=None,
                                  consistency=None, loras=[])

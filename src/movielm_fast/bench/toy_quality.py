@@ -1,7 +1,7 @@
 """What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,style,consistency,lossy]
-        [--n 100]
+    python -m movielm_fast.bench.toy_quality [--model demo] [--n 100]
+        [--checks conditioning,phrasing,open,style,consistency,lossy]
 
 Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
 - conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
@@ -13,8 +13,10 @@ Every prompt is built by the engine from a plan, as a render builds it (run.prom
 - style: a textual-inversion token learned by the engine's trainer from neon scenes, each with a caption file of
   what it shows and never the word "neon"; renders of captions without a style word, with and without the token
   (and with the words "neon style" for reference), judged neon how often;
-- consistency: a movie whose two characters move between positions and backgrounds over its frames; how often each
-  character is read with its colour (and shape) at its named place, with consistency mode none and anchor_attention;
+- open: descriptions that leave the colour, size or shape open, `--open-seeds` seeds each: what the seed draws;
+- consistency: a movie whose two characters, described without a colour, move between positions and backgrounds;
+  per character, how often its colour equals its anchor's and its most common one, per consistency setting (none,
+  anchor_attention, character_token and `--consistency-variants`), and the colour leaking between them;
 - lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against fp32
   DPM++ at `--steps` on the same captions and seeds: the conditioning rate, how often the judge's reading is
   unchanged, and PSNR / SSIM of the pixels.
@@ -23,6 +25,7 @@ Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders bes
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -36,9 +39,9 @@ from PIL import Image
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.jobs import BatchSettings, FrameJob
 from movielm_fast.engine.step_cache import StepCache
-from movielm_fast.plan import Style, parse_plan
+from movielm_fast.plan import RenderSettings, Style, parse_plan
 from movielm_fast.run.prompts import frame_prompt
-from movielm_fast.run.renderer import Renderer
+from movielm_fast.run.renderer import Renderer, batch_settings
 from movielm_fast.style.immobilize import immobilize_style
 from movielm_fast.style.training import StyleSettings
 
@@ -167,43 +170,119 @@ def check_style(r: Renderer, args, scenes) -> dict:
     return out
 
 
-CAST = {"Rosa": W.Character("circle", "red", "big"), "Blu": W.Character("triangle", "blue", "big"),
-        "Sunny": W.Character("square", "yellow", "small")}
-STORY = [  # (background, {position: name})
-    ("grass", {"left": "Rosa", "right": "Blu"}), ("grass", {"centre": "Rosa"}), ("sea", {"left": "Blu",
-     "right": "Rosa"}), ("sunset", {"left": "Sunny", "centre": "Blu"}), ("night", {"right": "Sunny"}),
-    ("sky", {"left": "Rosa", "centre": "Sunny", "right": "Blu"}), ("sea", {"centre": "Blu"}),
-    ("sunset", {"left": "Blu", "right": "Rosa"}),
+OPEN = [  # (the attribute left open, a description that leaves it open, where it is drawn)
+    ("colour", W.Character("circle", None, "big"), "in the centre, on grass"),
+    ("size", W.Character("circle", "red", None), "in the centre, on grass"),
+    ("shape", W.Character(None, "red", "big"), "in the centre, on grass"),
+]
+
+
+def _entropy_share(counts: dict[str, int], values: int) -> float:
+    """The entropy of a distribution as a share of the largest possible over `values` values."""
+    p = np.array([c for c in counts.values() if c], float)
+    p /= max(p.sum(), 1)
+    return float(-(p * np.log(p)).sum() / np.log(values)) + 0.0 if len(p) else 0.0  # + 0.0: no "-0.0"
+
+
+def check_open(r: Renderer, args) -> dict:
+    """What the model draws for what a caption leaves open: each description of OPEN as a frame of a plain plan,
+    --open-seeds seeds; the open attribute's distribution over the pure readings, its entropy as a share of the
+    largest possible, how often the colour read is pure (not a blend), and how often the stated attributes are
+    right."""
+    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    out = {}
+    for attribute, described, where in OPEN:
+        [prompt] = engine_prompts([f"{described.phrase} {where}"], "plain")
+        images = render_prompts(r, [prompt] * args.open_seeds, s, seed0=900)
+        drawn = [J.read(img).character("centre") for img in images]
+        values = [getattr(d, attribute) for d in drawn if d is not None]
+        counts = {v: values.count(v) for v in {"colour": W.COLOURS, "size": W.RADIUS, "shape": W.SHAPES}[attribute]}
+        out[attribute] = {"prompt": prompt, "images": len(images), "counts": counts,
+                          "entropy_share": _entropy_share(counts, len(counts)),
+                          "pure": sum(d is not None for d in drawn) / len(images),
+                          "stated_right": sum(J.open_values(d, described) is not None for d in drawn) / len(images)}
+    return out
+
+
+CAST = {"Rosa": W.Character("circle", None, "big"), "Tom": W.Character("square", None, "small")}
+STORY = [  # (background, {position: name}): each character in 8 frames, 4 of them together
+    ("grass", {"left": "Rosa"}), ("sea", {"right": "Tom"}), ("night", {"centre": "Rosa"}),
+    ("sunset", {"left": "Tom", "right": "Rosa"}), ("sky", {"right": "Rosa"}), ("grass", {"centre": "Tom"}),
+    ("sea", {"left": "Rosa", "centre": "Tom"}), ("night", {"left": "Tom"}), ("sunset", {"centre": "Rosa"}),
+    ("sky", {"left": "Rosa", "right": "Tom"}), ("grass", {"right": "Tom"}),
+    ("night", {"centre": "Tom", "right": "Rosa"}),
 ]
 _POS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+# A toy-world caption needs a place and a background: the anchors show each character alone, in the middle, at night.
+ANCHOR_PROMPT = "{appearance} in the centre, at night"
 
 
-def story_plan(mode: str, steps: int, guidance: float, seed: int) -> dict:
+def story_plan(consistency: dict, steps: int, guidance: float, seed: int) -> dict:
     frames = [{"id": f"{i:03d}", "description": " and ".join(f"{n} {_POS[p]}" for p, n in cast.items()) +
                f", {W.BACKGROUND_PHRASES[bg]}"} for i, (bg, cast) in enumerate(STORY)]
-    return {"id": f"story-{mode}", "style": {"name": "plain"},
+    return {"id": "story", "style": {"name": "plain"},
             "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
             "render": {"width": 64, "height": 64, "steps": steps, "guidance": guidance, "scheduler": "dpmpp",
-                       "seed": seed, "negative_prompt": ""}, "consistency": {"mode": mode}}
+                       "seed": seed, "negative_prompt": ""},
+            "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
+
+
+def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading]]:
+    """One movie of STORY: each character's anchor read as the character (its open values), and every frame read.
+    The anchors are rendered as consistency mode renders them, whatever the mode (without it: the anchors the mode
+    would use)."""
+    lm = parse_plan(story_plan(consistency, args.steps, args.guidance, seed))[0]
+    s = r.info.resolved(lm, RenderSettings())
+    s = s.model_copy(update={"consistency": s.consistency.model_copy(update={"mode": "character_token"})})
+    anchors = {}
+    for name, spec in r.anchor_specs(lm, None, s, batch_settings(s)).items():
+        job = FrameJob(spec.movie_id, f"anchor-{name}", spec.prompt, spec.negative_prompt, spec.seed)
+        anchors[name] = J.anchor_values(J.read(r.render([job], spec.settings)[0][0]), CAST[name])
+    tasks = r.plan(lm, None, RenderSettings()).tasks
+    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks]
 
 
 def check_consistency(r: Renderer, args) -> dict:
+    """STORY's two characters leave their colour open; over --story-seeds movie seeds, per consistency setting:
+    each character's open-attribute agreement with its anchor and with its most common appearance (judge.agreement,
+    averaged over characters and seeds); how often it is drawn at its place, with its stated shape and size, in a
+    pure colour; and, in frames with both, how often it shows the other's anchor colour (leak: without the mode,
+    chance)."""
+    variants = {"none": {"mode": "none"}, "anchor_attention": {"mode": "anchor_attention"},
+                "character_token": {"mode": "character_token"}}
+    variants.update(json.loads(args.consistency_variants) if args.consistency_variants else {})
     out = {}
-    for mode in ("none", "anchor_attention"):
-        colour_ok = shape_ok = total = 0
+    for label, consistency in variants.items():
+        if consistency is None:  # a default left out
+            continue
+        t0 = time.perf_counter()
+        groups, counts = [], dict.fromkeys(("appearances", "drawn", "shape", "size", "pure", "shared", "leak"), 0)
         for seed in range(args.story_seeds):
-            lm = parse_plan(story_plan(mode, args.steps, args.guidance, seed))[0]
-            tasks = r.plan(lm, None, lm.settings.__class__()).tasks
-            images = np.concatenate([r.render([t.job], t.settings)[0] for t in tasks])
-            for img, (_, cast) in zip(images, STORY):
-                got = J.read(img)
+            anchors, readings = story_readings(r, consistency, args, seed)
+            seen: dict[str, list] = {n: [] for n in CAST}
+            for g, (_, cast) in zip(readings, STORY):
                 for pos, name in cast.items():
-                    total += 1
-                    colour_ok += got.colours[pos] == CAST[name].colour
-                    shape_ok += got.colours[pos] == CAST[name].colour and got.shapes[pos] == CAST[name].shape
-        out[mode] = {"movie_seeds": args.story_seeds, "character_appearances": total,
-                     "colour_at_position": colour_ok / total,
-                     "colour_and_shape_at_position": shape_ok / total}
+                    v = J.open_values(g.character(pos), CAST[name])
+                    seen[name].append(v)
+                    counts["appearances"] += 1
+                    counts["drawn"] += g.colours[pos] != J.EMPTY
+                    counts["shape"] += g.shapes[pos] == CAST[name].shape
+                    counts["size"] += g.sizes[pos] == CAST[name].size
+                    counts["pure"] += g.colours[pos] != J.EMPTY and g.pure[pos]
+                    if len(cast) > 1:
+                        counts["shared"] += 1
+                        others = {anchors[o] for o in cast.values() if o != name} - {anchors[name], None}
+                        counts["leak"] += v in others
+            groups += [J.agreement(seen[n], anchors[n]) for n in CAST]
+        n = counts["appearances"]
+        out[label] = {"consistency": consistency, "movie_seeds": args.story_seeds, "appearances": n,
+                      "with_anchor": float(np.mean([g["with_anchor"] for g in groups])),
+                      "with_most_common": float(np.mean([g["with_most_common"] for g in groups])),
+                      "anchors_read": sum(g["anchor"] is not None for g in groups) / len(groups),
+                      **{k: counts[k] / n for k in ("drawn", "shape", "size", "pure")},
+                      "shared_appearances": counts["shared"], "leak": counts["leak"] / max(counts["shared"], 1),
+                      "per_character": groups, "seconds": round(time.perf_counter() - t0, 1)}
+        print(label, {k: v for k, v in out[label].items() if k != "per_character"}, flush=True)
     return out
 
 
@@ -249,12 +328,17 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
-    ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
+    ap.add_argument("--checks", default="conditioning,phrasing,open,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
     ap.add_argument("--style-images", type=int, default=16)
     ap.add_argument("--style-steps", type=int, default=150)
-    ap.add_argument("--story-seeds", type=int, default=3)
+    ap.add_argument("--open-seeds", type=int, default=50)
+    ap.add_argument("--story-seeds", type=int, default=6)
+    ap.add_argument("--consistency-variants", default="",
+                    help='more consistency settings to measure beside none, anchor_attention and character_token, '
+                         'as JSON: {"label": {"mode": "character_token", "token_steps": 75}, ...}; a label mapped to '
+                         'null leaves that setting out')
     ap.add_argument("--lossy-n", type=int, default=50)
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
@@ -277,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     if "phrasing" in checks:
         result["phrasing"], issue_images = check_phrasing(r, args)
         print("phrasing", {k: v["rates"] for k, v in result["phrasing"].items() if isinstance(v, dict)})
+    if "open" in checks:
+        result["open"] = check_open(r, args)
+        print("open", result["open"])
     if "style" in checks:
         result["style"] = check_style(r, args, scenes[:args.lossy_n])
         print("style", {k: v for k, v in result["style"].items() if isinstance(v, dict)})
@@ -306,14 +393,11 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return []
     # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
-    # the newest model measured.
-    res = dict(results[-1])
+    # the shipped demo model (else the newest model measured); other models (fine-tunes not shipped) follow with
+    # what was measured of them.
+    res = _merged(results, next((r for r in reversed(results) if r["settings"]["model"] == "demo" and
+                                 "conditioning" in r), results[-1]))
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
-    for key in ("conditioning", "phrasing", "style", "consistency", "image"):
-        for r in reversed(same_model):
-            if key in r:
-                res[key] = r[key]
-                break
     # Lossy cases may be measured a few at a time (--lossy-cases): those against the same reference (steps,
     # captions) form one table, the newest measurement of each case winning.
     lossy: dict[tuple, dict[str, Any]] = {}
@@ -362,14 +446,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                   "| prompt | judged neon | conditioning (style ignored) |", "|---|---|---|"]
         for k in ("without token", "with token", "with the words 'neon style'"):
             lines.append(f"| {k} | {rate(sty[k]['judged_neon'])} | {rate(sty[k]['conditioning_ignoring_style'])} |")
-    con = res.get("consistency")
-    if con:
-        lines += ["", "**Consistency**: a movie of 8 frames whose three characters change places and backgrounds "
-                  "(over one or more movie seeds); each appearance judged at its named place:", "",
-                  "| consistency mode | appearances | colour right | colour and shape right |", "|---|---|---|---|"]
-        for k, v in con.items():
-            lines.append(f"| {k} | {v['character_appearances']} | {rate(v['colour_at_position'])} | "
-                         f"{rate(v['colour_and_shape_at_position'])} |")
+    lines += _open_lines(res.get("open")) + _consistency_lines(res.get("consistency"))
     for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
         lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
                   f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
@@ -384,7 +461,68 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                              f"{rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
                              f"{v['mean_abs_pixel_diff']} | " + (f"{v['psnr_db_vs_fp32']} dB / {v['ssim_vs_fp32']}"
                                                                  if "psnr_db_vs_fp32" in v else "—") + " |")
+    for other in dict.fromkeys(r["settings"]["model_hash"] for r in results if r["settings"]["model_hash"] !=
+                               res["settings"]["model_hash"]):
+        o = _merged(results, next(r for r in reversed(results) if r["settings"]["model_hash"] == other))
+        parts = _open_lines(o.get("open")) + _consistency_lines(o.get("consistency"))
+        if parts:
+            lines += ["", f"### Not shipped: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
+            lines += parts
     return lines + [""]
+
+
+def _merged(results: list[dict[str, Any]], res: dict[str, Any]) -> dict[str, Any]:
+    """`res` with each check from the newest result of its model that has it; the consistency settings of every
+    result of the model in one table (the newest measurement of each label winning)."""
+    res = dict(res)
+    same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
+    for key in ("conditioning", "phrasing", "open", "style", "image"):
+        for r in reversed(same_model):
+            if key in r:
+                res[key] = r[key]
+                break
+    consistency = {k: v for r in same_model for k, v in r.get("consistency", {}).items()}
+    if consistency:
+        res["consistency"] = consistency
+    return res
+
+
+def _open_lines(op: dict[str, Any] | None) -> list[str]:
+    if not op:
+        return []
+    lines = ["", "**What the text leaves open**: a description without one attribute, in the centre on grass, "
+             f"{next(iter(op.values()))['images']} seeds; the open attribute's distribution over the pure readings, "
+             "its entropy as a share of the largest possible (the issue's bar for colour: 80%), how often the colour "
+             "is pure rather than a blend (bar: 90%) and the stated attributes right:", "",
+             "| open | prompt | distribution | entropy | pure colour | stated right |", "|---|---|---|---|---|---|"]
+    for k, v in op.items():
+        dist = ", ".join(f"{name} {n}" for name, n in v["counts"].items())
+        # + 0.0: results written before _entropy_share added it hold -0.0, shown as "-0%"
+        lines.append(f"| {k} | {v['prompt']} | {dist} | {rate(v['entropy_share'] + 0.0)} | {rate(v['pure'])} | "
+                     f"{rate(v['stated_right'])} |")
+    return lines
+
+
+def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
+    if not con or "with_anchor" not in next(iter(con.values())):
+        return []
+    first = next(iter(con.values()))
+    lines = ["", f"**Consistency**: a movie of {len(STORY)} frames whose two characters, described without a colour "
+             f"(\"a big circle\", \"a small square\"), change places and backgrounds, over {first['movie_seeds']} "
+             "movie seeds; per character, how often its colour equals its anchor's and its most common one's (the "
+             "issue's bar: 90% with the anchor, and at most 60% without the mode; a character whose anchor the judge "
+             "cannot read, a blend, counts 0 with the anchor), how often it is drawn at its place with its stated "
+             "shape and size in a pure colour, and, in frames with both, how often it shows the other's anchor "
+             "colour (leak):", "",
+             "| setting | appearances | = anchor | = most common | anchors read | drawn | shape | size | pure | leak "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, v in con.items():
+        knobs = {a: b for a, b in v["consistency"].items() if a != "mode"}
+        label = f"{k} ({v['consistency']['mode']}" + (f", {json.dumps(knobs)[1:-1]}" if knobs else "") + ")"
+        cells = [rate(v[x]) if x in v else "—" for x in ("drawn", "shape", "size", "pure")]
+        lines.append(f"| {label} | {v['appearances']} | {rate(v['with_anchor'])} | {rate(v['with_most_common'])} | "
+                     f"{rate(v['anchors_read'])} | {' | '.join(cells)} | {rate(v['leak'])} | {v['seconds']} |")
+    return lines
 
 
 SECTIONS = (Section(TOY_FORMAT, toy_quality_section),)

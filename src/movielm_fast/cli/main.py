@@ -157,17 +157,21 @@ def render_cmd(plans, out, server, token, **kw):
 
 @cli.command("eval", help="CLIP scores of rendered movies: frame vs prompt (clip_t), frames that share a character "
                           "(clip_i_shared, MovieLLM's consistency measure) and frames vs their characters' anchors "
-                          "(clip_i_anchor). Writes OUT/eval.json. Give the folders of renders with and without "
-                          "--consistency to compare them.")
+                          "(clip_i_anchor); per character, its frames vs its anchor and vs its most typical frame, "
+                          "beside their clip_t (with --dino, DINO's similarities too). Writes OUT/eval.json. Give the "
+                          "folders of renders with and without --consistency to compare them.")
 @click.argument("outs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--clip", "clip_path", required=True, type=click.Path(path_type=Path),
               help="A local CLIP model folder in transformers' format (nothing is downloaded).")
+@click.option("--dino", "dino_path", type=click.Path(path_type=Path), default=None,
+              help="A local DINO-style model folder (DINOv2, ViT; transformers' format): per-character similarities "
+                   "from its embeddings too.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(outs, clip_path, device, as_json):
+def eval_cmd(outs, clip_path, dino_path, device, as_json):
     from movielm_fast.data.evaluate import evaluate  # torch/transformers: seconds to import
 
-    reports = evaluate(list(outs), clip_path, device)
+    reports = evaluate(list(outs), clip_path, device, dino_path)
     if as_json:
         click.echo(json.dumps(reports))
         return
@@ -177,6 +181,8 @@ def eval_cmd(outs, clip_path, device, as_json):
             click.echo(f"  {m['movie']} ({m['consistency']}): clip_t {m['clip_t']}, clip_i_shared "
                        f"{m['clip_i_shared']} ({m['shared_pairs']} pairs), clip_i_anchor {m['clip_i_anchor']} "
                        f"({m['anchor_pairs']} pairs)")
+            for name, c in m["characters"].items():
+                click.echo(f"    {name}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
 
 
 def _render_on_server(server, token, plans, out, as_json, quiet, options):

@@ -4,11 +4,16 @@ Per movie, from its manifest and files:
 - clip_t: frame vs its own prompt (text-image agreement);
 - clip_i_shared: between frames that name a common character (MovieLLM's frame-consistency measure);
 - clip_i_anchor: each frame vs the anchor image of each character it names (consistency mode's anchors; for a
-  render without the mode, the anchors of the same movie in another evaluated folder are used when present).
+  render without the mode, the anchors of the same movie in another evaluated folder are used when present);
+- characters: per character, its frames' similarity to its anchor (`anchor`) and to its most typical frame (the
+  one most similar to its other frames: `typical`), with its frames' clip_t beside them, so that a render which
+  copies the anchor and ignores the prompt shows as such. This is the open-attribute agreement of the toy world
+  (bench.toy.judge.agreement) for models without a judge: what the text leaves open (a face, a coat's cut) is what
+  these similarities see. CLIP-I always; DINO-style (`--dino`: a ViT/DINOv2 folder, its CLS embedding) as well.
 
-Scores are cosine similarities of CLIP embeddings, averaged. The CLIP model comes from a local folder in
-transformers' format; nothing is downloaded. Random-weight CLIP folders (the tests') give numbers that mean
-nothing: real numbers need real weights.
+Scores are cosine similarities of the models' embeddings, averaged. The models come from local folders in
+transformers' format; nothing is downloaded. Random-weight folders (the tests') give numbers that mean nothing:
+real numbers need real weights.
 """
 
 from __future__ import annotations
@@ -40,31 +45,34 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EVAL_FORMAT = "movielm-fast/eval@1"
 
 
-class Clip:
-    """A local CLIP model: image and text embeddings, L2-normalised."""
+def _load(cls, path: Path, what: str, flag: str, check=None):
+    if not (path / "config.json").is_file():
+        raise UserError(f"no {what} model folder at {path} (config.json missing)",
+                        f"pass {flag} PATH to a local {what} model in transformers' format (save_pretrained)")
+    try:
+        if check is not None:
+            check(path)
+        # safetensors only: a pickled pytorch_model.bin can run code when loaded.
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise UserError(f"cannot load the {what} model in {path}: {str(exc).splitlines()[0][:200]}",
+                        "the folder needs the model's weights as model.safetensors (pickled .bin files are refused; "
+                        "convert them with save_pretrained(..., safe_serialization=True))") from None
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise UserError(f"no CLIP model folder at {path} (config.json missing)",
-                            "pass --clip PATH to a local CLIP model in transformers' format (save_pretrained)")
-        try:
-            _check_config_fits(path)
-            # safetensors only: a pickled pytorch_model.bin can run code when loaded.
-            self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
-            self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, pickle.UnpicklingError) as exc:
-            raise UserError(f"cannot load the CLIP model in {path}: {str(exc).splitlines()[0][:200]}",
-                            "the folder needs a CLIPModel's weights as model.safetensors (pickled .bin files are "
-                            "refused; convert them with save_pretrained(..., safe_serialization=True)) and its "
-                            "tokenizer files") from None
-        self.device = device
+
+class ImageModel:
+    """Image embeddings of a local vision model, L2-normalised: the shorter side resized to the model's size, a
+    centre crop, the folder's normalisation (preprocessor_config.json) or `mean`/`std`."""
+
+    mean, std = CLIP_MEAN, CLIP_STD
+
+    def __init__(self, path: Path, image_size: int, device: str):
         pre = {}
         if (path / "preprocessor_config.json").is_file():
             pre = json.loads((path / "preprocessor_config.json").read_text())
-        self.size = int(self.model.config.vision_config.image_size)
-        self.mean = torch.tensor(pre.get("image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.get("image_std", CLIP_STD)).view(1, 3, 1, 1)
+        self.size, self.device = int(image_size), device
+        self.mean = torch.tensor(pre.get("image_mean", self.mean)).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.get("image_std", self.std)).view(1, 3, 1, 1)
 
     def _pixels(self, files: list[Path]) -> torch.Tensor:
         out = []
@@ -79,16 +87,56 @@ class Clip:
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255  # (B, 3, S, S)
         return (x - self.mean) / self.std
 
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     @torch.inference_mode()
     def images(self, files: list[Path]) -> torch.Tensor:
-        emb = self.model.get_image_features(pixel_values=self._pixels(files).to(self.device))
-        return torch.nn.functional.normalize(_features(emb).float(), dim=-1).cpu()
+        emb = self._embed(self._pixels(files).to(self.device))
+        return torch.nn.functional.normalize(emb.float(), dim=-1).cpu()
+
+
+class Clip(ImageModel):
+    """A local CLIP model: image and text embeddings."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        path = Path(path)
+        self.model = _load(CLIPModel, path, "CLIP", "--clip", _check_config_fits).to(device).eval()
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the CLIP tokenizer in {path}: {str(exc).splitlines()[0][:200]}",
+                            "save the model's tokenizer files into the folder (tokenizer.save_pretrained)") from None
+        super().__init__(path, self.model.config.vision_config.image_size, device)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
 
     @torch.inference_mode()
     def texts(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         emb = self.model.get_text_features(**{k: v.to(self.device) for k, v in ids.items()})
         return torch.nn.functional.normalize(_features(emb).float(), dim=-1).cpu()
+
+
+class Dino(ImageModel):
+    """A local DINO-style vision transformer (DINOv2, ViT): its pooled CLS embedding, which tells instances apart
+    (DreamBooth's DINO score) where CLIP sees categories."""
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as DINO trains
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from transformers import AutoModel
+
+        path = Path(path)
+        self.model = _load(AutoModel, path, "DINO", "--dino").to(device).eval()
+        if not isinstance(getattr(self.model.config, "image_size", None), int):
+            raise UserError(f"{path} holds a {type(self.model).__name__}, not a DINO-style vision transformer",
+                            "pass --dino a DINOv2 or ViT folder (its config has an image_size)")
+        super().__init__(path, self.model.config.image_size, device)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).pooler_output
 
 
 def _check_config_fits(path: Path) -> None:
@@ -142,7 +190,20 @@ def _non_finite(*scores: list[float]) -> int:
     return sum(not math.isfinite(x) for xs in scores for x in xs)
 
 
-def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict[str, Any] | None:
+def character_agreement(emb: torch.Tensor, anchor: torch.Tensor | None) -> dict[str, float | None]:
+    """One character's frames (F, D) against its anchor (D,) and against its most typical frame (the one with the
+    highest mean similarity to the others; each other frame compared with it): mean cosine similarities."""
+    sim = emb @ emb.T  # (F, F)
+    typical = None
+    if len(emb) > 1:
+        others = (sim.sum(1) - sim.diagonal()) / (len(emb) - 1)
+        best = int(others.argmax())
+        typical = _mean([float(sim[best, j]) for j in range(len(emb)) if j != best])
+    return {"anchor": _mean((emb @ anchor).tolist()) if anchor is not None else None, "typical": typical}
+
+
+def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path], dino: Dino | None = None
+                   ) -> dict[str, Any] | None:
     try:
         manifest = read_manifest(movie_dir / "manifest.json")
     except DamagedManifest as exc:
@@ -169,39 +230,55 @@ def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict
         for a in m.get("anchors", []):
             if a["character"] not in anchor_files and (d / a["file"]).is_file():
                 anchor_files[a["character"]] = d / a["file"]
-    anchor = []
-    if anchor_files:
-        chars = sorted(anchor_files)
-        a_emb = dict(zip(chars, clip.images([anchor_files[c] for c in chars])))
-        anchor = [float(emb[i] @ a_emb[c]) for i, ns in enumerate(names) for c in ns if c in a_emb]
+    chars = sorted(anchor_files)
+    a_emb = dict(zip(chars, clip.images([anchor_files[c] for c in chars]))) if chars else {}
+    anchor = [float(emb[i] @ a_emb[c]) for i, ns in enumerate(names) for c in ns if c in a_emb]
+    models = {"clip_i": (emb, a_emb)}
+    if dino is not None:
+        models["dino"] = (dino.images([movie_dir / e["file"] for e in entries]),
+                          dict(zip(chars, dino.images([anchor_files[c] for c in chars]))) if chars else {})
+    characters = {}
+    for c in movie.characters:
+        rows = [i for i, ns in enumerate(names) if c.name in ns]
+        if rows:
+            characters[c.name] = {"frames": len(rows), "clip_t": _mean([clip_t[i] for i in rows]), **{
+                f"{model}_{k}": v for model, (e, a) in models.items()
+                for k, v in character_agreement(e[rows], a.get(c.name)).items()}}
     mode = manifest.get("settings", {}).get("consistency", {}).get("mode", "none")
     row = {"movie": movie.id, "consistency": mode, "frames": len(entries), "clip_t": _mean(clip_t),
            "clip_i_shared": _mean(shared), "shared_pairs": len(shared), "clip_i_anchor": _mean(anchor),
-           "anchor_pairs": len(anchor)}
+           "anchor_pairs": len(anchor), "characters": characters}
     if bad := _non_finite(clip_t, shared, anchor):
         row["non_finite_scores"] = bad  # left out of the means
     return row
 
 
-def evaluate(outs: list[Path], clip_path: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
+def evaluate(outs: list[Path], clip_path: str | Path, device: str = "cpu", dino_path: str | Path | None = None
+             ) -> list[dict[str, Any]]:
     """Scores of every movie in each output folder; writes OUT/eval.json per folder and returns one report per
-    folder ({"out", "movies", "overall"})."""
+    folder ({"out", "movies", "overall"}; overall's character figures are means over every movie's characters)."""
     for out in outs:
         if not Path(out).is_dir():
             raise UserError(f"output folder not found: {out}", "pass the --out folder of a render")
     clip = Clip(clip_path, device)
+    dino = Dino(dino_path, device) if dino_path else None
     reports = []
     for out in map(Path, outs):
         movies = []
         for manifest in sorted(out.glob("*/manifest.json")):
             others = [Path(o) / manifest.parent.name for o in outs if Path(o) != out]
-            row = evaluate_movie(clip, manifest.parent, others)
+            row = evaluate_movie(clip, manifest.parent, others, dino)
             if row:
                 movies.append(row)
         overall = {k: _mean([m[k] for m in movies if m[k] is not None]) for k in ("clip_t", "clip_i_shared",
                                                                                   "clip_i_anchor")}
+        chars = [c for m in movies for c in m["characters"].values()]
+        keys = dict.fromkeys(k for c in chars for k in c if k != "frames")
+        overall["characters"] = {k: _mean([c[k] for c in chars if c[k] is not None]) for k in keys}
         report = {"format": EVAL_FORMAT, "out": str(out), "clip": str(clip_path), "movies": movies,
                   "overall": overall}
+        if dino_path:
+            report["dino"] = str(dino_path)
         atomic_write_text(out / "eval.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
         reports.append(report)
     return reports

@@ -129,8 +129,9 @@ class ModelConfig(BackendConfig):
         served=("applies to a server's every plan",
                 "name the LoRA in the plan (loras or style.loras), or start the server with --lora"))
     consistency: Literal[CONSISTENCY_MODES] | None = setting(  # type: ignore[valid-type]
-        None, "Consistent characters for every movie (anchor_attention: frames attend to their characters' anchor "
-              "renders; torch backend). Default: as each plan says.",
+        None, "Consistent characters for every movie (character_token: a token per character learned from its "
+              "anchor render, in every frame that shows it; anchor_attention: frames attend to their characters' "
+              "anchor renders, torch backend; docs/consistency.md). Default: as each plan says.",
         served=("applies to a server's every plan",
                 "set consistency in the plan, or start the server with --consistency"))
     anchor_cache_mb: int = setting(4096, "Memory for character-anchor records (consistency mode); beyond it the "

@@ -68,6 +68,8 @@ class AnchorSpec:
     settings: BatchSettings  # what the anchor renders with (the settings of the frames that use it)
     consistency: ConsistencySettings
     model_hash: str
+    appearance: str = ""  # the character's appearance, as its frames say it
+    caption: str = ""  # the anchor's prompt with "{}" where the character's token goes (its training caption)
 
     @property
     def key(self) -> str:

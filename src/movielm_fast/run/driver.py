@@ -325,6 +325,7 @@ class _Run:
         self.summary = Summary(movies=len(job.movies), frames_total=sum(len(lm.movie.frames) for lm in job.movies))
         self.failures: dict[str, str] = {}  # movie id -> why it is not complete
         self.tokens: dict[str, StyleToken | None] = {}
+        self.characters: dict[str, list[StyleToken]] = {}  # movie id -> its characters' own tokens
         self.outputs: dict[str, MovieOutputs] = {}
         self.writer: Writer | None = None
         self.first_result: float | None = None  # when the first batch came back (run.startup's first_write)
@@ -363,7 +364,12 @@ class _Run:
             settings = {**planned.settings, "image_format": image_format, "quality": quality}
             mo = self.outputs[lm.movie.id] = MovieOutputs(self.run.out, lm, self.executor.info, settings, image_format)
             anchors = {a.character: a for t in planned.tasks for a in t.job.anchors}
+            anchors.update((spec.character, spec) for spec, _ in planned.anchors)
             mo.set_anchors([anchors[c.name] for c in lm.movie.characters if c.name in anchors])
+            for spec, image in planned.anchors:  # consistency mode: each anchor's image is saved once
+                if not mo.anchor_saved(spec):
+                    mo.write_anchor(spec, image)
+            self.characters[lm.movie.id] = planned.tokens
             if image_format != "png":  # another file is another output; PNG keys stay, so old runs resume
                 for t in planned.tasks:
                     t.key.update(image_format=image_format, quality=quality)
@@ -414,6 +420,7 @@ class _Run:
     def batch(self, frames: list[FrameTask]) -> Batch:
         """4. A batch of frames, with the style tokens their prompts use and the anchors not saved yet."""
         used = {tok.source: tok for t in frames if (tok := self.tokens[t.job.movie_id])}
+        used.update((tok.source, tok) for m in {t.job.movie_id for t in frames} for tok in self.characters[m])
         want = frozenset(a.key for t in frames for a in t.job.anchors) - self.writer.anchors_saved
         return Batch(frames, list(used.values()), self.job.encoding, want)
 

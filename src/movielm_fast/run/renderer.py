@@ -38,6 +38,7 @@ from movielm_fast.engine.seeds import SAFE_SEEDS, SEED_SCHEME, derived_seed, fra
 from movielm_fast.engine.step_cache import check_step_cache
 from movielm_fast.errors import UserError
 from movielm_fast.plan import LoadedMovie, RenderSettings, Style
+from movielm_fast.style.characters import CharacterToken, character_token
 from movielm_fast.style.immobilize import immobilize_style
 from movielm_fast.style.scenes import SceneRenderer
 
@@ -89,6 +90,7 @@ class Renderer:
         self.loras = LoraLibrary(self.model)  # each LoRA file read once, for planning and merging
         self.times: dict[str, float] = {}  # host seconds per pipeline stage, over every batch rendered here
         self.anchor_records: OrderedDict[str, AnchorRecord] = OrderedDict()
+        self.characters: dict[str, CharacterToken] = {}  # anchor key -> the character's learned token
         self.defaults = model_defaults(self.model)
         self._warned: set[str] = set()  # settings warnings already shown (each once per run)
         self.on_step: Callable[[int, int], None] | None = None  # (done, steps) of the batch rendering now
@@ -153,10 +155,17 @@ class Renderer:
             raise UserError(f"movie {lm.movie.id!r}: consistency mode cannot run with --step-cache (anchor attention "
                             "records and reads every attention layer at every step; cached steps skip the deep ones)",
                             "drop --step-cache, or render this movie with --consistency none")
-        return {c.name: AnchorSpec(lm.movie.id, c.name, style_prefix(lm.movie, token) + c.appearance,
-                                   s.negative_prompt, derived_seed(seed_scheme, s.seed, lm.movie.id, "anchor",
-                                                                   c.name), bs, cons, self.model.content_hash)
-                for c in lm.movie.characters}
+        prefix = style_prefix(lm.movie, token)
+
+        def anchor(c) -> AnchorSpec:
+            before, after = (x.replace("{", "{{").replace("}", "}}")
+                             for x in (prefix + cons.anchor_prompt).split("{appearance}"))
+            caption = before + "{} " + c.appearance.replace("{", "{{").replace("}", "}}") + after
+            return AnchorSpec(lm.movie.id, c.name, prefix + cons.anchor_prompt.replace("{appearance}", c.appearance),
+                              s.negative_prompt, derived_seed(seed_scheme, s.seed, lm.movie.id, "anchor", c.name), bs,
+                              cons, self.model.content_hash, c.appearance, caption)
+
+        return {c.name: anchor(c) for c in lm.movie.characters}
 
     def lora_set(self, lm: LoadedMovie) -> LoraSet:
         """The movie's LoRA set: --lora ones, then its style's, then its own (engine.lora.combine), each checked
@@ -180,13 +189,17 @@ class Renderer:
         bs = replace(batch_settings(s, loras), step_cache=self.step_cache)
         extra = self._expert_key(bs)  # a bad refiner or VAE fails the movie here, before any of its frames
         anchors = self.anchor_specs(lm, token, s, bs, seed_scheme)
+        learned = {}
+        if anchors and next(iter(anchors.values())).consistency.mode == "character_token":
+            learned = {name: self._character(spec) for name, spec in anchors.items()}
+        names = {n: c.token for n, c in learned.items()} or None
         lossy = self.info.lossy
         tasks = []
         for frame in lm.movie.frames:
-            prompt = frame_prompt(lm.movie, frame, token)
+            prompt = frame_prompt(lm.movie, frame, token, names)
             seed = frame_seed(s.seed, lm.movie.id, frame.id, frame.seed, s.seed_mode, seed_scheme)
             own = tuple(anchors[name] for name in frame_characters(lm.movie, frame)) if anchors else ()
-            job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, own)
+            job = FrameJob(lm.movie.id, frame.id, prompt, s.negative_prompt, seed, () if learned else own)
             key = {"prompt": prompt, "negative_prompt": s.negative_prompt, "seed": seed, "width": s.width,
                    "height": s.height, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                    "dtype": self.config.dtype_name, "model_hash": self.model.content_hash, **extra}
@@ -208,7 +221,17 @@ class Renderer:
                     "backend": self.config.backend, "seed_scheme": seed_scheme}
         if loras:
             settings["loras"] = set_key(loras)
-        return MoviePlan(tasks, {**settings, **lossy})
+        return MoviePlan(tasks, {**settings, **lossy}, [StyleToken(c.token, c.vectors, c.source)
+                                                        for c in learned.values()],
+                         [(c.spec, c.image) for c in learned.values()])
+
+    def _character(self, spec: AnchorSpec) -> CharacterToken:
+        """The character's learned token (style.characters: from the library, or trained now), bound here."""
+        if spec.key not in self.characters:
+            self.characters[spec.key] = character_token(self.scene_renderer, spec)
+        c = self.characters[spec.key]
+        self.bind([StyleToken(c.token, c.vectors, c.source)])
+        return c
 
     def _check_size(self, s: RenderSettings) -> None:
         """Warn once per size that is far from the model's native one (given by the plan or a flag: the model's own

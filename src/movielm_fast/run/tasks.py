@@ -65,6 +65,8 @@ class MoviePlan:
 
     tasks: list[FrameTask]
     settings: dict[str, Any]
+    tokens: list[StyleToken] = field(default_factory=list)  # the characters' own tokens (consistency mode)
+    anchors: list[tuple[AnchorSpec, np.ndarray]] = field(default_factory=list)  # their anchors' images
 
 
 @dataclass

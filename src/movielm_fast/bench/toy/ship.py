@@ -29,11 +29,11 @@ _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pyt
 
 
 def toy_vocabulary() -> list[int]:
-    """Every token id a toy-world caption (either style order, no style, empty) or a training paraphrase
-    (world.paraphrase) can contain."""
+    """Every token id a toy-world caption (either style order, no style, empty, attributes left open) or a
+    training paraphrase (world.paraphrase) can contain."""
     words = [*W.COLOURS, *W.SHAPES, *W.BACKGROUND_PHRASES.values(), *W.STYLES, "big", "small", "a", "an", "and",
              "empty", "scene", "style", "on the left", "in the centre", "on the right", ",", "sepia style, x",
-             "nothing", *(w for table in (W.SIZE_WORDS, W.POS_WORDS, W.BACKGROUND_WORDS)
+             "nothing", W.OPEN_SHAPE, *(w for table in (W.SIZE_WORDS, W.POS_WORDS, W.BACKGROUND_WORDS)
                           for synonyms in table.values() for w in synonyms)]
     tok = clip_tokenizer()
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}

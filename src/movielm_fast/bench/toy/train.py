@@ -113,15 +113,19 @@ def encode_pool(vae, rng, n: int, batch: int = 64):
     return torch.cat(latents), captions, scenes, torch.cat(masks)
 
 
-def augmented_captions(rng, scenes, captions: list[str], p: float) -> list[str]:
-    """Each caption replaced, with probability p, by a paraphrase (world.paraphrase) with the same style rules as
-    world.batch: "plain style" left out half the time, the style first or last."""
+def training_captions(rng, scenes, augment: float, p_open: float) -> list[str]:
+    """The captions of one step. Each scene's description leaves attributes open with probability `p_open` each
+    (world.describe), and is worded, with probability `augment`, as a paraphrase (world.paraphrase), else as
+    world.caption; with the same style rules as world.batch: "plain style" left out half the time, the style first
+    or last."""
     out = []
-    for sc, cap in zip(scenes, captions):
-        if rng.random() < p:
-            cap = W.paraphrase(sc, rng, with_style=not (sc.style == "plain" and rng.random() < 0.5),
-                               style_first=bool(rng.random() < 0.5))
-        out.append(cap)
+    for sc in scenes:
+        desc = W.describe(sc, rng, p_open)
+        with_style, style_first = not (sc.style == "plain" and rng.random() < 0.5), bool(rng.random() < 0.5)
+        if rng.random() < augment:
+            out.append(W.paraphrase(desc, rng, with_style=with_style, style_first=style_first))
+        else:
+            out.append(desc.caption(with_style=with_style, style_first=style_first))
     return out
 
 
@@ -179,6 +183,9 @@ def main(argv=None) -> None:
                     help="loss weight of the latent pixels a shape touches in the UNet phase")
     ap.add_argument("--augment", type=float, default=0.0,
                     help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
+    ap.add_argument("--open", type=float, default=0.0,
+                    help="probability that a caption leaves a character's colour, size or shape open (each on its "
+                         "own; world.describe): the image keeps its drawn value, so the seed learns to draw it")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -265,9 +272,8 @@ def main(argv=None) -> None:
     while time.time() < end:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = pool[idx]
-        if args.augment > 0:
-            tok_ids = tokens(augmented_captions(rng, [scenes[i] for i in idx], [captions[i] for i in idx],
-                                                args.augment))
+        if args.augment > 0 or args.open > 0:
+            tok_ids = tokens(training_captions(rng, [scenes[i] for i in idx], args.augment, args.open))
         else:
             tok_ids = ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < 0.1

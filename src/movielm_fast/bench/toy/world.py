@@ -41,15 +41,27 @@ TOP_BAND = slice(0, 20)
 BOTTOM_BAND = slice(48, 64)
 
 
+ATTRIBUTES = ("colour", "size", "shape")
+OPEN_SHAPE = "shape"  # the noun of a description that leaves the shape open: "a big red shape"
+
+
 @dataclass(frozen=True)
 class Character:
-    shape: str
-    colour: str
-    size: str = "big"
+    """A drawn character has every attribute; a description may leave any of them open (None): "a big circle"
+    leaves the colour to the seed."""
+
+    shape: str | None
+    colour: str | None
+    size: str | None = "big"
 
     @property
     def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape}"
+        return "a " + " ".join(w for w in (self.size, self.colour, self.shape or OPEN_SHAPE) if w)
+
+    @property
+    def open(self) -> tuple[str, ...]:
+        """The attributes this description leaves open."""
+        return tuple(a for a in ATTRIBUTES if getattr(self, a) is None)
 
 
 @dataclass(frozen=True)
@@ -171,12 +183,12 @@ def caption(scene: Scene, with_style: bool = True, style_first: bool = False) ->
     return text
 
 
-_CHAR_RE = re.compile(r"an? (big|small) (\w+) (\w+) (on the left|in the centre|on the right)")
+_CHAR_RE = re.compile(r"an? (?:(big|small) )?(?:(\w+) )?(\w+) (on the left|in the centre|on the right)")
 
 
 def parse_caption(text: str) -> Scene:
-    """The scene a caption names (the inverse of `caption`). A caption without a style word is "plain"; text it
-    does not understand raises ValueError."""
+    """The scene a caption names (the inverse of `caption`; open attributes are None). A caption without a style
+    word is "plain"; text it does not understand raises ValueError."""
     text = text.strip().lower()
     bg = next((b for b, ph in BACKGROUND_PHRASES.items() if ph in text), None)
     if bg is None:
@@ -184,10 +196,10 @@ def parse_caption(text: str) -> Scene:
     style = next((s for s in STYLES if f"{s} style" in text), "plain")
     chars: dict[str, Character] = {}
     for size, colour, shape, where in _CHAR_RE.findall(text):
-        if colour not in COLOURS or shape not in SHAPES:
+        if (colour and colour not in COLOURS) or (shape not in SHAPES and shape != OPEN_SHAPE):
             raise ValueError(f"unknown colour or shape in {text!r}")
         pos = {v: k for k, v in _POS_PHRASE.items()}[where]
-        chars[pos] = Character(shape, colour, size)
+        chars[pos] = Character(None if shape == OPEN_SHAPE else shape, colour or None, size or None)
     return Scene(bg, style, chars)
 
 
@@ -215,8 +227,8 @@ def paraphrase(scene: Scene, rng: np.random.Generator, with_style: bool = True, 
     for p in POSITIONS:
         if (ch := scene.characters.get(p)) is None:
             continue
-        size = pick(SIZE_WORDS[ch.size])
-        noun = f"{size} {ch.colour} {ch.shape}"
+        words = (pick(SIZE_WORDS[ch.size]) if ch.size else None, ch.colour, ch.shape or OPEN_SHAPE)
+        noun = " ".join(w for w in words if w)
         noun = f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
         parts.append(f"{pick(POS_WORDS[p])} {noun}" if rng.random() < 0.3 else f"{noun} {pick(POS_WORDS[p])}")
     if rng.random() < 0.3:
@@ -254,6 +266,17 @@ def _draw_scene(rng: np.random.Generator, styles: tuple[str, ...]) -> Scene:
     chars = {POSITIONS[i]: Character(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))),
                                      str(rng.choice(["big", "small"]))) for i in where}
     return Scene(str(rng.choice(BACKGROUNDS)), str(rng.choice(styles)), chars)
+
+
+def describe(scene: Scene, rng: np.random.Generator, p_open: float) -> Scene:
+    """What a caption of `scene` may say: each character's colour, size and shape left open (None), each with
+    probability `p_open`; the background, the style and every position always stated. The image stays the scene's,
+    so an open attribute is learned as one the seed draws."""
+    if p_open <= 0:
+        return scene
+    chars = {pos: Character(*(None if rng.random() < p_open else getattr(ch, a) for a in ("shape", "colour", "size")))
+             for pos, ch in scene.characters.items()}
+    return Scene(scene.background, scene.style, chars)
 
 
 def scene_for_seed(seed: int, styles: tuple[str, ...] = STYLES, held_out: bool | None = None) -> Scene:
