@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from movielm_fast.export.specs import DIT_TEXT_TOKENS, QWEN3_LAYERS, TOKENS
 from ..backends.base import DiTCond
 from ..schedulers import FlowSteps, make_scheduler
 from ..seeds import initial_latents
+from ..step_cache import check_dit_depth
 from .flux_text import DiTPromptEncoder, TextRole
 
 PATCH = 2  # latent pixels per token side: each token is a 2x2 patch of latents
@@ -151,8 +153,9 @@ class FlowFamily:
         raise NotImplementedError
 
     def check_config(self, config) -> None:
-        not_yet = [(config.step_cache not in (None, 1), "--step-cache"), (config.quantize, "--quantize"),
-                   (config.attention != "sdpa", f"--attention {config.attention}"),
+        if config.step_cache not in (None, 1):
+            check_dit_depth(config.step_cache_depth)
+        not_yet = [(config.attention != "sdpa", f"--attention {config.attention}"),
                    (config.consistency not in (None, "none"), f"--consistency {config.consistency}")]
         for used, flag in not_yet:
             if used:
@@ -197,7 +200,11 @@ class FlowFamily:
 
     # --- the render script's steps ----------------------------------------------------------------------------------
     def prompt_encoder(self, model, backend) -> DiTPromptEncoder:
-        return DiTPromptEncoder(model, backend, tuple(role for _, _, _, role in self.encoders))
+        # A tokenizer whose model_max_length is below the family's length sets the model's (the DiT demo's T5: 40
+        # tokens; diffusers' max_sequence_length); FLUX.1's T5 says 512, Qwen3's and a bare tokenizer's say more.
+        roles = tuple(replace(role, length=min(role.length, tok.model_max_length))
+                      for (*_, role), tok in zip(self.encoders, model.tokenizers))
+        return DiTPromptEncoder(model, backend, roles)
 
     def conditioning(self, model, encoder: DiTPromptEncoder, jobs, s, cfg: bool) -> DiTCond:
         if cfg:  # negatives first, as the UNet families batch them

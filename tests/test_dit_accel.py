@@ -1,0 +1,127 @@
+"""The transformer families' lossy speed-ups (docs/dit-accelerators.md) against their oracles: the step cache is
+diffusers' own TaylorSeer hook, so a cached render equals diffusers' FluxPipeline with the same hook; a frame renders
+the same in any batch with it on; FP8 on a transformer's block linears matches its reference rounding."""
+
+import numpy as np
+import pytest
+import torch
+
+from movielm_fast.engine.config import ModelConfig
+from movielm_fast.engine.jobs import BatchSettings, FrameJob
+from movielm_fast.engine.pipeline import render_batch
+from movielm_fast.engine.step_cache import StepCache, dit_full_steps, dit_hook_config
+from movielm_fast.errors import UserError
+from movielm_fast.run.renderer import Renderer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+SIZE = 64
+
+
+def _render(r: Renderer, steps: int, seeds, cache: StepCache | None = None, guidance=3.5, true_cfg=1.0,
+            prompts=None) -> np.ndarray:
+    prompts = prompts or [PROMPT] * len(seeds)
+    jobs = [FrameJob("m", f"f{i}", p, "", seed) for i, (p, seed) in enumerate(zip(prompts, seeds))]
+    s = BatchSettings(SIZE, SIZE, steps, guidance, "default", true_cfg=true_cfg, step_cache=cache)
+    return np.stack([im.astype(np.int16) for im in render_batch(r.model, r.backend, r.encoder, jobs, s)])
+
+
+def _diffusers(path, steps, seed, config=None, **kw) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if config is not None:
+        pipe.transformer.enable_cache(config)
+    out = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+               output_type="np", **kw)
+    return (out.images[0] * 255).round().astype(np.int16)
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_step_cache_matches_diffusers_taylorseer(tiny_flux_dev, depth):
+    """--step-cache 2 on FLUX.1 is diffusers' TaylorSeer hook as FluxPipeline runs it; the attention of the first
+    block really runs on the full steps only (dit_full_steps), and a later plain batch runs without the hook."""
+    cache = StepCache(2, depth)
+    r = Renderer(ModelConfig(model=str(tiny_flux_dev)))
+    calls = []
+    r.model.transformer.transformer_blocks[0].attn.to_q.register_forward_hook(lambda *_: calls.append(1))
+    ours = _render(r, 8, [42], cache)[0]
+    assert len(calls) == sum(dit_full_steps(cache, 8)) == 5
+    ref = _diffusers(tiny_flux_dev, 8, 42, dit_hook_config(cache), guidance_scale=3.5)
+    assert np.abs(ours - ref).max() <= 2
+    calls.clear()
+    plain = _render(r, 8, [42])[0]
+    assert len(calls) == 8
+    assert np.abs(plain - _diffusers(tiny_flux_dev, 8, 42, guidance_scale=3.5)).max() <= 2
+    assert np.abs(ours - plain).max() > 0
+
+
+def test_step_cache_with_true_cfg_matches_diffusers(tiny_flux_schnell):
+    """True CFG: the engine runs negatives and positives as one batch, diffusers as two calls in their own cache
+    contexts; the hook's per-row extrapolation makes them the same."""
+    cache = StepCache(3, 0)
+    r = Renderer(ModelConfig(model=str(tiny_flux_schnell)))
+    jobs = [FrameJob("m", "f", PROMPT, "blurry", 5)]
+    ours = render_batch(r.model, r.backend, r.encoder, jobs,
+                        BatchSettings(SIZE, SIZE, 9, 0.0, "default", true_cfg=4.0, step_cache=cache))[0]
+    ref = _diffusers(tiny_flux_schnell, 9, 5, dit_hook_config(cache), negative_prompt="blurry", true_cfg_scale=4.0,
+                     guidance_scale=0.0)
+    assert np.abs(ours.astype(np.int16) - ref).max() <= 2
+
+
+def test_step_cached_frame_is_the_same_in_any_batch(tiny_flux_dev):
+    """Which steps run whole is fixed by the step index, and a skipped step extrapolates each row from its own
+    history: a frame's pixels do not depend on the frames beside it."""
+    cache = StepCache(2, 0)
+    r = Renderer(ModelConfig(model=str(tiny_flux_dev)))
+    alone = _render(r, 8, [3], cache)[0]
+    batch = _render(r, 8, [11, 3, 7], cache, prompts=["a red circle", PROMPT, "a blue square at night"])
+    assert np.abs(batch[1] - alone).max() <= 1
+
+
+def test_first_block_cache_decides_from_the_whole_batch(tiny_flux_dev):
+    """Why the engine does not offer diffusers' FirstBlockCache: its skip decision is one number for the whole batch
+    (the mean change of the first block's residual over every row), so the same frame -- same prompt, same noise --
+    skips other steps, and comes out otherwise, beside another frame (here one whose residuals change differently: it
+    starts from zero noise). Shown on diffusers' own FluxPipeline, counting the steps on which the last block ran.
+    Pinned: if diffusers ever decides per row, this fails and the hook can be offered."""
+    from diffusers import FluxPipeline
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    ran = []
+    pipe.transformer.single_transformer_blocks[-1].proj_out.register_forward_hook(lambda *_: ran.append(1))
+    noise = pipe.prepare_latents(1, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(3))[0]
+
+    def render(latents):
+        ran.clear()
+        per_step = []
+
+        def mark(pipe, i, t, kwargs):
+            per_step.append(len(ran))
+            return kwargs
+
+        out = pipe([PROMPT] * len(latents), height=SIZE, width=SIZE, num_inference_steps=10, latents=latents,
+                   output_type="np", callback_on_step_end=mark)
+        return [b - a for a, b in zip([0] + per_step[:-1], per_step)], (out.images[0] * 255).round()
+
+    alone, image_alone = render(noise)
+    beside, image_beside = render(torch.cat([noise, torch.zeros_like(noise)]))
+    assert 0 < sum(alone) < 10  # it did skip steps
+    assert alone != beside  # one decision per step for the whole batch: it changed with the frame's neighbour
+    assert np.abs(image_alone - image_beside).max() > 2
+
+
+def test_dit_full_steps_follow_the_hook():
+    """The FLOP accounting (bench.dit_accel) counts the full steps TaylorSeer's own rule gives."""
+    assert dit_full_steps(StepCache(2), 8) == [True, True, True, False, True, False, True, False]
+    assert sum(dit_full_steps(StepCache(3), 28)) == 3 + 8  # steps 0-2, then 4, 7, ..., 25
+
+
+def test_step_cache_depth_beyond_a_transformers_is_refused(tiny_flux_dev):
+    with pytest.raises(UserError, match="depths 0-1"):
+        Renderer(ModelConfig(model=str(tiny_flux_dev), step_cache=3, step_cache_depth=2))
