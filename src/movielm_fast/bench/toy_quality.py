@@ -1,10 +1,12 @@
 """What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--checks conditioning,phrasing,style,consistency,lossy]
-        [--n 100]
+    python -m movielm_fast.bench.toy_quality [--model demo|demo-dit] [--checks conditioning,phrasing,style,
+        consistency,lossy] [--n 100]
 
 Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
-- conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
+Steps, guidance, true CFG and sampler are the model's own defaults (its movielm_defaults.json: the UNet demo 20
+DPM++ steps at guidance 4; the DiT demo its flow-matching Euler) unless --steps / --guidance say otherwise.
+- conditioning: `--n` held-out layouts (never trained on) at those steps, each a frame described by
   world.caption in a plan of its style: background and every named shape's colour at its named position right (the
   issue's criterion), plus the judge's other rates (shape, size at position, ...);
 - phrasing: hand-written captions in sentence forms the model never trained on (bench.toy.phrasing.HELD_OUT) and
@@ -15,9 +17,9 @@ Every prompt is built by the engine from a plan, as a render builds it (run.prom
   (and with the words "neon style" for reference), judged neon how often;
 - consistency: a movie whose two characters move between positions and backgrounds over its frames; how often each
   character is read with its colour (and shape) at its named place, with consistency mode none and anchor_attention;
-- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against fp32
-  DPM++ at `--steps` on the same captions and seeds: the conditioning rate, how often the judge's reading is
-  unchanged, and PSNR / SSIM of the pixels.
+- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against the
+  fp32 render at those steps on the same captions and seeds: the conditioning rate, how often the judge's reading is
+  unchanged, and PSNR / SSIM of the pixels. (The DiT demo's step cache and FP8 at several step counts: bench.dit_accel.)
 Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders beside it (the first 16 captions).
 """
 
@@ -96,10 +98,17 @@ def grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> Image.Image:
     return Image.fromarray(sheet).resize((cols * w * scale, rows * h * scale), Image.NEAREST)
 
 
+def toy_settings(r: Renderer, steps: int | None = None, guidance: float | None = None) -> BatchSettings:
+    """64x64 frames at the model's own steps, guidance, true CFG and sampler, unless steps / guidance are given."""
+    d = r.defaults
+    return BatchSettings(64, 64, steps or d["steps"], d["guidance"] if guidance is None else guidance,
+                         d.get("scheduler", "dpmpp"), true_cfg=d.get("true_cfg") or 1.0)
+
+
 def check_conditioning(r: Renderer, args, scenes) -> tuple[dict, np.ndarray]:
     prompts = scene_prompts(scenes)
     t0 = time.perf_counter()
-    images = render_prompts(r, prompts, BatchSettings(64, 64, args.steps, args.guidance, "dpmpp"))
+    images = render_prompts(r, prompts, toy_settings(r, args.steps, args.guidance))
     rates, _ = judged(images, scenes)
     truth, _ = judged(np.stack([(W.render(s) * 255).round().astype(np.uint8) for s in scenes]), scenes)
     return {"rates": rates, "judge_on_ground_truth": truth, "seconds": round(time.perf_counter() - t0, 1),
@@ -110,7 +119,7 @@ def check_phrasing(r: Renderer, args) -> tuple[dict, np.ndarray]:
     """The judge's rates on hand-written captions in unseen sentence forms, on the issue's eight, and on the held-out
     captions' scenes as world.caption words them (what the phrasing alone costs), each rendered with
     --phrasing-seeds seeds, frames of a style-"plain" plan."""
-    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    s = toy_settings(r, args.steps, args.guidance)
     sets = {"held_out": P.HELD_OUT, "issue": P.ISSUE,
             "held_out_scenes_as_world_captions": [(sc.caption(with_style=False), sc) for _, sc in P.HELD_OUT]}
     out, shown = {}, None
@@ -153,7 +162,7 @@ def check_style(r: Renderer, args, scenes) -> dict:
         train_s = time.perf_counter() - t0
     r.encoder.add_token(res.token, list(res.vectors), str(res.path))
     base = [s.caption(with_style=False) for s in scenes]
-    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    s = toy_settings(r, args.steps, args.guidance)
     out = {"token": res.token, "train_seconds": round(train_s, 1), "images": args.style_images, "captions": len(base),
            "steps": args.style_steps, "report": {k: v for k, v in res.report.items() if isinstance(v, (int, float))}}
     for name, prompts in (("without token", base), ("with token", [f"{res.token}, {c}" for c in base]),
@@ -178,12 +187,12 @@ STORY = [  # (background, {position: name})
 _POS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 
 
-def story_plan(mode: str, steps: int, guidance: float, seed: int) -> dict:
+def story_plan(mode: str, s: BatchSettings, seed: int) -> dict:
     frames = [{"id": f"{i:03d}", "description": " and ".join(f"{n} {_POS[p]}" for p, n in cast.items()) +
                f", {W.BACKGROUND_PHRASES[bg]}"} for i, (bg, cast) in enumerate(STORY)]
     return {"id": f"story-{mode}", "style": {"name": "plain"},
             "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
-            "render": {"width": 64, "height": 64, "steps": steps, "guidance": guidance, "scheduler": "dpmpp",
+            "render": {"width": 64, "height": 64, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                        "seed": seed, "negative_prompt": ""}, "consistency": {"mode": mode}}
 
 
@@ -192,7 +201,7 @@ def check_consistency(r: Renderer, args) -> dict:
     for mode in ("none", "anchor_attention"):
         colour_ok = shape_ok = total = 0
         for seed in range(args.story_seeds):
-            lm = parse_plan(story_plan(mode, args.steps, args.guidance, seed))[0]
+            lm = parse_plan(story_plan(mode, toy_settings(r, args.steps, args.guidance), seed))[0]
             tasks = r.plan(lm, None, lm.settings.__class__()).tasks
             images = np.concatenate([r.render([t.job], t.settings)[0] for t in tasks])
             for img, (_, cast) in zip(images, STORY):
@@ -219,12 +228,11 @@ LOSSY_CASES = [  # name, ModelConfig fields, BatchSettings fields (besides the r
 ]
 
 
-def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
-    """Each lossy option against fp32 DPM++ at --steps, same captions and seeds: the judge's conditioning rate and
-    readings, and PSNR / SSIM of the pixels."""
+def check_lossy(model: str, args, scenes, fp32_images: np.ndarray, reference: BatchSettings) -> dict:
+    """Each lossy option against the fp32 render at `reference`'s settings, same captions and seeds: the judge's
+    conditioning rate and readings, and PSNR / SSIM of the pixels."""
     captions = scene_prompts(scenes)
     ref = [J.read(img) for img in fp32_images]
-    reference = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
     out = {}
     base = J.summarize([J.score(img, sc) for img, sc in zip(fp32_images, scenes)])["conditioning"]
     for name, config, settings in LOSSY_CASES:
@@ -248,7 +256,9 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
+    ap = bench_parser("toy_quality", __doc__, model="demo", results="--results")
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's own")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     ap.add_argument("--checks", default="conditioning,phrasing,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
@@ -266,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     r = Renderer(ModelConfig(model=args.model))
     scenes = held_out_scenes(args.n)
+    s = toy_settings(r, args.steps, args.guidance)
     result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": machine_info(torch.device("cpu")),
-              "settings": {"model": args.model, "model_hash": r.model.content_hash, "n": args.n, "steps": args.steps,
-                           "guidance": args.guidance, "scheduler": "dpmpp", "size": 64}}
+              "settings": {"model": args.model, "family": r.model.family.name, "model_hash": r.model.content_hash,
+                           "n": args.n, "steps": s.steps,
+                           "guidance": s.guidance, "true_cfg": s.true_cfg, "scheduler": s.scheduler, "size": 64}}
     fp32_images = issue_images = None
     if "conditioning" in checks or "lossy" in checks:
         result["conditioning"], fp32_images = check_conditioning(r, args, scenes)
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         result["consistency"] = check_consistency(Renderer(ModelConfig(model=args.model)), args)
         print("consistency", result["consistency"])
     if "lossy" in checks:
-        result["lossy"] = check_lossy(args.model, args, scenes[:args.lossy_n], fp32_images[:args.lossy_n])
+        result["lossy"] = check_lossy(args.model, args, scenes[:args.lossy_n], fp32_images[:args.lossy_n], s)
         print("lossy", result["lossy"])
     result["load_average"] = {"start": load_start, "end": load_average()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -303,10 +315,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
+    """One block per model family measured (the UNet demo, the DiT demo), in the order first measured."""
     if not results:
         return []
+    lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)"]
+    for family in dict.fromkeys(_family(r) for r in results):
+        lines += _model_block([r for r in results if _family(r) == family])
+    return lines + [""]
+
+
+def _family(result: dict[str, Any]) -> str:
+    return result["settings"].get("family", "SD 1.x/2.x")  # results before the DiT demo: the UNet demo's
+
+
+def _model_block(results: list[dict[str, Any]]) -> list[str]:
     # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
-    # the newest model measured.
+    # the newest weights of the model measured.
     res = dict(results[-1])
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
     for key in ("conditioning", "phrasing", "style", "consistency", "image"):
@@ -323,10 +347,11 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
             key = (r["settings"]["steps"], part.get("captions"), part["fp32_conditioning"])
             lossy.setdefault(key, {**part, "steps": key[0], "cases": {}})["cases"].update(part["cases"])
     st, m = res["settings"], res["machine"]
-    lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)", "",
+    cfg = f", true CFG {st['true_cfg']}" if st.get("true_cfg", 1.0) > 1 else ""
+    lines = ["", f"### {_family(res)}: --model {st['model']}", "",
              f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
-             f"guidance {st['guidance']}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic judge "
-             f"(`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
+             f"guidance {st['guidance']}{cfg}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic "
+             f"judge (`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
     if "image" in res:
         lines += ["", f"![first 16 held-out captions](results/{res['image']})"]
     c = res.get("conditioning")
@@ -371,7 +396,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {k} | {v['character_appearances']} | {rate(v['colour_at_position'])} | "
                          f"{rate(v['colour_and_shape_at_position'])} |")
     for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
-        lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
+        lines += ["", f"**Lossy options** against fp32 {st['scheduler']} {lossy['steps']} steps (conditioning "
                   f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
                   f"{lossy.get('captions', 'few')}):", "",
                   "| option | conditioning | change | same reading as fp32 | max / mean pixel diff | PSNR / SSIM |",
@@ -384,7 +409,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
                              f"{rate(v['same_reading_as_fp32'])} | {v['max_abs_pixel_diff']} / "
                              f"{v['mean_abs_pixel_diff']} | " + (f"{v['psnr_db_vs_fp32']} dB / {v['ssim_vs_fp32']}"
                                                                  if "psnr_db_vs_fp32" in v else "—") + " |")
-    return lines + [""]
+    return lines
 
 
 SECTIONS = (Section(TOY_FORMAT, toy_quality_section),)
