@@ -125,3 +125,79 @@ def test_dit_full_steps_follow_the_hook():
 def test_step_cache_depth_beyond_a_transformers_is_refused(tiny_flux_dev):
     with pytest.raises(UserError, match="depths 0-1"):
         Renderer(ModelConfig(model=str(tiny_flux_dev), step_cache=3, step_cache_depth=2))
+
+
+# --- FP8 on a transformer's blocks ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["flux", "klein"])
+def quantized_dit(request, tiny_flux_dev, tiny_klein):
+    path = str(tiny_flux_dev if request.param == "flux" else tiny_klein)
+    return Renderer(ModelConfig(model=path, quantize="fp8-emulated"))
+
+
+def test_fp8_layers_of_a_transformer(quantized_dit):
+    """Every Linear inside the double and single blocks but their AdaLN modulation; nothing outside them."""
+    from movielm_fast.engine import fp8
+
+    transformer = quantized_dit.model.transformer
+    layers = set(quantized_dit.backend.fp8_layers)
+    for name, m in transformer.named_modules():
+        in_block = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        if isinstance(m, torch.nn.Linear):
+            assert isinstance(m, fp8._Fp8Weight) == (name in layers) == (in_block and ".norm" not in name), name
+    assert any(n.endswith("attn.add_q_proj") for n in layers) and any(n.endswith("attn.to_out.0") for n in layers)
+    for keep in ("x_embedder", "context_embedder", "norm_out.linear", "proj_out"):
+        assert type(transformer.get_submodule(keep)) is torch.nn.Linear, keep
+
+
+def test_fp8_dit_render_emulated_and_gpu_path(quantized_dit):
+    """The emulated render is close to the plain one and really rounded; the GPU path's code (torch._scaled_mm, run
+    by the CPU build of torch) gives the emulation's pixels."""
+    from movielm_fast.bench.image_quality import psnr
+    from movielm_fast.engine import fp8
+
+    guidance = 3.5 if "flux" in quantized_dit.config.model else 4.0
+    plain = _render(Renderer(ModelConfig(model=quantized_dit.config.model)), 4, [3], guidance=guidance)[0]
+    emulated = _render(quantized_dit, 4, [3], guidance=guidance)[0]
+    assert not np.array_equal(plain, emulated)
+    assert psnr(plain.astype(np.uint8), emulated.astype(np.uint8)) > 30.0
+    layers = [m for m in quantized_dit.model.transformer.modules() if isinstance(m, fp8._Fp8Weight)]
+    for m in layers:
+        m.emulate = False
+    try:
+        real = _render(quantized_dit, 4, [3], guidance=guidance)[0]
+    finally:
+        for m in layers:
+            m.emulate = True
+    assert np.abs(real - emulated).max() <= 1
+
+
+def test_fp8_covers_the_linears_of_a_flux_step():
+    """FLUX.1's published layout at 512²: the FP8 layers hold all but a sliver of the linear FLOPs (the AdaLN and
+    embedding rows), and linears about 92% of the step (the issue's count; the rest is attention)."""
+    from movielm_fast.bench.dit_accel import flop_shares
+
+    shares = flop_shares(sizes=(512,))["flux-arch 512²"]
+    assert 0.90 < shares["fp8_share"] <= shares["linear_share"] < 0.94
+    assert shares["linear_share"] - shares["fp8_share"] < 0.005
+
+
+# --- a text length below the family's ----------------------------------------------------------------------------
+
+def test_t5_length_from_the_tokenizer_matches_diffusers(tiny_flux_schnell, tmp_path):
+    """A FLUX.1 folder whose T5 tokenizer says model_max_length 24 (the DiT demo's says 40) is encoded at 24
+    tokens: diffusers' pipeline with max_sequence_length=24 gives the same frame."""
+    import json
+    import shutil
+
+    folder = tmp_path / "short-t5"
+    shutil.copytree(tiny_flux_schnell, folder)
+    config = folder / "tokenizer_2" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 24}))
+    r = Renderer(ModelConfig(model=str(folder)))
+    assert [role.length for role in r.encoder.roles] == [77, 24]
+    ours = _render(r, 4, [9], guidance=0.0)[0]
+    ref = _diffusers(folder, 4, 9, guidance_scale=0.0, max_sequence_length=24)
+    assert np.abs(ours - ref).max() <= 2
+    assert np.abs(ours - _render(Renderer(ModelConfig(model=str(tiny_flux_schnell))), 4, [9], guidance=0.0)[0]
+                  ).max() > 2  # 24 tokens, not 512: another image
