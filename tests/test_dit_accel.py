@@ -71,6 +71,22 @@ def test_step_cache_with_true_cfg_matches_diffusers(tiny_flux_schnell):
     assert np.abs(ours.astype(np.int16) - ref).max() <= 2
 
 
+def test_step_cache_on_klein_matches_diffusers(tiny_klein):
+    """FLUX.2 [klein] base (CFG against the empty negative prompt): the same hook, the same frame as diffusers'."""
+    from diffusers import Flux2KleinPipeline
+
+    cache = StepCache(2, 0)
+    r = Renderer(ModelConfig(model=str(tiny_klein)))
+    ours = _render(r, 8, [4], cache, guidance=4.0)[0]
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(dit_hook_config(cache))
+    ref = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(4)).images[0]
+    assert np.abs(ours - (ref * 255).round()).max() <= 2
+    assert np.abs(ours - _render(r, 8, [4], guidance=4.0)[0]).max() > 0
+
+
 def test_step_cached_frame_is_the_same_in_any_batch(tiny_flux_dev):
     """Which steps run whole is fixed by the step index, and a skipped step extrapolates each row from its own
     history: a frame's pixels do not depend on the frames beside it."""
@@ -201,3 +217,28 @@ def test_t5_length_from_the_tokenizer_matches_diffusers(tiny_flux_schnell, tmp_p
     assert np.abs(ours - ref).max() <= 2
     assert np.abs(ours - _render(Renderer(ModelConfig(model=str(tiny_flux_schnell))), 4, [9], guidance=0.0)[0]
                   ).max() > 2  # 24 tokens, not 512: another image
+
+
+def test_lossy_dit_options_are_recorded_and_keyed(tiny_flux_dev, tmp_path):
+    """--step-cache and --quantize on FLUX, through the CLI: in the manifest, in each frame's metadata and its resume
+    key (the plain render of the same plan renders again, and resumes as plain)."""
+    import json
+
+    from PIL import Image
+
+    from tests.helpers import cli_json, movie, write_plan
+
+    plan = write_plan(tmp_path / "plan.json", [movie("fx", 2)], {"width": SIZE, "height": SIZE, "steps": 6})
+    out = tmp_path / "out"
+    plain = ["render", str(plan), "--model", str(tiny_flux_dev), "--out", str(out), "--json", "--no-style-training"]
+    lossy = plain + ["--step-cache", "2", "--quantize", "fp8-emulated"]
+    assert cli_json(plain)["rendered"] == 2
+    assert cli_json(lossy)["rendered"] == 2
+    manifest = json.loads((out / "fx" / "manifest.json").read_text())
+    assert manifest["settings"]["step_cache"] == {"interval": 2, "depth": 0}
+    assert manifest["settings"]["quantize"] == "fp8-emulated"
+    with Image.open(out / "fx" / "frames" / "000.png") as im:
+        settings = json.loads(im.text["settings"])
+    assert settings["step_cache"] == {"interval": 2, "depth": 0} and settings["quantize"] == "fp8-emulated"
+    assert cli_json(lossy)["skipped"] == 2
+    assert cli_json(plain)["rendered"] == 2 and cli_json(plain)["skipped"] == 2
