@@ -1,6 +1,7 @@
 """ModelSpec, shape profiles, cache keys and the TensorRT build recipe: everything that needs no GPU or TensorRT."""
 
 import json
+from hashlib import sha256 as _sha256
 
 import pytest
 
@@ -121,7 +122,8 @@ def test_cache_is_atomic_and_lists_and_clears(sd, tmp_path):
         (tmp / "model.onnx").write_bytes(b"graph")
         cache.commit(tmp, key, "model.onnx", {"covers": "test"})
     art = cache.lookup(key, tmp_path)
-    assert art is not None and art.manifest["files"] == {"model.onnx": {"bytes": 5}}
+    assert art is not None
+    assert art.manifest["files"] == {"model.onnx": {"bytes": 5, "sha256": _sha256(b"graph").hexdigest()}}
     assert json.loads((art.path / "manifest.json").read_text())["model_hash"] == sd.content_hash
     (art.path / "model.onnx").write_bytes(b"tr")  # a damaged file is not a hit
     assert cache.lookup(key, tmp_path) is None

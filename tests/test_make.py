@@ -29,7 +29,7 @@ THEMES = ["a love story", "a heist", "a storm at sea"]
 DOOMED = "a doomed theme"  # its plan never validates
 QA_DOOMED = "A Storm At Sea 2"  # this movie's QA never validates
 FRAMES = 2
-MOVIES = [f"{t.replace(' ', '-')}-{k}" for t in THEMES for k in (1, 2)]
+MOVIES = [f"{t.replace(' ', '-')}-0{k}" for t in THEMES for k in (1, 2)]  # the plan files' names
 
 
 # The image model every run here uses: the tiny random SD model (set by `_tiny_model`), the fastest to render.
@@ -189,10 +189,10 @@ def test_make_end_to_end_with_failures_isolated(made):
     report = json.loads((out / "make.json").read_text())
     failures = sorted((f["stage"], f.get("theme", ""), f.get("version", 0), f.get("movie", ""))
                       for f in report["failures"])
-    assert failures == [("plan", DOOMED, 1, ""), ("plan", DOOMED, 2, ""), ("qa", "", 0, "a-storm-at-sea-2")]
+    assert failures == [("plan", DOOMED, 1, ""), ("plan", DOOMED, 2, ""), ("qa", "", 0, "a-storm-at-sea-02")]
     assert "no valid answer" in " ".join(f["reason"] for f in report["failures"])
-    assert "FAILED plan theme 'a doomed theme'" in result.stderr and "FAILED qa a-storm-at-sea-2" in result.stderr
-    finished = [m for m in MOVIES if m != "a-storm-at-sea-2"]
+    assert "FAILED plan theme 'a doomed theme'" in result.stderr and "FAILED qa a-storm-at-sea-02" in result.stderr
+    finished = [m for m in MOVIES if m != "a-storm-at-sea-02"]
     assert report["finished"] == finished
     st = report["stages"]
     assert (st["plan"]["done"], st["plan"]["failed"]) == (6, 2)
@@ -202,8 +202,7 @@ def test_make_end_to_end_with_failures_isolated(made):
     assert report["llm"]["requests"] == made["n_first"] - 1, "the 429 is no answered request"
     assert report["llm"]["repairs"] >= 1 and report["llm"]["prompt_tokens"] > 0
     # The layout of issue 12.
-    assert sorted(p.name for p in (out / "plans").glob("*.json")) == sorted(f"{m[:-2]}-0{m[-1]}.json"
-                                                                            for m in MOVIES)
+    assert sorted(p.name for p in (out / "plans").glob("*.json")) == sorted(f"{m}.json" for m in MOVIES)
     for m in MOVIES:
         folder = out / "movies" / m
         assert (folder / "manifest.json").is_file() and (folder / "storyboard.png").is_file()
@@ -216,9 +215,9 @@ def test_make_end_to_end_with_failures_isolated(made):
     assert any("character" in r["id"] for r in records), "derived QA is merged in"
     # Gallery: every finished movie, text escaped, images by relative path.
     page = (out / "index.html").read_text()
-    assert page.count("<section class=movie") == 5 and "a-storm-at-sea-2" in page
+    assert page.count("<section class=movie") == 5 and "a-storm-at-sea-02" in page
     assert "&lt;b&gt;tags&lt;/b&gt; &amp; quotes &quot; stay text." in page and "<b>tags</b>" not in page
-    assert "src='movies/a-heist-1/frames/001.png'" in page and "src='movies/a-heist-1/storyboard.png'" in page
+    assert "src='movies/a-heist-01/frames/001.png'" in page and "src='movies/a-heist-01/storyboard.png'" in page
     assert "http" not in page and "<script" not in page
 
 
@@ -336,7 +335,7 @@ def test_kill_9_at_four_points_then_rerun_resumes(tmp_path):
         check_resumed(runs[-1])
     assert dataset_of(out)[:2] == dataset_of(tmp_path / "ref")[:2], "the same dataset and QA"
     assert_same_frames(out, tmp_path / "ref")
-    assert json.loads((out / "make.json").read_text())["finished"] == [m for m in MOVIES if m != "a-storm-at-sea-2"]
+    assert json.loads((out / "make.json").read_text())["finished"] == [m for m in MOVIES if m != "a-storm-at-sea-02"]
 
 
 def test_ray_cluster_gives_the_same_files(made, tmp_path):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -115,10 +117,33 @@ def remove_stale_temporaries(folder: Path, older_than: float = STALE_TEMP_SECOND
     return removed
 
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+          (stat.S_ISSOCK, "a socket"))  # a folder: the rename fails, and says so
+
+
+def check_destination(path: Path) -> None:
+    """A UserError when something other than a regular file is at `path`: the rename of an atomic write would
+    replace it (a symlink would become a file and its target get nothing; /dev/full, a FIFO's reader, ...)."""
+    try:
+        st = os.lstat(path)
+    except OSError:  # nothing there (or unreadable: the write itself says why)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): movielm-fast writes a new file and "
+                        "renames it into place, which would replace the link, so it does not write there",
+                        "give the path the link points to, or remove the link")
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
+    if kind is not None:
+        raise UserError(f"{path} is {kind}, not a regular file: movielm-fast writes a new file and renames it into "
+                        "place, which would replace it, so it does not write there",
+                        "give the path of a file (existing or new) instead")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers see the old or the new file,
-    never half of one."""
+    never half of one. Only a regular file (or nothing) is replaced: `check_destination`."""
     path = Path(path)
+    check_destination(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -150,9 +175,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fp:
-        for block in iter(lambda: fp.read(1 << 20), b""):
+        for block in iter(lambda: fp.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_files(files: list[Path]) -> list[str]:
+    """The sha256 of each file, memoised in the cache (sha256-memo.json, one entry per path) under what neither a
+    copy nor a rewrite in place can keep: device, inode, size, modification and change time. rsync -a, cp -p and
+    tar restore the modification time; the change time is set by the kernel on every write, and nothing sets it
+    back. Weights are gigabytes: re-hashing them on every run would cost seconds."""
+    memo_path = cache_root() / "sha256-memo.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    digests, changed = [], False
+    for f in files:
+        real = Path(f).resolve()
+        st = real.stat()  # before reading: a write while it is hashed changes the stamp, so the next call hashes again
+        stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        entry = memo.get(str(real))
+        if not (isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str)):
+            entry = memo[str(real)] = {"stat": stamp, "sha256": sha256_file(real)}
+            changed = True
+        digests.append(entry["sha256"])
+    if changed:
+        try:
+            atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        except UserError:
+            pass  # the memo is an optimisation only
+    return digests
 
 
 @contextmanager

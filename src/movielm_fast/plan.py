@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from movielm_fast.errors import PlanError
+from movielm_fast.errors import PlanError, UserError
 from movielm_fast.settings import setting
 
 SCHEDULERS = ("dpmpp", "dpmpp_sde", "euler", "euler_a", "ddim", "unipc", "lcm", "tcd", "pndm", "default")
@@ -260,6 +260,9 @@ class LoadedMovie(BaseModel):
     defaults (`resolved(model=...)`) slot in between."""
     source: str = ""
     """The plan file it came from (absolute), part of the movie's identity in its output folder."""
+    file_roots: tuple[Path, ...] | None = None
+    """The only folders the movie may read files from (a served plan: the server's --allow-files), checked each
+    time a file is opened (`confined`); None: anywhere (a local run reads what its user names)."""
 
     def resolved(self, overrides: RenderSettings | None = None, model: RenderSettings | None = None
                  ) -> RenderSettings:
@@ -270,10 +273,37 @@ class LoadedMovie(BaseModel):
         return merge_settings(overrides, self.own, model, self.settings)
 
     def lora_files(self) -> list[tuple[str, Path, float]]:
-        """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan."""
+        """(JSON path, file, scale) of the style's LoRAs, then the movie's; files resolved against the plan and
+        `confined` (call it right before reading them)."""
         st = [(f"style.loras[{i}]", e) for i, e in enumerate(self.movie.style.loras)]
         own = [(f"loras[{i}]", e) for i, e in enumerate(self.movie.loras)]
-        return [(where, self.plan_dir / e.file, e.scale) for where, e in st + own]
+        return [(where, self.confined(self.plan_dir / e.file, where), e.scale) for where, e in st + own]
+
+    def embedding_file(self) -> Path | None:
+        """The style's embedding file, resolved against the plan and `confined`; None when it names none."""
+        st = self.movie.style
+        return self.confined(self.plan_dir / st.embedding, "style.embedding") if st.embedding else None
+
+    def confined_folders(self, settings: RenderSettings) -> RenderSettings:
+        """`settings` (this movie's, resolved) with its refiner and VAE folders `confined`."""
+        update = {k: str(self.confined(Path(v), f"render.{k}")) for k in PATH_SETTINGS if (v := getattr(settings, k))}
+        return settings.model_copy(update=update) if update else settings
+
+    def confined(self, path: Path, where: str) -> Path:
+        """`path` with its links resolved, when it lies (and, for a folder, everything in it lies) inside one of
+        `file_roots`; else a UserError. Checked at each call, never once for all: a file swapped for a link after
+        the plan was accepted is caught when it is read."""
+        if self.file_roots is None:
+            return path
+        real = path.resolve()
+        links = [p for p in real.rglob("*") if p.is_symlink()] if real.is_dir() else []  # a folder's files too
+        outside = [p for p in [real, *links] if not any(p.resolve().is_relative_to(r) for r in self.file_roots)]
+        if outside:
+            roots = ", ".join(map(str, self.file_roots))
+            raise UserError(f"movie {self.movie.id!r} {where}: {path} leads outside the folders this run may read "
+                            f"files from ({roots})" + (f" (through {outside[0]})" if outside[0] != real else ""),
+                            "put the file under one of them (serve: start the server with --allow-files FOLDER)")
+        return real
 
 
 # --- validation -----------------------------------------------------------------------------------------------
@@ -449,25 +479,35 @@ def parse_plan(data: Any, source: str = "<plan>", plan_dir: Path | None = None) 
 
 
 # --- size limits -------------------------------------------------------------------------------------------------
-# Plans and LLM answers are untrusted input: each bound is far above any real plan and far below what exhausts a
-# machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, documented in README.
+# Plans, LLM answers and user images are untrusted input: each bound is far above any real input and far below what
+# exhausts a machine (a 1 MB description took 1.4 GB to tokenise). Each has an environment override, listed in
+# docs/safety.md.
 
 LIMITS = {  # name: (default, environment variable)
     "plan_bytes": (16 * 2**20, "MOVIELM_MAX_PLAN_BYTES"),
     "text_chars": (20_000, "MOVIELM_MAX_TEXT_CHARS"),
     "depth": (32, "MOVIELM_MAX_PLAN_DEPTH"),
     "prompt_windows": (16, "MOVIELM_MAX_PROMPT_WINDOWS"),
+    "reply_bytes": (16 * 2**20, "MOVIELM_MAX_REPLY_BYTES"),  # an LLM's reply, read into memory whole
+    "image_pixels": (8192 * 8192, "MOVIELM_MAX_IMAGE_PIXELS"),  # a user image for style training, decoded
 }
 
 
 def limit(name: str) -> int:
-    """A size limit: its environment override if set to a positive integer, else the default."""
+    """A size limit: its environment override if set, else the default; an override that is not a positive integer
+    is a UserError (ignoring it would leave the user thinking it holds)."""
     default, env = LIMITS[name]
-    try:
-        value = int(os.environ.get(env, "") or default)
-    except ValueError:
+    text = os.environ.get(env, "").strip()
+    if not text:
         return default
-    return value if value > 0 else default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{env}={text[:40]!r} is not a positive whole number",
+                        f"set it to a number such as {default} (the default), or unset it")
+    return value
 
 
 def limit_hint(name: str) -> str:
@@ -528,6 +568,9 @@ def parse_json(text: str, source: str) -> Any:
             from None
     except RecursionError:
         raise PlanError(source, [("$", f"nested more than {limit('depth')} levels deep: a plan needs about 5")]) \
+            from None
+    except ValueError as exc:  # a number of more digits than Python converts (a 5000-digit seed)
+        raise PlanError(source, [("$", f"not valid JSON: {str(exc).split(':')[0]}: a seed has at most 19 digits")]) \
             from None
     return data
 

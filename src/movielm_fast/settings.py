@@ -14,6 +14,7 @@ The models that hold settings, each owned by the layer that reads it:
     engine.config.ModelConfig    what a loaded model and its backend need (a server's resident model)
     run.config.RunConfig         a run's own choices: output folder, image files, resume, batch size
     run.cluster.ClusterOptions   where a run's batches go (Ray)
+    serve.config.ServeLimits     what one `serve` accepts: connections, timeouts, the work of a plan
 
 A new setting is one `setting(...)` line in the model that owns it, plus the code that uses it.
 """

@@ -41,6 +41,9 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
             m = e.manifest
             click.echo(f"  {m['model_id']:<20} {m['component']:<15} {m['target']:<12} {m['dtype']:<5} "
                        f"{m['profile']:<28} {cache.human_bytes(m['total_bytes']):>9}  {e.path}")
+        for folder, size, age in cache.unfinished():
+            click.echo(f"  unfinished export ({cache.human_bytes(size)}, unchanged for {age / 60:.0f} min; --clear "
+                       f"removes it after {cache.UNFINISHED_SECONDS // 60} min)  {folder}")
         return
     from movielm_fast.engine.models import check_refiner, load_model, load_refiner, load_vae, vae_folder
     from movielm_fast.export.artifacts import check_backend, export_for_backend
@@ -52,7 +55,9 @@ def export_cmd(ctx, model, backend, dtype, device, batch_sizes, sizes, dynamic, 
         if ctx.get_parameter_source("model") == click.core.ParameterSource.COMMANDLINE:
             model_hash = load_model(model).content_hash
         n = cache.clear(model_hash=model_hash)
-        click.echo(f"removed {n} artifact(s) from {cache.artifacts_root()}")
+        gone, kept = cache.clear_unfinished(model_hash=model_hash)
+        click.echo(f"removed {n} artifact(s) and {gone} unfinished export(s) from {cache.artifacts_root()}"
+                   + (f"; kept {kept} unfinished export(s) that may still be running" if kept else ""))
         return
 
     check_backend(backend)  # the checks a user can fail come before loading gigabytes

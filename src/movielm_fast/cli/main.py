@@ -153,9 +153,12 @@ def _render_on_server(server, token, plans, out, as_json, quiet, options):
         if not (quiet or as_json):
             click.echo(f"submitted {plan} as {rec['id']}", err=True)
         rec = follow(server, rec["id"], token)
-        failed |= rec["state"] == "failed"
+        failed |= rec["state"] != "done"
         if as_json:
             click.echo(json.dumps(rec))
+        elif rec["state"] == "cancelled":
+            click.echo(f"{rec['id']}: cancelled on the server ({rec['done']} of {rec['total']} frame(s) done)",
+                       err=True)
         elif rec["error"]:
             click.echo(f"failed: {rec['error']['error']} ({rec['error']['hint']})", err=True)
         else:

@@ -184,8 +184,8 @@ def llm_options(own_model_flag: bool) -> Callable:
         click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
                      help="LLM requests in flight at once"),
         click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-                     help="seconds per request before it is retried (in a structured-output mode: before the "
-                     "next mode is tried)"),
+                     help="seconds a request may take, its whole reply included, before it is retried (in a "
+                     "structured-output mode: before the next mode is tried)"),
         click.option("--max-retries", type=click.IntRange(0, 20), default=4, show_default=True,
                      help="retries per request on timeouts, 429 and 5xx, with the openai client's back-off"),
         click.option("--max-tries", type=click.IntRange(1, 10), default=3, show_default=True,

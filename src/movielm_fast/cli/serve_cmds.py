@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from .options import render_configs, render_options
+from movielm_fast.serve.config import ServeLimits
+
+from .options import render_configs, render_options, settings_options
 
 
 @click.command("serve", help="A resident renderer: load the model once, keep it warm, and render plans POSTed to "
@@ -24,10 +26,12 @@ from .options import render_configs, render_options
 @click.option("--allow-files", multiple=True, type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER",
               help="Folders whose files (style embeddings, LoRAs, refiner and VAE folders) submitted plans may name; "
                    "repeatable; relative paths in a plan are relative to the first [default: the current folder].")
+@settings_options(ServeLimits, *ServeLimits.model_fields)
 @render_options(cluster=False, json=False)
 def serve_cmd(out, host, port, token, allow_files, **kw):
     from movielm_fast.serve.app import serve
 
+    limits = ServeLimits(**{name: kw.pop(name) for name in ServeLimits.model_fields})
     model, run, _, _ = render_configs(out, kw)
     click.echo(f"serving on http://{host}:{port} (output root {Path(out).resolve()})", err=True)
-    serve(model, run, host=host, port=port, token=token, allow_files=tuple(allow_files))
+    serve(model, run, host=host, port=port, token=token, allow_files=tuple(allow_files), limits=limits)

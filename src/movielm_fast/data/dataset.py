@@ -24,11 +24,11 @@ from PIL import Image
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.optional import require
-from movielm_fast.paths import atomic_write_text, sha256_file
+from movielm_fast.paths import atomic_write_text, check_destination, sha256_file
 from movielm_fast.plan import Movie, parse_plan
 from movielm_fast.run.manifest import MANIFEST_FORMAT, DamagedManifest, read_manifest  # noqa: F401 (re-export)
 
-from .llm.qa import QA_KINDS, derived_qa, movie_record
+from .llm.qa import QA_KINDS, derived_qa, movie_record, story_digest
 
 MEDIA_TOKEN = "<video>"
 Format = Literal["llava", "jsonl"]
@@ -125,10 +125,28 @@ def load_qa_file(path: Path) -> dict[str, dict[str, Any]]:
     if not isinstance(records, list) or bad:
         raise UserError(f"{path}: entry {bad[0] if bad else 0} is not a QA record with 'movie_id' and 'QA'",
                         "pass the file written by `movielm-fast qa`")
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if first.setdefault(r["movie_id"], i) != i:
+            raise UserError(f"{path}: entries {first[r['movie_id']]} and {i} are both QA for movie "
+                            f"{r['movie_id']!r}", "keep one of them (or give the movies different ids)")
     return {r["movie_id"]: r for r in records}
 
 
 # --- video ------------------------------------------------------------------------------------------------------
+
+
+MAX_SECONDS_PER_FRAME = 3600.0
+"""A keyframe shown for an hour is the most a video holds; far beyond it the frame rate rounds to 0 (and with --fps,
+the repeats of one keyframe never end)."""
+MAX_FPS = 240.0
+
+
+def check_video_timing(seconds_per_frame: float, fps: float | None) -> None:
+    if not 0 < seconds_per_frame <= MAX_SECONDS_PER_FRAME or fps is not None and not 0 < fps <= MAX_FPS:
+        raise UserError(f"--seconds-per-frame must be above 0 and at most {MAX_SECONDS_PER_FRAME:g}, and --fps above "
+                        f"0 and at most {MAX_FPS:g} (got {seconds_per_frame:g} and {fps})",
+                        "a keyframe is shown for seconds: --seconds-per-frame 2 is usual")
 
 
 def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, fps: float | None = None) -> int:
@@ -138,8 +156,7 @@ def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, 
     With `fps` each keyframe is repeated round(seconds_per_frame * fps) times, for tools that expect a
     conventional frame rate.
     """
-    if seconds_per_frame <= 0:
-        raise UserError("--seconds-per-frame must be positive")
+    check_video_timing(seconds_per_frame, fps)
     # Imported here, not at module top: PyAV is the optional [video] extra, needed only for --video.
     av = require("av", "video", "dataset --video (mp4 encoding)")
     repeat = max(1, round(seconds_per_frame * fps)) if fps else 1
@@ -148,6 +165,7 @@ def write_video(frames: list[Path], dest: Path, seconds_per_frame: float = 2.0, 
     # yuv420p halves chroma resolution, so both sides must be even.
     width, height = images[0].width // 2 * 2, images[0].height // 2 * 2
     # The encoder writes the file itself, so it gets a temporary name that is renamed into place when complete.
+    check_destination(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     count = 0
     try:
@@ -238,6 +256,10 @@ class DatasetOptions:
     movies: list[str] | None = None
     """Only these movie ids, in this order (`make` exports its finished movies); None: every movie in OUT."""
 
+    def __post_init__(self) -> None:
+        if self.video:  # checked before any work (make renders first), not when the first video is encoded
+            check_video_timing(self.seconds_per_frame, self.fps)
+
 
 @dataclass
 class DatasetReport:
@@ -257,6 +279,7 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     out_dir = Path(out_dir)
     rendered, skipped = find_rendered(out_dir, options.movies)
     dest = Path(options.dest or out_dir / ("dataset.json" if options.format == "llava" else "dataset.jsonl"))
+    check_dataset_destination(dest, out_dir, options.qa_path)
     # Must exist before validation: the kernel cannot resolve "../" through a missing folder.
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +305,21 @@ def export_dataset(out_dir: Path, options: DatasetOptions) -> DatasetReport:
     return report
 
 
+def check_dataset_destination(dest: Path, out_dir: Path, qa_path: Path | None) -> None:
+    """A UserError when the dataset file would overwrite the render output it is made from (a movie folder's
+    manifest, frames or anything else in it) or the QA file it reads, or is no regular file: before any work."""
+    check_destination(dest)
+    target = dest.resolve()
+    for manifest in out_dir.glob("*/manifest.json"):
+        if target.is_relative_to(manifest.parent.resolve()):
+            raise UserError(f"--dest {dest} is inside the rendered movie folder {manifest.parent}: the dataset file "
+                            "would overwrite what the movie is made of", f"write it elsewhere, e.g. --dest "
+                            f"{out_dir / 'dataset.json'}")
+    if qa_path is not None and target == Path(qa_path).resolve():
+        raise UserError(f"--dest {dest} is the QA file the dataset is made from",
+                        "give the dataset file another name")
+
+
 def _movie_records(item: RenderedMovie, options: DatasetOptions, base: Path,
                    qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> list[dict[str, Any]]:
     """One movie's records, checked: an invalid one raises a UserError naming the movie and the field."""
@@ -303,8 +341,20 @@ def _movie_records(item: RenderedMovie, options: DatasetOptions, base: Path,
 
 
 def _qa_for(movie: Movie, qa_by_id: dict[str, dict[str, Any]] | None, report: DatasetReport) -> dict[str, Any]:
-    if qa_by_id is not None and movie.id in qa_by_id:
-        return qa_by_id[movie.id]["QA"]
+    """The movie's QA from the QA file, if it has QA for this very movie (its story digest, or for older files
+    its title, must match: another film may have the same id), else derived from its plan."""
+    record = (qa_by_id or {}).get(movie.id)
+    if record is not None:
+        digest, title = record.get("story"), record.get("movie_title")
+        if digest:
+            other = digest != story_digest(movie)
+        else:  # a QA file from before the digest: its title is all it says about its movie
+            other = title is not None and title != (movie.title or movie.id)
+        if other:
+            raise UserError(f"the QA file's entry for movie {movie.id!r} ({title!r}) was written for another movie "
+                            f"with that id, or before its plan changed (rendered: {movie.title!r})",
+                            "write its QA again from the plan it was rendered from (`movielm-fast qa PLAN`)")
+        return record["QA"]
     if qa_by_id is not None:
         report.derived_for.append(movie.id)
     return movie_record(movie, derived_qa(movie))["QA"]

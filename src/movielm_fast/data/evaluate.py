@@ -16,7 +16,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ class Clip:
             raise UserError(f"no CLIP model folder at {path} (config.json missing)",
                             "pass --clip PATH to a local CLIP model in transformers' format (save_pretrained)")
         try:
+            _check_config_fits(path)
             # safetensors only: a pickled pytorch_model.bin can run code when loaded.
             self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
@@ -88,13 +91,55 @@ class Clip:
         return torch.nn.functional.normalize(_features(emb).float(), dim=-1).cpu()
 
 
+def _check_config_fits(path: Path) -> None:
+    """A UserError, before anything is allocated, when config.json describes more parameters than the folder's
+    weights hold: transformers allocates what the config says (an absurd config: hundreds of GB) before it reads
+    the weights. The model is built on the meta device (no memory), after its layer counts are checked against
+    the weights' own (so an absurd count is not built either)."""
+    from safetensors import safe_open
+    from transformers import CLIPConfig
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return  # no safetensors weights: loading refuses the folder, and says why
+    config = CLIPConfig.from_pretrained(path, local_files_only=True)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as weights:
+                shapes.update((k, tuple(weights.get_slice(k).get_shape())) for k in weights.keys())
+        except Exception as exc:  # safetensors' own error type for a damaged header
+            raise UserError(f"{f} is not a readable .safetensors file ({str(exc).splitlines()[0][:160]})",
+                            "copy the model folder again") from None
+    hint = "use the config.json saved with these weights (save_pretrained writes both)"
+    for part in ("text", "vision"):
+        layers = {int(m.group(1)) for k in shapes if (m := re.search(rf"{part}_model\.encoder\.layers\.(\d+)\.", k))}
+        wanted = getattr(config, f"{part}_config").num_hidden_layers
+        if wanted > len(layers):
+            raise UserError(f"{path / 'config.json'} asks for {wanted} {part} layers; the weights hold {len(layers)}",
+                            hint)
+    with torch.device("meta"):
+        wanted = sum(p.numel() for p in CLIPModel(config).parameters())
+    held = sum(math.prod(s) for s in shapes.values())
+    if wanted > held * 1.1 + 1000:  # some slack: a checkpoint may leave out a few weights that are initialised
+        raise UserError(f"{path / 'config.json'} describes a CLIP model of {wanted:,} parameters; its weights hold "
+                        f"{held:,}", hint)
+
+
 def _features(out) -> torch.Tensor:
     # transformers returns the projected embedding (a tensor, or an output object holding it as pooler_output)
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def _mean(xs: list[float]) -> float | None:
-    return round(float(np.mean(xs)), 5) if xs else None
+    """The mean of the finite scores (None without any): a NaN or infinite score, from weights that overflow, is
+    left out (and counted), never written as a bare NaN, which is not JSON."""
+    finite = [x for x in xs if math.isfinite(x)]
+    return round(float(np.mean(finite)), 5) if finite else None
+
+
+def _non_finite(*scores: list[float]) -> int:
+    return sum(not math.isfinite(x) for xs in scores for x in xs)
 
 
 def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict[str, Any] | None:
@@ -130,9 +175,12 @@ def evaluate_movie(clip: Clip, movie_dir: Path, anchor_dirs: list[Path]) -> dict
         a_emb = dict(zip(chars, clip.images([anchor_files[c] for c in chars])))
         anchor = [float(emb[i] @ a_emb[c]) for i, ns in enumerate(names) for c in ns if c in a_emb]
     mode = manifest.get("settings", {}).get("consistency", {}).get("mode", "none")
-    return {"movie": movie.id, "consistency": mode, "frames": len(entries), "clip_t": _mean(clip_t),
-            "clip_i_shared": _mean(shared), "shared_pairs": len(shared), "clip_i_anchor": _mean(anchor),
-            "anchor_pairs": len(anchor)}
+    row = {"movie": movie.id, "consistency": mode, "frames": len(entries), "clip_t": _mean(clip_t),
+           "clip_i_shared": _mean(shared), "shared_pairs": len(shared), "clip_i_anchor": _mean(anchor),
+           "anchor_pairs": len(anchor)}
+    if bad := _non_finite(clip_t, shared, anchor):
+        row["non_finite_scores"] = bad  # left out of the means
+    return row
 
 
 def evaluate(outs: list[Path], clip_path: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
@@ -154,6 +202,6 @@ def evaluate(outs: list[Path], clip_path: str | Path, device: str = "cpu") -> li
                                                                                   "clip_i_anchor")}
         report = {"format": EVAL_FORMAT, "out": str(out), "clip": str(clip_path), "movies": movies,
                   "overall": overall}
-        atomic_write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "eval.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
         reports.append(report)
     return reports

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text
-from movielm_fast.plan import Movie, load_plan
+from movielm_fast.plan import Movie, absolute_plan_paths, load_plan
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import check_output_folder, render
 from movielm_fast.run.executors import Executor, reason
@@ -193,6 +193,14 @@ class _Stamps:
         (self.dir / f"{name}.json").unlink(missing_ok=True)
 
 
+def _names_files(path: Path) -> bool:
+    """Whether the plan file at `path` names a file or folder (an embedding, a LoRA, a refiner or VAE)."""
+    try:
+        return bool(absolute_plan_paths(json.loads(path.read_text(encoding="utf-8")), path.parent)[1])
+    except (OSError, ValueError):
+        return False
+
+
 def _request_digest(req: planner.PlanRequest) -> str:
     return _digest(dataclasses.asdict(req))
 
@@ -258,7 +266,9 @@ class _Make:
         plans_dir, stamps = self.out / "plans", _Stamps(self.out, "plans")
         for req in self.job.requests:
             digest = _request_digest(req)
-            if stamps.get(req.stem) not in (None, digest):
+            # A plan here is make's own, written from an LLM's reply: one that names files was not (an older
+            # release's, or edited), and is planned again.
+            if stamps.get(req.stem) not in (None, digest) or _names_files(plans_dir / f"{req.stem}.json"):
                 (plans_dir / f"{req.stem}.json").unlink(missing_ok=True)
             stamps.set(req.stem, digest)
         # After the drops: the writer's registry of taken movie ids must not count the dropped plans.

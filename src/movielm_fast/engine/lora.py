@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import sha256_file
+from movielm_fast.paths import sha256_files
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
@@ -154,17 +154,11 @@ def check_lora_file(path: Path, what: str = "LoRA", family=None) -> str:
     return lora_format(path, keys, what, family)
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 def lora_ref(path: str | Path, scale: float) -> LoraRef:
-    """A LoRA of a set, its content hashed (memoised per file size and mtime: a set is hashed once per run)."""
+    """A LoRA of a set, its content hashed (memoised by paths.sha256_files: a file rewritten in place is hashed
+    again)."""
     p = Path(path).resolve()
-    st = p.stat()
-    memo = (str(p), st.st_size, st.st_mtime_ns)
-    if memo not in _HASHES:
-        _HASHES[memo] = sha256_file(p)
-    return LoraRef(str(p), _HASHES[memo], float(scale))
+    return LoraRef(str(p), sha256_files([p])[0], float(scale))
 
 
 def combine(entries: list[tuple[str | Path, float]]) -> LoraSet:

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from pydantic import ValidationError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from movielm_fast.errors import UserError
 from movielm_fast.export.specs import DIT_SAMPLE_SIZE
-from movielm_fast.paths import atomic_write_text, cache_root
+from movielm_fast.paths import sha256_files
+from movielm_fast.plan import RenderSettings
 
 from .demo import DEMOS, demo_model_path
 
@@ -82,33 +84,12 @@ class ModelBundle:
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
-    """sha256 over (relative name, content) of every weight file; memoised by (size, mtime) since real models
-    are gigabytes and re-hashing them on every run would cost seconds."""
-    memo_path = cache_root() / "hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    """sha256 over (relative name, content) of every weight file (each file's digest memoised: paths.sha256_files)."""
     h = hashlib.sha256()
-    changed = False
-    for f in sorted(files):
-        st = f.stat()
-        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        digest = memo.get(key)
-        if digest is None:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for block in iter(lambda: fp.read(1 << 22), b""):
-                    fh.update(block)
-            digest = memo[key] = fh.hexdigest()
-            changed = True
+    files = sorted(files)
+    for f, digest in zip(files, sha256_files(files)):
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
         h.update(digest.encode())
-    if changed:
-        try:
-            atomic_write_text(memo_path, json.dumps(memo, indent=0))
-        except OSError:
-            pass  # the memo is an optimisation only
     return h.hexdigest()[:16]
 
 
@@ -126,7 +107,11 @@ def native_size(model: ModelBundle) -> int:
     (64 the DiT demo model), else the FLUX pipelines' default_sample_size (1024 px)."""
     if getattr(model, "transformer", None) is not None:
         return int(_own_defaults(model).get("width") or DIT_SAMPLE_SIZE * model.vae_scale_factor)
-    return int(model.unet.config.sample_size) * model.vae_scale_factor
+    size = model.unet.config.sample_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"{model.path / 'unet' / 'config.json'}: sample_size {size!r} is not a positive whole number",
+                        "use the config.json the UNet's weights were saved with")
+    return size * model.vae_scale_factor
 
 
 def _own_defaults(model: ModelBundle) -> dict[str, Any]:
@@ -150,7 +135,15 @@ def model_defaults(model: ModelBundle) -> dict[str, Any]:
     family = getattr(model, "family", None)  # (a stand-in bundle may have none)
     kind = family.defaults(model) if family is not None else {}
     own = _own_defaults(model)
-    return {"width": native, "height": native, **kind, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    defaults = {"width": native, "height": native, **kind, **{k: own[k] for k in DEFAULT_KEYS if own.get(k) is not None}}
+    try:
+        RenderSettings(**defaults)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = model.path / DEFAULTS_FILE if err["loc"][0] in own else model.path / "unet" / "config.json"
+        raise UserError(f"{where}: {err['loc'][0]} {err['input']!r}: {err['msg'].removeprefix('Value error, ')}",
+                        f"fix it, or delete {DEFAULTS_FILE} (it may hold {', '.join(DEFAULT_KEYS)})") from None
+    return defaults
 
 
 def style_training_note(model: ModelBundle) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from movielm_fast.errors import UserError
-from movielm_fast.paths import cache_root, make_dirs, umask
+from movielm_fast.paths import cache_root, make_dirs, sha256_files, umask
 
 log = logging.getLogger("movielm_fast")
 
@@ -125,16 +125,22 @@ class Artifact:
 
 
 def _complete(folder: Path) -> dict[str, Any] | None:
-    """The manifest if `folder` is a complete entry (manifest readable, every listed file present at its size)."""
+    """The manifest if `folder` is a complete entry: manifest readable, every listed file present with its size and
+    sha256 (memoised: paths.sha256_files; a file damaged without changing its size is not used). Entries from
+    before sha256 was recorded are not complete: they are exported again."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("complete"):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("complete"):
         return None
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None
+    for name, info in files.items():
         f = folder / name
-        if not f.is_file() or f.stat().st_size != info["bytes"]:
+        if not (isinstance(info, dict) and f.is_file() and f.stat().st_size == info.get("bytes")
+                and sha256_files([f])[0] == info.get("sha256")):
             return None
     return manifest
 
@@ -177,7 +183,7 @@ def writing(key: ArtifactKey, root: Path | None = None) -> Iterator[Path]:
 
 def commit(folder: Path, key: ArtifactKey, main_file: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest (last, so its presence means every file is complete)."""
-    files = {p.name: {"bytes": p.stat().st_size} for p in sorted(folder.iterdir())
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_files([p])[0]} for p in sorted(folder.iterdir())
              if p.is_file() and p.name != MANIFEST}
     manifest = {"format": MANIFEST_FORMAT, "complete": True, **key.as_dict(), "main_file": main_file,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
@@ -233,6 +239,41 @@ def clear(root: Path | None = None, model_hash: str | None = None) -> int:
         if TIMING_CACHE.match(stray.name) and stray.is_file() and not stray.is_symlink():
             stray.unlink()
     return removed
+
+
+UNFINISHED_SECONDS = 3600
+"""An export's temporary folder unchanged for this long is a killed run's: a live export writes into it (or renames it
+into place) well within that; --clear removes such folders, never younger ones."""
+
+
+def unfinished(root: Path | None = None, model_hash: str | None = None) -> list[tuple[Path, int, float]]:
+    """The temporary folders of exports that never finished (`writing`'s, left by a killed process), of `model_hash`
+    when given: (folder, bytes, seconds since anything in it changed)."""
+    root = root or artifacts_root()
+    out = []
+    for folder in sorted(root.glob("*/.tmp-*")) if root.is_dir() else []:
+        if folder.is_symlink() or not folder.is_dir() or (model_hash and not folder.parent.name.endswith(model_hash)):
+            continue
+        files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+        newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)])
+        out.append((folder, sum(p.stat().st_size for p in files), time.time() - newest))
+    return out
+
+
+def clear_unfinished(root: Path | None = None, model_hash: str | None = None) -> tuple[int, int]:
+    """Remove the unfinished exports' folders older than UNFINISHED_SECONDS; (removed, kept as maybe in progress)."""
+    removed = kept = 0
+    for folder, _, age in unfinished(root, model_hash):
+        if age < UNFINISHED_SECONDS:
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+        try:
+            folder.parent.rmdir()  # only when nothing else is left in it
+        except OSError:
+            pass
+    return removed, kept
 
 
 def human_bytes(n: int) -> str:

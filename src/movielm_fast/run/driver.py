@@ -98,9 +98,11 @@ class Summary:
         return d
 
 
-def collect_plans(paths: list[str | Path], family=None) -> list[LoadedMovie]:
+def collect_plans(paths: list[str | Path], family=None, file_roots: tuple[Path, ...] | None = None
+                  ) -> list[LoadedMovie]:
     """Every movie of every plan file (a folder means all *.json in it), validated before anything is loaded.
-    `family`: the model's (engine.families), whose LoRAs the plans may name; None: any family's."""
+    `family`: the model's (engine.families), whose LoRAs the plans may name; None: any family's. `file_roots`: the
+    only folders the movies may read files from (LoadedMovie.file_roots)."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.glob("*.json")) if p.is_dir() else [p]
@@ -121,8 +123,9 @@ def collect_plans(paths: list[str | Path], family=None) -> list[LoadedMovie]:
     if duplicated:  # within one file the plan validation already said so; this is across files
         raise UserError(f"movie id(s) {', '.join(map(repr, duplicated))} appear in more than one plan",
                         "movie ids name output folders; make them unique across the files you render")
+    movies = [m.model_copy(update={"file_roots": file_roots}) for m in movies]
     for m in movies:
-        if m.movie.style.embedding and not (m.plan_dir / m.movie.style.embedding).is_file():
+        if m.movie.style.embedding and not m.embedding_file().is_file():
             raise UserError(f"movie {m.movie.id!r}: style embedding {m.movie.style.embedding!r} not found "
                             f"(looked in {m.plan_dir})", "fix style.embedding; paths are relative to the plan file")
         for where, path, _ in m.lora_files():
@@ -141,8 +144,9 @@ def check_plan_folders(lm: LoadedMovie) -> None:
     for key, check in (("refiner", check_refiner), ("vae", vae_folder)):
         path = getattr(lm.settings, key)
         if path:
+            folder = lm.confined(Path(path), f"render.{key}")  # outside the run's file roots: its own message
             try:
-                check(path)
+                check(folder)
             except UserError as exc:
                 raise UserError(f"movie {lm.movie.id!r}: render.{key}: {exc.message}",
                                 f"{exc.hint}; paths in a plan are relative to the plan file") from None
@@ -190,14 +194,15 @@ class Job:
 
     @classmethod
     def load(cls, run: RunConfig, plan_paths: list[str | Path], clock: StartupClock | None = None, *,
-             source: str | None = None, family=None) -> Job:
+             source: str | None = None, family=None, file_roots: tuple[Path, ...] | None = None) -> Job:
         """`source`: where the movies come from, for their identity in OUT (manifest.movie_identity), when the plan
         files are copies (serve's queue keeps each submission in a file of its own); default: the plan files.
-        `family`: the model's family (engine.families), where it is known: a LoRA for another family fails here."""
+        `family`: the model's family (engine.families), where it is known: a LoRA for another family fails here.
+        `file_roots`: the only folders the movies may read files from (serve's --allow-files)."""
         started = time.perf_counter()
         clock = clock or StartupClock(started)
         with clock.phase("plan"):
-            movies = collect_plans(plan_paths, family)  # 1. plans
+            movies = collect_plans(plan_paths, family, file_roots)  # 1. plans
             if source is not None:
                 movies = [lm.model_copy(update={"source": source}) for lm in movies]
             check_movie_owners(run, movies)  # before anything is written to OUT
@@ -263,7 +268,11 @@ def prepare_styles(run: RunConfig, movies: list[LoadedMovie], executor: Executor
     for lm in movies:
         st = lm.movie.style
         if st.embedding:
-            key: tuple = ("file", str((lm.plan_dir / st.embedding).resolve()), st.token)
+            try:
+                key: tuple = ("file", str(lm.embedding_file().resolve()), st.token)  # confined now, as it is read
+            except UserError as exc:
+                failures[lm.movie.id] = str(exc)
+                continue
         elif train:
             key = ("train", st.name, st.description, st.token)
         else:

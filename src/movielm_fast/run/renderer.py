@@ -169,7 +169,7 @@ class Renderer:
     def plan(self, lm: LoadedMovie, token: str | None, overrides: RenderSettings) -> MoviePlan:
         """One movie on this model: every frame as a task, and the settings its manifest records. `token`: the
         movie's bound style token, if any; `overrides`: the run's command-line settings."""
-        s = self.info.resolved(lm, overrides)
+        s = lm.confined_folders(self.info.resolved(lm, overrides))  # a refiner or VAE folder: checked as it loads
         self._check_size(s)
         for warning in self.model.family.check(self.model, s):  # errors for what it cannot render, raised here
             self._warn_once(warning)

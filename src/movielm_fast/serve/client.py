@@ -16,21 +16,37 @@ from movielm_fast.plan import absolute_plan_paths
 
 
 def _call(url: str, token: str | None, data: bytes | None = None) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+        req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
+    except ValueError as exc:
+        raise UserError(f"--server: {url} is not a URL ({exc})", "pass e.g. --server http://127.0.0.1:8765") \
+            from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--server: {url} is not an http(s) URL", "pass e.g. --server http://127.0.0.1:8765")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())
+            answer = json.loads(resp.read())
+            if not isinstance(answer, dict):
+                raise ValueError(f"a JSON {type(answer).__name__}")
+            return answer
     except urllib.error.HTTPError as exc:
         try:
             body = json.loads(exc.read())
         except ValueError:
+            body = None
+        if not isinstance(body, dict):
             body = {"error": f"HTTP {exc.code}", "hint": ""}
         raise UserError(f"the server refused: {body.get('error')}", body.get("hint") or "") from None
     except (urllib.error.URLError, OSError) as exc:
         raise UserError(f"cannot reach the server at {url}: {getattr(exc, 'reason', exc)}",
                         "start it with `movielm-fast serve`, or fix --server") from None
+    except ValueError as exc:
+        raise UserError(f"the server at {url} did not answer as `movielm-fast serve` does ({exc})",
+                        "check --server: it is the address `movielm-fast serve` printed") from None
 
 
 def submit(server: str, plan: Path, token: str | None = None, out: str | None = None,
@@ -61,6 +77,6 @@ def follow(server: str, job_id: str, token: str | None = None, progress: Callabl
         if progress and rec.get("done", 0) > seen:
             progress(rec["done"] - seen, rec.get("total", 0))
             seen = rec["done"]
-        if rec["state"] in ("done", "failed"):
+        if rec["state"] in ("done", "failed", "cancelled"):
             return rec
         time.sleep(poll)

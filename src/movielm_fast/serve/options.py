@@ -18,7 +18,9 @@ Files: a plan names files by path (style.embedding, LoRA files, a refiner or VAE
 without its folder, so `render --server` sends them absolute, resolved against the plan file's folder as `render`
 would. The server then reads only files under its --allow-files roots (default: the folder it was started in):
 a relative path there is relative to the first root, and a path that resolves (links followed) outside every root
-is refused with a 422 that says which.
+is refused with a 422 that says which. The check is made again each time a file is opened (plan.LoadedMovie.confined),
+so a file swapped for a link after its plan was accepted, or a plan resumed after a restart with other roots, is
+caught when it renders: the plan fails, saying which file.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from movielm_fast.errors import UserError
+from movielm_fast.plan import limit, limit_hint
 
 log = logging.getLogger("movielm_fast")
 
@@ -30,14 +31,19 @@ class TrainingImage:
 
 
 def _fit(im, res: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """Resize the shorter side to `res`, then centre-crop to res x res."""
+    """Resize the shorter side to `res`, then centre-crop to res x res -- done as one resize of the part of the
+    original that becomes the square, so an image of extreme shape (150000 x 1) never becomes a 9600000 x 64 one in
+    between. The crop's corner is in resized pixels (SDXL's crop conditioning)."""
     w, h = im.size
     scale = res / min(w, h)
     nw, nh = max(res, round(w * scale)), max(res, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - res) // 2, (nh - res) // 2
-    return np.asarray(im.crop((left, top, left + res, top + res))), (h, w), (top, left)
+    if (nw, nh) == (w, h):
+        im = im.crop((left, top, left + res, top + res))
+    else:
+        box = (left / scale, top / scale, (left + res) / scale, (top + res) / scale)
+        im = im.resize((res, res), Image.Resampling.LANCZOS, box=box)
+    return np.asarray(im), (h, w), (top, left)
 
 
 def load_images(folder: str | Path, res: int) -> tuple[list[TrainingImage], list[str], str]:
@@ -57,6 +63,10 @@ def load_images(folder: str | Path, res: int) -> tuple[list[TrainingImage], list
         data = f.read_bytes()
         try:
             with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > limit("image_pixels"):  # read from the header: nothing decoded yet
+                    raise UserError(f"image {f} is {im.width}x{im.height}: {im.width * im.height:,} pixels, over the "
+                                    f"limit of {limit('image_pixels'):,}",
+                                    f"shrink it (its training size is {res}x{res}), {limit_hint('image_pixels')}")
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 sizes.add(im.size)
                 pixels, original, crop = _fit(im, res)

@@ -10,6 +10,7 @@ An entry is complete once its meta.json is written: it is written last, so an in
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_write_text, cache_root
+
+log = logging.getLogger("movielm_fast")
 
 STYLE_FORMAT = "movielm-fast/style@1"
 INDEX_FORMAT = "movielm-fast/style-index@1"
@@ -50,22 +53,25 @@ def slug(name: str) -> str:
 
 
 def list_styles(root: str | Path | None = None) -> list[dict[str, Any]]:
-    """Every complete entry of the library (an entry is complete once its meta.json is written)."""
+    """Every complete entry of the library (an entry is complete once its meta.json is written). An entry whose
+    meta.json is damaged or of another shape is left out (and named in a warning): one bad entry never hides the
+    others, nor fails the training that rebuilds the index."""
     root = Path(root) if root else default_library()
     entries = []
     for meta_path in sorted(root.glob("*/meta.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            continue  # a damaged entry is a cache miss, never a crash
-        if meta.get("format") != STYLE_FORMAT or not (meta_path.parent / meta.get("file", "")).is_file():
+        meta = lookup(meta_path.parent)
+        if meta is None:
             continue
-        rep = meta.get("report", {})
-        entries.append({"key": meta["key"], "name": meta["name"], "description": meta["description"],
-                        "token": meta["token"], "model_id": meta["model"]["id"], "model_hash": meta["model"]["hash"],
-                        "kind": meta["model"]["kind"], "source": meta["source"], "steps": meta["settings"]["steps"],
-                        "seconds": rep.get("seconds_total"), "created": meta.get("created"),
-                        "path": str(meta_path.parent / meta["file"])})
+        try:
+            rep = meta.get("report") or {}
+            entries.append({"key": meta["key"], "name": meta["name"], "description": meta["description"],
+                            "token": meta["token"], "model_id": meta["model"]["id"],
+                            "model_hash": meta["model"]["hash"], "kind": meta["model"]["kind"],
+                            "source": meta["source"], "steps": meta["settings"]["steps"],
+                            "seconds": rep.get("seconds_total"), "created": meta.get("created"),
+                            "path": str(meta_path.parent / meta["file"])})
+        except (AttributeError, KeyError, TypeError):
+            log.warning("style library: %s is not a style entry's meta.json: left out", meta_path)
     return entries
 
 
@@ -75,12 +81,16 @@ def write_index(root: Path) -> None:
 
 
 def lookup(entry_dir: Path) -> dict[str, Any] | None:
-    """The entry's meta, or None when the entry is missing, damaged or incomplete (a cache miss)."""
+    """The entry's meta, or None when the entry is missing, damaged or incomplete (a cache miss): its meta.json must
+    be an object of this format naming an embedding file in the entry's own folder."""
     try:
         meta = json.loads((entry_dir / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("format") != STYLE_FORMAT or not (entry_dir / meta.get("file", "")).is_file():
+    if not isinstance(meta, dict) or meta.get("format") != STYLE_FORMAT:
+        return None
+    file = meta.get("file")
+    if not (isinstance(file, str) and file == Path(file).name and (entry_dir / file).is_file()):
         return None
     return meta
 

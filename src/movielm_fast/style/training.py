@@ -111,6 +111,9 @@ class StyleSettings:
         if s.resolution % model.vae_scale_factor or s.resolution < 8 * model.vae_scale_factor // 2:
             raise UserError(f"training resolution {s.resolution} is not a multiple of {model.vae_scale_factor}",
                             f"use e.g. {max(64, s.resolution // 64 * 64)}")
+        if s.resolution > 2 * native:  # before anything is allocated at that size (100000 px: tens of GB)
+            raise UserError(f"training resolution {s.resolution} is more than twice this model's native size "
+                            f"{native}", f"use at most {2 * native}; its native {native} is what it was trained at")
         for name in ("steps", "scenes", "batch_size", "num_vectors", "scene_steps"):
             if getattr(s, name) < 1:
                 raise UserError(f"style training setting {name} must be at least 1", "pass a positive number")

@@ -3,8 +3,8 @@
 Transport retries (timeouts, 429, 5xx, refused connections) are the `openai` client's own: ``max_retries`` with
 its exponential back-off and the server's Retry-After. What lives here is what the client does not know: which
 structured-output mode (JSON schema, JSON object, plain) a server supports, sizing replies, and turning a reply
-into valid data with repair round trips. Every response is cached on disk under the sha256 of (model, messages,
-parameters), below ``$MOVIELM_CACHE/llm``: a rerun costs no tokens and an interrupted batch resumes where it
+into valid data with repair round trips. Every response is cached on disk under the sha256 of (server, model,
+messages, parameters), below ``$MOVIELM_CACHE/llm``: a rerun costs no tokens and an interrupted batch resumes where it
 stopped.
 """
 
@@ -15,7 +15,9 @@ import json
 import os
 import re
 import string
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from movielm_fast.errors import UserError
 from movielm_fast.optional import require
 from movielm_fast.paths import atomic_write_text, cache_root
+from movielm_fast.plan import limit, limit_hint
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -143,9 +146,10 @@ class ResponseCache:
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._path(key).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            entry = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # damaged, not UTF-8, a number too long to read: a miss
             return None
+        return entry if isinstance(entry, dict) and isinstance(entry.get("content"), str) else None
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         atomic_write_text(self._path(key), json.dumps(entry, ensure_ascii=False, indent=1))
@@ -185,7 +189,8 @@ class LLMClient:
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
         self._openai = openai
         self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key, timeout=config.timeout,
-                                     max_retries=config.max_retries)
+                                     max_retries=config.max_retries,
+                                     http_client=bounded_http_client(openai, config.timeout, limit("reply_bytes")))
         # A structured mode's first attempt goes out without retries: a timeout there usually means the model
         # rambles under the grammar, and repeating it would cost minutes before the fallback. Other transport
         # errors then get the remaining retries.
@@ -203,9 +208,10 @@ class LLMClient:
         limit = self.max_tokens_for(max_tokens)
         params = {"temperature": self.config.temperature, "seed": self.config.seed, "max_tokens": limit,
                   "schema": schema}
-        # The cache key holds what was asked for, not how the server was asked, so a rerun hits the cache
-        # even when this run had to fall back from JSON-schema mode.
-        key = ResponseCache.key({"model": self.config.model, "messages": messages, "params": params})
+        # The cache key holds what was asked for and of which server, not how the server was asked, so a rerun hits
+        # the cache even when this run had to fall back from JSON-schema mode, and another server is asked afresh.
+        key = ResponseCache.key({"base_url": self.config.base_url, "model": self.config.model, "messages": messages,
+                                 "params": params})
         hit = self.cache.get(key) if self.cache else None
         if hit is not None:
             self.usage.add(hit.get("usage"), cached=True)
@@ -273,20 +279,34 @@ class LLMClient:
         try:
             if structured:
                 try:
-                    response = self._client_once.chat.completions.create(**kwargs)
-                    return _content_of(response), _usage_of(response), _finish_of(response)
+                    return self._reply(self._client_once.chat.completions.create(**kwargs))
                 except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
                     if isinstance(exc, oa.APITimeoutError) or self.config.max_retries == 0:
                         raise
                 client = self._client_rest
-            response = client.chat.completions.create(**kwargs)
+            return self._reply(client.chat.completions.create(**kwargs))
         except (oa.BadRequestError, oa.UnprocessableEntityError, oa.APITimeoutError):
             raise  # the caller falls back to another mode, or reports it
         except (oa.RateLimitError, oa.InternalServerError, oa.APIConnectionError) as exc:
             raise self._transport_failure(_describe_failure(exc), attempts) from None
         except oa.APIStatusError as exc:
             raise self._fatal(exc) from None
-        return _content_of(response), _usage_of(response), _finish_of(response)
+        except (ValueError, oa.APIResponseValidationError) as exc:  # a 200 whose body is not JSON
+            raise self._garbled(exc) from None
+
+    def _reply(self, response: Any) -> tuple[str, dict[str, int] | None, str | None]:
+        """(content, usage, finish reason) of a chat completion; a UserError when the reply is JSON of another
+        shape (a server that answers 200 with something else)."""
+        try:
+            return _content_of(response), _usage_of(response), _finish_of(response)
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError) as exc:
+            raise self._garbled(exc) from None
+
+    def _garbled(self, exc: Exception) -> UserError:
+        return UserError(f"the LLM server at {self.config.base_url or 'api.openai.com'} answered with something "
+                         f"that is not a chat completion ({type(exc).__name__}: {str(exc)[:120]})",
+                         "check that --base-url is an OpenAI-compatible endpoint (it ends in /v1); other requests "
+                         "are kept, and rerunning retries this one")
 
     def _transport_failure(self, what: str, attempts: int) -> UserError:
         return UserError(f"LLM request failed after {attempts} attempt(s): {what}",
@@ -302,6 +322,51 @@ class LLMClient:
             return UserError(f"model {self.config.model!r} or the endpoint was not found at {where}",
                              "check --model, and that --base-url ends in /v1")
         return UserError(f"the LLM server refused the request: {_server_message(exc)}")
+
+
+class ReplyTooLarge(UserError):
+    """A reply over the size limit: not retried (the openai client passes errors that are not its own through)."""
+
+
+def bounded_http_client(openai: Any, deadline: float, max_bytes: int) -> Any:
+    """openai's default HTTP client, with the two bounds it lacks: `deadline` seconds for a whole request, reply
+    included (the client's timeout holds for each read, so a server sending a byte a second never times out; past
+    the deadline the reply is a timeout, which the openai client retries as any other), and `max_bytes` for a reply,
+    which is read into memory whole."""
+    base = openai.DefaultHttpxClient
+    httpx = sys.modules[base.__mro__[1].__module__.split(".")[0]]  # httpx, or httpx2 for newer openai releases
+
+    class BoundedStream(httpx.SyncByteStream):
+        def __init__(self, inner: Any, request: Any, until: float):
+            self.inner, self.request, self.until, self.size = inner, request, until, 0
+
+        def __iter__(self):
+            for chunk in self.inner:
+                self.size += len(chunk)
+                if self.size > max_bytes:
+                    raise ReplyTooLarge(f"the LLM server's reply is larger than {max_bytes:,} bytes",
+                                        f"check the server (--base-url), {limit_hint('reply_bytes')}")
+                if time.monotonic() > self.until:
+                    raise httpx.ReadTimeout(f"the reply took longer than {deadline:g} s", request=self.request)
+                yield chunk
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class BoundedClient(base):
+        def send(self, request: Any, *, stream: bool = False, **kwargs: Any) -> Any:
+            until = time.monotonic() + deadline
+            response = super().send(request, stream=True, **kwargs)
+            response.stream = BoundedStream(response.stream, request, until)
+            if not stream:
+                try:
+                    response.read()
+                except BaseException:
+                    response.close()
+                    raise
+            return response
+
+    return BoundedClient(timeout=deadline)
 
 
 def without_array_bounds(schema: Any) -> Any:
@@ -328,7 +393,7 @@ def _usage_of(response: Any) -> dict[str, int] | None:
     usage = getattr(response, "usage", None)
     if usage is None:
         return None
-    return {"prompt_tokens": usage.prompt_tokens or 0, "completion_tokens": usage.completion_tokens or 0}
+    return {"prompt_tokens": int(usage.prompt_tokens or 0), "completion_tokens": int(usage.completion_tokens or 0)}
 
 
 def _server_message(exc: Exception) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from movielm_fast.errors import PlanError, UserError
 from movielm_fast.paths import atomic_write_text
-from movielm_fast.plan import SAFE_ID, SHOTS, parse_plan
+from movielm_fast.plan import SAFE_ID, SHOTS, limit, limit_hint, parse_plan
 
 from .client import LLMClient, complete_json, prompt
 
@@ -100,13 +100,19 @@ def slugify(text: str, max_len: int = 80) -> str:
 
 def build_requests(themes: list[str], genre: str | None, frames: int, characters: int,
                    count: int, strict_counts: bool = False) -> list[PlanRequest]:
-    seen: set[str] = set()
+    """One request per (theme, version), before any is sent: a theme over the plan text limit, or two different
+    themes whose file names (slugs) would be the same, is a UserError; a theme given twice is asked once."""
+    seen: dict[str, str] = {}
     requests = []
     for theme in (t.strip() for t in themes):
-        # Two themes with the same slug would overwrite each other's files.
-        if not theme or slugify(theme, 100) in seen:
+        if not theme or seen.get(slugify(theme, 100)) == theme:
             continue
-        seen.add(slugify(theme, 100))
+        if len(theme) > limit("text_chars"):
+            raise UserError(f"a theme of {len(theme):,} characters ({theme[:40]!r}...) is over the limit of "
+                            f"{limit('text_chars'):,}", f"shorten it ({limit_hint('text_chars')})")
+        if (other := seen.setdefault(slugify(theme, 100), theme)) != theme:  # their plan files would be one file
+            raise UserError(f"themes {other!r} and {theme!r} both make plan files named {slugify(theme, 100)}-*.json",
+                            "reword one of them, or give it once")
         requests += [PlanRequest(theme, genre, frames, characters, k, count, strict_counts)
                      for k in range(1, count + 1)]
     if not requests:
@@ -119,6 +125,9 @@ def read_themes_file(path: Path) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read themes file {path}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"themes file {path} is not UTF-8 text (byte {exc.start})",
+                        "save it as UTF-8, one theme per line") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -135,10 +144,21 @@ def plan_messages(req: PlanRequest) -> list[dict[str, str]]:
     return [{"role": "system", "content": prompt("plan_system")}, {"role": "user", "content": user}]
 
 
-def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
-    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem."""
+NEVER_FROM_LLM = {"$": ("loras", "render", "consistency"), "$.style": ("embedding", "loras", "token")}
+"""What a plan written by an LLM never takes from its reply: files and models (embeddings, LoRAs, refiner and VAE
+folders) are the user's to name, and a reply is untrusted text (it could name /etc/shadow, or a LoRA at scale 100).
+Other keys outside the schema are reported back to the model for repair, as any invalid answer."""
+
+
+def movie_from_reply(data: Any, req: PlanRequest, dropped: list[str] | None = None) -> dict[str, Any]:
+    """Turn the model's answer into a plan movie object, or raise ValueError listing every problem. The JSON paths of
+    what it gave of NEVER_FROM_LLM (left out) are put in `dropped`."""
     if not isinstance(data, dict):
         raise ValueError(f"- $: expected a JSON object, got {type(data).__name__}")
+    style = data.get("style")
+    given = {"$": data, "$.style": style if isinstance(style, dict) else {}}
+    if dropped is not None:
+        dropped[:] = [f"{where}.{k}" for where, keys in NEVER_FROM_LLM.items() for k in keys if given[where].get(k)]
     frames = data.get("frames")
     if isinstance(frames, list):
         frames = [_without_silent_speaker(f) for f in frames]
@@ -147,7 +167,8 @@ def movie_from_reply(data: Any, req: PlanRequest) -> dict[str, Any]:
         "title": data.get("title", ""),
         "theme": req.theme,
         "overview": data.get("overview", ""),
-        "style": {**data["style"], "embedding": None} if isinstance(data.get("style"), dict) else data.get("style"),
+        "style": {**{k: v for k, v in style.items() if k not in NEVER_FROM_LLM["$.style"]}, "embedding": None}
+        if isinstance(style, dict) else style,
         "characters": data.get("characters"),
         "frames": [_numbered_frame(f, i, len(frames)) for i, f in enumerate(frames)]
         if isinstance(frames, list) else frames,
@@ -290,7 +311,10 @@ def generate_plans(client: LLMClient, requests: list[PlanRequest], out_dir: Path
     write = plan_writer(client, out_dir, max_tries)
 
     def run(req: PlanRequest) -> PlanOutcome:
-        outcome = write(req)
+        try:
+            outcome = write(req)
+        except Exception as exc:  # an OS error writing its file, or a bug: this request only, the others are kept
+            outcome = PlanOutcome(req, error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
         if on_done:
             on_done(outcome)
         return outcome
@@ -305,18 +329,23 @@ def _generate_one(client: LLMClient, req: PlanRequest, out_dir: Path, ids: _IdRe
     if _valid_plan_file(path):
         return PlanOutcome(req, path, skipped=True)
     label = f"plan for {req.theme!r} (version {req.version})"
+    dropped: list[str] = []
     try:
-        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req), plan_schema(req),
-                              out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries, "movie_plan",
-                              req.max_tokens)
+        movie = complete_json(client, plan_messages(req), lambda d: movie_from_reply(d, req, dropped),
+                              plan_schema(req), out_dir / "failed" / f"{req.stem}.raw.txt", label, max_tries,
+                              "movie_plan", req.max_tokens)
     except UserError as exc:
         return PlanOutcome(req, error=str(exc))
-    movie["id"] = ids.claim(movie["id"])
+    # The id is the request's, never the reply's title: a title-made id would depend on which of two plans with the
+    # same title was answered first, and a resumed run would differ from a clean one.
+    movie["id"] = ids.claim(req.stem)
     # Distinct movies get distinct noise even when nobody sets a seed.
     movie["render"] = {"seed": int(hashlib.sha256(movie["id"].encode()).hexdigest()[:8], 16)}
     parse_plan(movie, source=str(path))
     atomic_write_text(path, json.dumps(movie, indent=2, ensure_ascii=False) + "\n")
-    return PlanOutcome(req, path, warnings=count_warnings(movie, req))
+    notes = [f"the reply also gave {', '.join(dropped)}: left out (a plan written by an LLM never names files or "
+             "models; add them to the plan yourself)"] if dropped else []
+    return PlanOutcome(req, path, warnings=count_warnings(movie, req) + notes)
 
 
 def _valid_plan_file(path: Path) -> bool:

@@ -1,9 +1,9 @@
 """MovieLLM question-answer pairs for a movie: from the LLM, derived from the plan itself, or both.
 
-Output per movie (MovieLLM's format plus our movie id)::
+Output per movie (MovieLLM's format plus our movie id and a digest of the story it is about, `story_digest`)::
 
-    {"movie_id", "movie_title", "QA": {"overview_qa": [...], "plot_qa": [...], "temporal_qa": [...],
-                                        "character_qa": [...]}}
+    {"movie_id", "movie_title", "story", "QA": {"overview_qa": [...], "plot_qa": [...], "temporal_qa": [...],
+                                                 "character_qa": [...]}}
 
 with every pair ``{"question": str, "answer": str}``. The LLM answers the first three; derived pairs need no
 LLM and are deterministic: temporal order and shot order, characters and who says which line, each answer copied
@@ -17,6 +17,7 @@ sent back for repair.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -254,8 +255,18 @@ def derived_qa(movie: Movie, limit: int = 5) -> dict[str, list[dict[str, str]]]:
 # --- per movie and in batch -------------------------------------------------------------------------------------
 
 
+def story_digest(movie: Movie) -> str:
+    """A digest of what QA is about (title, overview, characters, and each frame's story): QA written for one movie
+    is never attached to another that shares its id (dataset.export_dataset checks it)."""
+    story = {"title": movie.title, "overview": movie.overview,
+             "characters": [c.model_dump() for c in movie.characters],
+             "frames": [f.model_dump(include={"id", "description", "dialogue", "speaker", "shot", "camera"})
+                        for f in movie.frames]}
+    return hashlib.sha256(json.dumps(story, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def movie_record(movie: Movie, qa: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
-    return {"movie_id": movie.id, "movie_title": movie.title or movie.id,
+    return {"movie_id": movie.id, "movie_title": movie.title or movie.id, "story": story_digest(movie),
             "QA": {kind: list(qa.get(kind, [])) for kind in QA_KINDS}}
 
 
@@ -294,6 +305,8 @@ def generate_qa(movies: list[Movie], job: QAJob,
             return qa_for_movie(movie, job, client)
         except UserError as exc:
             return movie.id, str(exc)
+        except Exception as exc:  # a bug or an OS error: this movie only, the others' QA is kept
+            return movie.id, f"{type(exc).__name__}: {exc}"
 
     workers = client.config.concurrency if client else 1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
