@@ -34,8 +34,8 @@ def _diffusers(path, steps, seed, config=None, **kw) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     if config is not None:
         pipe.transformer.enable_cache(config)
-    out = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-               output_type="np", **kw)
+    out = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, output_type="np",
+               generator=torch.Generator().manual_seed(seed), **kw)
     return (out.images[0] * 255).round().astype(np.int16)
 
 

@@ -34,12 +34,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.fp8 import fp8_candidates, quantize_unet
-from movielm_fast.engine.jobs import BatchSettings
 from movielm_fast.engine.step_cache import (
     DIT_WARMUP_STEPS,
     HookedTransformer,

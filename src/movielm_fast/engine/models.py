@@ -32,9 +32,9 @@ from .demo import DEMOS, demo_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 DEFAULTS_FILE = "movielm_defaults.json"
-"""A model folder's own render defaults ({"width", "height", "steps", "guidance", "true_cfg"}, any of them), and optionally
-"skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
-hash: it changes no pixel of a frame whose settings are given."""
+"""A model folder's own render defaults ({"width", "height", "steps", "guidance", "true_cfg"}, any of them), and
+optionally "skip_style_training": why style training cannot help it; as the demo models ship them. Not part of the
+content hash: it changes no pixel of a frame whose settings are given."""
 DEFAULT_KEYS = ("width", "height", "steps", "guidance", "true_cfg")
 
 
