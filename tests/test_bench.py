@@ -251,7 +251,7 @@ def test_every_benchmark_with_a_section_is_listed_once():
     declaring = {p.stem for p in bench.glob("*.py") if re.search(r"^SECTIONS = ", p.read_text(), re.M)}
     assert declaring == set(report.SECTION_MODULES) and len(report.SECTION_MODULES) == len(declaring)
     formats = [s.format for s in report.bench_sections()]
-    assert len(formats) == len(set(formats)) == 13 and report.FORMAT not in formats
+    assert len(formats) == len(set(formats)) == 14 and report.FORMAT not in formats
 
 
 def test_small_bench_sections_come_from_their_json(tmp_path):

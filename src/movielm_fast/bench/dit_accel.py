@@ -320,69 +320,107 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --- RESULTS.md -----------------------------------------------------------------------------------------------------
+# --- RESULTS.md: one section per option ----------------------------------------------------------------------------
 
-def dit_accel_section(results: list[dict[str, Any]]) -> list[str]:
-    cpu = [r for r in results if "demo" in r]
-    gpu = [r for r in results if "gpu" in r]
-    if not cpu and not gpu:
+def step_cache_section(results: list[dict[str, Any]]) -> list[str]:
+    cpu, gpu = _newest(results)
+    if cpu is None and gpu is None:
         return []
-    lines = ["## Transformer (DiT) accelerators: step cache and FP8, with their quality "
+    lines = ["## DiT step cache: diffusers' TaylorSeer hook, with its quality "
              "(`python -m movielm_fast.bench.dit_accel`)", ""]
-    if cpu:
-        lines += _cpu_lines(cpu[-1])
-    for res in gpu[-1:]:
-        lines += _gpu_lines(res)
-    return lines + [""]
-
-
-def _cpu_lines(res: dict[str, Any]) -> list[str]:
-    d, m = res["demo"], res["machine"]
-    lines = [f"On {m['cpu_model']}, torch threads {m['torch_threads']}; {load_note(res)}; {res['created']}.", "",
-             "**FP8's share of a transformer step** (published layouts, random weights, meta device; 512 text "
-             "tokens; torch's FlopCounterMode):", "",
-             "| model, size | full step | FP8 layers | all linears | attention products |", "|---|---|---|---|---|"]
-    for name, f in res["flops"].items():
-        lines.append(f"| {name} | {f['full_step_tflop']} TFLOP | {rate(f['fp8_share'])} | {rate(f['linear_share'])} "
-                     f"| {rate(f['attention_share'])} |")
-    fa = res["fp8_attention"]
-    lines += ["", f"FP8 attention in torch {fa['torch']} ({fa['device']}): scaled_dot_product_attention on e4m3 "
-              f"inputs {fa['sdpa_on_e4m3']}; its backends: {', '.join(fa['sdpa_backends'])}.", "",
-              f"**On the DiT demo** ({d['model']}, hash {d['model_hash']}): {d['captions']} held-out captions, "
-              f"{d['size']}², guidance {d['guidance']}, true CFG {d['true_cfg']}; each case against the plain fp32 "
-              f"render of the same captions and seeds. A full transformer step is {d['full_step_mflop']} MFLOP; a "
-              "step the hook predicts, " + ", ".join(f"depth {k}: {v} MFLOP" for k, v in
-                                                      d["predicted_step_mflop"].items()) + ". CPU speed-up: the "
-              "process's CPU seconds, plain over case, measured side by side.", ""]
-    for steps, rows in d["steps"].items():
-        lines += [f"{steps} steps:", "", "| case | full steps | transformer FLOPs ÷ | CPU speed-up | s/frame (CPU) | "
-                  "conditioning | change | PSNR / SSIM |", "|---|---|---|---|---|---|---|---|"]
-        for name, v in rows.items():
-            q = f"{v['psnr_db']} dB / {v['ssim']}" if "psnr_db" in v else "—"
-            lines.append(f"| {name} | {v['full_steps']} | {v['transformer_flop_ratio']}× | {v['cpu_speedup']}× | "
-                         f"{v['cpu_s_per_frame']} | {rate(v['conditioning'])} | {v['delta_points']:+.0f} points | "
-                         f"{q} |")
-        lines.append("")
-    mem = res["flux_arch_cache_bytes_per_row"]
-    lines += [f"**Memory** the step cache keeps per CFG row: the DiT demo " + ", ".join(
-        f"depth {k}: {v / 1024:.0f} KiB" for k, v in d["cache_bytes_per_row"].items()) + "; flux-arch at 1024² " +
-        ", ".join(f"depth {k}: {int(v) / 2 ** 20:.0f} MiB" for k, v in mem.items()) + " (float32 factors).", ""]
+    if cpu is not None:
+        d = cpu["demo"]
+        lines += [_demo_intro(cpu) + " A full transformer step is "
+                  f"{d['full_step_mflop']} MFLOP; a step the hook predicts, " +
+                  ", ".join(f"depth {k}: {v} MFLOP" for k, v in d["predicted_step_mflop"].items()) +
+                  ". Transformer FLOPs ÷: the plain render's over the case's.", ""]
+        for steps, rows in d["steps"].items():
+            lines += [f"{steps} steps:", ""] + _case_table({k: v for k, v in rows.items() if not k.startswith("fp8")})
+        mem = cpu["flux_arch_cache_bytes_per_row"]
+        demo = ", ".join(f"depth {k}: {v / 1024:.0f} KiB" for k, v in d["cache_bytes_per_row"].items())
+        flux = ", ".join(f"depth {k}: {int(v) / 2 ** 20:.0f} MiB" for k, v in mem.items())
+        lines += ["**Memory** the hook keeps per CFG row between steps (two float32 factors per extrapolated output): "
+                  f"the DiT demo {demo}; flux-arch at 1024² {flux}.", ""]
+    if gpu is not None:
+        lines += _gpu_lines(gpu, fp8=False)
     return lines
 
 
-def _gpu_lines(res: dict[str, Any]) -> list[str]:
+def fp8_section(results: list[dict[str, Any]]) -> list[str]:
+    cpu, gpu = _newest(results)
+    if cpu is None and gpu is None:
+        return []
+    lines = ["## DiT FP8 linears: their share of a step and their quality (`python -m movielm_fast.bench.dit_accel`)",
+             ""]
+    if cpu is not None:
+        m = cpu["machine"]
+        lines += [f"**Share of a transformer step** in the layers `--quantize fp8` runs in FP8 (published layouts, "
+                  f"random weights on the meta device, 512 text tokens, torch's FlopCounterMode; {cpu['created']}):",
+                  "", "| model, size | full step | FP8 layers | all linears | attention products |",
+                  "|---|---|---|---|---|"]
+        for name, f in cpu["flops"].items():
+            lines.append(f"| {name} | {f['full_step_tflop']} TFLOP | {rate(f['fp8_share'])} | "
+                         f"{rate(f['linear_share'])} | {rate(f['attention_share'])} |")
+        fa = cpu["fp8_attention"]
+        lines += ["", f"FP8 attention in torch {fa['torch']} ({fa['device']}, {m['cpu_model']}): "
+                  f"scaled_dot_product_attention on e4m3 inputs {fa['sdpa_on_e4m3']}; its backends: "
+                  f"{', '.join(fa['sdpa_backends'])}.", ""]
+        d = cpu["demo"]
+        for steps, rows in d["steps"].items():
+            fp8 = {k: v for k, v in rows.items() if k == "plain" or k.startswith("fp8")}
+            if len(fp8) > 1:
+                lines += [_demo_intro(cpu) + f" FP8 emulated (the GPU's rounding, computed in fp32: quality, not "
+                          f"speed), {steps} steps:", ""] + _case_table(fp8)
+    if gpu is not None:
+        lines += _gpu_lines(gpu, fp8=True)
+    return lines
+
+
+def _newest(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    cpu = [r for r in results if "demo" in r]
+    gpu = [r for r in results if "gpu" in r]
+    return (cpu[-1] if cpu else None), (gpu[-1] if gpu else None)
+
+
+def _demo_intro(res: dict[str, Any]) -> str:
+    d, m = res["demo"], res["machine"]
+    return (f"On the DiT demo ({d['model']}, hash {d['model_hash']}), {m['cpu_model']}, torch threads "
+            f"{m['torch_threads']}; {load_note(res)}; {res['created']}: {d['captions']} held-out captions at "
+            f"{d['size']}², true CFG {d['true_cfg']}, each case against the plain fp32 render of the same captions "
+            "and seeds; CPU speed-up: the process's CPU seconds, plain over case, measured side by side.")
+
+
+def _case_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| case | full steps | transformer FLOPs ÷ | CPU speed-up | s/frame (CPU) | conditioning | change | "
+             "PSNR / SSIM |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in rows.items():
+        q = f"{v['psnr_db']} dB / {v['ssim']}" if "psnr_db" in v else "—"
+        lines.append(f"| {name} | {v['full_steps']} | {v['transformer_flop_ratio']}× | {v['cpu_speedup']}× | "
+                     f"{v['cpu_s_per_frame']} | {rate(v['conditioning'])} | {v['delta_points']:+.0f} points | {q} |")
+    return lines + [""]
+
+
+def _gpu_lines(res: dict[str, Any], fp8: bool) -> list[str]:
     g = res["gpu"]
     step, loop = g["step_s"], g["loop_s"]
-    lines = [f"**{g['gpu']}**: {g['arch']} (random weights) at {g['size']}², bf16; {res['created']}. One transformer "
-             f"step: bf16 {step['bf16']:.4f} s, FP8 {step['fp8']:.4f} s (**{step['bf16'] / step['fp8']:.2f}×**). "
-             f"A {g['steps']}-step denoise loop and the VAE decode (text encoding left out):", "",
-             "| case | seconds | speed-up over bf16 |", "|---|---|---|"]
+    lines = [f"**{g['gpu']}**: {g['arch']} (random weights) at {g['size']}², bf16; {res['created']}."]
+    if fp8:
+        lines[0] += (f" One transformer step: bf16 {step['bf16']:.4f} s, FP8 {step['fp8']:.4f} s "
+                     f"(**{step['bf16'] / step['fp8']:.2f}×**).")
+    lines[0] += f" A {g['steps']}-step denoise loop and the VAE decode (text encoding left out):"
+    lines += ["", "| case | seconds | speed-up over bf16 |", "|---|---|---|"]
     for name, s in loop.items():
-        lines.append(f"| {name} | {s:.3f} | {loop['bf16'] / s:.2f}× |")
+        if fp8 == name.startswith("fp8") or name == "bf16":
+            lines.append(f"| {name} | {s:.3f} | {loop['bf16'] / s:.2f}× |")
     return lines + ["", f"Peak GPU memory {g['memory_gb']} GB.", ""]
 
 
-SECTIONS = (Section(DIT_ACCEL_FORMAT, dit_accel_section),)
+def dit_accel_sections(results: list[dict[str, Any]]) -> list[str]:
+    """One RESULTS.md section per option, from the same result files."""
+    return step_cache_section(results) + fp8_section(results)
+
+
+SECTIONS = (Section(DIT_ACCEL_FORMAT, dit_accel_sections),)
 
 
 if __name__ == "__main__":

@@ -324,6 +324,9 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+_SAMPLERS = {"dpmpp": "DPM++", "default": "flow-matching Euler"}  # the toy models' own: the UNet demo's, the DiT's
+
+
 def _family(result: dict[str, Any]) -> str:
     return result["settings"].get("family", "SD 1.x/2.x")  # results before the DiT demo: the UNet demo's
 
@@ -348,8 +351,9 @@ def _model_block(results: list[dict[str, Any]]) -> list[str]:
             lossy.setdefault(key, {**part, "steps": key[0], "cases": {}})["cases"].update(part["cases"])
     st, m = res["settings"], res["machine"]
     cfg = f", true CFG {st['true_cfg']}" if st.get("true_cfg", 1.0) > 1 else ""
+    sampler = _SAMPLERS.get(st["scheduler"], st["scheduler"])
     lines = ["", f"### {_family(res)}: --model {st['model']}", "",
-             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
+             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {sampler} steps, "
              f"guidance {st['guidance']}{cfg}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic "
              f"judge (`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
     if "image" in res:
@@ -396,7 +400,7 @@ def _model_block(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {k} | {v['character_appearances']} | {rate(v['colour_at_position'])} | "
                          f"{rate(v['colour_and_shape_at_position'])} |")
     for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
-        lines += ["", f"**Lossy options** against fp32 {st['scheduler']} {lossy['steps']} steps (conditioning "
+        lines += ["", f"**Lossy options** against fp32 {sampler} {lossy['steps']} steps (conditioning "
                   f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
                   f"{lossy.get('captions', 'few')}):", "",
                   "| option | conditioning | change | same reading as fp32 | max / mean pixel diff | PSNR / SSIM |",
