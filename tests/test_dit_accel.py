@@ -242,3 +242,48 @@ def test_lossy_dit_options_are_recorded_and_keyed(tiny_flux_dev, tmp_path):
     assert settings["step_cache"] == {"interval": 2, "depth": 0} and settings["quantize"] == "fp8-emulated"
     assert cli_json(lossy)["skipped"] == 2
     assert cli_json(plain)["rendered"] == 2 and cli_json(plain)["skipped"] == 2
+
+
+# --- RESULTS.md --------------------------------------------------------------------------------------------------
+
+def test_results_md_has_a_section_per_option(tmp_path):
+    """bench.dit_accel's results make two sections: the step cache's cases (and the GPU loop with it) in one, FP8's
+    FLOP shares, its emulated quality and its GPU step and loops in the other."""
+    import json
+
+    from movielm_fast.bench import report
+    from movielm_fast.bench.dit_accel import DIT_ACCEL_FORMAT
+
+    def row(cond, speedup, psnr=None):
+        out = {"conditioning": cond, "full_steps": 9, "transformer_flop_ratio": 1.77, "cpu_s_per_frame": 0.2,
+               "wall_s_per_frame": 0.4, "cpu_speedup": speedup, "delta_points": 0.0}
+        return out if psnr is None else {**out, "psnr_db": psnr, "ssim": 0.98}
+
+    machine = {"cpu_model": "Test CPU", "torch_threads": 1}
+    cpu = {"format": DIT_ACCEL_FORMAT, "created": "2026-01-01T00:00:00", "machine": machine,
+           "flops": {"flux-arch 512²": {"full_step_tflop": 21.5, "fp8_share": 0.9222, "linear_share": 0.9231,
+                                        "attention_share": 0.0769}},
+           "fp8_attention": {"torch": "2.x", "device": "cpu", "sdpa_on_e4m3": "refused: X", "sdpa_backends": ["MATH"]},
+           "flux_arch_cache_bytes_per_row": {"0": 2097152, "1": 6455033856},
+           "demo": {"model": "demo-dit", "model_hash": "h", "captions": 40, "size": 64, "guidance": 0.0,
+                    "true_cfg": 4.0, "full_step_mflop": 562.9, "predicted_step_mflop": {"0": 2.3, "1": 353.3},
+                    "cache_bytes_per_row": {"0": 8192, "1": 638976},
+                    "steps": {"28": {"plain": row(0.9, 1.0), "step cache N=2": row(0.88, 1.77, 42.9),
+                                     "fp8 (emulated)": row(0.9, 0.6, 43.1)}}}}
+    gpu = {"format": DIT_ACCEL_FORMAT, "created": "2026-01-02T00:00:00", "machine": machine,
+           "gpu": {"gpu": "Test GPU", "arch": "flux-arch", "size": 1024, "steps": 28, "memory_gb": 30.0,
+                   "step_s": {"bf16": 0.2, "fp8": 0.1},
+                   "loop_s": {"bf16": 6.0, "bf16 + step cache N=2": 3.5, "fp8": 3.1, "fp8 + step cache N=2": 2.0}}}
+    results = tmp_path / "results"
+    results.mkdir()
+    for i, res in enumerate((cpu, gpu)):
+        (results / f"dit_accel-{i}.json").write_text(json.dumps(res))
+    md = tmp_path / "RESULTS.md"
+    report.main(["--results", str(results), "--out", str(md)])
+    text = md.read_text()
+    cache, fp8 = text.split("## DiT step cache")[1].split("## DiT FP8")
+    assert "| step cache N=2 | 9 | 1.77× | 1.77× |" in cache and "42.9 dB" in cache and "fp8" not in cache
+    assert "| bf16 + step cache N=2 | 3.500 | 1.71× |" in cache and "6455033856" not in cache and "6156 MiB" in cache
+    assert "| flux-arch 512² | 21.5 TFLOP | 92% | 92% | 8% |" in fp8 and "| fp8 (emulated) |" in fp8
+    assert "step cache N=2 |" not in fp8.split("Test GPU")[0] and "(**2.00×**)" in fp8
+    assert "| fp8 + step cache N=2 | 2.000 | 3.00× |" in fp8
