@@ -188,6 +188,25 @@ def test_fp8_dit_render_emulated_and_gpu_path(quantized_dit):
     assert np.abs(real - emulated).max() <= 1
 
 
+@pytest.mark.gpu
+def test_fp8_and_step_cache_on_gpu(tiny_flux_dev):
+    """torch._scaled_mm in a bf16 FLUX render: close to the bf16 render; with the step cache on top, a frame is the
+    same alone and in a batch (bf16 kernels may differ by batch size: within 2/255)."""
+    from movielm_fast.bench.image_quality import psnr
+    from movielm_fast.engine import fp8
+
+    if torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
+        pytest.skip("no FP8 tensor cores")
+    plain = Renderer(ModelConfig(model=str(tiny_flux_dev), device="cuda"))
+    quant = Renderer(ModelConfig(model=str(tiny_flux_dev), device="cuda", quantize="fp8"))
+    a, b = _render(plain, 8, [3])[0], _render(quant, 8, [3])[0]
+    assert quant.backend.fp8_layers and psnr(a.astype(np.uint8), b.astype(np.uint8)) > 30.0
+    cache = StepCache(2, 0)
+    alone = _render(quant, 8, [3], cache)[0]
+    batch = _render(quant, 8, [11, 3, 7], cache, prompts=["a red circle", PROMPT, "a blue square at night"])
+    assert np.abs(batch[1] - alone).max() <= 2
+
+
 def test_fp8_covers_the_linears_of_a_flux_step():
     """FLUX.1's published layout at 512²: the FP8 layers hold all but a sliver of the linear FLOPs (the AdaLN and
     embedding rows), and linears about 92% of the step (the issue's count; the rest is attention)."""
