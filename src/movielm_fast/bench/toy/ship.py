@@ -3,8 +3,8 @@
 TRAINED_DIR is bench.toy.train's output (a StableDiffusionPipeline folder: it ships as `--model demo`, in
 engine/demo_model) or bench.toy.train_dit's (a FluxPipeline folder: `--model demo-dit`, engine/demo_dit_model).
 What ships is small (a few MB): weights as float16 safetensors (loaded back as float32, or whatever dtype the
-engine asks for), and the text encoders' rows for tokens the toy world never uses set to zero -- they were never
-trained, only decayed from their random start, and zero rows compress to nothing in git. The CLIP tokenizer is not
+engine asks for), and the CLIP text encoder's rows for tokens the toy world never uses set to zero -- they were
+never trained, only decayed from their random start, and zero rows compress to nothing in git. The CLIP tokenizer is not
 shipped: `engine.demo` rebuilds the standard CLIP tokenizer from open-clip's vocabulary file; the DiT demo's T5
 tokenizer (a few KB) is.
 """
@@ -25,7 +25,6 @@ from movielm_fast.paths import replace_dir
 from ..args import bench_parser
 from . import world as W
 
-DEST = TOY_MODEL_DIR  # the package data the demo loader (engine.demo) reads
 _UNET, _MODEL = "diffusion_pytorch_model.safetensors", "model.safetensors"
 # model_index.json's pipeline -> (the shipped folder, weights by component, folders copied as they are)
 _LAYOUTS = {"StableDiffusionPipeline": (TOY_MODEL_DIR, {"unet": _UNET, "vae": _UNET, "text_encoder": _MODEL}, ()),
@@ -33,18 +32,15 @@ _LAYOUTS = {"StableDiffusionPipeline": (TOY_MODEL_DIR, {"unet": _UNET, "vae": _U
                                                  "text_encoder_2": _MODEL}, ("tokenizer_2",))}
 
 
-_TOKEN_TABLES = ("embeddings.token_embedding.weight", "shared.weight", "embed_tokens.weight")  # CLIP's, T5's
-
-
-def toy_vocabulary(tok=None) -> list[int]:
+def toy_vocabulary() -> list[int]:
     """Every token id a toy-world caption (either style order, no style, empty) or a training paraphrase
-    (world.paraphrase) can contain, for tokenizer `tok` (default: CLIP's)."""
+    (world.paraphrase) can contain, for CLIP's tokenizer."""
     words = [*W.COLOURS, *W.SHAPES, *W.BACKGROUND_PHRASES.values(), *W.STYLES, "big", "small", "a", "an", "and",
              "empty", "scene", "style", "on the left", "in the centre", "on the right", ",", "sepia style, x",
              "nothing", *(w for table in (W.SIZE_WORDS, W.POS_WORDS, W.BACKGROUND_WORDS)
                           for synonyms in table.values() for w in synonyms)]
-    tok = tok or clip_tokenizer()
-    ids = {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None}
+    tok = clip_tokenizer()
+    ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     for w in words:
         ids.update(tok(w, add_special_tokens=False).input_ids)
     return sorted(ids)
@@ -73,18 +69,16 @@ def ship(src: Path, dest: Path | None = None, vae_weights: Path | None = None) -
     shutil.copy(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
     for folder in copied:
         shutil.copytree(src / folder, tmp / folder)
+    # CLIP's 49408 rows are mostly words the toy world never uses (zero rows compress to nothing); the DiT demo's T5
+    # table is small and all of it (whole toy words, then letters that spell any other word) is kept as trained.
     keep = {"text_encoder": torch.tensor(toy_vocabulary())}
-    if "text_encoder_2" in weights:
-        from transformers import AutoTokenizer
-
-        keep["text_encoder_2"] = torch.tensor(toy_vocabulary(AutoTokenizer.from_pretrained(src / "tokenizer_2")))
     for folder, fname in weights.items():
         (tmp / folder).mkdir()
         config = json.loads((src / folder / "config.json").read_text())
         config.pop("_name_or_path", None)  # where it was trained: a path on the training machine
         (tmp / folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         state = load_file(str(vae_weights if folder == "vae" and vae_weights else src / folder / fname))
-        for key in [k for k in state if folder in keep and k.endswith(_TOKEN_TABLES)]:
+        for key in [k for k in state if folder in keep and k.endswith("embeddings.token_embedding.weight")]:
             table = torch.zeros_like(state[key])
             table[keep[folder]] = state[key][keep[folder]]
             state[key] = table
