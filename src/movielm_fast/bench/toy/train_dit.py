@@ -34,7 +34,7 @@ from movielm_fast.paths import atomic_write_text, replace_dir
 from ..args import bench_parser
 from . import model as M
 from . import world as W
-from .train import EMA, Log, augmented_captions, encode_pool
+from .train import EMA, Log, augmented_captions, encode_pool, optimizer_step
 
 PATCH = 2  # a token is a 2x2 patch of latent pixels, as FluxPipeline packs them
 
@@ -212,12 +212,7 @@ def main(argv=None) -> None:
         # Shapes are a small share of the tokens and what a caption is about: --fg-weight on the tokens they touch.
         wts = pack((1.0 + (args.fg_weight - 1.0) * shape_mask[idx].float()).expand(-1, 4, -1, -1))
         loss = ((((pred - pack(noise - x0)) ** 2) * wts).mean(dim=(1, 2)) / wts.mean(dim=(1, 2))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, params, ema, loss))
         step += 1
         if step % 50 == 0:
             log(phase="train", step=step, loss=round(float(np.mean(losses[-50:])), 5),
