@@ -9,10 +9,10 @@ by `python -m movielm_fast.bench.lossy_arch`), which bounds what FP8 can gain: i
 the fp16 rate on those layers a step takes at least 84% (SD 1.5) / 68% (SDXL) of its fp16 time.
 On a transformer family (FLUX.1, FLUX.2 [klein]) the same rule reads "inside its double and single blocks": every
 Linear of both streams' attention (Q/K/V, the outputs, klein's fused QKV + MLP input), the feed-forwards and the
-single blocks' MLP and output projections -- about 92% of a FLUX.1 step's FLOPs at 512² and 80% at 1024² (the rest
-is the attention products; `python -m movielm_fast.bench.dit_accel`). Outside them, or kept: the AdaLN modulation
-linears inside the blocks (one row per sample, and they scale whole streams), the embedders of the latents, text,
-time and guidance (first layers), norm_out and proj_out (the last).
+single blocks' MLP and output projections -- all but the attention products, whose share grows with the image
+(bench/RESULTS.md, "DiT FP8 linears"; `python -m movielm_fast.bench.dit_accel`). Outside them, or kept: the AdaLN
+modulation linears inside the blocks (one row per sample, and they scale whole streams), the embedders of the
+latents, text, time and guidance (first layers), norm_out and proj_out (the last).
 Weights: e4m3 with one scale per output channel, quantized once at load (and again for the layers a LoRA switch
 writes); activations: e4m3 with one scale per row (token), computed at run time on the device (amax / 448: no
 host sync, so the layers capture into CUDA graphs). Products accumulate in fp32, come out of torch._scaled_mm in
