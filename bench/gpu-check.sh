@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu-check.sh --prepare     # here, with registry access: the missing wheels into wheels/ (git-ignored)
 #   bash bench/gpu-check.sh [--quick]     # there, from the repository root, with wheels/ carried along
-#   bash bench/gpu-check.sh --lossy       # there, as a call of its own: FP8 and step caching (issue 25)
+#   bash bench/gpu-check.sh --lossy       # there, as a call of its own: FP8 and step caching (issues 25, 36)
 #   python -m movielm_fast.bench.gpu_check unpack gpu-check.tgz   # here: into bench/results/, RESULTS.md anew
 #
 # Steps, each under its own time limit (580 s in all at most, packing aside, inside one 10-minute device call, so a
@@ -85,7 +85,8 @@ if [ "$MODE" = lossy ]; then
     # and PSNR/SSIM of FP8 and step caching against the fp16 render of the full-size architectures.
     step env 15 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(), \
 torch.cuda.get_device_capability())'"
-    step tests-lossy 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py tests/test_step_cache.py
+    step tests-lossy 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8.py tests/test_step_cache.py \
+        tests/test_dit_accel.py
     step fp8-sdxl 120 "$PY" -m movielm_fast.bench.gpu --model sdxl-arch --peer-compile off --out "$RES" \
         --backend torch,torch+quantize=fp8 --batch-sizes 4,8 --repeats 2
     step fp8-sd15 90 "$PY" -m movielm_fast.bench.gpu --model sd15-arch --peer-compile off --out "$RES" \
@@ -94,7 +95,10 @@ torch.cuda.get_device_capability())'"
         --device cuda --results "$RES"
     step lossy-sdxl 120 "$PY" -m movielm_fast.bench.lossy_arch --model sdxl-arch --size 1024 --steps 20 \
         --prompts 2 --device cuda --results "$RES"
-    # Lossy DiT rows (another issue adds them) go here, as for the full run below.
+    # The DiT rows (issue 36): flux-arch at 1024², one transformer step bf16 beside FP8, and a 28-step loop with the
+    # VAE decode, plain and with the step cache (docs/dit-accelerators.md). Its quality is the CPU run's.
+    step dit-flux 90 "$PY" -m movielm_fast.bench.dit_accel --gpu --arch flux-arch --size 1024 --gpu-steps 28 \
+        --results "$RES"
     finish
     exit 0
 fi

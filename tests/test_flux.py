@@ -201,8 +201,6 @@ def test_defaults_by_kind(tiny_flux_dev, tiny_flux_schnell, tiny_klein, tiny_kle
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"step_cache": 3}, "--step-cache is not available for FLUX.1"),
-    ({"quantize": "fp8-emulated"}, "--quantize is not available"),
     ({"consistency": "anchor_attention"}, "--consistency anchor_attention is not available"),
     ({"dtype": "fp16"}, "overflows in fp16"),
 ])

@@ -138,7 +138,7 @@ def test_the_script_packs_after_every_step(tmp_path, mode):
     archived = _archived(out)
     assert _returned(out) == {"gpu-check.tgz", "steps.log"} | ({"goals.log"} if mode == "full" else set())
     assert {f"{s}.log" for s in steps} <= set(archived)
-    bench_steps = [s for s in steps if s.startswith(("bench", "fp16", "fp8", "lossy", "peer"))]
+    bench_steps = [s for s in steps if s.startswith(("bench", "fp16", "fp8", "lossy", "peer", "dit"))]
     assert bench_steps and {f"results/{s}-result.json" for s in bench_steps} <= set(archived)
     assert not any(name.endswith(".png") for name in archived)  # frames only when asked for
     prov = json.loads(archived[gpu_check.PROVENANCE])

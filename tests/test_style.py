@@ -288,3 +288,35 @@ def test_caption_files_say_what_user_images_show(tmp_path):
     assert digest != plain_digest  # another caption is another training set: the token is learned again
     (folder / f"{names[0]}.txt").unlink()
     assert load_images(folder, 64)[2] == plain_digest  # folders without captions keep their digest
+
+
+def test_flux_token_trains_by_flow_matching_and_loads_in_diffusers(tiny_flux_dev, images, tmp_path):
+    """FLUX.1: one vector per text encoder (CLIP, T5), learned through the frozen transformer with the flow-matching
+    loss; the file is diffusers' (one tensor per encoder), and the prompt with the token encodes in diffusers'
+    FluxPipeline as in ours."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    r = Renderer(ModelConfig(model=str(tiny_flux_dev)))
+    model = r.model
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    result = immobilize_style(r.scene_renderer, STYLE, StyleSettings(eval_samples=32, steps=20), images=images,
+                              out=tmp_path / "library")
+    rep = result.report
+    assert rep["eval_loss_after"] < rep["eval_loss_before"] * 0.999, rep  # paired draws (see the SD test)
+    assert all(torch.equal(v, before[k]) for k, v in model.transformer.state_dict().items())
+    state = load_file(str(result.path))
+    assert set(state) == {"clip_l", "t5"} and state["clip_l"].shape == state["t5"].shape == (1, 32)
+    t5_init = model.text_encoders[1].get_input_embeddings().weight[
+        model.tokenizers[1]("gothic", add_special_tokens=False).input_ids].float().mean(0)
+    assert not torch.allclose(state["t5"][0], t5_init, atol=1e-4)  # the T5 vector moved too
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev, local_files_only=True)
+    token = result.token
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["t5"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    prompt = f"{token}, a lighthouse at night"
+    ref, ref_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, device=torch.device("cpu"))
+    r.encoder.add_token(token, list(result.vectors), str(result.path))
+    ours = r.encoder.encode(prompt)
+    assert torch.allclose(ours.hidden, ref, atol=1e-4) and torch.allclose(ours.pooled, ref_pooled, atol=1e-5)

@@ -186,7 +186,7 @@ class RenderSettings(_Strict):
         return v
 
 
-MODEL_SETTINGS = ("width", "height", "steps", "guidance")
+MODEL_SETTINGS = ("width", "height", "steps", "guidance", "true_cfg")
 """The render settings a model brings where neither a flag nor the plan sets them (engine.models.model_defaults)."""
 BUILTIN_RENDER = RenderSettings(
     width=512, height=512, steps=25, guidance=7.5, scheduler="dpmpp", negative_prompt="", seed=0,

@@ -408,7 +408,7 @@ def knob_section() -> list[str]:
 # The benchmarks that declare sections of RESULTS.md (each module's SECTIONS), in the order the sections appear.
 # A new benchmark adds its module's name here; its format and its section stay in its own module.
 SECTION_MODULES = ("host", "threads", "regression", "consistency", "lora", "vae_decode", "openvino_peer",
-                   "toy_quality", "step_cache", "startup", "serve", "fp16_range", "lossy_arch")
+                   "toy_quality", "step_cache", "dit_accel", "startup", "serve", "fp16_range", "lossy_arch")
 
 
 def bench_sections() -> list[Section]:

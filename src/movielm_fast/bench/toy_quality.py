@@ -1,10 +1,12 @@
 """What the toy demo model's images mean, as read by the analytic judge (bench.toy.judge).
 
-    python -m movielm_fast.bench.toy_quality [--model demo] [--n 100]
+    python -m movielm_fast.bench.toy_quality [--model demo|demo-dit] [--n 100]
         [--checks conditioning,phrasing,open,style,consistency,lossy]
 
 Every prompt is built by the engine from a plan, as a render builds it (run.prompts: "<style> style, <frame>").
-- conditioning: `--n` held-out layouts (never trained on) at `--steps` DPM++ steps, each a frame described by
+Steps, guidance, true CFG and sampler are the model's own defaults (its movielm_defaults.json: the UNet demo 20
+DPM++ steps at guidance 4; the DiT demo its flow-matching Euler) unless --steps / --guidance say otherwise.
+- conditioning: `--n` held-out layouts (never trained on) at those steps, each a frame described by
   world.caption in a plan of its style: background and every named shape's colour at its named position right (the
   issue's criterion), plus the judge's other rates (shape, size at position, ...);
 - phrasing: hand-written captions in sentence forms the model never trained on (bench.toy.phrasing.HELD_OUT) and
@@ -17,9 +19,9 @@ Every prompt is built by the engine from a plan, as a render builds it (run.prom
 - consistency: a movie whose two characters, described without a colour, move between positions and backgrounds;
   per character, how often its colour equals its anchor's and its most common one, per consistency setting (none,
   anchor_attention, character_token and `--consistency-variants`), and the colour leaking between them;
-- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against fp32
-  DPM++ at `--steps` on the same captions and seeds: the conditioning rate, how often the judge's reading is
-  unchanged, and PSNR / SSIM of the pixels.
+- lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against the
+  fp32 render at those steps on the same captions and seeds: the conditioning rate, how often the judge's reading is
+  unchanged, and PSNR / SSIM of the pixels. (The DiT demo's step cache and FP8 at several step counts: bench.dit_accel.)
 Results go to bench/results/toy_quality-<stamp>.json, with a grid of renders beside it (the first 16 captions).
 """
 
@@ -99,10 +101,17 @@ def grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> Image.Image:
     return Image.fromarray(sheet).resize((cols * w * scale, rows * h * scale), Image.NEAREST)
 
 
+def toy_settings(r: Renderer, steps: int | None = None, guidance: float | None = None) -> BatchSettings:
+    """64x64 frames at the model's own steps, guidance, true CFG and sampler, unless steps / guidance are given."""
+    d = r.defaults
+    return BatchSettings(64, 64, steps or d["steps"], d["guidance"] if guidance is None else guidance,
+                         d.get("scheduler", "dpmpp"), true_cfg=d.get("true_cfg") or 1.0)
+
+
 def check_conditioning(r: Renderer, args, scenes) -> tuple[dict, np.ndarray]:
     prompts = scene_prompts(scenes)
     t0 = time.perf_counter()
-    images = render_prompts(r, prompts, BatchSettings(64, 64, args.steps, args.guidance, "dpmpp"))
+    images = render_prompts(r, prompts, toy_settings(r, args.steps, args.guidance))
     rates, _ = judged(images, scenes)
     truth, _ = judged(np.stack([(W.render(s) * 255).round().astype(np.uint8) for s in scenes]), scenes)
     return {"rates": rates, "judge_on_ground_truth": truth, "seconds": round(time.perf_counter() - t0, 1),
@@ -113,7 +122,7 @@ def check_phrasing(r: Renderer, args) -> tuple[dict, np.ndarray]:
     """The judge's rates on hand-written captions in unseen sentence forms, on the issue's eight, and on the held-out
     captions' scenes as world.caption words them (what the phrasing alone costs), each rendered with
     --phrasing-seeds seeds, frames of a style-"plain" plan."""
-    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    s = toy_settings(r, args.steps, args.guidance)
     sets = {"held_out": P.HELD_OUT, "issue": P.ISSUE,
             "held_out_scenes_as_world_captions": [(sc.caption(with_style=False), sc) for _, sc in P.HELD_OUT]}
     out, shown = {}, None
@@ -156,7 +165,7 @@ def check_style(r: Renderer, args, scenes) -> dict:
         train_s = time.perf_counter() - t0
     r.encoder.add_token(res.token, list(res.vectors), str(res.path))
     base = [s.caption(with_style=False) for s in scenes]
-    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    s = toy_settings(r, args.steps, args.guidance)
     out = {"token": res.token, "train_seconds": round(train_s, 1), "images": args.style_images, "captions": len(base),
            "steps": args.style_steps, "report": {k: v for k, v in res.report.items() if isinstance(v, (int, float))}}
     for name, prompts in (("without token", base), ("with token", [f"{res.token}, {c}" for c in base]),
@@ -189,7 +198,7 @@ def check_open(r: Renderer, args) -> dict:
     --open-seeds seeds; the open attribute's distribution over the pure readings, its entropy as a share of the
     largest possible, how often the colour read is pure (not a blend), and how often the stated attributes are
     right."""
-    s = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
+    s = toy_settings(r, args.steps, args.guidance)
     out = {}
     for attribute, described, where in OPEN:
         [prompt] = engine_prompts([f"{described.phrase} {where}"], "plain")
@@ -217,12 +226,12 @@ _POS = {"left": "on the left", "centre": "in the centre", "right": "on the right
 ANCHOR_PROMPT = "{appearance} in the centre, at night"
 
 
-def story_plan(consistency: dict, steps: int, guidance: float, seed: int) -> dict:
+def story_plan(consistency: dict, s: BatchSettings, seed: int) -> dict:
     frames = [{"id": f"{i:03d}", "description": " and ".join(f"{n} {_POS[p]}" for p, n in cast.items()) +
                f", {W.BACKGROUND_PHRASES[bg]}"} for i, (bg, cast) in enumerate(STORY)]
     return {"id": "story", "style": {"name": "plain"},
             "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
-            "render": {"width": 64, "height": 64, "steps": steps, "guidance": guidance, "scheduler": "dpmpp",
+            "render": {"width": 64, "height": 64, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                        "seed": seed, "negative_prompt": ""},
             "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
 
@@ -231,7 +240,7 @@ def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dic
     """One movie of STORY: each character's anchor read as the character (its open values), and every frame read.
     The anchors are rendered as consistency mode renders them, whatever the mode (without it: the anchors the mode
     would use)."""
-    lm = parse_plan(story_plan(consistency, args.steps, args.guidance, seed))[0]
+    lm = parse_plan(story_plan(consistency, toy_settings(r, args.steps, args.guidance), seed))[0]
     s = r.info.resolved(lm, RenderSettings())
     s = s.model_copy(update={"consistency": s.consistency.model_copy(update={"mode": "character_token"})})
     anchors = {}
@@ -298,12 +307,11 @@ LOSSY_CASES = [  # name, ModelConfig fields, BatchSettings fields (besides the r
 ]
 
 
-def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
-    """Each lossy option against fp32 DPM++ at --steps, same captions and seeds: the judge's conditioning rate and
-    readings, and PSNR / SSIM of the pixels."""
+def check_lossy(model: str, args, scenes, fp32_images: np.ndarray, reference: BatchSettings) -> dict:
+    """Each lossy option against the fp32 render at `reference`'s settings, same captions and seeds: the judge's
+    conditioning rate and readings, and PSNR / SSIM of the pixels."""
     captions = scene_prompts(scenes)
     ref = [J.read(img) for img in fp32_images]
-    reference = BatchSettings(64, 64, args.steps, args.guidance, "dpmpp")
     out = {}
     base = J.summarize([J.score(img, sc) for img, sc in zip(fp32_images, scenes)])["conditioning"]
     for name, config, settings in LOSSY_CASES:
@@ -327,7 +335,9 @@ def check_lossy(model: str, args, scenes, fp32_images: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = bench_parser("toy_quality", __doc__, model="demo", steps=20, guidance=4.0, results="--results")
+    ap = bench_parser("toy_quality", __doc__, model="demo", results="--results")
+    ap.add_argument("--steps", type=int, default=None, help="default: the model's own")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the model's own")
     ap.add_argument("--checks", default="conditioning,phrasing,open,style,consistency,lossy")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--phrasing-seeds", type=int, default=2)
@@ -350,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     r = Renderer(ModelConfig(model=args.model))
     scenes = held_out_scenes(args.n)
+    s = toy_settings(r, args.steps, args.guidance)
     result = {"format": TOY_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": machine_info(torch.device("cpu")),
-              "settings": {"model": args.model, "model_hash": r.model.content_hash, "n": args.n, "steps": args.steps,
-                           "guidance": args.guidance, "scheduler": "dpmpp", "size": 64}}
+              "settings": {"model": args.model, "family": r.model.family.name, "model_hash": r.model.content_hash,
+                           "n": args.n, "steps": s.steps, "guidance": s.guidance, "true_cfg": s.true_cfg,
+                           "scheduler": s.scheduler, "size": 64}}
     fp32_images = issue_images = None
     if "conditioning" in checks or "lossy" in checks:
         result["conditioning"], fp32_images = check_conditioning(r, args, scenes)
@@ -371,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         result["consistency"] = check_consistency(Renderer(ModelConfig(model=args.model)), args)
         print("consistency", result["consistency"])
     if "lossy" in checks:
-        result["lossy"] = check_lossy(args.model, args, scenes[:args.lossy_n], fp32_images[:args.lossy_n])
+        result["lossy"] = check_lossy(args.model, args, scenes[:args.lossy_n], fp32_images[:args.lossy_n], s)
         print("lossy", result["lossy"])
     result["load_average"] = {"start": load_start, "end": load_average()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -390,12 +402,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
+    """One block per model family measured (the UNet demo, the DiT demo), in the order first measured."""
     if not results:
         return []
+    lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)"]
+    for family in dict.fromkeys(_family(r) for r in results):
+        lines += _model_block([r for r in results if _family(r) == family])
+    return lines + [""]
+
+
+SHIPPED = ("demo", "demo-dit")  # the models the package ships; others are fine-tunes measured on the way
+_SAMPLERS = {"dpmpp": "DPM++", "default": "flow-matching Euler"}  # the toy models' own: the UNet demo's, the DiT's
+_GOALS = {"SD 1.x/2.x": "80%", "FLUX.1": "90%; 85% on the held-out phrasing set"}  # each demo model's issue's bar
+
+
+def _family(result: dict[str, Any]) -> str:
+    return result["settings"].get("family", "SD 1.x/2.x")  # results before the DiT demo: the UNet demo's
+
+
+def _model_block(results: list[dict[str, Any]]) -> list[str]:
     # Checks may run in separate processes (--checks): each part comes from the newest result that has it, for
-    # the shipped demo model (else the newest model measured); other models (fine-tunes not shipped) follow with
-    # what was measured of them.
-    res = _merged(results, next((r for r in reversed(results) if r["settings"]["model"] == "demo" and
+    # the shipped model (else the newest model measured); other models (fine-tunes not shipped) follow with what
+    # was measured of them.
+    res = _merged(results, next((r for r in reversed(results) if r["settings"]["model"] in SHIPPED and
                                  "conditioning" in r), results[-1]))
     same_model = [r for r in results if r["settings"]["model_hash"] == res["settings"]["model_hash"]]
     # Lossy cases may be measured a few at a time (--lossy-cases): those against the same reference (steps,
@@ -407,10 +436,12 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
             key = (r["settings"]["steps"], part.get("captions"), part["fp32_conditioning"])
             lossy.setdefault(key, {**part, "steps": key[0], "cases": {}})["cases"].update(part["cases"])
     st, m = res["settings"], res["machine"]
-    lines = ["## The toy demo model: what its images mean (`python -m movielm_fast.bench.toy_quality`)", "",
-             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {st['scheduler']} steps, "
-             f"guidance {st['guidance']}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic judge "
-             f"(`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
+    cfg = f", true CFG {st['true_cfg']}" if (st.get("true_cfg") or 1.0) > 1 else ""
+    sampler = _SAMPLERS.get(st["scheduler"], st["scheduler"])
+    lines = ["", f"### {_family(res)}: --model {st['model']}", "",
+             f"Model {st['model']} (hash {st['model_hash']}), {st['size']}², {st['steps']} {sampler} steps, "
+             f"guidance {st['guidance']}{cfg}, fp32 unless stated, on {m['cpu_model']}; read back by the analytic "
+             f"judge (`bench/toy/judge.py`); {load_note(res)}; {res['created']}."]
     if "image" in res:
         lines += ["", f"![first 16 held-out captions](results/{res['image']})"]
     c = res.get("conditioning")
@@ -418,7 +449,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
         r, t = c["rates"], c["judge_on_ground_truth"]
         lines += ["", f"**Conditioning** on {r['images']} held-out captions (layouts never trained on): background "
                   f"and every named shape's colour at its named position right in **{rate(r['conditioning'])}** of "
-                  "the images (the issue's bar: 80%).", "",
+                  f"the images (the goal: {_GOALS.get(_family(res), '—')}).", "",
                   "| rate | model | world's own images |", "|---|---|---|"]
         for k in ("conditioning", "strict", "background", "style", "colour_at_position", "shape_at_position",
                   "size_at_position", "empty_positions"):
@@ -448,7 +479,7 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {k} | {rate(sty[k]['judged_neon'])} | {rate(sty[k]['conditioning_ignoring_style'])} |")
     lines += _open_lines(res.get("open")) + _consistency_lines(res.get("consistency"))
     for lossy in sorted(lossy.values(), key=lambda x: x["steps"]):
-        lines += ["", f"**Lossy options** against fp32 DPM++ {lossy['steps']} steps (conditioning "
+        lines += ["", f"**Lossy options** against fp32 {sampler} {lossy['steps']} steps (conditioning "
                   f"{rate(lossy['fp32_conditioning'])}) on the same held-out captions and seeds (the first "
                   f"{lossy.get('captions', 'few')}):", "",
                   "| option | conditioning | change | same reading as fp32 | max / mean pixel diff | PSNR / SSIM |",
@@ -466,9 +497,9 @@ def toy_quality_section(results: list[dict[str, Any]]) -> list[str]:
         o = _merged(results, next(r for r in reversed(results) if r["settings"]["model_hash"] == other))
         parts = _open_lines(o.get("open")) + _consistency_lines(o.get("consistency"))
         if parts:
-            lines += ["", f"### Not shipped: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
+            lines += ["", f"#### Not shipped: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
             lines += parts
-    return lines + [""]
+    return lines
 
 
 def _merged(results: list[dict[str, Any]], res: dict[str, Any]) -> dict[str, Any]:

@@ -77,8 +77,9 @@ class BackendConfig(Settings):
                "at the cost of a host-to-device copy per batch with new prompts. Lossless.",
         flag="--offload-text-encoders")
     quantize: Literal[QUANTIZE_MODES] | None = setting(  # type: ignore[valid-type]
-        None, "LOSSY: the UNet's attention-block matmuls in FP8 e4m3 (engine/fp8.py; GPUs of compute capability "
-              "8.9+: Ada, Hopper). fp8-emulated: the same rounding in fp32 on any device, to measure quality.")
+        None, "LOSSY: the matmuls of the UNet's attention blocks, or of a transformer's blocks, in FP8 e4m3 "
+              "(engine/fp8.py; GPUs of compute capability 8.9+: Ada, Hopper). fp8-emulated: the same rounding in "
+              "fp32 on any device, to measure quality.")
 
     _threads = field_validator("threads", mode="before")(classmethod(lambda cls, v: positive_or_auto(v)))
 
@@ -120,9 +121,12 @@ class ModelConfig(BackendConfig):
         "torch", "torch | onnxruntime | tensorrt | null (measures the engine's own work; no real images)")
     step_cache: int | None = setting(
         None, "LOSSY: run the whole UNet every N-th step and only its shallow layers in between, reusing the deep "
-              "features (DeepCache; for 20+ steps; torch backend). Default: off.", metavar="N", ge=1)
-    step_cache_depth: int = setting(0, "Skip branch cached by --step-cache: 0 is the fastest and most lossy; higher "
-                                       "recomputes more.", ge=0)
+              "features (DeepCache); a transformer (FLUX): the whole of it on the first 3 steps and then every N-th, "
+              "extrapolated in between (diffusers' TaylorSeer). For 20+ steps; torch backend. Default: off.",
+        metavar="N", ge=1)
+    step_cache_depth: int = setting(0, "What --step-cache keeps: 0 is the fastest and most lossy; higher recomputes "
+                                       "more (a UNet's skip branch; a transformer's 0: its output, 1: its attention "
+                                       "outputs).", ge=0)
     loras: tuple[tuple[str, float], ...] = setting(
         (), "Merge a LoRA (.safetensors; kohya/A1111 or diffusers/PEFT) into every movie at SCALE [1.0]; "
             "repeatable. Plans add their own in style.loras / loras.", flag="--lora", metavar="FILE[:SCALE]",

@@ -2,9 +2,11 @@
 
 "demo" is the toy model (`bench.toy`): a small Stable-Diffusion-architecture model trained on this project's
 procedural toy world (64x64 scenes of coloured circles, squares and triangles on five backgrounds, in five styles).
-Its weights ship inside the package (`engine/demo_model`, float16 safetensors); on first use they are copied,
-with the standard CLIP tokenizer rebuilt from open-clip's vocabulary, into an ordinary diffusers folder in the cache,
-so everything that loads a real model loads it the same way.
+"demo-dit" is its transformer sibling: a small FLUX.1-architecture model (joint-attention blocks, flow matching) on
+the same VAE, trained on the same world (`bench.toy.train_dit`). Their weights ship inside the package
+(`engine/demo_model`, `engine/demo_dit_model`, float16 safetensors); on first use they are copied, with the standard
+CLIP tokenizer rebuilt from open-clip's vocabulary, into an ordinary diffusers folder in the cache, so everything
+that loads a real model loads it the same way.
 
 `build_tiny_pipeline` makes tiny SD 1.x / SDXL models with RANDOM weights: their images mean nothing, which is
 what the parity tests want (any mismatch with diffusers shows; nothing depends on what is drawn).
@@ -19,13 +21,14 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import CLIPTokenizer
-
 from movielm_fast.errors import UserError
 from movielm_fast.paths import atomic_dir, cache_root
 
 DEMO_VERSION = "demo-toy-v1"
 TOY_MODEL_DIR = Path(__file__).parent / "demo_model"
+TOY_DIT_MODEL_DIR = Path(__file__).parent / "demo_dit_model"
+DEMOS = {"demo": (TOY_MODEL_DIR, DEMO_VERSION), "demo-dit": (TOY_DIT_MODEL_DIR, "demo-dit-toy-v1")}
+"""--model name -> (the shipped folder, the cache folder's prefix)."""
 _CLIP_VOCAB = "bpe_simple_vocab_16e6.txt.gz"
 
 
@@ -67,31 +70,34 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    from transformers import CLIPTokenizer  # here: naming a demo model (DEMOS) imports no transformers
+
     vocab, merges = clip_vocab_and_merges()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
     tok.model_max_length = max_length
     return tok
 
 
-def _shipped_hash() -> str:
-    files = sorted(p for p in TOY_MODEL_DIR.rglob("*") if p.is_file())
-    if not (TOY_MODEL_DIR / "model_index.json").exists():
-        raise UserError(f"the demo model's weights are missing from {TOY_MODEL_DIR}",
+def _shipped_hash(folder: Path, name: str) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not (folder / "model_index.json").exists():
+        raise UserError(f"the {name} model's weights are missing from {folder}",
                         "reinstall movielm-fast from a complete checkout, or pass --model PATH to a model folder")
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(TOY_MODEL_DIR)).encode())
+        h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 
 
-def demo_model_path() -> Path:
-    """The demo model folder in the cache, assembled on first use (atomically, so a crash never leaves half a
-    model); keyed by the shipped weights, so new weights get a new folder."""
-    target = cache_root() / f"{DEMO_VERSION}-{_shipped_hash()}"
+def demo_model_path(name: str = "demo") -> Path:
+    """The folder of demo model `name` (a key of DEMOS) in the cache, assembled on first use (atomically, so a
+    crash never leaves half a model); keyed by the shipped weights, so new weights get a new folder."""
+    folder, version = DEMOS[name]
+    target = cache_root() / f"{version}-{_shipped_hash(folder, name)}"
     with atomic_dir(target, "model_index.json") as tmp:
         if tmp is not None:
-            shutil.copytree(TOY_MODEL_DIR, tmp, dirs_exist_ok=True)
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
             clip_tokenizer().save_pretrained(tmp / "tokenizer")
     return target
 

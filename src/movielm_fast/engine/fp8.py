@@ -1,4 +1,4 @@
-"""FP8 (e4m3) matmuls for the UNet's attention blocks: --quantize fp8, and fp8-emulated to measure its quality.
+"""FP8 (e4m3) matmuls for the denoiser's attention blocks: --quantize fp8, and fp8-emulated to measure its quality.
 
 What is quantized: every nn.Linear, and every 1x1 nn.Conv2d, inside the UNet's transformer blocks ("attentions"
 of the down, mid and up blocks) whose input and output widths are multiples of 16 (torch._scaled_mm's constraint):
@@ -7,6 +7,12 @@ and proj_in/proj_out (Linear on SDXL, 1x1 convolutions on SD 1.x). Those layers 
 FLOPs on SD 1.5 at 512² and 64% on SDXL at 1024² (the rest: 3x3 convolutions and the attention products; counted
 by `python -m movielm_fast.bench.lossy_arch`), which bounds what FP8 can gain: if time follows FLOPs, even at twice
 the fp16 rate on those layers a step takes at least 84% (SD 1.5) / 68% (SDXL) of its fp16 time.
+On a transformer family (FLUX.1, FLUX.2 [klein]) the same rule reads "inside its double and single blocks": every
+Linear of both streams' attention (Q/K/V, the outputs, klein's fused QKV + MLP input), the feed-forwards and the
+single blocks' MLP and output projections -- all but the attention products, whose share grows with the image
+(bench/RESULTS.md, "DiT FP8 linears"; `python -m movielm_fast.bench.dit_accel`). Outside them, or kept: the AdaLN
+modulation linears inside the blocks (one row per sample, and they scale whole streams), the embedders of the
+latents, text, time and guidance (first layers), norm_out and proj_out (the last).
 Weights: e4m3 with one scale per output channel, quantized once at load (and again for the layers a LoRA switch
 writes); activations: e4m3 with one scale per row (token), computed at run time on the device (amax / 448: no
 host sync, so the layers capture into CUDA graphs). Products accumulate in fp32, come out of torch._scaled_mm in
@@ -128,12 +134,17 @@ class Fp8Conv1x1(_Fp8Weight, nn.Conv2d):
         return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, N, H, W)
 
 
+_BLOCKS = (".attentions.", ".transformer_blocks.", ".single_transformer_blocks.")  # a UNet's, a DiT's blocks
+_MODULATION = ".norm"  # a DiT block's AdaLN linears (norm1.linear, norm1_context.linear, norm.linear)
+
+
 def fp8_candidates(unet: nn.Module) -> dict[str, nn.Module]:
-    """name -> layer to quantize (see the module docstring for which and why)."""
+    """name -> layer to quantize (see the module docstring for which and why); `unet` a UNet or a transformer."""
     out = {}
     unused = _fused_away(unet)
     for name, m in unet.named_modules():
-        if ".attentions." not in f".{name}" or isinstance(m, _Fp8Weight) or name in unused:
+        path = f".{name}"
+        if not any(b in path for b in _BLOCKS) or _MODULATION in path or isinstance(m, _Fp8Weight) or name in unused:
             continue
         if isinstance(m, nn.Conv2d) and not (m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
                                              and m.padding in ((0, 0), 0)):

@@ -28,13 +28,13 @@ from movielm_fast.export.specs import DIT_SAMPLE_SIZE
 from movielm_fast.paths import sha256_files
 from movielm_fast.plan import MODEL_SETTINGS, RenderSettings
 
-from .demo import demo_model_path
+from .demo import DEMOS, demo_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".onnx")
 DEFAULTS_FILE = "movielm_defaults.json"
-"""A model folder's own render defaults ({"width", "height", "steps", "guidance"}, any of them), and optionally
-"skip_style_training": why style training cannot help it; as the demo model ships them. Not part of the content
-hash: it changes no pixel of a frame whose settings are given."""
+"""A model folder's own render defaults (plan.MODEL_SETTINGS, any of them), and optionally "skip_style_training":
+why style training cannot help it; as the demo models ship them. Not part of the content hash: it changes no pixel
+of a frame whose settings are given."""
 
 
 @dataclass
@@ -102,9 +102,10 @@ def content_hash(path: Path) -> str:
 
 def native_size(model: ModelBundle) -> int:
     """The square size the model was trained at: its UNet's latent sample size times the VAE's factor (512 SD 1.x,
-    768 SD 2.x-768, 1024 SDXL, 64 the demo model); a transformer family's own default (engine.families)."""
+    768 SD 2.x-768, 1024 SDXL, 64 the demo model); a transformer's is no config's: its folder's own default width
+    (64 the DiT demo model), else the FLUX pipelines' default_sample_size (1024 px)."""
     if getattr(model, "transformer", None) is not None:
-        return DIT_SAMPLE_SIZE * model.vae_scale_factor  # the FLUX pipelines' default_sample_size: 1024 px
+        return int(own_defaults(model).get("width") or DIT_SAMPLE_SIZE * model.vae_scale_factor)
     size = model.unet.config.sample_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise UserError(f"{model.path / 'unet' / 'config.json'}: sample_size {size!r} is not a positive whole number",
@@ -496,7 +497,7 @@ MOVED_HUB_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable
 
 
 def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = None) -> ModelBundle:
-    """`spec` is "demo", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file.
+    """`spec` is "demo" or "demo-dit", a diffusers folder (with model_index.json) or a .safetensors/.ckpt single file.
 
     `target`: (torch dtype, torch device[, text encoders' device]) the modules of a folder model run in: each is
     loaded straight into that dtype (the VAE stays fp32 where its config says fp16 overflows) and onto that device,
@@ -504,8 +505,8 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
     device where one is given (offloaded: the host). A single file loads as its pipeline class does."""
     dtype, device, *home = target if target is not None else (dtype, None)
     encoder_device = home[0] if home else device
-    if str(spec) == "demo":
-        return _from_folder(demo_model_path(), "demo", dtype, device, encoder_device)
+    if str(spec) in DEMOS:
+        return _from_folder(demo_model_path(str(spec)), str(spec), dtype, device, encoder_device)
     path = Path(spec).expanduser()
     if not path.exists():
         if HUB_ID.match(str(spec)):
@@ -516,7 +517,8 @@ def load_model(spec: str | os.PathLike, dtype=None, *, target: tuple | None = No
                             f"movielm-fast never downloads at run time{moved}",
                             f"download it once: `huggingface-cli download {hub_id} --local-dir {local}` (or `hf "
                             f"download {hub_id} --local-dir {local}`), then pass --model {local}")
-        raise UserError(f"model not found: {path}", "pass --model demo or a local diffusers folder (model_index.json)")
+        raise UserError(f"model not found: {path}", "pass --model demo (or demo-dit) or a local diffusers folder "
+                                                   "(model_index.json)")
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
             raise UserError(f"{path} is not a model checkpoint", "pass a diffusers folder or a .safetensors file")

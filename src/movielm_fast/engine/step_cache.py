@@ -203,3 +203,68 @@ def _check_supported(unet: nn.Module) -> None:
         raise UserError(f"--step-cache supports SD 1.x/2.x and SDXL UNets; this one has "
                         f"{', '.join(unknown + extra) or 'other conditioning'}",
                         "render this model without --step-cache")
+
+
+# --- the transformer families: diffusers' own cache hooks --------------------------------------------------------
+# A DiT has no skip branches to cut at; diffusers 0.42 ships cache hooks for its blocks instead. Which one, and why:
+# - TaylorSeer (Liu et al. 2025; diffusers.hooks.taylorseer_cache), used here: which steps run the whole transformer
+#   is fixed by the step index alone (the first DIT_WARMUP_STEPS, then every N-th), and a skipped step's output is
+#   each row's own Taylor extrapolation from its own last full steps. No decision reads the batch, so a frame renders
+#   the same in any batch (tests/test_dit_accel.py holds it to that), and the result equals diffusers' own pipeline
+#   with the same hook (the same test).
+# - FirstBlockCache (and SeaCache) decide whether to skip from the mean change of the whole batch's first-block
+#   residual, one `.item()` for every row: a frame's pixels would depend on which frames share its batch (pinned by
+#   tests/test_dit_accel.py::test_first_block_cache_decides_from_the_whole_batch), so the engine does not offer it.
+# - MagCache decides from the step index too, but from magnitude ratios calibrated per model and step count; not
+#   offered yet (docs/dit-accelerators.md).
+
+DIT_WARMUP_STEPS = 3  # diffusers' default: the first steps run whole (they seed the expansion; layout forms there)
+DIT_DEPTHS = 2  # depth 0: predict the transformer's output, skip every block; 1: predict only attention outputs
+
+
+def dit_hook_config(cache: StepCache):
+    """The diffusers hook --step-cache N / --step-cache-depth D runs a transformer with: TaylorSeer of first order,
+    a full step on the first DIT_WARMUP_STEPS and then every N-th. Depth 0 ("lite", the fastest): between full steps
+    only the embedders run and the output projection's result is extrapolated. Depth 1: each block's attention output
+    is extrapolated and the rest of the block (feed-forward, norms) recomputed. Factors are kept in float32."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(cache_interval=cache.interval, disable_cache_before_step=DIT_WARMUP_STEPS,
+                                 max_order=1, taylor_factors_dtype=torch.float32, use_lite_mode=cache.depth == 0)
+
+
+def dit_full_steps(cache: StepCache, steps: int) -> list[bool]:
+    """Which of `steps` denoising steps run the whole transformer under dit_hook_config (TaylorSeer's own rule)."""
+    return [i < DIT_WARMUP_STEPS or (i - DIT_WARMUP_STEPS - 1) % cache.interval == 0 for i in range(steps)]
+
+
+def check_dit_depth(depth: int) -> None:
+    if depth >= DIT_DEPTHS:
+        raise UserError(f"--step-cache-depth {depth}: a transformer's step cache has depths 0-{DIT_DEPTHS - 1}",
+                        "use 0 (extrapolate the whole transformer's output; fastest) or 1 (only the attention "
+                        "outputs)")
+
+
+class HookedTransformer:
+    """A transformer family's step cache: diffusers' hook on the transformer, put on afresh at the first step of
+    each batch with a step cache (so no state crosses from one batch to the next) and taken off for a batch without.
+    The hooks keep Python state between calls, so these steps run eagerly (never a captured or compiled step)."""
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+
+    @property
+    def on(self) -> bool:
+        return self.transformer.is_cache_enabled
+
+    def __call__(self, step, args: tuple, run: StepCacheRun | None) -> torch.Tensor:
+        if self.on and (run is None or run.step == 0):
+            self.transformer.disable_cache()
+        if run is None:
+            return step(*args)
+        if run.step == 0:
+            self.transformer.enable_cache(dit_hook_config(run.cache))
+        with self.transformer.cache_context("frames"):
+            noise = step(*args)
+        run.advance()
+        return noise

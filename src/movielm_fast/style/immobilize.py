@@ -101,7 +101,7 @@ def immobilize_style(renderer: SceneRenderer, style, settings: StyleSettings | N
             "load": ("diffusers: pipe.load_textual_inversion(file)" if model.kind == "sd" else
                      "diffusers: sd = safetensors.torch.load_file(file); pipe.load_textual_inversion(sd['clip_l'], "
                      "token=T, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); the same with "
-                     "sd['clip_g'], pipe.text_encoder_2, pipe.tokenizer_2")}
+                     f"sd['{'clip_g' if model.kind == 'sdxl' else 't5'}'], pipe.text_encoder_2, pipe.tokenizer_2")}
     atomic_write_text(entry / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     write_index(root)
     log.info("style %r: trained %s in %.1f s (%.3f s/step), eval loss %.4f -> %.4f", style.name, path,

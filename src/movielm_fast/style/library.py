@@ -96,8 +96,13 @@ def lookup(entry_dir: Path) -> dict[str, Any] | None:
 
 
 def embedding_state_dict(kind: str, token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' layout: {token: (n, D)} for SD 1.x/2.x; {"clip_l": (n, 768), "clip_g": (n, 1280)} for SDXL."""
+    """diffusers' layout: {token: (n, D)} for SD 1.x/2.x; {"clip_l": (n, 768), "clip_g": (n, 1280)} for SDXL; one
+    named tensor per text encoder for a transformer family ({"clip_l", "t5"}: engine.families' embedding_keys)."""
     vectors = [v.detach().float().cpu().contiguous() for v in vectors]
     if kind == "sdxl":
         return {"clip_l": vectors[0], "clip_g": vectors[1]}
+    if kind != "sd":
+        from movielm_fast.engine.families import family_by_kind
+
+        return dict(zip(family_by_kind(kind).embedding_keys, vectors))
     return {token: vectors[0]}

@@ -9,6 +9,11 @@ Why it is fast:
   3000+ steps at batch 1-4), autocast to bf16/fp16 on CUDA, optional `torch.compile` of the UNet.
 - On out-of-memory the batch is split into smaller micro-batches with gradient accumulation, so the result does
   not depend on how much memory the device has.
+
+FLUX.1 learns one vector for each of its text encoders (CLIP, pooled; T5) by flow matching -- the transformer
+predicts noise - x0 from (1 - s) x0 + s noise on the packed latents, s uniform -- with prompts tokenized as its
+renders tokenize them (engine.families.flux_text). FLUX.2 [klein] is not trained for yet (its Qwen3 chat template
+and its VAE's batch-norm latents are not handled here).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from movielm_fast.engine.models import model_defaults, native_size
 from movielm_fast.engine.oom import is_oom, map_halving, smaller
 from movielm_fast.engine.text import PromptEncoder, is_vocab_word, select_outputs
 from movielm_fast.errors import UserError
-from movielm_fast.export.graphs import TextEncoderGraph
+from movielm_fast.export.graphs import text_encoder_graph
 from movielm_fast.style.images import TrainingImage
 
 log = logging.getLogger("movielm_fast")
@@ -66,7 +72,8 @@ class StyleSettings:
     vocabulary token, else "style"."""
     scene_steps: int | None = None
     scene_guidance: float = 7.5
-    scene_scheduler: str = "dpmpp"
+    scene_scheduler: str | None = None
+    """None: the model's own sampler where it has one (FLUX: its flow-matching Euler), else dpmpp."""
     seed: int = 0
     # --- how to run; not part of the library key (they change speed, not what is learned) --------------------
     amp: str = "auto"
@@ -89,8 +96,8 @@ class StyleSettings:
         return {k: v for k, v in asdict(self).items() if k not in self._RUN_FIELDS}
 
     def resolve(self, model) -> "StyleSettings":
-        tiny = sum(p.numel() for p in model.unet.parameters()) < TINY_UNET_PARAMS
-        native = int(model.unet.config.sample_size) * model.vae_scale_factor
+        tiny = sum(p.numel() for p in denoiser(model).parameters()) < TINY_UNET_PARAMS
+        native = native_size(model)
         s = replace(
             self,
             steps=self.steps or (30 if tiny else 150),
@@ -99,6 +106,7 @@ class StyleSettings:
             batch_size=self.batch_size or (4 if tiny else 4 if model.kind == "sdxl" else 8),
             lr=self.lr or (2e-2 if tiny else 5e-3),
             scene_steps=self.scene_steps or (4 if tiny else 20),
+            scene_scheduler=self.scene_scheduler or model_defaults(model).get("scheduler", "dpmpp"),
         )
         if s.resolution % model.vae_scale_factor or s.resolution < 8 * model.vae_scale_factor // 2:
             raise UserError(f"training resolution {s.resolution} is not a multiple of {model.vae_scale_factor}",
@@ -112,6 +120,11 @@ class StyleSettings:
         if s.amp not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"unknown mixed-precision mode {s.amp!r}", "use auto, fp32, bf16 or fp16")
         return s
+
+
+def denoiser(model) -> torch.nn.Module:
+    """The module a token is trained through: the UNet, or a transformer family's transformer."""
+    return model.unet if model.unet is not None else model.transformer
 
 
 def check_token(model, token: str) -> None:
@@ -148,12 +161,14 @@ class Trainer:
                  token: str = "<style-in-training>"):
         self.model, self.device, self.s = model, device, s
         self.kind = model.kind
-        self.unet = model.unet.to(device)
+        self.unet = denoiser(model).to(device)
+        self.flow = model.transformer is not None  # a transformer family: flow matching (FLUX.1)
         self.vae = model.vae.to(device)
-        self.encoders = [TextEncoderGraph(enc.to(device)) for enc in model.text_encoders]
+        self.encoders = [text_encoder_graph(enc.to(device)) for enc in model.text_encoders]
         self.tables = [enc.get_input_embeddings().weight for enc in model.text_encoders]  # (V, D) frozen
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.timesteps = self.noise_scheduler.config.num_train_timesteps
         self.vectors = [torch.nn.Parameter(v.to(device, torch.float32).clone()) for v in token_vectors]  # (n, D)
         wdtype = next(self.unet.parameters()).dtype
         amp = s.amp
@@ -168,7 +183,12 @@ class Trainer:
         # the tokenizers: the starting vectors never reach the renderer's encoder and the model's tokenizers gain no
         # token (the learned one is bound by whoever uses it).
         self.token = token
-        self.prompts = PromptEncoder(model, backend=None, tokenizers=[copy.deepcopy(t) for t in model.tokenizers])
+        tokenizers = [copy.deepcopy(t) for t in model.tokenizers]
+        self.prompts = model.family.prompt_encoder(model, None, tokenizers) if self.flow else \
+            PromptEncoder(model, backend=None, tokenizers=tokenizers)
+        self.guidance = None  # FLUX.1 [dev]: the embedded guidance its renders use by default
+        if self.flow and model.transformer.config.guidance_embeds:
+            self.guidance = float(model_defaults(model)["guidance"])
         self.prompts.add_token(token, [v.detach() for v in token_vectors], "style training")
         names = self.prompts.multi_vector.get(token, [token])
         self.token_ids = [tok.convert_tokens_to_ids(names) for tok in self.prompts.tokenizers]
@@ -197,6 +217,11 @@ class Trainer:
         return torch.where(new[..., None], learned, looked_up)
 
     def encode_text(self, ids: list[torch.Tensor], eos: list[torch.Tensor]):
+        if self.flow:  # FLUX.1: CLIP's pooled output, T5's hidden states (engine.families.flux_text)
+            outs = [enc(self._embeds(i, ids[i]), eos[i]) for i, enc in enumerate(self.encoders)]
+            roles = self.prompts.roles
+            return (next(o[0] for o, r in zip(outs, roles) if not r.pooled),
+                    next((o[2] for o, r in zip(outs, roles) if r.pooled), None))
         hidden, pooled = [], None
         for i, enc in enumerate(self.encoders):
             h, pool = select_outputs(self.kind, i, len(self.encoders), enc(self._embeds(i, ids[i]), eos[i]))
@@ -231,6 +256,8 @@ class Trainer:
         latents = ((self.mean[idx] + self.std[idx] * eps.to(self.device)) - self.shift) * self.scale
         noise = noise.to(self.device)
         t = t.to(self.device)
+        if self.flow:
+            return self._flow_loss(latents, noise, t, ids, eos)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -241,6 +268,23 @@ class Trainer:
                 added = {"text_embeds": pooled.to(wdtype), "time_ids": self.time_ids[idx.cpu()].to(self.device, wdtype)}
             pred = self.unet_fwd(noisy.to(wdtype), t, encoder_hidden_states=hidden.to(wdtype),
                                  added_cond_kwargs=added, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    def _flow_loss(self, latents, noise, t, ids, eos) -> torch.Tensor:
+        sigma = (t.float() + 1) / self.timesteps  # (b,) uniform in (0, 1]
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * latents + s * noise
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            hidden, pooled = self.encode_text([x.to(self.device) for x in ids], [x.to(self.device) for x in eos])
+            wdtype = next(self.unet.parameters()).dtype
+            family = self.model.family
+            tokens, txt_ids, img_ids = family.training_inputs(self.model, noisy.to(wdtype), hidden.shape[1])
+            guidance = None if self.guidance is None else torch.full_like(sigma, self.guidance)
+            pred = self.unet_fwd(hidden_states=tokens, timestep=sigma.to(wdtype), guidance=guidance,
+                                 encoder_hidden_states=hidden.to(wdtype), pooled_projections=pooled.to(wdtype),
+                                 txt_ids=txt_ids.to(self.device), img_ids=img_ids.to(self.device),
+                                 return_dict=False)[0]
+        target = family.training_inputs(self.model, noise - latents, hidden.shape[1])[0]
         return F.mse_loss(pred.float(), target.float())
 
 
@@ -280,7 +324,7 @@ def train_token(trainer: Trainer, captions: list[list[list[tuple[torch.Tensor, i
     s, device = trainer.s, trainer.device
     n = trainer.mean.shape[0]
     latent_shape = tuple(trainer.mean.shape[1:])
-    timesteps = trainer.noise_scheduler.config.num_train_timesteps
+    timesteps = trainer.timesteps
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.AdamW(trainer.vectors, lr=s.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr_factor(k, s.steps, s.warmup))
@@ -357,7 +401,8 @@ class Frozen:
     diffusers' default attention back if a custom processor without backward is installed; restores both."""
 
     def __init__(self, model):
-        self.modules = [model.unet, model.vae, *model.text_encoders]
+        self.modules = [denoiser(model), model.vae, *model.text_encoders]
+        self.unet = model.unet is not None  # a transformer's own attention processors have a backward
 
     def __enter__(self):
         self.flags = [[p.requires_grad for p in m.parameters()] for m in self.modules]
@@ -365,7 +410,7 @@ class Frozen:
             m.requires_grad_(False)
         unet = self.modules[0]
         self.processors = dict(unet.attn_processors)
-        self.swapped = any(not isinstance(p, AttnProcessor2_0) for p in self.processors.values())
+        self.swapped = self.unet and any(not isinstance(p, AttnProcessor2_0) for p in self.processors.values())
         if self.swapped:
             unet.set_attn_processor(AttnProcessor2_0())
         return self

@@ -49,6 +49,16 @@ class Log:
         self.fp.flush()
 
 
+def optimizer_step(opt, params, ema: EMA, loss: torch.Tensor) -> float:
+    """One optimizer step (gradients clipped to norm 1), then the EMA's; the loss as a number."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update()
+    return loss.item()
+
+
 def _autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
@@ -294,12 +304,7 @@ def main(argv=None) -> None:
         wts = 1.0 + (args.unet_fg_weight - 1.0) * shape_mask[idx].float()
         loss = (((pred - noise) ** 2) * wts).mean(dim=(1, 2, 3)) / wts.mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, params, ema, loss))
         step += 1
         if step % 50 == 0:
             log(phase="unet", step=step, loss=round(float(np.mean(losses[-50:])), 5),

@@ -25,7 +25,7 @@ from ..consistency import install as install_anchor_attention
 from ..fp8 import quantize_unet, requantize_changed
 from ..lora import TorchMerger
 from ..oom import is_oom
-from ..step_cache import CachedUNet, StepCacheRun
+from ..step_cache import CachedUNet, HookedTransformer, StepCacheRun
 from .base import DiTCond, UNetCond, register
 from .buckets import Bucket, pad_rows, padded_bucket, unet_bucket
 from .cuda_graph import GraphedCallable
@@ -110,12 +110,16 @@ class TorchBackend:
             self._decode = cpu.CompiledCpu(self.vae, "VAE decoder") if self.fast.compile else self.vae
             if self.vae_dtype in (torch.float16, torch.bfloat16):
                 self._decode = Fp32FallbackDecoder(self.vae, self._decode)
-        self.fp8_layers: list[str] = []  # --quantize: the UNet layers that run in FP8 (engine/fp8.py)
+        self.fp8_layers: list[str] = []  # --quantize: the denoiser layers that run in FP8 (engine/fp8.py)
         self.fp8_requantized: list[str] = []  # and those the last LoRA switch quantized again
+        # The diffusers module inside the denoiser's graph: a UNet, or a transformer family's transformer.
+        self.denoiser = getattr(self.unet, "unet", None) or getattr(self.unet, "transformer", None)
+        transformer = getattr(self.unet, "transformer", None)
+        self.dit_cache = HookedTransformer(transformer) if transformer is not None else None  # --step-cache
         if self.unet is not None:
             self._setup_unet(config, channels_last)
             if config.quantize:  # after QKV fusion (the fused projections are what runs); graphs capture lazily
-                self.fp8_layers = quantize_unet(self.unet.unet, emulate=config.quantize == "fp8-emulated")
+                self.fp8_layers = quantize_unet(self.denoiser, emulate=config.quantize == "fp8-emulated")
 
     def _setup_unet(self, config, channels_last: bool) -> None:
         if channels_last:
@@ -163,7 +167,7 @@ class TorchBackend:
         before = self.lora_merger.current
         self.lora_merger.apply(loras, library)
         if self.fp8_layers and self.lora_merger.current != before:
-            self.fp8_requantized = requantize_changed(self.unet.unet)  # the merged weights are what gets quantized
+            self.fp8_requantized = requantize_changed(self.denoiser)  # the merged weights are what gets quantized
         if self.lora_merger.current != before and isinstance(self._unet_step, cpu.CompiledCpu):
             # Inductor's freezing folded the previous weights into the compiled graphs as constants, and dynamo's
             # guards do not look at weight values: drop every compiled graph and compile against the merged ones.
@@ -200,9 +204,10 @@ class TorchBackend:
             bucket = padded_bucket(unet_bucket(args[0], args[2]), self.buckets)
             batched = len(args) - cond.unbatched  # position ids have no rows to pad
             args = pad_rows(args[:batched], bucket[0]) + args[batched:]
+        cached = cond.cache is not None or (self.dit_cache is not None and self.dit_cache.on)
         try:
             with self._sdpa():
-                noise = self._denoise_cached(args, cond.cache) if cond.cache is not None else self._unet_step(*args)
+                noise = self._denoise_cached(args, cond.cache) if cached else self._unet_step(*args)
         except Exception as exc:
             if bucket is not None and is_oom(exc):
                 # The batch is about to be retried smaller (engine/oom.py): it must not be padded back up to this.
@@ -212,9 +217,12 @@ class TorchBackend:
             self.buckets.add(bucket)
         return noise[:rows] if noise.shape[0] != rows else noise  # a view: the stepper copies what it keeps
 
-    def _denoise_cached(self, args: tuple, run: StepCacheRun) -> torch.Tensor:
+    def _denoise_cached(self, args: tuple, run: StepCacheRun | None) -> torch.Tensor:
         """Step caching (engine.step_cache): the whole UNet on full steps, keeping its deep features; the shallow
-        layers alone in between. Both steps run the way the plain UNet step does (eager, compiled or graphed)."""
+        layers alone in between. Both steps run the way the plain UNet step does (eager, compiled or graphed). A
+        transformer: diffusers' cache hook, eager (`run` None: the first batch without a cache takes it off)."""
+        if self.dit_cache is not None:
+            return self.dit_cache(self.unet if run is not None else self._unet_step, args, run)
         depth = run.cache.depth
         if depth not in self.cached_steps:
             model = CachedUNet(self.unet.unet, depth)

@@ -102,10 +102,13 @@ def family_by_kind(kind: str) -> Family:
 
 def family_of_spec(spec) -> Family:
     """The family of the model `spec` names (--model), from its model_index.json alone: one small file, read
-    before any weights load. Stable Diffusion for the demo, single files and folders it cannot read (loading then
-    says what is wrong with them)."""
+    before any weights load (a demo model's: the shipped one's). Stable Diffusion for single files and folders it
+    cannot read (loading then says what is wrong with them)."""
+    from ..demo import DEMOS
+
+    folder = DEMOS[str(spec)][0] if str(spec) in DEMOS else Path(spec).expanduser()
     try:
-        index = json.loads((Path(spec).expanduser() / "model_index.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         index = {}
     return loader_for(index.get("_class_name", "") if isinstance(index, dict) else "") or family_by_kind("sd")

@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ from movielm_fast.export.specs import DIT_TEXT_TOKENS, QWEN3_LAYERS, TOKENS
 from ..backends.base import DiTCond
 from ..schedulers import FlowSteps, make_scheduler
 from ..seeds import initial_latents
+from ..step_cache import check_dit_depth
 from .flux_text import DiTPromptEncoder, TextRole
 
 PATCH = 2  # latent pixels per token side: each token is a 2x2 patch of latents
@@ -74,8 +77,9 @@ class FlowFamily:
     encoders: tuple[tuple[str, str, Any, TextRole], ...] = ()  # (encoder folder, tokenizer folder, class, role)
     position_axes = 3  # rotary position id axes
     cuda_dtype = "bf16"  # what --dtype auto means on CUDA: FLUX's activations overflow fp16
-    no_style_training = ("style immobilization trains a UNet model's token; training one for a transformer family "
-                         "is not done yet (docs/models.md)")
+    no_style_training: str | None = (
+        "style immobilization trains a token for Stable Diffusion and FLUX.1; for FLUX.2 [klein] it is not done yet "
+        "(docs/models.md)")
 
     # --- loading ----------------------------------------------------------------------------------------------------
     def load(self, path: Path, index: dict[str, Any], model_id: str, dtype, device, encoder_device=None):
@@ -151,8 +155,9 @@ class FlowFamily:
         raise NotImplementedError
 
     def check_config(self, config) -> None:
-        not_yet = [(config.step_cache not in (None, 1), "--step-cache"), (config.quantize, "--quantize"),
-                   (config.attention != "sdpa", f"--attention {config.attention}"),
+        if config.step_cache not in (None, 1):
+            check_dit_depth(config.step_cache_depth)
+        not_yet = [(config.attention != "sdpa", f"--attention {config.attention}"),
                    (config.consistency not in (None, "none"), f"--consistency {config.consistency}")]
         for used, flag in not_yet:
             if used:
@@ -189,8 +194,12 @@ class FlowFamily:
         return []
 
     # --- the render script's steps ----------------------------------------------------------------------------------
-    def prompt_encoder(self, model, backend) -> DiTPromptEncoder:
-        return DiTPromptEncoder(model, backend, tuple(role for _, _, _, role in self.encoders))
+    def prompt_encoder(self, model, backend, tokenizers=None) -> DiTPromptEncoder:
+        # A tokenizer whose model_max_length is below the family's length sets the model's (the DiT demo's T5: 40
+        # tokens; diffusers' max_sequence_length); FLUX.1's T5 says 512, Qwen3's and a bare tokenizer's say more.
+        roles = tuple(replace(role, length=min(role.length, tok.model_max_length))
+                      for (*_, role), tok in zip(self.encoders, model.tokenizers))
+        return DiTPromptEncoder(model, backend, roles, tokenizers)
 
     def conditioning(self, model, encoder: DiTPromptEncoder, jobs, s, cfg: bool) -> DiTCond:
         if cfg:  # negatives first, as the UNet families batch them
@@ -273,6 +282,7 @@ class Flux1Family(FlowFamily):
              "scheduler": ("FlowMatchEulerDiscreteScheduler",)}
 
     embedding_keys = ("clip_l", "t5")  # a textual-inversion file's tensors, one per text encoder
+    no_style_training = None  # style/training.py learns its CLIP and T5 vectors by flow matching
 
     @property
     def encoders(self):
@@ -316,6 +326,15 @@ class Flux1Family(FlowFamily):
 
     def cfg_scale(self, model, s) -> float | None:
         return s.true_cfg if s.true_cfg > 1 else None
+
+    def training_inputs(self, model, latents: torch.Tensor, text_tokens: int):
+        """Style training (style/training.py): VAE latents (B, C, H, W), shifted and scaled -> (tokens, txt_ids,
+        img_ids) as a render hands them to the transformer."""
+        h, w = latents.shape[-2] // PATCH, latents.shape[-1] // PATCH
+        txt_ids = torch.zeros(text_tokens, self.position_axes)
+        grid = SimpleNamespace(height=latents.shape[-2] * model.vae_scale_factor,
+                               width=latents.shape[-1] * model.vae_scale_factor)
+        return self._pack(latents, h, w), txt_ids, self._image_ids(model, grid)
 
     def a1111(self, settings):
         # Forge's FLUX.1 pair: "CFG scale" is the true CFG (1: off), "Distilled CFG Scale" the embedded guidance.

@@ -33,8 +33,8 @@ class TextRole:
 class DiTPromptEncoder(PromptEncoder):
     """`roles`: one TextRole per text encoder of the model, in its order."""
 
-    def __init__(self, model, backend, roles: tuple[TextRole, ...]):
-        super().__init__(model, backend)
+    def __init__(self, model, backend, roles: tuple[TextRole, ...], tokenizers=None):
+        super().__init__(model, backend, tokenizers)
         self.roles = roles
         # The tables in the weights' own dtype: Qwen3's and T5's are large (float32 copies would cost gigabytes),
         # and a lookup in the dtype the encoder runs in is what its own embedding layer computes.
