@@ -161,6 +161,12 @@ def save_model(out: Path, vae, unet, text_encoder, extra: dict) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=M.scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    save_pipeline_folder(pipe, out, extra)
+
+
+def save_pipeline_folder(pipe, out: Path, extra: dict) -> None:
+    """Write a diffusers pipeline and its training.json beside `out`, then swap it in by renames: a reader (or a
+    run killed mid-write) sees the old checkpoint or the new one, never half of one."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from movielm_fast.engine.demo import TOY_MODEL_DIR, clip_tokenizer
-from movielm_fast.paths import atomic_write_text, replace_dir
+from movielm_fast.paths import replace_dir
 
 from ..args import bench_parser
 from . import model as M
 from . import world as W
-from .train import EMA, Log, augmented_captions, encode_pool, optimizer_step
+from .train import EMA, Log, encode_pool, optimizer_step, save_pipeline_folder, training_captions
 
 PATCH = 2  # a token is a 2x2 patch of latent pixels, as FluxPipeline packs them
 
@@ -75,11 +75,7 @@ def save_pipeline(out: Path, vae, transformer, clip, t5, t5_tok, extra: dict) ->
 
     pipe = FluxPipeline(scheduler=M.flow_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    atomic_write_text(tmp / "training.json", json.dumps(extra, indent=1))
-    replace_dir(tmp, out)
+    save_pipeline_folder(pipe, out, extra)
 
 
 def scene_pool(folder: Path, vae, rng, n: int):
@@ -194,7 +190,7 @@ def main(argv=None) -> None:
     while (used := time.process_time() - start_cpu) < budget:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = pool[idx]  # (B, 4, 16, 16)
-        texts = augmented_captions(rng, [scenes[i] for i in idx], [captions[i] for i in idx], args.augment)
+        texts = training_captions(rng, [scenes[i] for i in idx], args.augment, p_open=0.0)  # every attribute stated
         drop = torch.rand(args.batch, generator=gen) < 0.1
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
         clip_ids, t5_ids = tokens(texts)
