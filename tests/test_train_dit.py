@@ -40,3 +40,25 @@ def test_dit_trainer_checkpoints_and_resumes(tmp_path):
     assert resume["step"] == done["steps"] and resume["cpu_s"] >= done["cpu_s"] - 0.5
     assert pool.stat().st_mtime_ns == encoded  # the pool's latents are read back, not encoded again
     assert second[-1]["final"] and second[-1]["steps"] > done["steps"]
+
+
+def test_dit_trainer_continues_a_model_folder(tmp_path):
+    """--init-from starts from a folder's weights (the shipped demo-dit, when the training state is gone) and counts
+    its steps and CPU time toward the budget."""
+    from safetensors.torch import load_file
+
+    common = ["--pool", "16", "--batch", "2"]
+    train_dit.main(["--out", str(tmp_path / "a"), *common, "--cpu-minutes", "0.02"])
+    earlier = json.loads((tmp_path / "a" / "training.json").read_text())
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+
+    # A budget the folder has already spent: nothing trains, and what is saved is what was loaded.
+    train_dit.main(["--out", str(tmp_path / "b"), *common, "--cpu-minutes", "0.001", "--init-from", str(tmp_path / "a")])
+    init = next(r for r in _log(tmp_path / "b_log.jsonl") if r["phase"] == "init")
+    assert init["step"] == earlier["steps"] and init["cpu_s"] == round(earlier["cpu_s"], 1)
+    a, b = load_file(str(tmp_path / "a" / weights)), load_file(str(tmp_path / "b" / weights))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    train_dit.main(["--out", str(tmp_path / "c"), *common, "--cpu-minutes", "0.05", "--init-from", str(tmp_path / "a")])
+    info = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert info["steps"] > earlier["steps"] and info["continued_from"]["steps"] == earlier["steps"]

@@ -63,10 +63,10 @@ def load_vae():
     return vae.requires_grad_(False).eval()
 
 
-def load_clip():
+def load_clip_from(folder: Path):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(TOY_MODEL_DIR / "text_encoder", dtype=torch.float32)
+    return CLIPTextModel.from_pretrained(folder, dtype=torch.float32)
 
 
 def save_pipeline(out: Path, vae, transformer, clip, t5, t5_tok, extra: dict) -> None:
@@ -114,6 +114,10 @@ def main(argv=None) -> None:
     ap.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of the tokens a shape touches")
     ap.add_argument("--augment", type=float, default=0.6,
                     help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue the transformer and text encoders of a model folder (this script's output or "
+                         "the shipped demo-dit) when there is no training state to resume: its steps and CPU time "
+                         "count toward --cpu-minutes, the optimizer starts afresh")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -128,7 +132,16 @@ def main(argv=None) -> None:
     log(phase="pool", n=len(captions), latent_std=round(float(pool.std()), 4),
         cpu_s=round(time.process_time() - cpu0, 1))
 
-    transformer, clip = M.dit(), load_clip()
+    earlier = None
+    if args.init_from and not state_file.exists():
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5EncoderModel
+
+        earlier = json.loads((args.init_from / "training.json").read_text())
+        transformer = FluxTransformer2DModel.from_pretrained(args.init_from, subfolder="transformer").float()
+        clip = load_clip_from(args.init_from / "text_encoder")
+    else:
+        transformer, clip = M.dit(), load_clip_from(TOY_MODEL_DIR / "text_encoder")
     # The demo's token table stays as trained (its rows for words the toy world never uses stay zero): a dense
     # AdamW update of 49408 rows a step would cost more than the T5 does.
     clip.get_input_embeddings().requires_grad_(False)
@@ -138,12 +151,15 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     t5_tok, clip_tok = AutoTokenizer.from_pretrained(t5_dir), clip_tokenizer()
-    t5 = M.t5_encoder(len(t5_tok))
+    if earlier is not None:
+        t5 = T5EncoderModel.from_pretrained(args.init_from / "text_encoder_2").float()
+    else:
+        t5 = M.t5_encoder(len(t5_tok))
     modules = [transformer, t5, clip]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = EMA(modules, args.ema)
-    step, cpu_used = 0, 0.0
+    step, cpu_used, warm_from = 0, 0.0, 0
     if state_file.exists():  # resume: weights only (tensors, numbers), no code
         state = torch.load(state_file, weights_only=True)
         for m, sd in zip(modules, state["live"]):
@@ -154,6 +170,11 @@ def main(argv=None) -> None:
         step, cpu_used, ema.n = state["step"], state["cpu_s"], state["ema_n"]
         rng = np.random.default_rng([args.seed, step])
         log(phase="resume", step=step, cpu_s=round(cpu_used, 1))
+    elif earlier is not None:  # the schedule goes on where that run stopped; EMA starts from its (EMA) weights
+        step, cpu_used, ema.n = earlier["steps"], earlier["cpu_s"], earlier["steps"]
+        warm_from = step  # a fresh optimizer warms up again: Adam's first updates are full-size whatever the grad
+        rng = np.random.default_rng([args.seed, step])
+        log(phase="init", init_from=str(args.init_from), step=step, cpu_s=round(cpu_used, 1))
     log(phase="start", args={k: str(v) for k, v in vars(args).items()},
         params={type(m).__name__: sum(p.numel() for p in m.parameters()) for m in modules})
     gen = torch.Generator().manual_seed(args.seed + step)
@@ -177,6 +198,8 @@ def main(argv=None) -> None:
         info = {"steps": step, "loss_last200": float(np.mean(losses[-200:])) if losses else None,
                 "cpu_s": round(used, 1), "final": final, "args": {k: str(v) for k, v in vars(args).items()},
                 "torch_threads": torch.get_num_threads()}
+        if earlier is not None:
+            info["continued_from"] = {k: v for k, v in earlier.items() if k != "selection"}
         ema_transformer, ema_t5, ema_clip = ema.shadow
         save_pipeline(args.out, vae, ema_transformer, ema_clip, ema_t5, t5_tok, info)
         tmp = state_file.with_name(state_file.name + ".tmp")
@@ -198,7 +221,7 @@ def main(argv=None) -> None:
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        lr = args.lr * min(1.0, (step + 1) / 200)
+        lr = args.lr * min(1.0, (step - warm_from + 1) / 200)
         for g in opt.param_groups:  # cosine decay over the CPU budget, so the last weights are the settled ones
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(used / budget, 1.0))))
         pooled = clip(clip_ids).pooler_output  # (B, 64)
