@@ -37,6 +37,33 @@ def test_auto_keeps_torchs_count_within_the_usable_cores(monkeypatch, torch_thre
     assert cpu.cpu_threads("auto") == 1
 
 
+@pytest.mark.parametrize("busy,expected", [(0.0, 2), (0.9, 2), (1.2, 2), (1.6, 1), (2.0, 1)])
+def test_auto_takes_one_thread_when_other_work_holds_every_core(monkeypatch, torch_threads, busy, expected):
+    """On 2 cores, one kept busy by other work: two threads still (they beat one, as measured); both busy: one."""
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "busy_cores", lambda: busy)
+    torch.set_num_threads(2)
+    assert cpu.cpu_threads("auto") == expected and cpu.cpu_threads(2) == 2
+
+
+def test_a_count_lowered_for_load_goes_back_up_when_the_load_is_gone(monkeypatch, torch_threads):
+    monkeypatch.setattr(cpu, "_lowered", None)
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
+    torch.set_num_threads(4)
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 4.0)
+    assert cpu.use_threads("auto") == 1 and torch.get_num_threads() == 1
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 1.0)
+    assert cpu.use_threads("auto") == 4  # back to torch's own count, not stuck at the lowered one
+    torch.set_num_threads(2)  # the process's own choice from here on
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 0.0)
+    assert cpu.use_threads("auto") == 2
+
+
+def test_busy_cores_reads_this_machines_load():
+    busy = cpu.busy_cores()
+    assert 0.0 <= busy <= cpu.usable_cores() + 1e-6
+
+
 def test_usable_cores_follow_the_affinity_mask():
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no affinity masks on this OS")

@@ -114,19 +114,50 @@ def usable_cores() -> int:
     return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
 
 
+def busy_cores(window: float = 0.05) -> float:
+    """How many of this process's usable cores other work keeps busy now: the mean utilisation of the CPUs in its
+    affinity mask over `window` seconds (this process sleeps meanwhile, so it is not counted), times the cores."""
+    per_cpu = psutil.cpu_percent(interval=window, percpu=True)
+    try:
+        mine = [per_cpu[i] for i in os.sched_getaffinity(0) if i < len(per_cpu)] or per_cpu
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        mine = per_cpu
+    return usable_cores() * sum(mine) / (100.0 * max(len(mine), 1))
+
+
+_lowered: tuple[int, int] | None = None  # (torch's count, what `auto` set instead) when load made it lower the count
+
+
 def cpu_threads(threads: int | str = "auto") -> int:
     """Intra-op threads for `--threads` (engine.config.BackendConfig.threads), torch's and ONNX Runtime's alike.
-    auto: the count torch already runs with (its default, OMP_NUM_THREADS, or what this process set), but never
-    more than the cores it may use: torch's default counts every core of the machine, whatever the affinity."""
-    if threads == "auto":
-        return min(torch.get_num_threads(), usable_cores())
-    return int(threads)
+    auto: the count torch runs with (its default, OMP_NUM_THREADS, or what this process set), but never more than
+    the cores it may use (torch's default counts every core of the machine, whatever the affinity), and one more
+    than the cores other work leaves free now. The last rule is measured (bench/RESULTS.md, "CPU threads under
+    load", 2 cores): with one core busy two threads still beat one, with both busy one thread beat two -- a thread
+    that waits for a taken core holds up every parallel region it is part of."""
+    if threads != "auto":
+        return int(threads)
+    current = torch.get_num_threads()
+    # A count `auto` lowered for load is not the user's choice: a later `auto` (the load gone) may go back up.
+    base = _lowered[0] if _lowered and _lowered[1] == current else current
+    n = min(base, usable_cores())
+    if n > 1:
+        busy = busy_cores()
+        fit = max(1, min(n, usable_cores() - round(busy) + 1))
+        if fit < n:
+            log.info("--threads auto: %d thread(s), not %d: other work keeps %.1f of %d cores busy", fit, n, busy,
+                     usable_cores())
+        n = fit
+    return n
 
 
 def use_threads(threads: int | str = "auto") -> int:
     """Run torch's CPU work on `cpu_threads(threads)` threads; returns the count."""
-    n = cpu_threads(threads)
-    if n != torch.get_num_threads():
+    global _lowered
+    n, current = cpu_threads(threads), torch.get_num_threads()
+    if n != current:
+        base = _lowered[0] if _lowered and _lowered[1] == current else current
+        _lowered = (base, n) if threads == "auto" and n < base else None
         torch.set_num_threads(n)
     return n
 
