@@ -195,11 +195,12 @@ def test_exported_backends_refuse_the_mode_clearly(tiny_sd, tmp_path):
 TOKEN = {"mode": "character_token", "token_steps": 2}
 
 
-def test_character_token_keeps_the_invariants(tiny_sd, tmp_path):
-    """character_token: frames without characters bit-identical to plain; frames with characters carry their
-    tokens; a frame does not depend on its batch or order; the tokens are learned once and read from the library
-    after; the manifest records the method and its settings."""
-    r = Renderer(ModelConfig(model=str(tiny_sd)))
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_flux_dev"])
+def test_character_token_keeps_the_invariants(model, request, tmp_path):
+    """character_token, on a UNet and on a transformer (FLUX.1): frames without characters bit-identical to plain;
+    frames with characters carry their tokens; a frame does not depend on its batch or order; the tokens are learned
+    once and read from the library after; the manifest records the method and its settings."""
+    r = Renderer(ModelConfig(model=str(request.getfixturevalue(model))))
     _, plain = _render(r, tmp_path, "plain", [_movie()])
     movie = _movie(consistency=TOKEN)
     _, b4 = _render(r, tmp_path, "b4", [movie], batch_size=4)
@@ -229,3 +230,14 @@ def test_old_anchor_attention_plans_still_render(tiny_sd, tmp_path):
     assert s.frames_rendered == 4 and s.failures == []
     assert json.loads((out / "c" / "manifest.json").read_text())["settings"]["consistency"]["mode"] == \
         "anchor_attention"
+
+
+def test_transformers_refuse_what_they_cannot_run(tiny_flux_dev, tiny_klein, tmp_path):
+    """anchor_attention hooks a UNet's attention: refused on FLUX, with character_token offered; FLUX.2 [klein],
+    whose tokens cannot be trained yet, refuses character_token too."""
+    with pytest.raises(UserError, match="--consistency anchor_attention is not available"):
+        Renderer(ModelConfig(model=str(tiny_flux_dev), consistency="anchor_attention"))
+    with pytest.raises(UserError, match="--consistency character_token is not available"):
+        Renderer(ModelConfig(model=str(tiny_klein), consistency="character_token"))
+    s, _ = _render(Renderer(ModelConfig(model=str(tiny_flux_dev))), tmp_path, "old", [_movie(consistency=MODE)])
+    assert s.failures and "use consistency mode character_token" in s.failures[0]["reason"]

@@ -46,6 +46,15 @@ def test_auto_takes_one_thread_when_other_work_holds_every_core(monkeypatch, tor
     assert cpu.cpu_threads("auto") == expected and cpu.cpu_threads(2) == 2
 
 
+def test_auto_runs_a_small_denoiser_on_one_thread(monkeypatch, torch_threads):
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 0.0)
+    torch.set_num_threads(4)
+    assert cpu.cpu_threads("auto", 2_000_000) == 1  # the demo models' size
+    assert cpu.cpu_threads("auto", 860_000_000) == 4  # SD 1.5's UNet
+    assert cpu.cpu_threads(3, 2_000_000) == 3  # a count the user gives is kept
+
+
 def test_a_count_lowered_for_load_goes_back_up_when_the_load_is_gone(monkeypatch, torch_threads):
     monkeypatch.setattr(cpu, "_lowered", None)
     monkeypatch.setattr(cpu, "usable_cores", lambda: 4)

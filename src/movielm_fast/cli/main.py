@@ -142,7 +142,7 @@ def render_cmd(plans, out, server, token, **kw):
     else:
         click.echo(f"{d['rendered']} frame(s) rendered, {d['skipped']} already done, {d['movies']} movie(s) in "
                    f"{d['seconds']:.1f} s: {d['images_per_second']:.2f} images/s, {d['unet_steps_per_second']:.1f} "
-                   f"UNet steps/s (batch {d['batch_size']})")
+                   f"denoiser steps/s (batch {d['batch_size']})")  # a UNet's or a transformer's
         for worker in d.get("workers", []):
             click.echo(f"  worker {worker['worker']} ({worker['node']}): {worker['frames']} frame(s), "
                        f"{worker['images_per_second']:.2f} images/s")

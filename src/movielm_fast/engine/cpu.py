@@ -125,22 +125,31 @@ def busy_cores(window: float = 0.05) -> float:
     return usable_cores() * sum(mine) / (100.0 * max(len(mine), 1))
 
 
-_lowered: tuple[int, int] | None = None  # (torch's count, what `auto` set instead) when load made it lower the count
+_lowered: tuple[int, int] | None = None  # (torch's count, what `auto` set instead) when it chose fewer threads
+
+SMALL_DENOISER = 50_000_000
+"""Parameters of a denoiser below which `auto` runs one thread: its ops are too small for a second thread to pay
+for being woken (the demo models, 1.7M and 2.6M, ran about twice as fast on one thread as on two on an idle 2-core
+machine; the SD 1.5 UNet, 860M, 1.4 times faster on two: bench/RESULTS.md, "CPU threads under load")."""
 
 
-def cpu_threads(threads: int | str = "auto") -> int:
+def cpu_threads(threads: int | str = "auto", denoiser_params: int | None = None) -> int:
     """Intra-op threads for `--threads` (engine.config.BackendConfig.threads), torch's and ONNX Runtime's alike.
     auto: the count torch runs with (its default, OMP_NUM_THREADS, or what this process set), but never more than
-    the cores it may use (torch's default counts every core of the machine, whatever the affinity), and one more
-    than the cores other work leaves free now. The last rule is measured (bench/RESULTS.md, "CPU threads under
-    load", 2 cores): with one core busy two threads still beat one, with both busy one thread beat two -- a thread
-    that waits for a taken core holds up every parallel region it is part of."""
+    the cores it may use (torch's default counts every core of the machine, whatever the affinity), one for a
+    denoiser of fewer than SMALL_DENOISER parameters, and at most one more than the cores other work leaves free
+    now. The last rule is measured (bench/RESULTS.md, "CPU threads under load", 2 cores): with both cores busy,
+    one thread beat two -- a thread that waits for a taken core holds up every parallel region it is part of."""
     if threads != "auto":
         return int(threads)
     current = torch.get_num_threads()
-    # A count `auto` lowered for load is not the user's choice: a later `auto` (the load gone) may go back up.
+    # A count `auto` lowered is not the user's choice: a later `auto` (another model, the load gone) may go back up.
     base = _lowered[0] if _lowered and _lowered[1] == current else current
     n = min(base, usable_cores())
+    if n > 1 and denoiser_params is not None and denoiser_params < SMALL_DENOISER:
+        log.info("--threads auto: 1 thread for a denoiser of %.1fM parameters (a second one does not pay for ops "
+                 "this small)", denoiser_params / 1e6)
+        return 1
     if n > 1:
         busy = busy_cores()
         fit = max(1, min(n, usable_cores() - round(busy) + 1))
@@ -151,10 +160,10 @@ def cpu_threads(threads: int | str = "auto") -> int:
     return n
 
 
-def use_threads(threads: int | str = "auto") -> int:
-    """Run torch's CPU work on `cpu_threads(threads)` threads; returns the count."""
+def use_threads(threads: int | str = "auto", denoiser_params: int | None = None) -> int:
+    """Run torch's CPU work on `cpu_threads(threads, denoiser_params)` threads; returns the count."""
     global _lowered
-    n, current = cpu_threads(threads), torch.get_num_threads()
+    n, current = cpu_threads(threads, denoiser_params), torch.get_num_threads()
     if n != current:
         base = _lowered[0] if _lowered and _lowered[1] == current else current
         _lowered = (base, n) if threads == "auto" and n < base else None

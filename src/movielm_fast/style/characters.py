@@ -33,7 +33,7 @@ from safetensors.torch import load, save
 from movielm_fast.engine.jobs import AnchorSpec, FrameJob
 from movielm_fast.paths import atomic_write_bytes, atomic_write_text, cache_root
 from movielm_fast.style.images import TrainingImage
-from movielm_fast.style.library import STYLE_FORMAT, embedding_state_dict, lookup, write_index
+from movielm_fast.style.library import STYLE_FORMAT, embedding_state_dict, embedding_vectors, lookup, write_index
 from movielm_fast.style.scenes import SceneRenderer
 from movielm_fast.style.training import Frozen, StyleSettings, Trainer, init_vectors, train_token
 
@@ -71,7 +71,7 @@ def character_token(renderer: SceneRenderer, spec: AnchorSpec, root: Path | None
     meta = lookup(entry)
     if meta:
         state = load((entry / meta["file"]).read_bytes())
-        vectors = tuple(state[k] for k in (["clip_l", "clip_g"] if renderer.model.kind == "sdxl" else [token]))
+        vectors = embedding_vectors(renderer.model.kind, token, state)
         with Image.open(entry / "anchor.png") as im:
             image = np.asarray(im.convert("RGB"))
         return CharacterToken(spec, token, vectors, image, str(entry), True)

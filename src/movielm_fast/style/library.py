@@ -95,14 +95,24 @@ def lookup(entry_dir: Path) -> dict[str, Any] | None:
     return meta
 
 
-def embedding_state_dict(kind: str, token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' layout: {token: (n, D)} for SD 1.x/2.x; {"clip_l": (n, 768), "clip_g": (n, 1280)} for SDXL; one
-    named tensor per text encoder for a transformer family ({"clip_l", "t5"}: engine.families' embedding_keys)."""
-    vectors = [v.detach().float().cpu().contiguous() for v in vectors]
+def embedding_keys(kind: str, token: str) -> tuple[str, ...]:
+    """diffusers' layout of a textual-inversion file: {token: (n, D)} for SD 1.x/2.x; {"clip_l": (n, 768),
+    "clip_g": (n, 1280)} for SDXL; one named tensor per text encoder for a transformer family ({"clip_l", "t5"}:
+    engine.families' embedding_keys)."""
     if kind == "sdxl":
-        return {"clip_l": vectors[0], "clip_g": vectors[1]}
+        return ("clip_l", "clip_g")
     if kind != "sd":
         from movielm_fast.engine.families import family_by_kind
 
-        return dict(zip(family_by_kind(kind).embedding_keys, vectors))
-    return {token: vectors[0]}
+        return tuple(family_by_kind(kind).embedding_keys)
+    return (token,)
+
+
+def embedding_state_dict(kind: str, token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One (n, D) tensor per text encoder -> the file's tensors (embedding_keys)."""
+    return dict(zip(embedding_keys(kind, token), (v.detach().float().cpu().contiguous() for v in vectors)))
+
+
+def embedding_vectors(kind: str, token: str, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """embedding_state_dict's inverse: one (n, D) tensor per text encoder of a model of `kind`."""
+    return tuple(state[k] for k in embedding_keys(kind, token))

@@ -158,7 +158,10 @@ def create_backend(name: str, model, config) -> Backend:
     _import_builtin(name)
     if name not in _REGISTRY:
         raise UserError(f"unknown backend {name!r}", f"choose one of: {', '.join(backend_names())}")
-    use_threads(config.threads)
+    denoiser = getattr(model, "unet", None)
+    denoiser = denoiser if denoiser is not None else getattr(model, "transformer", None)
+    if denoiser is not None:  # a VAE alone (a swapped VAE) runs on the threads its model's backend chose
+        use_threads(config.threads, sum(p.numel() for p in denoiser.parameters()))
     return _REGISTRY[name](model, config)
 
 

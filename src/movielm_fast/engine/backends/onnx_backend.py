@@ -18,7 +18,6 @@ import time
 import numpy as np
 import torch
 
-from movielm_fast.engine.cpu import cpu_threads
 from movielm_fast.errors import UserError
 from movielm_fast.export.artifacts import export_onnx_set, require_ort_provider
 from movielm_fast.export.onnx_export import META_MODEL_HASH, graph_module
@@ -113,7 +112,7 @@ class OnnxRuntimeBackend:
         artifacts = export_onnx_set(model, config.device, config.dtype_name)
         specs = model_specs(model)
         self.model, self.artifacts, self.specs, self.providers = model, artifacts, specs, providers
-        self.threads = cpu_threads(config.threads)  # as many as torch's (engine.backends.base.create_backend)
+        self.threads = torch.get_num_threads()  # as many as torch's: create_backend set them from --threads
         self.float_dtypes = {c: torch.float16 if component_dtype(model, c, config.dtype_name) == "fp16"
                              else torch.float32 for c in artifacts}
         self.graphs = {c: self._session(c) for c in artifacts}

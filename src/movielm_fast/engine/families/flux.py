@@ -17,7 +17,8 @@ diffusers renders for the same prompt, seed, steps, size and guidance:
 - decode: FLUX.1's VAE shift and scale; FLUX.2's VAE batch-norm statistics and unpatchify (export/graphs.py).
 
 Not yet for these families (a clear error each): the SDXL refiner, a swapped VAE, the plan's other schedulers and
-timestep spacings, consistency anchors, the step cache, FP8, other attention kernels. docs/models.md has the table.
+timestep spacings, the consistency mode anchor_attention (character_token works where the family's tokens train),
+other attention kernels. docs/models.md has the table.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ class FlowFamily:
         if config.step_cache not in (None, 1):
             check_dit_depth(config.step_cache_depth)
         not_yet = [(config.attention != "sdpa", f"--attention {config.attention}"),
-                   (config.consistency not in (None, "none"), f"--consistency {config.consistency}")]
+                   (config.consistency == "anchor_attention" or
+                    (config.consistency == "character_token" and self.no_style_training),
+                    f"--consistency {config.consistency}")]
         for used, flag in not_yet:
             if used:
                 raise UserError(f"{flag} is not available for {self.name} yet (docs/models.md has what each model "
@@ -178,9 +181,13 @@ class FlowFamily:
         for name in ("timestep_spacing", "refiner", "vae"):
             if getattr(s, name):
                 raise UserError(f"{name} {getattr(s, name)!r} is not available for {self.name} (docs/models.md)", hint)
-        if s.consistency is not None and s.consistency.mode != "none":
-            raise UserError(f"consistency mode {s.consistency.mode!r} is not available for {self.name} yet "
-                            "(docs/models.md)", "set the movie's consistency mode to none")
+        mode = s.consistency.mode if s.consistency is not None else "none"
+        # anchor_attention's records hook a UNet's attention processors. A character's learned token is words, which
+        # a transformer reads as any prompt, wherever the family's tokens can be trained (style.characters).
+        if mode == "anchor_attention" or (mode == "character_token" and self.no_style_training):
+            fix = "use consistency mode character_token, or none" if not self.no_style_training else \
+                "set the movie's consistency mode to none"
+            raise UserError(f"consistency mode {mode!r} is not available for {self.name} (docs/models.md)", fix)
         side = model.vae_scale_factor * PATCH
         for name in ("width", "height"):
             value = getattr(s, name)
