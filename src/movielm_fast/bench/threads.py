@@ -214,7 +214,7 @@ def _run_table(res: dict[str, Any]) -> list[str]:
         if "sd15-arch" in st.get("plans", ["sd15-arch"]) else ""
     lines = [f"### {res['created']}", "",
              f"{st['repeats']} run(s) per cell; {sd15}load average {la['start'][0]:.1f} at the start, "
-             f"{la['end'][0]:.1f} at the end.",
+             f"{la['end'][0]:.1f} at the end{_commit(res)}.",
              "", "| plan | busy cores | load avg | " + " | ".join(configs) + " | default / fastest | "
              "default / one thread |", "|" + "---|" * (len(configs) + 5)]
     cells = summary(res)
@@ -232,6 +232,13 @@ def _run_table(res: dict[str, Any]) -> list[str]:
                   f"{'**met**' if worst <= st['goal'] else '**not met**'} (worst {worst:.2f}×); never slower than one "
                   f"thread: {'**met**' if not slower else f'**not met** (up to {max(slower):.2f}×)'}."]
     return lines + [""]
+
+
+def _commit(res: dict[str, Any]) -> str:
+    """The code measured (what `auto` chose changed between runs)."""
+    git = res["machine"].get("git") or {}
+    return f"; code at {git['commit'][:7]}{' (with local changes)' if git.get('dirty') else ''}" \
+        if git.get("commit") else ""
 
 
 SECTIONS = (Section(THREADS_FORMAT, threads_section),)

@@ -47,7 +47,8 @@ class BackendConfig(Settings):
     device: str = setting("cpu", "cpu | cuda | cuda:N")
     threads: int | Literal["auto"] = setting(
         "auto", "CPU threads of torch and ONNX Runtime: N, or auto (torch's default or OMP_NUM_THREADS, capped at "
-                "the cores this process may use, one per physical core). Idle threads wait without spinning "
+                "the cores this process may use, one per physical core, and at one more than the cores other work "
+                "leaves free; one for a small model such as the demo). Idle threads wait without spinning "
                 "(OMP_WAIT_POLICY=PASSIVE unless set), so a busy machine does not stall them; measured in "
                 "bench/RESULTS.md, 'CPU threads under load'.", metavar="N|auto")
     dtype: Literal[("auto", *DTYPE_NAMES)] = setting(  # type: ignore[valid-type]
