@@ -114,6 +114,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of the tokens a shape touches")
     ap.add_argument("--augment", type=float, default=0.6,
                     help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
+    ap.add_argument("--open", type=float, default=0.0,
+                    help="probability that a caption leaves a character's colour, size or shape open (each on its "
+                         "own; world.describe): the image keeps its drawn value, so the seed learns to draw it")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue the transformer and text encoders of a model folder (this script's output or "
                          "the shipped demo-dit) when there is no training state to resume: its steps and CPU time "
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
     while (used := time.process_time() - start_cpu) < budget:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = pool[idx]  # (B, 4, 16, 16)
-        texts = training_captions(rng, [scenes[i] for i in idx], args.augment, p_open=0.0)  # every attribute stated
+        texts = training_captions(rng, [scenes[i] for i in idx], args.augment, args.open)
         drop = torch.rand(args.batch, generator=gen) < 0.1
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
         clip_ids, t5_ids = tokens(texts)
