@@ -22,7 +22,10 @@ from movielm_fast.errors import UserError
 
 
 @pytest.fixture
-def torch_threads():
+def torch_threads(monkeypatch):
+    """torch's count restored after the test, and no memory of a count an earlier test's `auto` lowered (which a
+    later `auto` would otherwise go back up from)."""
+    monkeypatch.setattr(cpu, "_lowered", None)
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
@@ -56,7 +59,6 @@ def test_auto_runs_a_small_denoiser_on_one_thread(monkeypatch, torch_threads):
 
 
 def test_a_count_lowered_for_load_goes_back_up_when_the_load_is_gone(monkeypatch, torch_threads):
-    monkeypatch.setattr(cpu, "_lowered", None)
     monkeypatch.setattr(cpu, "usable_cores", lambda: 4)
     torch.set_num_threads(4)
     monkeypatch.setattr(cpu, "busy_cores", lambda: 4.0)
