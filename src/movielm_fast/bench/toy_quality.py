@@ -497,7 +497,8 @@ def _model_block(results: list[dict[str, Any]]) -> list[str]:
         o = _merged(results, next(r for r in reversed(results) if r["settings"]["model_hash"] == other))
         parts = _open_lines(o.get("open")) + _consistency_lines(o.get("consistency"))
         if parts:
-            lines += ["", f"#### Not shipped: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
+            what = "Shipped before" if o["settings"]["model"] in SHIPPED else "Not shipped"  # weights replaced since
+            lines += ["", f"#### {what}: {o['settings']['model']} (hash {other}); {load_note(o)}; {o['created']}"]
             lines += parts
     return lines
 
