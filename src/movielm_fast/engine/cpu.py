@@ -129,8 +129,8 @@ _lowered: tuple[int, int] | None = None  # (torch's count, what `auto` set inste
 
 SMALL_DENOISER = 50_000_000
 """Parameters of a denoiser below which `auto` runs one thread: its ops are too small for a second thread to pay
-for being woken (the demo models, 1.7M and 2.6M, ran about twice as fast on one thread as on two on an idle 2-core
-machine; the SD 1.5 UNet, 860M, 1.4 times faster on two: bench/RESULTS.md, "CPU threads under load")."""
+for being woken. The UNet demo model (1.7M) ran faster on one thread than on two even on an idle machine, SD 1.5's
+UNet (860M) faster on two (bench/RESULTS.md, "CPU threads under load"); the DiT demo (2.6M) is as small."""
 
 
 def cpu_threads(threads: int | str = "auto", denoiser_params: int | None = None) -> int:
