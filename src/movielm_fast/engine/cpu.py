@@ -133,6 +133,13 @@ for being woken. The UNet demo model (1.7M) ran faster on one thread than on two
 UNet (860M) faster on two (bench/RESULTS.md, "CPU threads under load"); the DiT demo (2.6M) is as small."""
 
 
+def _own_count() -> int:
+    """torch's count as the user or torch chose it. A count `auto` lowered is not the user's choice: a later `auto`
+    (another model, the load gone) may go back up from what it was."""
+    current = torch.get_num_threads()
+    return _lowered[0] if _lowered and _lowered[1] == current else current
+
+
 def cpu_threads(threads: int | str = "auto", denoiser_params: int | None = None) -> int:
     """Intra-op threads for `--threads` (engine.config.BackendConfig.threads), torch's and ONNX Runtime's alike.
     auto: the count torch runs with (its default, OMP_NUM_THREADS, or what this process set), but never more than
@@ -142,10 +149,7 @@ def cpu_threads(threads: int | str = "auto", denoiser_params: int | None = None)
     one thread beat two -- a thread that waits for a taken core holds up every parallel region it is part of."""
     if threads != "auto":
         return int(threads)
-    current = torch.get_num_threads()
-    # A count `auto` lowered is not the user's choice: a later `auto` (another model, the load gone) may go back up.
-    base = _lowered[0] if _lowered and _lowered[1] == current else current
-    n = min(base, usable_cores())
+    n = min(_own_count(), usable_cores())
     if n > 1 and denoiser_params is not None and denoiser_params < SMALL_DENOISER:
         log.info("--threads auto: 1 thread for a denoiser of %.1fM parameters (a second one does not pay for ops "
                  "this small)", denoiser_params / 1e6)
@@ -163,9 +167,9 @@ def cpu_threads(threads: int | str = "auto", denoiser_params: int | None = None)
 def use_threads(threads: int | str = "auto", denoiser_params: int | None = None) -> int:
     """Run torch's CPU work on `cpu_threads(threads, denoiser_params)` threads; returns the count."""
     global _lowered
-    n, current = cpu_threads(threads, denoiser_params), torch.get_num_threads()
-    if n != current:
-        base = _lowered[0] if _lowered and _lowered[1] == current else current
+    n = cpu_threads(threads, denoiser_params)
+    if n != torch.get_num_threads():
+        base = _own_count()
         _lowered = (base, n) if threads == "auto" and n < base else None
         torch.set_num_threads(n)
     return n
