@@ -4,6 +4,7 @@ models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +218,9 @@ def test_character_token_keeps_the_invariants(model, request, tmp_path):
     manifest = json.loads((b4 / "c" / "manifest.json").read_text())
     assert manifest["settings"]["consistency"]["mode"] == "character_token"
     assert manifest["settings"]["consistency"]["token_steps"] == 2
+    # Trained only at the noisier half of the schedule (the default), as the library entry records.
+    assert all(json.loads((Path(c.source) / "meta.json").read_text())["settings"]["min_noise"] == 0.5
+               for c in learned.values())
     assert [x["character"] for x in manifest["anchors"]] == ["Rosa", "Tom"]
     frames = {e["id"]: e["prompt"] for e in manifest["frames"]}
     tokens = {c.spec.character: c.token for c in learned.values()}

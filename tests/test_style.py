@@ -21,7 +21,7 @@ from movielm_fast.run.driver import render
 from movielm_fast.run.renderer import Renderer
 from movielm_fast.style.immobilize import immobilize_style
 from movielm_fast.style.library import list_styles
-from movielm_fast.style.training import StyleSettings
+from movielm_fast.style.training import StyleSettings, _draw
 from tests.helpers import movie, write_plan
 
 STYLE = Style(name="Gothic", description="((Victorian elegance)), soft sepia")
@@ -320,3 +320,18 @@ def test_flux_token_trains_by_flow_matching_and_loads_in_diffusers(tiny_flux_dev
     r.encoder.add_token(token, list(result.vectors), str(result.path))
     ours = r.encoder.encode(prompt)
     assert torch.allclose(ours.hidden, ref, atol=1e-4) and torch.allclose(ours.pooled, ref_pooled, atol=1e-5)
+
+
+def test_min_noise_trains_only_the_noisier_levels_and_keeps_old_keys(sd_renderer):
+    """min_noise draws timesteps from its share of the schedule up; at 0 the draws and the library key are as they
+    were before the setting existed."""
+    args = (torch.arange(64) % 2, (4, 8, 8), 1000, [1, 1])
+    noisy = _draw(torch.Generator().manual_seed(0), *args, t_min=500)
+    assert noisy.t.min() >= 500 and noisy.t.max() < 1000 and noisy.t.float().std() > 100
+    every = _draw(torch.Generator().manual_seed(0), *args)
+    assert every.t.min() < 100 and torch.equal(every.t, _draw(torch.Generator().manual_seed(0), *args, t_min=0).t)
+    assert "min_noise" not in StyleSettings().key_dict()
+    assert StyleSettings(min_noise=0.5).key_dict()["min_noise"] == 0.5
+    with pytest.raises(UserError, match="min_noise is 1.0") as exc:
+        StyleSettings(min_noise=1.0).resolve(sd_renderer.model)
+    assert "up to, not including, 1" in exc.value.hint

@@ -121,10 +121,15 @@ class ConsistencySettings(BaseModel):
     anchor_prompt: str = "{appearance}"
     """The anchor's prompt after the style prefix; {appearance} is the character's appearance. Name a setting that
     shows the character whole and plainly (a toy-world character needs a place and a background)."""
-    token_steps: int = Field(default=150, ge=1)
-    """character_token: training steps of each character's token."""
+    token_steps: int = Field(default=300, ge=1)
+    """character_token: training steps of each character's token (300 held the DiT demo's characters better than
+    150: bench/RESULTS.md)."""
     token_lr: float | None = Field(default=None, gt=0.0)
     """character_token: the token's learning rate; None: the style trainer's for the model."""
+    token_min_noise: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """character_token: the lowest noise level the token trains at, as a share of the schedule. The noisier levels
+    are where a model settles what the text leaves open (a colour, a face); trained at every level, the token spends
+    itself on the anchor's fine detail instead (docs/consistency.md)."""
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
     start_step: int = Field(default=1, ge=0)

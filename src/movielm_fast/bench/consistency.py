@@ -3,7 +3,7 @@ one-time cost (anchor_attention: the anchor render and its record; character_tok
 token's training) and what each character keeps in memory (the record; the token's vectors).
 
     python -m movielm_fast.bench.consistency [--model sd15-arch] [--size 256] [--steps 4] [--frames 2] [--repeats 2]
-        [--modes anchor_attention,character_token] [--token-steps 150]
+        [--modes anchor_attention,character_token] [--token-steps N]
 
 One renderer; for each case a movie of `--frames` frames (each naming 0 = plain, 1, 2 or 3 characters) is rendered
 at batch 1 with each character's state already made (its one-time cost is measured on its own, once per
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from movielm_fast.engine.config import ModelConfig
-from movielm_fast.plan import parse_plan
+from movielm_fast.plan import ConsistencySettings, parse_plan
 from movielm_fast.run.renderer import Renderer, batch_settings
 
 from .args import bench_parser
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = bench_parser("consistency", __doc__, model="sd15-arch", size=256, steps=4, frames=2, repeats=2,
                       results="--results")
     ap.add_argument("--modes", default="anchor_attention,character_token")
-    ap.add_argument("--token-steps", type=int, default=150)
+    ap.add_argument("--token-steps", type=int, default=ConsistencySettings.model_fields["token_steps"].default,
+                    help="default: the mode's own")
     args = ap.parse_args(argv)
 
     r = Renderer(ModelConfig(model=resolve_model(args.model)))

@@ -80,7 +80,8 @@ def character_token(renderer: SceneRenderer, spec: AnchorSpec, root: Path | None
     job = FrameJob(spec.movie_id, f"anchor:{spec.character}", spec.prompt, spec.negative_prompt, spec.seed)
     image = np.asarray(renderer.render([job], spec.settings)[0])
     model, cons = renderer.model, spec.consistency
-    s = StyleSettings(steps=cons.token_steps, lr=cons.token_lr, batch_size=4).resolve(model)
+    s = StyleSettings(steps=cons.token_steps, lr=cons.token_lr, batch_size=4,
+                      min_noise=cons.token_min_noise).resolve(model)
     # Starts from the appearance's own words (their mean): the token begins as "more of the same" and moves only
     # as far as the anchor needs.
     init_word, init = init_vectors(model, spec.character, spec.appearance, s.num_vectors)

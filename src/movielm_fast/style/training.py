@@ -74,6 +74,9 @@ class StyleSettings:
     scene_guidance: float = 7.5
     scene_scheduler: str | None = None
     """None: the model's own sampler where it has one (FLUX: its flow-matching Euler), else dpmpp."""
+    min_noise: float = 0.0
+    """Lowest noise level trained, as a share of the schedule: 0 trains at every level; 0.5 only the noisier half,
+    where a diffusion model settles composition and colour rather than fine detail."""
     seed: int = 0
     # --- how to run; not part of the library key (they change speed, not what is learned) --------------------
     amp: str = "auto"
@@ -93,7 +96,10 @@ class StyleSettings:
 
     def key_dict(self) -> dict[str, Any]:
         """What determines the learned vector (the library key)."""
-        return {k: v for k, v in asdict(self).items() if k not in self._RUN_FIELDS}
+        key = {k: v for k, v in asdict(self).items() if k not in self._RUN_FIELDS}
+        if not self.min_noise:  # as before the setting existed: library entries and resume keys stay
+            del key["min_noise"]
+        return key
 
     def resolve(self, model) -> "StyleSettings":
         tiny = sum(p.numel() for p in denoiser(model).parameters()) < TINY_UNET_PARAMS
@@ -117,6 +123,9 @@ class StyleSettings:
         for name in ("steps", "scenes", "batch_size", "num_vectors", "scene_steps"):
             if getattr(s, name) < 1:
                 raise UserError(f"style training setting {name} must be at least 1", "pass a positive number")
+        if not 0.0 <= s.min_noise < 1.0:
+            raise UserError(f"style training setting min_noise is {s.min_noise}; it is a share of the noise "
+                            "schedule", "pass a number from 0 (every noise level) up to, not including, 1")
         if s.amp not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"unknown mixed-precision mode {s.amp!r}", "use auto, fp32, bf16 or fp16")
         return s
@@ -297,13 +306,14 @@ class _Batch:
     captions: list[int]
 
 
-def _draw(gen: torch.Generator, idx: torch.Tensor, latent_shape, timesteps: int, n_captions: list[int]) -> _Batch:
+def _draw(gen: torch.Generator, idx: torch.Tensor, latent_shape, timesteps: int, n_captions: list[int],
+          t_min: int = 0) -> _Batch:
     """All randomness of one step, drawn on the CPU from one seeded generator: the same on every device and for
-    every micro-batch split."""
+    every micro-batch split. Timesteps from t_min up."""
     b = len(idx)
     eps = torch.randn((b, *latent_shape), generator=gen)
     noise = torch.randn((b, *latent_shape), generator=gen)
-    t = torch.randint(0, timesteps, (b,), generator=gen)
+    t = torch.randint(t_min, timesteps, (b,), generator=gen)
     caps = [int(torch.randint(0, n_captions[int(i)], (1,), generator=gen)) for i in idx]
     return _Batch(idx, eps, noise, t, caps)
 
@@ -325,6 +335,7 @@ def train_token(trainer: Trainer, captions: list[list[list[tuple[torch.Tensor, i
     n = trainer.mean.shape[0]
     latent_shape = tuple(trainer.mean.shape[1:])
     timesteps = trainer.timesteps
+    t_min = round(s.min_noise * timesteps)
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.AdamW(trainer.vectors, lr=s.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr_factor(k, s.steps, s.warmup))
@@ -366,7 +377,7 @@ def train_token(trainer: Trainer, captions: list[list[list[tuple[torch.Tensor, i
     # so the difference measures the token, not the luck of the draws (the training loss mostly varies with t).
     eval_gen = torch.Generator().manual_seed(s.seed + 1)
     eval_idx = torch.arange(s.eval_samples or max(batch, 8)) % n
-    eval_batch = _draw(eval_gen, eval_idx, latent_shape, timesteps, [1] * n)
+    eval_batch = _draw(eval_gen, eval_idx, latent_shape, timesteps, [1] * n, t_min)
     eval_before = run(eval_batch, grad=False)
 
     losses, order = [], torch.empty(0, dtype=torch.long)
@@ -377,7 +388,7 @@ def train_token(trainer: Trainer, captions: list[list[list[tuple[torch.Tensor, i
         while len(order) < batch:  # shuffled epochs, so every image is seen equally often
             order = torch.cat([order, torch.randperm(n, generator=gen)])
         idx, order = order[:batch], order[batch:]
-        b = _draw(gen, idx, latent_shape, timesteps, n_caps)
+        b = _draw(gen, idx, latent_shape, timesteps, n_caps, t_min)
         opt.zero_grad(set_to_none=True)
         loss = run(b, grad=True)
         trainer.scaler.step(opt)
