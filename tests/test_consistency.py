@@ -13,10 +13,11 @@ import torch
 from movielm_fast.engine.config import ModelConfig
 from movielm_fast.engine.consistency import token_subset
 from movielm_fast.errors import UserError
+from movielm_fast.plan import RenderSettings, parse_plan
 from movielm_fast.run.config import RunConfig
 from movielm_fast.run.driver import render
 from movielm_fast.run.executors import LocalExecutor
-from movielm_fast.run.renderer import Renderer
+from movielm_fast.run.renderer import Renderer, batch_settings
 from tests.helpers import load_png, write_plan
 
 MODE = {"mode": "anchor_attention"}
@@ -226,6 +227,21 @@ def test_character_token_keeps_the_invariants(model, request, tmp_path):
     tokens = {c.spec.character: c.token for c in learned.values()}
     assert tokens["Rosa"] in frames["001"] and tokens["Tom"] not in frames["001"]
     assert tokens["Rosa"] in frames["002"] and tokens["Tom"] in frames["002"] and "<" not in frames["000"]
+
+
+def test_character_anchors_render_at_their_own_steps(tiny_sd):
+    """character_token renders an anchor once per character, at anchor_steps (default: twice the frames' steps);
+    anchor_attention's anchors keep the frames' steps, which their frames read step by step."""
+    r = Renderer(ModelConfig(model=str(tiny_sd)))
+
+    def steps(consistency):
+        lm = parse_plan(_movie(consistency=consistency))[0]
+        s = r.info.resolved(lm, RenderSettings())
+        return {n: a.settings.steps for n, a in r.anchor_specs(lm, None, s, batch_settings(s)).items()}
+
+    assert steps(TOKEN) == {"Rosa": 8, "Tom": 8}  # the frames render 4
+    assert steps({**TOKEN, "anchor_steps": 5}) == {"Rosa": 5, "Tom": 5}
+    assert steps(MODE) == {"Rosa": 4, "Tom": 4}
 
 
 def test_old_anchor_attention_plans_still_render(tiny_sd, tmp_path):

@@ -130,6 +130,11 @@ class ConsistencySettings(BaseModel):
     """character_token: the lowest noise level the token trains at, as a share of the schedule. The noisier levels
     are where a model settles what the text leaves open (a colour, a face); trained at every level, the token spends
     itself on the anchor's fine detail instead (docs/consistency.md)."""
+    anchor_steps: int | None = Field(default=None, ge=1, le=1000)
+    """character_token: denoising steps of each character's anchor; None: twice the frames' steps. An anchor renders
+    once per character, so it can afford them: a render with few steps more often leaves what the text leaves open
+    undecided (a blend of two colours), and the token would learn the blend. anchor_attention renders its anchors at
+    the frames' own steps (it records them step by step)."""
     token_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of an anchor's tokens a frame attends to, per layer (StoryDiffusion's sampling rate, 0.5)."""
     start_step: int = Field(default=1, ge=0)

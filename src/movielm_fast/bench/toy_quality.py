@@ -239,19 +239,19 @@ def story_plan(consistency: dict, s: BatchSettings, seed: int) -> dict:
             "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
 
 
-def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading]]:
-    """One movie of STORY: each character's anchor read as the character (its open values), and every frame read.
-    The anchors are rendered as consistency mode renders them, whatever the mode (without it: the anchors the mode
-    would use)."""
+def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading], int]:
+    """One movie of STORY: each character's anchor read as the character (its open values), every frame read, and
+    the anchors' steps. The anchors are rendered as character_token renders them, whatever the mode (without it:
+    the anchors the mode would use)."""
     lm = parse_plan(story_plan(consistency, toy_settings(r, args.steps, args.guidance), seed))[0]
     s = r.info.resolved(lm, RenderSettings())
     s = s.model_copy(update={"consistency": s.consistency.model_copy(update={"mode": "character_token"})})
-    anchors = {}
-    for name, spec in r.anchor_specs(lm, None, s, batch_settings(s)).items():
+    anchors, specs = {}, r.anchor_specs(lm, None, s, batch_settings(s))
+    for name, spec in specs.items():
         job = FrameJob(spec.movie_id, f"anchor-{name}", spec.prompt, spec.negative_prompt, spec.seed)
         anchors[name] = J.anchor_values(J.read(r.render([job], spec.settings)[0][0]), CAST[name])
     tasks = r.plan(lm, None, RenderSettings()).tasks
-    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks]
+    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks], specs[name].settings.steps
 
 
 def check_consistency(r: Renderer, args) -> dict:
@@ -271,7 +271,7 @@ def check_consistency(r: Renderer, args) -> dict:
         groups, counts = [], dict.fromkeys(("appearances", "drawn", "shape", "size", "pure", "shared", "leak"), 0)
         read = {1: [0, 0], 2: [0, 0]}  # characters in the frame -> [agrees with a readable anchor, appearances]
         for seed in range(args.story_seeds):
-            anchors, readings = story_readings(r, consistency, args, seed)
+            anchors, readings, anchor_steps = story_readings(r, consistency, args, seed)
             seen: dict[str, list] = {n: [] for n in CAST}
             for g, (_, cast) in zip(readings, STORY):
                 for pos, name in cast.items():
@@ -295,7 +295,7 @@ def check_consistency(r: Renderer, args) -> dict:
                       "with_anchor": float(np.mean([g["with_anchor"] for g in groups])),
                       "with_most_common": float(np.mean([g["with_most_common"] for g in groups])),
                       "anchors_read": sum(g["anchor"] is not None for g in groups) / len(groups),
-                      "anchor_prompt": ANCHOR_PROMPT,
+                      "anchor_prompt": ANCHOR_PROMPT, "anchor_steps": anchor_steps,
                       "read_alone": read[1][0] / max(read[1][1], 1), "read_together": read[2][0] / max(read[2][1], 1),
                       **{k: counts[k] / n for k in ("drawn", "shape", "size", "pure")},
                       "shared_appearances": counts["shared"], "leak": counts["leak"] / max(counts["shared"], 1),
@@ -522,7 +522,9 @@ def _merged(results: list[dict[str, Any]], res: dict[str, Any]) -> dict[str, Any
             if key in r:
                 res[key] = r[key]
                 break
-    consistency = {k: v for r in same_model for k, v in r.get("consistency", {}).items()}
+    # Before results recorded their anchors' steps, anchors rendered at the frames' steps.
+    consistency = {k: {"anchor_steps": r["settings"]["steps"], **v} for r in same_model
+                   for k, v in r.get("consistency", {}).items()}
     if consistency:
         res["consistency"] = consistency
     return res
@@ -555,7 +557,8 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
              "cannot read, a blend, counts 0 with the anchor), how often it is drawn at its place with its stated "
              "shape and size in a pure colour, and, in frames with both, how often it shows the other's anchor "
              "colour (leak). Where the judge reads the anchor: how often the colour equals it in frames with one "
-             "character (alone) and with both (together). The anchor prompt follows `{appearance}`:", "",
+             "character (alone) and with both (together). The anchor prompt follows `{appearance}`; the anchors' steps "
+             "(twice the frames' since `anchor_steps`) after it:", "",
              "| setting | anchor | appearances | = anchor | = most common | anchors read | = read anchor, alone / "
              "together | drawn | shape | size | pure | leak | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -563,7 +566,8 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
         knobs = {a: b for a, b in v["consistency"].items() if a != "mode"}
         label = f"{k} ({v['consistency']['mode']}" + (f", {json.dumps(knobs)[1:-1]}" if knobs else "") + ")"
         cells = [rate(v[x]) if x in v else "—" for x in ("drawn", "shape", "size", "pure")]
-        where = v.get("anchor_prompt", _NIGHT_ANCHORS).replace("{appearance}", "").strip()
+        where = v.get("anchor_prompt", _NIGHT_ANCHORS).replace("{appearance}", "").strip() + \
+            f"; {v['anchor_steps']} steps"
         alone = f"{rate(v['read_alone'])} / {rate(v['read_together'])}" if "read_alone" in v else "—"
         lines.append(f"| {label} | {where} | {v['appearances']} | {rate(v['with_anchor'])} | "
                      f"{rate(v['with_most_common'])} | {rate(v['anchors_read'])} | {alone} | {' | '.join(cells)} | "

@@ -65,7 +65,7 @@ class AnchorSpec:
     prompt: str
     negative_prompt: str
     seed: int
-    settings: BatchSettings  # what the anchor renders with (the settings of the frames that use it)
+    settings: BatchSettings  # what the anchor renders with (its frames' settings; character_token: its steps)
     consistency: ConsistencySettings
     model_hash: str
     appearance: str = ""  # the character's appearance, as its frames say it

@@ -145,7 +145,8 @@ class Renderer:
     def anchor_specs(self, lm: LoadedMovie, token: str | None, s: RenderSettings, bs: BatchSettings,
                      seed_scheme: int = SEED_SCHEME) -> dict[str, AnchorSpec]:
         """Character name -> its anchor (consistency mode), or {} when the movie's mode is off. `s`: the movie's
-        resolved settings; `bs`: its batch settings (an anchor renders with those of the frames that use it)."""
+        resolved settings; `bs`: its batch settings (an anchor renders with those of the frames that use it, at
+        character_token's anchor_steps)."""
         cons = s.consistency
         if self.config.consistency is not None:
             cons = cons.model_copy(update={"mode": self.config.consistency})
@@ -156,6 +157,8 @@ class Renderer:
                             "records and reads every attention layer at every step; cached steps skip the deep ones)",
                             "drop --step-cache, or render this movie with --consistency none")
         prefix = style_prefix(lm.movie, token)
+        if cons.mode == "character_token":  # rendered once per character: more steps than a frame (plan.py)
+            bs = replace(bs, steps=cons.anchor_steps or 2 * bs.steps)
 
         def anchor(c) -> AnchorSpec:
             before, after = (x.replace("{", "{{").replace("}", "}}")
