@@ -10,6 +10,7 @@ A checkpoint -- a complete diffusers folder with the EMA weights -- replaces DIR
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -174,18 +175,31 @@ def save_pipeline_folder(pipe, out: Path, extra: dict) -> None:
     replace_dir(tmp, out)
 
 
-def main(argv=None) -> None:
-    ap = bench_parser("toy.train", __doc__)
+def trainer_parser(name: str, doc: str | None, denoiser: str, *, lr: float, augment: float,
+                   checkpoint_minutes: float, clock: str) -> argparse.ArgumentParser:
+    """The options both toy trainers take (this one and train_dit), with each one's defaults."""
+    ap = bench_parser(name, doc)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--vae-minutes", type=float, default=6.0)
-    ap.add_argument("--unet-minutes", type=float, default=45.0)
-    ap.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    ap.add_argument("--pool", type=int, default=10000, help="scenes whose latents the UNet trains on")
+    ap.add_argument("--checkpoint-minutes", type=float, default=checkpoint_minutes,
+                    help=f"{clock} minutes between checkpoints")
+    ap.add_argument("--pool", type=int, default=10000, help=f"scenes whose latents the {denoiser} trains on")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--augment", type=float, default=augment,
+                    help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
+    ap.add_argument("--open", type=float, default=0.0,
+                    help="probability that a caption leaves a character's colour, size or shape open (each on its "
+                         "own; world.describe): the image keeps its drawn value, so the seed learns to draw it")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = trainer_parser("toy.train", __doc__, "UNet", lr=6e-4, augment=0.0, checkpoint_minutes=10.0, clock="wall")
+    ap.add_argument("--vae-minutes", type=float, default=6.0)
+    ap.add_argument("--unet-minutes", type=float, default=45.0)
     ap.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of an earlier run's folder")
     ap.add_argument("--unet-from", type=Path, default=None,
                     help="continue the UNet and text encoder of a model folder (this script's or ship's output); "
@@ -197,11 +211,6 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-lr", type=float, default=1e-3, help="the VAE phase's learning rate")
     ap.add_argument("--unet-fg-weight", type=float, default=1.0,
                     help="loss weight of the latent pixels a shape touches in the UNet phase")
-    ap.add_argument("--augment", type=float, default=0.0,
-                    help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
-    ap.add_argument("--open", type=float, default=0.0,
-                    help="probability that a caption leaves a character's colour, size or shape open (each on its "
-                         "own; world.describe): the image keeps its drawn value, so the seed learns to draw it")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)

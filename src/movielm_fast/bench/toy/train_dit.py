@@ -31,10 +31,9 @@ from safetensors.torch import load_file, save_file
 from movielm_fast.engine.demo import TOY_MODEL_DIR, clip_tokenizer
 from movielm_fast.paths import replace_dir
 
-from ..args import bench_parser
 from . import model as M
 from . import world as W
-from .train import EMA, Log, encode_pool, optimizer_step, save_pipeline_folder, training_captions
+from .train import EMA, Log, encode_pool, optimizer_step, save_pipeline_folder, trainer_parser, training_captions
 
 PATCH = 2  # a token is a 2x2 patch of latent pixels, as FluxPipeline packs them
 
@@ -101,22 +100,10 @@ def scene_pool(folder: Path, vae, rng, n: int):
 
 
 def main(argv=None) -> None:
-    ap = bench_parser("toy.train_dit", __doc__)
-    ap.add_argument("--out", type=Path, required=True)
+    ap = trainer_parser("toy.train_dit", __doc__, "transformer", lr=5e-4, augment=0.6, checkpoint_minutes=15.0,
+                        clock="CPU")
     ap.add_argument("--cpu-minutes", type=float, default=120.0, help="total CPU-time budget, resumed runs included")
-    ap.add_argument("--checkpoint-minutes", type=float, default=15.0, help="CPU minutes between checkpoints")
-    ap.add_argument("--pool", type=int, default=10000, help="scenes whose latents the transformer trains on")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of the tokens a shape touches")
-    ap.add_argument("--augment", type=float, default=0.6,
-                    help="probability that a training caption is a paraphrase (world.paraphrase) of its scene")
-    ap.add_argument("--open", type=float, default=0.0,
-                    help="probability that a caption leaves a character's colour, size or shape open (each on its "
-                         "own; world.describe): the image keeps its drawn value, so the seed learns to draw it")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue the transformer and text encoders of a model folder (this script's output or "
                          "the shipped demo-dit) when there is no training state to resume: its steps and CPU time "
