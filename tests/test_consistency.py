@@ -222,7 +222,7 @@ def test_character_token_keeps_the_invariants(model, request, tmp_path):
     # Trained only at the noisier half of the schedule (the default), as the library entry records.
     assert all(json.loads((Path(c.source) / "meta.json").read_text())["settings"]["min_noise"] == 0.5
                for c in learned.values())
-    assert [x["character"] for x in manifest["anchors"]] == ["Rosa", "Tom"]
+    assert [(x["character"], x["steps"]) for x in manifest["anchors"]] == [("Rosa", 8), ("Tom", 8)]  # frames: 4
     frames = {e["id"]: e["prompt"] for e in manifest["frames"]}
     tokens = {c.spec.character: c.token for c in learned.values()}
     assert tokens["Rosa"] in frames["001"] and tokens["Tom"] not in frames["001"]

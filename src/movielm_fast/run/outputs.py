@@ -83,7 +83,7 @@ class MovieOutputs:
         self.anchor_files = {a.character: anchor_file(a.character, taken) for a in specs}
         self.header["anchors"] = [{"character": a.character, "file": self.anchor_files[a.character],
                                    "prompt": a.prompt, "negative_prompt": a.negative_prompt, "seed": a.seed,
-                                   "key": a.key} for a in specs]
+                                   "steps": a.settings.steps, "key": a.key} for a in specs]
 
     def anchor_saved(self, spec: AnchorSpec) -> bool:
         """Whether this exact anchor's image is on disk already (from this run or an earlier one)."""
