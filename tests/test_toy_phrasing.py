@@ -132,3 +132,17 @@ def test_report_keeps_the_shipped_model_first_and_joins_consistency_runs():
     assert "| none (none) | in the centre, at night; 20 steps | 48 | 50% | 75% | 100% | — |" in fine_tune
     assert ('| tok (character_token, "token_steps": 75) | on grass; 40 steps | 48 | 88% | 75% | 100% | 100% / 50% |'
             in fine_tune)
+
+
+def test_story_plan_leaves_the_colour_open_unless_stated():
+    """The consistency story's characters leave their colour open; its "words" reference states a colour each."""
+    from dataclasses import replace
+
+    from movielm_fast.engine.jobs import BatchSettings
+
+    s = BatchSettings(64, 64, 4, 1.0, "dpmpp")
+    plan = TQ.story_plan({"mode": "none"}, s, 0)
+    assert [c["appearance"] for c in plan["characters"]] == ["a big circle", "a small square"]
+    stated = TQ.story_plan({"mode": "none"}, s, 0, {**TQ.CAST, "Tom": replace(TQ.CAST["Tom"], colour="red")})
+    assert [c["appearance"] for c in stated["characters"]] == ["a big circle", "a small red square"]
+    assert stated["frames"] == plan["frames"]  # the same frames: their seeds and noise are the same

@@ -18,7 +18,8 @@ DPM++ steps at guidance 4; the DiT demo its flow-matching Euler) unless --steps 
 - open: descriptions that leave the colour, size or shape open, `--open-seeds` seeds each: what the seed draws;
 - consistency: a movie whose two characters, described without a colour, move between positions and backgrounds;
   per character, how often its colour equals its anchor's and its most common one, per consistency setting (none,
-  anchor_attention, character_token and `--consistency-variants`), and the colour leaking between them;
+  anchor_attention, character_token and `--consistency-variants`), and the colour leaking between them; beside
+  them "words", the anchor's colour stated in the frames: what the model does with a colour it is told;
 - lossy: each lossy option (bf16, fp16, fewer steps, other schedulers, FP8 emulated, step caching) against the
   fp32 render at those steps on the same captions and seeds: the conditioning rate, how often the judge's reading is
   unchanged, and PSNR / SSIM of the pixels. (The DiT demo's step cache and FP8 at several step counts: bench.dit_accel.)
@@ -229,27 +230,32 @@ ANCHOR_PROMPT = "{appearance} in the centre, on grass"
 _NIGHT_ANCHORS = "{appearance} in the centre, at night"  # results written before they recorded their anchor prompt
 
 
-def story_plan(consistency: dict, s: BatchSettings, seed: int) -> dict:
+def story_plan(consistency: dict, s: BatchSettings, seed: int, cast: dict[str, W.Character] = CAST) -> dict:
     frames = [{"id": f"{i:03d}", "description": " and ".join(f"{n} {_POS[p]}" for p, n in cast.items()) +
                f", {W.BACKGROUND_PHRASES[bg]}"} for i, (bg, cast) in enumerate(STORY)]
     return {"id": "story", "style": {"name": "plain"},
-            "characters": [{"name": n, "appearance": c.phrase} for n, c in CAST.items()], "frames": frames,
+            "characters": [{"name": n, "appearance": c.phrase} for n, c in cast.items()], "frames": frames,
             "render": {"width": 64, "height": 64, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
                        "seed": seed, "negative_prompt": ""},
             "consistency": {"anchor_prompt": ANCHOR_PROMPT, **consistency}}
 
 
-def story_readings(r: Renderer, consistency: dict, args, seed: int) -> tuple[dict, list[J.Reading], int]:
+def story_readings(r: Renderer, consistency: dict, args, seed: int, stated: bool = False
+                   ) -> tuple[dict, list[J.Reading], int]:
     """One movie of STORY: each character's anchor read as the character (its open values), every frame read, and
     the anchors' steps. The anchors are rendered as character_token renders them, whatever the mode (without it:
-    the anchors the mode would use)."""
-    lm = parse_plan(story_plan(consistency, toy_settings(r, args.steps, args.guidance), seed))[0]
+    the anchors the mode would use). `stated`: the frames state each readable anchor's colour in words instead."""
+    ts = toy_settings(r, args.steps, args.guidance)
+    lm = parse_plan(story_plan(consistency, ts, seed))[0]
     s = r.info.resolved(lm, RenderSettings())
     s = s.model_copy(update={"consistency": s.consistency.model_copy(update={"mode": "character_token"})})
     anchors, specs = {}, r.anchor_specs(lm, None, s, batch_settings(s))
     for name, spec in specs.items():
         job = FrameJob(spec.movie_id, f"anchor-{name}", spec.prompt, spec.negative_prompt, spec.seed)
         anchors[name] = J.anchor_values(J.read(r.render([job], spec.settings)[0][0]), CAST[name])
+    if stated:
+        cast = {n: replace(c, colour=anchors[n][0]) if anchors[n] else c for n, c in CAST.items()}
+        lm = parse_plan(story_plan(consistency, ts, seed, cast))[0]
     tasks = r.plan(lm, None, RenderSettings()).tasks
     return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks], specs[name].settings.steps
 
@@ -259,9 +265,11 @@ def check_consistency(r: Renderer, args) -> dict:
     each character's open-attribute agreement with its anchor and with its most common appearance (judge.agreement,
     averaged over characters and seeds); how often it is drawn at its place, with its stated shape and size, in a
     pure colour; and, in frames with both, how often it shows the other's anchor colour (leak: without the mode,
-    chance)."""
-    variants = {"none": {"mode": "none"}, "anchor_attention": {"mode": "anchor_attention"},
-                "character_token": {"mode": "character_token"}}
+    chance). "words" is the reference: no mode, each readable anchor's colour stated in its character's frames --
+    what the model does with a colour it is told, the most a method that conveys the colour as well as a word gets
+    ("stated": true in a setting of --consistency-variants)."""
+    variants = {"none": {"mode": "none"}, "words": {"mode": "none", "stated": True},
+                "anchor_attention": {"mode": "anchor_attention"}, "character_token": {"mode": "character_token"}}
     variants.update(json.loads(args.consistency_variants) if args.consistency_variants else {})
     out = {}
     for label, consistency in variants.items():
@@ -270,8 +278,9 @@ def check_consistency(r: Renderer, args) -> dict:
         t0 = time.perf_counter()
         groups, counts = [], dict.fromkeys(("appearances", "drawn", "shape", "size", "pure", "shared", "leak"), 0)
         read = {1: [0, 0], 2: [0, 0]}  # characters in the frame -> [agrees with a readable anchor, appearances]
+        mode = {k: v for k, v in consistency.items() if k != "stated"}
         for seed in range(args.story_seeds):
-            anchors, readings, anchor_steps = story_readings(r, consistency, args, seed)
+            anchors, readings, anchor_steps = story_readings(r, mode, args, seed, consistency.get("stated", False))
             seen: dict[str, list] = {n: [] for n in CAST}
             for g, (_, cast) in zip(readings, STORY):
                 for pos, name in cast.items():
@@ -355,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-seeds", type=int, default=50)
     ap.add_argument("--story-seeds", type=int, default=6)
     ap.add_argument("--consistency-variants", default="",
-                    help='more consistency settings to measure beside none, anchor_attention and character_token, '
-                         'as JSON: {"label": {"mode": "character_token", "token_steps": 75}, ...}; a label mapped to '
-                         'null leaves that setting out')
+                    help='more consistency settings to measure beside none, words, anchor_attention and '
+                         'character_token, as JSON: {"label": {"mode": "character_token", "token_steps": 75}, ...}; '
+                         'a label mapped to null leaves that setting out; "stated": true states the anchors\' '
+                         'colours in the frames')
     ap.add_argument("--lossy-n", type=int, default=50)
     ap.add_argument("--lossy-cases", default="", help="only the lossy cases whose names start with one of these "
                     "comma-separated prefixes (e.g. 'fp8,step cache'); default: all")
@@ -558,7 +568,9 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
              "shape and size in a pure colour, and, in frames with both, how often it shows the other's anchor "
              "colour (leak). Where the judge reads the anchor: how often the colour equals it in frames with one "
              "character (alone) and with both (together). The anchor prompt follows `{appearance}`; the anchors' steps "
-             "(twice the frames' since `anchor_steps`) after it:", "",
+             "(twice the frames' since `anchor_steps`) after it. A setting with `\"stated\": true` (\"words\") "
+             "writes each readable anchor's colour in its character's frames, without a mode: what the model does "
+             "with a colour it is told, the most a method that conveys the colour as well as a word can reach:", "",
              "| setting | anchor | appearances | = anchor | = most common | anchors read | = read anchor, alone / "
              "together | drawn | shape | size | pure | leak | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
