@@ -125,13 +125,15 @@ def test_report_keeps_the_shipped_model_first_and_joins_consistency_runs():
         res("/x/f1", "2", consistency={"none": {**row, "consistency": {"mode": "none"}}}),
         res("/x/f1", "3", consistency={"tok": {**row, "with_anchor": 0.875, "anchor_prompt": "{appearance} on grass",
                                                "read_alone": 1.0, "read_together": 0.5, "anchor_steps": 40,
+                                               "colour_with_anchor": 0.9,
                                                "consistency": {"mode": "character_token", "token_steps": 75}}})]))
     shipped, fine_tune = text.split("### Not shipped: /x/f1 (hash f1)")
     assert "Model demo (hash mo)" in shipped and "**Consistency**" not in shipped
     # A run from before results recorded their anchor prompt and steps: its anchors were at night, at the frames'.
     assert "| none (none) | in the centre, at night; 20 steps | 48 | 50% | 75% | 100% | — |" in fine_tune
-    assert ('| tok (character_token, "token_steps": 75) | on grass; 40 steps | 48 | 88% | 75% | 100% | 100% / 50% |'
-            in fine_tune)
+    assert ('| tok (character_token, "token_steps": 75) | on grass; 40 steps | 48 | 88% | 75% | 100% | 100% / 50% | '
+            '90% |' in fine_tune)
+    assert "| none (none) | in the centre, at night; 20 steps | 48 | 50% | 75% | 100% | — | — |" in fine_tune
 
 
 def test_story_plan_leaves_the_colour_open_unless_stated():

@@ -186,3 +186,7 @@ def test_agreement_on_frames_with_known_open_colours():
     square = J.read(_u8(W.render(W.Scene("sea", "plain", {"left": W.Character("square", "red", "big")}))))
     assert J.open_values(square.character("left"), rosa) is None
     assert J.anchor_values(square, rosa) is None
+    # Its colour alone is read all the same; a blend has none.
+    assert J.anchor_colour(square) == J.colour_at(square, "left") == "red" and J.colour_at(square, "right") is None
+    blend = J.read(_blend(W.Scene("sea", "plain", {"centre": W.Character("square", "red", "big")}), "centre", "green"))
+    assert J.anchor_colour(blend) is None

@@ -241,10 +241,10 @@ def story_plan(consistency: dict, s: BatchSettings, seed: int, cast: dict[str, W
 
 
 def story_readings(r: Renderer, consistency: dict, args, seed: int, stated: bool = False
-                   ) -> tuple[dict, list[J.Reading], int]:
-    """One movie of STORY: each character's anchor read as the character (its open values), every frame read, and
-    the anchors' steps. The anchors are rendered as character_token renders them, whatever the mode (without it:
-    the anchors the mode would use). `stated`: the frames state each readable anchor's colour in words instead."""
+                   ) -> tuple[dict[str, J.Reading], list[J.Reading], int]:
+    """One movie of STORY: each character's anchor read, every frame read, and the anchors' steps. The anchors are
+    rendered as character_token renders them, whatever the mode (without it: the anchors the mode would use).
+    `stated`: the frames state each anchor's colour (judge.anchor_colour) in words instead."""
     ts = toy_settings(r, args.steps, args.guidance)
     lm = parse_plan(story_plan(consistency, ts, seed))[0]
     s = r.info.resolved(lm, RenderSettings())
@@ -252,9 +252,9 @@ def story_readings(r: Renderer, consistency: dict, args, seed: int, stated: bool
     anchors, specs = {}, r.anchor_specs(lm, None, s, batch_settings(s))
     for name, spec in specs.items():
         job = FrameJob(spec.movie_id, f"anchor-{name}", spec.prompt, spec.negative_prompt, spec.seed)
-        anchors[name] = J.anchor_values(J.read(r.render([job], spec.settings)[0][0]), CAST[name])
+        anchors[name] = J.read(r.render([job], spec.settings)[0][0])
     if stated:
-        cast = {n: replace(c, colour=anchors[n][0]) if anchors[n] else c for n, c in CAST.items()}
+        cast = {n: replace(c, colour=J.anchor_colour(anchors[n])) for n, c in CAST.items()}  # None: left open
         lm = parse_plan(story_plan(consistency, ts, seed, cast))[0]
     tasks = r.plan(lm, None, RenderSettings()).tasks
     return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks], specs[name].settings.steps
@@ -265,7 +265,7 @@ def check_consistency(r: Renderer, args) -> dict:
     each character's open-attribute agreement with its anchor and with its most common appearance (judge.agreement,
     averaged over characters and seeds); how often it is drawn at its place, with its stated shape and size, in a
     pure colour; and, in frames with both, how often it shows the other's anchor colour (leak: without the mode,
-    chance). "words" is the reference: no mode, each readable anchor's colour stated in its character's frames --
+    chance). "words" is the reference: no mode, each anchor's colour stated in its character's frames --
     what the model does with a colour it is told, the most a method that conveys the colour as well as a word gets
     ("stated": true in a setting of --consistency-variants)."""
     variants = {"none": {"mode": "none"}, "words": {"mode": "none", "stated": True},
@@ -276,11 +276,15 @@ def check_consistency(r: Renderer, args) -> dict:
         if consistency is None:  # a default left out
             continue
         t0 = time.perf_counter()
-        groups, counts = [], dict.fromkeys(("appearances", "drawn", "shape", "size", "pure", "shared", "leak"), 0)
+        groups, counts = [], dict.fromkeys(("appearances", "colour", "drawn", "shape", "size", "pure", "shared",
+                                            "leak"), 0)
         read = {1: [0, 0], 2: [0, 0]}  # characters in the frame -> [agrees with a readable anchor, appearances]
         mode = {k: v for k, v in consistency.items() if k != "stated"}
         for seed in range(args.story_seeds):
-            anchors, readings, anchor_steps = story_readings(r, mode, args, seed, consistency.get("stated", False))
+            anchor_readings, readings, anchor_steps = story_readings(r, mode, args, seed,
+                                                                     consistency.get("stated", False))
+            anchors = {n: J.anchor_values(a, CAST[n]) for n, a in anchor_readings.items()}
+            colours = {n: J.anchor_colour(a) for n, a in anchor_readings.items()}
             seen: dict[str, list] = {n: [] for n in CAST}
             for g, (_, cast) in zip(readings, STORY):
                 for pos, name in cast.items():
@@ -291,6 +295,7 @@ def check_consistency(r: Renderer, args) -> dict:
                     counts["shape"] += g.shapes[pos] == CAST[name].shape
                     counts["size"] += g.sizes[pos] == CAST[name].size
                     counts["pure"] += g.colours[pos] != J.EMPTY and g.pure[pos]
+                    counts["colour"] += colours[name] is not None and J.colour_at(g, pos) == colours[name]
                     if anchors[name] is not None:
                         read[len(cast)][0] += v == anchors[name]
                         read[len(cast)][1] += 1
@@ -303,6 +308,7 @@ def check_consistency(r: Renderer, args) -> dict:
         out[label] = {"consistency": consistency, "movie_seeds": args.story_seeds, "appearances": n,
                       "with_anchor": float(np.mean([g["with_anchor"] for g in groups])),
                       "with_most_common": float(np.mean([g["with_most_common"] for g in groups])),
+                      "colour_with_anchor": counts["colour"] / n,
                       "anchors_read": sum(g["anchor"] is not None for g in groups) / len(groups),
                       "anchor_prompt": ANCHOR_PROMPT, "anchor_steps": anchor_steps,
                       "read_alone": read[1][0] / max(read[1][1], 1), "read_together": read[2][0] / max(read[2][1], 1),
@@ -567,13 +573,15 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
              "cannot read, a blend, counts 0 with the anchor), how often it is drawn at its place with its stated "
              "shape and size in a pure colour, and, in frames with both, how often it shows the other's anchor "
              "colour (leak). Where the judge reads the anchor: how often the colour equals it in frames with one "
-             "character (alone) and with both (together). The anchor prompt follows `{appearance}`; the anchors' steps "
+             "character (alone) and with both (together); and the colour alone, whatever the shape and size drawn, "
+             "against the anchor's colour read the same way (the open attribute apart from how well the model draws "
+             "the stated ones). The anchor prompt follows `{appearance}`; the anchors' steps "
              "(twice the frames' since `anchor_steps`) after it. A setting with `\"stated\": true` (\"words\") "
-             "writes each readable anchor's colour in its character's frames, without a mode: what the model does "
+             "writes each anchor's colour in its character's frames, without a mode: what the model does "
              "with a colour it is told, the most a method that conveys the colour as well as a word can reach:", "",
              "| setting | anchor | appearances | = anchor | = most common | anchors read | = read anchor, alone / "
-             "together | drawn | shape | size | pure | leak | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "together | colour alone = anchor's | drawn | shape | size | pure | leak | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, v in con.items():
         knobs = {a: b for a, b in v["consistency"].items() if a != "mode"}
         label = f"{k} ({v['consistency']['mode']}" + (f", {json.dumps(knobs)[1:-1]}" if knobs else "") + ")"
@@ -581,8 +589,10 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
         where = v.get("anchor_prompt", _NIGHT_ANCHORS).replace("{appearance}", "").strip() + \
             f"; {v['anchor_steps']} steps"
         alone = f"{rate(v['read_alone'])} / {rate(v['read_together'])}" if "read_alone" in v else "—"
+        colour = rate(v["colour_with_anchor"]) if "colour_with_anchor" in v else "—"
         lines.append(f"| {label} | {where} | {v['appearances']} | {rate(v['with_anchor'])} | "
-                     f"{rate(v['with_most_common'])} | {rate(v['anchors_read'])} | {alone} | {' | '.join(cells)} | "
+                     f"{rate(v['with_most_common'])} | {rate(v['anchors_read'])} | {alone} | {colour} | "
+                     f"{' | '.join(cells)} | "
                      f"{rate(v['leak'])} | {v['seconds']} |")
     return lines
 

@@ -193,6 +193,18 @@ def anchor_values(reading: Reading, described: W.Character) -> tuple[str, ...] |
     return next((v for p in W.POSITIONS if (v := open_values(reading.character(p), described)) is not None), None)
 
 
+def colour_at(reading: Reading, pos: str) -> str | None:
+    """The pure colour drawn at `pos`, whatever its shape and size; None where nothing is, or a blend."""
+    drawn = reading.character(pos)
+    return drawn.colour if drawn else None
+
+
+def anchor_colour(reading: Reading) -> str | None:
+    """An anchor's colour alone: that of the first position, left to right, with a pure colour drawn, whatever its
+    shape and size (the open colour apart from how well the model follows the stated attributes)."""
+    return next((c for p in W.POSITIONS if (c := colour_at(reading, p)) is not None), None)
+
+
 def agreement(appearances: list[tuple[str, ...] | None], anchor: tuple[str, ...] | None = None) -> dict:
     """One character's open-attribute agreement over its appearances (each its open_values; None: unreadable, which
     agrees with nothing): the share equal to its anchor's values, and to its most common values."""
