@@ -257,7 +257,8 @@ def story_readings(r: Renderer, consistency: dict, args, seed: int, stated: bool
         cast = {n: replace(c, colour=J.anchor_colour(anchors[n])) for n, c in CAST.items()}  # None: left open
         lm = parse_plan(story_plan(consistency, ts, seed, cast))[0]
     tasks = r.plan(lm, None, RenderSettings()).tasks
-    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks], specs[name].settings.steps
+    steps = next(iter(specs.values())).settings.steps
+    return anchors, [J.read(r.render([t.job], t.settings)[0][0]) for t in tasks], steps
 
 
 def check_consistency(r: Renderer, args) -> dict:
@@ -592,8 +593,7 @@ def _consistency_lines(con: dict[str, Any] | None) -> list[str]:
         colour = rate(v["colour_with_anchor"]) if "colour_with_anchor" in v else "—"
         lines.append(f"| {label} | {where} | {v['appearances']} | {rate(v['with_anchor'])} | "
                      f"{rate(v['with_most_common'])} | {rate(v['anchors_read'])} | {alone} | {colour} | "
-                     f"{' | '.join(cells)} | "
-                     f"{rate(v['leak'])} | {v['seconds']} |")
+                     f"{' | '.join(cells)} | {rate(v['leak'])} | {v['seconds']} |")
     return lines
 
 
